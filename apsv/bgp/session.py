@@ -1,0 +1,922 @@
+"""One BGP-4 session as a sans-I/O state machine.
+
+`BgpSession` turns what the runtime tells it (the transport came up or went down, bytes
+arrived, time passed) into what must happen (bytes to send, a transport to open or close,
+state changes, best-path changes for the virtual router's FIB). The FSM rows come from
+`apsv.bgp.fsm.TRANSITIONS`; this module performs their actions. Time is always passed in.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from apsv.bgp import constants as C
+from apsv.bgp.attributes import (
+    Attribute,
+    MpReach,
+    MpUnreach,
+    PathAttributes,
+    decode_attributes,
+    interner_for,
+)
+from apsv.bgp.capabilities import Capability, Negotiated, build_capabilities, negotiate
+from apsv.bgp.config import FAMILY_CODES, Announcement, BgpSessionConfig
+from apsv.bgp.context import CodecContext
+from apsv.bgp.errors import Action as ErrorAction
+from apsv.bgp.errors import BgpError
+from apsv.bgp.fsm import FSM_ERROR_SUBCODE, Action, Event, State, transition
+from apsv.bgp.message import (
+    KEEPALIVE_BYTES,
+    MessageReader,
+    Notification,
+    Open,
+    RouteRefresh,
+    Update,
+    decode_open,
+    decode_route_refresh,
+    decode_update,
+    encode_message,
+    encode_update,
+)
+from apsv.bgp.nlri import encode_prefix, prefix_str
+from apsv.bgp.rib import AdjRibIn, BestPathChange, LocRib, PrefixLimitExceeded, Source
+from apsv.errors import DecodeError
+from apsv.snapshot import SnapshotReader, SnapshotWriter
+from apsv.stack import (
+    CloseTransport,
+    OpenTransport,
+    ProtocolProblem,
+    Send,
+    StackEvent,
+    StateChanged,
+)
+
+Family = tuple[int, int]
+LARGE_HOLD_TIME = 240.0  # RFC 4271 §8.2.2: "a large value", suggested 4 minutes
+
+
+@dataclass(frozen=True, slots=True)
+class RoutesChanged(StackEvent):
+    """Best-path changes (FIB deltas) caused by one UPDATE or session event."""
+
+    changes: list[BestPathChange]
+
+    def to_json(self) -> dict[str, Any]:
+        out = []
+        for ch in self.changes:
+            item: dict[str, Any] = {"prefix": prefix_str(ch.prefix, ch.afi)}
+            if ch.attributes is None:
+                item["action"] = "withdraw"
+            else:
+                item["action"] = "install"
+                item["next_hop"] = next_hop_of(ch.attributes)
+                item["as_path"] = [a for _, seg in ch.attributes.as_path for a in seg]
+            out.append(item)
+        return {"event": "routes", "changes": out}
+
+
+@dataclass(frozen=True, slots=True)
+class PeerNotification(StackEvent):
+    """The peer sent a NOTIFICATION."""
+
+    code: int
+    subcode: int
+    data: bytes
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "event": "notification-received",
+            "code": self.code,
+            "subcode": self.subcode,
+            "name": C.error_name(self.code, self.subcode),
+            "data": self.data.hex(),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class NotificationSent(StackEvent):
+    code: int
+    subcode: int
+    reason: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "event": "notification-sent",
+            "code": self.code,
+            "subcode": self.subcode,
+            "name": C.error_name(self.code, self.subcode),
+            "reason": self.reason,
+        }
+
+
+def next_hop_of(attrs: PathAttributes) -> str | None:
+    return attrs.get(MP_NEXT_HOP) or attrs.next_hop
+
+
+# The next hop of an MP_REACH_NLRI route is kept inside its interned attribute set under this
+# private type code (never encoded on the wire; 0 is reserved by IANA).
+MP_NEXT_HOP = 0
+
+
+class BgpSession:
+    """An RFC 4271 BGP speaker's side of one peering."""
+
+    protocol: ClassVar[str] = "bgp"
+
+    def __init__(self, config: BgpSessionConfig) -> None:
+        self.config = config
+        self.state = State.IDLE
+        self.connect_retry_counter = 0
+        self.timers: dict[str, float] = {}
+        self.idle_hold = config.idle_hold_time
+        self.connected = False
+        self.hold_time = 0  # negotiated
+        self.keepalive_time = 0.0
+        self.negotiated: Negotiated | None = None
+        self.peer_open: Open | None = None
+        self.ctx = CodecContext(asn4=True, ibgp=config.ibgp)
+        self.local_capabilities: tuple[Capability, ...] = build_capabilities(
+            asn=config.local_as,
+            families=config.family_codes,
+            route_refresh=config.route_refresh,
+            extended_message=config.extended_message,
+            add_path=tuple((*FAMILY_CODES[f], C.ADD_PATH_RECEIVE) for f in config.add_path_receive),
+            graceful_restart_time=config.graceful_restart_time,
+        )
+        self._reader = MessageReader(C.MAX_MESSAGE_LEN)
+        self.source = Source(
+            name=f"{config.peer_address}/AS{config.peer_as}",
+            peer_as=config.peer_as,
+            local_as=config.local_as,
+            peer_ip=config.peer_address,
+        )
+        self.adj_in: dict[Family, AdjRibIn] = {}
+        self.loc_rib: dict[Family, LocRib] = {}
+        self.adj_out: dict[Family, dict[bytes, PathAttributes]] = {}
+        self.counters: Counter[str] = Counter()
+        self.established_at: float | None = None
+        self._out: list[StackEvent] = []
+        self._wbuf: list[bytes] = []
+        self._error: BgpError | None = None
+        self._cease_subcode = C.CEASE_ADMIN_SHUTDOWN
+        self._cease_data = b""
+        self._update: Update | None = None
+        self._refresh: RouteRefresh | None = None
+        self._msg_type = 0  # type of the message being handled (for FSM error data)
+        self._now = 0.0
+
+    # ------------------------------------------------------------------------------------------
+    # Construction for replay: a session already Established with a known context.
+
+    @classmethod
+    def established(
+        cls,
+        config: BgpSessionConfig,
+        *,
+        asn4: bool = True,
+        add_path: Iterable[Family] = (),
+        now: float = 0.0,
+    ) -> BgpSession:
+        """A session that is already Established (no OPEN exchange, no timers): for replaying
+        recorded UPDATEs, as an MRT dump holds them, into a live Adj-RIB-In and Loc-RIB."""
+        s = cls(config)
+        fams = frozenset(config.family_codes)
+        s.negotiated = Negotiated(asn4=asn4, families=fams, add_path_receive=frozenset(add_path))
+        s._set_context()
+        s.state = State.ESTABLISHED
+        s.connected = True
+        s.established_at = now
+        s._reader.max_len = C.MAX_EXTENDED_MESSAGE_LEN
+        return s
+
+    # ------------------------------------------------------------------------------------------
+    # The stack interface
+
+    def start(self, now: float) -> list[StackEvent]:
+        ev = Event.MANUAL_START_PASSIVE if self.config.passive else Event.MANUAL_START
+        return self._run(now, ev)
+
+    def stop(self, now: float, reason: str = "") -> list[StackEvent]:
+        self._cease_subcode = C.CEASE_ADMIN_SHUTDOWN
+        raw = reason.encode("utf-8")[:255]
+        self._cease_data = bytes((len(raw),)) + raw if raw else b""  # RFC 9003 shutdown communication
+        self.timers.pop("idle_hold", None)
+        return self._run(now, Event.MANUAL_STOP)
+
+    def connection_made(self, now: float) -> list[StackEvent]:
+        self.connected = True
+        return self._run(now, Event.TCP_CONNECTION_CONFIRMED)
+
+    def connection_lost(self, now: float, reason: str = "") -> list[StackEvent]:
+        self.connected = False
+        return self._run(now, Event.TCP_CONNECTION_FAILS)
+
+    def data_received(self, data: bytes | memoryview, now: float) -> list[StackEvent]:
+        self._now = now
+        self.counters["octets_in"] += len(data)
+        if not self.connected or self.state is State.IDLE:
+            self.counters["octets_dropped_not_connected"] += len(data)
+            return []
+        self._reader.feed(data)
+        while self._receiving():
+            try:
+                m = self._reader.next_message()
+            except BgpError as e:
+                self._error = e
+                self._dispatch(Event.BGP_HEADER_ERR)
+                break
+            if m is None:
+                break
+            self._on_message(*m)
+        if self._reader.pending > self.config.max_receive_buffer:
+            # Cannot happen with a correct reader (it holds at most one partial message), but a
+            # bound is a bound: refuse to grow without limit.
+            self._cease_subcode = C.CEASE_OUT_OF_RESOURCES
+            self._cease_data = b""
+            self._dispatch(Event.AUTOMATIC_STOP)
+        return self._flush()
+
+    def _receiving(self) -> bool:
+        return self.connected and self.state is not State.IDLE
+
+    def next_deadline(self) -> float | None:
+        return min(self.timers.values()) if self.timers else None
+
+    def on_timer(self, now: float) -> list[StackEvent]:
+        self._now = now
+        for _ in range(16):  # a bounded number of expiries per call
+            due = [(t, name) for name, t in self.timers.items() if t <= now]
+            if not due:
+                break
+            _, name = min(due)
+            del self.timers[name]
+            if name == "connect_retry":
+                self._dispatch(Event.CONNECT_RETRY_TIMER_EXPIRES)
+            elif name == "hold":
+                self._dispatch(Event.HOLD_TIMER_EXPIRES)
+            elif name == "keepalive":
+                self._dispatch(Event.KEEPALIVE_TIMER_EXPIRES)
+            elif name == "idle_hold":
+                self.counters["automatic_restarts"] += 1
+                self._dispatch(Event.AUTOMATIC_START_PASSIVE if self.config.passive else Event.AUTOMATIC_START)
+        return self._flush()
+
+    def handle_event(self, now: float, event: Event) -> list[StackEvent]:
+        """Feed an RFC 4271 event directly (tests, and the runtime's administrative events)."""
+        return self._run(now, event)
+
+    # ------------------------------------------------------------------------------------------
+    # Routes this speaker originates
+
+    def originate(self, announcement: Announcement, now: float) -> list[StackEvent]:
+        self._now = now
+        self._advertise([announcement])
+        return self._flush()
+
+    def withdraw_originated(self, prefixes: Iterable[str], now: float) -> list[StackEvent]:
+        self._now = now
+        by_fam: dict[Family, list[bytes]] = {}
+        for p in prefixes:
+            key = encode_prefix(p)
+            fam = C.IPV6_UNICAST if ":" in p else C.IPV4_UNICAST
+            if self.adj_out.get(fam, {}).pop(key, None) is not None:
+                by_fam.setdefault(fam, []).append(key)
+        if self.state is State.ESTABLISHED:
+            for fam, keys in by_fam.items():
+                self._send_withdrawals(fam, keys)
+        return self._flush()
+
+    # ------------------------------------------------------------------------------------------
+    # Inspection
+
+    def loc_rib_table(self, family: Family = C.IPV4_UNICAST) -> list[tuple[str, str | None, str]]:
+        rib = self.loc_rib.get(family)
+        return [] if rib is None else rib.table()
+
+    def prefix_count(self) -> int:
+        return sum(len(r) for r in self.adj_in.values())
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "protocol": self.protocol,
+            "state": self.state.value,
+            "peer": self.source.name,
+            "prefixes_received": self.prefix_count(),
+            "loc_rib": {f"{a}/{s}": len(r) for (a, s), r in self.loc_rib.items()},
+            "prefixes_advertised": sum(len(v) for v in self.adj_out.values()),
+            "connect_retry_counter": self.connect_retry_counter,
+            "buffered_octets": self._reader.pending,
+            **dict(self.counters),
+        }
+
+    # ------------------------------------------------------------------------------------------
+    # FSM plumbing
+
+    def _run(self, now: float, ev: Event) -> list[StackEvent]:
+        self._now = now
+        self._dispatch(ev)
+        return self._flush()
+
+    def _dispatch(self, ev: Event) -> None:
+        actions, nxt = transition(self.state, ev)
+        old = self.state
+        self.counters[f"fsm_event_{int(ev)}"] += 1
+        for a in actions:
+            self._act(a, old)
+        if nxt is not old:
+            self.state = nxt
+            self._out_flush_writes()
+            self._out.append(StateChanged(old.value, nxt.value, ev.name))
+            if nxt is State.ESTABLISHED:
+                self._on_established()
+            elif old is State.ESTABLISHED:
+                self.established_at = None
+
+    def _flush(self) -> list[StackEvent]:
+        self._out_flush_writes()
+        out, self._out = self._out, []
+        return out
+
+    def _out_flush_writes(self) -> None:
+        if self._wbuf:
+            data = b"".join(self._wbuf)
+            self._wbuf = []
+            self.counters["octets_out"] += len(data)
+            self._out.append(Send(data))
+
+    def _write(self, data: bytes) -> None:
+        self._wbuf.append(data)
+
+    def _notify(self, code: int, subcode: int, data: bytes, reason: str) -> None:
+        self.counters[f"notifications_sent_{code}_{subcode}"] += 1
+        self._write(encode_message(Notification(code, subcode, data)))
+        self._out_flush_writes()
+        self._out.append(NotificationSent(code, subcode, reason))
+
+    def _act(self, a: Action, state: State) -> None:
+        now = self._now
+        if a is Action.INIT_RESOURCES or a is Action.RELEASE_RESOURCES:
+            self._reader = MessageReader(C.MAX_MESSAGE_LEN)
+            self.negotiated = None
+            self.peer_open = None
+            self.hold_time = 0
+            self.keepalive_time = 0.0
+            self.timers.pop("hold", None)
+            self.timers.pop("keepalive", None)
+        elif a is Action.DELETE_ROUTES:
+            self._delete_routes()
+        elif a is Action.COUNTER_RESET:
+            self.connect_retry_counter = 0
+        elif a is Action.COUNTER_INCR:
+            self.connect_retry_counter += 1
+        elif a is Action.CONNECT_RETRY_START:
+            self.timers["connect_retry"] = now + self.config.connect_retry_time
+        elif a is Action.CONNECT_RETRY_STOP:
+            self.timers.pop("connect_retry", None)
+        elif a is Action.INITIATE_TCP:
+            if not self.config.passive:
+                self._out_flush_writes()
+                self._out.append(OpenTransport())
+        elif a is Action.LISTEN:
+            pass  # the agent accepts connections from the peer's address on our behalf
+        elif a is Action.DROP_TCP:
+            self._out_flush_writes()
+            if self.connected:
+                self._out.append(CloseTransport(f"BGP FSM in {state.value}"))
+            self.connected = False
+        elif a is Action.SEND_OPEN:
+            self._write(encode_message(self._open_message()))
+            self.counters["opens_sent"] += 1
+        elif a is Action.SEND_KEEPALIVE:
+            self._write(KEEPALIVE_BYTES)
+            self.counters["keepalives_sent"] += 1
+        elif a is Action.NOTIFY_CEASE:
+            self._notify(C.ERR_CEASE, self._cease_subcode, self._cease_data, "cease")
+            self._cease_subcode, self._cease_data = C.CEASE_ADMIN_SHUTDOWN, b""
+        elif a is Action.NOTIFY_HOLD_EXPIRED:
+            self._notify(C.ERR_HOLD_TIMER_EXPIRED, 0, b"", "hold timer expired")
+        elif a is Action.NOTIFY_FSM_ERROR:
+            # RFC 6608: the data is the type of the unexpected message, when a message caused it.
+            mt, self._msg_type = self._msg_type, 0
+            self._notify(
+                C.ERR_FSM,
+                FSM_ERROR_SUBCODE.get(state, 0),
+                bytes((mt,)) if mt else b"",
+                f"unexpected {C.MESSAGE_NAMES.get(mt, 'event')} in {state.value}",
+            )
+        elif a is Action.NOTIFY_ERROR:
+            err = self._error
+            if err is not None:
+                self._notify(err.code, err.subcode, err.data, err.reason)
+                self._error = None
+        elif a is Action.HOLD_TIMER_LARGE:
+            self.timers["hold"] = now + LARGE_HOLD_TIME
+        elif a is Action.NEGOTIATED_TIMERS:
+            if self.hold_time:
+                self.timers["hold"] = now + self.hold_time
+                self.timers["keepalive"] = now + self.keepalive_time
+            else:
+                self.timers.pop("hold", None)
+                self.timers.pop("keepalive", None)
+        elif a is Action.HOLD_TIMER_RESTART:
+            if self.hold_time:
+                self.timers["hold"] = now + self.hold_time
+        elif a is Action.KEEPALIVE_TIMER_RESTART:
+            if self.keepalive_time:
+                self.timers["keepalive"] = now + self.keepalive_time
+        elif a is Action.PROCESS_UPDATE:
+            u, self._update = self._update, None
+            if u is not None:
+                self._process_update(u)
+        elif a is Action.PROCESS_ROUTE_REFRESH:
+            rr, self._refresh = self._refresh, None
+            n = self.negotiated
+            # RFC 2918: refresh a family we negotiated; RFC 7313: BoRR/EoRR and unknown
+            # subtypes from the peer ask nothing of us.
+            if rr is not None and rr.subtype == 0 and n is not None and (rr.afi, rr.safi) in n.families:
+                self._readvertise((rr.afi, rr.safi))
+            elif rr is not None:
+                self.counters["route_refresh_ignored"] += 1
+        elif a is Action.ESTABLISHED:
+            pass  # handled once the state has changed (_on_established)
+        elif a is Action.IDLE_HOLD_START:
+            if self.config.auto_restart:
+                self.timers["idle_hold"] = now + self.idle_hold
+                self.idle_hold = min(max(self.idle_hold * 2, 1.0), self.config.max_idle_hold_time)
+
+    # ------------------------------------------------------------------------------------------
+    # Messages in
+
+    def _on_message(self, mtype: int, body: bytes) -> None:
+        self.counters[f"messages_in_{C.MESSAGE_NAMES.get(mtype, mtype)}"] += 1
+        self._msg_type = mtype
+        if mtype == C.MSG_UPDATE:
+            if self.state is not State.ESTABLISHED:
+                self._dispatch(Event.UPDATE_MSG)
+                return
+            try:
+                u = decode_update(body, self.ctx)
+            except BgpError as e:
+                self._error = e
+                self._dispatch(Event.UPDATE_MSG_ERR)
+                return
+            self._update = u
+            self._dispatch(Event.UPDATE_MSG)
+        elif mtype == C.MSG_KEEPALIVE:
+            if body:
+                self._error = BgpError(C.ERR_HEADER, C.ERR_HEADER_BAD_LENGTH, (19 + len(body)).to_bytes(2, "big"))
+                self._dispatch(Event.BGP_HEADER_ERR)
+                return
+            self._dispatch(Event.KEEPALIVE_MSG)
+        elif mtype == C.MSG_OPEN:
+            try:
+                m = decode_open(body)
+                self._check_open(m)
+            except BgpError as e:
+                self._error = e
+                self._dispatch(Event.BGP_OPEN_MSG_ERR)
+                return
+            if self.state is State.OPENSENT:
+                self._accept_open(m)
+            self._dispatch(Event.BGP_OPEN)
+        elif mtype == C.MSG_NOTIFICATION:
+            code = body[0] if body else 0
+            sub = body[1] if len(body) > 1 else 0
+            self.counters[f"notifications_received_{code}_{sub}"] += 1
+            self._out.append(PeerNotification(code, sub, body[2:]))
+            if code == C.ERR_OPEN and sub == C.ERR_OPEN_UNSUPPORTED_VERSION:
+                self._dispatch(Event.NOTIF_MSG_VER_ERR)
+            else:
+                self._dispatch(Event.NOTIF_MSG)
+        elif mtype == C.MSG_ROUTE_REFRESH:
+            try:
+                self._refresh = decode_route_refresh(body)
+            except BgpError as e:
+                self._error = e
+                self._dispatch(Event.UPDATE_MSG_ERR)
+                return
+            self._dispatch(Event.ROUTE_REFRESH_MSG)
+
+    def _check_open(self, m: Open) -> None:
+        """RFC 4271 §6.2 checks (syntax was checked by the decoder)."""
+        cfg = self.config
+        for ptype, _value in m.params or ():
+            if ptype != C.OPT_PARAM_CAPABILITIES:
+                raise BgpError(C.ERR_OPEN, C.ERR_OPEN_UNSUPPORTED_OPT_PARAM, b"", f"optional parameter type {ptype}")
+        if m.hold_time in (1, 2):
+            raise BgpError(
+                C.ERR_OPEN, C.ERR_OPEN_UNACCEPTABLE_HOLD_TIME, b"", f"hold time {m.hold_time} (must be 0 or >= 3)"
+            )
+        if m.real_asn != cfg.peer_as:
+            raise BgpError(
+                C.ERR_OPEN,
+                C.ERR_OPEN_BAD_PEER_AS,
+                m.asn.to_bytes(2, "big"),
+                f"peer AS {m.real_asn}, configured {cfg.peer_as}",
+            )
+        rid = m.router_id
+        # RFC 6286 §2.2: any non-zero identifier, except our own on an internal session.
+        if rid == "0.0.0.0" or (cfg.ibgp and rid == cfg.router_id):
+            raise BgpError(C.ERR_OPEN, C.ERR_OPEN_BAD_BGP_ID, b"", f"BGP Identifier {rid}")
+        # Capabilities must parse (negotiate raises on a malformed one).
+        negotiate(self.local_capabilities, m.capabilities)
+
+    def _accept_open(self, m: Open) -> None:
+        self.peer_open = m
+        self.negotiated = negotiate(self.local_capabilities, m.capabilities)
+        self._set_context()
+        hold = min(self.config.hold_time, m.hold_time)
+        self.hold_time = hold
+        self.keepalive_time = hold / 3.0
+        self.source.set_router_id(m.router_id)
+
+    def _set_context(self) -> None:
+        n = self.negotiated
+        assert n is not None
+        self.ctx = CodecContext(
+            asn4=n.asn4, ibgp=self.config.ibgp, add_path=n.add_path_receive, extended_message=n.extended_message
+        )
+        self._reader.max_len = self.ctx.max_message_len
+        for fam in n.families:
+            if fam not in self.adj_in:
+                rib = AdjRibIn(self.source, fam, fam in n.add_path_receive, self.config.max_prefixes)
+                self.adj_in[fam] = rib
+                loc = LocRib(fam)
+                loc.add_source(rib)
+                self.loc_rib[fam] = loc
+
+    # ------------------------------------------------------------------------------------------
+    # UPDATE processing
+
+    def _process_update(self, u: Update) -> None:
+        self.counters["updates_in"] += 1
+        for p in u.problems:
+            self.counters[f"rfc7606_{p.action.value}"] += 1
+            self._out.append(ProtocolProblem(p.action.value, p.describe()))
+        withdraw_all = u.action is ErrorAction.TREAT_AS_WITHDRAW
+        attrs = u.attributes
+        if not withdraw_all and attrs is not None and (u.nlri or u.mp_reach is not None):
+            why = self._path_problem(attrs)
+            if why is not None:
+                self.counters["rfc7606_treat-as-withdraw"] += 1
+                self._out.append(ProtocolProblem(ErrorAction.TREAT_AS_WITHDRAW.value, why))
+                withdraw_all = True
+        changes: list[BestPathChange] = []
+        try:
+            self._apply(u, withdraw_all, changes)
+        except PrefixLimitExceeded as e:
+            fam = C.IPV4_UNICAST
+            self._cease_subcode = C.CEASE_MAX_PREFIXES
+            self._cease_data = fam[0].to_bytes(2, "big") + bytes((fam[1],)) + e.limit.to_bytes(4, "big")
+            if changes:
+                self._out.append(RoutesChanged(changes))
+            self._dispatch(Event.AUTOMATIC_STOP)
+            return
+        if changes:
+            self._out.append(RoutesChanged(changes))
+
+    def _path_problem(self, attrs: PathAttributes) -> str | None:
+        cfg = self.config
+        if not cfg.ibgp:
+            if cfg.enforce_first_as and attrs.neighbor_as != cfg.peer_as:
+                return f"AS_PATH does not start with the peer's AS {cfg.peer_as} (RFC 4271 §6.3)"
+        for _st, asns in attrs.as_path:
+            if cfg.local_as in asns:
+                return f"AS_PATH contains our AS {cfg.local_as} (loop, RFC 4271 §9.1.2)"
+        return None
+
+    def _apply(self, u: Update, withdraw_all: bool, changes: list[BestPathChange]) -> None:
+        v4 = C.IPV4_UNICAST
+        rib4 = self.adj_in.get(v4)
+        if rib4 is not None:
+            loc4 = self.loc_rib[v4]
+            if u.withdrawn:
+                changes += loc4.withdraw(rib4, u.withdrawn)
+            if u.nlri:
+                if withdraw_all or u.attributes is None:
+                    changes += loc4.withdraw(rib4, u.nlri)
+                else:
+                    changes += loc4.update(rib4, u.nlri, u.attributes)
+        elif u.nlri or u.withdrawn:
+            self.counters["prefixes_ignored_family_not_negotiated"] += len(u.nlri) + len(u.withdrawn)
+        mu: MpUnreach | None = u.mp_unreach
+        if mu is not None and mu.withdrawn:
+            fam = (mu.afi, mu.safi)
+            rib = self.adj_in.get(fam)
+            if rib is not None:
+                changes += self.loc_rib[fam].withdraw(rib, mu.withdrawn)
+            else:
+                self.counters["prefixes_ignored_family_not_negotiated"] += len(mu.withdrawn)
+        mr: MpReach | None = u.mp_reach
+        if mr is not None and mr.nlri:
+            fam = (mr.afi, mr.safi)
+            rib = self.adj_in.get(fam)
+            if rib is None:
+                self.counters["prefixes_ignored_family_not_negotiated"] += len(mr.nlri)
+            elif withdraw_all or u.attributes is None:
+                changes += self.loc_rib[fam].withdraw(rib, mr.nlri)
+            else:
+                attrs = with_mp_next_hop(u.attributes, mr.next_hop, self.ctx)
+                changes += self.loc_rib[fam].update(rib, mr.nlri, attrs)
+
+    def _delete_routes(self) -> None:
+        changes: list[BestPathChange] = []
+        for fam, rib in self.adj_in.items():
+            keys = list(rib.routes)
+            if keys:
+                changes += self.loc_rib[fam].withdraw(rib, keys)
+        self.adj_in.clear()
+        self.loc_rib.clear()
+        if changes:
+            self._out.append(RoutesChanged(changes))
+
+    # ------------------------------------------------------------------------------------------
+    # Messages out
+
+    def _open_message(self) -> Open:
+        cfg = self.config
+        my_as = cfg.local_as if cfg.local_as <= 0xFFFF else C.AS_TRANS
+        return Open(my_as, cfg.hold_time, cfg.router_id, self.local_capabilities)
+
+    def _on_established(self) -> None:
+        self.idle_hold = self.config.idle_hold_time
+        self.established_at = self._now
+        self.counters["established"] += 1
+        self._advertise(self.config.announce)
+        n = self.negotiated
+        for fam in sorted(n.families if n is not None else ()):
+            self._write(end_of_rib(fam))
+
+    def _outbound_attributes(self, a: Announcement, v6: bool) -> PathAttributes:
+        cfg = self.config
+        path = tuple(a.as_path) if cfg.ibgp else (cfg.local_as, *a.as_path)
+        segs: tuple[tuple[int, tuple[int, ...]], ...] = ((C.AS_SEQUENCE, path),) if path else ()
+        asn4 = self.ctx.asn4
+        attrs = [Attribute(C.FLAG_TRANSITIVE, C.ATTR_ORIGIN, C.ORIGIN_IGP)]
+        if asn4 or all(x <= 0xFFFF for x in path):
+            attrs.append(Attribute(C.FLAG_TRANSITIVE, C.ATTR_AS_PATH, segs))
+            as4: list[Attribute] = []
+        else:  # RFC 6793 §4.2.2: AS_TRANS in AS_PATH, the real path in AS4_PATH
+            trans = tuple((st, tuple(x if x <= 0xFFFF else C.AS_TRANS for x in seg)) for st, seg in segs)
+            attrs.append(Attribute(C.FLAG_TRANSITIVE, C.ATTR_AS_PATH, trans))
+            as4 = [Attribute(C.FLAG_OPTIONAL | C.FLAG_TRANSITIVE, C.ATTR_AS4_PATH, segs)]
+        if not v6:
+            nh = a.next_hop or cfg.next_hop_self
+            attrs.append(Attribute(C.FLAG_TRANSITIVE, C.ATTR_NEXT_HOP, nh))
+        if a.med is not None:
+            attrs.append(Attribute(C.FLAG_OPTIONAL, C.ATTR_MED, a.med))
+        if cfg.ibgp:
+            attrs.append(Attribute(C.FLAG_TRANSITIVE, C.ATTR_LOCAL_PREF, a.local_pref if a.local_pref is not None else 100))
+        if a.communities:
+            vals = tuple((int(x) << 16) | int(y) for x, y in (c.split(":") for c in a.communities))
+            attrs.append(Attribute(C.FLAG_OPTIONAL | C.FLAG_TRANSITIVE, C.ATTR_COMMUNITIES, vals))
+        attrs.extend(as4)
+        if a.large_communities:
+            lcs = tuple(tuple(int(x) for x in c.split(":")) for c in a.large_communities)
+            attrs.append(Attribute(C.FLAG_OPTIONAL | C.FLAG_TRANSITIVE, C.ATTR_LARGE_COMMUNITIES, lcs))
+        pa = PathAttributes.build(attrs, self.ctx)
+        if v6:
+            nh6 = a.next_hop or cfg.next_hop_self_v6
+            assert nh6 is not None
+            pa = with_mp_next_hop(pa, socket.inet_pton(socket.AF_INET6, nh6), self.ctx)
+        return pa
+
+    def _advertise(self, announcements: Iterable[Announcement]) -> None:
+        groups: dict[tuple[Family, PathAttributes], list[bytes]] = {}
+        for a in announcements:
+            for v6 in (False, True):
+                ps = [p for p in a.prefixes if (":" in p) == v6]
+                if not ps:
+                    continue
+                fam = C.IPV6_UNICAST if v6 else C.IPV4_UNICAST
+                pa = self._outbound_attributes(a, v6)
+                out = self.adj_out.setdefault(fam, {})
+                keys = groups.setdefault((fam, pa), [])
+                for p in ps:
+                    k = encode_prefix(p)
+                    out[k] = pa
+                    keys.append(k)
+        if self.state is not State.ESTABLISHED:
+            return  # sent when the session comes up
+        n = self.negotiated
+        for (fam, pa), keys in groups.items():
+            if n is not None and fam in n.families:
+                self._send_announcements(fam, pa, keys)
+
+    def _readvertise(self, fam: Family) -> None:
+        groups: dict[PathAttributes, list[bytes]] = {}
+        for k, pa in self.adj_out.get(fam, {}).items():
+            groups.setdefault(pa, []).append(k)
+        for pa, keys in groups.items():
+            self._send_announcements(fam, pa, keys)
+        self._write(end_of_rib(fam))
+
+    def _send_announcements(self, fam: Family, pa: PathAttributes, keys: list[bytes]) -> None:
+        limit = self.ctx.max_message_len
+        wire_attrs = [a for a in pa.attrs if a.type_code != MP_NEXT_HOP]
+        base = PathAttributes.build(wire_attrs, self.ctx) if len(wire_attrs) != len(pa.attrs) else pa
+        room = limit - C.HEADER_LEN - 4 - len(base.wire) - (64 if fam != C.IPV4_UNICAST else 0)
+        for chunk in _chunks(keys, room):
+            if fam == C.IPV4_UNICAST:
+                u = Update([], base, chunk)
+            else:
+                nh = pa.get(MP_NEXT_HOP)
+                nh_bytes = socket.inet_pton(socket.AF_INET6, nh) if nh else b""
+                mp = MpReach(fam[0], fam[1], nh_bytes, 0, chunk, b"")
+                u = Update([], base, [], mp, None)
+            self._write(encode_update(u, self.ctx))
+            self.counters["updates_out"] += 1
+            self.counters["prefixes_out"] += len(chunk)
+        self._act(Action.KEEPALIVE_TIMER_RESTART, self.state)  # §8.2.2: an UPDATE sent counts as a KEEPALIVE
+
+    def _send_withdrawals(self, fam: Family, keys: list[bytes]) -> None:
+        room = self.ctx.max_message_len - C.HEADER_LEN - 4 - 16
+        for chunk in _chunks(keys, room):
+            if fam == C.IPV4_UNICAST:
+                u = Update(chunk, None, [])
+            else:
+                u = Update([], None, [], None, MpUnreach(fam[0], fam[1], chunk, b""))
+            self._write(encode_update(u, self.ctx))
+            self.counters["updates_out"] += 1
+            self.counters["withdrawals_out"] += len(chunk)
+
+    # ------------------------------------------------------------------------------------------
+    # Snapshot / restore
+
+    def snapshot(self) -> bytes:
+        w = SnapshotWriter(self.protocol)
+        n = self.negotiated
+        w.json(
+            {
+                "config": self.config.model_dump(mode="json"),
+                "state": self.state.value,
+                "connect_retry_counter": self.connect_retry_counter,
+                "timers": self.timers,
+                "idle_hold": self.idle_hold,
+                "connected": self.connected,
+                "hold_time": self.hold_time,
+                "keepalive_time": self.keepalive_time,
+                "established_at": self.established_at,
+                "counters": dict(self.counters),
+                "negotiated": None
+                if n is None
+                else {
+                    "asn4": n.asn4,
+                    "families": sorted(n.families),
+                    "add_path_receive": sorted(n.add_path_receive),
+                    "add_path_send": sorted(n.add_path_send),
+                    "extended_message": n.extended_message,
+                    "route_refresh": n.route_refresh,
+                    "enhanced_route_refresh": n.enhanced_route_refresh,
+                    "graceful_restart": n.graceful_restart,
+                    "peer_restart_time": n.peer_restart_time,
+                    "peer_capabilities": list(n.peer_capabilities),
+                },
+                "peer_open": None if self.peer_open is None else encode_message(self.peer_open).hex(),
+                "router_id": self.source.router_id,
+            }
+        )
+        w.blob(self._reader.pending_bytes())
+        for table in (self._adj_in_tables(), self._adj_out_tables()):
+            w.u32(len(table))
+            for fam, rows in table:
+                _write_rib(w, fam, rows)
+        return w.getvalue()
+
+    def _adj_in_tables(self) -> list[tuple[Family, dict[bytes, PathAttributes]]]:
+        return [(fam, rib.routes) for fam, rib in sorted(self.adj_in.items())]
+
+    def _adj_out_tables(self) -> list[tuple[Family, dict[bytes, PathAttributes]]]:
+        return sorted(self.adj_out.items())
+
+    @classmethod
+    def restore(cls, blob: bytes) -> BgpSession:
+        r = SnapshotReader(blob, cls.protocol)
+        meta = r.json()
+        try:
+            s = cls(BgpSessionConfig.model_validate(meta["config"]))
+            s.state = State(meta["state"])
+            s.connect_retry_counter = int(meta["connect_retry_counter"])
+            s.timers = {str(k): float(v) for k, v in meta["timers"].items()}
+            s.idle_hold = float(meta["idle_hold"])
+            s.connected = bool(meta["connected"])
+            s.hold_time = int(meta["hold_time"])
+            s.keepalive_time = float(meta["keepalive_time"])
+            s.established_at = meta["established_at"]
+            s.counters = Counter(meta["counters"])
+            s.source.set_router_id(meta["router_id"])
+            neg = meta["negotiated"]
+            if meta["peer_open"]:
+                m = decode_open(bytes.fromhex(meta["peer_open"])[C.HEADER_LEN :])
+                s.peer_open = m
+            if neg is not None:
+                s.negotiated = Negotiated(
+                    asn4=neg["asn4"],
+                    families=frozenset(tuple(f) for f in neg["families"]),
+                    add_path_receive=frozenset(tuple(f) for f in neg["add_path_receive"]),
+                    add_path_send=frozenset(tuple(f) for f in neg["add_path_send"]),
+                    extended_message=neg["extended_message"],
+                    route_refresh=neg["route_refresh"],
+                    enhanced_route_refresh=neg["enhanced_route_refresh"],
+                    graceful_restart=neg["graceful_restart"],
+                    peer_restart_time=neg["peer_restart_time"],
+                    peer_capabilities=tuple(neg["peer_capabilities"]),
+                )
+                s._set_context()
+        except (KeyError, TypeError, ValueError, BgpError) as e:
+            raise DecodeError(f"BGP snapshot state is invalid: {e}") from None
+        s._reader.feed(r.blob())
+        for i in range(r.u32()):
+            fam, rows = _read_rib(r, s.ctx)
+            rib = s.adj_in.get(fam)
+            if rib is None:
+                raise DecodeError(f"snapshot Adj-RIB-In #{i} is for family {fam}, which the session did not negotiate")
+            groups: dict[int, tuple[PathAttributes, list[bytes]]] = {}
+            for key, pa in rows.items():
+                groups.setdefault(id(pa), (pa, []))[1].append(key)
+            for pa, keys in groups.values():
+                s.loc_rib[fam].update(rib, keys, pa)
+        for _ in range(r.u32()):
+            fam, rows = _read_rib(r, s.ctx)
+            s.adj_out[fam] = rows
+        r.done()
+        return s
+
+
+def _write_rib(w: SnapshotWriter, fam: Family, rows: dict[bytes, PathAttributes]) -> None:
+    index: dict[int, int] = {}
+    table: list[PathAttributes] = []
+    refs: list[bytes] = []
+    for key, pa in rows.items():
+        i = index.get(id(pa))
+        if i is None:
+            i = index[id(pa)] = len(table)
+            table.append(pa)
+        refs.append(i.to_bytes(4, "big") + key)
+    w.u32(fam[0])
+    w.u32(fam[1])
+    w.blobs([pa.wire for pa in table])
+    w.blobs([_mp_next_hop_bytes(pa) for pa in table])
+    w.blobs(refs)
+
+
+def _mp_next_hop_bytes(pa: PathAttributes) -> bytes:
+    nh = pa.get(MP_NEXT_HOP)
+    return b"" if nh is None else socket.inet_pton(socket.AF_INET6 if ":" in nh else socket.AF_INET, nh)
+
+
+def _read_rib(r: SnapshotReader, ctx: CodecContext) -> tuple[Family, dict[bytes, PathAttributes]]:
+    fam = (r.u32(), r.u32())
+    interner = interner_for(ctx)
+    wires, hops = r.blobs(), r.blobs()
+    if len(wires) != len(hops):
+        raise DecodeError("snapshot attribute table and next-hop table differ in length")
+    table: list[PathAttributes] = []
+    for wire, nh in zip(wires, hops, strict=True):
+        try:
+            pa = decode_attributes(wire, 0, len(wire), ctx, interner).attributes
+        except BgpError as e:
+            raise DecodeError(f"snapshot attribute set does not decode: {e}") from None
+        table.append(with_mp_next_hop(pa, nh, ctx) if nh else pa)
+    rows: dict[bytes, PathAttributes] = {}
+    for ref in r.blobs():
+        i = int.from_bytes(ref[:4], "big")
+        if i >= len(table):
+            raise DecodeError(f"snapshot route refers to attribute set {i} of {len(table)}")
+        rows[ref[4:]] = table[i]
+    return fam, rows
+
+
+def with_mp_next_hop(pa: PathAttributes, nh: bytes, ctx: CodecContext) -> PathAttributes:
+    """The interned attribute set `pa` plus the next hop an MP_REACH_NLRI carried."""
+    if len(nh) in (16, 32):
+        text = socket.inet_ntop(socket.AF_INET6, nh[:16])
+    elif len(nh) == 4:
+        text = socket.inet_ntoa(nh)
+    else:
+        text = "0x" + nh.hex()
+    return interner_for(ctx).with_extra(pa, Attribute(0, MP_NEXT_HOP, text), nh)
+
+
+def end_of_rib(fam: Family) -> bytes:
+    """RFC 4724 §2 End-of-RIB marker."""
+    if fam == C.IPV4_UNICAST:
+        return encode_update(Update())
+    return encode_update(Update([], None, [], None, MpUnreach(fam[0], fam[1], [], b"")))
+
+
+def _chunks(keys: list[bytes], room: int) -> Iterable[list[bytes]]:
+    chunk: list[bytes] = []
+    used = 0
+    for k in keys:
+        if used + len(k) > room and chunk:
+            yield chunk
+            chunk, used = [], 0
+        chunk.append(k)
+        used += len(k)
+    if chunk:
+        yield chunk

@@ -1,0 +1,47 @@
+"""Shared fixtures: where the real third-party data lives, and its independently measured counts."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def shared_data_dir() -> Path:
+    """../shared/data beside the checkout, or $APSV_SHARED_DATA. Missing data fails loudly."""
+    path = Path(os.environ.get("APSV_SHARED_DATA", REPO.parent / "shared" / "data"))
+    if not (path / "MANIFEST.tsv").is_file():
+        pytest.fail(
+            f"real test data not found at {path} (no MANIFEST.tsv). Set APSV_SHARED_DATA to the shared/data "
+            "folder; these tests must not be skipped."
+        )
+    return path
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    return shared_data_dir()
+
+
+def manifest() -> dict[str, str]:
+    rows = {}
+    for line in (shared_data_dir() / "MANIFEST.tsv").read_text().splitlines()[1:]:
+        path, _size, measured = line.split("\t")
+        rows[path] = measured
+    return rows
+
+
+def manifest_counts(measured: str) -> dict[str, int]:
+    """The key=value counts of an MRT row ('recs=... UPDATE=13 ann=54 wd=43')."""
+    return {k: int(v) for k, v in re.findall(r"\b(recs|err|UPDATE|ann|wd|rib_prefixes|rib_entries)=(\d+)", measured)}
+
+
+def manifest_bgp_messages(measured: str) -> dict[str, int]:
+    """The per-type BGP message counts of a capture row ('BGPmsgs=OPEN:8,KEEPALIVE:16')."""
+    if "BGPmsgs=" not in measured:
+        return {}
+    return {k: int(v) for k, v in re.findall(r"([A-Z-]+):(\d+)", measured.split("BGPmsgs=")[1])}
