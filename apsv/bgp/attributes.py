@@ -377,7 +377,8 @@ class PathAttributes:
         self.as_path_len = path_length(path)
         first = next((s for s in path if s[0] in (C.AS_SEQUENCE, C.AS_CONFED_SEQUENCE)), None)
         self.neighbor_as: int | None = first[1][0] if first and first[0] == C.AS_SEQUENCE else None
-        self.next_hop: str | None = by.get(C.ATTR_NEXT_HOP)
+        # The next hop a route uses: MP_REACH_NLRI's (kept under MP_NEXT_HOP) or NEXT_HOP.
+        self.next_hop: str | None = by.get(0, by.get(C.ATTR_NEXT_HOP))
         self.med: int | None = by.get(C.ATTR_MED)
         self.local_pref: int | None = by.get(C.ATTR_LOCAL_PREF)
         self.originator_id: str | None = by.get(C.ATTR_ORIGINATOR_ID)
@@ -748,3 +749,20 @@ def encode_mp_unreach(mp: MpUnreach) -> bytes:
     body = struct.pack("!HB", mp.afi, mp.safi)
     body += b"".join(mp.withdrawn) if mp.withdrawn is not None else mp.raw_withdrawn
     return encode_attribute(mp.flags, C.ATTR_MP_UNREACH_NLRI, body)
+
+
+# The next hop of an MP_REACH_NLRI route is kept inside its interned attribute set under this
+# private type code (0 is reserved by IANA, so never on the wire), which makes a route's
+# attributes one shared object whatever family it belongs to.
+MP_NEXT_HOP: Final = 0
+
+
+def with_mp_next_hop(pa: PathAttributes, nh: bytes, ctx: CodecContext) -> PathAttributes:
+    """The interned attribute set `pa` plus the next hop an MP_REACH_NLRI carried."""
+    if len(nh) in (16, 32):
+        text = socket.inet_ntop(socket.AF_INET6, nh[:16])
+    elif len(nh) == 4:
+        text = socket.inet_ntoa(nh)
+    else:
+        text = "0x" + nh.hex()
+    return interner_for(ctx).with_extra(pa, Attribute(0, MP_NEXT_HOP, text), nh)

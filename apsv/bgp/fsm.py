@@ -7,6 +7,10 @@ only says which, in which order. Optional session attributes APSV does not imple
 (DelayOpen, DampPeerOscillations, SendNOTIFICATIONwithoutOPEN, CollisionDetectEstablishedState,
 TrackTcpState) are FALSE, which is what selects the rows below.
 
+Two deliberate choices: in Established, Events 21/22 send the header/OPEN error of §6.1/§6.2
+rather than §8.2.2's FSM Error; and Events 12 and 20, which need a DelayOpenTimer APSV never
+starts, still have the RFC's rows.
+
 Event 29 (RouteRefreshMsg) is APSV's addition: RFC 2918 gives ROUTE-REFRESH no FSM event; it
 is handled in Established and, elsewhere, exactly like an UpdateMsg arriving in that state.
 """
@@ -111,6 +115,12 @@ def _idle() -> dict[Event, Row]:
     return rows
 
 
+# §8.2.2 Connect/Active, Event 20: the peer's OPEN arrived while our OPEN was being delayed.
+_OPEN_WHILE_DELAYED: Row = (
+    (Action.CONNECT_RETRY_STOP, Action.SEND_OPEN, Action.SEND_KEEPALIVE, Action.NEGOTIATED_TIMERS),
+    State.OPENCONFIRM,
+)
+
 # "Release, drop, count, go Idle" - the shape most error rows share.
 _TO_IDLE = (A.CONNECT_RETRY_STOP, A.RELEASE_RESOURCES, A.DROP_TCP, A.COUNTER_INCR, A.IDLE_HOLD_START)
 
@@ -121,8 +131,9 @@ def _connect() -> dict[Event, Row]:
     rows[E.CONNECT_RETRY_TIMER_EXPIRES] = ((A.DROP_TCP, A.CONNECT_RETRY_START, A.INITIATE_TCP), S.CONNECT)
     rows[E.TCP_CONNECTION_VALID] = ((), S.CONNECT)
     rows[E.TCP_CR_INVALID] = ((), S.CONNECT)
-    for ev in (E.TCP_CR_ACKED, E.TCP_CONNECTION_CONFIRMED):
+    for ev in (E.TCP_CR_ACKED, E.TCP_CONNECTION_CONFIRMED, E.DELAY_OPEN_TIMER_EXPIRES):
         rows[ev] = ((A.CONNECT_RETRY_STOP, A.SEND_OPEN, A.HOLD_TIMER_LARGE), S.OPENSENT)
+    rows[E.BGP_OPEN_DELAY_OPEN] = _OPEN_WHILE_DELAYED
     # DelayOpenTimer is never running, so a failed connection goes to Idle.
     rows[E.TCP_CONNECTION_FAILS] = ((A.CONNECT_RETRY_STOP, A.DROP_TCP, A.RELEASE_RESOURCES, A.IDLE_HOLD_START), S.IDLE)
     for ev in (E.BGP_HEADER_ERR, E.BGP_OPEN_MSG_ERR):
@@ -139,8 +150,9 @@ def _active() -> dict[Event, Row]:
     rows[E.CONNECT_RETRY_TIMER_EXPIRES] = ((A.CONNECT_RETRY_START, A.INITIATE_TCP), S.CONNECT)
     rows[E.TCP_CONNECTION_VALID] = ((), S.ACTIVE)
     rows[E.TCP_CR_INVALID] = ((), S.ACTIVE)
-    for ev in (E.TCP_CR_ACKED, E.TCP_CONNECTION_CONFIRMED):
+    for ev in (E.TCP_CR_ACKED, E.TCP_CONNECTION_CONFIRMED, E.DELAY_OPEN_TIMER_EXPIRES):
         rows[ev] = ((A.CONNECT_RETRY_STOP, A.SEND_OPEN, A.HOLD_TIMER_LARGE), S.OPENSENT)
+    rows[E.BGP_OPEN_DELAY_OPEN] = _OPEN_WHILE_DELAYED
     rows[E.TCP_CONNECTION_FAILS] = (
         (A.CONNECT_RETRY_START, A.RELEASE_RESOURCES, A.COUNTER_INCR, A.IDLE_HOLD_START),
         S.IDLE,
@@ -223,6 +235,10 @@ def _established() -> dict[Event, Row]:
     rows[E.UPDATE_MSG] = ((A.PROCESS_UPDATE, A.HOLD_TIMER_RESTART), S.ESTABLISHED)
     rows[E.ROUTE_REFRESH_MSG] = ((A.PROCESS_ROUTE_REFRESH, A.HOLD_TIMER_RESTART), S.ESTABLISHED)
     rows[E.UPDATE_MSG_ERR] = ((A.NOTIFY_ERROR, *down), S.IDLE)
+    # §8.2.2 lists Events 21 and 22 among Established's "other events" (FSM Error), but §6.1
+    # and §6.2 name the NOTIFICATION for the error itself; APSV sends that, the more useful code.
+    rows[E.BGP_HEADER_ERR] = ((A.NOTIFY_ERROR, *down), S.IDLE)
+    rows[E.BGP_OPEN_MSG_ERR] = ((A.NOTIFY_ERROR, *down), S.IDLE)
     for ev in Event:
         rows.setdefault(ev, ((A.NOTIFY_FSM_ERROR, *down), S.IDLE))
     return rows

@@ -16,12 +16,14 @@ from typing import Any, ClassVar
 
 from apsv.bgp import constants as C
 from apsv.bgp.attributes import (
+    MP_NEXT_HOP,
     Attribute,
     MpReach,
     MpUnreach,
     PathAttributes,
     decode_attributes,
     interner_for,
+    with_mp_next_hop,
 )
 from apsv.bgp.capabilities import Capability, Negotiated, build_capabilities, negotiate
 from apsv.bgp.config import FAMILY_CODES, Announcement, BgpSessionConfig
@@ -116,10 +118,6 @@ class NotificationSent(StackEvent):
 def next_hop_of(attrs: PathAttributes) -> str | None:
     return attrs.get(MP_NEXT_HOP) or attrs.next_hop
 
-
-# The next hop of an MP_REACH_NLRI route is kept inside its interned attribute set under this
-# private type code (never encoded on the wire; 0 is reserved by IANA).
-MP_NEXT_HOP = 0
 
 
 class BgpSession:
@@ -889,17 +887,6 @@ def _read_rib(r: SnapshotReader, ctx: CodecContext) -> tuple[Family, dict[bytes,
             raise DecodeError(f"snapshot route refers to attribute set {i} of {len(table)}")
         rows[ref[4:]] = table[i]
     return fam, rows
-
-
-def with_mp_next_hop(pa: PathAttributes, nh: bytes, ctx: CodecContext) -> PathAttributes:
-    """The interned attribute set `pa` plus the next hop an MP_REACH_NLRI carried."""
-    if len(nh) in (16, 32):
-        text = socket.inet_ntop(socket.AF_INET6, nh[:16])
-    elif len(nh) == 4:
-        text = socket.inet_ntoa(nh)
-    else:
-        text = "0x" + nh.hex()
-    return interner_for(ctx).with_extra(pa, Attribute(0, MP_NEXT_HOP, text), nh)
 
 
 def end_of_rib(fam: Family) -> bytes:
