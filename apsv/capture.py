@@ -103,7 +103,7 @@ def _network(p: Packet) -> tuple[int, int] | None:
     d, lt = p.data, p.linktype
     if lt == 1:
         return _strip_ethernet(d, 0)
-    if lt == 0 or lt == 108:  # BSD loopback: 4-octet address family in either byte order
+    if lt in {0, 108}:  # BSD loopback: 4-octet address family in either byte order
         if len(d) < 4:
             return None
         fam = max(struct.unpack_from("<I", d)[0], struct.unpack_from(">I", d)[0]) & 0xFFFF

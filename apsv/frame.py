@@ -144,7 +144,7 @@ def _decode_at(view: memoryview, off: int, max_payload: int) -> tuple[Frame, int
 _KINDS = frozenset(int(k) for k in FrameKind)
 
 
-def decode_frame(data: bytes | memoryview, max_payload: int = MAX_PAYLOAD) -> Frame:
+def decode_frame(data: bytes | bytearray | memoryview, max_payload: int = MAX_PAYLOAD) -> Frame:
     view = memoryview(data)
     frame, end = _decode_at(view, 0, max_payload)
     if end != len(view):
@@ -152,7 +152,7 @@ def decode_frame(data: bytes | memoryview, max_payload: int = MAX_PAYLOAD) -> Fr
     return frame
 
 
-def iter_batch(data: bytes | memoryview, max_payload: int = MAX_PAYLOAD) -> Iterator[Frame]:
+def iter_batch(data: bytes | bytearray | memoryview, max_payload: int = MAX_PAYLOAD) -> Iterator[Frame]:
     """Frames of a batch, payloads as zero-copy memoryview slices. Raises DecodeError on a bad frame."""
     view = memoryview(data)
     off = 0
@@ -161,5 +161,5 @@ def iter_batch(data: bytes | memoryview, max_payload: int = MAX_PAYLOAD) -> Iter
         yield frame
 
 
-def decode_batch(data: bytes | memoryview, max_payload: int = MAX_PAYLOAD) -> list[Frame]:
+def decode_batch(data: bytes | bytearray | memoryview, max_payload: int = MAX_PAYLOAD) -> list[Frame]:
     return list(iter_batch(data, max_payload))

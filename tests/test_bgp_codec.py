@@ -22,6 +22,7 @@ from apsv.bgp.context import CodecContext
 from apsv.bgp.errors import Action, BgpError
 from apsv.bgp.message import (
     Keepalive,
+    Message,
     MessageReader,
     Notification,
     Open,
@@ -69,27 +70,81 @@ V6_NLRI = encode_prefix("2001:db8:1::/48")
 CASES = [
     ("origin length 2", tlv(0x40, 1, b"\x00\x00") + AS_PATH + NEXT_HOP, EBGP, Action.TREAT_AS_WITHDRAW, 5),
     ("origin value 3", tlv(0x40, 1, b"\x03") + AS_PATH + NEXT_HOP, EBGP, Action.TREAT_AS_WITHDRAW, 6),
-    ("as_path bad segment type", ORIGIN + tlv(0x40, 2, b"\x05\x01\x00\x00\xfd\xe9") + NEXT_HOP, EBGP, Action.TREAT_AS_WITHDRAW, 11),
+    (
+        "as_path bad segment type",
+        ORIGIN + tlv(0x40, 2, b"\x05\x01\x00\x00\xfd\xe9") + NEXT_HOP,
+        EBGP,
+        Action.TREAT_AS_WITHDRAW,
+        11,
+    ),
     ("as_path zero-length segment", ORIGIN + tlv(0x40, 2, b"\x02\x00") + NEXT_HOP, EBGP, Action.TREAT_AS_WITHDRAW, 11),
-    ("as_path segment overrun", ORIGIN + tlv(0x40, 2, b"\x02\x02\x00\x00\xfd\xe9") + NEXT_HOP, EBGP, Action.TREAT_AS_WITHDRAW, 11),
-    ("as_path one octet left", ORIGIN + tlv(0x40, 2, b"\x02\x01\x00\x00\xfd\xe9\x02") + NEXT_HOP, EBGP, Action.TREAT_AS_WITHDRAW, 11),
+    (
+        "as_path segment overrun",
+        ORIGIN + tlv(0x40, 2, b"\x02\x02\x00\x00\xfd\xe9") + NEXT_HOP,
+        EBGP,
+        Action.TREAT_AS_WITHDRAW,
+        11,
+    ),
+    (
+        "as_path one octet left",
+        ORIGIN + tlv(0x40, 2, b"\x02\x01\x00\x00\xfd\xe9\x02") + NEXT_HOP,
+        EBGP,
+        Action.TREAT_AS_WITHDRAW,
+        11,
+    ),
     ("next_hop length 5", ORIGIN + AS_PATH + tlv(0x40, 3, b"\x01\x02\x03\x04\x05"), EBGP, Action.TREAT_AS_WITHDRAW, 5),
     ("med length 3", GOOD + tlv(0x80, 4, b"\x00\x00\x01"), EBGP, Action.TREAT_AS_WITHDRAW, 5),
     ("local_pref from eBGP", GOOD + tlv(0x40, 5, b"\x00\x00\x00\x64"), EBGP, Action.ATTRIBUTE_DISCARD, 0),
     ("local_pref length 2 from iBGP", GOOD + tlv(0x40, 5, b"\x00\x64"), IBGP, Action.TREAT_AS_WITHDRAW, 5),
     ("atomic_aggregate length 1", GOOD + tlv(0x40, 6, b"\x00"), EBGP, Action.ATTRIBUTE_DISCARD, 5),
     ("aggregator length 7", GOOD + tlv(0xC0, 7, b"\x00" * 7), EBGP, Action.ATTRIBUTE_DISCARD, 5),
-    ("aggregator length 8 on a 2-octet session", ORIGIN + tlv(0x40, 2, b"\x02\x01\xfd\xe9") + NEXT_HOP + tlv(0xC0, 7, b"\x00" * 8), OLD, Action.ATTRIBUTE_DISCARD, 5),
+    (
+        "aggregator length 8 on a 2-octet session",
+        ORIGIN + tlv(0x40, 2, b"\x02\x01\xfd\xe9") + NEXT_HOP + tlv(0xC0, 7, b"\x00" * 8),
+        OLD,
+        Action.ATTRIBUTE_DISCARD,
+        5,
+    ),
     ("communities length 5", GOOD + tlv(0xC0, 8, b"\x00" * 5), EBGP, Action.TREAT_AS_WITHDRAW, 9),
     ("communities length 0", GOOD + tlv(0xC0, 8, b""), EBGP, Action.TREAT_AS_WITHDRAW, 9),
     ("originator_id from eBGP", GOOD + tlv(0x80, 9, b"\x0a\x00\x00\x01"), EBGP, Action.ATTRIBUTE_DISCARD, 0),
-    ("originator_id length 3 from iBGP", GOOD + tlv(0x40, 5, b"\x00\x00\x00\x64") + tlv(0x80, 9, b"\x0a\x00\x00"), IBGP, Action.TREAT_AS_WITHDRAW, 5),
-    ("cluster_list length 6 from iBGP", GOOD + tlv(0x40, 5, b"\x00\x00\x00\x64") + tlv(0x80, 10, b"\x00" * 6), IBGP, Action.TREAT_AS_WITHDRAW, 9),
+    (
+        "originator_id length 3 from iBGP",
+        GOOD + tlv(0x40, 5, b"\x00\x00\x00\x64") + tlv(0x80, 9, b"\x0a\x00\x00"),
+        IBGP,
+        Action.TREAT_AS_WITHDRAW,
+        5,
+    ),
+    (
+        "cluster_list length 6 from iBGP",
+        GOOD + tlv(0x40, 5, b"\x00\x00\x00\x64") + tlv(0x80, 10, b"\x00" * 6),
+        IBGP,
+        Action.TREAT_AS_WITHDRAW,
+        9,
+    ),
     ("extended communities length 9", GOOD + tlv(0xC0, 16, b"\x00" * 9), EBGP, Action.TREAT_AS_WITHDRAW, 9),
     ("large communities length 13", GOOD + tlv(0xC0, 32, b"\x00" * 13), EBGP, Action.TREAT_AS_WITHDRAW, 9),
-    ("as4_path from a NEW speaker", GOOD + tlv(0xC0, 17, b"\x02\x01\x00\x01\x00\x00"), EBGP, Action.ATTRIBUTE_DISCARD, 0),
-    ("as4_path malformed from an OLD speaker", ORIGIN + tlv(0x40, 2, b"\x02\x01\xfd\xe9") + NEXT_HOP + tlv(0xC0, 17, b"\x02\x05\x00"), OLD, Action.ATTRIBUTE_DISCARD, 9),
-    ("as4_aggregator length 7", ORIGIN + tlv(0x40, 2, b"\x02\x01\xfd\xe9") + NEXT_HOP + tlv(0xC0, 18, b"\x00" * 7), OLD, Action.ATTRIBUTE_DISCARD, 5),
+    (
+        "as4_path from a NEW speaker",
+        GOOD + tlv(0xC0, 17, b"\x02\x01\x00\x01\x00\x00"),
+        EBGP,
+        Action.ATTRIBUTE_DISCARD,
+        0,
+    ),
+    (
+        "as4_path malformed from an OLD speaker",
+        ORIGIN + tlv(0x40, 2, b"\x02\x01\xfd\xe9") + NEXT_HOP + tlv(0xC0, 17, b"\x02\x05\x00"),
+        OLD,
+        Action.ATTRIBUTE_DISCARD,
+        9,
+    ),
+    (
+        "as4_aggregator length 7",
+        ORIGIN + tlv(0x40, 2, b"\x02\x01\xfd\xe9") + NEXT_HOP + tlv(0xC0, 18, b"\x00" * 7),
+        OLD,
+        Action.ATTRIBUTE_DISCARD,
+        5,
+    ),
     ("origin with the optional bit", tlv(0xC0, 1, b"\x00") + AS_PATH + NEXT_HOP, EBGP, Action.TREAT_AS_WITHDRAW, 4),
     ("aggregator without the transitive bit", GOOD + tlv(0x80, 7, b"\x00" * 8), EBGP, Action.ATTRIBUTE_DISCARD, 4),
     ("origin twice", GOOD + tlv(0x40, 1, b"\x01"), EBGP, Action.ATTRIBUTE_DISCARD, 1),
@@ -98,8 +153,20 @@ CASES = [
     ("next hop 0.0.0.0", ORIGIN + AS_PATH + tlv(0x40, 3, b"\x00\x00\x00\x00"), EBGP, Action.TREAT_AS_WITHDRAW, 8),
     ("missing origin", AS_PATH + NEXT_HOP, EBGP, Action.TREAT_AS_WITHDRAW, 3),
     ("missing local_pref on iBGP", GOOD, IBGP, Action.TREAT_AS_WITHDRAW, 3),
-    ("duplicate MP_REACH_NLRI", GOOD + mp_reach(2, V6_NH, V6_NLRI) + mp_reach(2, V6_NH, V6_NLRI), EBGP, Action.SESSION_RESET, 1),
-    ("MP_REACH_NLRI with transitive flag", GOOD + mp_reach(2, V6_NH, V6_NLRI, flags=0xD0), EBGP, Action.SESSION_RESET, 9),
+    (
+        "duplicate MP_REACH_NLRI",
+        GOOD + mp_reach(2, V6_NH, V6_NLRI) + mp_reach(2, V6_NH, V6_NLRI),
+        EBGP,
+        Action.SESSION_RESET,
+        1,
+    ),
+    (
+        "MP_REACH_NLRI with transitive flag",
+        GOOD + mp_reach(2, V6_NH, V6_NLRI, flags=0xD0),
+        EBGP,
+        Action.SESSION_RESET,
+        9,
+    ),
     ("MP_REACH_NLRI next hop length 5", GOOD + mp_reach(2, b"\x00" * 5, V6_NLRI), EBGP, Action.SESSION_RESET, 9),
     ("MP_REACH_NLRI prefix /129", GOOD + mp_reach(2, V6_NH, b"\x81" + b"\x00" * 17), EBGP, Action.SESSION_RESET, 9),
     ("MP_UNREACH_NLRI length 2", GOOD + tlv(0x80, 15, b"\x00\x02"), EBGP, Action.SESSION_RESET, 9),
@@ -201,7 +268,11 @@ def test_route_refresh_borr_with_a_body_is_7_1() -> None:
 
 
 def test_extended_message_lengths() -> None:
-    big = Update([], PathAttributes.build([Attribute(0x40, 1, 0), Attribute(0x40, 2, ()), Attribute(0x40, 3, "198.51.100.1")], EBGP), [encode_prefix(f"10.{i // 256}.{i % 256}.0/24") for i in range(2000)])
+    big = Update(
+        [],
+        PathAttributes.build([Attribute(0x40, 1, 0), Attribute(0x40, 2, ()), Attribute(0x40, 3, "198.51.100.1")], EBGP),
+        [encode_prefix(f"10.{i // 256}.{i % 256}.0/24") for i in range(2000)],
+    )
     with pytest.raises(ValueError):
         encode_update(big, EBGP)
     ext = CodecContext(asn4=True, extended_message=True)
@@ -233,7 +304,12 @@ def test_capability_negotiation() -> None:
     mine = build_capabilities(
         asn=65001, families=(C.IPV4_UNICAST, C.IPV6_UNICAST), add_path=((1, 1, C.ADD_PATH_RECEIVE),)
     )
-    theirs = build_capabilities(asn=4200000000, families=(C.IPV4_UNICAST,), add_path=((1, 1, C.ADD_PATH_SEND),), graceful_restart_time=120) + (Capability(200, b"xyz"),)
+    theirs = (
+        *build_capabilities(
+            asn=4200000000, families=(C.IPV4_UNICAST,), add_path=((1, 1, C.ADD_PATH_SEND),), graceful_restart_time=120
+        ),
+        Capability(200, b"xyz"),
+    )
     n = negotiate(mine, theirs)
     assert n.families == {C.IPV4_UNICAST} and n.asn4 and n.add_path_receive == {C.IPV4_UNICAST}
     gr = next(parse_capability(c.code, c.value) for c in theirs if c.code == C.CAP_GRACEFUL_RESTART)
@@ -245,7 +321,7 @@ def test_capability_negotiation() -> None:
 
 
 def test_message_reader_splits_a_stream_byte_by_byte() -> None:
-    msgs = [Keepalive(), Notification(6, 2, b"\x03bye"), RouteRefresh(1, 1)]
+    msgs: list[Message] = [Keepalive(), Notification(6, 2, b"\x03bye"), RouteRefresh(1, 1)]
     stream = b"".join(encode_message(m) for m in msgs)
     r = MessageReader()
     out = []
@@ -284,7 +360,7 @@ def updates(draw: st.DrawFn) -> tuple[Update, CodecContext]:
     ibgp = draw(st.booleans())
     ctx = CodecContext(asn4=True, ibgp=ibgp)
     attrs = [Attribute(0x40, 1, draw(st.integers(0, 2))), Attribute(0x40, 2, draw(segments))]
-    attrs.append(Attribute(0x40, 3, "198.51.100.%d" % draw(st.integers(1, 254))))
+    attrs.append(Attribute(0x40, 3, f"198.51.100.{draw(st.integers(1, 254))}"))
     if draw(st.booleans()):
         attrs.append(Attribute(0x80, 4, draw(st.integers(0, 2**32 - 1))))
     if ibgp:
@@ -321,7 +397,9 @@ def test_update_round_trip(case: tuple[Update, CodecContext]) -> None:
     assert back.withdrawn == u.withdrawn and back.nlri == u.nlri
     assert back.attributes == u.attributes
     assert (back.mp_reach.nlri if back.mp_reach else None) == (u.mp_reach.nlri if u.mp_reach else None)
-    assert (back.mp_unreach.withdrawn if back.mp_unreach else None) == (u.mp_unreach.withdrawn if u.mp_unreach else None)
+    assert (back.mp_unreach.withdrawn if back.mp_unreach else None) == (
+        u.mp_unreach.withdrawn if u.mp_unreach else None
+    )
     assert encode_update(back, ctx) == raw
 
 
@@ -346,7 +424,11 @@ def test_real_messages_re_encode_exactly() -> None:
 
     rs = RecordedSessions()
     n = 0
-    for name in ("ryu-mrt/updates.20161101.0000.bz2", "mrtparse-samples/quagga_bgp", "bgpdump-testdata/updates.20100722.2015.gz"):
+    for name in (
+        "ryu-mrt/updates.20161101.0000.bz2",
+        "mrtparse-samples/quagga_bgp",
+        "bgpdump-testdata/updates.20100722.2015.gz",
+    ):
         with MrtReader(shared_data_dir() / "mrt" / name) as r:
             for item in r:
                 if isinstance(item, BgpMessageRecord) and item.raw_header:

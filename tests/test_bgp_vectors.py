@@ -89,9 +89,10 @@ def test_open_vector_decodes_to_the_same_fields() -> None:
     caps = {c.code: c.parsed() for c in m.capabilities}
     assert sorted(str(k) for k in caps) == sorted(want["capabilities"])
     mp = caps[C.CAP_MULTIPROTOCOL]
-    assert isinstance(mp, Multiprotocol) and [f"{C.AFI_NAMES[mp.afi]}/{C.SAFI_NAMES[mp.safi]}"] == want[
-        "capabilities"
-    ]["1"]["families"]
+    assert (
+        isinstance(mp, Multiprotocol)
+        and [f"{C.AFI_NAMES[mp.afi]}/{C.SAFI_NAMES[mp.safi]}"] == want["capabilities"]["1"]["families"]
+    )
     asn4 = caps[C.CAP_FOUR_OCTET_AS]
     assert isinstance(asn4, FourOctetAs) and asn4.asn == want["capabilities"]["65"]["asn4"]
     sw = caps[C.CAP_SOFTWARE_VERSION]
@@ -111,9 +112,12 @@ def test_other_families_pass_through_opaquely(name: str) -> None:
         # A bare NLRI: carry it in an MP_REACH_NLRI of its family (BGP-LS: AFI 16388, SAFI 71).
         afi, safi = 16388, 71
         value = afi.to_bytes(2, "big") + bytes((safi, 4)) + bytes(4) + b"\x00" + raw
-        attrs = b"\x40\x01\x01\x00\x40\x02\x00\x40\x05\x04\x00\x00\x00\x64" + bytes((0x90, 14)) + len(value).to_bytes(
-            2, "big"
-        ) + value
+        attrs = (
+            b"\x40\x01\x01\x00\x40\x02\x00\x40\x05\x04\x00\x00\x00\x64"
+            + bytes((0x90, 14))
+            + len(value).to_bytes(2, "big")
+            + value
+        )
         raw = b"\x00\x00" + len(attrs).to_bytes(2, "big") + attrs
     u = decode_vector(kind, raw)
     assert isinstance(u, Update)

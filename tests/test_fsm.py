@@ -6,12 +6,24 @@ derived from apsv.bgp.fsm, so the test checks the table rather than restating it
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Sequence
+
 import pytest
 
 from apsv.bgp import constants as C
 from apsv.bgp.config import BgpSessionConfig
 from apsv.bgp.fsm import TRANSITIONS, Event, State
-from apsv.bgp.message import Keepalive, MessageReader, Notification, Open, Update, decode_message, encode_message
+from apsv.bgp.message import (
+    Keepalive,
+    Message,
+    MessageReader,
+    Notification,
+    Open,
+    Update,
+    decode_message,
+    encode_message,
+)
 from apsv.bgp.session import BgpSession, NotificationSent
 from apsv.stack import CloseTransport, OpenTransport, Send
 
@@ -23,7 +35,10 @@ STARTS = {1, 3, 4, 5, 6, 7}
 # NOTIFICATION: "cease" (6/x), "hold" (4/0), "fsm" (5/x, RFC 6608 subcode by state), "error" (the event's own).
 
 
-def expected(state: State, ev: int) -> tuple[State, str | None, str]:
+Outcome = tuple[State, str | None, str]
+
+
+def expected(state: State, ev: int) -> Outcome:
     if state is S.IDLE:
         if ev in (1, 3, 6):
             return S.CONNECT, None, "0"
@@ -47,7 +62,7 @@ def expected(state: State, ev: int) -> tuple[State, str | None, str]:
             return S.IDLE, None, "=" if state is S.CONNECT else "+1"
         return S.IDLE, None, "+1"  # 21, 22, 24 and every other event
     if state is S.OPENSENT:
-        table = {2: (S.IDLE, "cease", "0"), 8: (S.IDLE, "cease", "+1"), 10: (S.IDLE, "hold", "+1")}
+        table: dict[int, Outcome] = {2: (S.IDLE, "cease", "0"), 8: (S.IDLE, "cease", "+1"), 10: (S.IDLE, "hold", "+1")}
         table.update({14: (state, None, "="), 15: (state, None, "="), 16: (state, None, "="), 17: (state, None, "=")})
         table.update({18: (S.ACTIVE, None, "="), 19: (S.OPENCONFIRM, None, "="), 21: (S.IDLE, "error", "+1")})
         table.update({22: (S.IDLE, "error", "+1"), 23: (S.IDLE, "cease", "+1"), 24: (S.IDLE, None, "=")})
@@ -97,7 +112,7 @@ def session_in(state: State) -> BgpSession:
 def test_every_event_in_every_state(state: State, ev: int) -> None:
     s = session_in(state)
     if ev in (21, 22, 28):  # these events carry the error that caused them
-        s._error = __import__("apsv.bgp.errors", fromlist=["BgpError"]).BgpError(3, 1, b"", "test")  # noqa: SLF001
+        s._error = __import__("apsv.bgp.errors", fromlist=["BgpError"]).BgpError(3, 1, b"", "test")
     out = s.handle_event(1.0, Event(ev))
     nxt, notify, counter = expected(state, ev)
     assert s.state is nxt, f"{state.value} + event {ev}"
@@ -106,7 +121,12 @@ def test_every_event_in_every_state(state: State, ev: int) -> None:
         assert not sent
     else:
         (n,) = sent
-        want = {"cease": (6, None), "hold": (4, 0), "fsm": (5, {S.OPENSENT: 1, S.OPENCONFIRM: 2, S.ESTABLISHED: 3}.get(state)), "error": (3, 1)}[notify]
+        want = {
+            "cease": (6, None),
+            "hold": (4, 0),
+            "fsm": (5, {S.OPENSENT: 1, S.OPENCONFIRM: 2, S.ESTABLISHED: 3}.get(state)),
+            "error": (3, 1),
+        }[notify]
         assert n.code == want[0] and (want[1] is None or n.subcode == want[1])
     assert s.connect_retry_counter == {"+1": 6, "0": 0, "=": 5}[counter]
     if nxt is S.IDLE and state is not S.IDLE:
@@ -121,12 +141,12 @@ def test_table_is_total() -> None:
 # Timers on a fake clock
 
 
-def messages(events: list[object]) -> list[object]:
+def messages(events: Sequence[object]) -> list[Message]:
     r = MessageReader()
     for e in events:
         if isinstance(e, Send):
             r.feed(e.data)
-    out = []
+    out: list[Message] = []
     while (m := r.next_message()) is not None:
         out.append(decode_message(*m))
     return out
@@ -175,7 +195,7 @@ def test_automatic_restart_backs_off() -> None:
         restarts.append(now)
         s.on_timer(now)
         assert s.state is S.CONNECT
-    gaps = [b - a for a, b in zip(restarts, restarts[1:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(restarts)]
     assert gaps == sorted(gaps) and gaps[-1] > gaps[0]
 
 

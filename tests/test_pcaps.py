@@ -70,7 +70,7 @@ def test_addpath_capture_nlri_carry_path_identifiers() -> None:
     from apsv.bgp.message import decode_update
 
     (stream,) = bgp_streams(shared_data_dir() / "pcap/tcpdump-tests/bgp-addpath.pcap")
-    (_, raw), = stream.messages
+    ((_, raw),) = stream.messages
     body = raw[C.HEADER_LEN :]
     wl = int.from_bytes(body[:2], "big")
     al = int.from_bytes(body[2 + wl : 4 + wl], "big")

@@ -21,8 +21,14 @@ P = encode_prefix("203.0.113.0/24")
 FAM = C.IPV4_UNICAST
 
 
-def attrs(path: tuple[int, ...], origin: int = 0, med: int | None = None, lp: int | None = None, ibgp: bool = False) -> PathAttributes:
-    items = [Attribute(0x40, 1, origin), Attribute(0x40, 2, ((2, path),) if path else ()), Attribute(0x40, 3, "198.51.100.9")]
+def attrs(
+    path: tuple[int, ...], origin: int = 0, med: int | None = None, lp: int | None = None, ibgp: bool = False
+) -> PathAttributes:
+    items = [
+        Attribute(0x40, 1, origin),
+        Attribute(0x40, 2, ((2, path),) if path else ()),
+        Attribute(0x40, 3, "198.51.100.9"),
+    ]
     if med is not None:
         items.append(Attribute(0x80, 4, med))
     if lp is not None:
@@ -49,7 +55,11 @@ def setup(*peers: tuple[str, int, str, str]) -> tuple[LocRib, dict[str, AdjRibIn
 
 
 def test_shortest_as_path_then_origin_then_router_id() -> None:
-    loc, r = setup(("a", 65001, "10.0.0.3", "192.0.2.3"), ("b", 65002, "10.0.0.2", "192.0.2.2"), ("c", 65003, "10.0.0.1", "192.0.2.1"))
+    loc, r = setup(
+        ("a", 65001, "10.0.0.3", "192.0.2.3"),
+        ("b", 65002, "10.0.0.2", "192.0.2.2"),
+        ("c", 65003, "10.0.0.1", "192.0.2.1"),
+    )
     loc.update(r["a"], [P], attrs((65001, 1, 2)))
     assert best_name(loc) == "a"
     loc.update(r["b"], [P], attrs((65002, 2)))
@@ -68,7 +78,11 @@ def test_shortest_as_path_then_origin_then_router_id() -> None:
 def test_med_compared_only_within_the_same_neighbour_as() -> None:
     # b and c share neighbour AS 65002: c's lower MED beats b. a (AS 65001) has a higher MED but a
     # different neighbour AS, so MED does not remove it; the BGP Identifier decides between a and c.
-    loc, r = setup(("a", 65001, "10.0.0.1", "192.0.2.1"), ("b", 65002, "10.0.0.2", "192.0.2.2"), ("c", 65002, "10.0.0.3", "192.0.2.3"))
+    loc, r = setup(
+        ("a", 65001, "10.0.0.1", "192.0.2.1"),
+        ("b", 65002, "10.0.0.2", "192.0.2.2"),
+        ("c", 65002, "10.0.0.3", "192.0.2.3"),
+    )
     loc.update(r["b"], [P], attrs((65002, 9), med=50))
     loc.update(r["c"], [P], attrs((65002, 9), med=10))
     assert best_name(loc) == "c"
@@ -82,7 +96,11 @@ def test_med_non_transitivity_is_handled_by_full_elimination() -> None:
     """The classic triangle: pairwise comparison would depend on arrival order; elimination does not."""
     order_results = set()
     for order in (["a", "b", "c"], ["c", "b", "a"], ["b", "a", "c"], ["a", "c", "b"]):
-        loc, r = setup(("a", 65001, "10.0.0.3", "192.0.2.3"), ("b", 65002, "10.0.0.1", "192.0.2.1"), ("c", 65002, "10.0.0.2", "192.0.2.2"))
+        loc, r = setup(
+            ("a", 65001, "10.0.0.3", "192.0.2.3"),
+            ("b", 65002, "10.0.0.1", "192.0.2.1"),
+            ("c", 65002, "10.0.0.2", "192.0.2.2"),
+        )
         paths = {"a": attrs((65001, 7)), "b": attrs((65002, 7), med=20), "c": attrs((65002, 7), med=10)}
         for n in order:
             loc.update(r[n], [P], paths[n])
@@ -168,7 +186,7 @@ def _independent_best(entries: list[dict[str, Any]], peers: list[dict[str, Any]]
         )
     top = min((-c["pref"], c["len"], c["origin"]) for c in cands)
     cands = [c for c in cands if (-c["pref"], c["len"], c["origin"]) == top]
-    best_med = {}
+    best_med: dict[int, int] = {}
     for c in cands:
         best_med[c["nbr"]] = min(best_med.get(c["nbr"], c["med"]), c["med"])
     cands = [c for c in cands if c["med"] == best_med[c["nbr"]]]

@@ -21,7 +21,9 @@ def wire(events: list[StackEvent]) -> bytes:
     return b"".join(e.data for e in events if isinstance(e, Send))
 
 
-def pair(a_cfg: BgpSessionConfig, b_cfg: BgpSessionConfig, now: float = 0.0) -> tuple[BgpSession, BgpSession, list[StackEvent], list[StackEvent]]:
+def pair(
+    a_cfg: BgpSessionConfig, b_cfg: BgpSessionConfig, now: float = 0.0
+) -> tuple[BgpSession, BgpSession, list[StackEvent], list[StackEvent]]:
     a, b = BgpSession(a_cfg), BgpSession(b_cfg)
     ea = a.start(now) + a.connection_made(now)
     eb = b.start(now) + b.connection_made(now)
@@ -91,7 +93,7 @@ def test_bad_peer_as_is_refused_with_2_2() -> None:
 
 
 def test_malformed_update_gets_treat_as_withdraw_then_a_reset_with_the_right_code() -> None:
-    a, b, _, _ = pair(A, B)
+    _a, b, _, _ = pair(A, B)
     assert len(b.loc_rib_table((1, 1))) == 200
     # Re-announce 10.0.0.0/16 with ORIGIN value 9: RFC 7606 treat-as-withdraw, session stays up.
     bad_origin = (
@@ -146,7 +148,9 @@ def test_config_errors_name_the_field() -> None:
         stack.create_session({"local_as": 65001, "router_id": "192.0.2.1", "peer_as": 0})
     assert "peer_as" in str(ei.value)
     with pytest.raises(Exception) as ei:
-        BgpSessionConfig(local_as=1, router_id="192.0.2.1", peer_as=2, announce=[{"prefixes": ["10.0.0.0/8"]}])
+        BgpSessionConfig.model_validate(
+            {"local_as": 1, "router_id": "192.0.2.1", "peer_as": 2, "announce": [{"prefixes": ["10.0.0.0/8"]}]}
+        )
     assert "next_hop_self" in str(ei.value)
     with pytest.raises(Exception) as ei:
         BgpSessionConfig(local_as=1, router_id="192.0.2.1", peer_as=2, hold_time=2)
@@ -226,7 +230,9 @@ def test_snapshot_restore_mid_dump_gives_the_same_rib(path: str) -> None:
 
 def test_update_message_roundtrip_through_sessions_matches_rib() -> None:
     """What A advertises is exactly what B installs (prefix by prefix)."""
-    a, b, _, _ = pair(A, B)
-    sent = sorted(str(__import__("ipaddress").ip_network(p)) for ann in A.announce for p in ann.prefixes if ":" not in p)
+    _a, b, _, _ = pair(A, B)
+    sent = sorted(
+        str(__import__("ipaddress").ip_network(p)) for ann in A.announce for p in ann.prefixes if ":" not in p
+    )
     assert [r[0] for r in b.loc_rib_table((1, 1))] == sorted(sent, key=lambda p: p)
     assert isinstance(Update(), Update)

@@ -106,7 +106,7 @@ def _decode_origin(v: bytes, ctx: CodecContext) -> int:
 def decode_as_path(v: bytes, asn4: bool) -> tuple[tuple[int, tuple[int, ...]], ...]:
     """AS_PATH segments as ((segment type, (asn, ...)), ...); raises ValueError when malformed."""
     width = 4 if asn4 else 2
-    fmt = "!%d" + ("I" if asn4 else "H")
+    ch = "I" if asn4 else "H"
     segs = []
     i, n = 0, len(v)
     while i < n:
@@ -120,7 +120,7 @@ def decode_as_path(v: bytes, asn4: bool) -> tuple[tuple[int, tuple[int, ...]], .
         end = i + 2 + cnt * width
         if end > n:
             raise ValueError(f"segment of {cnt} ASes overruns the attribute")
-        segs.append((st, _unpack_from(fmt % cnt, v, i + 2)))
+        segs.append((st, _unpack_from(f"!{cnt}{ch}", v, i + 2)))
         i = end
     return tuple(segs)
 
@@ -212,13 +212,15 @@ def _multiple(v: bytes, unit: int, name: str) -> int:
     n = len(v)
     if n == 0 or n % unit:
         raise _Malformed(
-            Action.TREAT_AS_WITHDRAW, C.ERR_UPDATE_OPTIONAL_ATTR, f"{name} length {n} is not a positive multiple of {unit}"
+            Action.TREAT_AS_WITHDRAW,
+            C.ERR_UPDATE_OPTIONAL_ATTR,
+            f"{name} length {n} is not a positive multiple of {unit}",
         )
     return n // unit
 
 
 def _decode_communities(v: bytes, ctx: CodecContext) -> tuple[int, ...]:
-    return _unpack_from("!%dI" % _multiple(v, 4, "COMMUNITIES"), v)
+    return _unpack_from(f"!{_multiple(v, 4, 'COMMUNITIES')}I", v)
 
 
 def _decode_originator(v: bytes, ctx: CodecContext) -> str:
@@ -232,12 +234,12 @@ def _decode_cluster_list(v: bytes, ctx: CodecContext) -> tuple[str, ...]:
 
 
 def _decode_ext_communities(v: bytes, ctx: CodecContext) -> tuple[int, ...]:
-    return _unpack_from("!%dQ" % _multiple(v, 8, "EXTENDED_COMMUNITIES"), v)
+    return _unpack_from(f"!{_multiple(v, 8, 'EXTENDED_COMMUNITIES')}Q", v)
 
 
 def _decode_large_communities(v: bytes, ctx: CodecContext) -> tuple[tuple[int, int, int], ...]:
     n = _multiple(v, 12, "LARGE_COMMUNITIES")
-    flat = _unpack_from("!%dI" % (3 * n), v)
+    flat = _unpack_from(f"!{3 * n}I", v)
     return tuple((flat[i], flat[i + 1], flat[i + 2]) for i in range(0, 3 * n, 3))
 
 
@@ -280,11 +282,11 @@ def encode_value(type_code: int, value: Any, ctx: CodecContext) -> bytes:
     if type_code == C.ATTR_AS4_AGGREGATOR:
         return int(value[0]).to_bytes(4, "big") + socket.inet_aton(value[1])
     if type_code == C.ATTR_COMMUNITIES:
-        return struct.pack("!%dI" % len(value), *value)
+        return struct.pack(f"!{len(value)}I", *value)
     if type_code == C.ATTR_CLUSTER_LIST:
         return b"".join(socket.inet_aton(x) for x in value)
     if type_code == C.ATTR_EXTENDED_COMMUNITIES:
-        return struct.pack("!%dQ" % len(value), *value)
+        return struct.pack(f"!{len(value)}Q", *value)
     if type_code == C.ATTR_LARGE_COMMUNITIES:
         return b"".join(struct.pack("!III", *lc) for lc in value)
     raise TypeError(f"attribute {type_code}: cannot encode a {type(value).__name__} value")
@@ -346,19 +348,19 @@ class PathAttributes:
     """
 
     __slots__ = (
-        "attrs",
-        "wire",
-        "origin",
+        "__weakref__",
         "as_path",
         "as_path_len",
+        "attrs",
+        "cluster_len",
+        "local_pref",
+        "med",
+        "missing",
         "neighbor_as",
         "next_hop",
-        "med",
-        "local_pref",
+        "origin",
         "originator_id",
-        "cluster_len",
-        "missing",
-        "__weakref__",
+        "wire",
     )
 
     def __init__(self, attrs: tuple[Attribute, ...], wire: bytes, asn4: bool = True) -> None:
@@ -629,13 +631,15 @@ def decode_attributes(data: bytes, start: int, end: int, ctx: CodecContext, inte
         if expected is None:
             if not flags & C.FLAG_OPTIONAL:
                 # RFC 4271 §6.3: an unrecognized well-known attribute ends the session.
-                raise _reset(C.ERR_UPDATE_UNRECOGNIZED_WELL_KNOWN, data[ts:ve], f"unrecognized well-known attribute {code}")
+                raise _reset(
+                    C.ERR_UPDATE_UNRECOGNIZED_WELL_KNOWN, data[ts:ve], f"unrecognized well-known attribute {code}"
+                )
             attrs.append(Attribute(flags, code, value))  # unknown optional: carried untouched
             wire_parts.append(data[ts:ve])
             continue
         # RFC 7606 §3 c: only the Optional and Transitive bits are compared.
         bad_flags = (flags & (C.FLAG_OPTIONAL | C.FLAG_TRANSITIVE)) != expected
-        if code == C.ATTR_MP_REACH_NLRI or code == C.ATTR_MP_UNREACH_NLRI:
+        if code in (C.ATTR_MP_REACH_NLRI, C.ATTR_MP_UNREACH_NLRI):
             if bad_flags:
                 # RFC 7606 §5.3 / RFC 4760 §7: an MP attribute with the wrong flags is incorrect.
                 raise _reset(C.ERR_UPDATE_OPTIONAL_ATTR, data[ts:ve], f"{C.ATTR_NAMES[code]} flags 0x{flags:02x}")

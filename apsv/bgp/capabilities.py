@@ -213,12 +213,8 @@ def negotiate(local: tuple[Capability, ...], peer: tuple[Capability, ...]) -> Ne
 
     mine, theirs = add_path_map(lp), add_path_map(pp)
     # RFC 7911 §4: we receive path ids for a family if we said "receive" and the peer said "send".
-    rx = frozenset(
-        f for f in families if mine.get(f, 0) & C.ADD_PATH_RECEIVE and theirs.get(f, 0) & C.ADD_PATH_SEND
-    )
-    tx = frozenset(
-        f for f in families if mine.get(f, 0) & C.ADD_PATH_SEND and theirs.get(f, 0) & C.ADD_PATH_RECEIVE
-    )
+    rx = frozenset(f for f in families if mine.get(f, 0) & C.ADD_PATH_RECEIVE and theirs.get(f, 0) & C.ADD_PATH_SEND)
+    tx = frozenset(f for f in families if mine.get(f, 0) & C.ADD_PATH_SEND and theirs.get(f, 0) & C.ADD_PATH_RECEIVE)
     peer_gr = next((c for c in pp if isinstance(c, GracefulRestart)), None)
     local_gr = any(isinstance(c, GracefulRestart) for c in lp)
     return Negotiated(

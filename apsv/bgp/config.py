@@ -89,7 +89,7 @@ class BgpSessionConfig(BaseModel):
     hold_time: Annotated[int, Field(ge=0, le=65535)] = 90
     connect_retry_time: Annotated[float, Field(gt=0, le=3600)] = 120.0
     passive: bool = False
-    families: list[FamilyName] = Field(default_factory=lambda: _default_families(), min_length=1)
+    families: list[FamilyName] = Field(default_factory=_default_families, min_length=1)
     add_path_receive: list[FamilyName] = Field(default_factory=list)
     extended_message: bool = False
     route_refresh: bool = True

@@ -64,4 +64,3 @@ class AttributeProblem:
 
     def describe(self) -> str:
         return f"{self.action.value}: attribute {self.type_code}: {self.reason}"
-

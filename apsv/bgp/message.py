@@ -19,14 +19,14 @@ from apsv.bgp.attributes import (
     Interner,
     MpReach,
     MpUnreach,
-    PathAttributes,
     ParsedAttributes,
+    PathAttributes,
     attributes_to_json,
+    decode_attributes,
     encode_attribute,
     encode_mp_reach,
     encode_mp_unreach,
     encode_value,
-    decode_attributes,
     interner_for,
 )
 from apsv.bgp.capabilities import Capability, parse_capability
@@ -298,7 +298,9 @@ def split_messages(data: bytes, max_len: int = C.MAX_EXTENDED_MESSAGE_LEN) -> li
     while (m := reader.next_message()) is not None:
         out.append(m)
     if reader.pending:
-        raise BgpError(C.ERR_HEADER, C.ERR_HEADER_BAD_LENGTH, b"", f"{reader.pending} trailing octets are not a whole message")
+        raise BgpError(
+            C.ERR_HEADER, C.ERR_HEADER_BAD_LENGTH, b"", f"{reader.pending} trailing octets are not a whole message"
+        )
     return out
 
 
@@ -335,7 +337,9 @@ def decode_bytes(data: bytes, ctx: CodecContext = DEFAULT_CONTEXT) -> Message:
     """Decode one whole message, header included."""
     if len(data) < C.HEADER_LEN:
         raise BgpError(C.ERR_HEADER, C.ERR_HEADER_BAD_LENGTH, b"", f"{len(data)} octets are shorter than a header")
-    length, mtype = check_header(data[: C.HEADER_LEN], C.MAX_EXTENDED_MESSAGE_LEN if ctx.extended_message else C.MAX_MESSAGE_LEN)
+    length, mtype = check_header(
+        data[: C.HEADER_LEN], C.MAX_EXTENDED_MESSAGE_LEN if ctx.extended_message else C.MAX_MESSAGE_LEN
+    )
     if length != len(data):
         raise BgpError(
             C.ERR_HEADER, C.ERR_HEADER_BAD_LENGTH, data[16:18], f"header says {length} octets, message has {len(data)}"
@@ -403,7 +407,9 @@ def decode_route_refresh(body: bytes) -> RouteRefresh:
     if n != 4 and body[2] in (1, 2):
         # RFC 7313 §5: the data is the complete ROUTE-REFRESH message.
         whole = C.MARKER + (19 + n).to_bytes(2, "big") + bytes((C.MSG_ROUTE_REFRESH,)) + body
-        raise BgpError(C.ERR_ROUTE_REFRESH, C.ERR_ROUTE_REFRESH_INVALID_LENGTH, whole, f"ROUTE-REFRESH body of {n} octets")
+        raise BgpError(
+            C.ERR_ROUTE_REFRESH, C.ERR_ROUTE_REFRESH_INVALID_LENGTH, whole, f"ROUTE-REFRESH body of {n} octets"
+        )
     afi, subtype, safi = struct.unpack_from("!HBB", body)
     return RouteRefresh(afi, safi, subtype, body[4:])
 
@@ -425,11 +431,15 @@ def decode_update(body: bytes, ctx: CodecContext = DEFAULT_CONTEXT, interner: In
     wl = (body[0] << 8) | body[1]
     a0 = 2 + wl
     if a0 + 2 > n:
-        raise BgpError(C.ERR_UPDATE, C.ERR_UPDATE_MALFORMED_ATTR_LIST, b"", f"withdrawn routes length {wl} overruns the UPDATE")
+        raise BgpError(
+            C.ERR_UPDATE, C.ERR_UPDATE_MALFORMED_ATTR_LIST, b"", f"withdrawn routes length {wl} overruns the UPDATE"
+        )
     al = (body[a0] << 8) | body[a0 + 1]
     a1 = a0 + 2 + al
     if a1 > n:
-        raise BgpError(C.ERR_UPDATE, C.ERR_UPDATE_MALFORMED_ATTR_LIST, b"", f"total attribute length {al} overruns the UPDATE")
+        raise BgpError(
+            C.ERR_UPDATE, C.ERR_UPDATE_MALFORMED_ATTR_LIST, b"", f"total attribute length {al} overruns the UPDATE"
+        )
     v4_ap = C.IPV4_UNICAST in ctx.add_path
     try:
         withdrawn = split_prefixes(body, 2, a0, 32, v4_ap) if wl else []
@@ -465,7 +475,8 @@ def decode_update(body: bytes, ctx: CodecContext = DEFAULT_CONTEXT, interner: In
             action = Action.TREAT_AS_WITHDRAW
         elif nlri and pa.next_hop is not None and _bad_next_hop(pa.next_hop):
             # RFC 4271 §6.3 semantic NEXT_HOP check; RFC 7606 §7.3 makes it treat-as-withdraw.
-            problems = problems + (
+            problems = (
+                *problems,
                 AttributeProblem(
                     Action.TREAT_AS_WITHDRAW,
                     C.ATTR_NEXT_HOP,

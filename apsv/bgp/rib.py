@@ -73,7 +73,7 @@ class PrefixLimitExceeded(Exception):
 class AdjRibIn:
     """Routes learned from one source for one family, keyed by wire prefix (path id first under ADD-PATH)."""
 
-    __slots__ = ("source", "afi", "safi", "add_path", "routes", "by_prefix", "max_prefixes")
+    __slots__ = ("add_path", "afi", "by_prefix", "max_prefixes", "routes", "safi", "source")
 
     def __init__(self, source: Source, family: Family, add_path: bool = False, max_prefixes: int | None = None):
         self.source = source
@@ -111,7 +111,9 @@ def _neighbor_as(c: _Cand) -> int:
 
 def premed_key(attrs: PathAttributes, src: Source) -> tuple[int, int, int]:
     """The part of the decision that is a total order: 9.1.1 preference, then 9.1.2.2 a) and b)."""
-    pref = attrs.local_pref if (attrs.local_pref is not None and src.peer_as == src.local_as) else src.default_local_pref
+    pref = (
+        attrs.local_pref if (attrs.local_pref is not None and src.peer_as == src.local_as) else src.default_local_pref
+    )
     return (-pref, attrs.as_path_len, 2 if attrs.origin is None else attrs.origin)
 
 
@@ -157,7 +159,7 @@ class LocRib:
     nothing; only ties there need the whole elimination, whose MED step is not transitive.
     """
 
-    __slots__ = ("afi", "safi", "sources", "best", "holders", "changes")
+    __slots__ = ("afi", "best", "changes", "holders", "safi", "sources")
 
     def __init__(self, family: Family):
         self.afi, self.safi = family
@@ -262,10 +264,7 @@ class LocRib:
             return BestPathChange(self.afi, self.safi, prefix, None, None)
         w = select_best(cands)
         new: AdjRibIn | tuple[AdjRibIn, bytes]
-        if w.rib.by_prefix is None:
-            new = w.rib
-        else:
-            new = (w.rib, w.path_id.to_bytes(PATH_ID_LEN, "big") + prefix)
+        new = w.rib if w.rib.by_prefix is None else (w.rib, w.path_id.to_bytes(PATH_ID_LEN, "big") + prefix)
         self.best[prefix] = new
         if old is not None and (old is new or old == new) and prev is w.attrs:
             return None
@@ -285,9 +284,13 @@ class LocRib:
     def update(self, rib: AdjRibIn, keys: list[bytes], attrs: PathAttributes) -> list[BestPathChange]:
         """Learn `keys` (wire form) from `rib` with `attrs`; return the best-path changes."""
         routes = rib.routes
-        if rib.max_prefixes is not None and len(routes) + len(keys) > rib.max_prefixes:
-            if len(routes) + sum(1 for k in keys if k not in routes) > rib.max_prefixes:
-                raise PrefixLimitExceeded(rib.max_prefixes)
+        limit = rib.max_prefixes
+        if (
+            limit is not None
+            and len(routes) + len(keys) > limit
+            and len(routes) + sum(k not in routes for k in keys) > limit
+        ):
+            raise PrefixLimitExceeded(limit)
         if rib.by_prefix is not None:
             return self._update_add_path(rib, keys, attrs)
         out: list[BestPathChange] = []

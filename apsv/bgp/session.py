@@ -119,7 +119,6 @@ def next_hop_of(attrs: PathAttributes) -> str | None:
     return attrs.get(MP_NEXT_HOP) or attrs.next_hop
 
 
-
 class BgpSession:
     """An RFC 4271 BGP speaker's side of one peering."""
 
@@ -441,10 +440,9 @@ class BgpSession:
                 self.counters["route_refresh_ignored"] += 1
         elif a is Action.ESTABLISHED:
             pass  # handled once the state has changed (_on_established)
-        elif a is Action.IDLE_HOLD_START:
-            if self.config.auto_restart:
-                self.timers["idle_hold"] = now + self.idle_hold
-                self.idle_hold = min(max(self.idle_hold * 2, 1.0), self.config.max_idle_hold_time)
+        elif a is Action.IDLE_HOLD_START and self.config.auto_restart:
+            self.timers["idle_hold"] = now + self.idle_hold
+            self.idle_hold = min(max(self.idle_hold * 2, 1.0), self.config.max_idle_hold_time)
 
     # ------------------------------------------------------------------------------------------
     # Messages in
@@ -579,9 +577,8 @@ class BgpSession:
 
     def _path_problem(self, attrs: PathAttributes) -> str | None:
         cfg = self.config
-        if not cfg.ibgp:
-            if cfg.enforce_first_as and attrs.neighbor_as != cfg.peer_as:
-                return f"AS_PATH does not start with the peer's AS {cfg.peer_as} (RFC 4271 §6.3)"
+        if not cfg.ibgp and cfg.enforce_first_as and attrs.neighbor_as != cfg.peer_as:
+            return f"AS_PATH does not start with the peer's AS {cfg.peer_as} (RFC 4271 §6.3)"
         for _st, asns in attrs.as_path:
             if cfg.local_as in asns:
                 return f"AS_PATH contains our AS {cfg.local_as} (loop, RFC 4271 §9.1.2)"
@@ -668,7 +665,9 @@ class BgpSession:
         if a.med is not None:
             attrs.append(Attribute(C.FLAG_OPTIONAL, C.ATTR_MED, a.med))
         if cfg.ibgp:
-            attrs.append(Attribute(C.FLAG_TRANSITIVE, C.ATTR_LOCAL_PREF, a.local_pref if a.local_pref is not None else 100))
+            attrs.append(
+                Attribute(C.FLAG_TRANSITIVE, C.ATTR_LOCAL_PREF, a.local_pref if a.local_pref is not None else 100)
+            )
         if a.communities:
             vals = tuple((int(x) << 16) | int(y) for x, y in (c.split(":") for c in a.communities))
             attrs.append(Attribute(C.FLAG_OPTIONAL | C.FLAG_TRANSITIVE, C.ATTR_COMMUNITIES, vals))

@@ -244,7 +244,20 @@ def open_mrt(path: str | Path) -> BinaryIO:
 
 
 _FRAMED_TYPES: Final = frozenset(
-    {MRT_BGP, MRT_TABLE_DUMP, MRT_TABLE_DUMP_V2, MRT_BGP4MP, MRT_BGP4MP_ET, MRT_BGP4PLUS, MRT_BGP4PLUS_01, 11, 32, 33, 48, 49}
+    {
+        MRT_BGP,
+        MRT_TABLE_DUMP,
+        MRT_TABLE_DUMP_V2,
+        MRT_BGP4MP,
+        MRT_BGP4MP_ET,
+        MRT_BGP4PLUS,
+        MRT_BGP4PLUS_01,
+        11,
+        32,
+        33,
+        48,
+        49,
+    }
 )
 
 
@@ -340,12 +353,11 @@ def iter_raw_records(
         sane = mtype in _FRAMED_TYPES and length <= MAX_RECORD_LEN and not (et and length < 4)
         if sane and recover:
             sane = _plausible(buf, pos, last_ts)
-        if sane and not fill(12 + length + 16):
-            if len(buf) - pos < 12 + length:
-                yield MrtError(
-                    base + pos, mtype, subtype, f"record declares {length} octets, only {len(buf) - pos - 12} remain"
-                )
-                return
+        if sane and not fill(12 + length + 16) and len(buf) - pos < 12 + length:
+            yield MrtError(
+                base + pos, mtype, subtype, f"record declares {length} octets, only {len(buf) - pos - 12} remain"
+            )
+            return
         if sane and mtype == MRT_TABLE_DUMP and subtype in (1, 2):
             phys = _table_dump_physical_length(buf, pos + 12, length, subtype, len(buf))
             if phys != length:
@@ -414,7 +426,7 @@ class MrtReader:
 
     def _decode(self, rec: MrtRecord) -> Iterator[MrtItem]:
         t = rec.type
-        if t == MRT_BGP4MP or t == MRT_BGP4MP_ET:
+        if t in (MRT_BGP4MP, MRT_BGP4MP_ET):
             yield decode_bgp4mp(rec)
         elif t == MRT_TABLE_DUMP_V2:
             if rec.subtype == TDV2_PEER_INDEX_TABLE:
@@ -543,8 +555,18 @@ def _short_record(
     _as4, add_path, local = _MESSAGE_SUBTYPES[rec.subtype]
     hdr = b[i : i + C.HEADER_LEN]
     return BgpMessageRecord(
-        rec.timestamp, peer_as, local_as, "", "", hdr[18], b[i + C.HEADER_LEN : i + length], asn4, add_path, local,
-        rec.offset, hdr,
+        rec.timestamp,
+        peer_as,
+        local_as,
+        "",
+        "",
+        hdr[18],
+        b[i + C.HEADER_LEN : i + length],
+        asn4,
+        add_path,
+        local,
+        rec.offset,
+        hdr,
     )
 
 
@@ -724,5 +746,3 @@ def iter_bgp_messages(path: str | Path, *, recover: bool = False) -> Iterator[Bg
         for item in r:
             if isinstance(item, BgpMessageRecord):
                 yield item
-
-

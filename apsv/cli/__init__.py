@@ -1,0 +1,39 @@
+"""The `apsv` command line."""
+
+from __future__ import annotations
+
+import typer
+
+from apsv import __version__
+from apsv.cli.demo import demo
+from apsv.cli.mrt import mrt_app
+from apsv.cli.stacks import stacks
+
+app = typer.Typer(
+    name="apsv",
+    help="APSV: Adaptive Protocol Stack Virtualization. Control-plane protocol stacks (BGP, BFD) offloaded "
+    "from virtual routers to a Ray cluster, scaled ahead of demand.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_show_locals=False,
+)
+app.add_typer(mrt_app, name="mrt")
+app.command()(demo)
+app.command()(stacks)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"apsv {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+) -> None:
+    """APSV command line."""
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# The whole test suite, from a fresh machine: installs what the tests need, then runs pytest.
+# Usage: scripts/test.sh [pytest args]     e.g. scripts/test.sh -m "not slow"
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup.sh
+export APSV_SHARED_DATA=${APSV_SHARED_DATA:-$(cd .. && pwd)/shared/data}
+.venv/bin/ruff check apsv tests benchmarks
+.venv/bin/mypy
+exec .venv/bin/pytest "$@"

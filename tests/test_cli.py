@@ -1,0 +1,86 @@
+"""The apsv command line, run as a user would run it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from apsv.cli import app
+from apsv.stack import REGISTRY, StackSession, load_stack
+from tests.conftest import manifest, manifest_counts, shared_data_dir
+
+runner = CliRunner()
+
+
+def test_help_and_version() -> None:
+    r = runner.invoke(app, ["--help"])
+    assert r.exit_code == 0 and "mrt" in r.output and "demo" in r.output
+    r = runner.invoke(app, ["--version"])
+    assert r.exit_code == 0 and r.output.startswith("apsv ")
+
+
+def test_console_script_is_installed() -> None:
+    exe = Path(sys.executable).with_name("apsv")
+    out = subprocess.run([str(exe), "--help"], capture_output=True, text=True, check=True)
+    assert "Usage" in out.stdout
+
+
+def test_mrt_stats_json_keys_and_counts() -> None:
+    path = "mrt/bgpdump-testdata/updates.20071015.1505.gz"
+    r = runner.invoke(app, ["mrt", "stats", "--json", str(shared_data_dir() / path)])
+    assert r.exit_code == 0, r.output
+    j = json.loads(r.output)
+    exp = manifest_counts(manifest()[path])
+    assert (j["records"], j["updates"], j["announced"], j["withdrawn"], j["errors"]) == (
+        exp["recs"],
+        exp["UPDATE"],
+        exp["ann"],
+        exp["wd"],
+        0,
+    )
+
+
+def test_mrt_stats_text_and_missing_file() -> None:
+    r = runner.invoke(app, ["mrt", "stats", str(shared_data_dir() / "mrt/ryu-mrt/updates.20161101.0000.bz2")])
+    assert r.exit_code == 0 and "updates     2623" in r.output
+    r = runner.invoke(app, ["mrt", "stats", "/nonexistent.mrt"])
+    assert r.exit_code == 2
+
+
+def test_mrt_dump_json_lines() -> None:
+    r = runner.invoke(
+        app, ["mrt", "dump", "--limit", "5", str(shared_data_dir() / "mrt/ryu-mrt/updates.20161101.0000.bz2")]
+    )
+    lines = [json.loads(x) for x in r.output.splitlines()]
+    assert len(lines) == 5 and all(x["type"] == "UPDATE" for x in lines)
+
+
+def test_demo_runs_on_bundled_data() -> None:
+    r = runner.invoke(app, ["demo", "--json"])
+    assert r.exit_code == 0, r.output
+    files = json.loads(r.output)["files"]
+    assert len(files) == 2
+    for f in files:
+        assert f["errors"] == 0 and f["updates"] > 700 and f["identical_after_move"] is True
+        assert f["moved"] == f["sessions"] > 0
+
+
+def test_stacks_register_through_entry_points() -> None:
+    assert "bgp" in REGISTRY.names()
+    stack = load_stack("bgp")
+    s = stack.create_session({"local_as": 65001, "router_id": "192.0.2.1", "peer_as": 65002})
+    assert isinstance(s, StackSession)
+    restored = stack.restore_session(s.snapshot())
+    assert restored.stats()["state"] == "Idle"
+    r = runner.invoke(app, ["stacks", "--json"])
+    assert {"name": "bgp", "protocol_id": 1, "class": "apsv.bgp.stack.BgpStack"} in json.loads(r.output)["stacks"]
+    try:
+        load_stack("ospf")
+    except LookupError as e:
+        assert "apsv.stacks" in str(e)
+    else:
+        raise AssertionError("an unknown protocol must be refused")
