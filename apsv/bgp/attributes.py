@@ -30,6 +30,13 @@ _from_bytes = int.from_bytes
 DECODED_FAMILIES: Final = frozenset({(1, 1), (1, 2), (2, 1), (2, 2)})
 
 
+# The next hop of an MP_REACH_NLRI route is kept inside its interned attribute set under this
+# private type code. Codes on the wire are one octet (0-255), so 256 can never collide with a
+# received attribute; it is never encoded. This makes a route's attributes one shared object,
+# next hop included, whatever family it belongs to.
+_MP_NEXT_HOP: Final = 256
+
+
 class Attribute(NamedTuple):
     """One path attribute: its flags, type code and typed value (bytes when not recognised)."""
 
@@ -360,34 +367,69 @@ class PathAttributes:
         "next_hop",
         "origin",
         "originator_id",
+        "rank",
         "wire",
     )
 
     def __init__(self, attrs: tuple[Attribute, ...], wire: bytes, asn4: bool = True) -> None:
         self.attrs = attrs
         self.wire = wire  # canonical bytes of these attributes (their intern key)
-        by = {a.type_code: a.value for a in attrs}
-        self.origin: int | None = by.get(C.ATTR_ORIGIN)
-        path = by.get(C.ATTR_AS_PATH, ())
-        as4 = by.get(C.ATTR_AS4_PATH)
-        if not asn4 and as4 is not None:
-            agg = by.get(C.ATTR_AGGREGATOR)
-            # RFC 6793 §4.2.3: an AGGREGATOR that is not AS_TRANS means AS4_PATH is stale.
-            if agg is None or agg[0] == C.AS_TRANS or C.ATTR_AS4_AGGREGATOR not in by:
-                path = merge_as4_path(path, as4)
+        origin = next_hop = mp_next_hop = med = local_pref = originator = agg = None
+        path: tuple[tuple[int, tuple[int, ...]], ...] = ()
+        as4: tuple[tuple[int, tuple[int, ...]], ...] | None = None
+        has_as4_agg = False
+        cluster_len = 0
+        seen_origin = seen_path = seen_nh = False
+        for _flags, t, v in attrs:
+            if t == C.ATTR_AS_PATH:
+                path, seen_path = v, True
+            elif t == C.ATTR_ORIGIN:
+                origin, seen_origin = v, True
+            elif t == C.ATTR_NEXT_HOP:
+                next_hop, seen_nh = v, True
+            elif t == C.ATTR_MED:
+                med = v
+            elif t == C.ATTR_LOCAL_PREF:
+                local_pref = v
+            elif t == _MP_NEXT_HOP:
+                mp_next_hop = v
+            elif t == C.ATTR_AS4_PATH:
+                as4 = v
+            elif t == C.ATTR_AGGREGATOR:
+                agg = v
+            elif t == C.ATTR_AS4_AGGREGATOR:
+                has_as4_agg = True
+            elif t == C.ATTR_ORIGINATOR_ID:
+                originator = v
+            elif t == C.ATTR_CLUSTER_LIST:
+                cluster_len = len(v)
+        # RFC 6793 §4.2.3: an AGGREGATOR that is not AS_TRANS means AS4_PATH is stale.
+        if not asn4 and as4 is not None and (agg is None or agg[0] == C.AS_TRANS or not has_as4_agg):
+            path = merge_as4_path(path, as4)
+        self.origin: int | None = origin
         self.as_path: tuple[tuple[int, tuple[int, ...]], ...] = path
         self.as_path_len = path_length(path)
-        first = next((s for s in path if s[0] in (C.AS_SEQUENCE, C.AS_CONFED_SEQUENCE)), None)
-        self.neighbor_as: int | None = first[1][0] if first and first[0] == C.AS_SEQUENCE else None
+        neighbor: int | None = None
+        for st, asns in path:
+            if st == C.AS_SEQUENCE:
+                neighbor = asns[0]
+                break
+            if st == C.AS_CONFED_SEQUENCE:
+                break
+        self.neighbor_as: int | None = neighbor
         # The next hop a route uses: MP_REACH_NLRI's (kept under MP_NEXT_HOP) or NEXT_HOP.
-        self.next_hop: str | None = by.get(0, by.get(C.ATTR_NEXT_HOP))
-        self.med: int | None = by.get(C.ATTR_MED)
-        self.local_pref: int | None = by.get(C.ATTR_LOCAL_PREF)
-        self.originator_id: str | None = by.get(C.ATTR_ORIGINATOR_ID)
-        cl = by.get(C.ATTR_CLUSTER_LIST)
-        self.cluster_len = len(cl) if cl else 0
+        self.next_hop: str | None = mp_next_hop if mp_next_hop is not None else next_hop
+        self.med: int | None = med
+        self.local_pref: int | None = local_pref
+        self.originator_id: str | None = originator
+        self.cluster_len = cluster_len
         # Well-known mandatory attributes absent (RFC 4271 §5; NEXT_HOP only matters for IPv4 NLRI).
-        self.missing = tuple(t for t in (C.ATTR_ORIGIN, C.ATTR_AS_PATH, C.ATTR_NEXT_HOP) if t not in by)
+        if seen_origin and seen_path and seen_nh:
+            self.missing: tuple[int, ...] = ()
+        else:
+            self.missing = tuple(t for t, ok in ((1, seen_origin), (2, seen_path), (3, seen_nh)) if not ok)
+        # The part of route selection that depends on the attributes alone (see rib.premed_key).
+        self.rank = (min(self.as_path_len, 0xFFFFFFFF) << 8) | (2 if origin is None else origin)
 
     def get(self, type_code: int, default: Any = None) -> Any:
         for a in self.attrs:
@@ -429,7 +471,7 @@ def attributes_to_json(attrs: Iterable[Attribute]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for a in attrs:
         t, v = a.type_code, a.value
-        if t == 0:  # the next hop of MP_REACH_NLRI routes, kept with their attributes
+        if t == _MP_NEXT_HOP:  # the next hop of MP_REACH_NLRI routes, kept with their attributes
             out["next-hop"] = v
         elif t == C.ATTR_ORIGIN:
             out["origin"] = C.ORIGIN_NAMES[v]
@@ -532,15 +574,22 @@ class Interner:
 
 
 _INTERNERS: dict[CodecContext, Interner] = {}
+_BY_ID: dict[int, tuple[CodecContext, Interner]] = {}
 
 
 def interner_for(ctx: CodecContext) -> Interner:
     """The process-wide interner for one decoding context (shared by all sessions like it)."""
+    hit = _BY_ID.get(id(ctx))
+    if hit is not None and hit[0] is ctx:  # fast path: this very context object was seen
+        return hit[1]
     # add-path and extended messages do not change what attribute bytes mean
     key = CodecContext(ctx.asn4, ctx.ibgp, rib_dump=ctx.rib_dump)
     it = _INTERNERS.get(key)
     if it is None:
         it = _INTERNERS[key] = Interner(key)
+    if len(_BY_ID) > 10_000:
+        _BY_ID.clear()
+    _BY_ID[id(ctx)] = (ctx, it)  # holds ctx, so its id cannot be reused while cached
     return it
 
 
@@ -552,54 +601,79 @@ def _reset(subcode: int, data: bytes, reason: str) -> BgpError:
     return BgpError(C.ERR_UPDATE, subcode, data, reason)
 
 
+_tuple_new = tuple.__new__  # builds NamedTuple instances without their Python-level __new__
+_MP_CODES: Final = (C.ATTR_MP_REACH_NLRI, C.ATTR_MP_UNREACH_NLRI)
+_IBGP_ONLY: Final = (C.ATTR_LOCAL_PREF, C.ATTR_ORIGINATOR_ID, C.ATTR_CLUSTER_LIST)
+_AS4_CODES: Final = (C.ATTR_AS4_PATH, C.ATTR_AS4_AGGREGATOR)
+_EXPECTED = C.EXPECTED_FLAGS
+_OT = C.FLAG_OPTIONAL | C.FLAG_TRANSITIVE
+
+
+class _Problems:
+    """RFC 7606 findings of one attribute list, and the strongest action among them."""
+
+    __slots__ = ("action", "items")
+
+    def __init__(self) -> None:
+        self.items: list[AttributeProblem] = []
+        self.action = Action.NONE
+
+    def add(self, act: Action, code: int, subcode: int, reason: str, tlv: bytes = b"") -> None:
+        self.items.append(AttributeProblem(act, code, reason, C.ERR_UPDATE, subcode, tlv))
+        if act.severity > self.action.severity:
+            self.action = act
+
+
 def decode_attributes(data: bytes, start: int, end: int, ctx: CodecContext, interner: Interner) -> ParsedAttributes:
     """Decode data[start:end], an UPDATE's Path Attributes field.
 
     Returns the parse outcome; raises BgpError only where RFC 7606 requires a session reset.
     """
     blob = data[start:end]
-    cached = interner.lookup(blob)
+    cached = interner._by_wire.get(blob)
     if cached is not None:
         interner.hits += 1
         return cached
     interner.misses += 1
 
-    problems: list[AttributeProblem] = []
-    action = Action.NONE
-
-    def problem(act: Action, code: int, subcode: int, reason: str, tlv: bytes = b"") -> None:
-        nonlocal action
-        problems.append(AttributeProblem(act, code, reason, C.ERR_UPDATE, subcode, tlv))
-        if act.severity > action.severity:
-            action = act
-
-    # Pass 1: split into TLVs (RFC 7606 §4).
-    tlvs: list[tuple[int, int, int, int, int]] = []  # flags, type, tlv start, value start, value end
+    probs: _Problems | None = None
+    attrs: list[Attribute] = []
+    spans: list[tuple[int, int]] = []  # where each kept attribute's TLV lies, for the canonical wire
     seen: set[int] = set()
+    mp_reach: MpReach | None = None
+    mp_unreach: MpUnreach | None = None
     mp_pos = [-1, -1]
+    ibgp, asn4 = ctx.ibgp, ctx.asn4
+    count = 0
     i = start
     while i < end:
-        if end - i < 3 or (data[i] & C.FLAG_EXTENDED_LENGTH and end - i < 4):
-            problem(
+        # RFC 7606 §4: the attribute header and length must fit the Total Attribute Length.
+        flags = data[i]
+        if end - i < 3 or (flags & 0x10 and end - i < 4):
+            probs = probs or _Problems()
+            probs.add(
                 Action.TREAT_AS_WITHDRAW,
                 0,
                 C.ERR_UPDATE_MALFORMED_ATTR_LIST,
                 f"{end - i} trailing octets are too few for an attribute header",
             )
             break
-        flags, code = data[i], data[i + 1]
-        if flags & C.FLAG_EXTENDED_LENGTH:
+        code = data[i + 1]
+        if flags & 0x10:
             vs = i + 4
             ve = vs + ((data[i + 2] << 8) | data[i + 3])
         else:
             vs = i + 3
             ve = vs + data[i + 2]
+        ts = i
+        i = ve
         if ve > end:
-            if code in (C.ATTR_MP_REACH_NLRI, C.ATTR_MP_UNREACH_NLRI):
+            if code in _MP_CODES:
                 raise _reset(
-                    C.ERR_UPDATE_OPTIONAL_ATTR, data[i:end], f"{C.ATTR_NAMES[code]} overruns the attribute list"
+                    C.ERR_UPDATE_OPTIONAL_ATTR, data[ts:end], f"{C.ATTR_NAMES[code]} overruns the attribute list"
                 )
-            problem(
+            probs = probs or _Problems()
+            probs.add(
                 Action.TREAT_AS_WITHDRAW,
                 code,
                 C.ERR_UPDATE_ATTR_LENGTH,
@@ -607,44 +681,33 @@ def decode_attributes(data: bytes, start: int, end: int, ctx: CodecContext, inte
             )
             break
         if code in seen:
-            if code in (C.ATTR_MP_REACH_NLRI, C.ATTR_MP_UNREACH_NLRI):
+            if code in _MP_CODES:
                 # RFC 7606 §3 g: MP_REACH or MP_UNREACH more than once resets the session.
                 raise _reset(C.ERR_UPDATE_MALFORMED_ATTR_LIST, b"", f"{C.ATTR_NAMES[code]} appears more than once")
-            problem(Action.ATTRIBUTE_DISCARD, code, C.ERR_UPDATE_MALFORMED_ATTR_LIST, "repeated attribute discarded")
-        else:
-            seen.add(code)
-            if code == C.ATTR_MP_REACH_NLRI:
-                mp_pos[0] = len(tlvs)
-            elif code == C.ATTR_MP_UNREACH_NLRI:
-                mp_pos[1] = len(tlvs)
-            tlvs.append((flags, code, i, vs, ve))
-        i = ve
-
-    # Pass 2: typed values (RFC 7606 §7).
-    attrs: list[Attribute] = []
-    wire_parts: list[bytes] = []
-    mp_reach: MpReach | None = None
-    mp_unreach: MpUnreach | None = None
-    for flags, code, ts, vs, ve in tlvs:
-        value = data[vs:ve]
-        expected = C.EXPECTED_FLAGS.get(code)
+            probs = probs or _Problems()
+            probs.add(Action.ATTRIBUTE_DISCARD, code, C.ERR_UPDATE_MALFORMED_ATTR_LIST, "repeated attribute discarded")
+            continue
+        seen.add(code)
+        count += 1
+        expected = _EXPECTED.get(code)
         if expected is None:
             if not flags & C.FLAG_OPTIONAL:
                 # RFC 4271 §6.3: an unrecognized well-known attribute ends the session.
                 raise _reset(
                     C.ERR_UPDATE_UNRECOGNIZED_WELL_KNOWN, data[ts:ve], f"unrecognized well-known attribute {code}"
                 )
-            attrs.append(Attribute(flags, code, value))  # unknown optional: carried untouched
-            wire_parts.append(data[ts:ve])
+            attrs.append(_tuple_new(Attribute, (flags, code, data[vs:ve])))  # unknown optional: untouched
+            spans.append((ts, ve))
             continue
         # RFC 7606 §3 c: only the Optional and Transitive bits are compared.
-        bad_flags = (flags & (C.FLAG_OPTIONAL | C.FLAG_TRANSITIVE)) != expected
-        if code in (C.ATTR_MP_REACH_NLRI, C.ATTR_MP_UNREACH_NLRI):
+        bad_flags = (flags & _OT) != expected
+        if code in _MP_CODES:
             if bad_flags:
                 # RFC 7606 §5.3 / RFC 4760 §7: an MP attribute with the wrong flags is incorrect.
                 raise _reset(C.ERR_UPDATE_OPTIONAL_ATTR, data[ts:ve], f"{C.ATTR_NAMES[code]} flags 0x{flags:02x}")
             if code == C.ATTR_MP_REACH_NLRI:
-                mp_reach = _decode_mp_reach(value, flags, ctx, data[ts:ve])
+                mp_pos[0] = count - 1
+                mp_reach = _decode_mp_reach(data[vs:ve], flags, ctx, data[ts:ve])
                 if mp_reach.nlri is not None and not ctx.rib_dump and not _next_hop_ok(mp_reach):
                     # RFC 7606 §7.11: with a next hop of the wrong length the NLRI cannot be
                     # located reliably, so only a session reset (or AFI/SAFI disable) is safe.
@@ -654,31 +717,38 @@ def decode_attributes(data: bytes, start: int, end: int, ctx: CodecContext, inte
                         f"MP_REACH_NLRI next hop length {len(mp_reach.next_hop)} invalid for AFI {mp_reach.afi}",
                     )
             else:
-                mp_unreach = _decode_mp_unreach(value, flags, ctx, data[ts:ve])
+                mp_pos[1] = count - 1
+                mp_unreach = _decode_mp_unreach(data[vs:ve], flags, ctx, data[ts:ve])
             continue
         if bad_flags:
             # RFC 7606 §3 c: conflicting flags make the attribute malformed (its own action).
-            act = MALFORMED_ACTION[code]
-            problem(act, code, C.ERR_UPDATE_ATTR_FLAGS, f"{C.ATTR_NAMES[code]} has flags 0x{flags:02x}", data[ts:ve])
+            probs = probs or _Problems()
+            name = C.ATTR_NAMES[code]
+            probs.add(
+                MALFORMED_ACTION[code], code, C.ERR_UPDATE_ATTR_FLAGS, f"{name} has flags 0x{flags:02x}", data[ts:ve]
+            )
             continue
-        if not ctx.ibgp and code in (C.ATTR_LOCAL_PREF, C.ATTR_ORIGINATOR_ID, C.ATTR_CLUSTER_LIST):
+        if not ibgp and code in _IBGP_ONLY:
             # RFC 7606 §7.5, §7.9, §7.10: from an external peer these are discarded.
-            problem(Action.ATTRIBUTE_DISCARD, code, 0, f"{C.ATTR_NAMES[code]} from an external peer discarded")
+            probs = probs or _Problems()
+            probs.add(Action.ATTRIBUTE_DISCARD, code, 0, f"{C.ATTR_NAMES[code]} from an external peer discarded")
             continue
-        if ctx.asn4 and code in (C.ATTR_AS4_PATH, C.ATTR_AS4_AGGREGATOR):
+        if asn4 and code in _AS4_CODES:
             # RFC 6793 §6: a NEW speaker discards AS4_* attributes received from a NEW speaker.
-            problem(Action.ATTRIBUTE_DISCARD, code, 0, f"{C.ATTR_NAMES[code]} on a 4-octet-AS session discarded")
+            probs = probs or _Problems()
+            probs.add(Action.ATTRIBUTE_DISCARD, code, 0, f"{C.ATTR_NAMES[code]} on a 4-octet-AS session discarded")
             continue
         try:
-            typed = _DECODERS[code](value, ctx)
+            typed = _DECODERS[code](data[vs:ve], ctx)
         except _Malformed as m:
-            problem(m.action, code, m.subcode, m.reason, data[ts:ve])
+            probs = probs or _Problems()
+            probs.add(m.action, code, m.subcode, m.reason, data[ts:ve])
             continue
-        attrs.append(Attribute(flags, code, typed))
-        wire_parts.append(data[ts:ve])
+        attrs.append(_tuple_new(Attribute, (flags, code, typed)))
+        spans.append((ts, ve))
 
-    clean = mp_reach is None and mp_unreach is None and not problems
-    wire = blob if clean else b"".join(wire_parts)
+    clean = mp_reach is None and mp_unreach is None and probs is None
+    wire = blob if clean else b"".join([data[a:b] for a, b in spans])
     pa: PathAttributes | None = None
     if not clean:
         # Share the set with UPDATEs that carried the same attributes without MP or errors.
@@ -686,10 +756,13 @@ def decode_attributes(data: bytes, start: int, end: int, ctx: CodecContext, inte
         if same is not None:
             pa = same.attributes
     if pa is None:
-        pa = PathAttributes(tuple(attrs), wire, ctx.asn4)
+        pa = PathAttributes(tuple(attrs), wire, asn4)
         if not clean:
             interner.store(wire, ParsedAttributes(pa, None, None, (), Action.NONE, (-1, -1)))
-    parsed = ParsedAttributes(pa, mp_reach, mp_unreach, tuple(problems), action, (mp_pos[0], mp_pos[1]))
+    if probs is None:
+        parsed = _tuple_new(ParsedAttributes, (pa, mp_reach, mp_unreach, (), Action.NONE, (mp_pos[0], mp_pos[1])))
+    else:
+        parsed = ParsedAttributes(pa, mp_reach, mp_unreach, tuple(probs.items), probs.action, (mp_pos[0], mp_pos[1]))
     if mp_reach is None and mp_unreach is None:
         interner.store(blob, parsed)
     return parsed
@@ -755,10 +828,7 @@ def encode_mp_unreach(mp: MpUnreach) -> bytes:
     return encode_attribute(mp.flags, C.ATTR_MP_UNREACH_NLRI, body)
 
 
-# The next hop of an MP_REACH_NLRI route is kept inside its interned attribute set under this
-# private type code (0 is reserved by IANA, so never on the wire), which makes a route's
-# attributes one shared object whatever family it belongs to.
-MP_NEXT_HOP: Final = 0
+MP_NEXT_HOP: Final = _MP_NEXT_HOP
 
 
 def with_mp_next_hop(pa: PathAttributes, nh: bytes, ctx: CodecContext) -> PathAttributes:

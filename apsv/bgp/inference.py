@@ -18,7 +18,7 @@ from apsv.bgp import constants as C
 from apsv.bgp.capabilities import AddPath, parse_capability
 from apsv.bgp.context import CodecContext
 from apsv.bgp.errors import BgpError
-from apsv.bgp.message import Message, Open, Update, decode_message
+from apsv.bgp.message import Message, Open, Update, decode_message, decode_update
 
 Family = tuple[int, int]
 _IBGP_ONLY = frozenset({C.ATTR_LOCAL_PREF, C.ATTR_ORIGINATOR_ID, C.ATTR_CLUSTER_LIST})
@@ -60,7 +60,9 @@ class ContextInference:
         `asn4` / `add_path` / `ibgp` are facts when the recording states them, None when
         unknown. Raises BgpError only when the message is malformed under every plausible context.
         """
-        seen = self._sessions.setdefault(session, _Seen())
+        seen = self._sessions.get(session)
+        if seen is None:
+            seen = self._sessions[session] = _Seen()
         if ibgp is None:
             ibgp = self._ibgp_from_opens(seen)
             if ibgp is None:
@@ -78,6 +80,13 @@ class ContextInference:
         if add_path:
             return decode_message(msg_type, body, self.context(a4 is not False, ibgp, ALL_UNICAST))
         hint = frozenset() if add_path is False else self._add_path_from_opens(seen, sender)
+        if a4 is not None and not hint:
+            # The common case (an MRT subtype gave the AS width, no ADD-PATH announced): decode
+            # directly, and fall back to the search below only if that fails.
+            try:
+                return decode_update(body, self.context(a4, ibgp, frozenset()))
+            except BgpError:
+                pass
         widths = [a4] if a4 is not None else [True, False]
         results: list[Message | BgpError] = []
         for width in widths:

@@ -30,18 +30,18 @@ class Source:
     peer_ip: str = "0.0.0.0"
     igp_cost: int = 0  # interior cost to this peer's next hops (9.1.2.2 e); APSV has no IGP
     default_local_pref: int = 100  # degree of preference for eBGP routes (9.1.1 local policy)
-    # Comparison keys for the last tie-breakers, computed once.
+    # Comparison keys, computed once.
     router_id_key: int = 0
     peer_ip_key: tuple[int, int] = (0, 0)
+    ibgp: bool = False
+    pref_key: int = 0  # premed_key's preference part for routes without an honoured LOCAL_PREF
 
     def __post_init__(self) -> None:
         self.router_id_key = int(ipaddress.ip_address(self.router_id))
         ip = ipaddress.ip_address(self.peer_ip)
         self.peer_ip_key = (ip.version, int(ip))
-
-    @property
-    def ibgp(self) -> bool:
-        return self.peer_as == self.local_as
+        self.ibgp = self.peer_as == self.local_as
+        self.pref_key = (0xFFFFFFFF - self.default_local_pref) << 40
 
     def set_router_id(self, router_id: str) -> None:
         self.router_id = router_id
@@ -98,54 +98,61 @@ class AdjRibIn:
             yield self.routes[key], int.from_bytes(key[:PATH_ID_LEN], "big")
 
 
-class _Cand(NamedTuple):
-    attrs: PathAttributes
-    rib: AdjRibIn
-    path_id: int
+# A candidate path: (attributes, the Adj-RIB-In holding it, ADD-PATH path id or 0). A plain
+# tuple: the decision builds many of them.
+Cand = tuple[PathAttributes, AdjRibIn, int]
+_tuple_new = tuple.__new__
 
 
-def _neighbor_as(c: _Cand) -> int:
-    n = c.attrs.neighbor_as
-    return c.rib.source.local_as if n is None else n
+def premed_key(attrs: PathAttributes, src: Source) -> int:
+    """The total-order part of the decision as one integer, lower is better: 9.1.1 degree of
+    preference, then 9.1.2.2 a) AS_PATH length and b) ORIGIN (`attrs.rank` holds those two)."""
+    lp = attrs.local_pref
+    if lp is not None and src.ibgp:
+        return ((0xFFFFFFFF - lp) << 40) | attrs.rank
+    return src.pref_key | attrs.rank
 
 
-def premed_key(attrs: PathAttributes, src: Source) -> tuple[int, int, int]:
-    """The part of the decision that is a total order: 9.1.1 preference, then 9.1.2.2 a) and b)."""
-    pref = (
-        attrs.local_pref if (attrs.local_pref is not None and src.peer_as == src.local_as) else src.default_local_pref
-    )
-    return (-pref, attrs.as_path_len, 2 if attrs.origin is None else attrs.origin)
+def _neighbor_as(c: Cand) -> int:
+    n = c[0].neighbor_as
+    return c[1].source.local_as if n is None else n
 
 
-def select_best(cands: list[_Cand]) -> _Cand:
+def select_best(cands: list[Cand]) -> Cand:
     """RFC 4271 §9.1.2.2 (with RFC 4456 §9 for route reflection): eliminate, step by step."""
     if len(cands) == 1:
         return cands[0]
     # 9.1.1 degree of preference, a) fewest AS numbers (a set counts one), b) lowest ORIGIN.
-    keys = [premed_key(c.attrs, c.rib.source) for c in cands]
-    low = min(keys)
-    s = [c for c, k in zip(cands, keys, strict=True) if k == low]
+    low = -1
+    s: list[Cand] = []
+    for c in cands:
+        k = premed_key(c[0], c[1].source)
+        if low < 0 or k < low:
+            low = k
+            s = [c]
+        elif k == low:
+            s.append(c)
     if len(s) == 1:
         return s[0]
     # c) lowest MED among routes from the same neighbouring AS (a missing MED counts as 0).
     best_med: dict[int, int] = {}
     for c in s:
         n = _neighbor_as(c)
-        med = c.attrs.med or 0
+        med = c[0].med or 0
         if n not in best_med or med < best_med[n]:
             best_med[n] = med
-    s = [c for c in s if (c.attrs.med or 0) == best_med[_neighbor_as(c)]]
+    s = [c for c in s if (c[0].med or 0) == best_med[_neighbor_as(c)]]
     # d) eBGP over iBGP; e) lowest interior cost; RFC 4456 §9 shortest CLUSTER_LIST;
     # f) lowest BGP Identifier (ORIGINATOR_ID in its place when present); g) lowest peer address;
     # then the lowest ADD-PATH path identifier. From here on every step is a total order.
     return min(s, key=_post_med_key)
 
 
-def _post_med_key(c: _Cand) -> tuple[bool, int, int, int, tuple[int, int], int]:
-    src = c.rib.source
-    a = c.attrs
+def _post_med_key(c: Cand) -> tuple[bool, int, int, int, tuple[int, int], int]:
+    a, rib, path_id = c
+    src = rib.source
     rid = int(ipaddress.IPv4Address(a.originator_id)) if a.originator_id else src.router_id_key
-    return (src.ibgp, src.igp_cost, a.cluster_len, rid, src.peer_ip_key, c.path_id)
+    return (src.ibgp, src.igp_cost, a.cluster_len, rid, src.peer_ip_key, path_id)
 
 
 class LocRib:
@@ -239,17 +246,17 @@ class LocRib:
 
     # -- the decision ----------------------------------------------------------------------
 
-    def _candidates(self, prefix: bytes) -> list[_Cand]:
-        cands: list[_Cand] = []
+    def _candidates(self, prefix: bytes) -> list[Cand]:
+        cands: list[Cand] = []
         ribs = self.sources if self.holders is None else self.holders.get(prefix, ())
         for rib in ribs:
             if rib.by_prefix is None:
                 a = rib.routes.get(prefix)
                 if a is not None:
-                    cands.append(_Cand(a, rib, 0))
+                    cands.append((a, rib, 0))
             else:
                 for key in rib.by_prefix.get(prefix, ()):
-                    cands.append(_Cand(rib.routes[key], rib, int.from_bytes(key[:PATH_ID_LEN], "big")))
+                    cands.append((rib.routes[key], rib, int.from_bytes(key[:PATH_ID_LEN], "big")))
         return cands
 
     def _decide(self, prefix: bytes, prev: PathAttributes | None) -> BestPathChange | None:
@@ -261,15 +268,15 @@ class LocRib:
                 return None
             del self.best[prefix]
             self.changes += 1
-            return BestPathChange(self.afi, self.safi, prefix, None, None)
-        w = select_best(cands)
+            return _tuple_new(BestPathChange, (self.afi, self.safi, prefix, None, None))
+        w_attrs, w_rib, w_id = select_best(cands)
         new: AdjRibIn | tuple[AdjRibIn, bytes]
-        new = w.rib if w.rib.by_prefix is None else (w.rib, w.path_id.to_bytes(PATH_ID_LEN, "big") + prefix)
+        new = w_rib if w_rib.by_prefix is None else (w_rib, w_id.to_bytes(PATH_ID_LEN, "big") + prefix)
         self.best[prefix] = new
-        if old is not None and (old is new or old == new) and prev is w.attrs:
+        if old is not None and (old is new or old == new) and prev is w_attrs:
             return None
         self.changes += 1
-        return BestPathChange(self.afi, self.safi, prefix, w.attrs, w.rib.source)
+        return _tuple_new(BestPathChange, (self.afi, self.safi, prefix, w_attrs, w_rib.source))
 
     def reselect(self, prefixes: Iterable[bytes]) -> list[BestPathChange]:
         out = []
@@ -305,14 +312,14 @@ class LocRib:
             if holders is None:
                 best[k] = rib
                 self.changes += 1
-                out.append(BestPathChange(afi, safi, k, attrs, src))
+                out.append(_tuple_new(BestPathChange, (afi, safi, k, attrs, src)))
                 continue
             hl = holders.get(k)
             if hl is None:
                 holders[k] = [rib]
                 best[k] = rib
                 self.changes += 1
-                out.append(BestPathChange(afi, safi, k, attrs, src))
+                out.append(_tuple_new(BestPathChange, (afi, safi, k, attrs, src)))
                 continue
             if old is None:
                 hl.append(rib)
@@ -321,7 +328,7 @@ class LocRib:
             if cur is rib:
                 if nk < premed_key(old, src):  # type: ignore[arg-type]
                     self.changes += 1  # the best got strictly better: it stays best
-                    out.append(BestPathChange(afi, safi, k, attrs, src))
+                    out.append(_tuple_new(BestPathChange, (afi, safi, k, attrs, src)))
                     continue
                 ch = self._decide(k, old)
             else:
@@ -333,7 +340,7 @@ class LocRib:
                 if nk < bk:
                     best[k] = rib
                     self.changes += 1
-                    out.append(BestPathChange(afi, safi, k, attrs, src))
+                    out.append(_tuple_new(BestPathChange, (afi, safi, k, attrs, src)))
                     continue
                 ch = self._decide(k, cur_attrs)
             if ch is not None:
@@ -355,7 +362,7 @@ class LocRib:
             if holders is None:
                 if best.pop(k, None) is not None:
                     self.changes += 1
-                    out.append(BestPathChange(self.afi, self.safi, k, None, None))
+                    out.append(_tuple_new(BestPathChange, (self.afi, self.safi, k, None, None)))
                 continue
             hl = holders[k]
             hl.remove(rib)
@@ -363,7 +370,7 @@ class LocRib:
                 del holders[k]
                 del best[k]
                 self.changes += 1
-                out.append(BestPathChange(self.afi, self.safi, k, None, None))
+                out.append(_tuple_new(BestPathChange, (self.afi, self.safi, k, None, None)))
                 continue
             cur = best[k]
             if cur is rib:

@@ -106,8 +106,17 @@ _LEGACY_MESSAGE_TYPES: Final = {
 MAX_RECORD_LEN: Final = 16 << 20  # no legitimate record comes near this; guards memory on garbage
 
 
+_IP_TEXT: dict[bytes, str] = {}
+
+
 def _ip(raw: bytes) -> str:
-    return socket.inet_ntop(socket.AF_INET6 if len(raw) == 16 else socket.AF_INET, raw)
+    """Address text, cached: a dump names the same few peers millions of times."""
+    text = _IP_TEXT.get(raw)
+    if text is None:
+        if len(_IP_TEXT) > 100_000:
+            _IP_TEXT.clear()
+        text = _IP_TEXT[raw] = socket.inet_ntop(socket.AF_INET6 if len(raw) == 16 else socket.AF_INET, raw)
+    return text
 
 
 # ---------------------------------------------------------------------------------------------
@@ -261,7 +270,7 @@ _FRAMED_TYPES: Final = frozenset(
 )
 
 
-def _plausible(buf: bytes | bytearray, i: int, ts_ref: int) -> bool:
+def _plausible(buf: bytes, i: int, ts_ref: int) -> bool:
     """Does a believable MRT header start at buf[i]? (known type, small subtype and length, near in time)"""
     if i + 12 > len(buf):
         return False
@@ -269,7 +278,7 @@ def _plausible(buf: bytes | bytearray, i: int, ts_ref: int) -> bool:
     return t in _FRAMED_TYPES and st < 64 and ln < 1 << 20 and (not ts_ref or abs(ts - ts_ref) < 86400 * 7)
 
 
-def _table_dump_physical_length(buf: bytes | bytearray, start: int, declared: int, afi: int, limit: int) -> int:
+def _table_dump_physical_length(buf: bytes, start: int, declared: int, afi: int, limit: int) -> int:
     """Length of a TABLE_DUMP record as some 1999-2000 writers produced it, or `declared`.
 
     Those writers batched many entries into one record (view and sequence once, then entries
@@ -307,7 +316,7 @@ def iter_raw_records(
     scans forward for the next chain of two plausible headers and carries on from there.
     """
     st = stats if stats is not None else FramingStats()
-    buf = bytearray()
+    buf = b""  # bytes, so a record's body is one slice (one copy), not two
     base = 0  # file offset of buf[0]
     pos = 0
     eof = False
@@ -317,10 +326,6 @@ def iter_raw_records(
     def fill(need: int) -> bool:
         nonlocal buf, base, pos, eof
         while len(buf) - pos < need and not eof:
-            if pos:
-                del buf[:pos]
-                base += pos
-                pos = 0
             try:
                 data = stream.read(max(chunk, need))
             except (EOFError, OSError) as e:  # truncated or corrupt compressed stream
@@ -329,7 +334,9 @@ def iter_raw_records(
             if not data:
                 eof = True
             else:
-                buf += data
+                buf = buf[pos:] + data
+                base += pos
+                pos = 0
         return len(buf) - pos >= need
 
     def resync(from_pos: int) -> int | None:
@@ -383,9 +390,9 @@ def iter_raw_records(
         start = pos + 12
         if et:
             usec = unpack("!I", buf, start)[0]
-            rec = MrtRecord(base + pos, ts + usec / 1e6, mtype, subtype, bytes(buf[start + 4 : start + length]))
+            rec = MrtRecord(base + pos, ts + usec / 1e6, mtype, subtype, buf[start + 4 : start + length])
         else:
-            rec = MrtRecord(base + pos, float(ts), mtype, subtype, bytes(buf[start : start + length]))
+            rec = MrtRecord(base + pos, float(ts), mtype, subtype, buf[start : start + length])
         pos = nxt
         last_ts = ts
         st.records += 1

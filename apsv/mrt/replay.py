@@ -23,6 +23,8 @@ from apsv.mrt.sessions import RecordedSessions
 
 Family = tuple[int, int]
 DECIDED = frozenset({C.IPV4_UNICAST, C.IPV6_UNICAST, (1, 2), (2, 2)})
+_ASN4_CTX = CodecContext(asn4=True)
+_ASN2_CTX = CodecContext(asn4=False)
 
 
 @dataclass
@@ -162,6 +164,6 @@ def apply_update(view: CollectorView, src: Source, m: Update, asn4: bool = True)
             view.loc_rib[fam].withdraw(rib, mr.nlri)
         else:
             assert m.attributes is not None
-            pa = with_mp_next_hop(m.attributes, mr.next_hop, CodecContext(asn4=asn4))
+            pa = with_mp_next_hop(m.attributes, mr.next_hop, _ASN4_CTX if asn4 else _ASN2_CTX)
             view.paths += len(mr.nlri)
             view.loc_rib[fam].update(rib, mr.nlri, pa)

@@ -1,0 +1,38 @@
+"""Build hook: compile APSV's hot, pure modules with mypyc.
+
+The BGP codec, RIB and MRT reader are plain typed Python (mypy --strict clean). mypyc turns
+them into C extensions, 2-3x faster, with no change in behaviour: the same source runs
+interpreted wherever the extensions are absent. Set APSV_NO_MYPYC=1 to skip the compile
+(for instance while editing those modules: an editable install's compiled modules shadow the
+.py files until the next `pip install -e .`).
+"""
+
+from __future__ import annotations
+
+import os
+
+from setuptools import setup
+
+# Pure modules on the per-message path. Everything they import is pure Python as well.
+HOT_MODULES = [
+    "apsv/bgp/nlri.py",
+    "apsv/bgp/attributes.py",
+    "apsv/bgp/message.py",
+    "apsv/bgp/rib.py",
+    "apsv/bgp/inference.py",
+    "apsv/mrt/reader.py",
+    "apsv/mrt/sessions.py",
+    "apsv/mrt/replay.py",
+    "apsv/mrt/stats.py",
+]
+
+
+def ext_modules() -> list[object]:
+    if os.environ.get("APSV_NO_MYPYC"):
+        return []
+    from mypyc.build import mypycify
+
+    return list(mypycify(HOT_MODULES, opt_level="3", debug_level="0"))
+
+
+setup(ext_modules=ext_modules())
