@@ -175,9 +175,18 @@ _check4_lp = _fixed(4, "LOCAL_PREF")
 _check4_oid = _fixed(4, "ORIGINATOR_ID")
 
 
+_NEXT_HOPS: dict[bytes, str] = {}
+
+
 def _decode_next_hop(v: bytes, ctx: CodecContext) -> str:
+    """Next hop text, one shared string per address (routes share a few thousand next hops)."""
     _check4_nh(v)
-    return _inet_ntoa(v)
+    text = _NEXT_HOPS.get(v)
+    if text is None:
+        if len(_NEXT_HOPS) > 1_000_000:
+            _NEXT_HOPS.clear()
+        text = _NEXT_HOPS[v] = _inet_ntoa(v)
+    return text
 
 
 def _decode_med(v: bytes, ctx: CodecContext) -> int:
@@ -348,17 +357,36 @@ def merge_as4_path(
     return tuple(head) + as4_path
 
 
+_ASNS: dict[int, int] = {}
+
+
+def _asn(v: int) -> int:
+    """One shared int object per AS number: paths repeat the same few thousand ASes."""
+    got = _ASNS.get(v)
+    if got is None:
+        if len(_ASNS) > 1_000_000:
+            _ASNS.clear()
+        got = _ASNS[v] = v
+    return got
+
+
 class PathAttributes:
     """An immutable, interned set of path attributes (everything but MP_REACH/MP_UNREACH).
 
-    The fields the decision process reads are computed once, when the set is first seen.
+    What the decision process and the FIB need - ORIGIN, the AS path, NEXT_HOP, MED,
+    LOCAL_PREF, ORIGINATOR_ID, CLUSTER_LIST length - is kept as fields, computed once when the
+    set is first seen. The full list of typed attributes is rebuilt from `wire` only when
+    someone asks for it (`attrs`, `get`, JSON): a RIB of a million routes stores a few hundred
+    bytes per distinct attribute set rather than a tree of tuples.
     """
 
     __slots__ = (
         "__weakref__",
+        "_attrs",
+        "_extra",
         "as_path",
         "as_path_len",
-        "attrs",
+        "asn4",
         "cluster_len",
         "local_pref",
         "med",
@@ -371,10 +399,20 @@ class PathAttributes:
         "wire",
     )
 
-    def __init__(self, attrs: tuple[Attribute, ...], wire: bytes, asn4: bool = True) -> None:
-        self.attrs = attrs
+    def __init__(
+        self,
+        attrs: tuple[Attribute, ...],
+        wire: bytes,
+        asn4: bool = True,
+        *,
+        keep: bool = True,
+        extra: Attribute | None = None,
+    ) -> None:
         self.wire = wire  # canonical bytes of these attributes (their intern key)
-        origin = next_hop = mp_next_hop = med = local_pref = originator = agg = None
+        self.asn4 = asn4
+        self._extra = extra  # an attribute that is not on the wire (the MP_REACH next hop)
+        self._attrs: tuple[Attribute, ...] | None = attrs if keep else None
+        origin = next_hop = med = local_pref = originator = agg = None
         path: tuple[tuple[int, tuple[int, ...]], ...] = ()
         as4: tuple[tuple[int, tuple[int, ...]], ...] | None = None
         has_as4_agg = False
@@ -391,8 +429,6 @@ class PathAttributes:
                 med = v
             elif t == C.ATTR_LOCAL_PREF:
                 local_pref = v
-            elif t == _MP_NEXT_HOP:
-                mp_next_hop = v
             elif t == C.ATTR_AS4_PATH:
                 as4 = v
             elif t == C.ATTR_AGGREGATOR:
@@ -407,7 +443,9 @@ class PathAttributes:
         if not asn4 and as4 is not None and (agg is None or agg[0] == C.AS_TRANS or not has_as4_agg):
             path = merge_as4_path(path, as4)
         self.origin: int | None = origin
-        self.as_path: tuple[tuple[int, tuple[int, ...]], ...] = path
+        self.as_path: tuple[tuple[int, tuple[int, ...]], ...] = tuple(
+            (st, tuple([_asn(a) for a in asns])) for st, asns in path
+        )
         self.as_path_len = path_length(path)
         neighbor: int | None = None
         for st, asns in path:
@@ -417,8 +455,8 @@ class PathAttributes:
             if st == C.AS_CONFED_SEQUENCE:
                 break
         self.neighbor_as: int | None = neighbor
-        # The next hop a route uses: MP_REACH_NLRI's (kept under MP_NEXT_HOP) or NEXT_HOP.
-        self.next_hop: str | None = mp_next_hop if mp_next_hop is not None else next_hop
+        # The next hop a route uses: MP_REACH_NLRI's (kept as `extra`) or NEXT_HOP.
+        self.next_hop: str | None = extra[2] if extra is not None else next_hop
         self.med: int | None = med
         self.local_pref: int | None = local_pref
         self.originator_id: str | None = originator
@@ -431,10 +469,30 @@ class PathAttributes:
         # The part of route selection that depends on the attributes alone (see rib.premed_key).
         self.rank = (min(self.as_path_len, 0xFFFFFFFF) << 8) | (2 if origin is None else origin)
 
+    @property
+    def attrs(self) -> tuple[Attribute, ...]:
+        """The typed attributes, in wire order (plus the MP next hop, if any, last)."""
+        base = self._attrs
+        if base is None:
+            base = _typed_from_wire(self.wire, self.asn4)
+        return base if self._extra is None else (*base, self._extra)
+
+    def with_extra(self, extra: Attribute) -> PathAttributes:
+        """The same set plus an attribute that is not on the wire (the MP_REACH next hop)."""
+        return PathAttributes(
+            self._attrs or _typed_from_wire(self.wire, self.asn4),
+            self.wire,
+            self.asn4,
+            keep=self._attrs is not None,
+            extra=extra,
+        )
+
     def get(self, type_code: int, default: Any = None) -> Any:
+        if self._extra is not None and self._extra[1] == type_code:
+            return self._extra[2]
         for a in self.attrs:
-            if a.type_code == type_code:
-                return a.value
+            if a[1] == type_code:
+                return a[2]
         return default
 
     def __iter__(self) -> Iterator[Attribute]:
@@ -446,7 +504,7 @@ class PathAttributes:
     def __eq__(self, other: object) -> bool:
         if self is other:
             return True
-        return isinstance(other, PathAttributes) and self.wire == other.wire and self.attrs == other.attrs
+        return isinstance(other, PathAttributes) and self.wire == other.wire and self._extra == other._extra
 
     def __hash__(self) -> int:
         return hash(self.wire)
@@ -464,6 +522,24 @@ class PathAttributes:
         items = tuple(attrs)
         wire = b"".join(encode_attribute(a.flags, a.type_code, encode_value(a.type_code, a.value, ctx)) for a in items)
         return interner_for(ctx).intern_built(items, wire, ctx)
+
+
+def _typed_from_wire(wire: bytes, asn4: bool) -> tuple[Attribute, ...]:
+    """Rebuild the typed attributes of a canonical wire form (already validated when interned)."""
+    ctx = CodecContext(asn4=asn4, ibgp=True)
+    out = []
+    i, n = 0, len(wire)
+    while i < n:
+        flags, code = wire[i], wire[i + 1]
+        if flags & C.FLAG_EXTENDED_LENGTH:
+            vs, ve = i + 4, i + 4 + ((wire[i + 2] << 8) | wire[i + 3])
+        else:
+            vs, ve = i + 3, i + 3 + wire[i + 2]
+        dec = _DECODERS.get(code)
+        value: Any = dec(wire[vs:ve], ctx) if dec is not None else wire[vs:ve]
+        out.append(Attribute(flags, code, value))
+        i = ve
+    return tuple(out)
 
 
 def attributes_to_json(attrs: Iterable[Attribute]) -> dict[str, Any]:
@@ -515,18 +591,23 @@ class ParsedAttributes(NamedTuple):
     order: tuple[int, int]  # positions of (MP_REACH, MP_UNREACH) among all attributes, -1 if absent
 
 
+_NO_MP: Final = (-1, -1)
+
+
 class Interner:
     """Maps canonical attribute bytes to one shared `PathAttributes` (and its parse outcome).
 
-    Bounded: when full, entries nothing else refers to are swept out (CPython reference
-    counts tell which), then, if still full, the oldest half is dropped from the cache (the
-    objects themselves live on in whatever RIB holds them).
+    A clean attribute list (no MP attributes, no RFC 7606 findings) maps straight to its
+    PathAttributes; one with findings maps to the whole ParsedAttributes, so the findings are
+    reported again each time the same bytes arrive. Bounded: when full, entries nothing else
+    refers to are swept out (CPython reference counts tell which), then, if still full, the
+    oldest half is dropped from the cache (the objects live on in whatever RIB holds them).
     """
 
     def __init__(self, ctx: CodecContext, max_entries: int = 200_000) -> None:
         self.ctx = ctx
         self.max_entries = max_entries
-        self._by_wire: dict[bytes, ParsedAttributes] = {}
+        self._by_wire: dict[bytes, PathAttributes | ParsedAttributes] = {}
         self._extra: dict[tuple[bytes, int, bytes], PathAttributes] = {}
         self.hits = 0
         self.misses = 0
@@ -536,19 +617,23 @@ class Interner:
         return len(self._by_wire)
 
     def lookup(self, wire: bytes) -> ParsedAttributes | None:
-        return self._by_wire.get(wire)
+        v = self._by_wire.get(wire)
+        if v is None or isinstance(v, ParsedAttributes):
+            return v
+        return _tuple_new(ParsedAttributes, (v, None, None, (), Action.NONE, _NO_MP))
 
     def store(self, wire: bytes, parsed: ParsedAttributes) -> None:
         if len(self._by_wire) >= self.max_entries:
             self._sweep()
-        self._by_wire[wire] = parsed
+        clean = parsed.mp_reach is None and parsed.mp_unreach is None and not parsed.problems
+        self._by_wire[wire] = parsed.attributes if clean else parsed
 
     def intern_built(self, attrs: tuple[Attribute, ...], wire: bytes, ctx: CodecContext) -> PathAttributes:
-        hit = self._by_wire.get(wire)
+        hit = self.lookup(wire)
         if hit is not None:
             return hit.attributes
         pa = PathAttributes(attrs, wire, ctx.asn4)
-        self.store(wire, ParsedAttributes(pa, None, None, (), Action.NONE, (-1, -1)))
+        self.store(wire, ParsedAttributes(pa, None, None, (), Action.NONE, _NO_MP))
         return pa
 
     def with_extra(self, pa: PathAttributes, extra: Attribute, tag: bytes) -> PathAttributes:
@@ -558,14 +643,22 @@ class Interner:
         if hit is None:
             if len(self._extra) >= self.max_entries:
                 self._extra.clear()
-            hit = self._extra[key] = PathAttributes((*pa.attrs, extra), pa.wire, self.ctx.asn4)
+            hit = self._extra[key] = pa.with_extra(extra)
         return hit
 
     def _sweep(self) -> None:
         self.sweeps += 1
         getrc = sys.getrefcount
-        # refcount of the PathAttributes: 1 from its ParsedAttributes, 1 for the call argument.
-        dead = [w for w, p in self._by_wire.items() if getrc(p.attributes) <= 3]
+
+        def pa_of(v: PathAttributes | ParsedAttributes) -> PathAttributes:
+            return v.attributes if isinstance(v, ParsedAttributes) else v
+
+        # Each entry holds exactly one reference to its PathAttributes; any more means a RIB
+        # (or a caller) still uses it. getrefcount adds one for its own argument.
+        internal: dict[int, int] = {}
+        for v in self._by_wire.values():
+            internal[id(pa_of(v))] = internal.get(id(pa_of(v)), 0) + 1
+        dead = [w for w, v in self._by_wire.items() if getrc(pa_of(v)) - 1 <= internal[id(pa_of(v))]]
         for w in dead:
             del self._by_wire[w]
         if len(self._by_wire) >= self.max_entries:
@@ -575,6 +668,12 @@ class Interner:
 
 _INTERNERS: dict[CodecContext, Interner] = {}
 _BY_ID: dict[int, tuple[CodecContext, Interner]] = {}
+
+
+def reset_interners() -> None:
+    """Forget every interned attribute set (RIBs keep theirs). For cold-cache measurements."""
+    _INTERNERS.clear()
+    _BY_ID.clear()
 
 
 def interner_for(ctx: CodecContext) -> Interner:
@@ -633,7 +732,9 @@ def decode_attributes(data: bytes, start: int, end: int, ctx: CodecContext, inte
     cached = interner._by_wire.get(blob)
     if cached is not None:
         interner.hits += 1
-        return cached
+        if isinstance(cached, ParsedAttributes):
+            return cached
+        return _tuple_new(ParsedAttributes, (cached, None, None, (), Action.NONE, _NO_MP))
     interner.misses += 1
 
     probs: _Problems | None = None
@@ -756,9 +857,9 @@ def decode_attributes(data: bytes, start: int, end: int, ctx: CodecContext, inte
         if same is not None:
             pa = same.attributes
     if pa is None:
-        pa = PathAttributes(tuple(attrs), wire, asn4)
+        pa = PathAttributes(tuple(attrs), wire, asn4, keep=False)
         if not clean:
-            interner.store(wire, ParsedAttributes(pa, None, None, (), Action.NONE, (-1, -1)))
+            interner.store(wire, ParsedAttributes(pa, None, None, (), Action.NONE, _NO_MP))
     if probs is None:
         parsed = _tuple_new(ParsedAttributes, (pa, mp_reach, mp_unreach, (), Action.NONE, (mp_pos[0], mp_pos[1])))
     else:

@@ -35,6 +35,7 @@ class Source:
     peer_ip_key: tuple[int, int] = (0, 0)
     ibgp: bool = False
     pref_key: int = 0  # premed_key's preference part for routes without an honoured LOCAL_PREF
+    tie_key: tuple[bool, int, int, int, tuple[int, int]] = (False, 0, 0, 0, (0, 0))  # 9.1.2.2 d-g
 
     def __post_init__(self) -> None:
         self.router_id_key = int(ipaddress.ip_address(self.router_id))
@@ -42,10 +43,11 @@ class Source:
         self.peer_ip_key = (ip.version, int(ip))
         self.ibgp = self.peer_as == self.local_as
         self.pref_key = (0xFFFFFFFF - self.default_local_pref) << 40
+        self.tie_key = (self.ibgp, self.igp_cost, 0, self.router_id_key, self.peer_ip_key)
 
     def set_router_id(self, router_id: str) -> None:
         self.router_id = router_id
-        self.router_id_key = int(ipaddress.ip_address(router_id))
+        self.__post_init__()
 
 
 class BestPathChange(NamedTuple):
@@ -135,13 +137,19 @@ def select_best(cands: list[Cand]) -> Cand:
     if len(s) == 1:
         return s[0]
     # c) lowest MED among routes from the same neighbouring AS (a missing MED counts as 0).
-    best_med: dict[int, int] = {}
+    has_med = False
     for c in s:
-        n = _neighbor_as(c)
-        med = c[0].med or 0
-        if n not in best_med or med < best_med[n]:
-            best_med[n] = med
-    s = [c for c in s if (c[0].med or 0) == best_med[_neighbor_as(c)]]
+        if c[0].med:
+            has_med = True
+            break
+    if has_med:
+        best_med: dict[int, int] = {}
+        for c in s:
+            n = _neighbor_as(c)
+            med = c[0].med or 0
+            if n not in best_med or med < best_med[n]:
+                best_med[n] = med
+        s = [c for c in s if (c[0].med or 0) == best_med[_neighbor_as(c)]]
     # d) eBGP over iBGP; e) lowest interior cost; RFC 4456 §9 shortest CLUSTER_LIST;
     # f) lowest BGP Identifier (ORIGINATOR_ID in its place when present); g) lowest peer address;
     # then the lowest ADD-PATH path identifier. From here on every step is a total order.
@@ -151,6 +159,8 @@ def select_best(cands: list[Cand]) -> Cand:
 def _post_med_key(c: Cand) -> tuple[bool, int, int, int, tuple[int, int], int]:
     a, rib, path_id = c
     src = rib.source
+    if a.originator_id is None and not a.cluster_len:
+        return (*src.tie_key, path_id)  # no route reflection attributes: all from the source
     rid = int(ipaddress.IPv4Address(a.originator_id)) if a.originator_id else src.router_id_key
     return (src.ibgp, src.igp_cost, a.cluster_len, rid, src.peer_ip_key, path_id)
 
@@ -261,15 +271,45 @@ class LocRib:
 
     def _decide(self, prefix: bytes, prev: PathAttributes | None) -> BestPathChange | None:
         """Run the full decision for `prefix`; `prev` is the best path's attributes before the change."""
-        cands = self._candidates(prefix)
+        # One pass over the holders keeps only the paths tied on the total-order part of the
+        # decision (select_best's first step); usually one path is left and nothing else runs.
+        low = -1
+        best: Cand | None = None
+        ties: list[Cand] | None = None
+        ribs = self.sources if self.holders is None else self.holders.get(prefix, ())
+        for rib in ribs:
+            if rib.by_prefix is None:
+                a = rib.routes.get(prefix)
+                if a is None:
+                    continue
+                k = premed_key(a, rib.source)
+                if low < 0 or k < low:
+                    low, best, ties = k, (a, rib, 0), None
+                elif k == low:
+                    if ties is None:
+                        assert best is not None
+                        ties = [best]
+                    ties.append((a, rib, 0))
+            else:
+                for key in rib.by_prefix.get(prefix, ()):
+                    a = rib.routes[key]
+                    c = (a, rib, int.from_bytes(key[:PATH_ID_LEN], "big"))
+                    k = premed_key(a, rib.source)
+                    if low < 0 or k < low:
+                        low, best, ties = k, c, None
+                    elif k == low:
+                        if ties is None:
+                            assert best is not None
+                            ties = [best]
+                        ties.append(c)
         old = self.best.get(prefix)
-        if not cands:
+        if best is None:
             if old is None:
                 return None
             del self.best[prefix]
             self.changes += 1
             return _tuple_new(BestPathChange, (self.afi, self.safi, prefix, None, None))
-        w_attrs, w_rib, w_id = select_best(cands)
+        w_attrs, w_rib, w_id = select_best(ties) if ties is not None else best
         new: AdjRibIn | tuple[AdjRibIn, bytes]
         new = w_rib if w_rib.by_prefix is None else (w_rib, w_id.to_bytes(PATH_ID_LEN, "big") + prefix)
         self.best[prefix] = new

@@ -40,6 +40,7 @@ class CollectorView:
     skipped: int = 0  # paths RFC 7606 made unusable (treat-as-withdraw) or of undecoded families
     errors: int = 0
     seconds: float = 0.0
+    _ribs: dict[Source, dict[tuple[Family, bool], AdjRibIn]] = field(default_factory=dict, repr=False)
 
     def source(self, ip: str, asn: int, bgp_id: str = "0.0.0.0") -> Source:
         key = (ip, asn)
@@ -49,10 +50,13 @@ class CollectorView:
         return src
 
     def rib(self, src: Source, fam: Family, add_path: bool = False) -> AdjRibIn:
-        key = (src.peer_ip, src.peer_as, fam, add_path)
-        rib = self.adj_in.get(key)
+        by_src = self._ribs.get(src)  # sources are unique objects: identity lookups are cheap
+        if by_src is None:
+            by_src = self._ribs[src] = {}
+        rib = by_src.get((fam, add_path))
         if rib is None:
-            rib = self.adj_in[key] = AdjRibIn(src, fam, add_path)
+            rib = by_src[(fam, add_path)] = AdjRibIn(src, fam, add_path)
+            self.adj_in[(src.peer_ip, src.peer_as, fam, add_path)] = rib
             loc = self.loc_rib.get(fam)
             if loc is None:
                 loc = self.loc_rib[fam] = LocRib(fam)
@@ -167,3 +171,26 @@ def apply_update(view: CollectorView, src: Source, m: Update, asn4: bool = True)
             pa = with_mp_next_hop(m.attributes, mr.next_hop, _ASN4_CTX if asn4 else _ASN2_CTX)
             view.paths += len(mr.nlri)
             view.loc_rib[fam].update(rib, mr.nlri, pa)
+
+
+def replay_updates_per_session(path: str | Path, *, local_as: int = 65535) -> dict[tuple[str, int], CollectorView]:
+    """Like `replay_updates`, but each recorded peer gets its own Loc-RIB - one BGP session each,
+    which is how APSV's stack instances hold them (a session's Loc-RIB is fed by that session)."""
+    views: dict[tuple[str, int], CollectorView] = {}
+    sessions = RecordedSessions()
+    with MrtReader(path) as reader:
+        for item in reader:
+            if not isinstance(item, BgpMessageRecord) or item.msg_type != C.MSG_UPDATE or item.local:
+                continue
+            key = (item.peer_ip, item.peer_as)
+            view = views.get(key)
+            if view is None:
+                view = views[key] = CollectorView(local_as)
+            try:
+                m = sessions.decode(item)
+            except BgpError:
+                view.errors += 1
+                continue
+            assert isinstance(m, Update)
+            apply_update(view, view.source(item.peer_ip, item.peer_as), m, item.asn4)
+    return views
