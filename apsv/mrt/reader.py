@@ -514,27 +514,24 @@ def decode_bgp4mp(rec: MrtRecord) -> BgpMessageRecord | StateChangeRecord | RibR
             _need(b, i + 4, "BGP4MP state change")
             old, new = struct.unpack_from("!HH", b, i)
             return StateChangeRecord(rec.timestamp, peer_as, local_as, peer_ip, local_ip, old, new, rec.offset)
-        _as4, add_path, local = _MESSAGE_SUBTYPES[st]
-        _need(b, i + C.HEADER_LEN, "BGP4MP message header")
-        hdr = b[i : i + C.HEADER_LEN]
-        length = (hdr[16] << 8) | hdr[17]
-        if length < C.HEADER_LEN or i + length > len(b):
-            raise DecodeError(f"BGP message length {length} does not fit the {len(b) - i} octets recorded")
-        return BgpMessageRecord(
-            rec.timestamp,
-            peer_as,
-            local_as,
-            peer_ip,
-            local_ip,
-            hdr[18],
-            b[i + C.HEADER_LEN : i + length],
-            asn4,
-            add_path,
-            local,
-            rec.offset,
-            hdr,
-        )
+        return _message_record(rec, b, i, peer_as, local_as, peer_ip, local_ip, asn4)
     return OtherRecord(rec)
+
+
+def _message_record(
+    rec: MrtRecord, b: bytes, i: int, peer_as: int, local_as: int, peer_ip: str, local_ip: str, asn4: bool
+) -> BgpMessageRecord:
+    """The BGP message that starts at b[i] (with its header), as a BgpMessageRecord."""
+    _as4, add_path, local = _MESSAGE_SUBTYPES[rec.subtype]
+    _need(b, i + C.HEADER_LEN, "BGP4MP message header")
+    hdr = b[i : i + C.HEADER_LEN]
+    length = (hdr[16] << 8) | hdr[17]
+    if length < C.HEADER_LEN or i + length > len(b):
+        raise DecodeError(f"BGP message length {length} does not fit the {len(b) - i} octets recorded")
+    body = b[i + C.HEADER_LEN : i + length]
+    return BgpMessageRecord(
+        rec.timestamp, peer_as, local_as, peer_ip, local_ip, hdr[18], body, asn4, add_path, local, rec.offset, hdr
+    )
 
 
 def _zebra_short_form(b: bytes, i: int, subtype: int) -> str | None:
@@ -556,25 +553,7 @@ def _short_record(
     if kind == "state":
         old, new = struct.unpack_from("!HH", b, i)
         return StateChangeRecord(rec.timestamp, peer_as, local_as, "", "", old, new, rec.offset)
-    length = (b[i + 16] << 8) | b[i + 17]
-    if length < C.HEADER_LEN or i + length > len(b):
-        raise DecodeError(f"BGP message length {length} does not fit the {len(b) - i} octets recorded")
-    _as4, add_path, local = _MESSAGE_SUBTYPES[rec.subtype]
-    hdr = b[i : i + C.HEADER_LEN]
-    return BgpMessageRecord(
-        rec.timestamp,
-        peer_as,
-        local_as,
-        "",
-        "",
-        hdr[18],
-        b[i + C.HEADER_LEN : i + length],
-        asn4,
-        add_path,
-        local,
-        rec.offset,
-        hdr,
-    )
+    return _message_record(rec, b, i, peer_as, local_as, "", "", asn4)
 
 
 def decode_legacy_bgp(rec: MrtRecord) -> BgpMessageRecord | StateChangeRecord | OtherRecord:

@@ -9,6 +9,7 @@ same structure, which is what a speaker peering with every recorded peer would h
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -114,25 +115,33 @@ def load_rib_dump(path: str | Path, *, local_as: int = 65535) -> CollectorView:
     return view
 
 
-def replay_updates(path: str | Path, *, local_as: int = 65535) -> CollectorView:
-    """Apply every UPDATE of an update dump, in order, to one Adj-RIB-In per recorded peer."""
-    view = CollectorView(local_as)
+def _recorded_updates(path: str | Path, errors: list[int]) -> Iterator[tuple[BgpMessageRecord, Update]]:
+    """Every UPDATE a peer sent in a dump, decoded; undecodable records are counted in errors[0]."""
     sessions = RecordedSessions()
-    t0 = time.perf_counter()
     with MrtReader(path) as reader:
         for item in reader:
             if isinstance(item, MrtError):
-                view.errors += 1
+                errors[0] += 1
                 continue
             if not isinstance(item, BgpMessageRecord) or item.msg_type != C.MSG_UPDATE or item.local:
                 continue
             try:
                 m = sessions.decode(item)
             except BgpError:
-                view.errors += 1
+                errors[0] += 1
                 continue
             assert isinstance(m, Update)
-            apply_update(view, view.source(item.peer_ip, item.peer_as), m, item.asn4)
+            yield item, m
+
+
+def replay_updates(path: str | Path, *, local_as: int = 65535) -> CollectorView:
+    """Apply every UPDATE of an update dump, in order, to one Adj-RIB-In per recorded peer."""
+    view = CollectorView(local_as)
+    errors = [0]
+    t0 = time.perf_counter()
+    for item, m in _recorded_updates(path, errors):
+        apply_update(view, view.source(item.peer_ip, item.peer_as), m, item.asn4)
+    view.errors = errors[0]
     view.seconds = time.perf_counter() - t0
     return view
 
@@ -177,20 +186,11 @@ def replay_updates_per_session(path: str | Path, *, local_as: int = 65535) -> di
     """Like `replay_updates`, but each recorded peer gets its own Loc-RIB - one BGP session each,
     which is how APSV's stack instances hold them (a session's Loc-RIB is fed by that session)."""
     views: dict[tuple[str, int], CollectorView] = {}
-    sessions = RecordedSessions()
-    with MrtReader(path) as reader:
-        for item in reader:
-            if not isinstance(item, BgpMessageRecord) or item.msg_type != C.MSG_UPDATE or item.local:
-                continue
-            key = (item.peer_ip, item.peer_as)
-            view = views.get(key)
-            if view is None:
-                view = views[key] = CollectorView(local_as)
-            try:
-                m = sessions.decode(item)
-            except BgpError:
-                view.errors += 1
-                continue
-            assert isinstance(m, Update)
-            apply_update(view, view.source(item.peer_ip, item.peer_as), m, item.asn4)
+    errors = [0]
+    for item, m in _recorded_updates(path, errors):
+        key = (item.peer_ip, item.peer_as)
+        view = views.get(key)
+        if view is None:
+            view = views[key] = CollectorView(local_as)
+        apply_update(view, view.source(item.peer_ip, item.peer_as), m, item.asn4)
     return views
