@@ -50,6 +50,7 @@ class FrameKind(enum.IntEnum):
     CLOSE = 65  # the agent must close the transport
     EVENTS = 66  # route/state events for the virtual router (JSON lines)
     TX_PROGRAM = 67  # periodic transmission the agent must run (BFD): payload describes it
+    OPEN = 68  # the agent must open the transport towards the peer (BGP: active TCP connect)
 
 
 class ProtocolId(enum.IntEnum):
@@ -163,3 +164,27 @@ def iter_batch(data: bytes | bytearray | memoryview, max_payload: int = MAX_PAYL
 
 def decode_batch(data: bytes | bytearray | memoryview, max_payload: int = MAX_PAYLOAD) -> list[Frame]:
     return list(iter_batch(data, max_payload))
+
+
+def frame_offsets(data: bytes | bytearray | memoryview, max_payload: int = MAX_PAYLOAD) -> list[int]:
+    """Start offsets of the frames of a batch, checking each header as decode_batch does."""
+    view = memoryview(data)
+    out = []
+    off = 0
+    n = len(view)
+    unpack = _PREFIX.unpack_from
+    while off < n:
+        if n - off < HEADER_LEN:
+            raise DecodeError(f"truncated frame: header needs {HEADER_LEN} octets, {n - off} remain", off)
+        magic, version, kind = unpack(view, off)
+        if magic != MAGIC or version != VERSION or kind not in _KINDS:
+            _decode_at(view, off, max_payload)  # raises the precise error
+        length = int.from_bytes(view[off + 48 : off + 52], "big")
+        if length > max_payload or off + HEADER_LEN + length > n:
+            _decode_at(view, off, max_payload)
+        out.append(off)
+        off += HEADER_LEN + length
+    return out
+
+
+_PREFIX = struct.Struct("!2sBB")

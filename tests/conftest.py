@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -45,3 +46,54 @@ def manifest_bgp_messages(measured: str) -> dict[str, int]:
     if "BGPmsgs=" not in measured:
         return {}
     return {k: int(v) for k, v in re.findall(r"([A-Z-]+):(\d+)", measured.split("BGPmsgs=")[1])}
+
+
+# ------------------------------------------------------------------------------------------------
+# One local Ray cluster for the whole test session (ray.init costs seconds).
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def ray_cluster() -> Any:
+    import tempfile
+
+    import ray
+
+    from apsv.runtime.cluster import start_local_ray
+
+    port = _free_port()
+    tmp = tempfile.mkdtemp(prefix="apsv-t-", dir="/tmp")
+    info = start_local_ray(num_cpus=8, temp_dir=tmp, metrics_export_port=port)
+    info["metrics_port"] = port
+    yield info
+    ray.shutdown()
+
+
+_DEPLOYMENTS = iter(range(1, 1_000_000))
+
+
+@pytest.fixture
+def deployment(ray_cluster: Any, tmp_path: Path) -> Any:
+    """A fresh multiplexer + VPSM pair (names unique to the test); destroyed afterwards."""
+    from apsv.runtime.cluster import deploy
+
+    made = []
+
+    def make(plans: list[Any], **kw: Any) -> Any:
+        dep = deploy(plans, suffix=f"-t{next(_DEPLOYMENTS)}", telemetry_root=tmp_path / "telemetry", **kw)
+        made.append(dep)
+        return dep
+
+    yield make
+    for dep in made:
+        try:
+            dep.stop()
+        except Exception:
+            pass

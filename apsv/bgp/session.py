@@ -8,6 +8,7 @@ state changes, best-path changes for the virtual router's FIB). The FSM rows com
 
 from __future__ import annotations
 
+import hashlib
 import socket
 from collections import Counter
 from collections.abc import Iterable
@@ -293,6 +294,19 @@ class BgpSession:
     def loc_rib_table(self, family: Family = C.IPV4_UNICAST) -> list[tuple[str, str | None, str]]:
         rib = self.loc_rib.get(family)
         return [] if rib is None else rib.table()
+
+    def rib_digest(self) -> str:
+        """SHA-256 over every Loc-RIB row (prefix, next hop, AS path) and Adj-RIB-In attribute set:
+        equal digests mean equal RIBs, which lets RIBs held in other processes be compared."""
+        h = hashlib.sha256()
+        for fam in sorted(self.loc_rib):
+            loc = self.loc_rib[fam]
+            for prefix in sorted(loc.best):
+                bp = loc.best_path(prefix)
+                assert bp is not None
+                h.update(bytes((fam[0], fam[1], len(prefix))) + prefix + bp[0].wire)
+                h.update((bp[0].next_hop or "").encode())
+        return h.hexdigest()
 
     def prefix_count(self) -> int:
         return sum(len(r) for r in self.adj_in.values())

@@ -1,0 +1,132 @@
+"""Pre-allocated message buffers with backpressure.
+
+The sending side (the agent, or the replay driver) writes frames straight into a buffer taken
+from the pool - for a socket, `recv_into` the buffer's free space - and hands the filled buffer
+to the cluster with one copy into the Ray object store. From there the multiplexer and the stack
+instance read it in place (a read-only, zero-copy view), down to the `memoryview` a stack's
+`data_received` gets. A buffer returns to the pool when the cluster has applied its frames, so the
+pool bounds the payload bytes a sender can have in flight.
+
+When the pool is empty, `acquire` waits (up to a timeout): the sender is slowed, never allowed to
+grow memory, and every wait and every timeout is counted.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from apsv.frame import HEADER, HEADER_LEN, MAGIC, VERSION
+
+
+class PoolExhausted(TimeoutError):
+    """No buffer became free within the timeout (the cluster is not keeping up)."""
+
+
+@dataclass
+class PoolStats:
+    acquired: int = 0
+    released: int = 0
+    waits: int = 0
+    wait_seconds: float = 0.0
+    exhausted: int = 0
+    max_in_use: int = 0
+
+
+class Buffer:
+    """One slot of the pool: frames are appended until it is full."""
+
+    __slots__ = ("array", "frames", "index", "used")
+
+    def __init__(self, index: int, array: np.ndarray[Any, np.dtype[np.uint8]]) -> None:
+        self.index = index
+        self.array = array
+        self.used = 0
+        self.frames = 0
+
+    @property
+    def capacity(self) -> int:
+        return int(self.array.shape[0])
+
+    def room(self) -> int:
+        return self.capacity - self.used
+
+    def append(
+        self,
+        kind: int,
+        protocol: int,
+        tenant: int,
+        vrouter: int,
+        session: int,
+        seq: int,
+        rx_ns: int,
+        payload: bytes | memoryview,
+    ) -> bool:
+        """Write one frame; False if it does not fit (the caller sends this buffer and takes another)."""
+        n = len(payload)
+        end = self.used + HEADER_LEN + n
+        if end > self.capacity:
+            return False
+        mv = self.array.data
+        HEADER.pack_into(
+            mv, self.used, MAGIC, VERSION, kind, protocol, 0, tenant, vrouter, session, seq, rx_ns, time.time_ns(), n, 0
+        )
+        mv[self.used + HEADER_LEN : end] = payload  # the sender producing its message into the pool
+        self.used = end
+        self.frames += 1
+        return True
+
+    def filled(self) -> np.ndarray[Any, np.dtype[np.uint8]]:
+        return self.array[: self.used]
+
+    def reset(self) -> None:
+        self.used = 0
+        self.frames = 0
+
+
+class BufferPool:
+    """`slots` buffers of `slot_bytes` each, allocated once."""
+
+    def __init__(self, slots: int = 16, slot_bytes: int = 256 << 10) -> None:
+        if slots < 1 or slot_bytes < HEADER_LEN + 64:
+            raise ValueError("a buffer pool needs at least one slot of at least 120 octets")
+        self.slot_bytes = slot_bytes
+        self._arena = np.zeros(slots * slot_bytes, dtype=np.uint8)
+        self._buffers = [Buffer(i, self._arena[i * slot_bytes : (i + 1) * slot_bytes]) for i in range(slots)]
+        self._free: deque[int] = deque(range(slots))
+        self._cv = threading.Condition()
+        self.stats = PoolStats()
+
+    @property
+    def slots(self) -> int:
+        return len(self._buffers)
+
+    def in_use(self) -> int:
+        return len(self._buffers) - len(self._free)
+
+    def acquire(self, timeout: float = 30.0) -> Buffer:
+        with self._cv:
+            if not self._free:
+                self.stats.waits += 1
+                t0 = time.perf_counter()
+                ok = self._cv.wait_for(lambda: bool(self._free), timeout)
+                self.stats.wait_seconds += time.perf_counter() - t0
+                if not ok:
+                    self.stats.exhausted += 1
+                    raise PoolExhausted(f"no free buffer in {timeout}s ({len(self._buffers)} in flight)")
+            buf = self._buffers[self._free.popleft()]
+            self.stats.acquired += 1
+            self.stats.max_in_use = max(self.stats.max_in_use, self.in_use())
+        buf.reset()
+        return buf
+
+    def release(self, buf: Buffer) -> None:
+        with self._cv:
+            self._free.append(buf.index)
+            self.stats.released += 1
+            self._cv.notify()

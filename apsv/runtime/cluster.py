@@ -1,0 +1,91 @@
+"""Starting or joining Ray, and deploying APSV's actors on it.
+
+`start_local_ray` uses a temp dir of its own (a stale ``ray_current_cluster`` file in Ray's
+default one breaks the next ``ray.init(num_cpus=...)``), binds the dashboard to 127.0.0.1, and
+keeps Ray's token authentication on (Ray's default).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ray
+
+from apsv.runtime.multiplexer import create_multiplexer
+from apsv.runtime.vpsm import VPSM_NAME, ProtocolPlan, create_vpsm
+
+NAMESPACE = "apsv"
+MULTIPLEXER_NAME = "apsv-multiplexer"
+
+
+def start_local_ray(
+    num_cpus: int = 8,
+    *,
+    temp_dir: str | Path | None = None,
+    namespace: str = NAMESPACE,
+    include_dashboard: bool = False,
+    metrics_export_port: int | None = None,
+    object_store_memory: int = 512 << 20,
+) -> dict[str, Any]:
+    if ray.is_initialized():
+        return {"address": ray.get_runtime_context().gcs_address, "reused": True}
+    # Unix sockets live under the temp dir and their paths are length-limited: keep it short.
+    tmp = Path(temp_dir) if temp_dir else Path(tempfile.mkdtemp(prefix="apsv-ray-", dir="/tmp"))
+    kwargs: dict[str, Any] = {
+        "num_cpus": num_cpus,
+        "namespace": namespace,
+        "include_dashboard": include_dashboard,
+        "dashboard_host": "127.0.0.1",
+        "_node_ip_address": "127.0.0.1",  # nothing of Ray listens beyond loopback unless configured
+        "_temp_dir": str(tmp),
+        "object_store_memory": object_store_memory,
+        "log_to_driver": bool(os.environ.get("APSV_RAY_LOGS")),
+    }
+    if metrics_export_port is not None:
+        kwargs["_metrics_export_port"] = metrics_export_port
+    ray.init(**kwargs)
+    return {"address": ray.get_runtime_context().gcs_address, "temp_dir": str(tmp), "reused": False}
+
+
+@dataclass
+class Deployment:
+    multiplexer: Any
+    vpsm: Any
+    namespace: str
+
+    def stop(self) -> None:
+        """Destroy the instances, then the VPSM and the multiplexer."""
+        try:
+            ray.get(self.vpsm.shutdown.remote(), timeout=120)
+        finally:
+            ray.kill(self.vpsm)
+            ray.kill(self.multiplexer)
+
+
+def deploy(
+    plans: list[ProtocolPlan],
+    *,
+    namespace: str = NAMESPACE,
+    telemetry_root: str | Path | None = None,
+    interval_s: float = 1.0,
+    run_loop: bool = True,
+    suffix: str = "",
+) -> Deployment:
+    """Create the multiplexer and the VPSM, and bring every protocol to its minimum instances."""
+    im_name = MULTIPLEXER_NAME + suffix
+    im = create_multiplexer(im_name, namespace=namespace)
+    ray.get(im.stats.remote())  # created and answering
+    vpsm = create_vpsm(
+        plans,
+        multiplexer_name=im_name,
+        namespace=namespace,
+        telemetry_root=telemetry_root,
+        interval_s=interval_s,
+        name=VPSM_NAME + suffix,
+    )
+    ray.get(vpsm.start.remote(run_loop))
+    return Deployment(im, vpsm, namespace)

@@ -1,0 +1,278 @@
+"""The session host: what a stack instance runs, whatever backend it is on.
+
+A `SessionHost` holds many sessions of one protocol and turns batches of offload frames into
+batches of output frames. It is pure: no Ray, no sockets, the clock passed in. The process
+backend calls it inside the instance actor; the Docker backend calls it inside the container.
+
+Ordering and exactly-once: every session's frames carry a per-direction sequence number. The
+host applies a frame only if its number is above the last one applied; a lower or equal one is
+a redelivery (after a failure or a move) and is dropped and counted. Output frames get their
+own per-session sequence. Snapshots record the last sequence number applied, so a session
+restored from one and fed the frames after it ends exactly where the original would have.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from apsv.frame import HEADER, HEADER_LEN, Frame, FrameKind, SessionKey, encode_frame
+from apsv.stack import (
+    CloseTransport,
+    OpenTransport,
+    Send,
+    StackEvent,
+    StackSession,
+    load_stack,
+)
+
+Key = tuple[int, int, int, int]  # (tenant, vrouter, protocol, session): the frame header's identity
+
+
+def key_of(k: SessionKey | Key) -> Key:
+    return (k.tenant, k.vrouter, k.protocol, k.session) if isinstance(k, SessionKey) else k
+
+
+@dataclass
+class HostLimits:
+    max_sessions: int = 10_000
+    max_output_frames: int = 100_000  # queued timer output not yet collected
+    snapshot_every: int = 256  # frames applied to a session between automatic snapshots
+
+
+@dataclass(frozen=True)
+class SeqState:
+    """A session's sequence bookkeeping, carried with its snapshot across moves and recoveries."""
+
+    last_seq: int = 0  # highest inbound sequence number applied
+    out_seq: int = 0  # last outbound sequence number used
+    applied: int = 0  # inbound frames applied, over the session's whole life
+    duplicates: int = 0  # redelivered frames dropped, likewise
+
+
+@dataclass
+class Entry:
+    session: StackSession
+    protocol: str
+    last_seq: int = 0  # highest inbound sequence number applied
+    out_seq: int = 0  # last outbound sequence number used
+    since_snapshot: int = 0
+    emit_events: bool = False  # send route/state events to the agent as EVENTS frames
+    frames: int = 0
+    duplicates: int = 0
+    gaps: int = 0
+
+    def seq_state(self) -> SeqState:
+        return SeqState(self.last_seq, self.out_seq, self.frames, self.duplicates)
+
+
+@dataclass
+class HostCounters:
+    frames_in: int = 0
+    frames_out: int = 0
+    duplicates: int = 0
+    gaps: int = 0
+    unknown_session: int = 0
+    errors: int = 0
+    busy_seconds: float = 0.0
+    latency_ns: list[int] = field(default_factory=list)  # rx -> processed, drained by telemetry
+
+
+class SessionHost:
+    def __init__(self, protocol: str, limits: HostLimits | None = None) -> None:
+        self.protocol = protocol
+        self.stack = load_stack(protocol)
+        self.limits = limits or HostLimits()
+        self.sessions: dict[Key, Entry] = {}
+        self.counters = HostCounters()
+        self._pending: list[bytes] = []  # output produced outside process() (timers)
+        self._snapshots: dict[Key, tuple[SeqState, bytes]] = {}
+
+    # -- session lifecycle ---------------------------------------------------------------------
+
+    def open(self, key: Key, config: Mapping[str, Any], now: float, *, emit_events: bool = False) -> None:
+        if key in self.sessions:
+            raise ValueError(f"session {key} already exists on this instance")
+        if len(self.sessions) >= self.limits.max_sessions:
+            raise OverflowError(f"instance is full ({self.limits.max_sessions} sessions)")
+        session = self.stack.create_session(config)
+        entry = Entry(session, self.protocol, emit_events=emit_events)
+        self.sessions[key] = entry
+        self._emit(key, entry, session.start(now), 0)
+
+    def restore(self, key: Key, blob: bytes, seq: SeqState, *, emit_events: bool = False) -> None:
+        if len(self.sessions) >= self.limits.max_sessions and key not in self.sessions:
+            raise OverflowError(f"instance is full ({self.limits.max_sessions} sessions)")
+        session = self.stack.restore_session(blob)
+        self.sessions[key] = Entry(
+            session,
+            self.protocol,
+            seq.last_seq,
+            seq.out_seq,
+            emit_events=emit_events,
+            frames=seq.applied,
+            duplicates=seq.duplicates,
+        )
+
+    def snapshot(self, key: Key) -> tuple[bytes, SeqState]:
+        """A session's snapshot and its sequence state."""
+        e = self.sessions[key]
+        return e.session.snapshot(), e.seq_state()
+
+    def detach(self, key: Key) -> tuple[bytes, SeqState]:
+        """Snapshot a session and remove it (the first half of a move)."""
+        out = self.snapshot(key)
+        del self.sessions[key]
+        self._snapshots.pop(key, None)
+        return out
+
+    def close(self, key: Key, now: float) -> None:
+        e = self.sessions.pop(key, None)
+        if e is not None:
+            self._emit(key, e, e.session.stop(now, "session closed"), 0)
+
+    # -- the data path -------------------------------------------------------------------------
+
+    def process(self, data: bytes | memoryview, offsets: list[int] | None, now: float) -> bytes:
+        """Apply the frames of a batch (those at `offsets`, or all) and return the output batch."""
+        t0 = time.perf_counter()
+        view = memoryview(data)
+        if offsets is None:
+            from apsv.frame import frame_offsets
+
+            offsets = frame_offsets(view)
+        unpack = HEADER.unpack_from
+        sessions = self.sessions
+        c = self.counters
+        now_ns = int(now * 1e9)
+        lat = c.latency_ns
+        for off in offsets:
+            _m, _v, kind, proto, _f, tenant, vrouter, sid, seq, rx, _tx, n, _r = unpack(view, off)
+            key = (tenant, vrouter, proto, sid)
+            e = sessions.get(key)
+            c.frames_in += 1
+            if e is None:
+                c.unknown_session += 1
+                continue
+            if seq <= e.last_seq:
+                e.duplicates += 1
+                c.duplicates += 1
+                continue
+            if seq != e.last_seq + 1 and e.last_seq:
+                e.gaps += 1
+                c.gaps += 1
+            e.last_seq = seq
+            e.frames += 1
+            s = e.session
+            try:
+                if kind == FrameKind.DATA:
+                    events = s.data_received(view[off + HEADER_LEN : off + HEADER_LEN + n], now)
+                elif kind == FrameKind.TIMER:
+                    events = s.on_timer(now)
+                elif kind == FrameKind.CONNECTED:
+                    events = s.connection_made(now)
+                elif kind == FrameKind.DISCONNECTED:
+                    events = s.connection_lost(now, bytes(view[off + HEADER_LEN : off + HEADER_LEN + n]).decode())
+                else:
+                    c.errors += 1
+                    continue
+            except Exception:  # a stack bug must not take down the other sessions
+                c.errors += 1
+                continue
+            if events:
+                self._emit(key, e, events, rx)
+            if rx and len(lat) < 65536:
+                lat.append(now_ns - rx)
+            e.since_snapshot += 1
+            if e.since_snapshot >= self.limits.snapshot_every:
+                self._snapshots[key] = (e.seq_state(), s.snapshot())
+                e.since_snapshot = 0
+        out = b"".join(self._pending)
+        self._pending = []
+        c.busy_seconds += time.perf_counter() - t0
+        return out
+
+    def tick(self, now: float) -> int:
+        """Run the timers of every session that is due; output waits for collect()."""
+        n = 0
+        for key, e in self.sessions.items():
+            d = e.session.next_deadline()
+            if d is not None and d <= now:
+                self._emit(key, e, e.session.on_timer(now), 0)
+                n += 1
+        return n
+
+    def collect(self) -> bytes:
+        out = b"".join(self._pending)
+        self._pending = []
+        return out
+
+    def take_snapshots(self) -> dict[Key, tuple[SeqState, bytes]]:
+        """Snapshots made since the last call, by session: (sequence state, blob)."""
+        snaps, self._snapshots = self._snapshots, {}
+        return snaps
+
+    # -- output --------------------------------------------------------------------------------
+
+    def _emit(self, key: Key, e: Entry, events: list[StackEvent], rx_ns: int) -> None:
+        tenant, vrouter, proto, sid = key
+        tx = time.time_ns()
+        lines: list[dict[str, Any]] = []
+        for ev in events:
+            if isinstance(ev, Send):
+                kind, payload = FrameKind.SEND, ev.data
+            elif isinstance(ev, CloseTransport):
+                kind, payload = FrameKind.CLOSE, ev.reason.encode()
+            elif isinstance(ev, OpenTransport):
+                kind, payload = FrameKind.OPEN, b""
+            else:
+                if e.emit_events:
+                    lines.append(ev.to_json())
+                continue
+            e.out_seq += 1
+            self._queue(encode_frame(Frame(kind, proto, tenant, vrouter, sid, e.out_seq, rx_ns, tx, payload)))
+        if lines:
+            e.out_seq += 1
+            body = "\n".join(json.dumps(x, separators=(",", ":")) for x in lines).encode()
+            self._queue(encode_frame(Frame(FrameKind.EVENTS, proto, tenant, vrouter, sid, e.out_seq, rx_ns, tx, body)))
+
+    def _queue(self, frame: bytes) -> None:
+        if len(self._pending) >= self.limits.max_output_frames:
+            self.counters.errors += 1  # never grows without bound: the oldest output is the agent's loss
+            return
+        self._pending.append(frame)
+        self.counters.frames_out += 1
+
+    # -- load ----------------------------------------------------------------------------------
+
+    def load(self) -> dict[str, Any]:
+        c = self.counters
+        return {
+            "sessions": len(self.sessions),
+            "frames_in": c.frames_in,
+            "frames_out": c.frames_out,
+            "duplicates": c.duplicates,
+            "gaps": c.gaps,
+            "unknown_session": c.unknown_session,
+            "errors": c.errors,
+            "busy_seconds": round(c.busy_seconds, 6),
+            "pending_output": len(self._pending),
+        }
+
+    def session_info(self, key: Key) -> dict[str, Any]:
+        e = self.sessions[key]
+        info: dict[str, Any] = {
+            "last_seq": e.last_seq,
+            "out_seq": e.out_seq,
+            "frames": e.frames,
+            "duplicates": e.duplicates,
+            "gaps": e.gaps,
+            **e.session.stats(),
+        }
+        digest = getattr(e.session, "rib_digest", None)
+        if callable(digest):
+            info["rib_digest"] = digest()
+        return info

@@ -1,0 +1,152 @@
+"""The stack instance: a Ray actor hosting many sessions of one protocol.
+
+All its calls come from the multiplexer, so Ray's per-caller ordering of actor tasks is the
+session order: frames of a session are applied in the order the multiplexer routed them, and a
+move (detach here, restore there) cannot overtake the frames sent before it. The actor is
+synchronous on purpose: a batch is applied as a whole before the next call starts.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import ray
+
+from apsv.runtime.backend import Backend, ProcessBackend
+from apsv.runtime.host import HostLimits, Key, SeqState
+from apsv.runtime.telemetry import InstanceMetrics, percentile
+
+
+@dataclass(frozen=True)
+class Allocation:
+    """What the VPSM gives an instance: scheduling resources, container limits, buffer quota."""
+
+    cpu: float = 0.5  # Ray num_cpus, and the container's CPU limit
+    memory_bytes: int = 512 << 20  # Ray memory resource, and the container's memory limit
+    buffer_quota_bytes: int = 8 << 20  # payload bytes in flight to this instance (multiplexer)
+    max_sessions: int = 10_000
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class StackInstance:
+    """Ray actor class (wrapped with ray.remote by `create_instance`)."""
+
+    def __init__(self, instance_id: str, protocol: str, backend: str, allocation: Allocation, snapshot_every: int = 256):
+        self.instance_id = instance_id
+        self.protocol = protocol
+        self.allocation = allocation
+        self.started = time.time()
+        limits = HostLimits(max_sessions=allocation.max_sessions, snapshot_every=snapshot_every)
+        self.backend: Backend
+        if backend == "process":
+            self.backend = ProcessBackend(protocol, limits)
+        elif backend == "docker":
+            from apsv.runtime.docker_backend import DockerBackend
+
+            self.backend = DockerBackend(instance_id, protocol, limits, allocation)
+        else:
+            raise ValueError(f"unknown backend {backend!r} (process or docker)")
+        self.metrics = InstanceMetrics(instance_id, protocol, self.backend.kind)
+
+    def ready(self) -> dict[str, Any]:
+        return {"instance_id": self.instance_id, "backend": self.backend.kind, "protocol": self.protocol}
+
+    def open_sessions(self, specs: list[tuple[Key, dict[str, Any], bool]]) -> list[str | None]:
+        """Open sessions; returns, per spec, None or the error that refused it."""
+        now = time.time()
+        out: list[str | None] = []
+        for key, config, emit in specs:
+            try:
+                self.backend.open(key, config, now, emit)
+                out.append(None)
+            except Exception as e:  # a bad config refuses that session, not the batch
+                out.append(f"{type(e).__name__}: {e}")
+        return out
+
+    def process(self, data: Any, offsets: list[int] | None) -> tuple[bytes, list[tuple[Key, SeqState]], dict[Key, bytes]]:
+        """Apply a batch (the multiplexer passes the client's object: a zero-copy view here).
+
+        Returns the output frames, and the snapshots made while applying it: (session, last
+        inbound seq applied, last outbound seq used) and the blobs by session. The multiplexer
+        asks for the three as separate objects, so it keeps the blobs without fetching them.
+        """
+        view = memoryview(data).cast("B") if not isinstance(data, (bytes, bytearray)) else memoryview(data)
+        t0 = time.perf_counter()
+        out = self.backend.process(view, offsets, time.time())
+        self.metrics.batch(len(offsets) if offsets is not None else 0, time.perf_counter() - t0)
+        snaps = self.backend.take_snapshots()
+        return out, [(k, st) for k, (st, _b) in snaps.items()], {k: b for k, (_st, b) in snaps.items()}
+
+    def restore_sessions(self, items: list[tuple[Key, bytes, SeqState, bool]]) -> None:
+        for key, blob, seq, emit in items:
+            self.backend.restore(key, blob, seq, emit)
+
+    def detach(self, key: Key) -> tuple[bytes, SeqState]:
+        return self.backend.detach(key)
+
+    def snapshot(self, key: Key) -> tuple[bytes, SeqState]:
+        return self.backend.snapshot(key)
+
+    def close_sessions(self, keys: list[Key]) -> None:
+        now = time.time()
+        for k in keys:
+            self.backend.close(k, now)
+
+    def tick(self) -> bytes:
+        return self.backend.tick(time.time())
+
+    def session_info(self, key: Key) -> dict[str, Any]:
+        return self.backend.session_info(key)
+
+    def load(self) -> dict[str, Any]:
+        """Counters, resource use and the latencies seen since the last call (drained)."""
+        load = self.backend.load()
+        latencies = [float(x) for x in load.pop("latency_ns", [])]
+        usage = self.backend.usage()
+        self.metrics.usage(usage, load)
+        self.metrics.observe_latencies([int(x) for x in latencies])
+        ms = [x / 1e6 for x in latencies]
+        return {
+            "instance_id": self.instance_id,
+            "protocol": self.protocol,
+            "backend": self.backend.kind,
+            "allocation": self.allocation.to_json(),
+            "uptime_s": round(time.time() - self.started, 3),
+            **load,
+            **usage,
+            "latency_p50_ms": percentile(ms, 50),
+            "latency_p99_ms": percentile(ms, 99),
+            "latency_max_ms": max(ms) if ms else None,
+            "latency_samples": len(ms),
+        }
+
+    def shutdown(self) -> None:
+        self.backend.shutdown()
+
+
+def create_instance(
+    instance_id: str,
+    protocol: str,
+    backend: str,
+    allocation: Allocation,
+    *,
+    snapshot_every: int = 256,
+    resources: Mapping[str, float] | None = None,
+) -> Any:
+    """Start a stack instance actor with the allocation's resources (CPU, memory)."""
+    cls = ray.remote(StackInstance)
+    opts: dict[str, Any] = {
+        "name": f"apsv-instance-{instance_id}",
+        "num_cpus": allocation.cpu,
+        "memory": allocation.memory_bytes,
+        "max_restarts": 0,  # a dead instance's sessions are recovered elsewhere by the multiplexer
+        "max_concurrency": 1,
+    }
+    if resources:
+        opts["resources"] = dict(resources)
+    return cls.options(**opts).remote(instance_id, protocol, backend, allocation, snapshot_every)

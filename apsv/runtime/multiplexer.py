@@ -1,0 +1,519 @@
+"""The Intelligent Multiplexer (IM): routes batches of offload frames to stack instances.
+
+* **Routing and affinity.** Every session has a route: the instance holding its state. A batch
+  from a client is split by route, and each instance gets one call with the offsets of its
+  frames in the client's object - the payload is never copied here; the instance reads the same
+  object-store buffer.
+* **Order.** Each client numbers its batches and they are dispatched strictly in that order, one
+  dispatch at a time; every call to an instance comes from this actor, so Ray's per-caller
+  ordering of a synchronous actor's tasks keeps each session's frames in order end to end,
+  across pipelined batches, moves and recoveries.
+* **Placement.** New sessions go to the less loaded of two sampled instances (`placement.py`),
+  by live load: sessions, bytes in flight against the instance's buffer quota, and busy time.
+* **Backpressure.** Payload bytes in flight to an instance are bounded by its quota; a batch that
+  would exceed it waits (counted), so a slow instance slows its senders instead of growing memory.
+* **Failure.** Instances snapshot their sessions periodically; the multiplexer keeps each
+  session's last snapshot (by object reference) and the frames sent since. When an instance dies,
+  its sessions are restored on others from those snapshots and the retained frames are delivered
+  again; the hosts drop what they already applied (sequence numbers), clients drop repeated
+  output (output sequence numbers). Nothing is lost or applied twice.
+* **Moves.** A session is moved by holding its new frames, detaching it (snapshot) from its
+  instance after everything already sent there, restoring it on the target, and releasing the
+  held frames to the target.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray
+from ray.exceptions import RayActorError
+
+from apsv.frame import HEADER, frame_offsets
+from apsv.runtime.host import Key, SeqState
+from apsv.runtime.placement import InstanceLoad, choose_instance, least_used, rebalance_moves
+
+log = logging.getLogger("apsv.multiplexer")
+
+MAX_RETAINED_FRAMES = 4096  # per session, between snapshots (a session is snapshot every 256 by default)
+
+
+@dataclass
+class InstanceState:
+    instance_id: str
+    handle: Any
+    protocol: str
+    quota_bytes: int
+    max_sessions: int
+    sessions: set[Key] = field(default_factory=set)
+    inflight_bytes: int = 0
+    busy: float = 0.0
+    accepting: bool = True
+    alive: bool = True
+    frames: int = 0
+    quota_waits: int = 0
+    space: asyncio.Condition = field(default_factory=asyncio.Condition)
+
+    def load(self) -> InstanceLoad:
+        return InstanceLoad(
+            self.instance_id,
+            len(self.sessions),
+            self.max_sessions,
+            self.inflight_bytes,
+            self.quota_bytes,
+            self.busy,
+            self.accepting and self.alive,
+        )
+
+
+# A frame as the multiplexer keeps it: (batch object ref, offset in the batch, seq, octets).
+Held = tuple[Any, int, int, int]
+
+
+@dataclass
+class Route:
+    key: Key
+    protocol: str
+    instance_id: str
+    config: dict[str, Any]
+    emit_events: bool
+    snapshot: tuple[Any, SeqState] | None = None  # (ref of {key: blob}, its sequence state)
+    retained: deque[Held] = field(default_factory=deque)  # sent since the snapshot
+    moving: bool = False
+    held: list[Held] = field(default_factory=list)  # arrived while moving or recovering
+    frames: int = 0
+    moves: int = 0
+
+
+@dataclass
+class Counters:
+    batches: int = 0
+    frames: int = 0
+    unknown_session: int = 0
+    quota_waits: int = 0
+    quota_wait_seconds: float = 0.0
+    moves: int = 0
+    recoveries: int = 0
+    sessions_recovered: int = 0
+    frames_redelivered: int = 0
+    retained_dropped: int = 0
+    bad_batches: int = 0
+
+
+Call = tuple[str, int, Any]  # (instance id, octets reserved, the three object refs of process())
+
+
+class Multiplexer:
+    """Ray actor class (async). Create with `create_multiplexer`."""
+
+    def __init__(self, seed: int = 0) -> None:
+        self.instances: dict[str, InstanceState] = {}
+        self.routes: dict[Key, Route] = {}
+        self.c = Counters()
+        self.rng = random.Random(seed)
+        self._client_next: dict[str, int] = {}
+        self._turn_cv = asyncio.Condition()
+        self._dispatch_lock = asyncio.Lock()
+        self._recovery_lock = asyncio.Lock()
+        self._outputs: deque[bytes] = deque(maxlen=100_000)  # output produced outside a submit
+
+    # -- instances -----------------------------------------------------------------------------
+
+    async def register_instance(
+        self, instance_id: str, handle: Any, protocol: str, quota_bytes: int, max_sessions: int
+    ) -> None:
+        self.instances[instance_id] = InstanceState(instance_id, handle, protocol, quota_bytes, max_sessions)
+
+    async def instance_loads(self) -> dict[str, dict[str, Any]]:
+        return {
+            iid: {
+                "protocol": s.protocol,
+                "sessions": len(s.sessions),
+                "inflight_bytes": s.inflight_bytes,
+                "quota_bytes": s.quota_bytes,
+                "busy": round(s.busy, 4),
+                "accepting": s.accepting,
+                "alive": s.alive,
+                "frames": s.frames,
+                "quota_waits": s.quota_waits,
+            }
+            for iid, s in self.instances.items()
+        }
+
+    # -- sessions ------------------------------------------------------------------------------
+
+    async def open_sessions(self, specs: list[tuple[Key, str, dict[str, Any], bool]]) -> dict[Key, str]:
+        """Place and open sessions: (key, protocol, config, emit events). Returns key -> instance,
+        or key -> 'error: ...' for a session that was refused."""
+        placed: dict[str, list[tuple[Key, dict[str, Any], bool]]] = {}
+        result: dict[Key, str] = {}
+        for key, protocol, config, emit in specs:
+            if key in self.routes:
+                result[key] = f"error: session {key} already open"
+                continue
+            cands = [s.load() for s in self.instances.values() if s.protocol == protocol]
+            iid = choose_instance(cands, self.rng)
+            if iid is None:
+                result[key] = f"error: no {protocol} instance can take a session"
+                continue
+            self.instances[iid].sessions.add(key)  # count it now so the next choice sees it
+            self.routes[key] = Route(key, protocol, iid, dict(config), emit)
+            placed.setdefault(iid, []).append((key, dict(config), emit))
+            result[key] = iid
+        calls = {iid: self.instances[iid].handle.open_sessions.remote(items) for iid, items in placed.items()}
+        for iid, ref in calls.items():
+            errors = await ref
+            for (key, _cfg, _emit), err in zip(placed[iid], errors, strict=True):
+                if err is not None:
+                    self.routes.pop(key, None)
+                    self.instances[iid].sessions.discard(key)
+                    result[key] = f"error: {err}"
+        return result
+
+    async def close_sessions(self, keys: list[Key]) -> None:
+        by_inst: dict[str, list[Key]] = {}
+        for k in keys:
+            r = self.routes.pop(k, None)
+            if r is not None:
+                by_inst.setdefault(r.instance_id, []).append(k)
+                self.instances[r.instance_id].sessions.discard(k)
+        await asyncio.gather(*(self.instances[i].handle.close_sessions.remote(ks) for i, ks in by_inst.items()))
+
+    async def route_of(self, key: Key) -> str | None:
+        r = self.routes.get(key)
+        return None if r is None else r.instance_id
+
+    async def routes_table(self) -> dict[str, list[Key]]:
+        out: dict[str, list[Key]] = {}
+        for k, r in self.routes.items():
+            out.setdefault(r.instance_id, []).append(k)
+        return out
+
+    # -- ordering -------------------------------------------------------------------------------
+    # Ray starts an async actor's tasks in no particular order, so arrival order means nothing:
+    # each client numbers its batches and they are dispatched in that order, one dispatch at a
+    # time (the dispatch lock, which moves and recoveries take too).
+
+    async def _wait_client_turn(self, client_id: str, batch_seq: int) -> None:
+        async with self._turn_cv:
+            await self._turn_cv.wait_for(lambda: self._client_next.get(client_id, 0) == batch_seq)
+
+    async def _end_client_turn(self, client_id: str) -> None:
+        async with self._turn_cv:
+            self._client_next[client_id] = self._client_next.get(client_id, 0) + 1
+            self._turn_cv.notify_all()
+
+    # -- the data path -------------------------------------------------------------------------
+
+    async def submit(self, client_id: str, batch_seq: int, refs: list[Any]) -> list[bytes]:
+        """Apply a client's batch number `batch_seq` (its object: refs[0]); return output batches."""
+        try:
+            data = await refs[0]
+            view = memoryview(data).cast("B") if not isinstance(data, (bytes, bytearray)) else memoryview(data)
+            offsets = frame_offsets(view)
+        except Exception:
+            self.c.bad_batches += 1
+            await self._wait_client_turn(client_id, batch_seq)
+            await self._end_client_turn(client_id)
+            raise
+        await self._wait_client_turn(client_id, batch_seq)
+        try:
+            async with self._dispatch_lock:
+                calls = await self._dispatch(refs[0], view, offsets)
+        finally:
+            await self._end_client_turn(client_id)
+        outputs: list[bytes] = []
+        for call in calls:
+            out = await self._await_call(call)
+            if out:
+                outputs.append(out)
+        while self._outputs:
+            outputs.append(self._outputs.popleft())
+        return outputs
+
+    async def poll(self) -> list[bytes]:
+        """Output produced outside submits (timers, recoveries, released frames)."""
+        out = list(self._outputs)
+        self._outputs.clear()
+        return out
+
+    async def _dispatch(self, ref: Any, view: memoryview, offsets: list[int]) -> list[Call]:
+        """Group a batch's frames by instance and send each group (called in ticket order)."""
+        groups: dict[str, list[Held]] = {}
+        unpack = HEADER.unpack_from
+        routes = self.routes
+        for off in offsets:
+            _m, _v, _kind, proto, _f, tenant, vrouter, sid, seq, _rx, _tx, n, _r = unpack(view, off)
+            r = routes.get((tenant, vrouter, proto, sid))
+            if r is None:
+                self.c.unknown_session += 1
+                continue
+            r.frames += 1
+            frame = (ref, off, seq, 56 + n)
+            if r.moving:
+                r.held.append(frame)
+                continue
+            self._retain(r, frame)
+            g = groups.get(r.instance_id)
+            if g is None:
+                g = groups[r.instance_id] = []
+            g.append(frame)
+        self.c.batches += 1
+        self.c.frames += len(offsets)
+        calls = []
+        for iid, frames in groups.items():
+            calls.append(await self._send(self.instances[iid], ref, frames))
+        return calls
+
+    def _retain(self, r: Route, frame: Held) -> None:
+        if len(r.retained) >= MAX_RETAINED_FRAMES:
+            r.retained.popleft()  # bounded; a snapshot is overdue (counted)
+            self.c.retained_dropped += 1
+        r.retained.append(frame)
+
+    async def _send(self, inst: InstanceState, ref: Any, frames: list[Held]) -> Call:
+        nbytes = sum(f[3] for f in frames)
+        await self._reserve(inst, nbytes)
+        inst.frames += len(frames)
+        offs = [f[1] for f in frames]
+        return (inst.instance_id, nbytes, inst.handle.process.options(num_returns=3).remote(ref, offs))
+
+    async def _reserve(self, inst: InstanceState, nbytes: int) -> None:
+        if inst.inflight_bytes + nbytes <= inst.quota_bytes or inst.inflight_bytes == 0:
+            inst.inflight_bytes += nbytes
+            return
+        self.c.quota_waits += 1
+        inst.quota_waits += 1
+        t0 = time.perf_counter()
+        async with inst.space:
+            await inst.space.wait_for(
+                lambda: inst.inflight_bytes + nbytes <= inst.quota_bytes or inst.inflight_bytes == 0 or not inst.alive
+            )
+        inst.inflight_bytes += nbytes
+        self.c.quota_wait_seconds += time.perf_counter() - t0
+
+    async def _release(self, inst: InstanceState, nbytes: int) -> None:
+        inst.inflight_bytes = max(0, inst.inflight_bytes - nbytes)
+        async with inst.space:
+            inst.space.notify_all()
+
+    async def _await_call(self, call: Call) -> bytes:
+        iid, nbytes, (out_ref, index_ref, blobs_ref) = call
+        inst = self.instances[iid]
+        t0 = time.perf_counter()
+        try:
+            out = await out_ref
+            index = await index_ref
+        except RayActorError:
+            await self._release(inst, nbytes)
+            await self._recover(iid)
+            return b""  # its frames were redelivered; their output comes through self._outputs
+        inst.busy = 0.9 * inst.busy + 0.1 * min((time.perf_counter() - t0) * 10, 2.0)  # rough, smoothed
+        await self._release(inst, nbytes)
+        for key, st in index:
+            r = self.routes.get(tuple(key))
+            if r is not None and r.instance_id == iid:
+                r.snapshot = (blobs_ref, st)
+                while r.retained and r.retained[0][2] <= st.last_seq:
+                    r.retained.popleft()
+        return bytes(out)
+
+    async def _send_in_order(self, r: Route, frames: list[Held]) -> list[Call]:
+        """Send frames of one route to its instance (caller holds the dispatch turn)."""
+        inst = self.instances[r.instance_id]
+        calls = []
+        for ref, group in _group_by_ref(frames):
+            for f in group:
+                self._retain(r, f)
+            calls.append(await self._send(inst, ref, group))
+        return calls
+
+    async def _collect(self, calls: list[Call]) -> None:
+        for call in calls:
+            out = await self._await_call(call)
+            if out:
+                self._outputs.append(out)
+
+    # -- moves ---------------------------------------------------------------------------------
+
+    async def move_session(self, key: Key, dst: str) -> None:
+        """Move a live session to instance `dst` without losing or reordering a frame."""
+        r = self.routes[key]
+        if r.instance_id == dst:
+            return
+        src = self.instances[r.instance_id]
+        target = self.instances[dst]
+        async with self._dispatch_lock:
+            r.moving = True  # from here on its frames are held
+            # Sent under the lock, so after every process() already sent to src: nothing lost.
+            detach = src.handle.detach.remote(key)
+        try:
+            blob, st = await detach
+            await target.handle.restore_sessions.remote([(key, blob, st, r.emit_events)])
+        except RayActorError:
+            await self._recover(src.instance_id)  # picks up the held frames too
+            return
+        src.sessions.discard(key)
+        target.sessions.add(key)
+        r.instance_id = dst
+        r.snapshot = (ray.put({key: blob}), st)
+        r.retained.clear()
+        r.moves += 1
+        self.c.moves += 1
+        await self._release_held(r)
+
+    async def _release_held(self, r: Route) -> None:
+        """Send a route's held frames to its (new) instance, in order, then let new ones flow."""
+        async with self._dispatch_lock:
+            held, r.held = r.held, []
+            r.moving = False
+            calls = await self._send_in_order(r, held)
+        await self._collect(calls)
+
+    async def drain_instance(self, instance_id: str) -> int:
+        """Move every session off an instance (to the others of its protocol). Returns how many."""
+        inst = self.instances[instance_id]
+        inst.accepting = False
+        moved = 0
+        for key in list(inst.sessions):
+            cands = [
+                s.load() for s in self.instances.values() if s.protocol == inst.protocol and s.instance_id != instance_id
+            ]
+            dst = choose_instance(cands, self.rng)
+            if dst is None:
+                inst.accepting = True
+                raise RuntimeError(f"no other {inst.protocol} instance can take sessions from {instance_id}")
+            await self.move_session(key, dst)
+            moved += 1
+        return moved
+
+    async def rebalance(self, protocol: str) -> int:
+        """Even out session counts across a protocol's instances by moving live sessions."""
+        insts = [s for s in self.instances.values() if s.protocol == protocol and s.alive]
+        by: dict[str, list[Any]] = {s.instance_id: sorted(s.sessions) for s in insts}
+        moves = rebalance_moves([s.load() for s in insts], by)
+        for key, dst in moves:
+            await self.move_session(key, dst)
+        return len(moves)
+
+    async def remove_instance(self, instance_id: str) -> None:
+        inst = self.instances.get(instance_id)
+        if inst is None:
+            return
+        if inst.sessions and inst.alive:
+            raise RuntimeError(f"instance {instance_id} still holds {len(inst.sessions)} sessions; drain it first")
+        del self.instances[instance_id]
+
+    async def set_accepting(self, instance_id: str, accepting: bool) -> None:
+        """Open or close an instance to new and moved sessions (closed while it waits to be drained)."""
+        self.instances[instance_id].accepting = accepting
+
+    async def moved_sessions(self) -> int:
+        """How many sessions have been moved live at least once."""
+        return sum(1 for r in self.routes.values() if r.moves)
+
+    async def least_used(self, protocol: str) -> str | None:
+        return least_used([s.load() for s in self.instances.values() if s.protocol == protocol])
+
+    # -- failure -------------------------------------------------------------------------------
+
+    async def _recover(self, instance_id: str) -> None:
+        """An instance died: restore its sessions elsewhere and redeliver what it had not made durable."""
+        async with self._recovery_lock:
+            inst = self.instances.get(instance_id)
+            if inst is None or not inst.alive:
+                return
+            async with self._dispatch_lock:
+                inst.alive = False
+                inst.accepting = False
+                keys = [k for k, r in self.routes.items() if r.instance_id == instance_id]
+                for key in keys:
+                    r = self.routes[key]
+                    r.moving = True  # later frames wait; earlier ones are in `retained`
+                    r.held = list(r.retained) + r.held  # redeliver what was not snapshot, in order
+                    r.retained.clear()
+            self.c.recoveries += 1
+        async with inst.space:
+            inst.space.notify_all()
+        log.warning("instance %s died: recovering %d sessions", instance_id, len(keys))
+        # Outside the lock: a recovery that hits another dead instance recovers that one too.
+        for key in keys:
+            await self._recover_session(self.routes[key])
+        inst.sessions.clear()
+
+    async def _recover_session(self, r: Route) -> None:
+        cands = [s.load() for s in self.instances.values() if s.protocol == r.protocol]
+        dst = choose_instance(cands, self.rng)
+        if dst is None:
+            raise RuntimeError(f"no live {r.protocol} instance to recover session {r.key} on")
+        target = self.instances[dst]
+        if r.snapshot is not None:
+            blobs_ref, st = r.snapshot
+            blobs = await blobs_ref
+            await target.handle.restore_sessions.remote([(r.key, blobs[r.key], st, r.emit_events)])
+        else:
+            errors = await target.handle.open_sessions.remote([(r.key, r.config, r.emit_events)])
+            if errors[0] is not None:
+                raise RuntimeError(f"could not reopen session {r.key} on {dst}: {errors[0]}")
+        target.sessions.add(r.key)
+        r.instance_id = dst
+        self.c.sessions_recovered += 1
+        self.c.frames_redelivered += len(r.held)
+        await self._release_held(r)
+
+    # -- stats ---------------------------------------------------------------------------------
+
+    async def stats(self) -> dict[str, Any]:
+        c = self.c
+        return {
+            "instances": len(self.instances),
+            "sessions": len(self.routes),
+            "batches": c.batches,
+            "frames": c.frames,
+            "unknown_session": c.unknown_session,
+            "quota_waits": c.quota_waits,
+            "quota_wait_seconds": round(c.quota_wait_seconds, 4),
+            "moves": c.moves,
+            "recoveries": c.recoveries,
+            "sessions_recovered": c.sessions_recovered,
+            "frames_redelivered": c.frames_redelivered,
+            "retained_dropped": c.retained_dropped,
+            "bad_batches": c.bad_batches,
+            "retained_frames": sum(len(r.retained) for r in self.routes.values()),
+        }
+
+    async def tick(self) -> int:
+        """Run due timers on every instance; their output waits for the next submit or poll."""
+        alive = [s for s in self.instances.values() if s.alive]
+        outs = await asyncio.gather(*(s.handle.tick.remote() for s in alive), return_exceptions=True)
+        n = 0
+        for o in outs:
+            if isinstance(o, (bytes, bytearray)) and o:
+                self._outputs.append(bytes(o))
+                n += 1
+        return n
+
+
+def _group_by_ref(frames: list[Held]) -> list[tuple[Any, list[Held]]]:
+    """Consecutive frames from the same batch object, kept in order."""
+    out: list[tuple[Any, list[Held]]] = []
+    for f in frames:
+        if out and out[-1][0] is f[0]:
+            out[-1][1].append(f)
+        else:
+            out.append((f[0], [f]))
+    return out
+
+
+def create_multiplexer(name: str = "apsv-multiplexer", *, namespace: str | None = None, seed: int = 0) -> Any:
+    cls = ray.remote(Multiplexer)
+    opts: dict[str, Any] = {"name": name, "max_concurrency": 256, "num_cpus": 0, "get_if_exists": True}
+    if namespace:
+        opts["namespace"] = namespace
+    return cls.options(**opts).remote(seed)

@@ -1,0 +1,79 @@
+"""Where a new session goes: power-of-two-choices on live load (pure functions).
+
+The multiplexer keeps a live view of each instance - sessions, payload bytes in flight against
+its buffer quota, and how busy its last batches kept it - and places a new session on the less
+loaded of two instances sampled at random (Mitzenmacher's "power of two choices": nearly the
+balance of always picking the least loaded, without every placement herding onto the same one).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass
+class InstanceLoad:
+    instance_id: str
+    sessions: int
+    max_sessions: int
+    inflight_bytes: int
+    quota_bytes: int
+    busy: float  # smoothed fraction of wall time spent applying batches (0..1+)
+    accepting: bool = True  # False while draining or dead
+
+
+def load_score(v: InstanceLoad) -> float:
+    """Higher is busier. Sessions and in-flight bytes are normalised by the instance's capacity."""
+    return (
+        v.sessions / max(v.max_sessions, 1)
+        + 0.5 * v.inflight_bytes / max(v.quota_bytes, 1)
+        + v.busy
+    )
+
+
+def choose_instance(candidates: list[InstanceLoad], rng: random.Random) -> str | None:
+    """The instance a new session should go to, or None if no instance can take it."""
+    pool = [c for c in candidates if c.accepting and c.sessions < c.max_sessions]
+    if not pool:
+        return None
+    if len(pool) <= 2:
+        pick = pool
+    else:
+        pick = rng.sample(pool, 2)
+    return min(pick, key=lambda c: (load_score(c), c.sessions, c.instance_id)).instance_id
+
+
+def least_used(candidates: list[InstanceLoad]) -> str | None:
+    """The instance to drain first on scale-down: the one with the fewest sessions (its drain
+    moves the least state), the oldest of equals (list order: the caller lists oldest first)."""
+    pool = [(c.sessions, i, c.instance_id) for i, c in enumerate(candidates) if c.accepting]
+    return min(pool)[2] if pool else None
+
+
+def rebalance_moves(candidates: list[InstanceLoad], sessions_of: dict[str, list[Any]]) -> list[tuple[Any, str]]:
+    """Moves (session, target instance) that even out session counts after new instances join.
+
+    Each instance ends with floor or ceil of the mean; sessions leave the fullest instances first.
+    """
+    live = [c for c in candidates if c.accepting]
+    if len(live) < 2:
+        return []
+    total = sum(len(sessions_of.get(c.instance_id, [])) for c in live)
+    base, extra = divmod(total, len(live))
+    # The fullest instances may keep one more than the mean.
+    order = sorted(live, key=lambda c: -len(sessions_of.get(c.instance_id, [])))
+    target = {c.instance_id: base + (1 if i < extra else 0) for i, c in enumerate(order)}
+    surplus: list[Any] = []
+    for c in order:
+        have = list(sessions_of.get(c.instance_id, []))
+        if len(have) > target[c.instance_id]:
+            surplus.extend(have[target[c.instance_id] :])
+    moves: list[tuple[Any, str]] = []
+    for c in reversed(order):
+        need = target[c.instance_id] - len(sessions_of.get(c.instance_id, []))
+        while need > 0 and surplus:
+            moves.append((surplus.pop(), c.instance_id))
+            need -= 1
+    return moves

@@ -1,0 +1,1 @@
+"""Small stacks that ship with APSV besides BGP (echo, for measuring the offload path)."""
