@@ -24,6 +24,7 @@ HOT_MODULES = [
     "apsv/mrt/sessions.py",
     "apsv/mrt/replay.py",
     "apsv/mrt/stats.py",
+    "apsv/runtime/host.py",
 ]
 
 

@@ -4,6 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
+# The Docker backend's tests run against a real engine: install and start one if none answers.
+scripts/start-docker.sh
 export APSV_SHARED_DATA=${APSV_SHARED_DATA:-$(cd .. && pwd)/shared/data}
 .venv/bin/ruff check apsv tests benchmarks
 .venv/bin/mypy

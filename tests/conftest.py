@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from pathlib import Path
@@ -93,7 +94,5 @@ def deployment(ray_cluster: Any, tmp_path: Path) -> Any:
 
     yield make
     for dep in made:
-        try:
+        with contextlib.suppress(Exception):
             dep.stop()
-        except Exception:
-            pass

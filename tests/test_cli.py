@@ -6,7 +6,9 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
+import pytest
 from typer.testing import CliRunner
 
 from apsv.cli import app
@@ -59,14 +61,21 @@ def test_mrt_dump_json_lines() -> None:
     assert len(lines) == 5 and all(x["type"] == "UPDATE" for x in lines)
 
 
-def test_demo_runs_on_bundled_data() -> None:
-    r = runner.invoke(app, ["demo", "--json"])
+@pytest.mark.ray
+def test_demo_runs_the_main_job_end_to_end(ray_cluster: Any, tmp_path: Path) -> None:
+    r = runner.invoke(app, ["demo", "--json", "--telemetry", str(tmp_path)])
     assert r.exit_code == 0, r.output
-    files = json.loads(r.output)["files"]
-    assert len(files) == 2
-    for f in files:
-        assert f["errors"] == 0 and f["updates"] > 700 and f["identical_after_move"] is True
-        assert f["moved"] == f["sessions"] > 0
+    out = json.loads(r.output.strip().splitlines()[-1])
+    assert out["ok"] is True
+    files = out["files"]
+    assert len(files) == 2 and all(f["errors"] == 0 and f["updates"] > 700 for f in files)
+    o = out["offload"]
+    assert (o["sessions"], o["vrouters"], o["transport"]) == (120, 12, "shm")
+    assert o["identical_ribs"] and o["lost_or_misordered"] == 0 and o["problems"] == []
+    # 1 -> 3 rebalanced 80 sessions onto the new instances; 3 -> 1 drained the two least used
+    # (the oldest of equals first): every session moved live at least once.
+    assert o["sessions_moved"] == 120 and o["session_moves"] == 160
+    assert list(tmp_path.glob("hour=*/*.parquet"))
 
 
 def test_stacks_register_through_entry_points() -> None:

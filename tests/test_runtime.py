@@ -17,7 +17,15 @@ import ray
 from apsv.frame import FrameKind, ProtocolId
 from apsv.runtime.buffer_pool import BufferPool
 from apsv.runtime.client import OffloadClient
-from apsv.runtime.driver import ReplaySession, load_streams, local_digests, plan_sessions, replay
+from apsv.runtime.driver import (
+    ReplaySession,
+    load_streams,
+    local_digests,
+    plan_sessions,
+    replay,
+    session_infos,
+    verify,
+)
 from apsv.runtime.instance import Allocation
 from apsv.runtime.telemetry import INSTANCE_SCHEMA, read_telemetry
 from apsv.runtime.vpsm import ProtocolPlan
@@ -54,12 +62,8 @@ def reference(replay_sessions: list[ReplaySession]) -> dict[Any, str]:
 
 def check_sessions(dep: Any, sessions: list[ReplaySession], reference: dict[Any, str]) -> dict[str, int]:
     """Every session: each frame applied exactly once, in order, and the same RIB as in-process."""
-    handles = ray.get(dep.vpsm.instance_handles.remote())
-    routes = ray.get(dep.multiplexer.routes_table.remote())
-    infos = {}
-    for iid, keys in routes.items():
-        for k, info in zip(keys, ray.get([handles[iid].session_info.remote(k) for k in keys]), strict=True):
-            infos[tuple(k)] = info
+    infos = session_infos(dep)
+    assert verify(sessions, infos, reference) == []
     totals = {"duplicates_dropped": 0}
     for s in sessions:
         info = infos[s.key]
@@ -77,7 +81,9 @@ def open_all(client: OffloadClient, sessions: list[ReplaySession]) -> dict[Any, 
     return placed
 
 
-def test_replay_matches_in_process(deployment: Any, replay_sessions: list[ReplaySession], reference: dict[Any, str]) -> None:
+def test_replay_matches_in_process(
+    deployment: Any, replay_sessions: list[ReplaySession], reference: dict[Any, str]
+) -> None:
     """≥200 sessions of ≥20 virtual routers on ≥3 instances end with the in-process RIBs."""
     dep = deployment([bgp_plan(3)], run_loop=False)
     client = OffloadClient(dep.multiplexer)
@@ -92,10 +98,12 @@ def test_replay_matches_in_process(deployment: Any, replay_sessions: list[Replay
 
 
 def _replay_with(
-    dep: Any, sessions: list[ReplaySession], actions: dict[float, Callable[[], Any]]
+    dep: Any, sessions: list[ReplaySession], actions: dict[float, Callable[[], Any]], transport: str = "shm"
 ) -> tuple[OffloadClient, list[Any]]:
     """Replay, firing each action (without waiting for it) when that fraction of frames is sent."""
-    client = OffloadClient(dep.multiplexer, BufferPool(slots=8, slot_bytes=64 << 10), max_inflight=4)
+    pool = BufferPool(slots=8, slot_bytes=64 << 10, shared=transport == "shm")
+    client = OffloadClient(dep.multiplexer, pool, max_inflight=4)
+    assert client.transport == transport
     open_all(client, sessions)
     total = sum(len(s.stream.messages) for s in sessions)
     pending = sorted(actions.items())
@@ -110,8 +118,9 @@ def _replay_with(
     return client, fired
 
 
+@pytest.mark.parametrize("transport", ["shm", "object_store"])
 def test_scale_1_4_1_moves_every_session_live(
-    deployment: Any, replay_sessions: list[ReplaySession], reference: dict[Any, str]
+    deployment: Any, replay_sessions: list[ReplaySession], reference: dict[Any, str], transport: str
 ) -> None:
     dep = deployment([bgp_plan(1)], run_loop=False)
     vpsm = dep.vpsm
@@ -120,6 +129,7 @@ def test_scale_1_4_1_moves_every_session_live(
         dep,
         replay_sessions,
         {0.2: lambda: vpsm.scale_to.remote("bgp", 4), 0.55: lambda: vpsm.scale_to.remote("bgp", 1)},
+        transport,
     )
     assert ray.get(fired) == [4, 1]
     stats = ray.get(dep.multiplexer.stats.remote())
@@ -137,8 +147,9 @@ def test_scale_1_4_1_moves_every_session_live(
     assert client.stats.repeated_outputs == 0
 
 
+@pytest.mark.parametrize("transport", ["shm", "object_store"])
 def test_killed_instance_recovers_its_sessions(
-    deployment: Any, replay_sessions: list[ReplaySession], reference: dict[Any, str]
+    deployment: Any, replay_sessions: list[ReplaySession], reference: dict[Any, str], transport: str
 ) -> None:
     dep = deployment([bgp_plan(3)], run_loop=False)
     handles = ray.get(dep.vpsm.instance_handles.remote())
@@ -146,9 +157,9 @@ def test_killed_instance_recovers_its_sessions(
 
     def kill() -> str:
         ray.kill(victim, no_restart=True)
-        return victim_id
+        return str(victim_id)
 
-    _client, fired = _replay_with(dep, replay_sessions, {0.4: kill})
+    _client, fired = _replay_with(dep, replay_sessions, {0.4: kill}, transport)
     assert fired == [victim_id]
     stats = ray.get(dep.multiplexer.stats.remote())
     assert stats["recoveries"] == 1 and stats["sessions_recovered"] > 0
@@ -263,3 +274,99 @@ def test_concurrent_clients_do_not_interfere(deployment: Any) -> None:
     for t in threads:
         t.join()
     assert results == {1: 3000, 2: 3000}
+
+
+def test_a_client_cannot_reach_another_clients_sessions(deployment: Any) -> None:
+    """Tenant isolation on the data path: frames naming a session another client opened are
+    dropped and counted by the multiplexer, whatever transport they came by."""
+    dep = deployment([ProtocolPlan("echo", min_instances=1, max_instances=1, policy="fixed")], run_loop=False)
+    owner = OffloadClient(dep.multiplexer)
+    key = (1, 1, int(ProtocolId.ECHO), 1)
+    owner.open_sessions([(key, "echo", {}, False)])
+    owner.send(key, b"hello")
+    owner.drain()
+    for shared in (True, False):
+        intruder = OffloadClient(dep.multiplexer, BufferPool(slots=2, slot_bytes=4096, shared=shared))
+        intruder._seq[key] = 100  # forge frames for the owner's session, ahead of its numbering
+        for _ in range(5):
+            intruder.send(key, b"injected")
+        intruder.close()
+        assert intruder.stats.outputs == 0
+    stats = ray.get(dep.multiplexer.stats.remote())
+    assert stats["foreign_frames"] == 10
+    (handle,) = ray.get(dep.vpsm.instance_handles.remote()).values()
+    info = ray.get(handle.session_info.remote(key))
+    assert (info["frames"], info["last_seq"], info["messages"]) == (1, 1, 1)
+    owner.send(key, b"still mine")  # and the owner's numbering carries on untouched
+    owner.close()
+    assert owner.stats.outputs == 2
+
+
+# ------------------------------------------------------------------------------------------------
+# The Docker backend, on a real engine (scripts/start-docker.sh starts one; CI runs these).
+
+
+def docker_engine() -> Any:
+    from apsv.runtime.docker_backend import docker_client
+
+    try:
+        client = docker_client()
+        client.ping()
+        return client
+    except Exception as e:
+        pytest.fail(f"no Docker engine answers ({e}); run scripts/start-docker.sh - these tests must not be skipped")
+
+
+@pytest.mark.docker
+def test_docker_backend_replay_with_locked_down_containers(
+    deployment: Any, replay_sessions: list[ReplaySession], reference: dict[Any, str]
+) -> None:
+    engine = docker_engine()
+    plan = ProtocolPlan(
+        "bgp",
+        backend="docker",
+        min_instances=3,
+        max_instances=3,
+        allocation=Allocation(cpu=0.5, memory_bytes=256 << 20),
+        policy="fixed",
+    )
+    dep = deployment([plan], run_loop=False)
+    handles = ray.get(dep.vpsm.instance_handles.remote())
+    assert {ray.get(h.ready.remote())["backend"] for h in handles.values()} == {"docker"}
+    # The engine's own view of every instance's container.
+    containers = [c for c in engine.containers.list() if c.labels.get("apsv.instance") in handles]
+    assert len(containers) == 3
+    for c in containers:
+        hc = c.attrs["HostConfig"]
+        assert hc["NanoCpus"] == 500_000_000 and hc["Memory"] == 256 << 20
+        assert hc["NetworkMode"] == "none" and hc["CapDrop"] == ["ALL"] and hc["ReadonlyRootfs"] is True
+        assert "no-new-privileges" in hc["SecurityOpt"] and hc["PidsLimit"] == 64
+        assert c.attrs["Config"]["User"] == "65534:65534"
+    # Same replay, same RIBs as in-process.
+    client = OffloadClient(dep.multiplexer)
+    open_all(client, replay_sessions)
+    replay(client, replay_sessions)
+    check_sessions(dep, replay_sessions, reference)
+    loads = [ray.get(h.load.remote()) for h in handles.values()]
+    assert all(x["backend"] == "docker" and 0 < x["rss_bytes"] < 256 << 20 and x["cpu_seconds"] > 0 for x in loads)
+
+
+@pytest.mark.docker
+def test_docker_killed_container_recovers(
+    deployment: Any, replay_sessions: list[ReplaySession], reference: dict[Any, str]
+) -> None:
+    engine = docker_engine()
+    plan = bgp_plan(3, backend="docker")
+    dep = deployment([plan], run_loop=False)
+    handles = ray.get(dep.vpsm.instance_handles.remote())
+    victim_id = sorted(handles)[0]
+    (victim,) = [c for c in engine.containers.list() if c.labels.get("apsv.instance") == victim_id]
+
+    def kill() -> str:
+        victim.kill()
+        return str(victim_id)
+
+    _replay_with(dep, replay_sessions, {0.4: kill})
+    stats = ray.get(dep.multiplexer.stats.remote())
+    assert stats["recoveries"] == 1 and stats["sessions_recovered"] > 0
+    check_sessions(dep, replay_sessions, reference)

@@ -9,9 +9,10 @@ import time
 import pytest
 
 from apsv.frame import Frame, FrameKind, ProtocolId, decode_batch, encode_batch
-from apsv.runtime.buffer_pool import BufferPool, PoolExhausted
+from apsv.runtime.buffer_pool import SHM_PREFIX, BufferPool, PoolExhausted
 from apsv.runtime.host import HostLimits, SessionHost
 from apsv.runtime.placement import InstanceLoad, choose_instance, least_used, rebalance_moves
+from apsv.runtime.shm import SegmentCache
 from apsv.scaling.policy import ScalingContext, get_policy, reactive
 
 ECHO = int(ProtocolId.ECHO)
@@ -150,7 +151,12 @@ def test_reactive_no_flapping_on_noise_and_bounds() -> None:
         changes += d.instances != n
         n, state = d.instances, d.state
     assert changes <= 2
-    assert reactive(ctx(current_instances=2, load=1e9, config={"upscale_delay_s": 0}, state={"direction": 1, "since": -1.0})).instances == 8
+    assert (
+        reactive(
+            ctx(current_instances=2, load=1e9, config={"upscale_delay_s": 0}, state={"direction": 1, "since": -1.0})
+        ).instances
+        == 8
+    )
     assert get_policy("fixed")(ctx(config={"instances": 99})).instances == 8
     with pytest.raises(ValueError, match="known"):
         get_policy("nope")
@@ -171,3 +177,35 @@ def test_buffer_pool_bounds_and_backpressure() -> None:
     (f,) = decode_batch(bytes(b.filled()))
     assert f.seq == 1 and bytes(f.payload) == b"x" * 900
     assert pool.stats.max_in_use == 2
+
+
+def test_shared_pool_is_read_in_place_and_guarded() -> None:
+    """A shared pool's frames are visible, in place, to whoever maps the segment - and only
+    segments of APSV pools are mapped; the host refuses frames of sessions it was not given."""
+    pool = BufferPool(slots=2, slot_bytes=4096, shared=True)
+    assert pool.shm_name is not None and pool.shm_name.startswith(SHM_PREFIX)
+    cache = SegmentCache(max_segments=1)
+    try:
+        buf = pool.acquire()
+        other = (2, 2, ECHO, 2)
+        assert buf.append(FrameKind.DATA, ECHO, K[0], K[1], K[3], 1, 0, b"mine")
+        assert buf.append(FrameKind.DATA, ECHO, other[0], other[1], other[3], 1, 0, b"theirs")
+        start = buf.index * pool.slot_bytes
+        view = cache.view(pool.shm_name, start, buf.used)
+        assert [bytes(f.payload) for f in decode_batch(view)] == [b"mine", b"theirs"]
+        buf.array[start + 56] = ord("M")  # the writer changes its buffer: the mapping sees it
+        assert bytes(view[56:60]) == b"Mine"
+        h = SessionHost("echo")
+        h.open(K, {}, 0.0)
+        h.open(other, {}, 0.0)
+        out = h.process(view, buf.offsets, 1.0, allowed={K})
+        assert [bytes(f.payload) for f in decode_batch(out)] == [b"Mine"]
+        assert h.counters.foreign == 1 and h.session_info(other)["frames"] == 0
+        del view
+        with pytest.raises(ValueError, match="not an APSV buffer pool"):
+            cache.view("psm_something_else", 0, 1)
+        with pytest.raises(ValueError, match="outside segment"):
+            cache.view(pool.shm_name, 0, 1 << 20)
+    finally:
+        cache.drop(pool.shm_name or "")
+        pool.close()

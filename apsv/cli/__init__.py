@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from apsv import __version__
+from apsv.cli.bench import bench_app
 from apsv.cli.demo import demo
 from apsv.cli.mrt import mrt_app
 from apsv.cli.stacks import stacks
@@ -18,6 +19,7 @@ app = typer.Typer(
     pretty_exceptions_show_locals=False,
 )
 app.add_typer(mrt_app, name="mrt")
+app.add_typer(bench_app, name="bench")
 app.command()(demo)
 app.command()(stacks)
 

@@ -23,7 +23,7 @@ class Backend(Protocol):
 
     def open(self, key: Key, config: Mapping[str, Any], now: float, emit_events: bool) -> None: ...
 
-    def process(self, data: bytes | memoryview, offsets: list[int] | None, now: float) -> bytes: ...
+    def process(self, data: bytes | memoryview, offsets: Any, now: float, allowed: set[Key] | None) -> bytes: ...
 
     def restore(self, key: Key, blob: bytes, seq: SeqState, emit_events: bool) -> None: ...
 
@@ -59,8 +59,8 @@ class ProcessBackend:
     def open(self, key: Key, config: Mapping[str, Any], now: float, emit_events: bool) -> None:
         self.host.open(key, config, now, emit_events=emit_events)
 
-    def process(self, data: bytes | memoryview, offsets: list[int] | None, now: float) -> bytes:
-        return self.host.process(data, offsets, now)
+    def process(self, data: bytes | memoryview, offsets: Any, now: float, allowed: set[Key] | None) -> bytes:
+        return self.host.process(data, offsets, now, allowed)
 
     def restore(self, key: Key, blob: bytes, seq: SeqState, emit_events: bool) -> None:
         self.host.restore(key, blob, seq, emit_events=emit_events)

@@ -2,10 +2,17 @@
 
 The sending side (the agent, or the replay driver) writes frames straight into a buffer taken
 from the pool - for a socket, `recv_into` the buffer's free space - and hands the filled buffer
-to the cluster with one copy into the Ray object store. From there the multiplexer and the stack
-instance read it in place (a read-only, zero-copy view), down to the `memoryview` a stack's
-`data_received` gets. A buffer returns to the pool when the cluster has applied its frames, so the
-pool bounds the payload bytes a sender can have in flight.
+to the cluster. Two transports, one pool:
+
+* **shared memory** (the default when the multiplexer runs on the sender's node): the pool's
+  arena is a POSIX shared-memory segment. The multiplexer and the stack instances map it and read
+  the frames where the sender wrote them: no copy at all between the sender's buffer and the
+  stack decoder, and no object-store round trip per batch (which costs more than the frames).
+* **object store** (a sender on another node): the filled buffer goes into the Ray object store
+  with one copy, and is read in place (read-only, zero-copy) from there on.
+
+A buffer returns to the pool when the cluster has applied its frames, so the pool bounds the
+payload bytes a sender can have in flight.
 
 When the pool is empty, `acquire` waits (up to a timeout): the sender is slowed, never allowed to
 grow memory, and every wait and every timeout is counted.
@@ -13,10 +20,13 @@ grow memory, and every wait and every timeout is counted.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
+import uuid
 from collections import deque
 from dataclasses import dataclass
+from multiprocessing import shared_memory
 from typing import Any
 
 import numpy as np
@@ -41,13 +51,14 @@ class PoolStats:
 class Buffer:
     """One slot of the pool: frames are appended until it is full."""
 
-    __slots__ = ("array", "frames", "index", "used")
+    __slots__ = ("array", "frames", "index", "offsets", "used")
 
     def __init__(self, index: int, array: np.ndarray[Any, np.dtype[np.uint8]]) -> None:
         self.index = index
         self.array = array
         self.used = 0
         self.frames = 0
+        self.offsets: list[int] = []  # where each frame starts: sent along, so no one rescans
 
     @property
     def capacity(self) -> int:
@@ -77,6 +88,7 @@ class Buffer:
             mv, self.used, MAGIC, VERSION, kind, protocol, 0, tenant, vrouter, session, seq, rx_ns, time.time_ns(), n, 0
         )
         mv[self.used + HEADER_LEN : end] = payload  # the sender producing its message into the pool
+        self.offsets.append(self.used)
         self.used = end
         self.frames += 1
         return True
@@ -87,16 +99,31 @@ class Buffer:
     def reset(self) -> None:
         self.used = 0
         self.frames = 0
+        self.offsets = []
+
+
+SHM_PREFIX = "apsv-pool-"  # the only segments the cluster side agrees to map
+CREATED_HERE: set[str] = set()  # segments this process created (and its resource tracker owns)
 
 
 class BufferPool:
-    """`slots` buffers of `slot_bytes` each, allocated once."""
+    """`slots` buffers of `slot_bytes` each, allocated once - in shared memory if `shared`."""
 
-    def __init__(self, slots: int = 16, slot_bytes: int = 256 << 10) -> None:
+    def __init__(self, slots: int = 16, slot_bytes: int = 256 << 10, *, shared: bool = False) -> None:
         if slots < 1 or slot_bytes < HEADER_LEN + 64:
             raise ValueError("a buffer pool needs at least one slot of at least 120 octets")
+        if slots * slot_bytes > 1 << 32:
+            raise ValueError("a buffer pool is limited to 4 GiB (frame offsets are 32-bit)")
         self.slot_bytes = slot_bytes
-        self._arena = np.zeros(slots * slot_bytes, dtype=np.uint8)
+        self.shm: shared_memory.SharedMemory | None = None
+        if shared:
+            self.shm = shared_memory.SharedMemory(
+                name=f"{SHM_PREFIX}{uuid.uuid4().hex[:16]}", create=True, size=slots * slot_bytes
+            )
+            CREATED_HERE.add(self.shm.name)
+            self._arena = np.ndarray((slots * slot_bytes,), dtype=np.uint8, buffer=self.shm.buf)
+        else:
+            self._arena = np.zeros(slots * slot_bytes, dtype=np.uint8)
         self._buffers = [Buffer(i, self._arena[i * slot_bytes : (i + 1) * slot_bytes]) for i in range(slots)]
         self._free: deque[int] = deque(range(slots))
         self._cv = threading.Condition()
@@ -105,6 +132,27 @@ class BufferPool:
     @property
     def slots(self) -> int:
         return len(self._buffers)
+
+    @property
+    def shm_name(self) -> str | None:
+        return None if self.shm is None else self.shm.name
+
+    def close(self) -> None:
+        """Free the shared segment (those who mapped it keep their mapping until they drop it)."""
+        if self.shm is not None:
+            shm, self.shm = self.shm, None
+            self._buffers = []
+            self._free.clear()
+            self._arena = np.zeros(0, dtype=np.uint8)
+            # A view of it may still be alive in this process: then the OS frees it later.
+            with contextlib.suppress(BufferError):
+                shm.close()
+            shm.unlink()
+            CREATED_HERE.discard(shm.name)
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self.close()
 
     def in_use(self) -> int:
         return len(self._buffers) - len(self._free)

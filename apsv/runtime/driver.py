@@ -73,7 +73,9 @@ def load_streams(paths: Iterable[str | Path], min_messages: int = 1) -> list[Str
                     k = (item.peer_ip, item.peer_as)
                     s = per.get(k)
                     if s is None:
-                        s = per[k] = Stream(Path(path).name, item.peer_ip, item.peer_as, item.local_as, item.asn4, [], [])
+                        s = per[k] = Stream(
+                            Path(path).name, item.peer_ip, item.peer_as, item.local_as, item.asn4, [], []
+                        )
                     s.messages.append(item.raw_header + item.body)
                     s.times.append(item.timestamp)
         streams.extend(s for s in per.values() if len(s.messages) >= min_messages)
@@ -155,3 +157,34 @@ def local_digests(sessions: list[ReplaySession]) -> dict[Key, str]:
             cache[sid] = session.rib_digest()
         out[s.key] = cache[sid]
     return out
+
+
+def session_infos(deployment: Any) -> dict[Key, dict[str, Any]]:
+    """Every open session's counters and state, asked of the instance that holds it."""
+    import ray
+
+    handles = ray.get(deployment.vpsm.instance_handles.remote())
+    routes = ray.get(deployment.multiplexer.routes_table.remote())
+    infos: dict[Key, dict[str, Any]] = {}
+    for iid, keys in routes.items():
+        for k, info in zip(keys, ray.get([handles[iid].session_info.remote(k) for k in keys]), strict=True):
+            infos[tuple(k)] = info
+    return infos
+
+
+def verify(sessions: list[ReplaySession], infos: dict[Key, dict[str, Any]], reference: dict[Key, str]) -> list[str]:
+    """What is wrong with a finished replay (empty: every session got each of its frames once, in
+    order, and ended with the same RIB as the in-process reference)."""
+    problems = []
+    for s in sessions:
+        info = infos.get(s.key)
+        n = len(s.stream.messages)
+        if info is None:
+            problems.append(f"{s.key}: not open anywhere")
+        elif info["last_seq"] != n or info["frames"] != n:
+            problems.append(f"{s.key}: applied {info['frames']} frames up to seq {info['last_seq']}, sent {n}")
+        elif info["gaps"]:
+            problems.append(f"{s.key}: {info['gaps']} gaps")
+        elif info.get("rib_digest") != reference[s.key]:
+            problems.append(f"{s.key}: RIB differs from the in-process replay")
+    return problems

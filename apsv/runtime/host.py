@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
-from apsv.frame import HEADER, HEADER_LEN, Frame, FrameKind, SessionKey, encode_frame
+from apsv.frame import HEADER, HEADER_LEN, MAGIC, VERSION, Frame, FrameKind, SessionKey, encode_frame, frame_offsets
 from apsv.stack import (
     CloseTransport,
     OpenTransport,
@@ -43,9 +43,11 @@ class HostLimits:
     snapshot_every: int = 256  # frames applied to a session between automatic snapshots
 
 
-@dataclass(frozen=True)
-class SeqState:
-    """A session's sequence bookkeeping, carried with its snapshot across moves and recoveries."""
+class SeqState(NamedTuple):
+    """A session's sequence bookkeeping, carried with its snapshot across moves and recoveries.
+
+    (A tuple, not a dataclass: it crosses Ray and the container socket, pickled, and this
+    module is compiled.)"""
 
     last_seq: int = 0  # highest inbound sequence number applied
     out_seq: int = 0  # last outbound sequence number used
@@ -76,6 +78,7 @@ class HostCounters:
     duplicates: int = 0
     gaps: int = 0
     unknown_session: int = 0
+    foreign: int = 0  # frames naming a session the multiplexer did not route here
     errors: int = 0
     busy_seconds: float = 0.0
     latency_ns: list[int] = field(default_factory=list)  # rx -> processed, drained by telemetry
@@ -90,6 +93,7 @@ class SessionHost:
         self.counters = HostCounters()
         self._pending: list[bytes] = []  # output produced outside process() (timers)
         self._snapshots: dict[Key, tuple[SeqState, bytes]] = {}
+        self._tx_ns = 0
 
     # -- session lifecycle ---------------------------------------------------------------------
 
@@ -101,6 +105,7 @@ class SessionHost:
         session = self.stack.create_session(config)
         entry = Entry(session, self.protocol, emit_events=emit_events)
         self.sessions[key] = entry
+        self._tx_ns = time.time_ns()
         self._emit(key, entry, session.start(now), 0)
 
     def restore(self, key: Key, blob: bytes, seq: SeqState, *, emit_events: bool = False) -> None:
@@ -131,19 +136,27 @@ class SessionHost:
 
     def close(self, key: Key, now: float) -> None:
         e = self.sessions.pop(key, None)
+        self._tx_ns = time.time_ns()
         if e is not None:
             self._emit(key, e, e.session.stop(now, "session closed"), 0)
 
     # -- the data path -------------------------------------------------------------------------
 
-    def process(self, data: bytes | memoryview, offsets: list[int] | None, now: float) -> bytes:
-        """Apply the frames of a batch (those at `offsets`, or all) and return the output batch."""
+    def process(
+        self, data: bytes | memoryview, offsets: Sequence[int] | None, now: float, allowed: set[Key] | None = None
+    ) -> bytes:
+        """Apply the frames of a batch (those at `offsets`, or all) and return the output batch.
+
+        With `allowed`, a frame of any other session is refused (counted as foreign): the batch
+        sits in memory its sender can still write, and the multiplexer vetted these sessions.
+        """
         t0 = time.perf_counter()
         view = memoryview(data)
+        self._tx_ns = time.time_ns()
         if offsets is None:
-            from apsv.frame import frame_offsets
-
             offsets = frame_offsets(view)
+        elif not isinstance(offsets, list):
+            offsets = offsets.tolist()  # type: ignore[attr-defined]  # a numpy array from the multiplexer
         unpack = HEADER.unpack_from
         sessions = self.sessions
         c = self.counters
@@ -154,6 +167,9 @@ class SessionHost:
             key = (tenant, vrouter, proto, sid)
             e = sessions.get(key)
             c.frames_in += 1
+            if allowed is not None and key not in allowed:
+                c.foreign += 1
+                continue
             if e is None:
                 c.unknown_session += 1
                 continue
@@ -197,6 +213,7 @@ class SessionHost:
 
     def tick(self, now: float) -> int:
         """Run the timers of every session that is due; output waits for collect()."""
+        self._tx_ns = time.time_ns()
         n = 0
         for key, e in self.sessions.items():
             d = e.session.next_deadline()
@@ -219,21 +236,28 @@ class SessionHost:
 
     def _emit(self, key: Key, e: Entry, events: list[StackEvent], rx_ns: int) -> None:
         tenant, vrouter, proto, sid = key
-        tx = time.time_ns()
-        lines: list[dict[str, Any]] = []
+        tx = self._tx_ns
+        pack = HEADER.pack
+        lines: list[dict[str, Any]] | None = None
         for ev in events:
-            if isinstance(ev, Send):
-                kind, payload = FrameKind.SEND, ev.data
-            elif isinstance(ev, CloseTransport):
-                kind, payload = FrameKind.CLOSE, ev.reason.encode()
-            elif isinstance(ev, OpenTransport):
+            t = type(ev)
+            if t is Send:
+                kind, payload = FrameKind.SEND, ev.data  # type: ignore[attr-defined]
+            elif t is CloseTransport:
+                kind, payload = FrameKind.CLOSE, ev.reason.encode()  # type: ignore[attr-defined]
+            elif t is OpenTransport:
                 kind, payload = FrameKind.OPEN, b""
             else:
                 if e.emit_events:
+                    if lines is None:
+                        lines = []
                     lines.append(ev.to_json())
                 continue
             e.out_seq += 1
-            self._queue(encode_frame(Frame(kind, proto, tenant, vrouter, sid, e.out_seq, rx_ns, tx, payload)))
+            self._queue(
+                pack(MAGIC, VERSION, kind, proto, 0, tenant, vrouter, sid, e.out_seq, rx_ns, tx, len(payload), 0)
+                + payload
+            )
         if lines:
             e.out_seq += 1
             body = "\n".join(json.dumps(x, separators=(",", ":")) for x in lines).encode()
@@ -257,6 +281,7 @@ class SessionHost:
             "duplicates": c.duplicates,
             "gaps": c.gaps,
             "unknown_session": c.unknown_session,
+            "foreign": c.foreign,
             "errors": c.errors,
             "busy_seconds": round(c.busy_seconds, 6),
             "pending_output": len(self._pending),

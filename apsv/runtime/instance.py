@@ -13,10 +13,12 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import numpy as np
 import ray
 
 from apsv.runtime.backend import Backend, ProcessBackend
 from apsv.runtime.host import HostLimits, Key, SeqState
+from apsv.runtime.shm import SegmentCache
 from apsv.runtime.telemetry import InstanceMetrics, percentile
 
 
@@ -36,7 +38,15 @@ class Allocation:
 class StackInstance:
     """Ray actor class (wrapped with ray.remote by `create_instance`)."""
 
-    def __init__(self, instance_id: str, protocol: str, backend: str, allocation: Allocation, snapshot_every: int = 256):
+    def __init__(
+        self,
+        instance_id: str,
+        protocol: str,
+        backend: str,
+        allocation: Allocation,
+        snapshot_every: int = 256,
+        image: str | None = None,
+    ):
         self.instance_id = instance_id
         self.protocol = protocol
         self.allocation = allocation
@@ -48,13 +58,20 @@ class StackInstance:
         elif backend == "docker":
             from apsv.runtime.docker_backend import DockerBackend
 
-            self.backend = DockerBackend(instance_id, protocol, limits, allocation)
+            self.backend = DockerBackend(instance_id, protocol, limits, allocation, image=image)
         else:
             raise ValueError(f"unknown backend {backend!r} (process or docker)")
         self.metrics = InstanceMetrics(instance_id, protocol, self.backend.kind)
+        self.payload_copies = 0
+        self.segments = SegmentCache()  # senders' shared-memory pools, mapped on first use
 
     def ready(self) -> dict[str, Any]:
-        return {"instance_id": self.instance_id, "backend": self.backend.kind, "protocol": self.protocol}
+        return {
+            "instance_id": self.instance_id,
+            "backend": self.backend.kind,
+            "protocol": self.protocol,
+            "node_id": ray.get_runtime_context().get_node_id(),
+        }
 
     def open_sessions(self, specs: list[tuple[Key, dict[str, Any], bool]]) -> list[str | None]:
         """Open sessions; returns, per spec, None or the error that refused it."""
@@ -68,19 +85,37 @@ class StackInstance:
                 out.append(f"{type(e).__name__}: {e}")
         return out
 
-    def process(self, data: Any, offsets: list[int] | None) -> tuple[bytes, list[tuple[Key, SeqState]], dict[Key, bytes]]:
-        """Apply a batch (the multiplexer passes the client's object: a zero-copy view here).
+    @ray.method(num_returns=2)
+    def process(
+        self, batch: Any, offsets: bytes, allowed: list[Key] | None = None
+    ) -> tuple[tuple[bytes, list[tuple[Key, SeqState]]], dict[Key, bytes]]:
+        """Apply the frames at `offsets` (u32 LE, the multiplexer's selection) of a batch.
 
-        Returns the output frames, and the snapshots made while applying it: (session, last
-        inbound seq applied, last outbound seq used) and the blobs by session. The multiplexer
-        asks for the three as separate objects, so it keeps the blobs without fetching them.
+        `batch` is where the frames are, read in place: a sender's shared-memory buffer
+        (`("shm", segment, start, length)`), or the sender's object from the object store (Ray
+        resolved it to a read-only view), or a copy the multiplexer kept (a redelivery). For
+        shared memory, which its writer can still change, `allowed` lists the sessions the
+        multiplexer routed here: a frame naming any other is refused.
+
+        Returns two objects: (the output frames, the snapshots made while applying it as
+        (session, sequence state)), and the snapshot blobs by session - separate, so the
+        multiplexer keeps the blobs by reference without fetching them.
         """
-        view = memoryview(data).cast("B") if not isinstance(data, (bytes, bytearray)) else memoryview(data)
+        offs = np.frombuffer(offsets, dtype="<u4").tolist()
+        view: memoryview
+        if isinstance(batch, tuple) and batch and isinstance(batch[0], str):
+            _tag, name, start, length = batch
+            view = self.segments.view(name, start, length)
+        else:
+            data = batch[0] if isinstance(batch, tuple) else batch
+            if not _zero_copy(data):  # the object store hands out read-only views; anything else was copied
+                self.payload_copies += len(offs)
+            view = memoryview(data).cast("B") if not isinstance(data, (bytes, bytearray)) else memoryview(data)
         t0 = time.perf_counter()
-        out = self.backend.process(view, offsets, time.time())
-        self.metrics.batch(len(offsets) if offsets is not None else 0, time.perf_counter() - t0)
+        out = self.backend.process(view, offs, time.time(), None if allowed is None else set(allowed))
+        self.metrics.batch(len(offs), time.perf_counter() - t0)
         snaps = self.backend.take_snapshots()
-        return out, [(k, st) for k, (st, _b) in snaps.items()], {k: b for k, (_st, b) in snaps.items()}
+        return (out, [(k, st) for k, (st, _b) in snaps.items()]), {k: b for k, (_st, b) in snaps.items()}
 
     def restore_sessions(self, items: list[tuple[Key, bytes, SeqState, bool]]) -> None:
         for key, blob, seq, emit in items:
@@ -123,10 +158,17 @@ class StackInstance:
             "latency_p99_ms": percentile(ms, 99),
             "latency_max_ms": max(ms) if ms else None,
             "latency_samples": len(ms),
+            "payload_copies": self.payload_copies,
         }
 
     def shutdown(self) -> None:
         self.backend.shutdown()
+
+
+def _zero_copy(data: Any) -> bool:
+    """A read-only numpy view is the object store's buffer itself (Ray's zero-copy read)."""
+    flags = getattr(data, "flags", None)
+    return flags is not None and not flags.writeable and not flags.owndata
 
 
 def create_instance(
@@ -137,6 +179,7 @@ def create_instance(
     *,
     snapshot_every: int = 256,
     resources: Mapping[str, float] | None = None,
+    image: str | None = None,
 ) -> Any:
     """Start a stack instance actor with the allocation's resources (CPU, memory)."""
     cls = ray.remote(StackInstance)
@@ -149,4 +192,4 @@ def create_instance(
     }
     if resources:
         opts["resources"] = dict(resources)
-    return cls.options(**opts).remote(instance_id, protocol, backend, allocation, snapshot_every)
+    return cls.options(**opts).remote(instance_id, protocol, backend, allocation, snapshot_every, image)

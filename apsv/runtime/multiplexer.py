@@ -2,8 +2,8 @@
 
 * **Routing and affinity.** Every session has a route: the instance holding its state. A batch
   from a client is split by route, and each instance gets one call with the offsets of its
-  frames in the client's object - the payload is never copied here; the instance reads the same
-  object-store buffer.
+  frames in the client's buffer - the payload is not copied on its way: the instance reads the
+  client's shared-memory buffer (same node) or the client's object-store object, in place.
 * **Order.** Each client numbers its batches and they are dispatched strictly in that order, one
   dispatch at a time; every call to an instance comes from this actor, so Ray's per-caller
   ordering of a synchronous actor's tasks keeps each session's frames in order end to end,
@@ -13,7 +13,9 @@
 * **Backpressure.** Payload bytes in flight to an instance are bounded by its quota; a batch that
   would exceed it waits (counted), so a slow instance slows its senders instead of growing memory.
 * **Failure.** Instances snapshot their sessions periodically; the multiplexer keeps each
-  session's last snapshot (by object reference) and the frames sent since. When an instance dies,
+  session's last snapshot (by object reference) and the frames sent since (for a shared-memory
+  batch, which its client reuses once the batch is done, that takes one copy of the batch - off
+  the path to the stack, and counted). When an instance dies,
   its sessions are restored on others from those snapshots and the retained frames are delivered
   again; the hosts drop what they already applied (sequence numbers), clients drop repeated
   output (output sequence numbers). Nothing is lost or applied twice.
@@ -32,16 +34,18 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import ray
-from ray.exceptions import RayActorError
+from ray.exceptions import RayActorError, RayTaskError
 
-from apsv.frame import HEADER, frame_offsets
+from apsv.runtime.batchindex import BatchIndex, by_session, index_batch
 from apsv.runtime.host import Key, SeqState
 from apsv.runtime.placement import InstanceLoad, choose_instance, least_used, rebalance_moves
+from apsv.runtime.shm import SHM_TAG, SegmentCache, ShmRef
 
 log = logging.getLogger("apsv.multiplexer")
 
-MAX_RETAINED_FRAMES = 4096  # per session, between snapshots (a session is snapshot every 256 by default)
+MAX_RETAINED_CHUNKS = 4096  # per session, between snapshots (a session is snapshot every 256 frames by default)
 
 
 @dataclass
@@ -53,11 +57,13 @@ class InstanceState:
     max_sessions: int
     sessions: set[Key] = field(default_factory=set)
     inflight_bytes: int = 0
+    inflight_frames: int = 0  # the instance's queue: sent to it, not yet applied
     busy: float = 0.0
     accepting: bool = True
     alive: bool = True
     frames: int = 0
     quota_waits: int = 0
+    node_id: str = ""
     space: asyncio.Condition = field(default_factory=asyncio.Condition)
 
     def load(self) -> InstanceLoad:
@@ -72,8 +78,32 @@ class InstanceState:
         )
 
 
-# A frame as the multiplexer keeps it: (batch object ref, offset in the batch, seq, octets).
-Held = tuple[Any, int, int, int]
+class ShmBatch:
+    """A batch in a client's shared-memory pool, and the copy kept for redelivery.
+
+    Instances on this node read the client's buffer itself, but only while the batch's submit
+    is running: after that the client reuses the buffer, so moved, held and redelivered frames
+    are sent from the copy (put in the object store once, when first needed).
+    """
+
+    __slots__ = ("_ref", "copy", "length", "name", "node_id", "start")
+
+    def __init__(self, name: str, start: int, length: int, copy: bytes, node_id: str) -> None:
+        self.name, self.start, self.length, self.copy, self.node_id = name, start, length, copy, node_id
+        self._ref: Any = None
+
+    def in_place(self) -> ShmRef:
+        return (SHM_TAG, self.name, self.start, self.length)
+
+    def ref(self) -> Any:
+        if self._ref is None:
+            self._ref = ray.put(self.copy)
+        return self._ref
+
+
+# Frames as the multiplexer keeps them: a run of one session's frames from one client batch -
+# (the batch: object ref or ShmBatch, their offsets in it, first seq, last seq, octets, session).
+Held = tuple[Any, list[int], int, int, int, Key]
 
 
 @dataclass
@@ -84,6 +114,7 @@ class Route:
     config: dict[str, Any]
     emit_events: bool
     snapshot: tuple[Any, SeqState] | None = None  # (ref of {key: blob}, its sequence state)
+    owner: str = ""  # the client that opened it: only its batches may address it
     retained: deque[Held] = field(default_factory=deque)  # sent since the snapshot
     moving: bool = False
     held: list[Held] = field(default_factory=list)  # arrived while moving or recovering
@@ -104,9 +135,13 @@ class Counters:
     frames_redelivered: int = 0
     retained_dropped: int = 0
     bad_batches: int = 0
+    payload_copies: int = 0  # frames whose batch did not arrive as a zero-copy object-store view
+    shm_batches: int = 0  # batches read in place from a client's shared memory
+    retention_copy_bytes: int = 0  # shared-memory batches copied for redelivery (off the stack's path)
+    foreign_frames: int = 0  # frames addressing a session another client opened: dropped
 
 
-Call = tuple[str, int, Any]  # (instance id, octets reserved, the three object refs of process())
+Call = tuple[str, int, int, Any]  # (instance id, octets reserved, frames, the two object refs of process())
 
 
 class Multiplexer:
@@ -122,13 +157,21 @@ class Multiplexer:
         self._dispatch_lock = asyncio.Lock()
         self._recovery_lock = asyncio.Lock()
         self._outputs: deque[bytes] = deque(maxlen=100_000)  # output produced outside a submit
+        self.segments = SegmentCache()  # clients' shared-memory pools, mapped on first use
+        self.node_id = ray.get_runtime_context().get_node_id()
 
     # -- instances -----------------------------------------------------------------------------
 
     async def register_instance(
-        self, instance_id: str, handle: Any, protocol: str, quota_bytes: int, max_sessions: int
+        self, instance_id: str, handle: Any, protocol: str, quota_bytes: int, max_sessions: int, node_id: str = ""
     ) -> None:
-        self.instances[instance_id] = InstanceState(instance_id, handle, protocol, quota_bytes, max_sessions)
+        self.instances[instance_id] = InstanceState(
+            instance_id, handle, protocol, quota_bytes, max_sessions, node_id=node_id
+        )
+
+    async def node(self) -> str:
+        """This actor's node: a client on the same node can hand batches over in shared memory."""
+        return str(self.node_id)
 
     async def instance_loads(self) -> dict[str, dict[str, Any]]:
         return {
@@ -136,6 +179,7 @@ class Multiplexer:
                 "protocol": s.protocol,
                 "sessions": len(s.sessions),
                 "inflight_bytes": s.inflight_bytes,
+                "inflight_frames": s.inflight_frames,
                 "quota_bytes": s.quota_bytes,
                 "busy": round(s.busy, 4),
                 "accepting": s.accepting,
@@ -148,9 +192,11 @@ class Multiplexer:
 
     # -- sessions ------------------------------------------------------------------------------
 
-    async def open_sessions(self, specs: list[tuple[Key, str, dict[str, Any], bool]]) -> dict[Key, str]:
+    async def open_sessions(
+        self, specs: list[tuple[Key, str, dict[str, Any], bool]], owner: str = ""
+    ) -> dict[Key, str]:
         """Place and open sessions: (key, protocol, config, emit events). Returns key -> instance,
-        or key -> 'error: ...' for a session that was refused."""
+        or key -> 'error: ...' for a session that was refused. Only `owner` may send to them."""
         placed: dict[str, list[tuple[Key, dict[str, Any], bool]]] = {}
         result: dict[Key, str] = {}
         for key, protocol, config, emit in specs:
@@ -163,7 +209,7 @@ class Multiplexer:
                 result[key] = f"error: no {protocol} instance can take a session"
                 continue
             self.instances[iid].sessions.add(key)  # count it now so the next choice sees it
-            self.routes[key] = Route(key, protocol, iid, dict(config), emit)
+            self.routes[key] = Route(key, protocol, iid, dict(config), emit, owner=owner)
             placed.setdefault(iid, []).append((key, dict(config), emit))
             result[key] = iid
         calls = {iid: self.instances[iid].handle.open_sessions.remote(items) for iid, items in placed.items()}
@@ -211,21 +257,53 @@ class Multiplexer:
 
     # -- the data path -------------------------------------------------------------------------
 
-    async def submit(self, client_id: str, batch_seq: int, refs: list[Any]) -> list[bytes]:
-        """Apply a client's batch number `batch_seq` (its object: refs[0]); return output batches."""
+    async def submit(self, client_id: str, batch_seq: int, batch: Any, refs: list[Any]) -> list[bytes]:
+        """Apply a client's batch number `batch_seq`, sent through the object store; return the output.
+
+        `batch` is the client's object, (frames, their offsets), which Ray resolved before the call
+        (a read-only view of the object store); refs[0] is the same object by reference, which is
+        what the instances get - nobody copies the frames.
+        """
         try:
-            data = await refs[0]
-            view = memoryview(data).cast("B") if not isinstance(data, (bytes, bytearray)) else memoryview(data)
-            offsets = frame_offsets(view)
+            data, offsets = batch
+            bi = index_batch(data, offsets)
+            if data.flags.writeable:  # not the object store's own read-only buffer
+                self.c.payload_copies += len(bi.offsets)
         except Exception:
-            self.c.bad_batches += 1
-            await self._wait_client_turn(client_id, batch_seq)
-            await self._end_client_turn(client_id)
+            await self._skip_turn(client_id, batch_seq)
             raise
+        return await self._apply(client_id, batch_seq, refs[0], bi)
+
+    async def submit_shm(
+        self, client_id: str, batch_seq: int, segment: str, start: int, length: int, offsets: bytes
+    ) -> list[bytes]:
+        """Apply a client's batch that sits in its shared-memory pool: `length` octets at `start`
+        of `segment`, frames at `offsets` (u32 LE). Returns the output; the client may reuse the
+        buffer once this returns."""
+        try:
+            view = self.segments.view(segment, start, length)
+            data = np.frombuffer(view, dtype=np.uint8)
+            bi = index_batch(data, np.frombuffer(offsets, dtype="<u4"))
+            src = ShmBatch(segment, start, length, data.tobytes(), self.node_id)
+            del data, view
+        except Exception:
+            await self._skip_turn(client_id, batch_seq)
+            raise
+        self.c.shm_batches += 1
+        self.c.retention_copy_bytes += length
+        return await self._apply(client_id, batch_seq, src, bi)
+
+    async def _skip_turn(self, client_id: str, batch_seq: int) -> None:
+        """A batch that could not be read: count it, and let the client's next batches through."""
+        self.c.bad_batches += 1
+        await self._wait_client_turn(client_id, batch_seq)
+        await self._end_client_turn(client_id)
+
+    async def _apply(self, client_id: str, batch_seq: int, src: Any, bi: BatchIndex) -> list[bytes]:
         await self._wait_client_turn(client_id, batch_seq)
         try:
             async with self._dispatch_lock:
-                calls = await self._dispatch(refs[0], view, offsets)
+                calls = await self._dispatch(client_id, src, bi)
         finally:
             await self._end_client_turn(client_id)
         outputs: list[bytes] = []
@@ -237,52 +315,79 @@ class Multiplexer:
             outputs.append(self._outputs.popleft())
         return outputs
 
+    async def close_client(self, client_id: str, segment: str | None = None) -> None:
+        """A client is done: forget its batch numbering and unmap its pool."""
+        async with self._turn_cv:
+            self._client_next.pop(client_id, None)
+        if segment:
+            self.segments.drop(segment)
+
     async def poll(self) -> list[bytes]:
         """Output produced outside submits (timers, recoveries, released frames)."""
         out = list(self._outputs)
         self._outputs.clear()
         return out
 
-    async def _dispatch(self, ref: Any, view: memoryview, offsets: list[int]) -> list[Call]:
-        """Group a batch's frames by instance and send each group (called in ticket order)."""
+    async def _dispatch(self, client_id: str, ref: Any, bi: BatchIndex) -> list[Call]:
+        """Group a batch's frames by session, then by instance, and send each group.
+
+        Called under the dispatch lock, in each client's batch order.
+        """
         groups: dict[str, list[Held]] = {}
-        unpack = HEADER.unpack_from
         routes = self.routes
-        for off in offsets:
-            _m, _v, _kind, proto, _f, tenant, vrouter, sid, seq, _rx, _tx, n, _r = unpack(view, off)
-            r = routes.get((tenant, vrouter, proto, sid))
+        seqs = bi.headers["seq"].tolist()
+        offsets = bi.offsets.tolist()
+        sizes = bi.sizes.tolist()
+        for key, pos in by_session(bi):
+            r = routes.get(key)
             if r is None:
-                self.c.unknown_session += 1
+                self.c.unknown_session += len(pos)
                 continue
-            r.frames += 1
-            frame = (ref, off, seq, 56 + n)
+            if r.owner != client_id:
+                self.c.foreign_frames += len(pos)  # another client's session: never delivered
+                continue
+            r.frames += len(pos)
+            chunk = (ref, [offsets[i] for i in pos], seqs[pos[0]], seqs[pos[-1]], sum([sizes[i] for i in pos]), key)
             if r.moving:
-                r.held.append(frame)
+                r.held.append(chunk)
                 continue
-            self._retain(r, frame)
+            self._retain(r, chunk)
             g = groups.get(r.instance_id)
             if g is None:
                 g = groups[r.instance_id] = []
-            g.append(frame)
+            g.append(chunk)
         self.c.batches += 1
-        self.c.frames += len(offsets)
+        self.c.frames += len(bi.offsets)
         calls = []
-        for iid, frames in groups.items():
-            calls.append(await self._send(self.instances[iid], ref, frames))
+        for iid, chunks in groups.items():
+            calls.append(await self._send(self.instances[iid], ref, chunks, live=True))
         return calls
 
-    def _retain(self, r: Route, frame: Held) -> None:
-        if len(r.retained) >= MAX_RETAINED_FRAMES:
+    def _retain(self, r: Route, chunk: Held) -> None:
+        if len(r.retained) >= MAX_RETAINED_CHUNKS:
             r.retained.popleft()  # bounded; a snapshot is overdue (counted)
             self.c.retained_dropped += 1
-        r.retained.append(frame)
+        r.retained.append(chunk)
 
-    async def _send(self, inst: InstanceState, ref: Any, frames: list[Held]) -> Call:
-        nbytes = sum(f[3] for f in frames)
+    async def _send(self, inst: InstanceState, src: Any, chunks: list[Held], live: bool = False) -> Call:
+        """One process() call with these chunks (all from batch `src`), in order.
+
+        `live`: sent from within the batch's own submit, while its client still holds the buffer.
+        """
+        nbytes = sum(c[4] for c in chunks)
         await self._reserve(inst, nbytes)
-        inst.frames += len(frames)
-        offs = [f[1] for f in frames]
-        return (inst.instance_id, nbytes, inst.handle.process.options(num_returns=3).remote(ref, offs))
+        offs = chunks[0][1] if len(chunks) == 1 else sorted(o for c in chunks for o in c[1])  # batch order
+        inst.frames += len(offs)
+        inst.inflight_frames += len(offs)
+        n = len(offs)
+        packed = np.array(offs, dtype="<u4").tobytes()  # the cheapest argument Ray serializes
+        if not isinstance(src, ShmBatch):
+            return (inst.instance_id, nbytes, n, inst.handle.process.remote(src, packed))
+        if live and inst.node_id == src.node_id:
+            # In place: the client can still write there, so the instance is told whose frames to take.
+            allowed = list({c[5] for c in chunks})
+            return (inst.instance_id, nbytes, n, inst.handle.process.remote(src.in_place(), packed, allowed))
+        return (inst.instance_id, nbytes, n, inst.handle.process.remote(src.ref(), packed))
 
     async def _reserve(self, inst: InstanceState, nbytes: int) -> None:
         if inst.inflight_bytes + nbytes <= inst.quota_bytes or inst.inflight_bytes == 0:
@@ -298,40 +403,42 @@ class Multiplexer:
         inst.inflight_bytes += nbytes
         self.c.quota_wait_seconds += time.perf_counter() - t0
 
-    async def _release(self, inst: InstanceState, nbytes: int) -> None:
+    async def _release(self, inst: InstanceState, nbytes: int, nframes: int) -> None:
         inst.inflight_bytes = max(0, inst.inflight_bytes - nbytes)
+        inst.inflight_frames = max(0, inst.inflight_frames - nframes)
         async with inst.space:
             inst.space.notify_all()
 
     async def _await_call(self, call: Call) -> bytes:
-        iid, nbytes, (out_ref, index_ref, blobs_ref) = call
+        iid, nbytes, nframes, (result_ref, blobs_ref) = call
         inst = self.instances[iid]
         t0 = time.perf_counter()
         try:
-            out = await out_ref
-            index = await index_ref
-        except RayActorError:
-            await self._release(inst, nbytes)
+            out, index = await result_ref
+        except (RayActorError, RayTaskError) as e:
+            if not _instance_failure(e):
+                raise
+            await self._release(inst, nbytes, nframes)
+            ray.kill(inst.handle)  # a container-backed instance whose container died: end the actor too
             await self._recover(iid)
             return b""  # its frames were redelivered; their output comes through self._outputs
         inst.busy = 0.9 * inst.busy + 0.1 * min((time.perf_counter() - t0) * 10, 2.0)  # rough, smoothed
-        await self._release(inst, nbytes)
+        await self._release(inst, nbytes, nframes)
         for key, st in index:
             r = self.routes.get(tuple(key))
             if r is not None and r.instance_id == iid:
                 r.snapshot = (blobs_ref, st)
-                while r.retained and r.retained[0][2] <= st.last_seq:
+                while r.retained and r.retained[0][3] <= st.last_seq:
                     r.retained.popleft()
         return bytes(out)
 
-    async def _send_in_order(self, r: Route, frames: list[Held]) -> list[Call]:
-        """Send frames of one route to its instance (caller holds the dispatch turn)."""
+    async def _send_in_order(self, r: Route, chunks: list[Held]) -> list[Call]:
+        """Send chunks of one route to its instance (caller holds the dispatch lock)."""
         inst = self.instances[r.instance_id]
         calls = []
-        for ref, group in _group_by_ref(frames):
-            for f in group:
-                self._retain(r, f)
-            calls.append(await self._send(inst, ref, group))
+        for chunk in chunks:
+            self._retain(r, chunk)
+            calls.append(await self._send(inst, chunk[0], [chunk]))
         return calls
 
     async def _collect(self, calls: list[Call]) -> None:
@@ -356,7 +463,12 @@ class Multiplexer:
         try:
             blob, st = await detach
             await target.handle.restore_sessions.remote([(key, blob, st, r.emit_events)])
-        except RayActorError:
+        except (RayActorError, RayTaskError) as e:
+            if not _instance_failure(e):
+                r.moving = False
+                await self._release_held(r)
+                raise
+            ray.kill(src.handle)
             await self._recover(src.instance_id)  # picks up the held frames too
             return
         src.sessions.discard(key)
@@ -383,7 +495,9 @@ class Multiplexer:
         moved = 0
         for key in list(inst.sessions):
             cands = [
-                s.load() for s in self.instances.values() if s.protocol == inst.protocol and s.instance_id != instance_id
+                s.load()
+                for s in self.instances.values()
+                if s.protocol == inst.protocol and s.instance_id != instance_id
             ]
             dst = choose_instance(cands, self.rng)
             if dst is None:
@@ -464,7 +578,7 @@ class Multiplexer:
         target.sessions.add(r.key)
         r.instance_id = dst
         self.c.sessions_recovered += 1
-        self.c.frames_redelivered += len(r.held)
+        self.c.frames_redelivered += sum(len(c[1]) for c in r.held)
         await self._release_held(r)
 
     # -- stats ---------------------------------------------------------------------------------
@@ -485,7 +599,11 @@ class Multiplexer:
             "frames_redelivered": c.frames_redelivered,
             "retained_dropped": c.retained_dropped,
             "bad_batches": c.bad_batches,
-            "retained_frames": sum(len(r.retained) for r in self.routes.values()),
+            "payload_copies": c.payload_copies,
+            "shm_batches": c.shm_batches,
+            "retention_copy_bytes": c.retention_copy_bytes,
+            "retained_frames": sum(len(c[1]) for r in self.routes.values() for c in r.retained),
+            "foreign_frames": c.foreign_frames,
         }
 
     async def tick(self) -> int:
@@ -500,15 +618,11 @@ class Multiplexer:
         return n
 
 
-def _group_by_ref(frames: list[Held]) -> list[tuple[Any, list[Held]]]:
-    """Consecutive frames from the same batch object, kept in order."""
-    out: list[tuple[Any, list[Held]]] = []
-    for f in frames:
-        if out and out[-1][0] is f[0]:
-            out[-1][1].append(f)
-        else:
-            out.append((f[0], [f]))
-    return out
+def _instance_failure(e: BaseException) -> bool:
+    """An actor that died, or whose container did (the backend raised InstanceFailed)."""
+    if isinstance(e, RayActorError):
+        return True
+    return "InstanceFailed" in type(getattr(e, "cause", None)).__name__ or "InstanceFailed" in str(e)
 
 
 def create_multiplexer(name: str = "apsv-multiplexer", *, namespace: str | None = None, seed: int = 0) -> Any:

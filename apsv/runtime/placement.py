@@ -26,11 +26,7 @@ class InstanceLoad:
 
 def load_score(v: InstanceLoad) -> float:
     """Higher is busier. Sessions and in-flight bytes are normalised by the instance's capacity."""
-    return (
-        v.sessions / max(v.max_sessions, 1)
-        + 0.5 * v.inflight_bytes / max(v.quota_bytes, 1)
-        + v.busy
-    )
+    return v.sessions / max(v.max_sessions, 1) + 0.5 * v.inflight_bytes / max(v.quota_bytes, 1) + v.busy
 
 
 def choose_instance(candidates: list[InstanceLoad], rng: random.Random) -> str | None:
@@ -38,10 +34,7 @@ def choose_instance(candidates: list[InstanceLoad], rng: random.Random) -> str |
     pool = [c for c in candidates if c.accepting and c.sessions < c.max_sessions]
     if not pool:
         return None
-    if len(pool) <= 2:
-        pick = pool
-    else:
-        pick = rng.sample(pool, 2)
+    pick = pool if len(pool) <= 2 else rng.sample(pool, 2)
     return min(pick, key=lambda c: (load_score(c), c.sessions, c.instance_id)).instance_id
 
 

@@ -35,7 +35,7 @@ INSTANCE_SCHEMA = pa.schema(
         pa.field("frames_in", pa.int64(), nullable=False),  # cumulative
         pa.field("frames_out", pa.int64(), nullable=False),
         pa.field("msgs_per_s", pa.float64(), nullable=False),  # inbound frames over the last interval
-        pa.field("queue_depth", pa.int64(), nullable=False),  # frames in flight to it plus output waiting
+        pa.field("queue_depth", pa.int64(), nullable=False),  # frames sent to it, not yet applied
         pa.field("latency_p50_ms", pa.float64(), nullable=True),  # agent receive -> applied, this interval
         pa.field("latency_p99_ms", pa.float64(), nullable=True),
         pa.field("latency_max_ms", pa.float64(), nullable=True),
@@ -120,9 +120,7 @@ class InstanceMetrics:
 
         self.tags = {"instance": instance_id, "protocol": protocol, "backend": backend}
         keys = tuple(self.tags)
-        self.frames = metrics.Counter(
-            "apsv_instance_frames", "Frames applied by a stack instance", tag_keys=keys
-        )
+        self.frames = metrics.Counter("apsv_instance_frames", "Frames applied by a stack instance", tag_keys=keys)
         self.batches = metrics.Counter("apsv_instance_batches", "Batches applied by a stack instance", tag_keys=keys)
         self.sessions = metrics.Gauge("apsv_instance_sessions", "Sessions hosted by a stack instance", tag_keys=keys)
         self.rss = metrics.Gauge("apsv_instance_rss_bytes", "Resident memory of a stack instance", tag_keys=keys)

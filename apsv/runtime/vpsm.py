@@ -15,6 +15,7 @@ It is a named, detached actor: it outlives the job that started it, and anyone c
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import time
@@ -83,11 +84,18 @@ class VPSM:
         self._loop: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
         self.steps = 0
+        self._images: dict[str, str] = {}  # protocol -> stack image tag (docker plans)
 
     # -- lifecycle -----------------------------------------------------------------------------
 
     async def start(self, run_loop: bool = True) -> dict[str, int]:
         """Bring every protocol to its minimum; then (optionally) run the control loop."""
+        for plan in self.plans.values():
+            if plan.backend == "docker" and plan.protocol not in self._images:
+                # Once, here: an instance start then only checks the engine has it.
+                from apsv.runtime.docker_backend import ensure_image
+
+                self._images[plan.protocol] = await asyncio.to_thread(ensure_image)
         for plan in self.plans.values():
             while self._count(plan.protocol) < plan.min_instances:
                 await self._instantiate(plan, "minimum")
@@ -169,8 +177,7 @@ class VPSM:
             rate = (frames - m.last_frames) / dt if dt else 0.0
             cpu_pct = 100.0 * (cpu - m.last_cpu) / dt if dt else 0.0
             m.last_frames, m.last_cpu, m.last_ts = frames, cpu, now
-            inflight = im_view.get(iid, {}).get("inflight_bytes", 0)
-            queue = int(res.get("pending_output", 0)) + int(inflight > 0)
+            queue = int(im_view.get(iid, {}).get("inflight_frames", 0))
             res.update(msgs_per_s=rate, cpu_percent=cpu_pct, queue_depth=queue)
             out[iid] = res
             alloc = res["allocation"]
@@ -236,11 +243,18 @@ class VPSM:
     async def _instantiate(self, plan: ProtocolPlan, reason: str) -> str:
         iid = f"{plan.protocol}-{next(self._ids)}"
         t0 = time.perf_counter()
-        handle = create_instance(iid, plan.protocol, plan.backend, plan.allocation)
-        await handle.ready.remote()
+        handle = create_instance(
+            iid, plan.protocol, plan.backend, plan.allocation, image=self._images.get(plan.protocol)
+        )
+        info = await handle.ready.remote()
         latency = time.perf_counter() - t0
         await self.im.register_instance.remote(
-            iid, handle, plan.protocol, plan.allocation.buffer_quota_bytes, plan.allocation.max_sessions
+            iid,
+            handle,
+            plan.protocol,
+            plan.allocation.buffer_quota_bytes,
+            plan.allocation.max_sessions,
+            info["node_id"],
         )
         self.managed[iid] = Managed(iid, handle, plan.protocol, time.time(), latency)
         self.start_latencies.setdefault(plan.protocol, []).append(latency)
@@ -257,10 +271,8 @@ class VPSM:
             await self.im.remove_instance.remote(m.instance_id)
         except Exception:
             log.exception("deregistering %s", m.instance_id)
-        try:
+        with contextlib.suppress(Exception):  # already dead: nothing to stop
             await m.handle.shutdown.remote()
-        except Exception:  # already dead: nothing to stop
-            pass
         ray.kill(m.handle)
         self.managed.pop(m.instance_id, None)
         self.events.append({"ts": time.time(), "event": "destroy", "instance": m.instance_id, "moved": moved})
@@ -287,7 +299,9 @@ class VPSM:
                 }
                 for p, plan in self.plans.items()
             },
-            "instances": {i: {"protocol": m.protocol, "start_latency_s": m.start_latency_s} for i, m in self.managed.items()},
+            "instances": {
+                i: {"protocol": m.protocol, "start_latency_s": m.start_latency_s} for i, m in self.managed.items()
+            },
             "steps": self.steps,
             "events": list(self.events)[-50:],
         }

@@ -1,0 +1,1 @@
+"""Benchmarks that the CLI runs (`apsv bench ...`); benchmarks/ holds the scripts that call them."""

@@ -1,0 +1,116 @@
+"""What runs inside a stack container: a SessionHost served over a Unix socket.
+
+    python -m apsv.runtime.container_worker --socket /run/apsv/worker.sock --protocol bgp
+
+It serves one connection at a time (its instance actor), call after call, in order, and exits
+when told to or when the actor goes away. It needs no network and writes nothing but its socket.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import sys
+import time
+from typing import Any
+
+from apsv.runtime import wire
+from apsv.runtime.host import HostLimits, Key, SeqState, SessionHost
+
+
+def _key(v: Any) -> Key:
+    t = tuple(int(x) for x in v)
+    if len(t) != 4:
+        raise ValueError(f"a session key has 4 parts, not {len(t)}")
+    return t
+
+
+def _seq(d: dict[str, Any]) -> SeqState:
+    return SeqState(int(d["last_seq"]), int(d["out_seq"]), int(d.get("applied", 0)), int(d.get("duplicates", 0)))
+
+
+def _seq_json(s: SeqState) -> dict[str, int]:
+    return {"last_seq": s.last_seq, "out_seq": s.out_seq, "applied": s.applied, "duplicates": s.duplicates}
+
+
+def handle(host: SessionHost, op: str, meta: dict[str, Any], blobs: list[bytes]) -> tuple[dict[str, Any], list[bytes]]:
+    now = time.time()
+    if op == "ping":
+        return {"pid": os.getpid(), "protocol": host.protocol}, []
+    if op == "open":
+        host.open(_key(meta["key"]), meta["config"], now, emit_events=bool(meta.get("emit", False)))
+        return {}, []
+    if op == "process":
+        offsets = meta.get("offsets")
+        allowed = meta.get("allowed")
+        out = host.process(blobs[0], offsets, now, None if allowed is None else {_key(k) for k in allowed})
+        return {}, [out]
+    if op == "restore":
+        host.restore(_key(meta["key"]), blobs[0], _seq(meta["seq"]), emit_events=bool(meta.get("emit", False)))
+        return {}, []
+    if op in ("detach", "snapshot"):
+        blob, st = (host.detach if op == "detach" else host.snapshot)(_key(meta["key"]))
+        return {"seq": _seq_json(st)}, [blob]
+    if op == "take_snapshots":
+        snaps = host.take_snapshots()
+        keys = list(snaps)
+        return {"keys": [list(k) for k in keys], "seqs": [_seq_json(snaps[k][0]) for k in keys]}, [
+            snaps[k][1] for k in keys
+        ]
+    if op == "close":
+        host.close(_key(meta["key"]), now)
+        return {}, []
+    if op == "tick":
+        host.tick(now)
+        return {}, [host.collect()]
+    if op == "load":
+        load = host.load()
+        load["latency_ns"], host.counters.latency_ns = host.counters.latency_ns[:4096], []
+        return load, []
+    if op == "session_info":
+        return host.session_info(_key(meta["key"])), []
+    raise ValueError(f"unknown operation {op!r}")
+
+
+def serve(path: str, protocol: str, limits: HostLimits) -> int:
+    host = SessionHost(protocol, limits)
+    if os.path.exists(path):
+        os.unlink(path)
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind(path)
+    srv.listen(1)
+    while True:
+        conn, _ = srv.accept()
+        with conn:
+            while True:
+                try:
+                    code, meta, blobs = wire.recv(conn)
+                except wire.WireError:
+                    break  # the actor went away; wait for it to come back (or be stopped)
+                name = wire.OP_NAMES.get(code, "?")
+                if name == "shutdown":
+                    wire.send(conn, wire.OK, {})
+                    return 0
+                try:
+                    rmeta, rblobs = handle(host, name, meta, blobs)
+                except Exception as e:  # report it; one bad call does not end the container
+                    wire.send(conn, wire.ERROR, {"error": f"{type(e).__name__}: {e}"})
+                    continue
+                wire.send(conn, wire.OK, rmeta, rblobs)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="APSV stack container worker")
+    ap.add_argument("--socket", required=True)
+    ap.add_argument("--protocol", required=True)
+    ap.add_argument("--max-sessions", type=int, default=10_000)
+    ap.add_argument("--snapshot-every", type=int, default=256)
+    args = ap.parse_args(argv)
+    return serve(
+        args.socket, args.protocol, HostLimits(max_sessions=args.max_sessions, snapshot_every=args.snapshot_every)
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())
