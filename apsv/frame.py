@@ -46,6 +46,8 @@ class FrameKind(enum.IntEnum):
     CONNECTED = 2  # the transport came up (BGP: TCP established); payload: JSON endpoint info
     DISCONNECTED = 3  # the transport went down; payload: reason text
     TIMER = 4  # a tick: lets a stack run its timers when no traffic arrives
+    CONTROL = 5  # a command for the session from its virtual router (JSON: announce, withdraw, ...)
+    EXPIRED = 6  # a timer the agent runs for the stack expired (BFD detection time); payload: its name
     SEND = 64  # bytes for the agent to send to the peer
     CLOSE = 65  # the agent must close the transport
     EVENTS = 66  # route/state events for the virtual router (JSON lines)

@@ -66,6 +66,18 @@ class CloseTransport(StackEvent):
 
 
 @dataclass(frozen=True, slots=True)
+class TxProgram(StackEvent):
+    """Periodic work the agent runs for the session until told otherwise (BFD: the packet to
+    send, how often, and the detection timer to arm on each valid packet received) - the way a
+    line card runs BFD for a route processor. The payload's format is the stack's own."""
+
+    data: bytes
+
+    def to_json(self) -> dict[str, Any]:
+        return {"event": "tx-program", "octets": len(self.data)}
+
+
+@dataclass(frozen=True, slots=True)
 class StateChanged(StackEvent):
     old: str
     new: str
@@ -127,6 +139,10 @@ class StackSession(Protocol):
     def snapshot(self) -> bytes:
         """The session's complete state; Stack.restore_session(snapshot) continues it exactly."""
         ...
+
+    # Optional, looked up by the host when the frame arrives (a stack without them counts an error):
+    #   control(command: Mapping[str, Any], now) -> events    a CONTROL frame (JSON command)
+    #   timer_expired(name: str, now) -> events               an EXPIRED frame (agent-run timer)
 
     def stats(self) -> dict[str, Any]:
         """Counters and gauges for telemetry (messages, routes, memory estimate, state)."""

@@ -6,6 +6,8 @@ cd "$(dirname "$0")/.."
 scripts/setup.sh
 # The Docker backend's tests run against a real engine: install and start one if none answers.
 scripts/start-docker.sh
+# Real routing daemons (FRR, BIRD, GoBGP, ExaBGP) for the interop tests.
+scripts/install-peers.sh
 export APSV_SHARED_DATA=${APSV_SHARED_DATA:-$(cd .. && pwd)/shared/data}
 .venv/bin/ruff check apsv tests benchmarks
 .venv/bin/mypy

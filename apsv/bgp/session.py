@@ -9,9 +9,10 @@ state changes, best-path changes for the virtual router's FIB). The FSM rows com
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import socket
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -287,6 +288,28 @@ class BgpSession:
             for fam, keys in by_fam.items():
                 self._send_withdrawals(fam, keys)
         return self._flush()
+
+    def control(self, command: Mapping[str, Any], now: float) -> list[StackEvent]:
+        """A command from the virtual router (a CONTROL frame):
+
+        ``{"op": "announce", "announcement": {...Announcement...}}``,
+        ``{"op": "withdraw", "prefixes": [...]}``, ``{"op": "stop", "reason": "..."}`` (Cease /
+        Administrative Shutdown with the reason as RFC 9003 shutdown communication),
+        ``{"op": "start"}``. Anything else is refused with a ValueError naming what is wrong.
+        """
+        op = command.get("op") if isinstance(command, Mapping) else None
+        if op == "announce":
+            return self.originate(Announcement.model_validate(command.get("announcement")), now)
+        if op == "withdraw":
+            prefixes = command.get("prefixes")
+            if not isinstance(prefixes, list) or not all(isinstance(p, str) for p in prefixes):
+                raise ValueError("withdraw: 'prefixes' must be a list of prefix strings")
+            return self.withdraw_originated([str(ipaddress.ip_network(p)) for p in prefixes], now)
+        if op == "stop":
+            return self.stop(now, str(command.get("reason", "")))
+        if op == "start":
+            return self.start(now)
+        raise ValueError(f"unknown command op {op!r} (announce, withdraw, stop, start)")
 
     # ------------------------------------------------------------------------------------------
     # Inspection

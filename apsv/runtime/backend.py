@@ -41,6 +41,8 @@ class Backend(Protocol):
 
     def session_info(self, key: Key) -> dict[str, Any]: ...
 
+    def session_table(self, key: Key, family: str) -> list[tuple[str, str | None, str]]: ...
+
     def usage(self) -> dict[str, float]: ...
 
     def shutdown(self) -> None: ...
@@ -88,6 +90,9 @@ class ProcessBackend:
 
     def session_info(self, key: Key) -> dict[str, Any]:
         return self.host.session_info(key)
+
+    def session_table(self, key: Key, family: str) -> list[tuple[str, str | None, str]]:
+        return self.host.session_table(key, family)
 
     def usage(self) -> dict[str, float]:
         """CPU seconds and resident memory of this worker process (psutil)."""

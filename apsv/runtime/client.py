@@ -80,6 +80,38 @@ class OffloadClient:
                 self._seq.setdefault(key, 0)
         return placed
 
+    def adopt(self, placed: dict[Key, str]) -> None:
+        """Sessions opened for this client by an awaited `open_sessions` call (async callers)."""
+        for key, where in placed.items():
+            if not where.startswith("error"):
+                self._seq.setdefault(key, 0)
+
+    # -- non-blocking use (an asyncio agent) -------------------------------------------------------
+
+    def can_send(self, payload_len: int) -> bool:
+        """Whether `send` of a payload this long returns without waiting for the cluster."""
+        buf = self._buf
+        if buf is not None and buf.room() >= HEADER_LEN + payload_len:
+            return True
+        if buf is not None and buf.frames and len(self._inflight) >= self.max_inflight:
+            return False  # the full buffer would have to be sent first
+        return self.pool.in_use() < self.pool.slots or (buf is not None and not buf.frames)
+
+    @property
+    def pending_frames(self) -> int:
+        return 0 if self._buf is None else self._buf.frames
+
+    @property
+    def inflight(self) -> int:
+        return len(self._inflight)
+
+    def oldest_ref(self) -> Any:
+        return self._inflight[0][0] if self._inflight else None
+
+    def complete_oldest(self) -> None:
+        """Take in the oldest batch's output (call when `oldest_ref()` is ready)."""
+        self._complete_oldest()
+
     # -- sending -------------------------------------------------------------------------------
 
     def send(self, key: Key, payload: bytes | memoryview, kind: int = FrameKind.DATA, rx_ns: int = 0) -> None:

@@ -68,6 +68,8 @@ def handle(host: SessionHost, op: str, meta: dict[str, Any], blobs: list[bytes])
         load = host.load()
         load["latency_ns"], host.counters.latency_ns = host.counters.latency_ns[:4096], []
         return load, []
+    if op == "session_table":
+        return {"rows": host.session_table(_key(meta["key"]), str(meta["family"]))}, []
     if op == "session_info":
         return host.session_info(_key(meta["key"])), []
     raise ValueError(f"unknown operation {op!r}")

@@ -349,6 +349,10 @@ class DockerBackend:
     def session_info(self, key: Key) -> dict[str, Any]:
         return self._call("session_info", {"key": list(key)})[0]
 
+    def session_table(self, key: Key, family: str) -> list[tuple[str, str | None, str]]:
+        rows = self._call("session_table", {"key": list(key), "family": family})[0]["rows"]
+        return [(r[0], r[1], r[2]) for r in rows]
+
     def _find_cgroup(self) -> dict[str, Path]:
         cid = self.container.id
         found = {}

@@ -23,9 +23,11 @@ from apsv.frame import HEADER, HEADER_LEN, MAGIC, VERSION, Frame, FrameKind, Ses
 from apsv.stack import (
     CloseTransport,
     OpenTransport,
+    ProtocolProblem,
     Send,
     StackEvent,
     StackSession,
+    TxProgram,
     load_stack,
 )
 
@@ -183,20 +185,30 @@ class SessionHost:
             e.last_seq = seq
             e.frames += 1
             s = e.session
+            # The stack's clock is the frame's own time (when the agent received it): a session
+            # restored from a snapshot and fed the same frames again then does exactly the same.
+            t = rx / 1e9 if rx else now
             try:
                 if kind == FrameKind.DATA:
-                    events = s.data_received(view[off + HEADER_LEN : off + HEADER_LEN + n], now)
+                    events = s.data_received(view[off + HEADER_LEN : off + HEADER_LEN + n], t)
                 elif kind == FrameKind.TIMER:
-                    events = s.on_timer(now)
+                    events = s.on_timer(t)
                 elif kind == FrameKind.CONNECTED:
-                    events = s.connection_made(now)
+                    events = s.connection_made(t)
                 elif kind == FrameKind.DISCONNECTED:
-                    events = s.connection_lost(now, bytes(view[off + HEADER_LEN : off + HEADER_LEN + n]).decode())
+                    events = s.connection_lost(t, bytes(view[off + HEADER_LEN : off + HEADER_LEN + n]).decode())
+                elif kind == FrameKind.CONTROL:
+                    command = json.loads(bytes(view[off + HEADER_LEN : off + HEADER_LEN + n]))
+                    events = s.control(command, t)  # type: ignore[attr-defined]
+                elif kind == FrameKind.EXPIRED:
+                    name = bytes(view[off + HEADER_LEN : off + HEADER_LEN + n]).decode()
+                    events = s.timer_expired(name, t)  # type: ignore[attr-defined]
                 else:
                     c.errors += 1
                     continue
-            except Exception:  # a stack bug must not take down the other sessions
+            except Exception as x:  # a stack bug or a bad command must not take down the other sessions
                 c.errors += 1
+                self._emit(key, e, [ProtocolProblem("refused", f"{FrameKind(kind).name}: {type(x).__name__}: {x}")], rx)
                 continue
             if events:
                 self._emit(key, e, events, rx)
@@ -247,6 +259,8 @@ class SessionHost:
                 kind, payload = FrameKind.CLOSE, ev.reason.encode()  # type: ignore[attr-defined]
             elif t is OpenTransport:
                 kind, payload = FrameKind.OPEN, b""
+            elif t is TxProgram:
+                kind, payload = FrameKind.TX_PROGRAM, ev.data  # type: ignore[attr-defined]
             else:
                 if e.emit_events:
                     if lines is None:
@@ -286,6 +300,15 @@ class SessionHost:
             "busy_seconds": round(c.busy_seconds, 6),
             "pending_output": len(self._pending),
         }
+
+    def session_table(self, key: Key, family: str) -> list[tuple[str, str | None, str]]:
+        """A session's Loc-RIB for a family name ("ipv4-unicast"), for stacks that keep one."""
+        from apsv.bgp.config import FAMILY_CODES
+
+        table = getattr(self.sessions[key].session, "loc_rib_table", None)
+        if table is None:
+            raise TypeError(f"{self.protocol} sessions keep no routing table")
+        return list(table(FAMILY_CODES[family]))
 
     def session_info(self, key: Key) -> dict[str, Any]:
         e = self.sessions[key]

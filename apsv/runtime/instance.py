@@ -138,6 +138,10 @@ class StackInstance:
     def session_info(self, key: Key) -> dict[str, Any]:
         return self.backend.session_info(key)
 
+    def session_table(self, key: Key, family: str = "ipv4-unicast") -> list[tuple[str, str | None, str]]:
+        """The session's Loc-RIB rows (prefix, next hop, source) for a family."""
+        return self.backend.session_table(key, family)
+
     def load(self) -> dict[str, Any]:
         """Counters, resource use and the latencies seen since the last call (drained)."""
         load = self.backend.load()

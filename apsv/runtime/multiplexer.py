@@ -537,6 +537,13 @@ class Multiplexer:
 
     # -- failure -------------------------------------------------------------------------------
 
+    async def report_dead(self, instance_id: str) -> None:
+        """Someone else (the VPSM) found an instance dead: recover its sessions now rather than
+        on the next call that fails."""
+        inst = self.instances.get(instance_id)
+        if inst is not None and inst.alive:
+            await self._recover(instance_id)
+
     async def _recover(self, instance_id: str) -> None:
         """An instance died: restore its sessions elsewhere and redeliver what it had not made durable."""
         async with self._recovery_lock:

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import ray
+from ray.exceptions import RayActorError, RayTaskError
 
 from apsv.runtime.instance import Allocation, create_instance
 from apsv.runtime.telemetry import TelemetryWriter, now_utc
@@ -217,6 +218,40 @@ class VPSM:
         async with self._lock:
             await self._scale(self.plans[protocol], n, "forced")
             return self._count(protocol)
+
+    async def drain(self, instance_id: str, replace: bool = True) -> int:
+        """Move every session off an instance and destroy it (an operator's drain, e.g. for host
+        maintenance); with `replace`, start a new instance first so capacity stays. Returns the
+        sessions moved."""
+        async with self._lock:
+            m = self.managed[instance_id]
+            plan = self.plans[m.protocol]
+            if replace or self._count(m.protocol) <= plan.min_instances:
+                await self._instantiate(plan, f"replacing {instance_id}")
+            await self.im.set_accepting.remote(instance_id, False)
+            before = len(self.events)
+            await self._destroy(m, drain=True)
+            return int(self.events[-1]["moved"]) if len(self.events) > before else 0
+
+    async def reap(self) -> list[str]:
+        """Forget instances whose actor died (the multiplexer already recovered their sessions)
+        and bring each protocol back to its minimum. Returns the dead instances' ids."""
+        async with self._lock:
+            dead = []
+            for iid, m in list(self.managed.items()):
+                try:
+                    await m.handle.ready.remote()
+                except (RayActorError, RayTaskError):
+                    dead.append(iid)
+            for iid in dead:
+                self.managed.pop(iid)
+                await self.im.report_dead.remote(iid)
+                await self.im.remove_instance.remote(iid)
+                self.events.append({"ts": time.time(), "event": "reaped", "instance": iid})
+            for plan in self.plans.values():
+                while self._count(plan.protocol) < plan.min_instances:
+                    await self._instantiate(plan, "replacing a dead instance")
+            return dead
 
     async def _scale(self, plan: ProtocolPlan, desired: int, reason: str) -> None:
         desired = max(plan.min_instances, min(plan.max_instances, desired))

@@ -1,0 +1,401 @@
+"""The agent: a virtual router's sockets on one side, the APSV cluster on the other.
+
+It terminates BGP over TCP (listening for passive sessions, connecting for active ones when the
+stack asks) and BFD over UDP (`bfd_engine.py`), turns what arrives into offload frames and sends
+them, batched, to the multiplexer. What the stacks return is applied here: bytes to a peer, a
+transport to open or close, a BFD transmission program, and events for the virtual router -
+delivered to a callback and, as JSON lines, to a file or an async stream.
+
+Everything it holds is bounded: the buffer pool and batches in flight (a slow cluster stops the
+agent reading from its sockets, so TCP pushes back on the peers), each connection's write
+buffer, the event queue. Stacks' timers are driven by TIMER frames every `timer_interval_s`:
+every input a stack sees is a frame, so a session restored on another instance and fed the
+same frames again does exactly what the original did.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import socket
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray
+
+from apsv.agent.bfd_engine import BfdEngine
+from apsv.agent.config import AgentConfig, BfdPeer, BgpPeer, VRouter
+from apsv.frame import Frame, FrameKind, ProtocolId
+from apsv.runtime.buffer_pool import BufferPool
+from apsv.runtime.client import OffloadClient
+
+log = logging.getLogger("apsv.agent")
+
+Key = tuple[int, int, int, int]
+EventCallback = Callable[[dict[str, Any]], None]
+
+
+@dataclass
+class AgentCounters:
+    frames_out: int = 0  # frames sent into the cluster
+    frames_in: int = 0  # frames the cluster returned
+    octets_to_peers: int = 0
+    octets_from_peers: int = 0
+    connections_accepted: int = 0
+    connections_refused: int = 0  # from an address no session expects, or a session already connected
+    connects: int = 0
+    connect_failures: int = 0
+    write_overflows: int = 0  # a peer not reading: its connection closed rather than buffer without end
+    backpressure_waits: int = 0
+    events: int = 0
+    events_dropped: int = 0
+
+
+@dataclass
+class BgpLink:
+    key: Key
+    peer: BgpPeer
+    vrouter: VRouter
+    reader_task: asyncio.Task[None] | None = None
+    writer: asyncio.StreamWriter | None = None
+    connecting: bool = False
+    remote: tuple[str, int] | None = None
+
+
+@dataclass
+class Agent:
+    """Create with a config and the multiplexer's handle, then `await start()`; `await stop()` ends it."""
+
+    config: AgentConfig
+    multiplexer: Any
+    on_event: EventCallback | None = None
+    max_event_queue: int = 10_000
+    c: AgentCounters = field(default_factory=AgentCounters)
+
+    def __post_init__(self) -> None:
+        self.client: OffloadClient | None = None
+        self.bgp: dict[Key, BgpLink] = {}
+        self.bfd: BfdEngine | None = None
+        self.servers: list[asyncio.AbstractServer] = []
+        self.listeners: dict[tuple[str, int], dict[str, Key]] = {}  # listen endpoint -> peer address -> session
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._kick = asyncio.Event()
+        self._space = asyncio.Event()
+        self._events: asyncio.Queue[dict[str, Any]] = asyncio.Queue(self.max_event_queue)
+        self._events_file: Any = None
+        self._stopping = False
+        self._streaming = False  # someone reads events(): queue them (bounded)
+        self.placed: dict[Key, str] = {}
+        self.session_names: dict[Key, str] = {}
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    async def start(self) -> dict[Key, str]:
+        """Open every configured session in the cluster, then the sockets. Returns where each
+        session was placed (or why it was refused)."""
+        loop = asyncio.get_running_loop()
+        same_node = (await self.multiplexer.node.remote()) == ray.get_runtime_context().get_node_id()
+        slots = self.config.max_inflight + 1  # a free buffer whenever a batch may be sent
+        pool = BufferPool(slots=slots, slot_bytes=self.config.buffer_bytes, shared=same_node)
+        self.client = OffloadClient(
+            self.multiplexer, pool, max_inflight=self.config.max_inflight, on_output=self._on_output
+        )
+        if self.config.events:
+            self._events_file = open(self.config.events, "a", buffering=1)  # noqa: SIM115 - closed in stop()
+        sessions = self.config.sessions()
+        specs = [(key, proto, cfg, True) for key, proto, cfg, _v, _p in sessions]
+        self.placed = await self.multiplexer.open_sessions.remote(specs, self.client.client_id)
+        self.client.adopt(self.placed)
+        refused = {k: v for k, v in self.placed.items() if v.startswith("error")}
+        for k, why in refused.items():
+            self._event(k, {"event": "refused", "detail": why})
+        self.bfd = BfdEngine(self._bfd_forward, self._bfd_expired, loop)
+        for key, proto, _cfg, vrouter, peer in sessions:
+            if key in refused:
+                continue
+            self.session_names[key] = f"{vrouter.name or vrouter.id}/{proto}{key[3]}"
+            if proto == "bgp":
+                assert isinstance(peer, BgpPeer)
+                self.bgp[key] = BgpLink(key, peer, vrouter)
+                if peer.mode == "passive":
+                    self.listeners.setdefault(peer.listen_endpoint(), {})[peer.peer_endpoint()[0]] = key
+            else:
+                assert isinstance(peer, BfdPeer)
+                auth = peer.auth.key() if peer.auth else None
+                self.bfd.add(key, peer.local_address, peer.peer_address, peer.netns, auth)
+        for (host, port), _peers in self.listeners.items():
+            srv = await asyncio.start_server(self._accepted, host, port, reuse_address=True)
+            self.servers.append(srv)
+        self._tasks.append(loop.create_task(self._pump(), name="apsv-agent-pump"))
+        self._tasks.append(loop.create_task(self._ticker(), name="apsv-agent-timers"))
+        # Let every stack run its start-up output (an active BGP session asks for its connection).
+        for key in self.bgp:
+            await self._send_frame(key, FrameKind.TIMER, b"")
+        return dict(self.placed)
+
+    async def stop(self) -> None:
+        self._stopping = True
+        for srv in self.servers:
+            srv.close()
+        for link in self.bgp.values():
+            if link.reader_task is not None:
+                link.reader_task.cancel()
+            if link.writer is not None:
+                link.writer.close()
+        if self.bfd is not None:
+            self.bfd.close()
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        if self.client is not None:
+            keys = [k for k, v in self.placed.items() if not v.startswith("error")]
+            with contextlib.suppress(Exception):
+                await self.multiplexer.close_sessions.remote(keys)
+            with contextlib.suppress(Exception):
+                await self.multiplexer.close_client.remote(self.client.client_id, self.client.pool.shm_name)
+            self.client.pool.close()
+        if self._events_file is not None:
+            self._events_file.close()
+
+    # -- the virtual router's API --------------------------------------------------------------
+
+    async def command(self, vrouter: int, session: int, protocol: str, command: dict[str, Any]) -> None:
+        """Send a command to a session's stack (BGP: announce / withdraw / stop / start; BFD:
+        admin-down / admin-up). Its effects come back as events."""
+        key = (self.config.tenant, vrouter, int(ProtocolId[protocol.upper()]), session)
+        if key not in self.placed or self.placed[key].startswith("error"):
+            raise KeyError(f"no open {protocol} session {session} on virtual router {vrouter}")
+        await self._send_frame(key, FrameKind.CONTROL, json.dumps(command).encode())
+
+    async def events(self) -> AsyncIterator[dict[str, Any]]:
+        """Every event as it happens (the JSON-lines stream's content, as dicts)."""
+        self._streaming = True
+        while True:
+            yield await self._events.get()
+
+    def status(self) -> dict[str, Any]:
+        links = {}
+        for key, link in self.bgp.items():
+            links[self.session_names.get(key, str(key))] = {
+                "connected": link.writer is not None,
+                "remote": list(link.remote) if link.remote else None,
+            }
+        return {
+            "counters": vars(self.c).copy(),
+            "bgp": links,
+            "bfd": vars(self.bfd.c).copy() if self.bfd else {},
+            "client": vars(self.client.stats).copy() if self.client else {},
+        }
+
+    def _event(self, key: Key, ev: dict[str, Any]) -> None:
+        ev = {
+            "ts": time.time(),
+            "tenant": key[0],
+            "vrouter": key[1],
+            "protocol": ProtocolId(key[2]).name.lower(),
+            "session": key[3],
+            **ev,
+        }
+        self.c.events += 1
+        if self.on_event is not None:
+            try:
+                self.on_event(ev)
+            except Exception:
+                log.exception("event callback failed")
+        if self._events_file is not None:
+            self._events_file.write(json.dumps(ev, separators=(",", ":")) + "\n")
+        if not self._streaming:
+            return
+        try:
+            self._events.put_nowait(ev)
+        except asyncio.QueueFull:  # nobody is reading the stream: drop the oldest, count it
+            self._events.get_nowait()
+            self._events.put_nowait(ev)
+            self.c.events_dropped += 1
+
+    # -- into the cluster ----------------------------------------------------------------------
+
+    async def _send_frame(self, key: Key, kind: int, payload: bytes | memoryview, rx_ns: int = 0) -> None:
+        client = self.client
+        assert client is not None
+        while not client.can_send(len(payload)):
+            # Every buffer is in flight: wait for the cluster (the caller stops reading its socket).
+            self.c.backpressure_waits += 1
+            self._space.clear()
+            self._kick.set()
+            await self._space.wait()
+        if client._buf is not None and client._buf.room() < 56 + len(payload) and client._buf.frames:
+            client.flush()  # full: out it goes (can_send said a batch slot is free)
+        client.send(key, payload, kind, rx_ns or time.time_ns())
+        self.c.frames_out += 1
+        self._kick.set()
+
+    async def _pump(self) -> None:
+        """Send batches (at once while few are in flight, else as the cluster takes them: Nagle's
+        rule) and take in their output."""
+        client = self.client
+        assert client is not None
+        pending: Any = None
+        while not self._stopping:
+            if client.pending_frames and client.inflight < min(2, client.max_inflight):
+                client.flush()
+            ref = client.oldest_ref()
+            if ref is None:
+                self._kick.clear()
+                if client.pending_frames:
+                    continue
+                await self._kick.wait()
+                continue
+            if pending is None or pending[0] is not ref:
+                pending = (ref, asyncio.ensure_future(_ready(ref)))
+            kick = asyncio.ensure_future(self._kick.wait())
+            done, _ = await asyncio.wait({pending[1], kick}, return_when=asyncio.FIRST_COMPLETED)
+            if not kick.done():
+                kick.cancel()
+            self._kick.clear()
+            if pending[1] in done:
+                pending = None
+                try:
+                    client.complete_oldest()
+                except Exception:
+                    log.exception("a batch failed in the cluster")
+                self._space.set()
+
+    async def _ticker(self) -> None:
+        while not self._stopping:
+            await asyncio.sleep(self.config.timer_interval_s)
+            for key in list(self.bgp):
+                await self._send_frame(key, FrameKind.TIMER, b"")
+
+    # -- out of the cluster --------------------------------------------------------------------
+
+    def _on_output(self, f: Frame) -> None:
+        self.c.frames_in += 1
+        key = (f.tenant, f.vrouter, f.protocol, f.session)
+        kind = f.kind
+        if kind == FrameKind.SEND:
+            self._write(key, bytes(f.payload))
+        elif kind == FrameKind.CLOSE:
+            self._close(key, bytes(f.payload).decode(errors="replace"))
+        elif kind == FrameKind.OPEN:
+            link = self.bgp.get(key)
+            if link is not None and link.writer is None and not link.connecting and link.peer.mode == "active":
+                link.connecting = True
+                asyncio.get_running_loop().create_task(self._connect(link))
+        elif kind == FrameKind.TX_PROGRAM:
+            if self.bfd is not None:
+                self.bfd.program(key, bytes(f.payload))
+        elif kind == FrameKind.EVENTS:
+            for line in bytes(f.payload).decode().splitlines():
+                with contextlib.suppress(ValueError):
+                    self._event(key, json.loads(line))
+
+    # -- BGP transports ------------------------------------------------------------------------
+
+    async def _accepted(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = writer.get_extra_info("peername")
+        sock = writer.get_extra_info("sockname")
+        key = self.listeners.get((sock[0], sock[1]), {}).get(peer[0]) if peer and sock else None
+        link = self.bgp.get(key) if key is not None else None
+        if link is None or link.writer is not None:
+            # No session expects this address here, or it is already connected (a collision:
+            # the established connection wins, RFC 4271 §6.8).
+            self.c.connections_refused += 1
+            writer.close()
+            return
+        self.c.connections_accepted += 1
+        await self._attach(link, reader, writer)
+
+    async def _connect(self, link: BgpLink) -> None:
+        host, port = link.peer.peer_endpoint()
+        local = link.peer.local_address
+        self.c.connects += 1
+        try:
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_connection(host, port, local_addr=(local, 0) if local else None), timeout=10
+            )
+        except (OSError, TimeoutError) as e:
+            self.c.connect_failures += 1
+            link.connecting = False
+            await self._send_frame(link.key, FrameKind.DISCONNECTED, f"connect failed: {e}".encode())
+            return
+        link.connecting = False
+        await self._attach(link, reader, writer)
+
+    async def _attach(self, link: BgpLink, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        sock = writer.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        link.writer = writer
+        link.remote = writer.get_extra_info("peername")[:2]
+        info = {"local": list(writer.get_extra_info("sockname")[:2]), "remote": list(link.remote or ())}
+        self._event(link.key, {"event": "transport", "state": "up", **info})
+        await self._send_frame(link.key, FrameKind.CONNECTED, json.dumps(info).encode())
+        link.reader_task = asyncio.get_running_loop().create_task(self._read(link, reader, writer))
+
+    async def _read(self, link: BgpLink, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        reason = "connection closed by the peer"
+        try:
+            while True:
+                data = await reader.read(65536)
+                if not data:
+                    break
+                self.c.octets_from_peers += len(data)
+                await self._send_frame(link.key, FrameKind.DATA, data)
+        except (OSError, asyncio.IncompleteReadError) as e:
+            reason = f"connection error: {e}"
+        except asyncio.CancelledError:
+            return
+        if link.writer is writer:
+            link.writer = None
+            link.remote = None
+            writer.close()
+            self._event(link.key, {"event": "transport", "state": "down", "reason": reason})
+            if not self._stopping:
+                await self._send_frame(link.key, FrameKind.DISCONNECTED, reason.encode())
+
+    def _write(self, key: Key, data: bytes) -> None:
+        link = self.bgp.get(key)
+        if link is None or link.writer is None:
+            return  # the connection went away; the stack hears of it through DISCONNECTED
+        transport = link.writer.transport
+        if transport.get_write_buffer_size() + len(data) > self.config.max_write_buffer:
+            self.c.write_overflows += 1
+            self._close(key, "peer not reading: write buffer limit reached")
+            return
+        link.writer.write(data)
+        self.c.octets_to_peers += len(data)
+
+    def _close(self, key: Key, reason: str) -> None:
+        link = self.bgp.get(key)
+        if link is None or link.writer is None:
+            return
+        writer, link.writer = link.writer, None
+        link.remote = None
+        if link.reader_task is not None:
+            link.reader_task.cancel()
+        writer.close()  # after what was written before: the NOTIFICATION goes out first
+        self._event(key, {"event": "transport", "state": "down", "reason": reason})
+        if not self._stopping:
+            asyncio.get_running_loop().create_task(self._send_frame(key, FrameKind.DISCONNECTED, reason.encode()))
+
+    # -- BFD -----------------------------------------------------------------------------------
+
+    def _bfd_forward(self, key: Key, packet: bytes, rx_ns: int) -> None:
+        asyncio.get_running_loop().create_task(self._send_frame(key, FrameKind.DATA, packet, rx_ns))
+
+    def _bfd_expired(self, key: Key) -> None:
+        self._event(key, {"event": "bfd-detect-expired"})
+        asyncio.get_running_loop().create_task(self._send_frame(key, FrameKind.EXPIRED, b"detect"))
+
+
+async def _ready(ref: Any) -> None:
+    with contextlib.suppress(Exception):  # a failed batch is reported when its output is taken
+        await ref

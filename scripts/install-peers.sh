@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# The real routing daemons the interop tests peer with: FRR (bgpd, bfdd), BIRD 2 and GoBGP from
+# Debian, ExaBGP from PyPI (into .venv). Nothing is started here: each test starts and stops its
+# own daemons. Idempotent.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+missing=()
+[ -x /usr/lib/frr/bgpd ] && [ -x /usr/lib/frr/bfdd ] || missing+=(frr)
+command -v bird >/dev/null 2>&1 || missing+=(bird2)
+command -v gobgpd >/dev/null 2>&1 || missing+=(gobgpd)
+command -v ip >/dev/null 2>&1 || missing+=(iproute2)
+if [ ${#missing[@]} -gt 0 ]; then
+    echo "install-peers: installing ${missing[*]}" >&2
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -q >/dev/null
+    apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null
+fi
+.venv/bin/python -m pip install --quiet -e ".[peers]"
