@@ -32,6 +32,7 @@ class StackEvent:
     """Base of everything a stack returns."""
 
     __slots__ = ()
+    route_event: ClassVar[bool] = False  # a routing-table change (bulky; a virtual router may not want them)
 
     def to_json(self) -> dict[str, Any]:
         return {"event": type(self).__name__}

@@ -19,7 +19,7 @@ import ray
 
 from apsv.agent.actor import create_agent_actor
 from apsv.agent.config import parse_config
-from apsv.runtime.cluster import MULTIPLEXER_NAME, NAMESPACE, Deployment, deploy
+from apsv.runtime.cluster import NAMESPACE, Deployment, deploy
 from apsv.runtime.instance import Allocation
 from apsv.runtime.vpsm import ProtocolPlan
 from tests import peers
@@ -70,7 +70,7 @@ def cluster(ray_cluster: Any) -> Iterator[tuple[Deployment, Any]]:
     )
     dep = deploy([plan], suffix=SUFFIX, run_loop=False)
     cfg = parse_config(agent_config())
-    agent = create_agent_actor(cfg, multiplexer_name=MULTIPLEXER_NAME + SUFFIX, namespace=NAMESPACE)
+    agent = create_agent_actor(cfg, multiplexer_name=dep.multiplexer_name, namespace=NAMESPACE)
     placed = ray.get(agent.start.remote())
     assert not [v for v in placed.values() if v.startswith("error")], placed
     yield dep, agent

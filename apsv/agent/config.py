@@ -112,6 +112,7 @@ class BgpPeer(BaseModel):
     peer: str  # passive: the peer's address; active: address:port to connect to
     local_address: str | None = None  # active: the address to connect from
     announce_range: list[PrefixRange] = Field(default_factory=list)
+    events: Literal["all", "state", "none"] = "all"  # to the virtual router; "state": no route changes
 
     @model_validator(mode="after")
     def _check(self) -> BgpPeer:
@@ -139,6 +140,7 @@ class BgpPeer(BaseModel):
     def stack_config(self) -> dict[str, Any]:
         """What the BGP stack is opened with (a BgpSessionConfig, validated)."""
         extra = dict(self.model_extra or {})
+        extra.pop("events", None)
         announce = [Announcement.model_validate(a) for a in extra.pop("announce", [])]
         for r in self.announce_range:
             announce.append(Announcement(prefixes=r.prefixes(), next_hop=r.next_hop))
@@ -168,6 +170,7 @@ class BfdPeer(BaseModel):
     detect_mult: int = Field(default=3, ge=1, le=255)
     auth: BfdAuthConfig | None = None
     local_discriminator: int | None = Field(default=None, ge=1, le=0xFFFFFFFF)
+    events: Literal["all", "state", "none"] = "all"
 
     @field_validator("local_address", "peer_address")
     @classmethod
@@ -237,10 +240,13 @@ class AgentConfig(BaseModel):
                 out.append(((self.tenant, v.id, int(ProtocolId.BGP), bgp.session), "bgp", bgp.stack_config(), v, bgp))
             for bfd in v.bfd:
                 disc = bfd.local_discriminator or ((v.id & 0xFFFF) << 16 | (bfd.session & 0xFFFF))
-                cfg = bfd.model_dump(mode="json", exclude={"session", "local_discriminator"})
+                cfg = bfd.model_dump(mode="json", exclude={"session", "local_discriminator", "events"})
                 cfg["local_discriminator"] = disc
                 out.append(((self.tenant, v.id, int(ProtocolId.BFD), bfd.session), "bfd", cfg, v, bfd))
         return out
+
+
+EVENT_LEVELS = {"none": 0, "all": 1, "state": 2}  # apsv.runtime.host.EVENTS_*
 
 
 def _where(loc: tuple[Any, ...]) -> str:

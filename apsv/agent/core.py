@@ -28,7 +28,7 @@ from typing import Any
 import ray
 
 from apsv.agent.bfd_engine import BfdEngine
-from apsv.agent.config import AgentConfig, BfdPeer, BgpPeer, VRouter
+from apsv.agent.config import EVENT_LEVELS, AgentConfig, BfdPeer, BgpPeer, VRouter
 from apsv.frame import Frame, FrameKind, ProtocolId
 from apsv.runtime.buffer_pool import BufferPool
 from apsv.runtime.client import OffloadClient
@@ -107,7 +107,7 @@ class Agent:
         if self.config.events:
             self._events_file = open(self.config.events, "a", buffering=1)  # noqa: SIM115 - closed in stop()
         sessions = self.config.sessions()
-        specs = [(key, proto, cfg, True) for key, proto, cfg, _v, _p in sessions]
+        specs = [(key, proto, cfg, EVENT_LEVELS[peer.events]) for key, proto, cfg, _v, peer in sessions]
         self.placed = await self.multiplexer.open_sessions.remote(specs, self.client.client_id)
         self.client.adopt(self.placed)
         refused = {k: v for k, v in self.placed.items() if v.startswith("error")}

@@ -110,6 +110,10 @@ def _idle() -> dict[Event, Row]:
         rows[ev] = (passive, S.ACTIVE)
     # IdleHoldTimer expiry is the automatic restart after an error (DampPeerOscillations-like
     # back-off); the session turns it into Event 3 or 5 according to its passive setting.
+    # §8.2.2 Idle "refuses all incoming BGP connections for this peer": a connection that
+    # arrives anyway (the transport is outside the FSM) is dropped, so the peer retries later.
+    for ev in (E.TCP_CR_ACKED, E.TCP_CONNECTION_CONFIRMED):
+        rows[ev] = ((A.DROP_TCP,), S.IDLE)
     for ev in Event:
         rows.setdefault(ev, ((), S.IDLE))  # §8.2.2 Idle: every other event is ignored
     return rows

@@ -67,6 +67,7 @@ LARGE_HOLD_TIME = 240.0  # RFC 4271 §8.2.2: "a large value", suggested 4 minute
 class RoutesChanged(StackEvent):
     """Best-path changes (FIB deltas) caused by one UPDATE or session event."""
 
+    route_event: ClassVar[bool] = True
     changes: list[BestPathChange]
 
     def to_json(self) -> dict[str, Any]:

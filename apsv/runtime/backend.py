@@ -21,11 +21,11 @@ from apsv.runtime.host import HostLimits, Key, SeqState, SessionHost
 class Backend(Protocol):
     kind: str
 
-    def open(self, key: Key, config: Mapping[str, Any], now: float, emit_events: bool) -> None: ...
+    def open(self, key: Key, config: Mapping[str, Any], now: float, emit_events: int) -> None: ...
 
     def process(self, data: bytes | memoryview, offsets: Any, now: float, allowed: set[Key] | None) -> bytes: ...
 
-    def restore(self, key: Key, blob: bytes, seq: SeqState, emit_events: bool) -> None: ...
+    def restore(self, key: Key, blob: bytes, seq: SeqState, emit_events: int) -> None: ...
 
     def detach(self, key: Key) -> tuple[bytes, SeqState]: ...
 
@@ -58,13 +58,13 @@ class ProcessBackend:
         self._proc = psutil.Process(os.getpid())
         self._t0 = time.monotonic()
 
-    def open(self, key: Key, config: Mapping[str, Any], now: float, emit_events: bool) -> None:
+    def open(self, key: Key, config: Mapping[str, Any], now: float, emit_events: int) -> None:
         self.host.open(key, config, now, emit_events=emit_events)
 
     def process(self, data: bytes | memoryview, offsets: Any, now: float, allowed: set[Key] | None) -> bytes:
         return self.host.process(data, offsets, now, allowed)
 
-    def restore(self, key: Key, blob: bytes, seq: SeqState, emit_events: bool) -> None:
+    def restore(self, key: Key, blob: bytes, seq: SeqState, emit_events: int) -> None:
         self.host.restore(key, blob, seq, emit_events=emit_events)
 
     def detach(self, key: Key) -> tuple[bytes, SeqState]:

@@ -72,7 +72,7 @@ class OffloadClient:
 
     # -- sessions ------------------------------------------------------------------------------
 
-    def open_sessions(self, specs: Iterable[tuple[Key, str, dict[str, Any], bool]]) -> dict[Key, str]:
+    def open_sessions(self, specs: Iterable[tuple[Key, str, dict[str, Any], int]]) -> dict[Key, str]:
         specs = list(specs)
         placed: dict[Key, str] = ray.get(self.im.open_sessions.remote(specs, self.client_id))
         for key, where in placed.items():

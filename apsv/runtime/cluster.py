@@ -56,6 +56,7 @@ class Deployment:
     multiplexer: Any
     vpsm: Any
     namespace: str
+    multiplexer_name: str = MULTIPLEXER_NAME
 
     def stop(self) -> None:
         """Destroy the instances, then the VPSM and the multiplexer."""
@@ -88,4 +89,4 @@ def deploy(
         name=VPSM_NAME + suffix,
     )
     ray.get(vpsm.start.remote(run_loop))
-    return Deployment(im, vpsm, namespace)
+    return Deployment(im, vpsm, namespace, im_name)

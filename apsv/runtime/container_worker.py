@@ -39,7 +39,7 @@ def handle(host: SessionHost, op: str, meta: dict[str, Any], blobs: list[bytes])
     if op == "ping":
         return {"pid": os.getpid(), "protocol": host.protocol}, []
     if op == "open":
-        host.open(_key(meta["key"]), meta["config"], now, emit_events=bool(meta.get("emit", False)))
+        host.open(_key(meta["key"]), meta["config"], now, emit_events=int(meta.get("emit", 0)))
         return {}, []
     if op == "process":
         offsets = meta.get("offsets")
@@ -47,7 +47,7 @@ def handle(host: SessionHost, op: str, meta: dict[str, Any], blobs: list[bytes])
         out = host.process(blobs[0], offsets, now, None if allowed is None else {_key(k) for k in allowed})
         return {}, [out]
     if op == "restore":
-        host.restore(_key(meta["key"]), blobs[0], _seq(meta["seq"]), emit_events=bool(meta.get("emit", False)))
+        host.restore(_key(meta["key"]), blobs[0], _seq(meta["seq"]), emit_events=int(meta.get("emit", 0)))
         return {}, []
     if op in ("detach", "snapshot"):
         blob, st = (host.detach if op == "detach" else host.snapshot)(_key(meta["key"]))

@@ -311,7 +311,7 @@ class DockerBackend:
         except (OSError, wire.WireError) as e:
             raise InstanceFailed(f"stack container {self.container.name} is gone: {e}") from None
 
-    def open(self, key: Key, config: Mapping[str, Any], now: float, emit_events: bool) -> None:
+    def open(self, key: Key, config: Mapping[str, Any], now: float, emit_events: int) -> None:
         self._call("open", {"key": list(key), "config": dict(config), "emit": emit_events})
 
     def process(self, data: bytes | memoryview, offsets: Any, now: float, allowed: set[Key] | None) -> bytes:
@@ -322,7 +322,7 @@ class DockerBackend:
         _, blobs = self._call("process", meta, [data])
         return blobs[0]
 
-    def restore(self, key: Key, blob: bytes, seq: SeqState, emit_events: bool) -> None:
+    def restore(self, key: Key, blob: bytes, seq: SeqState, emit_events: int) -> None:
         self._call("restore", {"key": list(key), "seq": _seq_json(seq), "emit": emit_events}, [blob])
 
     def detach(self, key: Key) -> tuple[bytes, SeqState]:

@@ -33,6 +33,9 @@ from apsv.stack import (
 
 Key = tuple[int, int, int, int]  # (tenant, vrouter, protocol, session): the frame header's identity
 
+# Which events a session sends its virtual router (the `emit_events` of open/restore).
+EVENTS_NONE, EVENTS_ALL, EVENTS_STATE = 0, 1, 2  # state: everything but routing-table changes
+
 
 def key_of(k: SessionKey | Key) -> Key:
     return (k.tenant, k.vrouter, k.protocol, k.session) if isinstance(k, SessionKey) else k
@@ -64,7 +67,7 @@ class Entry:
     last_seq: int = 0  # highest inbound sequence number applied
     out_seq: int = 0  # last outbound sequence number used
     since_snapshot: int = 0
-    emit_events: bool = False  # send route/state events to the agent as EVENTS frames
+    emit_events: int = EVENTS_NONE  # which events go to the agent as EVENTS frames
     frames: int = 0
     duplicates: int = 0
     gaps: int = 0
@@ -99,7 +102,7 @@ class SessionHost:
 
     # -- session lifecycle ---------------------------------------------------------------------
 
-    def open(self, key: Key, config: Mapping[str, Any], now: float, *, emit_events: bool = False) -> None:
+    def open(self, key: Key, config: Mapping[str, Any], now: float, *, emit_events: int = EVENTS_NONE) -> None:
         if key in self.sessions:
             raise ValueError(f"session {key} already exists on this instance")
         if len(self.sessions) >= self.limits.max_sessions:
@@ -110,7 +113,7 @@ class SessionHost:
         self._tx_ns = time.time_ns()
         self._emit(key, entry, session.start(now), 0)
 
-    def restore(self, key: Key, blob: bytes, seq: SeqState, *, emit_events: bool = False) -> None:
+    def restore(self, key: Key, blob: bytes, seq: SeqState, *, emit_events: int = EVENTS_NONE) -> None:
         if len(self.sessions) >= self.limits.max_sessions and key not in self.sessions:
             raise OverflowError(f"instance is full ({self.limits.max_sessions} sessions)")
         session = self.stack.restore_session(blob)
@@ -262,7 +265,7 @@ class SessionHost:
             elif t is TxProgram:
                 kind, payload = FrameKind.TX_PROGRAM, ev.data  # type: ignore[attr-defined]
             else:
-                if e.emit_events:
+                if e.emit_events == EVENTS_ALL or (e.emit_events == EVENTS_STATE and not ev.route_event):
                     if lines is None:
                         lines = []
                     lines.append(ev.to_json())

@@ -73,7 +73,7 @@ class StackInstance:
             "node_id": ray.get_runtime_context().get_node_id(),
         }
 
-    def open_sessions(self, specs: list[tuple[Key, dict[str, Any], bool]]) -> list[str | None]:
+    def open_sessions(self, specs: list[tuple[Key, dict[str, Any], int]]) -> list[str | None]:
         """Open sessions; returns, per spec, None or the error that refused it."""
         now = time.time()
         out: list[str | None] = []
@@ -117,7 +117,7 @@ class StackInstance:
         snaps = self.backend.take_snapshots()
         return (out, [(k, st) for k, (st, _b) in snaps.items()]), {k: b for k, (_st, b) in snaps.items()}
 
-    def restore_sessions(self, items: list[tuple[Key, bytes, SeqState, bool]]) -> None:
+    def restore_sessions(self, items: list[tuple[Key, bytes, SeqState, int]]) -> None:
         for key, blob, seq, emit in items:
             self.backend.restore(key, blob, seq, emit)
 

@@ -112,7 +112,7 @@ class Route:
     protocol: str
     instance_id: str
     config: dict[str, Any]
-    emit_events: bool
+    emit_events: int  # host.EVENTS_*
     snapshot: tuple[Any, SeqState] | None = None  # (ref of {key: blob}, its sequence state)
     owner: str = ""  # the client that opened it: only its batches may address it
     retained: deque[Held] = field(default_factory=deque)  # sent since the snapshot
@@ -192,12 +192,10 @@ class Multiplexer:
 
     # -- sessions ------------------------------------------------------------------------------
 
-    async def open_sessions(
-        self, specs: list[tuple[Key, str, dict[str, Any], bool]], owner: str = ""
-    ) -> dict[Key, str]:
+    async def open_sessions(self, specs: list[tuple[Key, str, dict[str, Any], int]], owner: str = "") -> dict[Key, str]:
         """Place and open sessions: (key, protocol, config, emit events). Returns key -> instance,
         or key -> 'error: ...' for a session that was refused. Only `owner` may send to them."""
-        placed: dict[str, list[tuple[Key, dict[str, Any], bool]]] = {}
+        placed: dict[str, list[tuple[Key, dict[str, Any], int]]] = {}
         result: dict[Key, str] = {}
         for key, protocol, config, emit in specs:
             if key in self.routes:

@@ -134,6 +134,9 @@ class VPSM:
             self.steps += 1
             now = time.time()
             loads = await self._collect(now)
+            dead = [i for i in self.managed if i not in loads]
+            if dead:
+                await self._reap([i for i in dead if not await self._alive(i)])
             decisions: dict[str, Any] = {}
             for protocol, plan in self.plans.items():
                 mine = [loads[i] for i, m in self.managed.items() if m.protocol == protocol and i in loads]
@@ -234,24 +237,30 @@ class VPSM:
             return int(self.events[-1]["moved"]) if len(self.events) > before else 0
 
     async def reap(self) -> list[str]:
-        """Forget instances whose actor died (the multiplexer already recovered their sessions)
-        and bring each protocol back to its minimum. Returns the dead instances' ids."""
+        """Forget instances whose actor died (having the multiplexer recover their sessions now,
+        if it has not already) and bring each protocol back to its minimum. The control loop does
+        this every step; returns the dead instances' ids."""
         async with self._lock:
-            dead = []
+            return await self._reap()
+
+    async def _reap(self, known_dead: list[str] | None = None) -> list[str]:
+        dead = list(known_dead or [])
+        if known_dead is None:
             for iid, m in list(self.managed.items()):
                 try:
                     await m.handle.ready.remote()
                 except (RayActorError, RayTaskError):
                     dead.append(iid)
-            for iid in dead:
-                self.managed.pop(iid)
-                await self.im.report_dead.remote(iid)
-                await self.im.remove_instance.remote(iid)
-                self.events.append({"ts": time.time(), "event": "reaped", "instance": iid})
-            for plan in self.plans.values():
-                while self._count(plan.protocol) < plan.min_instances:
-                    await self._instantiate(plan, "replacing a dead instance")
-            return dead
+        for iid in dead:
+            if self.managed.pop(iid, None) is None:
+                continue
+            await self.im.report_dead.remote(iid)
+            await self.im.remove_instance.remote(iid)
+            self.events.append({"ts": time.time(), "event": "reaped", "instance": iid})
+        for plan in self.plans.values():
+            while self._count(plan.protocol) < plan.min_instances:
+                await self._instantiate(plan, "replacing a dead instance")
+        return dead
 
     async def _scale(self, plan: ProtocolPlan, desired: int, reason: str) -> None:
         desired = max(plan.min_instances, min(plan.max_instances, desired))
@@ -311,6 +320,13 @@ class VPSM:
         ray.kill(m.handle)
         self.managed.pop(m.instance_id, None)
         self.events.append({"ts": time.time(), "event": "destroy", "instance": m.instance_id, "moved": moved})
+
+    async def _alive(self, instance_id: str) -> bool:
+        try:
+            await self.managed[instance_id].handle.ready.remote()
+            return True
+        except (RayActorError, RayTaskError):
+            return False
 
     def _count(self, protocol: str) -> int:
         return sum(1 for m in self.managed.values() if m.protocol == protocol)

@@ -1,0 +1,392 @@
+"""BFD (RFC 5880/5881): the codec against scapy's independent decoder, the state machine and its
+timers, authentication, snapshot/restore - and a real FRR bfdd across a veth pair between two
+network namespaces the test creates, with APSV's agent holding the other end."""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import ray
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from scapy.contrib.bfd import BFD
+
+from apsv.bfd.packet import AuthRxState, BfdDecodeError, Diag, Packet, State, decode, encode, make_key, verify
+from apsv.bfd.program import TxProgram as Program
+from apsv.bfd.session import TRANSITIONS, BfdSession, BfdSessionConfig
+from apsv.stack import StateChanged, TxProgram
+
+
+def session(disc: int, tx: float = 100, rx: float = 100, mult: int = 3, **kw: Any) -> BfdSession:
+    cfg = BfdSessionConfig(
+        peer_address="10.99.0.1",
+        local_address="10.99.0.2",
+        local_discriminator=disc,
+        desired_min_tx_ms=tx,
+        required_min_rx_ms=rx,
+        detect_mult=mult,
+        **kw,
+    )
+    return BfdSession(cfg)
+
+
+def programs(events: list[Any]) -> list[Program]:
+    return [Program.decode(e.data) for e in events if isinstance(e, TxProgram)]
+
+
+def states(events: list[Any]) -> list[tuple[str, str]]:
+    return [(e.old, e.new) for e in events if isinstance(e, StateChanged)]
+
+
+# ------------------------------------------------------------------------------------------------
+# Packets
+
+
+@given(
+    state=st.sampled_from(list(State)),
+    diag=st.integers(0, 8),
+    my=st.integers(1, 2**32 - 1),
+    your=st.integers(1, 2**32 - 1),
+    tx=st.integers(0, 2**32 - 1),
+    rx=st.integers(0, 2**32 - 1),
+    mult=st.integers(1, 255),
+    poll=st.booleans(),
+    final=st.booleans(),
+)
+@settings(max_examples=300, deadline=None)
+def test_packets_agree_with_scapy(
+    state: State, diag: int, my: int, your: int, tx: int, rx: int, mult: int, poll: bool, final: bool
+) -> None:
+    p = Packet(state, my, your, tx, rx, mult, diag=diag, poll=poll, final=final)
+    raw = encode(p)
+    s = BFD(raw)
+    assert (s.version, s.diag, s.sta, s.detect_mult, s.len) == (1, diag, int(state), mult, 24)
+    assert (s.my_discriminator, s.your_discriminator, s.min_tx_interval, s.min_rx_interval) == (my, your, tx, rx)
+    assert ("P" in str(s.flags), "F" in str(s.flags)) == (poll, final)
+    assert decode(raw) == p
+    assert decode(bytes(BFD(raw))) == p  # scapy's own encoding decodes to the same packet
+
+
+@pytest.mark.parametrize(
+    ("raw", "why"),
+    [
+        (b"\x20\xc0\x03", "shorter"),
+        (bytes.fromhex("40c0031800000001000000000007a1200007a12000000000"), "version 2"),
+        (bytes.fromhex("20c0001800000001000000010007a1200007a12000000000"), "multiplier 0"),
+        (bytes.fromhex("20c1031800000001000000010007a1200007a12000000000"), "multipoint"),
+        (bytes.fromhex("20c0031800000000000000010007a1200007a12000000000"), "My Discriminator 0"),
+        (bytes.fromhex("20c0031800000001000000000007a1200007a12000000000"), "Your Discriminator 0 in state UP"),
+        (bytes.fromhex("20c0031900000001000000010007a1200007a12000000000"), "length field"),
+        (bytes.fromhex("20c40318000000010000000100000000000000000000000001"), "length field"),
+    ],
+)
+def test_malformed_packets_are_discarded_with_the_rule(raw: bytes, why: str) -> None:
+    with pytest.raises(BfdDecodeError, match=why):
+        decode(raw)
+
+
+@pytest.mark.parametrize("kind", ["simple", "keyed-md5", "meticulous-keyed-md5", "keyed-sha1", "meticulous-keyed-sha1"])
+def test_authentication(kind: str) -> None:
+    key = make_key(kind, 7, b"s3cret")
+    p = Packet(State.UP, 1, 2, 100_000, 100_000, 3)
+    rx = AuthRxState()
+    raw = encode(p, key, 100)
+    got = decode(raw)
+    a = BFD(raw).optional_auth  # scapy reads our section too
+    assert a.auth_type == int(key.type) and a.auth_keyid == 7
+    if kind != "simple":
+        assert a.sequence_number == 100
+    assert verify(raw, got, key, rx) == ""
+    assert verify(raw, got, make_key(kind, 7, b"wrong"), None) != ""
+    assert verify(raw, got, make_key(kind, 8, b"s3cret"), None).startswith("authentication key id")
+    assert verify(encode(p), decode(encode(p)), key, None) == "authentication configured but absent"
+    if kind == "simple":
+        return
+    replay = verify(raw, got, key, rx)  # the same sequence number again
+    assert (replay != "") == key.meticulous
+    nxt = encode(p, key, 101)
+    assert verify(nxt, decode(nxt), key, rx) == ""
+    far = encode(p, key, 101 + 3 * 3 + 1)
+    assert verify(far, decode(far), key, rx).startswith("sequence")  # outside the window
+
+
+def test_bad_auth_config_is_refused_by_name() -> None:
+    with pytest.raises(ValueError, match="unknown"):
+        make_key("rot13", 1, b"x")
+    with pytest.raises(ValueError, match=r"1\.\.16"):
+        make_key("keyed-md5", 1, b"x" * 17)
+
+
+# ------------------------------------------------------------------------------------------------
+# The session
+
+
+def exchange(a: BfdSession, b: BfdSession, rounds: int = 6) -> list[tuple[str, str]]:
+    """Deliver each side's current packet to the other, a few times; returns a's transitions."""
+    pa, pb = programs(a.start(0))[-1], programs(b.start(0))[-1]
+    seen: list[tuple[str, str]] = []
+    for i in range(rounds):
+        ea = a.data_received(pb.once or pb.packet, float(i))
+        eb = b.data_received(pa.once or pa.packet, float(i))
+        seen += states(ea)
+        pa = (programs(ea) or [Program(pa.packet, pa.tx_interval_us, pa.detect_time_us, pa.detect_mult)])[-1]
+        pb = (programs(eb) or [Program(pb.packet, pb.tx_interval_us, pb.detect_time_us, pb.detect_mult)])[-1]
+    return seen
+
+
+def test_three_way_handshake_poll_and_timers() -> None:
+    a, b = session(1), session(2)
+    assert exchange(a, b) == [("DOWN", "INIT"), ("INIT", "UP")]
+    assert a.state is State.UP and b.state is State.UP and not a.polling  # the poll sequence finished
+    assert a.tx_interval_us() == 100_000 and a.detect_time_us() == 300_000
+    assert (a.remote_disc, b.remote_disc) == (2, 1)
+    # While not Up, no faster than once a second (RFC 5880 §6.8.3).
+    c = session(3)
+    assert programs(c.start(0))[-1].tx_interval_us == 1_000_000
+
+
+def test_detection_neighbor_down_and_admin_down() -> None:
+    a, b = session(1), session(2)
+    exchange(a, b)
+    ev = a.timer_expired("detect", 10.0)
+    assert states(ev) == [("UP", "DOWN")] and a.diag == Diag.CONTROL_DETECTION_TIME_EXPIRED and a.remote_disc == 0
+    prog = programs(ev)[-1]
+    assert prog.detect_time_us == 0 and prog.tx_interval_us == 1_000_000
+    assert a.timer_expired("detect", 11.0) == []  # nothing to detect while Down
+    # The peer going administratively down takes us down with diag 3.
+    a2, b2 = session(1), session(2)
+    exchange(a2, b2)
+    stop = programs(b2.stop(20.0, "maintenance"))[-1]
+    assert decode(stop.once).state is State.ADMIN_DOWN
+    assert states(a2.data_received(stop.once, 20.0)) == [("UP", "DOWN")]
+    assert a2.diag == Diag.NEIGHBOR_SIGNALED_SESSION_DOWN
+
+
+def test_transition_table_is_the_rfc_5880_one() -> None:
+    # §6.8.6, every (local, remote) pair that changes state.
+    assert TRANSITIONS[(State.DOWN, State.DOWN)][0] is State.INIT
+    assert TRANSITIONS[(State.DOWN, State.INIT)][0] is State.UP
+    assert TRANSITIONS[(State.INIT, State.INIT)][0] is State.UP
+    assert TRANSITIONS[(State.INIT, State.UP)][0] is State.UP
+    assert (State.DOWN, State.UP) not in TRANSITIONS  # Down ignores a peer claiming Up
+    assert (State.UP, State.UP) not in TRANSITIONS and (State.UP, State.INIT) not in TRANSITIONS
+
+
+def test_poll_is_answered_with_final() -> None:
+    a, b = session(1), session(2)
+    exchange(a, b)
+    poll = encode(Packet(State.UP, 2, 1, 100_000, 50_000, 3, poll=True))
+    prog = programs(a.data_received(poll, 5.0))[-1]
+    assert decode(prog.once).final and not decode(prog.packet).final
+    assert a.remote_min_rx_us == 50_000 and prog.tx_interval_us == 100_000
+
+
+def test_snapshot_keeps_a_session_up_across_a_move() -> None:
+    a, b = session(1, auth={"type": "keyed-sha1", "key_id": 1, "secret": "k"}), session(2)
+    a.key = None  # the handshake below runs without signing; the restored key comes from config
+    exchange(a, b)
+    moved = BfdSession.restore(a.snapshot())
+    assert moved.stats() == a.stats() and moved.state is State.UP and moved.key is not None
+    keepalive = programs(b.start(0))  # b's periodic packet, as the agent keeps sending it
+    assert keepalive and states(moved.data_received(encode(b._packet(False, False)), 30.0)) == []
+
+
+def test_bad_session_config_is_refused() -> None:
+    with pytest.raises(ValueError, match="detect_mult"):
+        BfdSessionConfig(peer_address="10.0.0.1", local_address="10.0.0.2", local_discriminator=1, detect_mult=0)
+    with pytest.raises(ValueError, match="not an IP address"):
+        BfdSessionConfig(peer_address="nope", local_address="10.0.0.2", local_discriminator=1)
+
+
+# ------------------------------------------------------------------------------------------------
+# FRR bfdd in one namespace, the APSV agent's session in another, a veth pair between them
+
+
+NS_FRR, NS_APSV = "apsv-t-bfd-frr", "apsv-t-bfd-agent"
+FRR_IP, APSV_IP = "10.99.0.1", "10.99.0.2"
+
+
+def sh(*cmd: str) -> str:
+    return subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+
+
+@pytest.fixture(scope="module")
+def veth() -> Iterator[None]:
+    for ns in (NS_FRR, NS_APSV):
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True, check=False)
+        sh("ip", "netns", "add", ns)
+        sh("ip", "-n", ns, "link", "set", "lo", "up")
+    sh("ip", "link", "add", "apsvbfd0", "netns", NS_FRR, "type", "veth", "peer", "name", "apsvbfd1", "netns", NS_APSV)
+    sh("ip", "-n", NS_FRR, "addr", "add", f"{FRR_IP}/24", "dev", "apsvbfd0")
+    sh("ip", "-n", NS_APSV, "addr", "add", f"{APSV_IP}/24", "dev", "apsvbfd1")
+    sh("ip", "-n", NS_FRR, "link", "set", "apsvbfd0", "up")
+    sh("ip", "-n", NS_APSV, "link", "set", "apsvbfd1", "up")
+    yield
+    for ns in (NS_FRR, NS_APSV):
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True, check=False)
+
+
+@pytest.fixture
+def bfdd(veth: None) -> Iterator[Any]:
+    # bfdd drops to user frr: its directory must be reachable by it (pytest's tmp_path is not).
+    run = Path(tempfile.mkdtemp(prefix="apsv-bfdd-", dir="/tmp"))
+    run.chmod(0o755)
+    shutil.chown(run, "frr", "frr")
+    (run / "bfdd.conf").write_text(
+        f"""frr defaults traditional
+hostname frr-bfd
+log file {run}/bfdd.log informational
+!
+bfd
+ peer {APSV_IP} local-address {FRR_IP}
+  receive-interval 100
+  transmit-interval 100
+  detect-multiplier 3
+ !
+!
+"""
+    )
+    shutil.chown(run / "bfdd.conf", "frr", "frr")
+    proc = subprocess.Popen(
+        [
+            "ip",
+            "netns",
+            "exec",
+            NS_FRR,
+            "/usr/lib/frr/bfdd",
+            "-f",
+            str(run / "bfdd.conf"),
+            "-u",
+            "frr",
+            "-g",
+            "frr",
+            "--vty_socket",
+            str(run),
+            "-i",
+            str(run / "bfdd.pid"),
+            "--bfdctl",
+            str(run / "bfdd.sock"),
+            "-z",
+            str(run / "zserv.api"),
+            "-A",
+            "127.0.0.1",
+            "-P",
+            "0",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+
+    class Bfdd:
+        def peer(self) -> dict[str, Any]:
+            out = sh("vtysh", "--vty_socket", str(run), "-c", "show bfd peers json")
+            import json
+
+            peers = json.loads(out)
+            return next(p for p in peers if p.get("peer") == APSV_IP)
+
+    from tests.peers import wait_for
+
+    wait_for("bfdd vty", lambda: Bfdd().peer(), timeout=20)
+    yield Bfdd()
+    proc.terminate()
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(10)
+    shutil.rmtree(run, ignore_errors=True)
+
+
+@pytest.mark.peer
+@pytest.mark.ray
+@pytest.mark.slow
+def test_bfd_with_frr_bfdd_across_namespaces(ray_cluster: Any, deployment: Any, bfdd: Any) -> None:
+    from apsv.agent.actor import create_agent_actor
+    from apsv.agent.config import parse_config
+    from apsv.runtime.cluster import NAMESPACE
+    from apsv.runtime.vpsm import ProtocolPlan
+    from tests.peers import wait_for
+
+    dep = deployment([ProtocolPlan("bfd", min_instances=2, max_instances=3, policy="fixed")], run_loop=False)
+    cfg = parse_config(
+        {
+            "tenant": 3,
+            "vrouters": [
+                {
+                    "id": 9,
+                    "bfd": [
+                        {
+                            "session": 1,
+                            "local_address": APSV_IP,
+                            "peer_address": FRR_IP,
+                            "netns": NS_APSV,
+                            "desired_min_tx_ms": 100,
+                            "required_min_rx_ms": 100,
+                            "detect_mult": 3,
+                        }
+                    ],
+                }
+            ],
+        }
+    )
+    agent = create_agent_actor(cfg, multiplexer_name=dep.multiplexer_name, namespace=NAMESPACE)
+    key = (3, 9, 2, 1)
+    try:
+        t0 = time.time()
+        ray.get(agent.start.remote())
+        events: list[dict[str, Any]] = []
+
+        def up() -> bool:
+            events.extend(ray.get(agent.events.remote()))
+            return any(e.get("event") == "state" and e.get("new") == "UP" for e in events)
+
+        wait_for("APSV's BFD session Up", up, timeout=10, every=0.05)
+        t_up = next(e["ts"] for e in events if e.get("event") == "state" and e.get("new") == "UP")
+        assert t_up - t0 <= 2.0, f"Up after {t_up - t0:.2f}s"
+        wait_for("bfdd's peer up", lambda: bfdd.peer()["status"] == "up", timeout=5)
+
+        # A move and a kill of the instance under the session: no one goes down.
+        route = ray.get(dep.multiplexer.route_of.remote(key))
+        ray.get(dep.vpsm.drain.remote(route))
+        moved_to = ray.get(dep.multiplexer.route_of.remote(key))
+        assert moved_to != route
+        time.sleep(1.0)
+        ray.kill(ray.get(dep.vpsm.instance_handles.remote())[moved_to], no_restart=True)
+        # Nothing flows to a steady BFD session (the agent runs it): the VPSM finds the dead
+        # instance (its control loop does this every step) and its sessions are recovered.
+        wait_for("dead instance found", lambda: moved_to in ray.get(dep.vpsm.reap.remote()), timeout=20)
+        assert ray.get(dep.multiplexer.route_of.remote(key)) != moved_to
+        time.sleep(1.5)
+        events.extend(ray.get(agent.events.remote()))
+        downs = [e for e in events if e.get("event") == "state" and e.get("new") == "DOWN"]
+        assert downs == [], downs
+        peer = bfdd.peer()
+        assert peer["status"] == "up" and peer["uptime"] >= 2, peer
+        status = ray.get(agent.status.remote())
+        assert status["bfd"]["expired"] == 0 and status["bfd"]["auth_failed"] == 0
+
+        # The link goes down: APSV's session detects it within the detection time (+ margin).
+        t_cut = time.time()
+        sh("ip", "-n", NS_FRR, "link", "set", "apsvbfd0", "down")
+
+        def down() -> bool:
+            events.extend(ray.get(agent.events.remote()))
+            return any(e.get("event") == "state" and e.get("new") == "DOWN" for e in events)
+
+        wait_for("APSV's session Down", down, timeout=5, every=0.02)
+        t_down = next(e["ts"] for e in events if e.get("event") == "state" and e.get("new") == "DOWN")
+        detected = next(e["ts"] for e in events if e.get("event") == "bfd-detect-expired")
+        assert detected - t_cut <= 0.35, f"detected after {detected - t_cut:.3f}s"
+        assert t_down - t_cut <= 0.5, f"Down reported after {t_down - t_cut:.3f}s"
+    finally:
+        sh("ip", "-n", NS_FRR, "link", "set", "apsvbfd0", "up")
+        with contextlib.suppress(Exception):
+            ray.get(agent.stop.remote(), timeout=20)
+        ray.kill(agent)
