@@ -29,3 +29,17 @@ def test_bgp_decode_benchmark_quick(tmp_path: Path) -> None:
     assert rib["mrtparse"]["rib_entries"] == rib["apsv_decode"]["prefixes"] == 270005
     assert rib["memory"]["bytes_per_path"] > 0
     assert {"meets_5x_mrtparse", "meets_300k_decode_insert"} <= set(j["targets"])
+
+
+@pytest.mark.slow
+@pytest.mark.peer
+@pytest.mark.ray
+def test_bgp_ingest_benchmark_small(ray_cluster: object) -> None:
+    """`apsv bench bgp-ingest` end to end on a small table: every receiver gets every prefix."""
+    from apsv.bench.ingest import run
+
+    r = run(prefixes=2000, peers=2, repeat=1)
+    assert set(r["receivers"]) == {"apsv", "frr", "gobgp"}
+    for v in r["receivers"].values():
+        assert v["seconds"] > 0 and v["cpu_s"] > 0 and v["max_rss_mb"] > 0 and v["prefixes_per_s"] > 0
+    assert r["announcer"]["name"] == "bird" and "apsv_vs_frr_time_ratio" in r

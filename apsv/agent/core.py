@@ -64,6 +64,10 @@ class BgpLink:
     writer: asyncio.StreamWriter | None = None
     connecting: bool = False
     remote: tuple[str, int] | None = None
+    connected_at: float = 0.0
+    octets_in: int = 0
+    first_rx: float = 0.0
+    last_rx: float = 0.0
 
 
 @dataclass
@@ -185,6 +189,10 @@ class Agent:
             links[self.session_names.get(key, str(key))] = {
                 "connected": link.writer is not None,
                 "remote": list(link.remote) if link.remote else None,
+                "connected_at": link.connected_at,
+                "octets_in": link.octets_in,
+                "first_rx": link.first_rx,
+                "last_rx": link.last_rx,
             }
         return {
             "counters": vars(self.c).copy(),
@@ -335,6 +343,7 @@ class Agent:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         link.writer = writer
         link.remote = writer.get_extra_info("peername")[:2]
+        link.connected_at, link.octets_in = time.time(), 0
         info = {"local": list(writer.get_extra_info("sockname")[:2]), "remote": list(link.remote or ())}
         self._event(link.key, {"event": "transport", "state": "up", **info})
         await self._send_frame(link.key, FrameKind.CONNECTED, json.dumps(info).encode())
@@ -342,13 +351,25 @@ class Agent:
 
     async def _read(self, link: BgpLink, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         reason = "connection closed by the peer"
+        sock = writer.get_extra_info("socket")
+        quickack = getattr(socket, "TCP_QUICKACK", None)
         try:
             while True:
                 data = await reader.read(65536)
                 if not data:
                     break
+                if quickack is not None and sock is not None:
+                    # ACK at once: a sender held by Nagle would otherwise wait out our delayed ACK
+                    # (40 ms) for every partial segment of a burst. Linux clears the mode by itself.
+                    with contextlib.suppress(OSError):
+                        sock.setsockopt(socket.IPPROTO_TCP, quickack, 1)
+                now = time.time()
+                if not link.octets_in:
+                    link.first_rx = now
+                link.octets_in += len(data)
+                link.last_rx = now
                 self.c.octets_from_peers += len(data)
-                await self._send_frame(link.key, FrameKind.DATA, data)
+                await self._send_frame(link.key, FrameKind.DATA, data, int(now * 1e9))
         except (OSError, asyncio.IncompleteReadError) as e:
             reason = f"connection error: {e}"
         except asyncio.CancelledError:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from apsv import __version__
+from apsv.cli.agent import agent_app
 from apsv.cli.bench import bench_app
 from apsv.cli.demo import demo
 from apsv.cli.mrt import mrt_app
@@ -20,6 +21,7 @@ app = typer.Typer(
 )
 app.add_typer(mrt_app, name="mrt")
 app.add_typer(bench_app, name="bench")
+app.add_typer(agent_app, name="agent")
 app.command()(demo)
 app.command()(stacks)
 

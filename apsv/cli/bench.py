@@ -19,3 +19,41 @@ def offload(
     from apsv.bench.offload import main
 
     main(as_json=as_json, quick=quick, out=out)
+
+
+@bench_app.command("bgp-ingest")
+def bgp_ingest(
+    prefixes: int = typer.Option(100_000, "--prefixes", min=1, help="Prefixes the announcer sends per session."),
+    peers: int = typer.Option(1, "--peers", min=1, max=64, help="Announcer sessions (each to its own address)."),
+    repeat: int = typer.Option(3, "--repeat", min=1, help="Runs per receiver (the median is reported)."),
+    receivers: str = typer.Option("apsv,frr,gobgp", "--receivers", help="Comma-separated: apsv, frr, gobgp."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    out: Path = typer.Option(None, "--out", help="Also save the JSON here."),
+) -> None:
+    """BIRD announces to APSV, FRR bgpd and GoBGP in turn: time to full RIB, CPU and memory."""
+    from apsv.bench.ingest import main
+
+    names = tuple(x.strip() for x in receivers.split(",") if x.strip())
+    bad = [n for n in names if n not in ("apsv", "frr", "gobgp")]
+    if bad:
+        typer.echo(f"apsv bench bgp-ingest: unknown receiver(s) {bad} (apsv, frr, gobgp)", err=True)
+        raise typer.Exit(2)
+    main(prefixes, peers, repeat, as_json, out, names)
+
+
+@bench_app.command("bfd-scale")
+def bfd_scale(
+    steps: str = typer.Option("100,200,400,800,1600", "--steps", help="Session counts to try, in order."),
+    hold: float = typer.Option(10.0, "--hold", min=1.0, help="Seconds each count must stay Up."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    out: Path = typer.Option(None, "--out", help="Also save the JSON here."),
+) -> None:
+    """BFD sessions held Up at 100 ms x 3 against FRR bfdd (namespaces; needs root)."""
+    from apsv.bench.bfd_scale import main
+
+    try:
+        counts = [int(x) for x in steps.split(",") if x.strip()]
+    except ValueError:
+        typer.echo(f"apsv bench bfd-scale: --steps {steps!r}: expected comma-separated integers", err=True)
+        raise typer.Exit(2) from None
+    main(counts, hold, as_json, out)
