@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from apsv.bgp import constants as C
 
 FamilyName = Literal["ipv4-unicast", "ipv6-unicast"]
-FAMILY_CODES: dict[str, tuple[int, int]] = {"ipv4-unicast": C.IPV4_UNICAST, "ipv6-unicast": C.IPV6_UNICAST}
+FAMILY_CODES = C.FAMILY_CODES
 ASN = Annotated[int, Field(ge=1, le=4294967295)]
 
 

@@ -29,6 +29,8 @@ SAFI_UNICAST: Final = 1
 SAFI_MULTICAST: Final = 2
 IPV4_UNICAST: Final = (AFI_IPV4, SAFI_UNICAST)
 IPV6_UNICAST: Final = (AFI_IPV6, SAFI_UNICAST)
+# Address-family names used in configuration and APIs.
+FAMILY_CODES: Final[dict[str, tuple[int, int]]] = {"ipv4-unicast": IPV4_UNICAST, "ipv6-unicast": IPV6_UNICAST}
 AFI_NAMES: Final = {1: "ipv4", 2: "ipv6", 25: "l2vpn", 16388: "bgp-ls"}
 SAFI_NAMES: Final = {
     1: "unicast",

@@ -306,7 +306,7 @@ class SessionHost:
 
     def session_table(self, key: Key, family: str) -> list[tuple[str, str | None, str]]:
         """A session's Loc-RIB for a family name ("ipv4-unicast"), for stacks that keep one."""
-        from apsv.bgp.config import FAMILY_CODES
+        from apsv.bgp.constants import FAMILY_CODES
 
         table = getattr(self.sessions[key].session, "loc_rib_table", None)
         if table is None:
