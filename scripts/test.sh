@@ -9,6 +9,6 @@ scripts/start-docker.sh
 # Real routing daemons (FRR, BIRD, GoBGP, ExaBGP) for the interop tests.
 scripts/install-peers.sh
 export APSV_SHARED_DATA=${APSV_SHARED_DATA:-$(cd .. && pwd)/shared/data}
-.venv/bin/ruff check apsv tests benchmarks
+.venv/bin/ruff check apsv tests benchmarks jobs tune
 .venv/bin/mypy
 exec .venv/bin/pytest "$@"

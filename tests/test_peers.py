@@ -140,6 +140,9 @@ def test_daemon_peers_with_apsv(cluster: tuple[Deployment, Any], daemon: tuple[A
     # Three hold times, while the VPSM drains the instance under the session and then the
     # instance that took it over is killed: the daemon sees nothing happen.
     since = d.up_since()
+    # A daemon that also connects actively may have opened a second connection at start-up,
+    # closed by collision detection (RFC 4271 6.8); none may open while the session moves.
+    connections = relay.connections
     t_end = time.monotonic() + 3 * peers.HOLD + 1
     first, _ = instance_of(dep, key)
     moved = ray.get(dep.vpsm.drain.remote(first))
@@ -157,7 +160,7 @@ def test_daemon_peers_with_apsv(cluster: tuple[Deployment, Any], daemon: tuple[A
     assert st["state"] == "Established" and st["gaps"] == 0
     assert apsv_table(dep, key, "ipv4-unicast") == their4 - set(gone)
     assert d.received("ipv4-unicast") == set(APSV_PREFIXES[100:])
-    assert relay.connections == 1 and relay.notifications_to_daemon == []
+    assert relay.connections == connections and relay.notifications_to_daemon == []
 
     # A protocol error on the wire (a damaged marker): APSV answers NOTIFICATION 1/1 and the
     # daemon records exactly that.

@@ -8,6 +8,7 @@ from apsv import __version__
 from apsv.cli.agent import agent_app
 from apsv.cli.bench import bench_app
 from apsv.cli.demo import demo
+from apsv.cli.forecast import forecast_app
 from apsv.cli.mrt import mrt_app
 from apsv.cli.stacks import stacks
 
@@ -22,6 +23,7 @@ app = typer.Typer(
 app.add_typer(mrt_app, name="mrt")
 app.add_typer(bench_app, name="bench")
 app.add_typer(agent_app, name="agent")
+app.add_typer(forecast_app, name="forecast")
 app.command()(demo)
 app.command()(stacks)
 

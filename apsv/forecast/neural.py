@@ -1,0 +1,361 @@
+"""Training, calibration and batched prediction for the torch forecasters.
+
+`NeuralForecaster.fit` trains one global model over any number of series (windows sampled
+uniformly per series), keeps the weights with the best hold-out pinball loss, then calibrates the
+quantile band on that hold-out: each non-median quantile's distance from the median is scaled so
+that its empirical coverage there matches its level (a split-conformal step; pinball training
+alone tends to give bands that are too narrow out of sample). `predict` falls back to seasonal
+naive for histories too short for the model, and says how often it did.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from apsv.forecast.baselines import seasonal_naive_quantiles
+from apsv.forecast.metrics import MEDIAN, QUANTILES
+from apsv.forecast.models import N_COVARIATES, ModelConfig, QuantileForecaster, build_model, pinball_loss
+from apsv.forecast.series import FloatArray, Series
+
+Reporter = Callable[[int, float], None]  # (training step, hold-out loss) -> None; may raise to stop
+
+
+class ModelLoadError(RuntimeError):
+    """A saved model that cannot be used (missing, corrupt, or from an incompatible version)."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 600
+    batch_size: int = 64
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    eval_every: int = 100
+    holdout_fraction: float = 0.15
+    seed: int = 0
+    threads: int = 2
+    max_seconds: float | None = None  # stop early (keeping the best weights) past this wall time
+
+
+def auto_context(season: int, horizon: int, patch_len: int, available: int) -> int:
+    """Context length: about four seasons (at least four horizons), capped so the training data
+    still holds many windows, rounded to whole patches."""
+    want = max(4 * season, 4 * horizon, 8 * patch_len)
+    want = min(want, 1536, max(patch_len * 2, available // 3))
+    return max(patch_len * 2, (want // patch_len) * patch_len)
+
+
+def auto_patch(season: int, horizon: int) -> int:
+    """About 64 tokens over four seasons, and never wider than the horizon's order of magnitude."""
+    target = max(4 * season, 4 * horizon) / 64
+    return int(min(48, max(4, 2 ** round(math.log2(max(target, 1.0))))))
+
+
+def covariates(series: Series, index: int) -> FloatArray:
+    """Calendar features of step `index` (the first forecast step): phase in the season, hour of
+    day and day of week (zeros when the series has no timestamps)."""
+    out = np.zeros(N_COVARIATES, dtype=np.float64)
+    if series.season > 1:
+        a = 2 * math.pi * (index % series.season) / series.season
+        out[0], out[1] = math.sin(a), math.cos(a)
+    if series.start is not None and series.step is not None:
+        t = series.start + index * series.step
+        hod = 2 * math.pi * ((t % 86400) / 86400)
+        dow = 2 * math.pi * (((t // 86400) + 3) % 7) / 7  # 1970-01-01 was a Thursday: Monday = 0
+        out[2], out[3], out[4], out[5] = math.sin(hod), math.cos(hod), math.sin(dow), math.cos(dow)
+    return out
+
+
+@dataclass
+class FitReport:
+    seconds: float = 0.0
+    steps: int = 0
+    best_step: int = 0
+    holdout_loss: float = float("nan")
+    windows: int = 0
+    calibration: list[float] = field(default_factory=list)
+    skipped: str | None = None  # why no model was trained (then every forecast is seasonal naive)
+
+
+class NeuralForecaster:
+    def __init__(
+        self,
+        kind: str,
+        horizon: int,
+        *,
+        context_length: int | None = None,
+        patch_len: int | None = None,
+        d_model: int = 64,
+        n_heads: int = 4,
+        n_layers: int = 2,
+        dropout: float = 0.1,
+        train: TrainConfig | None = None,
+    ) -> None:
+        self.name = kind
+        self.kind = kind
+        self.horizon = horizon
+        self.context_length = context_length
+        self.patch_len = patch_len
+        self.arch: dict[str, Any] = {"d_model": d_model, "n_heads": n_heads, "n_layers": n_layers, "dropout": dropout}
+        self.train_cfg = train or TrainConfig()
+        self.cfg: ModelConfig | None = None
+        self.model: QuantileForecaster | None = None
+        self.calibration = np.ones(len(QUANTILES))
+        self.report = FitReport()
+        self.fallbacks = 0  # forecasts answered by seasonal naive (too little history)
+
+    # -- training -------------------------------------------------------------------------
+
+    def _config(self, train: Sequence[Series]) -> ModelConfig | None:
+        season = max(s.season for s in train)
+        patch = self.patch_len or auto_patch(season, self.horizon)
+        longest = max(len(s) for s in train)
+        ctx = self.context_length or auto_context(season, self.horizon, patch, longest)
+        ctx = (ctx // patch) * patch
+        if ctx < 2 * patch or longest < ctx // 2 + 3 * self.horizon:
+            return None
+        return ModelConfig(self.kind, ctx, self.horizon, patch_len=patch, **self.arch)
+
+    def fit(self, train: Sequence[Series], report: Reporter | None = None) -> FitReport:
+        if not train:
+            raise ValueError("fit needs at least one series")
+        t0 = time.perf_counter()
+        cfg = self._config(train)
+        if cfg is None:
+            self.report = FitReport(skipped="series too short for the model; seasonal naive answers")
+            self.model = None
+            return self.report
+        tc = self.train_cfg
+        torch.set_num_threads(tc.threads)
+        gen = torch.Generator().manual_seed(tc.seed)
+        torch.manual_seed(tc.seed)
+        L, H = cfg.context_length, cfg.horizon
+        fit_parts: list[Series] = []
+        val: list[tuple[Series, int]] = []  # (series, origin)
+        for s in train:
+            hold = max(H, int(len(s) * tc.holdout_fraction))
+            if len(s) - hold < L // 2 + H:
+                hold = 0
+            fit_parts.append(s.head(len(s) - hold))
+            stride = max(1, (hold - H + 1) // 256)  # many origins: the calibration needs points
+            val.extend((s, o) for o in range(len(s) - hold, len(s) - H + 1, stride))
+        ctx_all, tgt_all, cov_all = self._windows(fit_parts, cfg)
+        if ctx_all.shape[0] == 0:
+            self.report = FitReport(skipped="no training windows; seasonal naive answers")
+            self.model = None
+            return self.report
+        model = build_model(cfg)
+        opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+        warm = max(1, tc.steps // 10)
+        # linear warm-up, then cosine decay to a tenth of the peak rate
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt,
+            lambda i: (
+                (i + 1) / warm
+                if i < warm
+                else 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (i - warm) / max(1, tc.steps - warm)))
+            ),
+        )
+        xv, yv, cv = self._origins(val, cfg) if val else (None, None, None)
+        best = (float("inf"), 0, {k: v.clone() for k, v in model.state_dict().items()})
+        x_t = torch.from_numpy(ctx_all).float()
+        y_t = torch.from_numpy(tgt_all).float()
+        c_t = torch.from_numpy(cov_all).float()
+        step = 0
+        for step in range(1, tc.steps + 1):
+            model.train()
+            idx = torch.randint(0, x_t.shape[0], (tc.batch_size,), generator=gen)
+            q, loc, scale = model.forward_scaled(x_t[idx], c_t[idx])
+            loss = pinball_loss(q, (y_t[idx] - loc) / scale)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()  # type: ignore[no-untyped-call]
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            last = step == tc.steps or (tc.max_seconds is not None and time.perf_counter() - t0 > tc.max_seconds)
+            if step % tc.eval_every == 0 or last:
+                if xv is not None and yv is not None and cv is not None:
+                    vloss = self._holdout_loss(model, xv, yv, cv)
+                else:
+                    vloss = float(loss.item())
+                if vloss < best[0]:
+                    best = (vloss, step, {k: v.clone() for k, v in model.state_dict().items()})
+                if report is not None:
+                    report(step, vloss)
+            if last:
+                break
+        model.load_state_dict(best[2])
+        model.eval()
+        self.cfg, self.model = cfg, model
+        self.calibration = np.ones(len(QUANTILES))
+        if xv is not None and yv is not None and cv is not None:
+            self.calibration = self._calibrate(self._forward(xv, cv), yv)
+        self.report = FitReport(
+            seconds=time.perf_counter() - t0,
+            steps=step,
+            best_step=best[1],
+            holdout_loss=best[0],
+            windows=int(ctx_all.shape[0]),
+            calibration=[round(float(c), 4) for c in self.calibration],
+        )
+        return self.report
+
+    @staticmethod
+    def _windows(parts: Sequence[Series], cfg: ModelConfig) -> tuple[FloatArray, FloatArray, FloatArray]:
+        """Every (context, target) window of the training parts; short prefixes edge-padded."""
+        L, H = cfg.context_length, cfg.horizon
+        xs, ys, cs = [], [], []
+        for s in parts:
+            v = s.values
+            first = max(L // 2, 1)
+            if len(v) < first + H:
+                continue
+            padded = np.concatenate([np.full(L, v[0]), v])
+            win = np.lib.stride_tricks.sliding_window_view(padded, L + H)
+            # window k covers padded[k : k+L+H]: its forecast origin in v is k (context v[k-L:k])
+            origins = np.arange(first, len(v) - H + 1)
+            xs.append(win[origins, :L])
+            ys.append(win[origins, L:])
+            cs.append(np.stack([covariates(s, int(o)) for o in origins]))
+        if not xs:
+            return np.zeros((0, L)), np.zeros((0, H)), np.zeros((0, N_COVARIATES))
+        return np.concatenate(xs), np.concatenate(ys), np.concatenate(cs)
+
+    @staticmethod
+    def _origins(val: Sequence[tuple[Series, int]], cfg: ModelConfig) -> tuple[FloatArray, FloatArray, FloatArray]:
+        L, H = cfg.context_length, cfg.horizon
+        xs = np.stack([_context(s.values[:o], L) for s, o in val])
+        ys = np.stack([s.values[o : o + H] for s, o in val])
+        cs = np.stack([covariates(s, o) for s, o in val])
+        return xs, ys, cs
+
+    def _holdout_loss(self, model: QuantileForecaster, x: FloatArray, y: FloatArray, c: FloatArray) -> float:
+        model.eval()
+        with torch.inference_mode():
+            q, loc, scale = model.forward_scaled(torch.from_numpy(x).float(), torch.from_numpy(c).float())
+            return float(pinball_loss(q, (torch.from_numpy(y).float() - loc) / scale).item())
+
+    @staticmethod
+    def _calibrate(q: FloatArray, y: FloatArray) -> FloatArray:
+        med = q[..., MEDIAN]
+        out = np.ones(len(QUANTILES))
+        for k, level in enumerate(QUANTILES):
+            if k == MEDIAN:
+                continue
+            d = q[..., k] - med
+            ok = np.abs(d) > 1e-9
+            if ok.sum() < 10:
+                continue
+            r = ((y - med)[ok]) / d[ok]
+            # upper quantile: want P(r <= s) = level; lower (d < 0): P(r >= s) = level
+            s = np.quantile(r, level if k > MEDIAN else 1.0 - level)
+            out[k] = float(np.clip(s, 0.25, 8.0))
+        return out
+
+    # -- prediction -----------------------------------------------------------------------
+
+    def _forward(self, x: FloatArray, c: FloatArray, chunk: int = 4096) -> FloatArray:
+        assert self.model is not None
+        outs = []
+        with torch.inference_mode():
+            for i in range(0, x.shape[0], chunk):
+                xb = torch.from_numpy(np.ascontiguousarray(x[i : i + chunk])).float()
+                cb = torch.from_numpy(np.ascontiguousarray(c[i : i + chunk])).float()
+                outs.append(self.model(xb, cb).double().numpy())
+        return np.concatenate(outs) if outs else np.zeros((0, self.horizon, len(QUANTILES)))
+
+    def min_history(self) -> int:
+        if self.cfg is None:
+            return 1 << 62
+        return max(2 * self.cfg.patch_len, self.cfg.context_length // 4)
+
+    def predict(self, histories: Sequence[Series], horizon: int | None = None) -> FloatArray:
+        """(n, horizon, Q) quantile forecasts; horizon may be at most the model's."""
+        h = horizon or self.horizon
+        if h > self.horizon:
+            raise ValueError(f"this model forecasts {self.horizon} steps, {h} asked")
+        out = np.zeros((len(histories), h, len(QUANTILES)))
+        use = [i for i, s in enumerate(histories) if self.cfg is not None and len(s) >= self.min_history()]
+        for i in set(range(len(histories))) - set(use):
+            out[i] = seasonal_naive_quantiles(histories[i].values, histories[i].season, h)
+            self.fallbacks += 1
+        if use:
+            assert self.cfg is not None
+            x = np.stack([_context(histories[i].values, self.cfg.context_length) for i in use])
+            c = np.stack([covariates(histories[i], len(histories[i])) for i in use])
+            q = self._forward(x, c)[:, :h, :]
+            q = _apply_calibration(q, self.calibration)
+            for j, i in enumerate(use):
+                v = histories[i].values
+                out[i] = np.maximum(q[j], 0.0) if v.min() >= 0 else q[j]
+        return out
+
+    # -- persistence ----------------------------------------------------------------------
+
+    def save(self, directory: str | Path) -> None:
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        meta = {
+            "format": 1,
+            "kind": self.kind,
+            "horizon": self.horizon,
+            "model": self.cfg.to_dict() if self.cfg else None,
+            "train": asdict(self.train_cfg),
+            "calibration": [float(c) for c in self.calibration],
+            "quantiles": list(QUANTILES),
+            "fit": asdict(self.report),
+        }
+        if self.model is not None:
+            tmp = d / "weights.pt.tmp"
+            torch.save(self.model.state_dict(), tmp)
+            tmp.replace(d / "weights.pt")
+        (d / "model.json").write_text(json.dumps(meta, indent=2) + "\n")
+
+    @classmethod
+    def load(cls, directory: str | Path) -> NeuralForecaster:
+        d = Path(directory)
+        try:
+            meta = json.loads((d / "model.json").read_text())
+        except (OSError, ValueError) as e:
+            raise ModelLoadError(f"{d}: cannot read model.json: {e}") from e
+        if meta.get("format") != 1 or list(meta.get("quantiles", [])) != list(QUANTILES):
+            raise ModelLoadError(f"{d}: model format {meta.get('format')!r} / quantiles do not match this version")
+        try:
+            f = cls(meta["kind"], int(meta["horizon"]), train=TrainConfig(**meta["train"]))
+            f.calibration = np.asarray(meta["calibration"], dtype=np.float64)
+            f.report = FitReport(**meta["fit"])
+            if meta["model"] is not None:
+                f.cfg = ModelConfig(**meta["model"])
+                f.model = build_model(f.cfg)
+                state = torch.load(d / "weights.pt", map_location="cpu", weights_only=True)
+                f.model.load_state_dict(state)
+                f.model.eval()
+        except ModelLoadError:
+            raise
+        except Exception as e:
+            raise ModelLoadError(f"{d}: cannot load the model: {type(e).__name__}: {e}") from e
+        return f
+
+
+def _context(v: FloatArray, length: int) -> FloatArray:
+    if v.size >= length:
+        return v[-length:]
+    return np.concatenate([np.full(length - v.size, v[0] if v.size else 0.0), v])
+
+
+def _apply_calibration(q: FloatArray, factors: FloatArray) -> FloatArray:
+    med = q[..., MEDIAN : MEDIAN + 1]
+    out = med + (q - med) * factors
+    # keep the quantiles ordered after per-level scaling
+    upper = np.maximum.accumulate(out[..., MEDIAN:], axis=-1)
+    lower = np.minimum.accumulate(out[..., : MEDIAN + 1][..., ::-1], axis=-1)[..., ::-1]
+    return np.concatenate([lower[..., :MEDIAN], upper], axis=-1)
