@@ -8,6 +8,7 @@ from apsv import __version__
 from apsv.cli.agent import agent_app
 from apsv.cli.bench import bench_app
 from apsv.cli.demo import demo
+from apsv.cli.evaluate import evaluate
 from apsv.cli.forecast import forecast_app
 from apsv.cli.mrt import mrt_app
 from apsv.cli.stacks import stacks
@@ -25,6 +26,7 @@ app.add_typer(bench_app, name="bench")
 app.add_typer(agent_app, name="agent")
 app.add_typer(forecast_app, name="forecast")
 app.command()(demo)
+app.command()(evaluate)
 app.command()(stacks)
 
 

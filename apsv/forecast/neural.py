@@ -99,6 +99,7 @@ class NeuralForecaster:
         n_layers: int = 2,
         dropout: float = 0.1,
         train: TrainConfig | None = None,
+        recent_windows: int = 4,
     ) -> None:
         self.name = kind
         self.kind = kind
@@ -107,6 +108,7 @@ class NeuralForecaster:
         self.patch_len = patch_len
         self.arch: dict[str, Any] = {"d_model": d_model, "n_heads": n_heads, "n_layers": n_layers, "dropout": dropout}
         self.train_cfg = train or TrainConfig()
+        self.recent_windows = recent_windows  # backcasts per series used to widen its band
         self.cfg: ModelConfig | None = None
         self.model: QuantileForecaster | None = None
         self.calibration = np.ones(len(QUANTILES))
@@ -245,9 +247,9 @@ class NeuralForecaster:
             return float(pinball_loss(q, (torch.from_numpy(y).float() - loc) / scale).item())
 
     @staticmethod
-    def _calibrate(q: FloatArray, y: FloatArray) -> FloatArray:
+    def _calibrate(q: FloatArray, y: FloatArray, default: FloatArray | None = None) -> FloatArray:
         med = q[..., MEDIAN]
-        out = np.ones(len(QUANTILES))
+        out = np.ones(len(QUANTILES)) if default is None else default.copy()
         for k, level in enumerate(QUANTILES):
             if k == MEDIAN:
                 continue
@@ -290,10 +292,32 @@ class NeuralForecaster:
             self.fallbacks += 1
         if use:
             assert self.cfg is not None
-            x = np.stack([_context(histories[i].values, self.cfg.context_length) for i in use])
-            c = np.stack([covariates(histories[i], len(histories[i])) for i in use])
-            q = self._forward(x, c)[:, :h, :]
-            q = _apply_calibration(q, self.calibration)
+            L, H = self.cfg.context_length, self.horizon
+            xs = [_context(histories[i].values, L) for i in use]
+            cs = [covariates(histories[i], len(histories[i])) for i in use]
+            # Backcasts: forecasts from the last few horizons inside each history, whose outcome is
+            # known, calibrate that series' band (recent errors of this series, not only the
+            # training hold-out's).
+            back: list[tuple[int, int]] = []  # (row in `use`, origin)
+            for j, i in enumerate(use):
+                n = len(histories[i])
+                for k in range(1, self.recent_windows + 1):
+                    o = n - k * H
+                    if o < self.min_history():
+                        break
+                    back.append((j, o))
+                    xs.append(_context(histories[i].values[:o], L))
+                    cs.append(covariates(histories[i], o))
+            q_all = self._forward(np.stack(xs), np.stack(cs))
+            factors = np.broadcast_to(self.calibration, (len(use), len(QUANTILES))).copy()
+            if back:
+                qb = q_all[len(use) :]
+                yb = np.stack([histories[use[j]].values[o : o + H] for j, o in back])
+                rows = np.asarray([j for j, _ in back])
+                for j in np.unique(rows):
+                    sel = rows == j
+                    factors[j] = _blend(self.calibration, self._calibrate(qb[sel], yb[sel], default=self.calibration))
+            q = _apply_calibration(q_all[: len(use), :h, :], factors[:, None, :])
             for j, i in enumerate(use):
                 v = histories[i].values
                 out[i] = np.maximum(q[j], 0.0) if v.min() >= 0 else q[j]
@@ -311,6 +335,7 @@ class NeuralForecaster:
             "model": self.cfg.to_dict() if self.cfg else None,
             "train": asdict(self.train_cfg),
             "calibration": [float(c) for c in self.calibration],
+            "recent_windows": self.recent_windows,
             "quantiles": list(QUANTILES),
             "fit": asdict(self.report),
         }
@@ -330,7 +355,12 @@ class NeuralForecaster:
         if meta.get("format") != 1 or list(meta.get("quantiles", [])) != list(QUANTILES):
             raise ModelLoadError(f"{d}: model format {meta.get('format')!r} / quantiles do not match this version")
         try:
-            f = cls(meta["kind"], int(meta["horizon"]), train=TrainConfig(**meta["train"]))
+            f = cls(
+                meta["kind"],
+                int(meta["horizon"]),
+                train=TrainConfig(**meta["train"]),
+                recent_windows=int(meta.get("recent_windows", 4)),
+            )
             f.calibration = np.asarray(meta["calibration"], dtype=np.float64)
             f.report = FitReport(**meta["fit"])
             if meta["model"] is not None:
@@ -350,6 +380,13 @@ def _context(v: FloatArray, length: int) -> FloatArray:
     if v.size >= length:
         return v[-length:]
     return np.concatenate([np.full(length - v.size, v[0] if v.size else 0.0), v])
+
+
+def _blend(global_factors: FloatArray, series_factors: FloatArray) -> FloatArray:
+    """Per-series band factors from a few backcasts are noisy: take the wider of the series'
+    and the global (hold-out) factor, so a series that has been more erratic than the hold-out
+    widens its band and a calm one keeps the calibrated width."""
+    return np.maximum(global_factors, series_factors)
 
 
 def _apply_calibration(q: FloatArray, factors: FloatArray) -> FloatArray:

@@ -8,7 +8,9 @@ balance of always picking the least loaded, without every placement herding onto
 
 from __future__ import annotations
 
+import heapq
 import random
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,14 +47,24 @@ def least_used(candidates: list[InstanceLoad]) -> str | None:
     return min(pool)[2] if pool else None
 
 
-def rebalance_moves(candidates: list[InstanceLoad], sessions_of: dict[str, list[Any]]) -> list[tuple[Any, str]]:
-    """Moves (session, target instance) that even out session counts after new instances join.
+def rebalance_moves(
+    candidates: list[InstanceLoad],
+    sessions_of: dict[str, list[Any]],
+    weight_of: Mapping[Any, float] | None = None,
+    max_moves: int | None = None,
+) -> list[tuple[Any, str]]:
+    """Moves (session, target instance) that even out the load after new instances join.
 
-    Each instance ends with floor or ceil of the mean; sessions leave the fullest instances first.
+    Without weights: session counts; each instance ends with floor or ceil of the mean, sessions
+    leaving the fullest instances first. With `weight_of` (each session's message rate): the
+    heaviest movable session of the busiest instance goes to the idlest, as long as that lowers
+    the busier of the two, at most `max_moves` times (each move pauses a session).
     """
     live = [c for c in candidates if c.accepting]
     if len(live) < 2:
         return []
+    if weight_of is not None:
+        return _weighted_moves(live, sessions_of, weight_of, max_moves)
     total = sum(len(sessions_of.get(c.instance_id, [])) for c in live)
     base, extra = divmod(total, len(live))
     # The fullest instances may keep one more than the mean.
@@ -69,4 +81,45 @@ def rebalance_moves(candidates: list[InstanceLoad], sessions_of: dict[str, list[
         while need > 0 and surplus:
             moves.append((surplus.pop(), c.instance_id))
             need -= 1
+    return moves
+
+
+def _weighted_moves(
+    live: list[InstanceLoad], sessions_of: dict[str, list[Any]], weight_of: Mapping[Any, float], max_moves: int | None
+) -> list[tuple[Any, str]]:
+    members = {
+        c.instance_id: sorted(sessions_of.get(c.instance_id, []), key=lambda s: -weight_of.get(s, 0.0)) for c in live
+    }
+    load = {i: sum(weight_of.get(s, 0.0) for s in ss) for i, ss in members.items()}
+    limit = max_moves if max_moves is not None else sum(len(v) for v in members.values())
+    # heaps of (load, id) with lazy invalidation: O(log n) per move with thousands of instances
+    busiest = [(-v, i) for i, v in load.items()]
+    idlest = [(v, i) for i, v in load.items()]
+    heapq.heapify(busiest)
+    heapq.heapify(idlest)
+    moves: list[tuple[Any, str]] = []
+    while len(moves) < limit and busiest and idlest:
+        neg, hi = busiest[0]
+        if -neg != load[hi]:
+            heapq.heappop(busiest)
+            continue
+        v_lo, lo = idlest[0]
+        if v_lo != load[lo]:
+            heapq.heappop(idlest)
+            continue
+        gap = load[hi] - load[lo]
+        # the heaviest session whose move lowers the busier of the two: weight < gap
+        pick = next((s for s in members[hi] if 0.0 < weight_of.get(s, 0.0) < gap), None)
+        if pick is None or hi == lo:
+            break
+        w = weight_of.get(pick, 0.0)
+        members[hi].remove(pick)
+        members[lo].append(pick)
+        load[hi] -= w
+        load[lo] += w
+        heapq.heappush(busiest, (-load[hi], hi))
+        heapq.heappush(idlest, (load[lo], lo))
+        heapq.heappush(busiest, (-load[lo], lo))
+        heapq.heappush(idlest, (load[hi], hi))
+        moves.append((pick, lo))
     return moves

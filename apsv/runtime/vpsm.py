@@ -47,6 +47,8 @@ class ProtocolPlan:
     policy: str = "reactive"
     policy_config: dict[str, Any] = field(default_factory=dict)
     capacity_per_instance: float = 20_000.0  # messages/s, refined from telemetry as it runs
+    slo_ms: float = 100.0  # p99 message latency objective (BFD: 10 ms)
+    season: int = 60  # forecaster season in control intervals
 
 
 @dataclass
@@ -71,8 +73,13 @@ class VPSM:
         namespace: str | None,
         telemetry_root: str | None,
         interval_s: float = 1.0,
+        forecaster_app: str | None = None,
     ) -> None:
         self.plans = {p.protocol: p for p in plans}
+        # The TPE's Serve application; the predictive policy reads its quantiles each step.
+        self.forecaster_app = forecaster_app
+        self.forecasts: dict[str, dict[str, tuple[float, ...]]] = {}
+        self.forecast_errors = 0
         self.im: Any = ray.get_actor(multiplexer_name, namespace=namespace)
         self.interval_s = interval_s
         self.telemetry = TelemetryWriter(telemetry_root) if telemetry_root else None
@@ -138,10 +145,17 @@ class VPSM:
             if dead:
                 await self._reap([i for i in dead if not await self._alive(i)])
             decisions: dict[str, Any] = {}
+            for protocol in self.plans:
+                mine = [loads[i] for i, m in self.managed.items() if m.protocol == protocol and i in loads]
+                self.history[protocol].append(sum(x["msgs_per_s"] for x in mine))
+            if self.forecaster_app is not None:
+                await self._forecast()
             for protocol, plan in self.plans.items():
                 mine = [loads[i] for i, m in self.managed.items() if m.protocol == protocol and i in loads]
-                rate = sum(x["msgs_per_s"] for x in mine)
-                self.history[protocol].append(rate)
+                rate = self.history[protocol][-1]
+                rates = [float(x["msgs_per_s"]) for x in mine]
+                p99s = [float(x["latency_p99_ms"]) for x in mine if x.get("latency_p99_ms") is not None]
+                alloc = sum(float(x["allocation"]["cpu"]) for x in mine)
                 ctx = ScalingContext(
                     protocol=protocol,
                     now=now,
@@ -155,6 +169,12 @@ class VPSM:
                     instance_ages=tuple(now - m.started for m in self.managed.values() if m.protocol == protocol),
                     start_latency_s=self._start_latency(protocol),
                     load_history=tuple(self.history[protocol]),
+                    forecast=self.forecasts.get(protocol),
+                    forecast_step_s=self.interval_s,
+                    latency_p99_ms=max(p99s) if p99s else None,
+                    slo_ms=plan.slo_ms,
+                    cpu_utilization=(sum(float(x["cpu_percent"]) for x in mine) / 100.0 / alloc) if alloc > 0 else None,
+                    load_imbalance=(max(rates) / (sum(rates) / len(rates))) if rates and sum(rates) > 0 else 1.0,
                     state=self.policy_state[protocol],
                     config=plan.policy_config,
                 )
@@ -163,6 +183,32 @@ class VPSM:
                 decisions[protocol] = {"current": ctx.current_instances, "desired": d.instances, "reason": d.reason}
                 await self._scale(plan, d.instances, d.reason)
             return decisions
+
+    async def _forecast(self) -> None:
+        """Ask the TPE for every protocol's quantiles ahead (one batched Serve call). A failure
+        keeps the last forecast and is counted: the predictive policy's live correction still
+        holds the load, and the step goes on."""
+        from ray import serve
+
+        payload = {
+            "series": {p: list(h) for p, h in self.history.items() if len(h) >= 2},
+            "season": {p: plan.season for p, plan in self.plans.items()},
+        }
+        if not payload["series"]:
+            return
+        try:
+            handle = serve.get_app_handle(str(self.forecaster_app))
+            r = await handle.forecast.remote(payload)
+        except Exception:  # Serve down or the app not deployed: keep stepping without new forecasts
+            self.forecast_errors += 1
+            log.warning("forecast from %s failed", self.forecaster_app, exc_info=True)
+            return
+        if "error" in r:
+            self.forecast_errors += 1
+            return
+        names = [f"p{round(q * 100)}" for q in r["quantiles"]]
+        for j, p in enumerate(r["ids"]):
+            self.forecasts[p] = {n: tuple(float(x) for x in r["forecasts"][j, :, k]) for k, n in enumerate(names)}
 
     async def _collect(self, now: float) -> dict[str, dict[str, Any]]:
         """Each instance's load (instance call) plus what the multiplexer sees in flight to it."""
@@ -283,6 +329,10 @@ class VPSM:
             victims.append(victim)
         for victim in victims:
             await self._destroy(self.managed[victim], drain=True)
+        if victims:
+            # drained sessions were placed one by one: even out what they upset
+            moved = await self.im.rebalance.remote(plan.protocol)
+            self.events.append({"ts": time.time(), "event": "rebalance", "protocol": plan.protocol, "moved": moved})
 
     async def _instantiate(self, plan: ProtocolPlan, reason: str) -> str:
         iid = f"{plan.protocol}-{next(self._ids)}"
@@ -373,6 +423,7 @@ def create_vpsm(
     interval_s: float = 1.0,
     name: str = VPSM_NAME,
     detached: bool = True,
+    forecaster_app: str | None = None,
 ) -> Any:
     cls = ray.remote(VPSM)
     opts: dict[str, Any] = {"name": name, "num_cpus": 0, "max_concurrency": 64}
@@ -381,5 +432,5 @@ def create_vpsm(
     if detached:
         opts["lifetime"] = "detached"
     return cls.options(**opts).remote(
-        plans, multiplexer_name, namespace, str(telemetry_root) if telemetry_root else None, interval_s
+        plans, multiplexer_name, namespace, str(telemetry_root) if telemetry_root else None, interval_s, forecaster_app
     )

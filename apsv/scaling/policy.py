@@ -31,6 +31,11 @@ class ScalingContext:
     forecast: Mapping[str, tuple[float, ...]] | None = None  # quantile name -> values ahead
     forecast_step_s: float = 1.0
     budget_instances: int | None = None  # a cost cap, in instances
+    latency_p99_ms: float | None = None  # agent receive -> applied, over the last interval
+    slo_ms: float | None = None  # the protocol's latency objective
+    cpu_utilization: float | None = None  # busy fraction of the protocol's allocated CPU, 0..1
+    future_load: tuple[float, ...] = ()  # the actual load ahead (oracle only: simulators know it)
+    load_imbalance: float = 1.0  # busiest instance's load over the mean (placement is not perfect)
     state: Mapping[str, Any] = field(default_factory=dict)  # what the policy returned last time
     config: Mapping[str, Any] = field(default_factory=dict)  # policy parameters
 
@@ -79,6 +84,118 @@ def reactive(ctx: ScalingContext) -> Decision:
     return Decision(desired, {}, f"load {ctx.load:.0f}/s against {per:.0f}/s per instance")
 
 
+def static(ctx: ScalingContext) -> Decision:
+    """Provisioned once for the peak: `config['peak_load']` at `target_utilization` (or a fixed
+    `config['instances']`); never changes."""
+    cfg = ctx.config
+    if "instances" in cfg:
+        return Decision(clamp(int(cfg["instances"]), ctx), {}, "static")
+    peak = float(cfg.get("peak_load", max(ctx.load_history, default=ctx.load)))
+    per = ctx.capacity_per_instance * float(cfg.get("target_utilization", 0.7))
+    return Decision(clamp(math.ceil(peak / max(per, 1e-9)), ctx), {}, f"static for a peak of {peak:.0f}/s")
+
+
+def threshold(ctx: ScalingContext) -> Decision:
+    """The Kubernetes HPA: desired = ceil(current x utilization / target), ignored within the
+    tolerance; scaling down takes the highest recommendation of the stabilization window
+    (default 300 s), scaling up is immediate but at most doubles (or +4) per step."""
+    cfg = ctx.config
+    target = float(cfg.get("target_cpu", 0.7))
+    tolerance = float(cfg.get("tolerance", 0.1))
+    window = float(cfg.get("stabilization_s", 300.0))
+    cur = max(ctx.current_instances, 1)
+    util = ctx.cpu_utilization
+    if util is None:  # no CPU figure: the load against capacity stands in for it
+        util = ctx.load / max(ctx.capacity_per_instance * cur, 1e-9)
+    ratio = util / target
+    raw = cur if abs(ratio - 1.0) <= tolerance else math.ceil(cur * ratio)
+    recs = [(t, n) for t, n in ctx.state.get("recommendations", []) if ctx.now - float(t) < window]
+    recs.append((ctx.now, raw))
+    state = {"recommendations": recs}
+    if raw > ctx.current_instances:
+        desired = min(raw, max(2 * cur, cur + 4))
+        return Decision(clamp(desired, ctx), state, f"utilization {util:.0%} over target {target:.0%}")
+    stable = max(n for _, n in recs)  # the highest recommendation in the window
+    return Decision(clamp(min(stable, ctx.current_instances), ctx), state, f"utilization {util:.0%}")
+
+
+def _needed(load: float, ctx: ScalingContext, target: float) -> int:
+    """Instances for `load` when the busiest one, carrying `load_imbalance` times the mean, may
+    run at `target` of its capacity."""
+    per = ctx.capacity_per_instance * target / max(ctx.load_imbalance, 1.0)
+    return math.ceil(load / max(per, 1e-9))
+
+
+def predictive(ctx: ScalingContext) -> Decision:
+    """Provision now for the forecast at now + lead time.
+
+    - lead time = the measured instance start latency plus one decision interval: an instance
+      asked for now serves from then on;
+    - need = the peak of the chosen forecast quantile (`quantile`, default p90) from now to the
+      end of the lead time plus `dwell_s`, at `target_utilization` of the per-instance capacity
+      (learned from telemetry by the VPSM);
+    - the upper quantile is bounded by `max_forecast_ratio` (1.5) times the larger of the median
+      forecast and the highest load of the last `recent_s` (300) steps;
+    - live correction: never below what the live load needs; a p99 latency above the SLO while
+      the instances are busier than the target adds one instance;
+    - up at once; down only after the wish has held for `downscale_delay_s` and only instances
+      older than `min_lifetime_s` may go (against churn).
+    """
+    cfg = ctx.config
+    q = str(cfg.get("quantile", "p90"))
+    target = float(cfg.get("target_utilization", 0.8))
+    interval = float(cfg.get("interval_s", 1.0))
+    dwell = float(cfg.get("dwell_s", 5.0))
+    down_delay = float(cfg.get("downscale_delay_s", 30.0))
+    min_life = float(cfg.get("min_lifetime_s", 60.0))
+    lead = ctx.start_latency_s + interval
+    forecast = (ctx.forecast or {}).get(q, ())
+    k = max(1, math.ceil((lead + dwell) / max(ctx.forecast_step_s, 1e-9)))
+    predicted = max(forecast[:k], default=0.0)
+    ratio = float(cfg.get("max_forecast_ratio", 1.5))
+    recent = ctx.load_history[-int(cfg.get("recent_s", 300)) :]
+    if ratio > 0 and q != "p50":
+        # An upper quantile far above both the median forecast and anything seen lately is the
+        # model's band exploding after an outlier (a reset storm in its context), not a
+        # prediction: bound it. A burst the median itself predicts is kept.
+        median = max((ctx.forecast or {}).get("p50", ())[:k], default=0.0)
+        predicted = min(predicted, ratio * max(median, max(recent, default=0.0), ctx.load))
+    live = ctx.load
+    desired = max(_needed(predicted, ctx, target), _needed(live, ctx, target))
+    reason = f"{q} {predicted:.0f}/s within {lead + dwell:.1f}s, live {live:.0f}/s"
+    late = ctx.latency_p99_ms is not None and ctx.slo_ms is not None and ctx.latency_p99_ms > ctx.slo_ms
+    busy = ctx.cpu_utilization is None or ctx.cpu_utilization > target
+    if late and busy:
+        # over the SLO while the instances are busy: reality exceeds the forecast. (A backlog that
+        # is only draining is not helped by new instances: queued messages do not move.)
+        desired = max(desired, ctx.current_instances + 1)
+        reason += f", p99 {ctx.latency_p99_ms:.0f} ms over the {ctx.slo_ms:.0f} ms SLO"
+    desired = clamp(desired, ctx)
+    if desired >= ctx.current_instances:
+        return Decision(desired, {}, reason)
+    since = ctx.state.get("down_since")
+    if since is None:
+        return Decision(ctx.current_instances, {"down_since": ctx.now}, reason + " (down: waiting)")
+    if ctx.now - float(since) < down_delay:
+        return Decision(ctx.current_instances, {"down_since": since}, reason + " (down: waiting)")
+    removable = sum(1 for age in ctx.instance_ages if age >= min_life) if ctx.instance_ages else ctx.current_instances
+    floor = ctx.current_instances - removable
+    return Decision(clamp(max(desired, floor), ctx), {"down_since": since}, reason)
+
+
+def oracle(ctx: ScalingContext) -> Decision:
+    """Perfect foresight: what the actual load (`future_load`) needs at `target_utilization`
+    (default 0.9) over the next lead time plus `hold_s` (default 20 s, so an instance is not
+    drained just before it is needed again: every drain moves sessions); the cost floor for
+    running without SLO violations."""
+    cfg = ctx.config
+    target = float(cfg.get("target_utilization", 0.9))
+    lead = ctx.start_latency_s + float(cfg.get("interval_s", 1.0))
+    k = max(1, math.ceil((lead + float(cfg.get("hold_s", 20.0))) / max(ctx.forecast_step_s, 1e-9)))
+    peak = max((ctx.load, *ctx.future_load[:k]))
+    return Decision(clamp(_needed(peak, ctx, target), ctx), {}, f"actual peak {peak:.0f}/s ahead")
+
+
 def fixed(ctx: ScalingContext) -> Decision:
     """Hold `config['instances']` (or the current count): for forced scaling and tests."""
     n = int(ctx.config.get("instances", ctx.current_instances))
@@ -86,7 +203,14 @@ def fixed(ctx: ScalingContext) -> Decision:
 
 
 Policy = Callable[[ScalingContext], Decision]
-POLICIES: dict[str, Policy] = {"reactive": reactive, "fixed": fixed}
+POLICIES: dict[str, Policy] = {
+    "static": static,
+    "reactive": reactive,
+    "threshold": threshold,
+    "predictive": predictive,
+    "oracle": oracle,
+    "fixed": fixed,
+}
 
 
 def get_policy(name: str) -> Policy:

@@ -1,0 +1,381 @@
+"""A discrete-time simulator of one protocol's stack instances under a load trace.
+
+It runs the same scaling policies as the live VPSM (`apsv.scaling.policy`) and places sessions
+with the multiplexer's own placement code (`apsv.runtime.placement`), so what it says about a
+policy is about the code that runs. Per step (default 1 s) it models:
+
+* virtual routers with skewed (Zipf) shares of the load, split over their sessions, each session
+  mapped to one instance (affinity);
+* per instance a bounded FIFO served at `capacity` messages/s (measured by benchmarks): the queue
+  grows when arrivals exceed it, messages beyond `max_queue` are lost;
+* message latency: a floor, plus the wait behind the queue (fluid: waits spread evenly from the
+  queue at the start of the step to the queue at its end), plus a pause for sessions being moved;
+* instance start latency (no traffic until ready), rebalancing onto new instances, drains that
+  move every session of the least-used instance away before it stops, billed until done.
+
+Outputs per run: SLO-violation seconds (steps whose p99 latency exceeds the SLO), instance-seconds,
+scale actions, lost and late messages, and the timeline for plots.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from apsv.runtime.placement import InstanceLoad, choose_instance, least_used, rebalance_moves
+from apsv.scaling.policy import ScalingContext, get_policy
+
+FloatArray = npt.NDArray[np.float64]
+
+STARTING, READY, DRAINING, GONE = 0, 1, 2, 3
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    protocol: str = "bgp"
+    capacity: float = 2000.0  # messages/s one instance serves
+    start_latency_s: float = 2.0
+    drain_s: float = 1.0  # a draining instance stays (and is billed) this long
+    session_move_s: float = 0.02  # the pause a moved session's messages see
+    base_latency_ms: float = 1.0  # transport and framing floor
+    slo_ms: float = 100.0
+    step_s: float = 1.0
+    interval_s: float = 1.0  # policy decisions
+    min_instances: int = 1
+    max_instances: int = 64
+    budget_instances: int | None = None
+    vrouters: int = 1000
+    sessions_per_vrouter: int = 4  # the unit of placement is a session, not a whole router
+    nodes: int = 100
+    instances_per_node: int = 4
+    max_queue_s: float = 2.0  # queue bound, in seconds of service
+    zipf: float = 0.8  # skew of the routers' shares of the load
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.capacity <= 0 or self.step_s <= 0 or self.interval_s < self.step_s:
+            raise ValueError("capacity and step_s must be positive and interval_s >= step_s")
+        if not 1 <= self.min_instances <= self.max_instances:
+            raise ValueError(f"need 1 <= min_instances ({self.min_instances}) <= max_instances ({self.max_instances})")
+        if self.max_instances > self.nodes * self.instances_per_node:
+            raise ValueError(
+                f"max_instances {self.max_instances} exceeds nodes x instances_per_node "
+                f"({self.nodes} x {self.instances_per_node})"
+            )
+
+
+@dataclass
+class Forecasts:
+    """Quantile forecasts made every `every` steps: name ("p50", "p90", ...) -> (origins, horizon)."""
+
+    every: int
+    values: dict[str, FloatArray]
+
+    def at(self, t: int) -> dict[str, tuple[float, ...]]:
+        k = min(t // self.every, next(iter(self.values.values())).shape[0] - 1)
+        offset = t - k * self.every
+        return {q: tuple(float(x) for x in v[k, offset:]) for q, v in self.values.items()}
+
+
+@dataclass
+class SimResult:
+    policy: str
+    slo_violation_s: float
+    instance_s: float
+    scale_actions: int
+    lost: float
+    late: float
+    messages: float
+    p99_ms: float  # over the whole run (message-weighted)
+    session_moves: int
+    timeline: dict[str, FloatArray] = field(repr=False)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "slo_violation_s": round(self.slo_violation_s, 3),
+            "instance_s": round(self.instance_s, 1),
+            "scale_actions": self.scale_actions,
+            "lost": round(self.lost, 1),
+            "late": round(self.late, 1),
+            "messages": round(self.messages, 1),
+            "p99_ms": round(self.p99_ms, 3),
+            "session_moves": self.session_moves,
+            "mean_instances": round(float(self.timeline["instances"].mean()), 3),
+        }
+
+
+def _weights(routers: int, per_router: int, s: float, rng: np.random.Generator) -> FloatArray:
+    """Each session's share of the protocol's load: Zipf over routers, even within a router."""
+    w = 1.0 / np.arange(1, routers + 1) ** s
+    rng.shuffle(w)
+    return np.asarray(np.repeat(w / w.sum() / per_router, per_router), dtype=np.float64)
+
+
+def _mixture_quantile(lo: FloatArray, hi: FloatArray, wt: FloatArray, q: float) -> float:
+    """The q-quantile of a mixture of uniform [lo_i, hi_i] with weights wt_i (point masses when
+    lo == hi), by bisection on the mixture CDF."""
+    total = float(wt.sum())
+    if total <= 0:
+        return float(lo.min()) if lo.size else 0.0
+    a, b = float(lo.min()), float(hi.max())
+    if b - a < 1e-12:
+        return a
+    width = np.maximum(hi - lo, 1e-12)
+    for _ in range(40):
+        x = 0.5 * (a + b)
+        cdf = float((wt * np.clip((x - lo) / width, 0.0, 1.0)).sum()) / total
+        if cdf < q:
+            a = x
+        else:
+            b = x
+    return 0.5 * (a + b)
+
+
+def simulate(
+    trace: Sequence[float] | FloatArray,
+    policy: str,
+    cfg: SimConfig,
+    *,
+    policy_config: Mapping[str, Any] | None = None,
+    forecasts: Forecasts | None = None,
+    initial_instances: int | None = None,
+) -> SimResult:
+    """Run one policy over a trace of arrival rates (messages/s, one value per step)."""
+    load = np.asarray(trace, dtype=np.float64)
+    if load.ndim != 1 or load.size == 0 or not np.all(np.isfinite(load)) or (load < 0).any():
+        raise ValueError("the trace must be a non-empty series of finite, non-negative rates")
+    fn = get_policy(policy)
+    pcfg = dict(policy_config or {})
+    pcfg.setdefault("interval_s", cfg.interval_s)
+    rng = np.random.default_rng(cfg.seed)
+    prng = random.Random(cfg.seed)
+    dt = cfg.step_s
+    cap_step = cfg.capacity * dt
+    max_q = cfg.capacity * cfg.max_queue_s
+    slots = cfg.nodes * cfg.instances_per_node
+    state = np.full(slots, GONE, dtype=np.int8)
+    ready_at = np.zeros(slots)
+    started = np.zeros(slots)
+    gone_at = np.zeros(slots)
+    queue = np.zeros(slots)
+    w = _weights(cfg.vrouters, cfg.sessions_per_vrouter, cfg.zipf, rng)
+    n_sessions = w.size
+    assign = np.full(n_sessions, -1, dtype=np.int64)
+    free = list(range(slots))
+    prng.shuffle(free)  # instances land on nodes at random
+
+    def start(t: float, ready: bool = False) -> int:
+        s = free.pop()
+        state[s] = READY if ready else STARTING
+        started[s] = t
+        ready_at[s] = t if ready else t + cfg.start_latency_s
+        queue[s] = 0.0
+        return s
+
+    def views() -> list[InstanceLoad]:
+        ids = np.flatnonzero(state == READY)
+        counts = np.bincount(assign[assign >= 0], minlength=slots)
+        return [
+            InstanceLoad(str(i), int(counts[i]), 1 << 30, int(queue[i]), int(max_q), float(queue[i] / max_q))
+            for i in ids
+        ]
+
+    def rebalance() -> int:
+        vs = views()
+        members: dict[str, list[int]] = {v.instance_id: [] for v in vs}
+        for vr in np.flatnonzero(assign >= 0):
+            members.setdefault(str(assign[vr]), []).append(int(vr))
+        # the multiplexer's rebalancing, with each session's message rate as its weight
+        moves = rebalance_moves(vs, members, weight_of=dict(enumerate(w.tolist())), max_moves=max(8, w.size // 4))
+        for vr, dst in moves:
+            assign[vr] = int(dst)
+        return len(moves)
+
+    if initial_instances is None:
+        # warm start: what the policy asks for at t=0 is already running
+        first = ScalingContext(
+            protocol=cfg.protocol,
+            now=0.0,
+            current_instances=cfg.min_instances,
+            load=float(load[0]),
+            inflight=0.0,
+            sessions=int(w.size),
+            capacity_per_instance=cfg.capacity,
+            min_instances=cfg.min_instances,
+            max_instances=cfg.max_instances,
+            start_latency_s=cfg.start_latency_s,
+            forecast=forecasts.at(0) if forecasts is not None else None,
+            forecast_step_s=dt,
+            budget_instances=cfg.budget_instances,
+            slo_ms=cfg.slo_ms,
+            future_load=tuple(float(x) for x in load[1:65]),
+            config=pcfg,
+        )
+        initial_instances = fn(first).instances
+    for _ in range(max(initial_instances, cfg.min_instances)):
+        start(0.0, ready=True)
+    ready_ids = np.flatnonzero(state == READY)
+    assign[:] = ready_ids[np.arange(n_sessions) % ready_ids.size]
+
+    steps = load.size
+    tl_instances = np.zeros(steps)
+    tl_p99 = np.zeros(steps)
+    violations = 0.0
+    instance_s = 0.0
+    actions = 0
+    lost = late = msgs = 0.0
+    moves_total = 0
+    pstate: dict[str, Any] = {}
+    history: list[float] = []
+    lat_lo: list[FloatArray] = []
+    lat_hi: list[FloatArray] = []
+    lat_w: list[FloatArray] = []
+    last_decision = -math.inf
+    moved_weight = 0.0
+    imbalance = 1.0  # busiest instance's arrivals over the mean, smoothed (what telemetry shows)
+    service_ms = 1000.0 / cfg.capacity
+    for k in range(steps):
+        t = k * dt
+        # instances that finished starting join, and take a share of the live sessions
+        joining = np.flatnonzero((state == STARTING) & (ready_at <= t))
+        if joining.size:
+            state[joining] = READY
+            before = assign.copy()
+            moves_total += rebalance()
+            moved_weight += float(w[before != assign].sum())
+        finished = np.flatnonzero((state == DRAINING) & (gone_at <= t))
+        if finished.size:
+            state[finished] = GONE
+            free.extend(int(s) for s in finished)
+        # arrivals, service, queues
+        rate = float(load[k])
+        arrivals = np.bincount(assign, weights=w, minlength=slots) * rate * dt
+        q0 = queue.copy()
+        q1 = q0 + arrivals - cap_step
+        np.maximum(q1, 0.0, out=q1)
+        over = np.maximum(q1 - max_q, 0.0)
+        lost += float(over.sum())
+        q1 -= over
+        queue[:] = q1
+        msgs += rate * dt
+        busy = np.flatnonzero(arrivals > 0)
+        if busy.size > 1 and rate > 0:
+            now_imb = float(arrivals.max() / max(arrivals[state == READY].mean(), 1e-12))
+            imbalance = 0.9 * imbalance + 0.1 * now_imb
+        lo = cfg.base_latency_ms + service_ms + 1000.0 * q0[busy] / cfg.capacity
+        hi = cfg.base_latency_ms + service_ms + 1000.0 * q1[busy] / cfg.capacity
+        wt: FloatArray = np.asarray(arrivals[busy] - over[busy], dtype=np.float64)
+        if moved_weight > 0:
+            # messages of moved sessions wait out the move
+            pause = cfg.base_latency_ms + service_ms + 1000.0 * cfg.session_move_s
+            lo = np.append(lo, pause)
+            hi = np.append(hi, pause)
+            wt = np.asarray(np.append(wt, moved_weight * rate * dt), dtype=np.float64)
+            moved_weight = 0.0
+        p99 = _mixture_quantile(lo, hi, wt, 0.99) if wt.size else cfg.base_latency_ms
+        if wt.size and float(hi.max()) > cfg.slo_ms:
+            frac = np.clip((hi - cfg.slo_ms) / np.maximum(hi - lo, 1e-12), 0.0, 1.0)
+            frac = np.where(hi - lo < 1e-12, (hi > cfg.slo_ms).astype(np.float64), frac)
+            late += float((wt * frac).sum())
+        tl_p99[k] = p99
+        if p99 > cfg.slo_ms:
+            violations += dt
+        if k % max(1, steps // 2000) == 0 or p99 > cfg.slo_ms:
+            lat_lo.append(lo)
+            lat_hi.append(hi)
+            lat_w.append(wt)
+        alive = state != GONE
+        n_alive = int(alive.sum())
+        instance_s += n_alive * dt
+        tl_instances[k] = n_alive
+        history.append(rate)
+        # the control loop
+        if t - last_decision >= cfg.interval_s - 1e-9:
+            last_decision = t
+            ready = state == READY
+            n_ready = int(ready.sum())
+            n_active = int(((state == READY) | (state == STARTING)).sum())
+            served = np.minimum(q0 + arrivals, cap_step)
+            util = float(served[ready].sum() / max(cap_step * n_ready, 1e-9))
+            ctx = ScalingContext(
+                protocol=cfg.protocol,
+                now=t,
+                current_instances=n_active,
+                load=rate,
+                inflight=float(queue.sum()),
+                sessions=n_sessions,
+                capacity_per_instance=cfg.capacity,
+                min_instances=cfg.min_instances,
+                max_instances=cfg.max_instances,
+                instance_ages=tuple((t - started[ready]).tolist()),
+                start_latency_s=cfg.start_latency_s,
+                load_history=tuple(history[-120:]),
+                forecast=forecasts.at(k) if forecasts is not None else None,
+                forecast_step_s=dt,
+                budget_instances=cfg.budget_instances,
+                latency_p99_ms=p99,
+                slo_ms=cfg.slo_ms,
+                cpu_utilization=util,
+                load_imbalance=imbalance,
+                future_load=tuple(load[k + 1 : k + 1 + 64].tolist()),
+                state=pstate,
+                config=pcfg,
+            )
+            d = fn(ctx)
+            pstate = d.state
+            want = d.instances
+            while n_active < want and free:
+                start(t)
+                n_active += 1
+                actions += 1
+            drained = False
+            while n_active > want and n_ready > 1:
+                victim = least_used(views())
+                if victim is None:
+                    break
+                v = int(victim)
+                state[v] = DRAINING
+                gone_at[v] = t + cfg.drain_s
+                # its sessions (and their queued messages) move to the instances that stay
+                members = np.flatnonzero(assign == v)
+                targets = views()
+                share = queue[v] / max(members.size, 1)
+                for vr in members:
+                    dst = choose_instance(targets, prng)
+                    if dst is None:
+                        break
+                    assign[vr] = int(dst)
+                    queue[int(dst)] += share
+                    moved_weight += float(w[vr])
+                    moves_total += 1
+                queue[v] = 0.0
+                n_active -= 1
+                n_ready -= 1
+                actions += 1
+                drained = True
+            if drained:
+                # as the VPSM does after a drain: even out what the moved sessions upset
+                before = assign.copy()
+                moves_total += rebalance()
+                moved_weight += float(w[before != assign].sum())
+    all_lo = np.concatenate(lat_lo) if lat_lo else np.zeros(1)
+    all_hi = np.concatenate(lat_hi) if lat_hi else np.zeros(1)
+    all_w = np.concatenate(lat_w) if lat_w else np.ones(1)
+    return SimResult(
+        policy=policy,
+        slo_violation_s=violations,
+        instance_s=instance_s,
+        scale_actions=actions,
+        lost=lost,
+        late=late,
+        messages=msgs,
+        p99_ms=_mixture_quantile(all_lo, all_hi, all_w, 0.99),
+        session_moves=moves_total,
+        timeline={"load": load, "instances": tl_instances, "p99_ms": tl_p99},
+    )

@@ -1,0 +1,136 @@
+"""Load traces for policy evaluation: message rates per step, built from real data.
+
+* `from_series`: any load series (../shared/data/timeseries), scaled so its peak is a chosen
+  message rate; each sample becomes one step (time-compressed: a day of 5-minute samples plays
+  in 288 steps), the seasonal period kept in steps;
+* `bgp_churn`: real BGP UPDATE arrivals per second from an MRT update dump, looped to length, with
+  a session-reset storm: a full-table peer reconnecting re-announces its table, packed as densely
+  as that dump packs prefixes into UPDATEs;
+* `bfd_population`: a BFD session population following a daily shape with churn; each session
+  sends one control packet per transmit interval.
+
+`forecast_trace` trains a forecaster on the first part of a trace and produces the quantile
+forecasts the predictive policy reads, for every `every` steps of the rest, in one batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from apsv.forecast.metrics import QUANTILES
+from apsv.forecast.series import FloatArray, Series
+from apsv.scaling.simulator import Forecasts
+
+
+@dataclass
+class Trace:
+    name: str
+    rates: FloatArray  # messages/s, one value per step
+    protocol: str = "bgp"
+    season: int = 1
+    step_s: float = 1.0
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def split(self, fraction: float) -> int:
+        return int(self.rates.size * fraction)
+
+
+def from_series(series: Series, peak_rate: float, *, protocol: str = "bgp") -> Trace:
+    v = np.asarray(series.values, dtype=np.float64)
+    top = float(v.max())
+    if top <= 0:
+        raise ValueError(f"{series.name}: the series is never positive; it cannot be scaled to a load")
+    return Trace(
+        series.name,
+        v * (peak_rate / top),
+        protocol,
+        series.season,
+        meta={"source": series.meta.get("path", series.name), "scaled_peak": peak_rate, "sample_step_s": series.step},
+    )
+
+
+def bgp_churn(
+    path: str | Path,
+    *,
+    length_s: int = 3600,
+    storm_at_s: int | None = 1800,
+    table_size: int = 900_000,
+    storm_s: int = 60,
+    scale: float = 1.0,
+) -> Trace:
+    """UPDATE messages per second from a real dump, looped to `length_s`, times `scale`, with a
+    full-table re-announcement (`table_size` prefixes over `storm_s` seconds) at `storm_at_s`."""
+    from apsv.forecast.datasets import from_mrt
+
+    updates = from_mrt(path, measure="updates", per_peer=False)[0].values
+    prefixes = from_mrt(path, measure="prefixes", per_peer=False)[0].values
+    per_update = float(prefixes.sum() / max(updates.sum(), 1.0))
+    reps = int(np.ceil(length_s / updates.size))
+    rates = np.tile(updates, reps)[:length_s] * scale
+    meta: dict[str, Any] = {"source": str(path), "prefixes_per_update": round(per_update, 3), "scale": scale}
+    if storm_at_s is not None:
+        if not 0 <= storm_at_s < length_s:
+            raise ValueError(f"storm_at_s {storm_at_s} outside the trace (0..{length_s - 1})")
+        msgs = table_size / max(per_update, 1.0)
+        end = min(length_s, storm_at_s + storm_s)
+        # a reconnecting peer sends fastest at first, then tails off
+        shape = np.exp(-np.linspace(0.0, 3.0, end - storm_at_s))
+        rates[storm_at_s:end] += msgs * shape / shape.sum()
+        meta.update(storm_at_s=storm_at_s, storm_s=storm_s, storm_messages=round(msgs))
+    return Trace(f"{Path(path).name}+storm" if storm_at_s is not None else Path(path).name, rates, "bgp", 1, meta=meta)
+
+
+def bfd_population(
+    peak_sessions: int = 20_000,
+    *,
+    length_s: int = 3600,
+    day_s: int = 1200,
+    tx_interval_ms: float = 300.0,
+    churn: float = 0.02,
+    seed: int = 0,
+) -> Trace:
+    """Control packets per second from a session population between 30 % and 100 % of the peak on
+    a compressed day of `day_s` steps, with random churn (sessions coming and going)."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(length_s)
+    shape = 0.65 - 0.35 * np.cos(2 * np.pi * t / day_s)
+    noise = np.cumsum(rng.normal(0.0, churn, length_s)) / np.sqrt(np.arange(1, length_s + 1))
+    sessions = np.clip(peak_sessions * (shape + 0.05 * noise), 0, None)
+    rates = sessions * 1000.0 / tx_interval_ms
+    return Trace(
+        f"bfd-{peak_sessions}",
+        rates,
+        "bfd",
+        day_s,
+        meta={"peak_sessions": peak_sessions, "tx_interval_ms": tx_interval_ms, "day_s": day_s},
+    )
+
+
+def forecast_trace(
+    trace: Trace,
+    *,
+    start: int,
+    horizon: int = 32,
+    every: int = 5,
+    steps: int = 600,
+    kind: str = "transformer",
+    seed: int = 0,
+) -> tuple[Forecasts, dict[str, Any]]:
+    """Train on `trace.rates[:start]`, then forecast from every `every`-th step of the rest with
+    the history up to it. Returns the forecasts (indexed from `start`) and the fit report."""
+    from apsv.forecast.neural import NeuralForecaster, TrainConfig
+
+    hist = Series(trace.name, trace.rates[:start], season=trace.season)
+    model = NeuralForecaster(kind, horizon, train=TrainConfig(steps=steps, seed=seed))
+    report = model.fit([hist])
+    n = trace.rates.size - start
+    origins = list(range(start, start + n, every))
+    full = Series(trace.name, trace.rates, season=trace.season)
+    q = model.predict([full.head(o) for o in origins], horizon)
+    values = {f"p{round(lv * 100)}": q[..., k] for k, lv in enumerate(QUANTILES)}
+    info = {"kind": kind, "horizon": horizon, "every": every, "train_steps": start, "fit": report.__dict__}
+    return Forecasts(every, values), info

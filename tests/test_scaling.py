@@ -1,0 +1,205 @@
+"""Scaling policies on hand-made contexts, the simulator, traces and `apsv evaluate`."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from apsv.runtime.placement import InstanceLoad, rebalance_moves
+from apsv.scaling.policy import POLICIES, ScalingContext, get_policy, predictive, threshold
+from apsv.scaling.simulator import Forecasts, SimConfig, simulate
+from apsv.scaling.traces import bfd_population, bgp_churn
+
+CAP = 1000.0
+
+
+def ctx(**kw: Any) -> ScalingContext:
+    base: dict[str, Any] = {
+        "protocol": "bgp",
+        "now": 100.0,
+        "current_instances": 2,
+        "load": 500.0,
+        "inflight": 0.0,
+        "sessions": 10,
+        "capacity_per_instance": CAP,
+        "max_instances": 50,
+        "start_latency_s": 3.0,
+        "instance_ages": (100.0, 100.0),
+    }
+    base.update(kw)
+    return ScalingContext(**base)
+
+
+def flat_forecast(
+    value: float, n: int = 40, burst_at: int | None = None, burst: float = 0.0
+) -> dict[str, tuple[float, ...]]:
+    v = [value] * n
+    if burst_at is not None:
+        v[burst_at] = burst
+    return {"p50": tuple(v), "p90": tuple(x * 1.1 for x in v)}
+
+
+def test_predictive_scales_up_ahead_of_a_burst_by_the_lead_time() -> None:
+    cfg = {"quantile": "p90", "target_utilization": 0.8, "dwell_s": 0.0, "interval_s": 1.0}
+    # lead = start latency 3 s + one interval: a burst 4 s ahead is provisioned now ...
+    d = predictive(ctx(forecast=flat_forecast(500, burst_at=3, burst=8000), config=cfg))
+    assert d.instances == math.ceil(8000 * 1.1 / (CAP * 0.8))
+    # ... one 10 s ahead is not yet: instances asked for now would idle until then
+    d = predictive(ctx(forecast=flat_forecast(500, burst_at=10, burst=8000), config=cfg))
+    assert d.instances == 2
+
+
+def test_predictive_never_below_the_live_load_and_corrects_late() -> None:
+    d = predictive(ctx(load=9000.0, forecast=flat_forecast(100), config={"target_utilization": 0.8}))
+    assert d.instances >= math.ceil(9000 / (CAP * 0.8))
+    # over the SLO with busy instances: one more than now, even though the forecast is low
+    d = predictive(ctx(current_instances=3, load=1000.0, latency_p99_ms=300.0, slo_ms=100.0, cpu_utilization=0.95))
+    assert d.instances == 4
+    # over the SLO while idle (a backlog draining): no new instance
+    d = predictive(ctx(current_instances=3, load=100.0, latency_p99_ms=300.0, slo_ms=100.0, cpu_utilization=0.2))
+    assert d.instances == 3
+
+
+def test_predictive_downscale_waits_and_respects_min_lifetime() -> None:
+    cfg = {"downscale_delay_s": 20.0, "min_lifetime_s": 30.0}
+    c = ctx(current_instances=6, load=100.0, forecast=flat_forecast(100), config=cfg, instance_ages=(500.0,) * 6)
+    d = predictive(c)
+    assert d.instances == 6 and d.state["down_since"] == 100.0
+    d = predictive(ctx(**{**c.__dict__, "now": 110.0, "state": d.state}))
+    assert d.instances == 6  # still within the delay
+    d = predictive(ctx(**{**c.__dict__, "now": 121.0, "state": d.state}))
+    assert d.instances == 1
+    young = ctx(**{**c.__dict__, "now": 121.0, "state": d.state, "instance_ages": (500.0, 500.0, 5, 5, 5, 5)})
+    assert predictive(young).instances == 4  # the four young instances stay
+
+
+def test_predictive_bounds_an_exploding_forecast() -> None:
+    band = {"p50": (500.0,) * 40, "p90": (90_000.0,) * 40}
+    c = ctx(
+        current_instances=1, load=500.0, load_history=(500.0,) * 100, forecast=band, config={"target_utilization": 1.0}
+    )
+    assert predictive(c).instances == 1  # 1.5 x 500/s, not 90,000/s
+    burst = {"p50": (500.0,) * 3 + (5000.0,) * 37, "p90": (500.0,) * 3 + (5500.0,) * 37}
+    c = ctx(
+        current_instances=1, load=500.0, load_history=(500.0,) * 100, forecast=burst, config={"target_utilization": 1.0}
+    )
+    assert predictive(c).instances == 6  # a burst the median predicts is provisioned
+
+
+@pytest.mark.parametrize("name", sorted(POLICIES))
+def test_every_policy_respects_bounds_and_budget(name: str) -> None:
+    fn = get_policy(name)
+    huge = {"forecast": flat_forecast(1e9), "future_load": (1e9,) * 40, "load_history": (1e9,), "cpu_utilization": 50.0}
+    st: dict[str, Any] = {}
+    for t in range(0, 400, 1):
+        d = fn(ctx(now=float(t), load=1e9, max_instances=20, budget_instances=12, state=st, **huge))
+        st = d.state
+        assert 1 <= d.instances <= 12
+    zero = {"forecast": flat_forecast(0.0), "future_load": (0.0,) * 40, "load_history": (0.0,), "cpu_utilization": 0.0}
+    st = {}
+    for t in range(0, 400, 1):
+        d = fn(ctx(now=float(t), load=0.0, min_instances=2, current_instances=5, state=st, **zero))
+        st = d.state
+        assert d.instances >= 2
+
+
+def test_threshold_holds_the_highest_recommendation_of_the_window() -> None:
+    cfg = {"target_cpu": 0.5, "stabilization_s": 60.0}
+    d = threshold(ctx(current_instances=4, cpu_utilization=0.5, now=0.0, config=cfg))
+    assert d.instances == 4
+    d = threshold(ctx(current_instances=4, cpu_utilization=0.1, now=10.0, config=cfg, state=d.state))
+    assert d.instances == 4  # 0.8 wanted, but 4 was recommended 10 s ago
+    d = threshold(ctx(current_instances=4, cpu_utilization=0.1, now=61.0, config=cfg, state=d.state))
+    assert d.instances == 1
+    d = threshold(ctx(current_instances=2, cpu_utilization=2.0, now=70.0, config=cfg, state=d.state))
+    assert d.instances == 6  # up at once, at most +4 or x2 per step
+
+
+def test_weighted_rebalance_evens_out_load() -> None:
+    insts = [InstanceLoad(str(i), 0, 100, 0, 1, 0.0) for i in range(3)]
+    sessions = {"0": list(range(12)), "1": [], "2": []}
+    weight = {s: float(12 - s) for s in range(12)}  # 78 in all
+    moves = rebalance_moves(insts, sessions, weight_of=weight)
+    load = {"0": 78.0, "1": 0.0, "2": 0.0}
+    for s, dst in moves:
+        load["0"] -= weight[s]
+        load[dst] += weight[s]
+    assert max(load.values()) <= 78 / 3 + 12 and len(moves) < 12
+    assert rebalance_moves(insts, sessions) and len(rebalance_moves(insts, sessions)) == 8  # counts: 4 each
+
+
+def test_simulator_conserves_messages_and_loses_when_underprovisioned() -> None:
+    load = np.full(300, 5000.0)
+    cfg = SimConfig(capacity=CAP, start_latency_s=2.0, max_instances=20, vrouters=200)
+    ok = simulate(load, "fixed", cfg, policy_config={"instances": 10})
+    assert ok.messages == pytest.approx(5000 * 300) and ok.lost == 0 and ok.slo_violation_s == 0
+    assert ok.instance_s == 10 * 300 and ok.scale_actions == 0
+    short = simulate(load, "fixed", cfg, policy_config={"instances": 3})
+    assert short.lost > 0 and short.slo_violation_s > 250
+    with pytest.raises(ValueError, match="non-negative"):
+        simulate(np.array([1.0, -1.0]), "fixed", cfg)
+    with pytest.raises(ValueError, match="exceeds nodes"):
+        SimConfig(max_instances=1000, nodes=10, instances_per_node=4)
+
+
+def test_predictive_beats_reactive_ahead_of_a_known_burst() -> None:
+    """A daily burst the forecast knows about: predictive has started instances when it lands,
+    reactive is still waiting for them."""
+    t = np.arange(1200)
+    load = 2000 + 1500 * np.sin(2 * np.pi * t / 300)
+    load[600:640] += 8000
+    cfg = SimConfig(capacity=CAP, start_latency_s=5.0, max_instances=40, vrouters=300)
+    horizon = 40
+    origins = range(0, load.size, 5)
+    ahead = np.stack(
+        [np.pad(load[o : o + horizon], (0, max(0, o + horizon - load.size)), mode="edge") for o in origins]
+    )
+    fc = Forecasts(5, {"p50": ahead, "p90": ahead * 1.05})
+    pred = simulate(load, "predictive", cfg, forecasts=fc, policy_config={"target_utilization": 0.8})
+    reac = simulate(load, "reactive", cfg, policy_config={"target_utilization": 0.6, "upscale_delay_s": 0.0})
+    orac = simulate(load, "oracle", cfg)
+    assert pred.slo_violation_s < reac.slo_violation_s and pred.slo_violation_s <= 2
+    assert orac.slo_violation_s == 0 and orac.instance_s <= pred.instance_s
+
+
+def test_no_flapping_on_noise() -> None:
+    rng = np.random.default_rng(3)
+    load = np.maximum(5000 + rng.normal(0, 400, 1500), 0)
+    cfg = SimConfig(capacity=CAP, start_latency_s=3.0, max_instances=40, vrouters=300)
+    noisy = np.stack([np.maximum(5000 + rng.normal(0, 400, 40), 0) for _ in range(0, 1500, 5)])
+    fc = Forecasts(5, {"p50": np.full_like(noisy, 5000.0), "p90": np.full_like(noisy, 5600.0)})
+    r = simulate(load, "predictive", cfg, forecasts=fc)
+    assert r.scale_actions <= 4 and r.slo_violation_s == 0
+
+
+def test_traces(data_dir: Path) -> None:
+    tr = bgp_churn(data_dir / "mrt/bgpdump-testdata/updates.20070211.0141.gz", length_s=1200, storm_at_s=600)
+    assert tr.rates.size == 1200 and tr.meta["storm_messages"] > 100_000
+    # MANIFEST: 23394 UPDATEs in the 900 s dump; the loop repeats them, the storm adds its own
+    base = bgp_churn(data_dir / "mrt/bgpdump-testdata/updates.20070211.0141.gz", length_s=900, storm_at_s=None)
+    assert base.rates.sum() == 23394
+    bfd = bfd_population(1000, length_s=600, day_s=300, tx_interval_ms=100)
+    assert bfd.protocol == "bfd" and 0.25 * 10_000 < bfd.rates.min() < bfd.rates.max() <= 1.05 * 10_000
+
+
+def test_evaluate_cli_json(data_dir: Path, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from apsv.cli import app
+
+    f = data_dir / "timeseries/cortez-internet-traffic/A1H.txt"
+    args = ["evaluate", str(f), "--season", "24", "--forecaster-steps", "30", "--json", "--plots", str(tmp_path)]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.output)
+    assert set(doc["policies"]) == {"static", "reactive", "threshold", "predictive", "oracle"}
+    for v in doc["policies"].values():
+        assert {"slo_violation_s", "instance_s", "scale_actions", "lost"} <= set(v)
+    assert len(list(tmp_path.glob("*.png"))) == 3
+    bad = CliRunner().invoke(app, ["evaluate", str(f), "--policies", "magic"])
+    assert bad.exit_code == 2 and "unknown policy" in bad.output
