@@ -103,7 +103,8 @@ def main() -> None:
         print(f"{tr.name}: {json.dumps(row['claims'])}", flush=True)
         for p, r in row["policies"].items():
             print(
-                f"  {p:11s} viol={r['slo_violation_s']:6.0f}s inst={r['instance_s']:9.0f}s actions={r['scale_actions']:5d} lost={r['lost']:.0f}"
+                f"  {p:11s} viol={r['slo_violation_s']:6.0f}s inst={r['instance_s']:9.0f}s "
+                f"actions={r['scale_actions']:5d} lost={r['lost']:.0f}"
             )
     scale = scale_test(a.quick)
     print(f"scale: {json.dumps(scale)}")
