@@ -260,7 +260,7 @@ class NeuralForecaster:
             r = ((y - med)[ok]) / d[ok]
             # upper quantile: want P(r <= s) = level; lower (d < 0): P(r >= s) = level
             s = np.quantile(r, level if k > MEDIAN else 1.0 - level)
-            out[k] = float(np.clip(s, 0.25, 8.0))
+            out[k] = float(np.clip(s, 0.0, 8.0))  # 0: the band collapses onto the median (zero-inflated series)
         return out
 
     # -- prediction -----------------------------------------------------------------------
@@ -385,8 +385,10 @@ def _context(v: FloatArray, length: int) -> FloatArray:
 def _blend(global_factors: FloatArray, series_factors: FloatArray) -> FloatArray:
     """Per-series band factors from a few backcasts are noisy: take the wider of the series'
     and the global (hold-out) factor, so a series that has been more erratic than the hold-out
-    widens its band and a calm one keeps the calibrated width."""
-    return np.maximum(global_factors, series_factors)
+    widens its band and a calm one keeps the calibrated width; at most twice as wide, because a
+    single burst among the backcasts (zero-inflated BGP churn) would otherwise blow the upper
+    quantiles up for everything after it."""
+    return np.clip(series_factors, global_factors, 2.0 * global_factors)
 
 
 def _apply_calibration(q: FloatArray, factors: FloatArray) -> FloatArray:
