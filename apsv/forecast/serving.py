@@ -68,7 +68,10 @@ def parse_request(payload: Mapping[str, Any]) -> tuple[list[str], list[Series], 
             if not isinstance(m, int) or m < 1:
                 raise SeriesError(f"{sid}: season must be a positive integer, not {m!r}")
             arr = np.asarray(values, dtype=np.float64)[-MAX_HISTORY:]
-            s, _ = clean(Series(str(sid), arr, step=step, start=start, season=m), min_length=1)
+            s = Series(str(sid), arr, step=step, start=start, season=m)
+            # the common case (finite, non-negative, non-empty) needs none of clean()'s repairs
+            if not (arr.ndim == 1 and arr.size and np.isfinite(arr).all() and arr.min() >= 0):
+                s, _ = clean(s, min_length=1)
         except (SeriesError, ValueError, TypeError) as e:
             errors[str(sid)] = str(e)
             continue
@@ -116,6 +119,10 @@ class ForecastCore:
             except (ModelLoadError, ValueError, OSError) as e2:
                 self.swap_errors = [*self.swap_errors[-9:], f"cannot load the promoted version either: {e2}"]
                 return
+        if "recent_windows" in cfg:
+            # backcast calibration costs one more forward pass per window: latency-critical
+            # deployments may turn it off (0) and keep the hold-out calibration alone
+            model.recent_windows = int(cfg["recent_windows"])
         self.model, self.version, self.config = model, version, cfg  # one assignment each: the swap
         self.swaps += 1
 
