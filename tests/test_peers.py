@@ -124,7 +124,7 @@ def test_daemon_peers_with_apsv(cluster: tuple[Deployment, Any], daemon: tuple[A
     peers.wait_for(f"{spec.name} Established", d.established, timeout=60)
     peers.wait_for("APSV Established", lambda: apsv_state(dep, key)["state"] == "Established", timeout=30)
     peers.wait_for(f"APSV holds {spec.name}'s IPv4", lambda: apsv_table(dep, key, "ipv4-unicast") == their4, 60)
-    assert apsv_table(dep, key, "ipv6-unicast") == their6
+    peers.wait_for(f"APSV holds {spec.name}'s IPv6", lambda: apsv_table(dep, key, "ipv6-unicast") == their6, 30)
     peers.wait_for(f"{spec.name} holds APSV's prefixes", lambda: d.received("ipv4-unicast") == set(APSV_PREFIXES), 60)
 
     # Withdrawals, both ways.
