@@ -492,7 +492,8 @@ route-map NH6 permit 10
     d.last_error = lambda: json.dumps(
         {k: v for k, v in neighbor().items() if k.startswith(("lastNotification", "lastReset", "lastErrorCode"))}
     )
-    d.up_since = lambda: f"{neighbor().get('bgpTimerUpEstablishedEpoch')}/{neighbor().get('connectionsEstablished')}"
+    # FRR derives its "established epoch" from now - uptime, so it flickers by a second: count instead
+    d.up_since = lambda: f"{neighbor().get('connectionsEstablished')}/{neighbor().get('connectionsDropped')}"
     d.extra["vtysh"] = vtysh
     d.extra["neighbor"] = neighbor
     return d
