@@ -162,3 +162,32 @@ def test_retrain_job_promotes_only_a_better_model(ray_cluster: Any, tmp_path: Pa
     assert card["parent"] == "v0001" and card["data_window"]["holdout"] == 48
     assert [d["promoted"] for d in registry.decisions()] == [True, False]
     assert main(["--registry", str(reg)]) == 2  # no data named
+
+
+def test_vpsm_reads_the_tpe_for_the_predictive_policy(serve_instance: Any, deployment: Any) -> None:
+    import ray
+
+    from apsv.forecast.serving import ForecastService
+    from apsv.runtime.instance import Allocation
+    from apsv.runtime.vpsm import ProtocolPlan
+
+    serve, _ = serve_instance
+    serve.run(ForecastService.bind(), name="tpe-vpsm", route_prefix=None)  # no registry: seasonal naive
+    plan = ProtocolPlan(
+        "bgp",
+        min_instances=1,
+        max_instances=2,
+        allocation=Allocation(cpu=0.25, memory_bytes=512 << 20),
+        policy="predictive",
+        season=1,
+    )
+    dep = deployment([plan], run_loop=False, forecaster_app="tpe-vpsm")
+    for _ in range(3):
+        ray.get(dep.vpsm.step.remote())
+    st = ray.get(dep.vpsm.status.remote())
+    assert st["forecast_errors"] == 0 and set(st["forecasts"]["bgp"]) == {"p10", "p50", "p90", "p99"}
+    assert st["protocols"]["bgp"]["instances"] == 1  # no load, no forecast load: the minimum
+    serve.delete("tpe-vpsm")
+    ray.get(dep.vpsm.step.remote())  # the TPE is gone: counted, and the step goes on
+    st = ray.get(dep.vpsm.status.remote())
+    assert st["forecast_errors"] >= 1 and st["protocols"]["bgp"]["instances"] == 1

@@ -75,6 +75,7 @@ def deploy(
     interval_s: float = 1.0,
     run_loop: bool = True,
     suffix: str = "",
+    forecaster_app: str | None = None,
 ) -> Deployment:
     """Create the multiplexer and the VPSM, and bring every protocol to its minimum instances."""
     im_name = MULTIPLEXER_NAME + suffix
@@ -87,6 +88,7 @@ def deploy(
         telemetry_root=telemetry_root,
         interval_s=interval_s,
         name=VPSM_NAME + suffix,
+        forecaster_app=forecaster_app,
     )
     ray.get(vpsm.start.remote(run_loop))
     return Deployment(im, vpsm, namespace, im_name)

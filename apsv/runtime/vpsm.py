@@ -405,6 +405,8 @@ class VPSM:
             },
             "steps": self.steps,
             "events": list(self.events)[-50:],
+            "forecasts": {p: {q: list(v[:5]) for q, v in f.items()} for p, f in self.forecasts.items()},
+            "forecast_errors": self.forecast_errors,
         }
 
     async def instance_handles(self) -> dict[str, Any]:
