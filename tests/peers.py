@@ -29,6 +29,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from apsv.bench.daemons import stop_process
+from apsv.bench.daemons import vtysh as frr_vtysh
+
 APSV_ADDR = "127.0.0.10"
 APSV_PORT = 1790
 APSV_AS = 65010
@@ -116,13 +119,7 @@ class Daemon:
         return self.proc.pid
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        stop_process(self.proc)
         for p in self.extra.get("pids", []):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(p, signal.SIGKILL)
@@ -459,9 +456,7 @@ route-map NH6 permit 10
     d = Daemon(spec, run, proc, log, withdrawable=v4_prefixes(spec.v4_base, n4)[:100])
 
     def vtysh(cmd: str) -> str:
-        return subprocess.run(
-            [tool("vtysh"), "--vty_socket", str(vty), "-c", cmd], capture_output=True, text=True, check=True
-        ).stdout
+        return frr_vtysh(vty, cmd, tool("vtysh"))
 
     wait_for("bgpd vty", _running(proc, log, lambda: vtysh("show bgp summary json")), timeout=20)
 

@@ -24,7 +24,7 @@ from typing import Any
 
 import ray
 
-from apsv.bench.daemons import proc_cpu_seconds, which
+from apsv.bench.daemons import proc_cpu_seconds, vtysh, which
 
 NS_FRR, NS_APSV = "apsv-bfdscale-frr", "apsv-bfdscale-agent"
 
@@ -81,13 +81,7 @@ class Bfdd:
         self.p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
 
     def peers(self) -> list[dict[str, Any]]:
-        out = subprocess.run(
-            [which("vtysh"), "--vty_socket", str(self.run), "-c", "show bfd peers json"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout
-        return list(json.loads(out))
+        return list(json.loads(vtysh(self.run, "show bfd peers json")))
 
     def pid(self) -> int:
         return int((self.run / "pid").read_text().strip())

@@ -84,14 +84,25 @@ class Proc:
         return True
 
     def stop(self) -> None:
-        if self.popen.poll() is None:
-            self.popen.send_signal(signal.SIGTERM)
-            try:
-                self.popen.wait(10)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait(5)
+        stop_process(self.popen)
         shutil.rmtree(self.run, ignore_errors=True)
+
+
+def stop_process(popen: subprocess.Popen[Any]) -> None:
+    """SIGTERM, ten seconds to exit, then SIGKILL."""
+    if popen.poll() is None:
+        popen.send_signal(signal.SIGTERM)
+        try:
+            popen.wait(10)
+        except subprocess.TimeoutExpired:
+            popen.kill()
+            popen.wait(5)
+
+
+def vtysh(vty_dir: Path, command: str, vtysh_path: str | None = None) -> str:
+    """One vtysh command against the daemons whose sockets are in `vty_dir`."""
+    cmd = [vtysh_path or which("vtysh"), "--vty_socket", str(vty_dir), "-c", command]
+    return subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
 
 
 def _start(name: str, cmd: list[str], run: Path) -> Proc:
@@ -195,13 +206,7 @@ route-map NONE deny 10
         wait("bgpd vty", lambda: self.p.alive() and self.summary() is not None, 20)
 
     def summary(self) -> dict[str, Any]:
-        out = subprocess.run(
-            [which("vtysh"), "--vty_socket", str(self.run), "-c", "show bgp ipv4 unicast summary json"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout
-        return dict(json.loads(out).get("peers", {}))
+        return dict(json.loads(vtysh(self.run, "show bgp ipv4 unicast summary json")).get("peers", {}))
 
     def state(self) -> tuple[int, int]:
         """(sessions Established, prefixes received)."""
