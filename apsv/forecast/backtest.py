@@ -10,14 +10,14 @@ seasonal naive; over many series the relative scores are combined by geometric m
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from apsv.forecast.baselines import Forecaster
-from apsv.forecast.metrics import MEDIAN, QUANTILES, coverage, geometric_mean, seasonal_scale, wql
+from apsv.forecast.metrics import MEDIAN, coverage, geometric_mean, pinball, seasonal_scale, wql
 from apsv.forecast.series import FloatArray, Series, SeriesError
 
 
@@ -130,7 +130,7 @@ def holdout_score(model: Forecaster, series: Sequence[Series], holdout: int, hor
     num = 0.0
     den = 0.0
     mases: list[float] = []
-    covered = 0
+    covered = 0.0
     points = 0
     for s in series:
         n = len(s)
@@ -139,12 +139,10 @@ def holdout_score(model: Forecaster, series: Sequence[Series], holdout: int, hor
             continue
         y = np.stack([s.values[o : o + horizon] for o in origins])
         q = model.predict([s.head(o) for o in origins], horizon)
-        diff = y[..., None] - q
-        lv = np.asarray(QUANTILES)
-        num += float((2 * np.maximum(lv * diff, (lv - 1) * diff)).sum(axis=(0, 1)).mean())
+        num += float(2 * pinball(y, q).mean())
         den += float(np.abs(y).sum())
         mases.append(float(np.abs(y - q[..., MEDIAN]).mean() / seasonal_scale(s.values[: origins[0]], s.season)))
-        covered += int((y <= q[..., QUANTILES.index(0.9)]).sum())
+        covered += coverage(y, q, 0.9) * y.size
         points += y.size
     if not points:
         raise SeriesError(f"no series is long enough for a hold-out of {holdout} steps with horizon {horizon}")
@@ -154,17 +152,3 @@ def holdout_score(model: Forecaster, series: Sequence[Series], holdout: int, hor
         "p90_coverage": covered / points,
         "points": float(points),
     }
-
-
-ModelFactory = Callable[[int], Sequence[Forecaster]]  # horizon -> fresh models
-
-__all__ = [
-    "QUANTILES",
-    "ModelFactory",
-    "ModelScore",
-    "SeriesBacktest",
-    "backtest_series",
-    "holdout_score",
-    "rolling_origins",
-    "summarize",
-]

@@ -67,7 +67,8 @@ def parse_request(payload: Mapping[str, Any]) -> tuple[list[str], list[Series], 
         try:
             if not isinstance(m, int) or m < 1:
                 raise SeriesError(f"{sid}: season must be a positive integer, not {m!r}")
-            arr = np.asarray(values, dtype=np.float64)[-MAX_HISTORY:]
+            full = np.asarray(values, dtype=np.float64)
+            arr = full[-MAX_HISTORY:]
             s = Series(str(sid), arr, step=step, start=start, season=m)
             # the common case (finite, non-negative, non-empty) needs none of clean()'s repairs
             if not (arr.ndim == 1 and arr.size and np.isfinite(arr).all() and arr.min() >= 0):
@@ -77,8 +78,7 @@ def parse_request(payload: Mapping[str, Any]) -> tuple[list[str], list[Series], 
             continue
         if start is not None and step is not None:
             # the history was cut to its tail: move the start with it
-            n_total = len(values) if hasattr(values, "__len__") else len(arr)
-            s = Series(s.name, s.values, step=step, start=start + step * (n_total - len(s)), season=m)
+            s = Series(s.name, s.values, step=step, start=start + step * (full.size - len(s)), season=m)
         ids.append(str(sid))
         out.append(s)
     return ids, out, errors, horizon

@@ -27,7 +27,7 @@ REACTIVE_GRID = [
 ]
 
 
-def policy_configs(trace_rates: np.ndarray, cfg: SimConfig) -> dict[str, dict[str, Any]]:
+def policy_configs(trace_rates: np.ndarray) -> dict[str, dict[str, Any]]:
     return {
         "static": {"peak_load": float(trace_rates.max()), "target_utilization": 0.7},
         "threshold": {"target_cpu": 0.6, "stabilization_s": 60.0},
@@ -59,7 +59,7 @@ def evaluate(
     if "predictive" in policies:
         forecasts, fc_info = forecast_trace(trace, start=start, horizon=horizon, steps=forecaster_steps)
     fc_seconds = time.perf_counter() - t0
-    configs = policy_configs(test, cfg)
+    configs = policy_configs(test)
     results: dict[str, SimResult] = {}
     chosen: dict[str, Any] = {}
     sim_seconds = 0.0
