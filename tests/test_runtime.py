@@ -44,7 +44,7 @@ def bgp_plan(n: int, backend: str = "process", **kw: Any) -> ProtocolPlan:
         max_instances=8,
         allocation=Allocation(cpu=0.25, memory_bytes=512 << 20),
         policy="fixed",
-        **kw,
+        **{"rebalance_by": "sessions", **kw},  # the tests count moves exactly
     )
 
 

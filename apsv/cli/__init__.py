@@ -11,6 +11,7 @@ from apsv.cli.demo import demo
 from apsv.cli.evaluate import evaluate
 from apsv.cli.forecast import forecast_app
 from apsv.cli.mrt import mrt_app
+from apsv.cli.ops import config, down, env, replay, status, up
 from apsv.cli.stacks import stacks
 
 app = typer.Typer(
@@ -28,6 +29,13 @@ app.add_typer(forecast_app, name="forecast")
 app.command()(demo)
 app.command()(evaluate)
 app.command()(stacks)
+# operations (apsv/cli/ops.py): one config file, a deployment that outlives the command
+app.command()(up)
+app.command()(status)
+app.command()(replay)
+app.command()(down)
+app.command()(env)
+app.command()(config)
 
 
 def _version(value: bool) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -26,31 +27,32 @@ def evaluate(
     max_instances: int = typer.Option(64, "--max-instances", min=1),
     steps: int = typer.Option(600, "--forecaster-steps", min=1, help="training steps of the forecaster"),
     plots: Path | None = typer.Option(Path("apsv-evaluate"), "--plots", help="directory for the PNG plots"),
+    speed: float = typer.Option(1.0, "--speed", min=0.01, help="live: trace seconds per wall second"),
+    live_peak_rate: float = typer.Option(
+        4000.0, "--live-peak-rate", min=1.0, help="live: messages per wall second the trace's peak becomes"
+    ),
+    live_steps: int | None = typer.Option(
+        None, "--live-steps", min=60, help="live: replay only this many steps of the evaluated part"
+    ),
+    live_start: int = typer.Option(0, "--live-start", min=0, help="live: first step of the evaluated part to replay"),
 ) -> None:
     """Simulate each policy on the trace (the first 30 % trains the forecaster); print SLO-violation
-    seconds, instance-seconds, scale actions and lost messages; write plots."""
-    from apsv.forecast.evaluate import is_mrt, read_series
+    seconds, instance-seconds, scale actions and lost messages; write plots. With `--mode live`,
+    also replay the trace through the real system (local Ray, process backend) policy by policy
+    and compare it with the simulator run on the same steps with the live system's measured
+    service rate, latency floor and start latency."""
     from apsv.forecast.series import SeriesError
     from apsv.scaling.evaluate import claims, plot, public
     from apsv.scaling.evaluate import evaluate as run
     from apsv.scaling.simulator import SimConfig
-    from apsv.scaling.traces import Trace, bfd_population, bgp_churn, from_series
+    from apsv.scaling.traces import load_trace
 
-    if mode != "sim":
-        typer.echo("apsv evaluate: --mode live is not available yet (the simulator is; see docs/scaling.md)", err=True)
+    if mode not in ("sim", "live"):
+        typer.echo(f"apsv evaluate: --mode {mode!r}: expected sim or live", err=True)
         raise typer.Exit(2)
     names = tuple(p.strip() for p in policies.split(",") if p.strip())
     try:
-        tr: Trace
-        if trace.startswith("synthetic:bfd"):
-            parts = trace.split(":")
-            tr = bfd_population(int(parts[2]) if len(parts) > 2 else 20_000)
-        else:
-            path = Path(trace)
-            if not path.is_file():
-                typer.echo(f"apsv evaluate: {trace}: no such file", err=True)
-                raise typer.Exit(2)
-            tr = bgp_churn(path) if is_mrt(path) else from_series(read_series(path, column, season), peak_rate)
+        tr = load_trace(trace, column=column, season=season, peak_rate=peak_rate)
         slo = slo_ms if slo_ms is not None else (10.0 if tr.protocol == "bfd" else 100.0)
         cfg = SimConfig(
             capacity=capacity,
@@ -64,6 +66,9 @@ def evaluate(
     except (SeriesError, ValueError) as e:
         typer.echo(f"apsv evaluate: {e}", err=True)
         raise typer.Exit(2) from e
+    if mode == "live":
+        _live(doc, cfg, names, speed, live_peak_rate, live_start, live_steps, plots, as_json)
+        return
     written = plot(doc, plots) if plots is not None else []
     out = public(doc)
     out["claims"] = claims(doc)
@@ -81,4 +86,75 @@ def evaluate(
     for k, v in out["claims"].items():
         typer.echo(f"{k}: {v}")
     for p in written:
+        typer.echo(f"wrote {p}")
+
+
+def _live(
+    doc: dict[str, Any],
+    cfg: Any,
+    names: tuple[str, ...],
+    speed: float,
+    peak_rate: float,
+    start: int,
+    steps: int | None,
+    plots: Path | None,
+    as_json: bool,
+) -> None:
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from apsv.runtime.cluster import start_local_ray
+    from apsv.scaling.live import LiveConfig, evaluate_live, live_json, plot_live
+    from apsv.scaling.simulator import Forecasts
+
+    test = doc["_test"][start:]
+    fc: Forecasts | None = doc["_forecasts"]
+    if fc is not None and start:
+        if start % fc.every:
+            typer.echo(f"apsv evaluate: --live-start must be a multiple of {fc.every} (the forecast cadence)", err=True)
+            raise typer.Exit(2)
+        fc = Forecasts(fc.every, {q: v[start // fc.every :] for q, v in fc.values.items()})
+    if test.size < 60:
+        typer.echo(f"apsv evaluate: --live-start {start} leaves {test.size} steps; at least 60 needed", err=True)
+        raise typer.Exit(2)
+    live = LiveConfig(speed=speed, peak_rate=peak_rate, max_steps=steps)
+    start_local_ray(num_cpus=16)
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total} s"),
+        TimeRemainingColumn(),
+        transient=True,
+        disable=as_json,
+    ) as bar:
+        tasks: dict[str, Any] = {}
+
+        def progress(policy: str, k: int, n: int) -> None:
+            if policy not in tasks:
+                tasks[policy] = bar.add_task(f"live {policy}", total=n)
+            bar.update(tasks[policy], completed=k)
+
+        res = evaluate_live(test, cfg, names, live, configs=doc["policy_configs"], forecasts=fc, progress=progress)
+    out = live_json(doc["trace"], res)
+    out["plots"] = [str(p) for p in plot_live(doc["trace"], res, plots)] if plots is not None else []
+    if as_json:
+        typer.echo(json.dumps(out, default=str))
+        return
+    cal = out["calibration"]
+    typer.echo(
+        f"{doc['trace']}: {out['steps']} steps live at {speed:g}x, SLO {cfg.slo_ms:g} ms; one instance serves "
+        f"{cal['capacity']:.0f} msgs/s live, floor {cal['base_latency_ms']:.1f} ms, "
+        f"start {cal['start_latency_s']:.2f} s"
+    )
+    typer.echo(f"{'policy':12s} {'SLO-viol s':>17s} {'instance-s':>17s} {'actions':>13s} {'lost':>6s} {'p99 ms':>8s}")
+    typer.echo(f"{'':12s} {'live / sim':>17s} {'live / sim':>17s} {'live / sim':>13s} {'live':>6s} {'live':>8s}")
+    for p, r in out["policies"].items():
+        sm = out["sim"][p]
+        typer.echo(
+            f"{p:12s} {r['slo_violation_s']:8.0f} /{sm['slo_violation_s']:7.0f} {r['instance_s']:8.0f} /"
+            f"{sm['instance_s']:7.0f} {r['scale_actions']:6d} /{sm['scale_actions']:5d} "
+            f"{r['lost']:6d} {r['p99_ms']:8.1f}"
+        )
+    for k, v in out["claims"].items():
+        typer.echo(f"{k}: {v}")
+    for p in out["plots"]:
         typer.echo(f"wrote {p}")

@@ -21,9 +21,13 @@ from typing import Any
 import numpy as np
 import ray
 
-from apsv.frame import HEADER, HEADER_LEN, Frame, FrameKind, iter_batch
+from apsv.frame import HEADER, HEADER_LEN, Frame, FrameKind, decode_frame
 from apsv.runtime.buffer_pool import Buffer, BufferPool
 from apsv.runtime.host import Key
+from apsv.runtime.telemetry import ClientMetrics
+
+MAX_EARLY_OUTPUTS = 100_000  # output frames held back waiting for an earlier one
+REPORT_EVERY_S = 0.25  # how often a client tells the multiplexer its offered load
 
 
 @dataclass
@@ -34,6 +38,8 @@ class ClientStats:
     payload_copies: int = 0  # whole-payload copies made on the way to the stack decoder
     outputs: int = 0
     repeated_outputs: int = 0  # regenerated after a recovery and dropped here
+    reordered_outputs: int = 0  # arrived before an earlier one of their session, held until it came
+    output_gaps: int = 0  # output frames given up on (MAX_EARLY_OUTPUTS reached)
     inflight_waits: int = 0
 
 
@@ -47,6 +53,7 @@ class OffloadClient:
         on_output: Callable[[Frame], None] | None = None,
         max_batch_delay_s: float | None = None,
         eager_inflight: int = 1,
+        metrics_label: str | None = None,
     ) -> None:
         self.im = multiplexer
         if pool is None:
@@ -58,6 +65,8 @@ class OffloadClient:
         self.stats = ClientStats()
         self._seq: dict[Key, int] = {}
         self._delivered: dict[Key, int] = {}
+        self._early: dict[Key, dict[int, bytes | None]] = {}  # out-of-order output, by session
+        self._early_count = 0
         self._buf: Buffer | None = None
         self._inflight: deque[tuple[Any, Buffer, float]] = deque()
         self.batch_latencies: list[float] = []  # seconds from send to output, per batch
@@ -69,6 +78,14 @@ class OffloadClient:
         self._batch_started = 0.0
         self._last_poll = 0.0
         self.eager_inflight = eager_inflight
+        # Frames offered per protocol id: handed to this client to send, sent yet or not. Reported
+        # to the multiplexer as Ray Serve's handles report queued requests, so the VPSM sees the
+        # demand even while backpressure holds it here.
+        self.offered: dict[int, int] = {}
+        self._offered_reported: dict[int, int] = {}
+        self._last_report = 0.0
+        # Pool use on the metrics endpoint, tagged client=`metrics_label` (an agent's name, say).
+        self.metrics = ClientMetrics(metrics_label or self.client_id[:8], self.pool.slots)
 
     # -- sessions ------------------------------------------------------------------------------
 
@@ -114,7 +131,21 @@ class OffloadClient:
 
     # -- sending -------------------------------------------------------------------------------
 
-    def send(self, key: Key, payload: bytes | memoryview, kind: int = FrameKind.DATA, rx_ns: int = 0) -> None:
+    def offer(self, key: Key, n: int = 1) -> None:
+        """Count frames of a session that arrived and wait on the sender's side (a caller that
+        holds them back while `can_send` is False); `send` them later with `offered=True`."""
+        self.offered[key[2]] = self.offered.get(key[2], 0) + n
+
+    def send(
+        self,
+        key: Key,
+        payload: bytes | memoryview,
+        kind: int = FrameKind.DATA,
+        rx_ns: int = 0,
+        offered: bool = False,
+    ) -> None:
+        if not offered:
+            self.offered[key[2]] = self.offered.get(key[2], 0) + 1
         seq = self._seq[key] + 1
         self._seq[key] = seq
         tenant, vrouter, proto, sid = key
@@ -143,6 +174,7 @@ class OffloadClient:
         to the round trip), or when its first frame has waited `max_batch_delay_s`.
         """
         now = time.perf_counter()
+        self._report(now)
         if now - self._last_poll >= 0.0001:  # ray.wait costs tens of microseconds: not every frame
             self._last_poll = now
             while self._inflight:
@@ -162,6 +194,15 @@ class OffloadClient:
         ):
             self.flush()
 
+    def _report(self, now: float, wait: bool = False) -> None:
+        """Tell the multiplexer the offered counts (at most every REPORT_EVERY_S, if changed)."""
+        if (wait or now - self._last_report >= REPORT_EVERY_S) and self.offered != self._offered_reported:
+            self._last_report = now
+            self._offered_reported = dict(self.offered)
+            ref = self.im.report_offered.remote(self.client_id, self._offered_reported)
+            if wait:
+                ray.get(ref)
+
     def _take_buffer(self) -> Buffer:
         # With every buffer in flight, the only way to get one back is to wait for the oldest
         # batch: that wait is the backpressure a slow cluster puts on this sender.
@@ -172,6 +213,7 @@ class OffloadClient:
 
     def flush(self) -> None:
         """Send the current buffer (if it holds anything)."""
+        self._report(time.perf_counter())
         buf, self._buf = self._buf, None
         if buf is None or buf.frames == 0:
             if buf is not None:
@@ -195,7 +237,9 @@ class OffloadClient:
             fut = self.im.submit.remote(self.client_id, self._batch_seq, ref, [ref])  # resolved there, and by ref
         self.stats.batches += 1
         self._batch_seq += 1
-        self._inflight.append((fut, buf, time.perf_counter()))
+        now = time.perf_counter()
+        self._inflight.append((fut, buf, now))
+        self.metrics.sample(self.pool.in_use(), now)
 
     def _complete_oldest(self) -> None:
         fut, buf, t0 = self._inflight.popleft()
@@ -209,45 +253,77 @@ class OffloadClient:
         self._deliver(outputs)
 
     def _deliver(self, outputs: list[bytes]) -> None:
-        delivered = self._delivered
-        st = self.stats
-        if self.on_output is not None:
-            for out in outputs:
-                for f in iter_batch(out):
-                    key = (f.tenant, f.vrouter, f.protocol, f.session)
-                    if f.seq <= delivered.get(key, 0):
-                        st.repeated_outputs += 1
-                        continue
-                    delivered[key] = f.seq
-                    st.outputs += 1
-                    self.on_output(f)
-            return
-        # Nobody to hand frames to: only the exactly-once bookkeeping, without building frames.
-        # (The multiplexer built these batches from instances' output; its headers are trusted.)
+        """Hand over output frames once each and in each session's order. Output reaches this
+        client by two paths - with a batch's answer, or queued after a move or a recovery - so
+        a session's later frame can come first: it waits here (bounded) until the gap fills.
+        A frame at or below what was delivered is a regenerated repeat, dropped."""
         unpack = HEADER.unpack_from
         for out in outputs:
             view = memoryview(out)
             off, end = 0, len(view)
             while off < end:
                 _m, _v, _k, proto, _f, tenant, vrouter, sid, seq, _rx, _tx, n, _r = unpack(view, off)
+                frame = view[off : off + HEADER_LEN + n] if self.on_output is not None else None
                 off += HEADER_LEN + n
-                key = (tenant, vrouter, proto, sid)
-                if seq <= delivered.get(key, 0):
-                    st.repeated_outputs += 1
-                    continue
-                delivered[key] = seq
-                st.outputs += 1
+                self._accept((tenant, vrouter, proto, sid), seq, frame)
+
+    def _accept(self, key: Key, seq: int, frame: memoryview | None) -> None:
+        st = self.stats
+        last = self._delivered.get(key, 0)
+        if seq <= last:
+            st.repeated_outputs += 1
+            return
+        if seq != last + 1:
+            waiting = self._early.setdefault(key, {})
+            if seq not in waiting:
+                waiting[seq] = None if frame is None else bytes(frame)
+                self._early_count += 1
+                st.reordered_outputs += 1
+                if self._early_count > MAX_EARLY_OUTPUTS:
+                    self._skip_gap()
+            return
+        self._hand(key, seq, frame)
+        early = self._early.get(key)
+        while early and (seq := seq + 1) in early:
+            held = early.pop(seq)
+            self._early_count -= 1
+            self._hand(key, seq, None if held is None else memoryview(held))
+        if early is not None and not early:
+            del self._early[key]
+
+    def _hand(self, key: Key, seq: int, frame: memoryview | None) -> None:
+        self._delivered[key] = seq
+        self.stats.outputs += 1
+        if self.on_output is not None and frame is not None:
+            self.on_output(decode_frame(frame))
+
+    def _skip_gap(self) -> None:
+        """Too much waiting on a gap: give up on the session with the oldest one (counted)."""
+        key = min(self._early, key=lambda k: min(self._early[k]))
+        first = min(self._early[key])
+        self.stats.output_gaps += first - self._delivered.get(key, 0) - 1
+        self._delivered[key] = first - 1
+        held = self._early[key].pop(first)
+        self._early_count -= 1
+        self._accept(key, first, None if held is None else memoryview(held))
 
     def drain(self) -> None:
         """Send what is buffered and wait for every batch in flight."""
         self.flush()
         while self._inflight:
             self._complete_oldest()
-        self._deliver(ray.get(self.im.poll.remote()))
+        self.poll()
+
+    def poll(self) -> None:
+        """Take output produced outside this client's batches (moves' released frames, recoveries,
+        timers) now, rather than with the next batch."""
+        self._deliver(ray.get(self.im.poll.remote(self.client_id)))
+        self.metrics.sample(self.pool.in_use(), time.perf_counter(), force=True)
 
     def close(self) -> None:
         """Finish what is in flight, tell the multiplexer this client is gone, free the pool."""
         self.drain()
+        self._report(time.perf_counter(), wait=True)
         ray.get(self.im.close_client.remote(self.client_id, self.pool.shm_name))
         self.pool.close()
 

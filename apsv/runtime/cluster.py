@@ -92,3 +92,14 @@ def deploy(
     )
     ray.get(vpsm.start.remote(run_loop))
     return Deployment(im, vpsm, namespace, im_name)
+
+
+def find_deployment(
+    namespace: str = NAMESPACE, multiplexer: str = MULTIPLEXER_NAME, vpsm: str = VPSM_NAME
+) -> tuple[Any, Any]:
+    """The running deployment's multiplexer and VPSM (named actors), from a connected driver;
+    LookupError saying what to run when there is none."""
+    try:
+        return ray.get_actor(multiplexer, namespace=namespace), ray.get_actor(vpsm, namespace=namespace)
+    except ValueError:
+        raise LookupError(f"no APSV deployment in namespace {namespace!r} (jobs/deploy.py or apsv up first)") from None

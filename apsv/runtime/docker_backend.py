@@ -24,6 +24,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Iterable, Mapping
@@ -242,6 +243,7 @@ class DockerBackend:
         start_timeout: float = 30.0,
         image: str | None = None,
     ):
+        self._wire_lock = threading.Lock()  # one request/response on the socket at a time
         self.client = docker_client()
         self.image = ensure_image(self.client, image)
         self.sockdir = Path(tempfile.mkdtemp(prefix=f"apsv-{instance_id}-", dir="/tmp"))
@@ -307,7 +309,8 @@ class DockerBackend:
         self, op: str, meta: dict[str, Any] | None = None, blobs: list[bytes | memoryview] | None = None
     ) -> tuple[dict[str, Any], list[bytes]]:
         try:
-            return wire.call(self.sock, op, meta, blobs)
+            with self._wire_lock:  # load() comes from the instance's control thread
+                return wire.call(self.sock, op, meta, blobs)
         except (OSError, wire.WireError) as e:
             raise InstanceFailed(f"stack container {self.container.name} is gone: {e}") from None
 

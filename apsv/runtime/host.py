@@ -158,6 +158,9 @@ class SessionHost:
         t0 = time.perf_counter()
         view = memoryview(data)
         self._tx_ns = time.time_ns()
+        # Output from before this call (e.g. a close) stays for collect(): what this returns
+        # belongs to these frames' sessions only, so the caller can hand it to their owner.
+        earlier, self._pending = self._pending, []
         if offsets is None:
             offsets = frame_offsets(view)
         elif not isinstance(offsets, list):
@@ -165,7 +168,6 @@ class SessionHost:
         unpack = HEADER.unpack_from
         sessions = self.sessions
         c = self.counters
-        now_ns = int(now * 1e9)
         lat = c.latency_ns
         for off in offsets:
             _m, _v, kind, proto, _f, tenant, vrouter, sid, seq, rx, _tx, n, _r = unpack(view, off)
@@ -216,13 +218,15 @@ class SessionHost:
             if events:
                 self._emit(key, e, events, rx)
             if rx and len(lat) < 65536:
-                lat.append(now_ns - rx)
+                # receive -> applied, stamped after this frame: the wait behind the frames of the
+                # batch before it counts, as it does for the message
+                lat.append(time.time_ns() - rx)
             e.since_snapshot += 1
             if e.since_snapshot >= self.limits.snapshot_every:
                 self._snapshots[key] = (e.seq_state(), s.snapshot())
                 e.since_snapshot = 0
         out = b"".join(self._pending)
-        self._pending = []
+        self._pending = earlier
         c.busy_seconds += time.perf_counter() - t0
         return out
 

@@ -65,6 +65,7 @@ class StackInstance:
         self.payload_copies = 0
         self.segments = SegmentCache()  # senders' shared-memory pools, mapped on first use
 
+    @ray.method(concurrency_group="control")
     def ready(self) -> dict[str, Any]:
         return {
             "instance_id": self.instance_id,
@@ -142,8 +143,14 @@ class StackInstance:
         """The session's Loc-RIB rows (prefix, next hop, source) for a family."""
         return self.backend.session_table(key, family)
 
+    @ray.method(concurrency_group="control")
     def load(self) -> dict[str, Any]:
-        """Counters, resource use and the latencies seen since the last call (drained)."""
+        """Counters, resource use and the latencies seen since the last call (drained).
+
+        In the control group (its own thread): the VPSM must see an overloaded instance's load
+        now, not after the backlog of batches queued before its call - that is when scaling
+        matters most. It only reads counters; a latency sample appended while it swaps the list
+        may be missed."""
         load = self.backend.load()
         latencies = [float(x) for x in load.pop("latency_ns", [])]
         usage = self.backend.usage()
@@ -162,6 +169,9 @@ class StackInstance:
             "latency_p99_ms": percentile(ms, 99),
             "latency_max_ms": max(ms) if ms else None,
             "latency_samples": len(ms),
+            # every sample (bounded by the host), so the VPSM can take a protocol-wide p99 over all
+            # instances - a max of per-instance p99s is not one
+            "latency_ms": np.asarray(ms, dtype=np.float32),
             "payload_copies": self.payload_copies,
         }
 
@@ -186,13 +196,14 @@ def create_instance(
     image: str | None = None,
 ) -> Any:
     """Start a stack instance actor with the allocation's resources (CPU, memory)."""
-    cls = ray.remote(StackInstance)
+    # load and readiness in a group of their own, beside the data path (not settable in options())
+    cls = ray.remote(concurrency_groups={"control": 1})(StackInstance)  # type: ignore[call-overload]
     opts: dict[str, Any] = {
         "name": f"apsv-instance-{instance_id}",
         "num_cpus": allocation.cpu,
         "memory": allocation.memory_bytes,
         "max_restarts": 0,  # a dead instance's sessions are recovered elsewhere by the multiplexer
-        "max_concurrency": 1,
+        "max_concurrency": 1,  # the data path: batches, moves and snapshots in call order
     }
     if resources:
         opts["resources"] = dict(resources)

@@ -30,21 +30,26 @@ import asyncio
 import logging
 import random
 import time
-from collections import deque
-from dataclasses import dataclass, field
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 import ray
 from ray.exceptions import RayActorError, RayTaskError
 
+from apsv.frame import HEADER, HEADER_LEN
 from apsv.runtime.batchindex import BatchIndex, by_session, index_batch
 from apsv.runtime.host import Key, SeqState
 from apsv.runtime.placement import InstanceLoad, choose_instance, least_used, rebalance_moves
 from apsv.runtime.shm import SHM_TAG, SegmentCache, ShmRef
+from apsv.runtime.telemetry import MultiplexerMetrics
 
 log = logging.getLogger("apsv.multiplexer")
 
+METRICS_PERIOD_S = 1.0  # how often counted metrics are handed to Ray (its agent exports every few s)
+MAX_CONCURRENT_MOVES = 64
+MAX_QUEUED_OUTPUTS = 10_000  # output batches waiting for one client's next submit or poll
 MAX_RETAINED_CHUNKS = 4096  # per session, between snapshots (a session is snapshot every 256 frames by default)
 
 
@@ -64,6 +69,7 @@ class InstanceState:
     frames: int = 0
     quota_waits: int = 0
     node_id: str = ""
+    peak_bytes: int = 0  # most octets in flight since the last metrics export
     space: asyncio.Condition = field(default_factory=asyncio.Condition)
 
     def load(self) -> InstanceLoad:
@@ -139,6 +145,8 @@ class Counters:
     shm_batches: int = 0  # batches read in place from a client's shared memory
     retention_copy_bytes: int = 0  # shared-memory batches copied for redelivery (off the stack's path)
     foreign_frames: int = 0  # frames addressing a session another client opened: dropped
+    orphan_outputs: int = 0  # output frames of a session closed before they could be handed out
+    outputs_dropped: int = 0  # queued output batches dropped for a client that never collects
 
 
 Call = tuple[str, int, int, Any]  # (instance id, octets reserved, frames, the two object refs of process())
@@ -149,6 +157,16 @@ class Multiplexer:
 
     def __init__(self, seed: int = 0) -> None:
         self.instances: dict[str, InstanceState] = {}
+        # Removed instances whose last calls may still be awaited (a drain returns once the
+        # sessions left, not once every caller took its answer); bounded, oldest forgotten.
+        self._retired: OrderedDict[str, InstanceState] = OrderedDict()
+        self.arrived: dict[str, int] = {}  # frames received per protocol
+        # Frames clients report offered (some may still wait on their side), per protocol id:
+        # per live client, and the final counts of closed ones (so the sums never go back).
+        self.offered: dict[str, dict[int, int]] = {}
+        self._offered_closed: dict[int, int] = {}
+        self._proto_names: dict[int, str] = {}
+        self._owners: set[str] = set()
         self.routes: dict[Key, Route] = {}
         self.c = Counters()
         self.rng = random.Random(seed)
@@ -156,9 +174,13 @@ class Multiplexer:
         self._turn_cv = asyncio.Condition()
         self._dispatch_lock = asyncio.Lock()
         self._recovery_lock = asyncio.Lock()
-        self._outputs: deque[bytes] = deque(maxlen=100_000)  # output produced outside a submit
+        # Output produced outside a client's own submit (released or redelivered frames, timers),
+        # split by the client that owns each frame's session: a client only ever gets its own.
+        self._outputs: dict[str, deque[bytes]] = {}
         self.segments = SegmentCache()  # clients' shared-memory pools, mapped on first use
         self.node_id = ray.get_runtime_context().get_node_id()
+        self.metrics = MultiplexerMetrics(seed=seed)
+        self._metrics_task: asyncio.Task[None] | None = None
 
     # -- instances -----------------------------------------------------------------------------
 
@@ -168,6 +190,7 @@ class Multiplexer:
         self.instances[instance_id] = InstanceState(
             instance_id, handle, protocol, quota_bytes, max_sessions, node_id=node_id
         )
+        self._start_metrics()
 
     async def node(self) -> str:
         """This actor's node: a client on the same node can hand batches over in shared memory."""
@@ -208,6 +231,8 @@ class Multiplexer:
                 continue
             self.instances[iid].sessions.add(key)  # count it now so the next choice sees it
             self.routes[key] = Route(key, protocol, iid, dict(config), emit, owner=owner)
+            self._proto_names[key[2]] = protocol
+            self._owners.add(owner)
             placed.setdefault(iid, []).append((key, dict(config), emit))
             result[key] = iid
         calls = {iid: self.instances[iid].handle.open_sessions.remote(items) for iid, items in placed.items()}
@@ -298,6 +323,7 @@ class Multiplexer:
         await self._end_client_turn(client_id)
 
     async def _apply(self, client_id: str, batch_seq: int, src: Any, bi: BatchIndex) -> list[bytes]:
+        t0 = time.perf_counter()
         await self._wait_client_turn(client_id, batch_seq)
         try:
             async with self._dispatch_lock:
@@ -309,22 +335,68 @@ class Multiplexer:
             out = await self._await_call(call)
             if out:
                 outputs.append(out)
-        while self._outputs:
-            outputs.append(self._outputs.popleft())
+        mine = self._outputs.get(client_id)
+        while mine:
+            outputs.append(mine.popleft())
+        self.metrics.batch(time.perf_counter() - t0)
         return outputs
 
     async def close_client(self, client_id: str, segment: str | None = None) -> None:
         """A client is done: forget its batch numbering and unmap its pool."""
         async with self._turn_cv:
             self._client_next.pop(client_id, None)
+        self._owners.discard(client_id)
+        for pid, n in self.offered.pop(client_id, {}).items():
+            self._offered_closed[pid] = self._offered_closed.get(pid, 0) + n
         if segment:
             self.segments.drop(segment)
 
-    async def poll(self) -> list[bytes]:
-        """Output produced outside submits (timers, recoveries, released frames)."""
-        out = list(self._outputs)
-        self._outputs.clear()
+    async def report_offered(self, client_id: str, counts: dict[int, int]) -> None:
+        """A client's cumulative frames offered per protocol id (see OffloadClient.offer)."""
+        if client_id in self._owners:  # only clients that opened sessions (bounded by them)
+            self.offered[client_id] = {int(k): int(v) for k, v in counts.items()}
+
+    async def arrivals(self) -> dict[str, int]:
+        """Frames offered per protocol so far: what clients report (including what backpressure
+        still holds on their side), or what arrived here if that is more. A saturated
+        instance's throughput would understate the demand exactly when it matters."""
+        offered: dict[int, int] = dict(self._offered_closed)
+        for counts in self.offered.values():
+            for pid, n in counts.items():
+                offered[pid] = offered.get(pid, 0) + n
+        out = dict(self.arrived)
+        for pid, n in offered.items():
+            name = self._proto_names.get(pid)
+            if name is not None:
+                out[name] = max(out.get(name, 0), n)
         return out
+
+    async def poll(self, client_id: str) -> list[bytes]:
+        """A client's output produced outside its submits (timers, recoveries, released frames)."""
+        mine = self._outputs.pop(client_id, None)
+        return list(mine) if mine else []
+
+    def _queue_output(self, out: bytes) -> None:
+        """File output frames under the client owning each frame's session (frames of a session
+        that is gone are dropped and counted). Rare paths only: a submit's own calls carry only
+        that client's sessions and skip this."""
+        view = memoryview(out)
+        off, end = 0, len(view)
+        parts: dict[str, list[bytes]] = {}
+        while off + HEADER_LEN <= end:
+            _m, _v, _k, proto, _f, tenant, vrouter, sid, _seq, _rx, _tx, n, _r = HEADER.unpack_from(view, off)
+            r = self.routes.get((tenant, vrouter, proto, sid))
+            if r is None:
+                self.c.orphan_outputs += 1
+            else:
+                parts.setdefault(r.owner, []).append(bytes(view[off : off + HEADER_LEN + n]))
+            off += HEADER_LEN + n
+        for owner, frames in parts.items():
+            q = self._outputs.setdefault(owner, deque())
+            if len(q) >= MAX_QUEUED_OUTPUTS:
+                q.popleft()  # bounded: a client that never polls loses its oldest (counted)
+                self.c.outputs_dropped += 1
+            q.append(b"".join(frames))
 
     async def _dispatch(self, client_id: str, ref: Any, bi: BatchIndex) -> list[Call]:
         """Group a batch's frames by session, then by instance, and send each group.
@@ -333,6 +405,8 @@ class Multiplexer:
         """
         groups: dict[str, list[Held]] = {}
         routes = self.routes
+        arrived = self.arrived
+        counted = self.metrics.pending  # frames per (protocol, tenant, vrouter), exported once a second
         seqs = bi.headers["seq"].tolist()
         offsets = bi.offsets.tolist()
         sizes = bi.sizes.tolist()
@@ -345,6 +419,9 @@ class Multiplexer:
                 self.c.foreign_frames += len(pos)  # another client's session: never delivered
                 continue
             r.frames += len(pos)
+            arrived[r.protocol] = arrived.get(r.protocol, 0) + len(pos)
+            mk = (r.protocol, key[0], key[1])
+            counted[mk] = counted.get(mk, 0) + len(pos)
             chunk = (ref, [offsets[i] for i in pos], seqs[pos[0]], seqs[pos[-1]], sum([sizes[i] for i in pos]), key)
             if r.moving:
                 r.held.append(chunk)
@@ -374,6 +451,7 @@ class Multiplexer:
         """
         nbytes = sum(c[4] for c in chunks)
         await self._reserve(inst, nbytes)
+        inst.peak_bytes = max(inst.peak_bytes, inst.inflight_bytes)
         offs = chunks[0][1] if len(chunks) == 1 else sorted(o for c in chunks for o in c[1])  # batch order
         inst.frames += len(offs)
         inst.inflight_frames += len(offs)
@@ -409,7 +487,7 @@ class Multiplexer:
 
     async def _await_call(self, call: Call) -> bytes:
         iid, nbytes, nframes, (result_ref, blobs_ref) = call
-        inst = self.instances[iid]
+        inst = self.instances.get(iid) or self._retired[iid]
         t0 = time.perf_counter()
         try:
             out, index = await result_ref
@@ -443,12 +521,13 @@ class Multiplexer:
         for call in calls:
             out = await self._await_call(call)
             if out:
-                self._outputs.append(out)
+                self._queue_output(out)
 
     # -- moves ---------------------------------------------------------------------------------
 
-    async def move_session(self, key: Key, dst: str) -> None:
-        """Move a live session to instance `dst` without losing or reordering a frame."""
+    async def move_session(self, key: Key, dst: str, reason: str = "manual") -> None:
+        """Move a live session to instance `dst` without losing or reordering a frame. `reason`
+        (rebalance, drain, manual) only labels the move in the metrics."""
         r = self.routes[key]
         if r.instance_id == dst:
             return
@@ -476,6 +555,7 @@ class Multiplexer:
         r.retained.clear()
         r.moves += 1
         self.c.moves += 1
+        self.metrics.moved(r.protocol, reason)
         await self._release_held(r)
 
     async def _release_held(self, r: Route) -> None:
@@ -490,29 +570,53 @@ class Multiplexer:
         """Move every session off an instance (to the others of its protocol). Returns how many."""
         inst = self.instances[instance_id]
         inst.accepting = False
-        moved = 0
+        others = [s for s in self.instances.values() if s.protocol == inst.protocol and s.instance_id != instance_id]
+        planned: dict[str, int] = {}  # sessions headed to each target, counted before they arrive
+        moves: list[tuple[Any, str]] = []
         for key in list(inst.sessions):
-            cands = [
-                s.load()
-                for s in self.instances.values()
-                if s.protocol == inst.protocol and s.instance_id != instance_id
-            ]
+            cands = [replace(s.load(), sessions=s.load().sessions + planned.get(s.instance_id, 0)) for s in others]
             dst = choose_instance(cands, self.rng)
             if dst is None:
                 inst.accepting = True
                 raise RuntimeError(f"no other {inst.protocol} instance can take sessions from {instance_id}")
-            await self.move_session(key, dst)
-            moved += 1
-        return moved
+            planned[dst] = planned.get(dst, 0) + 1
+            moves.append((key, dst))
+        await self._move_all(moves, "drain")
+        return len(moves)
 
-    async def rebalance(self, protocol: str) -> int:
-        """Even out session counts across a protocol's instances by moving live sessions."""
+    async def rebalance(self, protocol: str, by_load: bool = True) -> int:
+        """Even out a protocol's instances by moving live sessions: by load - each session's
+        frames so far, since sessions' rates are skewed (a busy router's weigh more) - or by
+        session counts (`by_load` False, or while no session has sent anything)."""
         insts = [s for s in self.instances.values() if s.protocol == protocol and s.alive]
         by: dict[str, list[Any]] = {s.instance_id: sorted(s.sessions) for s in insts}
-        moves = rebalance_moves([s.load() for s in insts], by)
-        for key, dst in moves:
-            await self.move_session(key, dst)
+        weights = {k: float(r.frames) for s in insts for k in s.sessions if (r := self.routes.get(k)) is not None}
+        busy = by_load and any(weights.values())
+        n = sum(len(v) for v in by.values())
+        moves = rebalance_moves(
+            [s.load() for s in insts],
+            by,
+            weight_of={k: w + 1.0 for k, w in weights.items()} if busy else None,
+            max_moves=max(8, n // 4) if busy else None,
+        )
+        await self._move_all(moves, "rebalance")
         return len(moves)
+
+    async def _move_all(self, moves: list[tuple[Any, str]], reason: str) -> None:
+        """Make the moves concurrently (at most MAX_CONCURRENT_MOVES at once). A move waits for the
+        frames already sent to its source; one at a time, each would wait out the source's backlog
+        again - minutes when an overloaded instance is being relieved. Raises the first failure
+        after every move has ended."""
+        gate = asyncio.Semaphore(MAX_CONCURRENT_MOVES)
+
+        async def one(key: Any, dst: str) -> None:
+            async with gate:
+                await self.move_session(key, dst, reason)
+
+        results = await asyncio.gather(*(one(k, d) for k, d in moves), return_exceptions=True)
+        for res in results:
+            if isinstance(res, BaseException):
+                raise res
 
     async def remove_instance(self, instance_id: str) -> None:
         inst = self.instances.get(instance_id)
@@ -521,6 +625,10 @@ class Multiplexer:
         if inst.sessions and inst.alive:
             raise RuntimeError(f"instance {instance_id} still holds {len(inst.sessions)} sessions; drain it first")
         del self.instances[instance_id]
+        self._retired[instance_id] = inst
+        while len(self._retired) > 1024:
+            self._retired.popitem(last=False)
+        self.metrics.instance_gone(instance_id, inst.protocol)
 
     async def set_accepting(self, instance_id: str, accepting: bool) -> None:
         """Open or close an instance to new and moved sessions (closed while it waits to be drained)."""
@@ -583,6 +691,7 @@ class Multiplexer:
         target.sessions.add(r.key)
         r.instance_id = dst
         self.c.sessions_recovered += 1
+        self.metrics.moved(r.protocol, "recovery")
         self.c.frames_redelivered += sum(len(c[1]) for c in r.held)
         await self._release_held(r)
 
@@ -609,6 +718,8 @@ class Multiplexer:
             "retention_copy_bytes": c.retention_copy_bytes,
             "retained_frames": sum(len(c[1]) for r in self.routes.values() for c in r.retained),
             "foreign_frames": c.foreign_frames,
+            "orphan_outputs": c.orphan_outputs,
+            "outputs_dropped": c.outputs_dropped,
         }
 
     async def tick(self) -> int:
@@ -618,9 +729,31 @@ class Multiplexer:
         n = 0
         for o in outs:
             if isinstance(o, (bytes, bytearray)) and o:
-                self._outputs.append(bytes(o))
+                self._queue_output(bytes(o))
                 n += 1
         return n
+
+    # -- metrics -------------------------------------------------------------------------------
+    # The data path only adds to dicts (per batch); this loop hands the sums to Ray once a second.
+
+    def _start_metrics(self) -> None:
+        if self._metrics_task is None:
+            self._metrics_task = asyncio.get_running_loop().create_task(self._export_metrics())
+
+    async def _export_metrics(self) -> None:
+        while True:
+            await asyncio.sleep(METRICS_PERIOD_S)
+            try:
+                self.flush_metrics()
+            except Exception:  # metrics must never take the multiplexer down
+                log.exception("exporting metrics")
+
+    def flush_metrics(self) -> None:
+        quotas = []
+        for s in self.instances.values():
+            quotas.append((s.instance_id, s.protocol, s.peak_bytes, s.quota_bytes))
+            s.peak_bytes = s.inflight_bytes  # the next interval's peak starts from what is in flight now
+        self.metrics.flush(quotas)
 
 
 def _instance_failure(e: BaseException) -> bool:
@@ -630,9 +763,13 @@ def _instance_failure(e: BaseException) -> bool:
     return "InstanceFailed" in type(getattr(e, "cause", None)).__name__ or "InstanceFailed" in str(e)
 
 
-def create_multiplexer(name: str = "apsv-multiplexer", *, namespace: str | None = None, seed: int = 0) -> Any:
+def create_multiplexer(
+    name: str = "apsv-multiplexer", *, namespace: str | None = None, seed: int = 0, detached: bool = False
+) -> Any:
     cls = ray.remote(Multiplexer)
     opts: dict[str, Any] = {"name": name, "max_concurrency": 256, "num_cpus": 0, "get_if_exists": True}
     if namespace:
         opts["namespace"] = namespace
+    if detached:  # outlives the driver that made it (`apsv up` exits once deployed)
+        opts["lifetime"] = "detached"
     return cls.options(**opts).remote(seed)

@@ -20,16 +20,20 @@ import itertools
 import logging
 import time
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import ray
 from ray.exceptions import RayActorError, RayTaskError
 
 from apsv.runtime.instance import Allocation, create_instance
 from apsv.runtime.telemetry import TelemetryWriter, now_utc
+from apsv.scaling.latency import histogram
 from apsv.scaling.policy import ScalingContext, get_policy
+from apsv.scaling.simulator import Forecasts
 
 log = logging.getLogger("apsv.vpsm")
 VPSM_NAME = "apsv-vpsm"
@@ -49,6 +53,39 @@ class ProtocolPlan:
     capacity_per_instance: float = 20_000.0  # messages/s, refined from telemetry as it runs
     slo_ms: float = 100.0  # p99 message latency objective (BFD: 10 ms)
     season: int = 60  # forecaster season in control intervals
+    rebalance_by: str = "load"  # "load" (sessions weighted by their traffic) or "sessions" (counts)
+
+    def __post_init__(self) -> None:
+        if self.rebalance_by not in ("load", "sessions"):
+            raise ValueError(f"{self.protocol}: rebalance_by {self.rebalance_by!r}: expected load or sessions")
+
+
+@dataclass
+class ReplayClock:
+    """A load trace replayed through the live system (`apsv.scaling.live`): the policy then sees
+    the trace's own time and rates, exactly as the simulator gives them, so one policy
+    configuration means the same in both. Wall time runs `speed` times slower than trace time
+    and the live system carries `rate_scale` messages per trace message."""
+
+    origin: float  # wall time (time.time()) of the trace's step 0
+    speed: float = 1.0  # trace seconds per wall second
+    rate_scale: float = 1.0  # live messages per trace message
+    forecasts: Forecasts | None = None  # indexed by trace step, as the simulator's
+    future: tuple[float, ...] = ()  # the trace's rates: the oracle's foresight
+
+    def __post_init__(self) -> None:
+        if self.speed <= 0 or self.rate_scale <= 0:
+            raise ValueError("speed and rate_scale must be positive")
+
+    def trace_time(self, wall: float) -> float:
+        return (wall - self.origin) * self.speed
+
+    def rate(self, wall_rate: float) -> float:
+        """Live messages per wall second -> trace messages per trace second."""
+        return wall_rate / (self.rate_scale * self.speed)
+
+
+IDENTITY = ReplayClock(origin=0.0)
 
 
 @dataclass
@@ -58,8 +95,10 @@ class Managed:
     protocol: str
     started: float
     start_latency_s: float
+    requested: float = 0.0  # when the VPSM asked for it: billed from here (it is starting)
     last_frames: int = 0
     last_cpu: float = 0.0
+    last_busy: float = 0.0
     last_ts: float = 0.0
 
 
@@ -93,6 +132,18 @@ class VPSM:
         self._lock = asyncio.Lock()
         self.steps = 0
         self._images: dict[str, str] = {}  # protocol -> stack image tag (docker plans)
+        self.clocks: dict[str, ReplayClock] = {}
+        # One row per protocol per step (bounded): what was measured and decided, for evaluation.
+        self.timeline: deque[dict[str, Any]] = deque(maxlen=20_000)
+        # Finished instances' (protocol, requested, ended) wall times, for instance-seconds.
+        self.lifetimes: deque[tuple[str, float, float]] = deque(maxlen=20_000)
+        self.actions: dict[str, int] = dict.fromkeys(self.plans, 0)
+        self._starting: dict[str, int] = dict.fromkeys(self.plans, 0)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._last_arrivals: dict[str, int] = {}
+        self._last_arrivals_ts = 0.0
+        self._imbalances: dict[str, float] = {}
+        self._metrics = _VpsmMetrics()
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -119,6 +170,8 @@ class VPSM:
     async def shutdown(self) -> None:
         """Stop the loop and destroy every instance (their sessions are closed, not moved)."""
         await self.stop_loop()
+        if self._tasks:  # instances still starting: let them finish, then stop them with the rest
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
         for m in list(self.managed.values()):
             await self._destroy(m, drain=False)
         if self.telemetry is not None:
@@ -145,44 +198,108 @@ class VPSM:
             if dead:
                 await self._reap([i for i in dead if not await self._alive(i)])
             decisions: dict[str, Any] = {}
+            arrived = await self.im.arrivals.remote()
+            dt = now - self._last_arrivals_ts if self._last_arrivals_ts else 0.0
             for protocol in self.plans:
-                mine = [loads[i] for i, m in self.managed.items() if m.protocol == protocol and i in loads]
-                self.history[protocol].append(sum(x["msgs_per_s"] for x in mine))
+                # the offered load (what arrived at the multiplexer), not the instances' throughput,
+                # which a saturated instance caps exactly when the policy most needs the truth
+                n = int(arrived.get(protocol, 0))
+                wall_rate = (n - self._last_arrivals.get(protocol, 0)) / dt if dt > 0 else 0.0
+                self._last_arrivals[protocol] = n
+                self.history[protocol].append(self.clocks.get(protocol, IDENTITY).rate(wall_rate))
+            self._last_arrivals_ts = now
             if self.forecaster_app is not None:
                 await self._forecast()
             for protocol, plan in self.plans.items():
+                clock = self.clocks.get(protocol, IDENTITY)
                 mine = [loads[i] for i, m in self.managed.items() if m.protocol == protocol and i in loads]
                 rate = self.history[protocol][-1]
                 rates = [float(x["msgs_per_s"]) for x in mine]
-                p99s = [float(x["latency_p99_ms"]) for x in mine if x.get("latency_p99_ms") is not None]
-                alloc = sum(float(x["allocation"]["cpu"]) for x in mine)
+                # the protocol's p99 over every message of the interval, from all its instances
+                lat = np.concatenate([x["latency_ms"] for x in mine if len(x.get("latency_ms", ()))] or [np.zeros(0)])
+                p99 = float(np.percentile(lat, 99)) * clock.speed if lat.size else None
+                late = int((lat * clock.speed > plan.slo_ms).sum()) if lat.size else 0
+                busy = [float(x["busy_fraction"]) for x in mine]
+                t = clock.trace_time(now) if protocol in self.clocks else now
+                k = max(0, int(t)) if protocol in self.clocks else 0
+                forecast = self.forecasts.get(protocol)
+                if clock.forecasts is not None:
+                    forecast = clock.forecasts.at(k)
                 ctx = ScalingContext(
                     protocol=protocol,
-                    now=now,
-                    current_instances=self._count(protocol),
+                    now=t,
+                    current_instances=self._active(protocol),
                     load=rate,
-                    inflight=float(sum(x["queue_depth"] for x in mine)),
+                    inflight=float(sum(x["queue_depth"] for x in mine)) / clock.rate_scale,
                     sessions=sum(int(x["sessions"]) for x in mine),
                     capacity_per_instance=plan.capacity_per_instance,
                     min_instances=plan.min_instances,
                     max_instances=plan.max_instances,
-                    instance_ages=tuple(now - m.started for m in self.managed.values() if m.protocol == protocol),
-                    start_latency_s=self._start_latency(protocol),
+                    instance_ages=tuple(
+                        (now - m.started) * clock.speed for m in self.managed.values() if m.protocol == protocol
+                    ),
+                    start_latency_s=self._start_latency(protocol) * clock.speed,
                     load_history=tuple(self.history[protocol]),
-                    forecast=self.forecasts.get(protocol),
-                    forecast_step_s=self.interval_s,
-                    latency_p99_ms=max(p99s) if p99s else None,
+                    forecast=forecast,
+                    forecast_step_s=1.0 if protocol in self.clocks else self.interval_s,
+                    latency_p99_ms=p99,
                     slo_ms=plan.slo_ms,
-                    cpu_utilization=(sum(float(x["cpu_percent"]) for x in mine) / 100.0 / alloc) if alloc > 0 else None,
-                    load_imbalance=(max(rates) / (sum(rates) / len(rates))) if rates and sum(rates) > 0 else 1.0,
+                    # Each instance applies one batch at a time: its busy fraction is its
+                    # utilization (its CPU use when the stack is CPU-bound, and still right when
+                    # a message's cost is waiting on something).
+                    cpu_utilization=sum(busy) / len(busy) if busy else None,
+                    load_imbalance=self._imbalance(protocol, rates),
+                    future_load=clock.future[k + 1 : k + 65],
                     state=self.policy_state[protocol],
                     config=plan.policy_config,
                 )
                 d = get_policy(plan.policy)(ctx)
                 self.policy_state[protocol] = d.state
                 decisions[protocol] = {"current": ctx.current_instances, "desired": d.instances, "reason": d.reason}
-                await self._scale(plan, d.instances, d.reason)
+                self.timeline.append(
+                    {
+                        "ts": now,
+                        "t": t,
+                        "protocol": protocol,
+                        "instances": ctx.current_instances,
+                        "desired": d.instances,
+                        "load": rate,
+                        "p99_ms": p99,
+                        "messages": int(lat.size),
+                        "late": late,
+                        "utilization": ctx.cpu_utilization,
+                        "hist": histogram(lat * clock.speed).tolist() if lat.size else None,
+                        # what the policy read for the next step, per quantile
+                        "forecast": {q: float(v[0]) for q, v in (forecast or {}).items() if v},
+                    }
+                )
+                self._metrics.protocol(protocol, rate, p99, forecast)
+                await self._scale(plan, d.instances, d.reason, background=True)
+                self._metrics.instances(protocol, self._active(protocol))
             return decisions
+
+    async def set_clock(self, protocol: str, clock: ReplayClock | None) -> None:
+        """Run a protocol on a replayed trace's clock (None: back to the wall's)."""
+        async with self._lock:
+            if clock is None:
+                self.clocks.pop(protocol, None)
+            else:
+                self.clocks[protocol] = clock
+            self.history[protocol].clear()
+            self.policy_state[protocol] = {}
+            self._imbalances.pop(protocol, None)
+
+    async def get_timeline(self, protocol: str | None = None, since: float = 0.0) -> list[dict[str, Any]]:
+        return [r for r in self.timeline if (protocol is None or r["protocol"] == protocol) and r["ts"] >= since]
+
+    async def instance_seconds(self, protocol: str, since: float, until: float) -> float:
+        """Wall seconds of instances of a protocol alive (starting included) within [since, until]."""
+        spans = [(a, b) for p, a, b in self.lifetimes if p == protocol]
+        spans += [(m.requested, until) for m in self.managed.values() if m.protocol == protocol]
+        return float(sum(max(0.0, min(b, until) - max(a, since)) for a, b in spans))
+
+    async def scale_actions(self) -> dict[str, int]:
+        return dict(self.actions)
 
     async def _forecast(self) -> None:
         """Ask the TPE for every protocol's quantiles ahead (one batched Serve call). A failure
@@ -224,11 +341,13 @@ class VPSM:
             dt = max(now - m.last_ts, 1e-6) if m.last_ts else None
             frames = int(res["frames_in"])
             cpu = float(res["cpu_seconds"])
+            busy_s = float(res.get("busy_seconds", 0.0))
             rate = (frames - m.last_frames) / dt if dt else 0.0
             cpu_pct = 100.0 * (cpu - m.last_cpu) / dt if dt else 0.0
-            m.last_frames, m.last_cpu, m.last_ts = frames, cpu, now
+            busy = min(1.0, (busy_s - m.last_busy) / dt) if dt else 0.0
+            m.last_frames, m.last_cpu, m.last_busy, m.last_ts = frames, cpu, busy_s, now
             queue = int(im_view.get(iid, {}).get("inflight_frames", 0))
-            res.update(msgs_per_s=rate, cpu_percent=cpu_pct, queue_depth=queue)
+            res.update(msgs_per_s=rate, cpu_percent=cpu_pct, busy_fraction=busy, queue_depth=queue)
             out[iid] = res
             alloc = res["allocation"]
             rows.append(
@@ -298,8 +417,10 @@ class VPSM:
                 except (RayActorError, RayTaskError):
                     dead.append(iid)
         for iid in dead:
-            if self.managed.pop(iid, None) is None:
+            gone = self.managed.pop(iid, None)
+            if gone is None:
                 continue
+            self.lifetimes.append((gone.protocol, gone.requested, time.time()))
             await self.im.report_dead.remote(iid)
             await self.im.remove_instance.remote(iid)
             self.events.append({"ts": time.time(), "event": "reaped", "instance": iid})
@@ -308,40 +429,95 @@ class VPSM:
                 await self._instantiate(plan, "replacing a dead instance")
         return dead
 
-    async def _scale(self, plan: ProtocolPlan, desired: int, reason: str) -> None:
+    async def _scale(self, plan: ProtocolPlan, desired: int, reason: str, background: bool = False) -> None:
+        """Make it `desired` instances (within the plan's bounds). Called with the lock held.
+
+        With `background` (the control loop), new instances start in a task of their own: the
+        loop keeps observing and deciding while they start, and counts them as there, as it
+        will have them by the time it could ask again."""
+        p = plan.protocol
         desired = max(plan.min_instances, min(plan.max_instances, desired))
-        grew = False
-        while self._count(plan.protocol) < desired:
-            await self._instantiate(plan, reason)
-            grew = True
-        if grew:
-            # New capacity takes a share of the live sessions now, not only of future ones.
-            moved = await self.im.rebalance.remote(plan.protocol)
-            self.events.append({"ts": time.time(), "event": "rebalance", "protocol": plan.protocol, "moved": moved})
+        missing = desired - self._active(p)
+        if missing > 0:
+            self.actions[p] = self.actions.get(p, 0) + missing
+            self._metrics.action(p, "up", missing)
+            if background:
+                self._starting[p] = self._starting.get(p, 0) + missing
+                task = asyncio.get_running_loop().create_task(self._grow(plan, missing, reason))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+            else:
+                # all at once: n instances start in about one start latency, not n of them
+                created = await asyncio.gather(*(self._create(plan) for _ in range(missing)))
+                for c in created:
+                    await self._register(plan, c, reason)
+                await self._rebalance(p)
         # Choose every instance to remove first and stop placing sessions on them, so each
-        # session moves once, straight to an instance that stays.
+        # session moves once, straight to an instance that stays. Instances still starting are
+        # left to start; at least one ready instance stays.
         victims: list[str] = []
-        while self._count(plan.protocol) - len(victims) > desired:
-            victim = await self.im.least_used.remote(plan.protocol)
-            if victim is None or victim not in self.managed:
+        while self._active(p) - len(victims) > desired and self._count(p) - len(victims) > 1:
+            victim = await self.im.least_used.remote(p)
+            if victim is None or victim not in self.managed or victim in victims:
                 break
             await self.im.set_accepting.remote(victim, False)
             victims.append(victim)
         for victim in victims:
             await self._destroy(self.managed[victim], drain=True)
+            self.actions[p] = self.actions.get(p, 0) + 1
+            self._metrics.action(p, "down", 1)
         if victims:
             # drained sessions were placed one by one: even out what they upset
-            moved = await self.im.rebalance.remote(plan.protocol)
-            self.events.append({"ts": time.time(), "event": "rebalance", "protocol": plan.protocol, "moved": moved})
+            await self._rebalance(p)
+
+    async def _grow(self, plan: ProtocolPlan, n: int, reason: str) -> None:
+        p = plan.protocol
+        try:
+            created = await asyncio.gather(*(self._create(plan) for _ in range(n)), return_exceptions=True)
+        except BaseException:
+            self._starting[p] -= n
+            raise
+        async with self._lock:
+            self._starting[p] -= n
+            ok = 0
+            for c in created:
+                if isinstance(c, BaseException):
+                    log.error("starting a %s instance failed: %r", p, c)
+                    self.events.append({"ts": time.time(), "event": "start-failed", "protocol": p, "error": repr(c)})
+                    continue
+                await self._register(plan, c, reason)
+                ok += 1
+            if ok:
+                # New capacity takes a share of the live sessions now, not only of future ones.
+                await self._rebalance(p)
+
+    async def _rebalance(self, protocol: str) -> None:
+        moved = await self.im.rebalance.remote(protocol, self.plans[protocol].rebalance_by != "sessions")
+        self.events.append({"ts": time.time(), "event": "rebalance", "protocol": protocol, "moved": moved})
 
     async def _instantiate(self, plan: ProtocolPlan, reason: str) -> str:
+        return await self._register(plan, await self._create(plan), reason)
+
+    async def _create(self, plan: ProtocolPlan) -> tuple[str, Any, dict[str, Any], float, float]:
+        """Start one instance and wait until it answers: (id, handle, info, start latency, requested)."""
         iid = f"{plan.protocol}-{next(self._ids)}"
+        requested = time.time()
         t0 = time.perf_counter()
         handle = create_instance(
             iid, plan.protocol, plan.backend, plan.allocation, image=self._images.get(plan.protocol)
         )
-        info = await handle.ready.remote()
-        latency = time.perf_counter() - t0
+        try:
+            info = await handle.ready.remote()
+        except BaseException:
+            ray.kill(handle)
+            self.lifetimes.append((plan.protocol, requested, time.time()))
+            raise
+        return iid, handle, info, time.perf_counter() - t0, requested
+
+    async def _register(
+        self, plan: ProtocolPlan, created: tuple[str, Any, dict[str, Any], float, float], reason: str
+    ) -> str:
+        iid, handle, info, latency, requested = created
         await self.im.register_instance.remote(
             iid,
             handle,
@@ -350,7 +526,7 @@ class VPSM:
             plan.allocation.max_sessions,
             info["node_id"],
         )
-        self.managed[iid] = Managed(iid, handle, plan.protocol, time.time(), latency)
+        self.managed[iid] = Managed(iid, handle, plan.protocol, time.time(), latency, requested=requested)
         self.start_latencies.setdefault(plan.protocol, []).append(latency)
         self.events.append(
             {"ts": time.time(), "event": "instantiate", "instance": iid, "start_s": latency, "reason": reason}
@@ -368,7 +544,8 @@ class VPSM:
         with contextlib.suppress(Exception):  # already dead: nothing to stop
             await m.handle.shutdown.remote()
         ray.kill(m.handle)
-        self.managed.pop(m.instance_id, None)
+        if self.managed.pop(m.instance_id, None) is not None:
+            self.lifetimes.append((m.protocol, m.requested, time.time()))
         self.events.append({"ts": time.time(), "event": "destroy", "instance": m.instance_id, "moved": moved})
 
     async def _alive(self, instance_id: str) -> bool:
@@ -377,6 +554,19 @@ class VPSM:
             return True
         except (RayActorError, RayTaskError):
             return False
+
+    def _imbalance(self, protocol: str, rates: list[float]) -> float:
+        """Busiest instance's throughput over the mean, smoothed (as the simulator does): one
+        noisy interval must not add or remove instances."""
+        prev = self._imbalances.get(protocol, 1.0)
+        if len(rates) > 1 and sum(rates) > 0:
+            prev = 0.9 * prev + 0.1 * (max(rates) / (sum(rates) / len(rates)))
+            self._imbalances[protocol] = prev
+        return prev
+
+    def _active(self, protocol: str) -> int:
+        """Ready instances plus those starting."""
+        return self._count(protocol) + self._starting.get(protocol, 0)
 
     def _count(self, protocol: str) -> int:
         return sum(1 for m in self.managed.values() if m.protocol == protocol)
@@ -392,6 +582,8 @@ class VPSM:
             "protocols": {
                 p: {
                     "instances": self._count(p),
+                    "starting": self._starting.get(p, 0),
+                    "scale_actions": self.actions.get(p, 0),
                     "backend": plan.backend,
                     "policy": plan.policy,
                     "min": plan.min_instances,
@@ -414,6 +606,48 @@ class VPSM:
 
     async def flush_telemetry(self) -> list[str]:
         return [str(p) for p in self.telemetry.flush()] if self.telemetry is not None else []
+
+
+class _VpsmMetrics:
+    """The control loop's Ray metrics (on the Prometheus endpoint with Ray's `ray_` prefix)."""
+
+    def __init__(self) -> None:
+        from ray.util import metrics
+
+        self.n = metrics.Gauge("apsv_instances", "Stack instances per protocol", tag_keys=("protocol",))
+        self.load = metrics.Gauge(
+            "apsv_protocol_load_msgs_per_s", "Messages/s per protocol, as the VPSM measures it", tag_keys=("protocol",)
+        )
+        self.p99 = metrics.Gauge(
+            "apsv_protocol_latency_p99_ms",
+            "p99 message latency per protocol over the last step",
+            tag_keys=("protocol",),
+        )
+        self.forecast = metrics.Gauge(
+            "apsv_forecast_msgs_per_s",
+            "The forecast the policy reads: the next step's load per protocol and quantile",
+            tag_keys=("protocol", "quantile"),
+        )
+        self.actions = metrics.Counter(
+            "apsv_scale_actions_total", "Instances started (up) and drained (down)", tag_keys=("protocol", "direction")
+        )
+
+    def protocol(
+        self, protocol: str, load: float, p99: float | None, forecast: Mapping[str, tuple[float, ...]] | None
+    ) -> None:
+        tags = {"protocol": protocol}
+        self.load.set(load, tags)
+        if p99 is not None:
+            self.p99.set(p99, tags)
+        for q, values in (forecast or {}).items():
+            if values:
+                self.forecast.set(float(values[0]), {"protocol": protocol, "quantile": q})
+
+    def instances(self, protocol: str, n: int) -> None:
+        self.n.set(n, {"protocol": protocol})
+
+    def action(self, protocol: str, direction: str, n: int) -> None:
+        self.actions.inc(n, {"protocol": protocol, "direction": direction})
 
 
 def create_vpsm(

@@ -56,6 +56,9 @@ class SimConfig:
     instances_per_node: int = 4
     max_queue_s: float = 2.0  # queue bound, in seconds of service
     zipf: float = 0.8  # skew of the routers' shares of the load
+    # Random (Poisson) arrivals queue even below capacity: an M/D/1 wait per busy instance on
+    # top of the fluid backlog. False: fluid only (no wait below capacity).
+    poisson_arrivals: bool = True
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -117,24 +120,104 @@ def _weights(routers: int, per_router: int, s: float, rng: np.random.Generator) 
     return np.asarray(np.repeat(w / w.sum() / per_router, per_router), dtype=np.float64)
 
 
-def _mixture_quantile(lo: FloatArray, hi: FloatArray, wt: FloatArray, q: float) -> float:
-    """The q-quantile of a mixture of uniform [lo_i, hi_i] with weights wt_i (point masses when
-    lo == hi), by bisection on the mixture CDF."""
+def _mixture_cdf(
+    x: float, lo: FloatArray, hi: FloatArray, wt: FloatArray, rho: FloatArray, m: FloatArray
+) -> FloatArray:
+    """Per component, P(latency <= x), weighted: latency = U[lo, hi] (the fluid wait behind the
+    queue) plus, with probability rho, an exponential wait of mean m (the queueing of random
+    arrivals at a busy server: M/D/1's waits, as an exponential tail). Point masses when lo == hi."""
+    width = hi - lo
+    top = np.minimum(x, hi)
+    u = np.where(width > 1e-12, np.clip((x - lo) / np.maximum(width, 1e-12), 0.0, 1.0), (x >= lo).astype(np.float64))
+    safe_m = np.maximum(m, 1e-12)
+    # P(U + E <= x) for U uniform on [lo, hi], E ~ Exp(mean m)
+    tail_lo = np.exp(-np.maximum(x - lo, 0.0) / safe_m)
+    conv_range = np.where(
+        width > 1e-12,
+        ((top - lo) - safe_m * (np.exp(-(x - top) / safe_m) - tail_lo)) / np.maximum(width, 1e-12),
+        1.0 - tail_lo,
+    )
+    conv = np.where(x > lo, np.clip(conv_range, 0.0, 1.0), 0.0)
+    conv = np.where(m > 1e-12, conv, u)
+    return np.asarray(wt * ((1.0 - rho) * u + rho * conv), dtype=np.float64)
+
+
+def _mixture_quantile(
+    lo: FloatArray,
+    hi: FloatArray,
+    wt: FloatArray,
+    q: float,
+    rho: FloatArray | None = None,
+    m: FloatArray | None = None,
+) -> float:
+    """The q-quantile of the latency mixture (see `_mixture_cdf`), by bisection on its CDF."""
     total = float(wt.sum())
     if total <= 0:
         return float(lo.min()) if lo.size else 0.0
-    a, b = float(lo.min()), float(hi.max())
+    rho = np.zeros_like(lo) if rho is None else rho
+    m = np.zeros_like(lo) if m is None else m
+    a = float(lo.min())
+    b = float((hi + 12.0 * m).max())
     if b - a < 1e-12:
         return a
-    width = np.maximum(hi - lo, 1e-12)
     for _ in range(40):
         x = 0.5 * (a + b)
-        cdf = float((wt * np.clip((x - lo) / width, 0.0, 1.0)).sum()) / total
-        if cdf < q:
+        if float(_mixture_cdf(x, lo, hi, wt, rho, m).sum()) / total < q:
             a = x
         else:
             b = x
     return 0.5 * (a + b)
+
+
+def session_weights(vrouters: int, per_router: int, zipf: float, seed: int) -> FloatArray:
+    """Each session's share of the load, as `simulate` draws them for a config and seed (the
+    live evaluation sends with the same shares)."""
+    return _weights(vrouters, per_router, zipf, np.random.default_rng(seed))
+
+
+def _initial(
+    load: FloatArray,
+    fn: Any,
+    cfg: SimConfig,
+    pcfg: Mapping[str, Any],
+    forecasts: Forecasts | None,
+    sessions: int,
+) -> int:
+    first = ScalingContext(
+        protocol=cfg.protocol,
+        now=0.0,
+        current_instances=cfg.min_instances,
+        load=float(load[0]),
+        inflight=0.0,
+        sessions=sessions,
+        capacity_per_instance=cfg.capacity,
+        min_instances=cfg.min_instances,
+        max_instances=cfg.max_instances,
+        start_latency_s=cfg.start_latency_s,
+        forecast=forecasts.at(0) if forecasts is not None else None,
+        forecast_step_s=cfg.step_s,
+        budget_instances=cfg.budget_instances,
+        slo_ms=cfg.slo_ms,
+        future_load=tuple(float(x) for x in load[1:65]),
+        config=pcfg,
+    )
+    return max(int(fn(first).instances), cfg.min_instances)
+
+
+def initial_instances(
+    trace: Sequence[float] | FloatArray,
+    policy: str,
+    cfg: SimConfig,
+    *,
+    policy_config: Mapping[str, Any] | None = None,
+    forecasts: Forecasts | None = None,
+    sessions: int | None = None,
+) -> int:
+    """The instances a policy wants at the trace's first step (the warm start of a run)."""
+    pcfg = dict(policy_config or {})
+    pcfg.setdefault("interval_s", cfg.interval_s)
+    n = sessions if sessions is not None else cfg.vrouters * cfg.sessions_per_vrouter
+    return _initial(np.asarray(trace, dtype=np.float64), get_policy(policy), cfg, pcfg, forecasts, n)
 
 
 def simulate(
@@ -199,25 +282,7 @@ def simulate(
 
     if initial_instances is None:
         # warm start: what the policy asks for at t=0 is already running
-        first = ScalingContext(
-            protocol=cfg.protocol,
-            now=0.0,
-            current_instances=cfg.min_instances,
-            load=float(load[0]),
-            inflight=0.0,
-            sessions=int(w.size),
-            capacity_per_instance=cfg.capacity,
-            min_instances=cfg.min_instances,
-            max_instances=cfg.max_instances,
-            start_latency_s=cfg.start_latency_s,
-            forecast=forecasts.at(0) if forecasts is not None else None,
-            forecast_step_s=dt,
-            budget_instances=cfg.budget_instances,
-            slo_ms=cfg.slo_ms,
-            future_load=tuple(float(x) for x in load[1:65]),
-            config=pcfg,
-        )
-        initial_instances = fn(first).instances
+        initial_instances = _initial(load, fn, cfg, pcfg, forecasts, int(w.size))
     for _ in range(max(initial_instances, cfg.min_instances)):
         start(0.0, ready=True)
     ready_ids = np.flatnonzero(state == READY)
@@ -237,8 +302,19 @@ def simulate(
     lat_lo: list[FloatArray] = []
     lat_hi: list[FloatArray] = []
     lat_w: list[FloatArray] = []
+    lat_rho: list[FloatArray] = []
+    lat_m: list[FloatArray] = []
     last_decision = -math.inf
-    moved_weight = 0.0
+    # (load share, pause ms) of sessions moved this step: a move first waits for the frames
+    # already queued at its source (they are applied there, in order), then the move itself
+    moved: list[tuple[float, float]] = []
+
+    def note_moves(before: npt.NDArray[np.int64]) -> None:
+        changed = np.flatnonzero(before != assign)
+        for vr in changed.tolist():
+            backlog_ms = 1000.0 * float(queue[before[vr]]) / cfg.capacity
+            moved.append((float(w[vr]), backlog_ms + 1000.0 * cfg.session_move_s))
+
     imbalance = 1.0  # busiest instance's arrivals over the mean, smoothed (what telemetry shows)
     service_ms = 1000.0 / cfg.capacity
     for k in range(steps):
@@ -249,7 +325,7 @@ def simulate(
             state[joining] = READY
             before = assign.copy()
             moves_total += rebalance()
-            moved_weight += float(w[before != assign].sum())
+            note_moves(before)
         finished = np.flatnonzero((state == DRAINING) & (gone_at <= t))
         if finished.size:
             state[finished] = GONE
@@ -272,18 +348,27 @@ def simulate(
         lo = cfg.base_latency_ms + service_ms + 1000.0 * q0[busy] / cfg.capacity
         hi = cfg.base_latency_ms + service_ms + 1000.0 * q1[busy] / cfg.capacity
         wt: FloatArray = np.asarray(arrivals[busy] - over[busy], dtype=np.float64)
-        if moved_weight > 0:
-            # messages of moved sessions wait out the move
-            pause = cfg.base_latency_ms + service_ms + 1000.0 * cfg.session_move_s
-            lo = np.append(lo, pause)
-            hi = np.append(hi, pause)
-            wt = np.asarray(np.append(wt, moved_weight * rate * dt), dtype=np.float64)
-            moved_weight = 0.0
-        p99 = _mixture_quantile(lo, hi, wt, 0.99) if wt.size else cfg.base_latency_ms
-        if wt.size and float(hi.max()) > cfg.slo_ms:
-            frac = np.clip((hi - cfg.slo_ms) / np.maximum(hi - lo, 1e-12), 0.0, 1.0)
-            frac = np.where(hi - lo < 1e-12, (hi > cfg.slo_ms).astype(np.float64), frac)
-            late += float((wt * frac).sum())
+        if cfg.poisson_arrivals:
+            # M/D/1: a message waits with probability rho, on average S / (2 (1 - rho)) when it does
+            rho = np.minimum(arrivals[busy] / cap_step, 0.95)
+            mw = service_ms / (2.0 * (1.0 - rho))
+        else:
+            rho = np.zeros(busy.size)
+            mw = np.zeros(busy.size)
+        if moved:
+            # a moved session's messages of this step waited out its move: uniformly up to the pause
+            floor = cfg.base_latency_ms + service_ms
+            share = np.array([m[0] for m in moved])
+            pause = np.array([m[1] for m in moved])
+            lo = np.append(lo, np.full(share.size, floor))
+            hi = np.append(hi, floor + pause)
+            wt = np.asarray(np.append(wt, share * rate * dt), dtype=np.float64)
+            rho = np.append(rho, np.zeros(share.size))
+            mw = np.append(mw, np.zeros(share.size))
+            moved.clear()
+        p99 = _mixture_quantile(lo, hi, wt, 0.99, rho, mw) if wt.size else cfg.base_latency_ms
+        if wt.size and float((hi + 12.0 * mw).max()) > cfg.slo_ms:
+            late += float(wt.sum() - _mixture_cdf(cfg.slo_ms, lo, hi, wt, rho, mw).sum())
         tl_p99[k] = p99
         if p99 > cfg.slo_ms:
             violations += dt
@@ -291,6 +376,8 @@ def simulate(
             lat_lo.append(lo)
             lat_hi.append(hi)
             lat_w.append(wt)
+            lat_rho.append(rho)
+            lat_m.append(mw)
         alive = state != GONE
         n_alive = int(alive.sum())
         instance_s += n_alive * dt
@@ -353,7 +440,7 @@ def simulate(
                         break
                     assign[vr] = int(dst)
                     queue[int(dst)] += share
-                    moved_weight += float(w[vr])
+                    moved.append((float(w[vr]), 1000.0 * (share * members.size / cfg.capacity + cfg.session_move_s)))
                     moves_total += 1
                 queue[v] = 0.0
                 n_active -= 1
@@ -364,10 +451,12 @@ def simulate(
                 # as the VPSM does after a drain: even out what the moved sessions upset
                 before = assign.copy()
                 moves_total += rebalance()
-                moved_weight += float(w[before != assign].sum())
+                note_moves(before)
     all_lo = np.concatenate(lat_lo) if lat_lo else np.zeros(1)
     all_hi = np.concatenate(lat_hi) if lat_hi else np.zeros(1)
     all_w = np.concatenate(lat_w) if lat_w else np.ones(1)
+    all_rho = np.concatenate(lat_rho) if lat_rho else np.zeros(1)
+    all_m = np.concatenate(lat_m) if lat_m else np.zeros(1)
     return SimResult(
         policy=policy,
         slo_violation_s=violations,
@@ -376,7 +465,7 @@ def simulate(
         lost=lost,
         late=late,
         messages=msgs,
-        p99_ms=_mixture_quantile(all_lo, all_hi, all_w, 0.99),
+        p99_ms=_mixture_quantile(all_lo, all_hi, all_w, 0.99, all_rho, all_m),
         session_moves=moves_total,
         timeline={"load": load, "instances": tl_instances, "p99_ms": tl_p99},
     )

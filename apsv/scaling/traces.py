@@ -134,3 +134,20 @@ def forecast_trace(
     values = {f"p{round(lv * 100)}": q[..., k] for k, lv in enumerate(QUANTILES)}
     info = {"kind": kind, "horizon": horizon, "every": every, "train_steps": start, "fit": report.__dict__}
     return Forecasts(every, values), info
+
+
+def load_trace(
+    spec: str, *, column: str | None = None, season: int | None = None, peak_rate: float = 20_000.0
+) -> Trace:
+    """A trace from what `apsv evaluate` and jobs/evaluate.py accept: `synthetic:bfd[:PEAK_SESSIONS]`,
+    an MRT update dump (real churn with a reset storm), or a CSV / one-value-per-line series
+    scaled to `peak_rate`. Raises ValueError (or SeriesError) with what is wrong."""
+    from apsv.forecast.evaluate import is_mrt, read_series
+
+    if spec.startswith("synthetic:bfd"):
+        parts = spec.split(":")
+        return bfd_population(int(parts[2]) if len(parts) > 2 else 20_000)
+    path = Path(spec)
+    if not path.is_file():
+        raise ValueError(f"{spec}: no such file")
+    return bgp_churn(path) if is_mrt(path) else from_series(read_series(path, column, season), peak_rate)
