@@ -84,6 +84,9 @@ def test_demo_runs_the_main_job_end_to_end(ray_cluster: Any, tmp_path: Path) -> 
     assert o["instances_max"] >= 2 and o["scale_actions"] >= 2 and o["session_moves"] > 0
     assert o["latency_samples"] > 0.9 * o["updates"]  # (a sample taken while telemetry reads may be missed)
     assert 0 < o["latency_ms"]["p50"] <= o["latency_ms"]["p99"]
+    # BFD: every offloaded session and its remote end came Up through the cluster
+    b = o["bfd"]
+    assert b["sessions"] == 100 and b["cluster_up"] == b["remote_up"] == 100
     assert sorted(p.name for p in plots.glob("*.png")) == ["demo-latency-cdf.png", "demo-scaling.png"]
     assert list((tmp_path / "tel").glob("hour=*/*.parquet"))
 
@@ -103,3 +106,42 @@ def test_stacks_register_through_entry_points() -> None:
         assert "apsv.stacks" in str(e)
     else:
         raise AssertionError("an unknown protocol must be refused")
+
+
+@pytest.mark.slow
+def test_status_json_while_the_demo_runs(tmp_path: Path) -> None:
+    """`apsv status --json` from another process finds the demo's deployment (its own local Ray
+    cluster, token auth on) and answers with valid JSON while the demo runs."""
+    import os
+    import time
+
+    apsv = str(Path(sys.executable).parent / "apsv")
+    env = {**os.environ, "APSV_STATE_DIR": str(tmp_path / "state")}
+    demo = subprocess.Popen(
+        [apsv, "demo", "--json", "--duration", "25", "--bfd-sessions", "20", "--plots", str(tmp_path / "plots")],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    seen: dict[str, Any] | None = None
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and demo.poll() is None:
+            r = subprocess.run(
+                [apsv, "status", "--json"], env=env, capture_output=True, text=True, timeout=60, check=False
+            )
+            doc = json.loads(r.stdout)  # always one JSON object, running or not
+            if doc.get("ok", True) and doc.get("instances", {}).get("bgp"):
+                seen = doc
+                break
+            time.sleep(2)
+        out, _ = demo.communicate(timeout=300)
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+    assert demo.returncode == 0
+    assert json.loads(out.strip().splitlines()[-1])["ok"] is True
+    assert seen is not None, "apsv status never saw the demo's deployment"
+    assert {"instances", "sessions", "forecasts", "buffer_pool"} <= seen.keys()
+    assert seen["instances"]["bgp"]["count"] >= 1

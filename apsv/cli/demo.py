@@ -23,6 +23,7 @@ import math
 import os
 import shutil
 import tempfile
+import threading
 import time
 from importlib import resources
 from pathlib import Path
@@ -106,6 +107,112 @@ def _stop_forecaster(started: bool) -> None:
             serve.shutdown()  # type: ignore[no-untyped-call]
 
 
+class BfdPairs:
+    """BFD sessions offloaded to the cluster, each facing a remote peer played here.
+
+    The remote ends are the same sans-I/O `BfdSession` run in this process; this class is the
+    wire and the agent between them: every transmit interval it delivers each remote end's
+    current packet to its cluster session, and it hands each cluster session's transmission
+    program (what the agent would send) to the remote end. Both sides come Up by RFC 5880's
+    three-way handshake, through the multiplexer and a BFD stack instance."""
+
+    def __init__(self, im: Any, n: int, tx_ms: float = 300.0) -> None:
+        from apsv.bfd.session import BfdSession, BfdSessionConfig
+        from apsv.frame import ProtocolId
+        from apsv.runtime.client import OffloadClient
+
+        self.n, self.tx = n, tx_ms / 1000.0
+        self.keys = [(1, 1000 + i // 10, int(ProtocolId.BFD), i + 1) for i in range(n)]  # 10 per router
+        self.client = OffloadClient(im, on_output=self._output, max_batch_delay_s=0.005, metrics_label="demo-bfd")
+        now = time.time()
+        self.remote = []
+        self.packet: list[bytes] = []
+        for i in range(n):
+            peer = BfdSession(
+                BfdSessionConfig(
+                    peer_address=f"127.0.1.{i % 250 + 1}",
+                    local_address=f"127.0.2.{i % 250 + 1}",
+                    local_discriminator=100_000 + i,
+                    desired_min_tx_ms=tx_ms,
+                    required_min_rx_ms=tx_ms,
+                )
+            )
+            self.remote.append(peer)
+            self.packet.append(self._program_packet(peer.start(now)) or b"")
+        specs = [
+            (
+                k,
+                "bfd",
+                {
+                    "peer_address": f"127.0.2.{i % 250 + 1}",
+                    "local_address": f"127.0.1.{i % 250 + 1}",
+                    "local_discriminator": i + 1,
+                    "desired_min_tx_ms": tx_ms,
+                    "required_min_rx_ms": tx_ms,
+                },
+                0,
+            )
+            for i, k in enumerate(self.keys)
+        ]
+        refused = [v for v in self.client.open_sessions(specs).values() if v.startswith("error")]
+        if refused:
+            raise RuntimeError(f"{len(refused)} BFD sessions refused: {refused[0]}")
+        self.programs = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="demo-bfd", daemon=True)
+
+    @staticmethod
+    def _program_packet(events: list[Any]) -> bytes | None:
+        from apsv.bfd.program import TxProgram as Program
+        from apsv.stack import TxProgram
+
+        packet = None
+        for ev in events:
+            if isinstance(ev, TxProgram):
+                packet = Program.decode(ev.data).packet
+        return packet
+
+    def _output(self, f: Any) -> None:
+        from apsv.bfd.program import TxProgram as Program
+        from apsv.frame import FrameKind
+
+        if f.kind != FrameKind.TX_PROGRAM:
+            return
+        self.programs += 1
+        prog = Program.decode(f.payload)
+        peer = self.remote[f.session - 1]
+        for pkt in (prog.once, prog.packet):
+            if pkt:
+                got = self._program_packet(peer.data_received(pkt, time.time()))
+                if got is not None:
+                    self.packet[f.session - 1] = got
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            t0 = time.time()
+            for k, pkt in zip(self.keys, self.packet, strict=True):
+                if pkt:
+                    self.client.send(k, pkt)
+            self.client.flush()
+            while time.time() - t0 < self.tx and not self._stop.is_set():
+                self.client.service()
+                self.client.poll()
+                time.sleep(0.02)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> dict[str, Any]:
+        """Stop transmitting; the state of both ends of every pair."""
+        from apsv.bfd.packet import State
+
+        self._stop.set()
+        self._thread.join(timeout=10)
+        self.client.close()
+        up = sum(1 for p in self.remote if p.state is State.UP)
+        return {"sessions": self.n, "remote_up": up, "programs": self.programs, "tx_ms": self.tx * 1000}
+
+
 def run_offload(
     paths: list[Path],
     sessions: int,
@@ -115,12 +222,14 @@ def run_offload(
     duration_s: float,
     forecaster: bool = True,
     plots: Path | None = None,
+    bfd_sessions: int = 100,
 ) -> dict[str, Any]:
     """Replay the dumps' sessions through the cluster in compressed real time while the VPSM
     scales the BGP instances with the predictive policy on the TPE's forecasts; returns what it
     measured."""
     import ray
 
+    from apsv.frame import ProtocolId
     from apsv.ops import clear_state, write_state
     from apsv.runtime.client import OffloadClient
     from apsv.runtime.cluster import deploy, start_local_ray
@@ -172,7 +281,17 @@ def run_offload(
     try:
         if forecaster:
             app, started_serve, version = _start_forecaster(paths, models)
-        dep = deploy([bgp], telemetry_root=telemetry_root, interval_s=1.0, suffix="-demo", forecaster_app=app)
+        bfd = ProtocolPlan(
+            "bfd",
+            backend=backend,
+            min_instances=1,
+            max_instances=2,
+            allocation=Allocation(cpu=0.1, memory_bytes=256 << 20),
+            policy="fixed",
+            slo_ms=10.0,
+        )
+        plans = [bgp, bfd] if bfd_sessions else [bgp]
+        dep = deploy(plans, telemetry_root=telemetry_root, interval_s=1.0, suffix="-demo", forecaster_app=app)
         # `apsv status` (another shell) finds this deployment while it runs
         write_state(
             {
@@ -195,9 +314,13 @@ def run_offload(
             refused = {k: v for k, v in placed.items() if v.startswith("error")}
             if refused:
                 raise RuntimeError(f"sessions refused: {refused}")
+            pairs = BfdPairs(dep.multiplexer, bfd_sessions) if bfd_sessions else None
+            if pairs is not None:
+                pairs.start()
             t0 = time.time()
             res = replay(client, plan, speed=speed)
             time.sleep(1.5)  # a last control step sees the end
+            bfd_result = pairs.stop() if pairs is not None else None
             transport = client.transport
             client.close()
             timeline = ray.get(dep.vpsm.get_timeline.remote("bgp", t0))
@@ -215,6 +338,9 @@ def run_offload(
             _stop_forecaster(started_serve)
         shutil.rmtree(models, ignore_errors=True)
     summary = summarize(timeline, bgp.slo_ms)
+    if bfd_result is not None:
+        states = [i["state"] for k, i in infos.items() if k[2] == int(ProtocolId.BFD)]
+        bfd_result["cluster_up"] = sum(1 for st in states if st == "UP")
     out = {
         "backend": backend,
         "sessions": len(plan),
@@ -228,6 +354,7 @@ def run_offload(
         "transport": transport,
         "policy": bgp.policy,
         "forecaster": {"app": app, "model": version} if app else None,
+        "bfd": bfd_result,
         **summary,
         "scale_actions": int(status["protocols"]["bgp"]["scale_actions"]),
         "forecast_errors": status["forecast_errors"],
@@ -334,6 +461,7 @@ def demo(
     backend: str = typer.Option("process", "--backend", help="Stack instance backend: process or docker."),
     duration: float = typer.Option(45.0, "--duration", min=5.0, help="Seconds the recorded span is replayed in."),
     forecaster: bool = typer.Option(True, "--forecaster/--no-forecaster", help="Serve the TPE (predictive)."),
+    bfd_sessions: int = typer.Option(100, "--bfd-sessions", min=0, help="BFD sessions (each with a remote end)."),
     plots: Path = typer.Option(Path("apsv-demo"), "--plots", help="Directory for the PNG plots."),
     telemetry: Path = typer.Option(None, "--telemetry", help="Telemetry directory (default: a new temp dir)."),
     files: list[Path] = typer.Argument(None, help="MRT update dumps (default: the bundled real samples)."),
@@ -359,8 +487,13 @@ def demo(
             f"{sessions} BGP sessions over ~{duration:g} s"
         )
         root = telemetry or Path(tempfile.mkdtemp(prefix="apsv-telemetry-"))
-        offload = run_offload(paths, sessions, vrouters, backend, root, duration, forecaster, plots)
-    ok = offload["identical_ribs"] and all(r["errors"] == 0 for r in decoded)
+        offload = run_offload(paths, sessions, vrouters, backend, root, duration, forecaster, plots, bfd_sessions)
+    b = offload["bfd"]
+    ok = (
+        offload["identical_ribs"]
+        and all(r["errors"] == 0 for r in decoded)
+        and (b is None or b["remote_up"] == b["cluster_up"] == b["sessions"])
+    )
     if as_json:
         typer.echo(json.dumps({"files": decoded, "offload": offload, "ok": ok}))
     else:
@@ -407,6 +540,12 @@ def _render(decoded: list[dict[str, Any]], o: dict[str, Any]) -> None:
         ("live session moves", f"{o['session_moves']} ({o['sessions_moved']} sessions moved)"),
         ("redelivered frames dropped", str(o["duplicates_dropped"])),
         ("lost or out-of-order sessions", str(o["lost_or_misordered"])),
+        (
+            "BFD sessions Up (cluster / remote)",
+            f"{o['bfd']['cluster_up']} / {o['bfd']['remote_up']} of {o['bfd']['sessions']} at {o['bfd']['tx_ms']:g} ms"
+            if o["bfd"]
+            else "none",
+        ),
         ("Loc-RIB = in-process replay", "yes, every session" if o["identical_ribs"] else "NO"),
         ("Loc-RIB prefixes (all sessions)", f"{o['loc_rib_prefixes']:,}"),
         ("telemetry (Parquet)", o["telemetry"]),

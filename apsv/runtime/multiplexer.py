@@ -243,6 +243,12 @@ class Multiplexer:
                     self.routes.pop(key, None)
                     self.instances[iid].sessions.discard(key)
                     result[key] = f"error: {err}"
+        # What the new sessions said on starting (BFD: its first transmission program) goes to
+        # their owner with its next batch or poll.
+        for iid in calls:
+            out = await self.instances[iid].handle.tick.remote()
+            if out:
+                self._queue_output(bytes(out))
         return result
 
     async def close_sessions(self, keys: list[Key]) -> None:
