@@ -1,7 +1,7 @@
 """Scaling policies live against simulated: the same trace window through the real system.
 
 python benchmarks/scaling_live.py [--policies reactive,predictive,oracle] [--steps 120]
-                                  [--start 775] [--peak-rate 4000] [--speed 1]
+                                  [--start 775] [--peak-rate 2000] [--speed 1]
                                   [--out benchmarks/results/scaling_live.json]
                                   [--plots benchmarks/results/scaling_plots]
 
@@ -42,7 +42,7 @@ def main() -> None:
     ap.add_argument("--policies", default="reactive,predictive,oracle")
     ap.add_argument("--steps", type=int, default=120)
     ap.add_argument("--start", type=int, default=775, help="first step of the evaluated part (multiple of 5)")
-    ap.add_argument("--peak-rate", type=float, default=4000.0)
+    ap.add_argument("--peak-rate", type=float, default=2000.0)
     ap.add_argument("--speed", type=float, default=1.0)
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "scaling_live.json")
     ap.add_argument("--plots", type=Path, default=Path(__file__).resolve().parent / "results" / "scaling_plots")

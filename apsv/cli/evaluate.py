@@ -29,7 +29,7 @@ def evaluate(
     plots: Path | None = typer.Option(Path("apsv-evaluate"), "--plots", help="directory for the PNG plots"),
     speed: float = typer.Option(1.0, "--speed", min=0.01, help="live: trace seconds per wall second"),
     live_peak_rate: float = typer.Option(
-        4000.0, "--live-peak-rate", min=1.0, help="live: messages per wall second the trace's peak becomes"
+        2000.0, "--live-peak-rate", min=1.0, help="live: messages per wall second the trace's peak becomes"
     ),
     live_steps: int | None = typer.Option(
         None, "--live-steps", min=60, help="live: replay only this many steps of the evaluated part"

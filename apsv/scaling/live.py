@@ -53,7 +53,7 @@ FloatArray = npt.NDArray[np.float64]
 @dataclass(frozen=True)
 class LiveConfig:
     speed: float = 1.0  # trace seconds per wall second
-    peak_rate: float = 4000.0  # live messages per wall second at the trace's peak
+    peak_rate: float = 2000.0  # live messages per wall second at the trace's peak (4,000 saturates 2 cores)
     sessions_per_vrouter: int = 4
     vrouters: int = 50
     payload_bytes: int = 64
