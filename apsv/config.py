@@ -55,6 +55,8 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from apsv.errors import field_path
+
 if typing.TYPE_CHECKING:  # the runtime (and Ray) are imported only when plans are built
     from apsv.runtime.instance import Allocation
     from apsv.runtime.vpsm import ProtocolPlan
@@ -385,16 +387,6 @@ class ApsvConfig(_Section):
 # Loading
 
 
-def _where(loc: tuple[Any, ...]) -> str:
-    out = ""
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        else:
-            out += ("." if out else "") + str(part)
-    return out or "(top level)"
-
-
 def _submodel(annotation: Any) -> type[BaseModel] | None:
     """The section model inside an annotation (X, X | None, list[X], Annotated[...])."""
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
@@ -485,7 +477,7 @@ def _apply_overrides(data: dict[str, Any], env: Mapping[str, str]) -> dict[tuple
         node: Any = data
         ok = True
         for depth, key in enumerate(path[:-1]):
-            here = _where(tuple(path[:depth])) if depth else "(top level)"
+            here = field_path(tuple(path[:depth])) if depth else "(top level)"
             nxt = path[depth + 1]
             if isinstance(node, dict) and not isinstance(key, int):
                 if key not in node:
@@ -521,7 +513,7 @@ def _apply_overrides(data: dict[str, Any], env: Mapping[str, str]) -> dict[tuple
                 node[last] = value
         else:
             what = "a list (use an index)" if isinstance(node, list) else "a value, not a section"
-            problems.append(f"{label}: {_where(tuple(path[:-1]))} is {what}")
+            problems.append(f"{label}: {field_path(tuple(path[:-1]))} is {what}")
             continue
         applied[tuple(path)] = var
     if problems:
@@ -560,7 +552,7 @@ def parse_config(
         raise ConfigError(
             [
                 f"{_source_of(tuple(err['loc']), applied, env, source, (err.get('ctx') or {}).get('related'))}: "
-                f"{_where(tuple(err['loc']))}: {_message(err)}"
+                f"{field_path(tuple(err['loc']))}: {_message(err)}"
                 for err in e.errors()
             ]
         ) from None
@@ -570,14 +562,14 @@ def parse_config(
         loc: tuple[Any, ...] = ("protocols", i, "protocol")
         if p.protocol in seen:
             problems.append(
-                f"{_source_of(loc, applied, env, source)}: {_where(loc)}: {p.protocol!r} already configured "
+                f"{_source_of(loc, applied, env, source)}: {field_path(loc)}: {p.protocol!r} already configured "
                 f"at protocols[{seen[p.protocol]}]"
             )
         seen.setdefault(p.protocol, i)
         if p.policy == "predictive" and not cfg.forecaster.enabled:
             loc = ("protocols", i, "policy")
             problems.append(
-                f"{_source_of(loc, applied, env, source)}: {_where(loc)}: 'predictive' scales on forecasts: "
+                f"{_source_of(loc, applied, env, source)}: {field_path(loc)}: 'predictive' scales on forecasts: "
                 "set forecaster.enabled: true"
             )
     if problems:

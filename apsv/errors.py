@@ -2,6 +2,19 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+
+def field_path(loc: tuple[Any, ...]) -> str:
+    """A validation error's location as an operator writes it: `protocols[1].allocation.cpu`."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out or "(top level)"
+
 
 class DecodeError(ValueError):
     """Bad bytes in a container format (offload frame, MRT record, capture file, snapshot).

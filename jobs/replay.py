@@ -71,8 +71,6 @@ def main(argv: list[str] | None = None) -> int:
     from apsv.runtime.client import OffloadClient
     from apsv.runtime.cluster import find_deployment
 
-    if not ray.is_initialized():
-        ray.init(namespace=args.namespace)  # inside `ray job submit` this joins the job's cluster
     im: Any  # Ray types a handle's methods as unreachable
     vpsm: Any
     try:

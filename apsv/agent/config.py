@@ -48,6 +48,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from apsv.bfd.session import BfdAuthConfig
 from apsv.bgp.config import Announcement, BgpSessionConfig
+from apsv.errors import field_path
 from apsv.frame import ProtocolId
 
 Key = tuple[int, int, int, int]
@@ -126,7 +127,7 @@ class BgpPeer(BaseModel):
         try:
             self.stack_config()  # every session setting checked now, with its name
         except ValidationError as e:
-            problems = "; ".join(f"{_where(err['loc'])}: {err['msg']}" for err in e.errors())
+            problems = "; ".join(f"{field_path(err['loc'])}: {err['msg']}" for err in e.errors())
             raise ValueError(problems) from None
         return self
 
@@ -249,21 +250,11 @@ class AgentConfig(BaseModel):
 EVENT_LEVELS = {"none": 0, "all": 1, "state": 2}  # apsv.runtime.host.EVENTS_*
 
 
-def _where(loc: tuple[Any, ...]) -> str:
-    out = ""
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        else:
-            out += ("." if out else "") + str(part)
-    return out or "(top level)"
-
-
 def parse_config(data: dict[str, Any], source: str = "config") -> AgentConfig:
     try:
         return AgentConfig.model_validate(data)
     except ValidationError as e:
-        lines = [f"{source}: {_where(err['loc'])}: {err['msg']}" for err in e.errors()]
+        lines = [f"{source}: {field_path(err['loc'])}: {err['msg']}" for err in e.errors()]
         raise ConfigError("invalid agent configuration:\n  " + "\n  ".join(lines)) from None
 
 

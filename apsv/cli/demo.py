@@ -374,12 +374,9 @@ def run_offload(
 def summarize(timeline: list[dict[str, Any]], slo_ms: float) -> dict[str, Any]:
     """Latency percentiles over every message, instances over time, the forecast's error against
     what came, SLO-violation seconds - from the VPSM's per-step record."""
-    from apsv.scaling.latency import LATENCY_BINS_MS, quantile
+    from apsv.scaling.latency import merge, quantile
 
-    hist = np.zeros(LATENCY_BINS_MS.size - 1, dtype=np.int64)
-    for r in timeline:
-        if r.get("hist"):
-            hist += np.asarray(r["hist"], dtype=np.int64)
+    hist = merge(timeline)
     load = np.array([float(r["load"]) for r in timeline])
     p50 = np.array([float(r.get("forecast", {}).get("p50", np.nan)) for r in timeline])
     p90 = np.array([float(r.get("forecast", {}).get("p90", np.nan)) for r in timeline])
@@ -411,7 +408,7 @@ def plot_demo(timeline: list[dict[str, Any]], slo_ms: float, directory: Path) ->
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from apsv.scaling.latency import LATENCY_BINS_MS
+    from apsv.scaling.latency import LATENCY_BINS_MS, merge
 
     directory.mkdir(parents=True, exist_ok=True)
     t = np.array([float(r["ts"]) for r in timeline])
@@ -435,10 +432,7 @@ def plot_demo(timeline: list[dict[str, Any]], slo_ms: float, directory: Path) ->
     paths.append(directory / "demo-scaling.png")
     fig.savefig(paths[-1], dpi=90)
     plt.close(fig)
-    hist = np.zeros(LATENCY_BINS_MS.size - 1, dtype=np.int64)
-    for r in timeline:
-        if r.get("hist"):
-            hist += np.asarray(r["hist"], dtype=np.int64)
+    hist = merge(timeline)
     fig, ax = plt.subplots(figsize=(6, 4))
     if hist.sum():
         ax.plot(np.sqrt(LATENCY_BINS_MS[:-1] * LATENCY_BINS_MS[1:]), np.cumsum(hist) / hist.sum())

@@ -97,8 +97,11 @@ def deploy(
 def find_deployment(
     namespace: str = NAMESPACE, multiplexer: str = MULTIPLEXER_NAME, vpsm: str = VPSM_NAME
 ) -> tuple[Any, Any]:
-    """The running deployment's multiplexer and VPSM (named actors), from a connected driver;
-    LookupError saying what to run when there is none."""
+    """The running deployment's multiplexer and VPSM (named actors); LookupError saying what to
+    run when there is none. A driver not yet connected joins the current cluster (inside `ray
+    job submit`, the job's)."""
+    if not ray.is_initialized():
+        ray.init(namespace=namespace)
     try:
         return ray.get_actor(multiplexer, namespace=namespace), ray.get_actor(vpsm, namespace=namespace)
     except ValueError:

@@ -3,6 +3,9 @@ for a p99 over a whole run and for CDF plots, without keeping every sample."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
+from typing import Any
+
 import numpy as np
 import numpy.typing as npt
 
@@ -15,6 +18,17 @@ def histogram(latencies_ms: npt.ArrayLike) -> IntArray:
     """Counts per bin; values beyond the ends land in the first or last bin."""
     x = np.clip(np.asarray(latencies_ms, dtype=np.float64), LATENCY_BINS_MS[0], LATENCY_BINS_MS[-1])
     return np.histogram(x, LATENCY_BINS_MS)[0].astype(np.int64)
+
+
+def merge(rows: Iterable[Mapping[str, Any]], key: str = "hist") -> IntArray:
+    """The sum of the histograms in `rows[key]` (rows without one - no messages - skipped):
+    the VPSM's per-step records merged over a run."""
+    total = np.zeros(LATENCY_BINS_MS.size - 1, dtype=np.int64)
+    for r in rows:
+        h = r.get(key)
+        if h is not None:
+            total += np.asarray(h, dtype=np.int64)
+    return total
 
 
 def quantile(counts: IntArray, q: float) -> float:

@@ -44,7 +44,7 @@ import numpy.typing as npt
 
 from apsv.frame import ProtocolId
 from apsv.runtime.host import Key
-from apsv.scaling.latency import LATENCY_BINS_MS, quantile
+from apsv.scaling.latency import LATENCY_BINS_MS, merge, quantile
 from apsv.scaling.simulator import Forecasts, SimConfig, SimResult, initial_instances, session_weights, simulate
 
 FloatArray = npt.NDArray[np.float64]
@@ -330,10 +330,7 @@ def run_policy(
     dur = np.clip(dur, 0.0, None)
     p99 = np.array([r["p99_ms"] if r["p99_ms"] is not None else 0.0 for r in rows], dtype=np.float64)
     inside = (t >= 0) & (t < steps)
-    hist = np.zeros(LATENCY_BINS_MS.size - 1, dtype=np.int64)
-    for r in rows:
-        if r.get("hist") is not None:
-            hist += np.asarray(r["hist"], dtype=np.int64)
+    hist = merge(rows)
     return LiveResult(
         policy=policy,
         slo_violation_s=float(dur[inside & (p99 > cfg.slo_ms)].sum()),
