@@ -42,8 +42,8 @@ def main() -> None:
     ap.add_argument("--policies", default="reactive,predictive,oracle")
     ap.add_argument("--steps", type=int, default=120)
     ap.add_argument("--start", type=int, default=775, help="first step of the evaluated part (multiple of 5)")
-    ap.add_argument("--peak-rate", type=float, default=2000.0)
-    ap.add_argument("--speed", type=float, default=1.0)
+    ap.add_argument("--peak-rate", type=float, default=1000.0)
+    ap.add_argument("--speed", type=float, default=0.5)
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "scaling_live.json")
     ap.add_argument("--plots", type=Path, default=Path(__file__).resolve().parent / "results" / "scaling_plots")
     a = ap.parse_args()
@@ -66,6 +66,17 @@ def main() -> None:
     out["machine"] = {"cpus": os.cpu_count(), "platform": platform.platform()}
     out["wall_s"] = round(time.perf_counter() - t0, 1)
     out["policy_configs"] = doc["policy_configs"]
+    # per step, live beside simulated: where they part
+    out["timelines"] = {
+        p: {
+            "live_t": [round(float(x), 2) for x in r.timeline["t"]],
+            "live_instances": [int(x) for x in r.timeline["instances"]],
+            "live_p99_ms": [round(float(x), 1) for x in r.timeline["p99_ms"]],
+            "sim_instances": [int(x) for x in res["sim"][p].timeline["instances"]],
+            "sim_p99_ms": [round(float(x), 1) for x in res["sim"][p].timeline["p99_ms"]],
+        }
+        for p, r in res["live"].items()
+    }
     print(f"calibration: {json.dumps(out['calibration'])}")
     for p, r in out["policies"].items():
         s = out["sim"][p]

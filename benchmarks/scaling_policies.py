@@ -84,9 +84,22 @@ def scale_test(quick: bool) -> dict[str, Any]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument(
+        "--scale-only",
+        action="store_true",
+        help="only the simulator's speed at scale (run it on an idle machine); updates `scale` in --out",
+    )
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "scaling_policies.json")
     ap.add_argument("--plots", type=Path, default=Path(__file__).resolve().parent / "results" / "scaling_plots")
     a = ap.parse_args()
+    if a.scale_only:
+        scale = scale_test(a.quick)
+        print(f"scale: {json.dumps(scale)}")
+        doc = json.loads(a.out.read_text()) if a.out.exists() else {"benchmark": "scaling_policies"}
+        doc["scale"] = scale
+        a.out.write_text(json.dumps(doc, indent=1, default=str) + "\n")
+        print(f"saved {a.out}")
+        return
     data = shared_data()
     rows = []
     for tr in traces(data, a.quick):

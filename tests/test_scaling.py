@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 
 from apsv.runtime.placement import InstanceLoad, rebalance_moves
-from apsv.scaling.policy import POLICIES, ScalingContext, get_policy, predictive, threshold
+from apsv.scaling.policy import POLICIES, ScalingContext, get_policy, predictive, slo_utilization, threshold
 from apsv.scaling.simulator import Forecasts, SimConfig, simulate
 from apsv.scaling.traces import bfd_population, bgp_churn
 
@@ -91,6 +92,82 @@ def test_predictive_bounds_an_exploding_forecast() -> None:
     assert predictive(c).instances == 6  # a burst the median predicts is provisioned
 
 
+def test_predictive_sizes_for_the_live_load_plus_draining_the_backlog() -> None:
+    cfg = {"target_utilization": 0.8, "backlog_s": 2.0}
+    # 1,000/s live and 4,000 queued: sized for 1,000 + 4,000 / 2 s = 3,000/s, not +1 per step
+    d = predictive(ctx(current_instances=2, load=1000.0, inflight=4000.0, forecast=flat_forecast(1000), config=cfg))
+    assert d.instances == math.ceil(3000 / (CAP * 0.8)) and "backlog 4000" in d.reason
+    # a shorter drain horizon asks for more
+    d = predictive(ctx(current_instances=2, load=1000.0, inflight=4000.0, config={**cfg, "backlog_s": 1.0}))
+    assert d.instances == math.ceil(5000 / (CAP * 0.8))
+    # a few frames in flight (random arrivals at a busy instance) change nothing
+    d = predictive(ctx(current_instances=2, load=1000.0, inflight=20.0, forecast=flat_forecast(1000), config=cfg))
+    assert d.instances == 2
+    # never below the live load's need, and bounds and budget hold with a huge backlog
+    d = predictive(ctx(current_instances=2, load=1e6, inflight=0.0, config=cfg, max_instances=20))
+    assert d.instances == 20
+    d = predictive(ctx(current_instances=2, load=0.0, inflight=1e9, config=cfg, max_instances=20, budget_instances=7))
+    assert d.instances == 7
+
+
+def test_predictive_caps_utilization_at_what_the_slo_allows() -> None:
+    # one instance at 2,000 msgs/s: 0.5 ms per message; random arrivals queue, so a 10 ms SLO (BFD)
+    # allows ~85 % busy, a 100 ms one ~99 %; no SLO, no cap
+    assert 0.8 < slo_utilization(ctx(capacity_per_instance=2000.0, slo_ms=10.0)) < 0.87
+    assert slo_utilization(ctx(capacity_per_instance=2000.0, slo_ms=100.0)) > 0.97
+    assert slo_utilization(ctx(capacity_per_instance=2000.0, slo_ms=None)) == 1.0
+    assert 0.05 <= slo_utilization(ctx(capacity_per_instance=10.0, slo_ms=1.0)) < 0.1  # SLO below one service time
+    cfg = {"target_utilization": 0.95}
+    tight = predictive(ctx(capacity_per_instance=2000.0, load=17_000.0, slo_ms=10.0, config=cfg))
+    loose = predictive(ctx(capacity_per_instance=2000.0, load=17_000.0, slo_ms=100.0, config=cfg))
+    assert loose.instances == math.ceil(17_000 / (2000 * 0.95)) == 9
+    bfd_util = slo_utilization(ctx(capacity_per_instance=2000.0, slo_ms=10.0))
+    assert tight.instances == math.ceil(17_000 / (2000 * bfd_util))
+    assert tight.instances == 10
+
+
+def test_predictive_forgets_a_storm_after_recent_s() -> None:
+    # the forecaster's band after a storm: p90 far above a quiet median
+    band = {"p50": (500.0,) * 40, "p90": (30_000.0,) * 40}
+    storm = (500.0,) * 50 + (24_000.0,) * 10 + (500.0,) * 100  # ended 100 s ago
+    cfg = {"target_utilization": 1.0, "recent_s": 60}
+    c = ctx(current_instances=1, load=500.0, load_history=storm, forecast=band, config=cfg)
+    assert predictive(c).instances == 1  # bounded by 1.5 x 500/s: the storm is out of the window
+    # within the window the storm still licenses the band (1.5 x 24,000/s > 30,000/s)
+    c = ctx(current_instances=1, load=500.0, load_history=storm[:-50], forecast=band, config=cfg)
+    assert predictive(c).instances == 30
+
+
+def test_predictive_holds_steady_on_a_noisy_backlog() -> None:
+    """Flickering frames in flight and a noisy load around a steady level: no flapping."""
+    rng = np.random.default_rng(5)
+    st: dict[str, Any] = {}
+    cur = 7
+    changes = 0
+    for t in range(600):
+        load = 5000.0 + rng.normal(0, 300)
+        c = ctx(
+            now=float(t),
+            current_instances=cur,
+            load=load,
+            inflight=float(rng.uniform(0, 200)),
+            forecast=flat_forecast(5000),
+            load_history=(5000.0,) * 60,
+            instance_ages=(500.0,) * cur,
+            config={"target_utilization": 0.8},
+            state=st,
+        )
+        d = predictive(c)
+        st = d.state
+        changes += d.instances != cur
+        cur = d.instances
+    assert changes == 0 and cur == math.ceil(5000 * 1.1 / (CAP * 0.8))
+    # a real rise of the live load is followed at once, sized at the target
+    rise = ctx(current_instances=7, load=6500.0, forecast=flat_forecast(5000), config={"target_utilization": 0.8})
+    d = predictive(rise)
+    assert d.instances == math.ceil(6500 / (CAP * 0.8))
+
+
 @pytest.mark.parametrize("name", sorted(POLICIES))
 def test_every_policy_respects_bounds_and_budget(name: str) -> None:
     fn = get_policy(name)
@@ -145,6 +222,46 @@ def test_simulator_conserves_messages_and_loses_when_underprovisioned() -> None:
         simulate(np.array([1.0, -1.0]), "fixed", cfg)
     with pytest.raises(ValueError, match="exceeds nodes"):
         SimConfig(max_instances=1000, nodes=10, instances_per_node=4)
+
+
+def test_mixture_quantile_matches_a_fine_bisection() -> None:
+    """The simulator's fast p99 (constants hoisted, bisection to 1e-4) against a 60-step
+    bisection on the reference CDF, on random mixtures of uniform + M/D/1-tail components."""
+    from apsv.scaling.simulator import _mixture_cdf, _mixture_quantile
+
+    rng = np.random.default_rng(1)
+    for _ in range(200):
+        n = int(rng.integers(1, 40))
+        lo = rng.uniform(1, 50, n)
+        hi = lo + rng.uniform(0, 200, n) * (rng.random(n) > 0.3)  # some point masses
+        wt = rng.uniform(0, 10, n)
+        rho = rng.uniform(0, 0.95, n) * (rng.random(n) > 0.3)
+        m = rng.uniform(0, 30, n) * (rng.random(n) > 0.2)
+        a, b = float(lo.min()), float((hi + 12 * m).max())
+        for _ in range(60):
+            x = (a + b) / 2
+            a, b = (x, b) if _mixture_cdf(x, lo, hi, wt, rho, m).sum() / wt.sum() < 0.99 else (a, x)
+        assert _mixture_quantile(lo, hi, wt, 0.99, rho, m) == pytest.approx((a + b) / 2, rel=5e-4, abs=2e-3)
+
+
+def test_simulator_agents_batching_and_head_of_line() -> None:
+    """The agents' batching delay adds up to the delay to loaded messages' latency; a backlog past
+    the agents' in-flight window holds up every message, not only the backlogged instance's; a
+    move that waits out a seconds-long backlog pauses its session for as many steps."""
+    load = np.full(60, 5000.0)
+    cfg = SimConfig(capacity=CAP, start_latency_s=2.0, max_instances=20, vrouters=200, poisson_arrivals=False)
+    plain = simulate(load, "fixed", cfg, policy_config={"instances": 4})
+    batched = simulate(load, "fixed", replace(cfg, batch_delay_ms=40.0), policy_config={"instances": 4})
+    assert plain.p99_ms < batched.p99_ms <= plain.p99_ms + 40.0 + 1e-6
+    # a skewed population (one router carries half the load) bursts for 10 s: the instance with
+    # the heavy router backs up seconds deep while the others keep up
+    skewed = replace(cfg, vrouters=12, sessions_per_vrouter=1, zipf=1.5, max_queue_s=60.0)
+    burst = np.full(60, 1500.0)
+    burst[10:20] = 2500.0
+    free = simulate(burst, "fixed", skewed, policy_config={"instances": 4})
+    coupled = simulate(burst, "fixed", replace(skewed, agent_window_ms=500.0), policy_config={"instances": 4})
+    assert free.p99_ms > 1000 and coupled.slo_violation_s >= free.slo_violation_s
+    assert coupled.late > 1.5 * free.late  # the other instances' messages wait behind the backlog too
 
 
 def test_predictive_beats_reactive_ahead_of_a_known_burst() -> None:

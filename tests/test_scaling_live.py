@@ -29,7 +29,7 @@ def test_live_evaluation_against_the_simulator(ray_cluster: Any, data_dir: Path,
             "evaluate", str(trace), "--season", "288", "--mode", "live", "--policies", "predictive,oracle",
             "--max-instances", "24", "--forecaster-steps", "150", "--json", "--plots", str(tmp_path / "plots"),
             # the steepest rise of the evaluated part: 3.4k -> 16k msgs/s (trace) within a minute
-            "--live-start", "775", "--live-steps", "60", "--live-peak-rate", "2000",
+            "--live-start", "775", "--live-steps", "60", "--live-peak-rate", "1000", "--speed", "0.5",
         ],
     )  # fmt: skip
     assert r.exit_code == 0, r.output
@@ -46,7 +46,9 @@ def test_live_evaluation_against_the_simulator(ray_cluster: Any, data_dir: Path,
         # every message echoed back: applied exactly once (a handful may still be in a move)
         assert live["lost"] <= 0.001 * live["messages"]
         assert live["scale_actions"] >= 1 and sim["scale_actions"] >= 1  # both scaled into the rise
-        # cost agrees (the benchmark measures 9-16 % apart; a margin for a shared CI machine)
-        assert out["agreement"][p]["instance_s"] <= 0.25, out["agreement"]
+        # cost agrees within the 20 % (the benchmark measures 1-4 % apart)
+        assert out["agreement"][p]["instance_s"] <= 0.2, out["agreement"]
+    # the calibration measured a live move (a second instance joining takes a share of the sessions)
+    assert 0 < cal["move_s"] < 1.0
     names = sorted(p.name for p in (tmp_path / "plots").glob("*-live-*.png"))
     assert len(names) == 2 and names[0].endswith("-live-instances.png") and names[1].endswith("-live-latency-cdf.png")

@@ -27,9 +27,11 @@ def evaluate(
     max_instances: int = typer.Option(64, "--max-instances", min=1),
     steps: int = typer.Option(600, "--forecaster-steps", min=1, help="training steps of the forecaster"),
     plots: Path | None = typer.Option(Path("apsv-evaluate"), "--plots", help="directory for the PNG plots"),
-    speed: float = typer.Option(1.0, "--speed", min=0.01, help="live: trace seconds per wall second"),
+    speed: float = typer.Option(
+        0.5, "--speed", min=0.01, help="live: trace seconds per wall second (0.5: half the Ray calls per trace second)"
+    ),
     live_peak_rate: float = typer.Option(
-        2000.0, "--live-peak-rate", min=1.0, help="live: messages per wall second the trace's peak becomes"
+        1000.0, "--live-peak-rate", min=1.0, help="live: messages per wall second the trace's peak becomes"
     ),
     live_steps: int | None = typer.Option(
         None, "--live-steps", min=60, help="live: replay only this many steps of the evaluated part"

@@ -136,6 +136,7 @@ class Counters:
     quota_waits: int = 0
     quota_wait_seconds: float = 0.0
     moves: int = 0
+    move_seconds: float = 0.0  # summed over moves: how long moved sessions' frames were held
     recoveries: int = 0
     sessions_recovered: int = 0
     frames_redelivered: int = 0
@@ -208,6 +209,8 @@ class Multiplexer:
                 "accepting": s.accepting,
                 "alive": s.alive,
                 "frames": s.frames,
+                # its sessions' frames so far: its share of the traffic, by the weights rebalance uses
+                "session_frames": sum(r.frames for k in s.sessions if (r := self.routes.get(k)) is not None),
                 "quota_waits": s.quota_waits,
             }
             for iid, s in self.instances.items()
@@ -539,6 +542,7 @@ class Multiplexer:
             return
         src = self.instances[r.instance_id]
         target = self.instances[dst]
+        t0 = time.perf_counter()
         async with self._dispatch_lock:
             r.moving = True  # from here on its frames are held
             # Sent under the lock, so after every process() already sent to src: nothing lost.
@@ -563,6 +567,7 @@ class Multiplexer:
         self.c.moves += 1
         self.metrics.moved(r.protocol, reason)
         await self._release_held(r)
+        self.c.move_seconds += time.perf_counter() - t0
 
     async def _release_held(self, r: Route) -> None:
         """Send a route's held frames to its (new) instance, in order, then let new ones flow."""
@@ -714,6 +719,7 @@ class Multiplexer:
             "quota_waits": c.quota_waits,
             "quota_wait_seconds": round(c.quota_wait_seconds, 4),
             "moves": c.moves,
+            "move_seconds": round(c.move_seconds, 4),
             "recoveries": c.recoveries,
             "sessions_recovered": c.sessions_recovered,
             "frames_redelivered": c.frames_redelivered,

@@ -9,6 +9,12 @@ instances it wants, and makes it so:
 * down: pick the least-used instance, drain it - every live session moved elsewhere by
   snapshot, restore and reroute - then destroy it (deregister, stop the actor or container).
 
+Session moves (drains, and the rebalancing after instances join or leave) run in a mover task
+per protocol, not in the control step: a move waits for the frames already queued at its source,
+which takes as long as that instance's backlog - exactly when it is overloaded and the loop most
+needs to keep observing and deciding. The mover runs its protocol's moves one job at a time, so
+no session is moved by two jobs at once; operators' calls (`scale_to`, `drain`) wait for it.
+
 It is a named, detached actor: it outlives the job that started it, and anyone can find it.
 """
 
@@ -96,6 +102,7 @@ class Managed:
     started: float
     start_latency_s: float
     requested: float = 0.0  # when the VPSM asked for it: billed from here (it is starting)
+    draining: bool = False  # chosen for scale-down: takes no sessions, its drain is queued
     last_frames: int = 0
     last_cpu: float = 0.0
     last_busy: float = 0.0
@@ -143,6 +150,11 @@ class VPSM:
         self._last_arrivals: dict[str, int] = {}
         self._last_arrivals_ts = 0.0
         self._imbalances: dict[str, float] = {}
+        # Per protocol: session-moving jobs ("drain", instance) / ("rebalance", None), run in
+        # order by one mover task; bounded by the instances there are (rebalances coalesce).
+        self._jobs: dict[str, deque[tuple[str, str | None]]] = {p: deque() for p in self.plans}
+        self._movers: dict[str, asyncio.Task[None]] = {}
+        self.move_errors = 0
         self._metrics = _VpsmMetrics()
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -172,6 +184,9 @@ class VPSM:
         await self.stop_loop()
         if self._tasks:  # instances still starting: let them finish, then stop them with the rest
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        for p in self.plans:
+            self._jobs[p].clear()
+            await self._settle(p)
         for m in list(self.managed.values()):
             await self._destroy(m, drain=False)
         if self.telemetry is not None:
@@ -214,7 +229,6 @@ class VPSM:
                 clock = self.clocks.get(protocol, IDENTITY)
                 mine = [loads[i] for i, m in self.managed.items() if m.protocol == protocol and i in loads]
                 rate = self.history[protocol][-1]
-                rates = [float(x["msgs_per_s"]) for x in mine]
                 # the protocol's p99 over every message of the interval, from all its instances
                 lat = np.concatenate([x["latency_ms"] for x in mine if len(x.get("latency_ms", ()))] or [np.zeros(0)])
                 p99 = float(np.percentile(lat, 99)) * clock.speed if lat.size else None
@@ -248,7 +262,9 @@ class VPSM:
                     # utilization (its CPU use when the stack is CPU-bound, and still right when
                     # a message's cost is waiting on something).
                     cpu_utilization=sum(busy) / len(busy) if busy else None,
-                    load_imbalance=self._imbalance(protocol, rates),
+                    load_imbalance=self._imbalance(
+                        protocol, [float(x["traffic_share"]) for x in mine if x["accepting"]]
+                    ),
                     future_load=clock.future[k + 1 : k + 65],
                     state=self.policy_state[protocol],
                     config=plan.policy_config,
@@ -263,6 +279,8 @@ class VPSM:
                         "protocol": protocol,
                         "instances": ctx.current_instances,
                         "desired": d.instances,
+                        "reason": d.reason,
+                        "imbalance": ctx.load_imbalance,
                         "load": rate,
                         "p99_ms": p99,
                         "messages": int(lat.size),
@@ -335,7 +353,9 @@ class VPSM:
         rows = []
         out: dict[str, dict[str, Any]] = {}
         for iid, res in zip(ids, results, strict=True):
-            m = self.managed[iid]
+            m = self.managed.get(iid)
+            if m is None:
+                continue  # drained and destroyed by the mover meanwhile
             if isinstance(res, BaseException):
                 continue  # a dead instance: the multiplexer recovers its sessions on the next batch
             dt = max(now - m.last_ts, 1e-6) if m.last_ts else None
@@ -346,8 +366,16 @@ class VPSM:
             cpu_pct = 100.0 * (cpu - m.last_cpu) / dt if dt else 0.0
             busy = min(1.0, (busy_s - m.last_busy) / dt) if dt else 0.0
             m.last_frames, m.last_cpu, m.last_busy, m.last_ts = frames, cpu, busy_s, now
-            queue = int(im_view.get(iid, {}).get("inflight_frames", 0))
-            res.update(msgs_per_s=rate, cpu_percent=cpu_pct, busy_fraction=busy, queue_depth=queue)
+            view = im_view.get(iid, {})
+            queue = int(view.get("inflight_frames", 0))
+            res.update(
+                msgs_per_s=rate,
+                cpu_percent=cpu_pct,
+                busy_fraction=busy,
+                queue_depth=queue,
+                traffic_share=float(view.get("session_frames", 0)),
+                accepting=bool(view.get("accepting", True)) and not m.draining,
+            )
             out[iid] = res
             alloc = res["allocation"]
             rows.append(
@@ -384,6 +412,7 @@ class VPSM:
     async def scale_to(self, protocol: str, n: int) -> int:
         """Force a protocol to n instances now (drains on the way down). Returns the new count."""
         async with self._lock:
+            await self._settle(protocol)
             await self._scale(self.plans[protocol], n, "forced")
             return self._count(protocol)
 
@@ -394,6 +423,7 @@ class VPSM:
         async with self._lock:
             m = self.managed[instance_id]
             plan = self.plans[m.protocol]
+            await self._settle(m.protocol)
             if replace or self._count(m.protocol) <= plan.min_instances:
                 await self._instantiate(plan, f"replacing {instance_id}")
             await self.im.set_accepting.remote(instance_id, False)
@@ -432,9 +462,10 @@ class VPSM:
     async def _scale(self, plan: ProtocolPlan, desired: int, reason: str, background: bool = False) -> None:
         """Make it `desired` instances (within the plan's bounds). Called with the lock held.
 
-        With `background` (the control loop), new instances start in a task of their own: the
-        loop keeps observing and deciding while they start, and counts them as there, as it
-        will have them by the time it could ask again."""
+        With `background` (the control loop), new instances start in a task of their own and
+        drains and rebalancing go to the protocol's mover: the loop keeps observing and deciding
+        meanwhile, counting starting instances as there and draining ones as gone, as they will
+        be by the time it could ask again. Without it (operators' calls), all is done on return."""
         p = plan.protocol
         desired = max(plan.min_instances, min(plan.max_instances, desired))
         missing = desired - self._active(p)
@@ -463,12 +494,19 @@ class VPSM:
             await self.im.set_accepting.remote(victim, False)
             victims.append(victim)
         for victim in victims:
-            await self._destroy(self.managed[victim], drain=True)
             self.actions[p] = self.actions.get(p, 0) + 1
             self._metrics.action(p, "down", 1)
+            if background:
+                self.managed[victim].draining = True
+                self._enqueue(p, "drain", victim)
+            else:
+                await self._destroy(self.managed[victim], drain=True)
         if victims:
             # drained sessions were placed one by one: even out what they upset
-            await self._rebalance(p)
+            if background:
+                self._enqueue(p, "rebalance")
+            else:
+                await self._rebalance(p)
 
     async def _grow(self, plan: ProtocolPlan, n: int, reason: str) -> None:
         p = plan.protocol
@@ -489,7 +527,48 @@ class VPSM:
                 ok += 1
             if ok:
                 # New capacity takes a share of the live sessions now, not only of future ones.
-                await self._rebalance(p)
+                self._enqueue(p, "rebalance")
+
+    def _enqueue(self, protocol: str, kind: str, instance_id: str | None = None) -> None:
+        """Queue a session-moving job for the protocol's mover (starting it if idle). A
+        rebalance already waiting covers a new one: it will see the instances as they are then."""
+        q = self._jobs[protocol]
+        if kind == "rebalance" and ("rebalance", None) in q:
+            return
+        q.append((kind, instance_id))
+        task = self._movers.get(protocol)
+        if task is None or task.done():
+            self._movers[protocol] = asyncio.get_running_loop().create_task(self._move(protocol))
+
+    async def _move(self, protocol: str) -> None:
+        """The protocol's mover: its jobs one at a time, in order. A failed job is logged and
+        counted; a drain that failed gives the instance back to the pool (it still serves)."""
+        q = self._jobs[protocol]
+        while q:
+            kind, iid = q.popleft()
+            try:
+                if kind == "drain":
+                    m = self.managed.get(iid or "")
+                    if m is not None:
+                        await self._destroy(m, drain=True)
+                else:
+                    await self._rebalance(protocol)
+            except Exception as e:  # the mover must go on with the next job
+                self.move_errors += 1
+                log.exception("%s job on %s failed", kind, iid or protocol)
+                self.events.append({"ts": time.time(), "event": f"{kind}-failed", "instance": iid, "error": repr(e)})
+                m = self.managed.get(iid or "")
+                if kind == "drain" and m is not None:
+                    m.draining = False
+                    with contextlib.suppress(Exception):
+                        await self.im.set_accepting.remote(m.instance_id, True)
+
+    async def _settle(self, protocol: str) -> None:
+        """Wait until the protocol's mover has no job left."""
+        task = self._movers.get(protocol)
+        while task is not None and not task.done():
+            await asyncio.shield(task)
+            task = self._movers.get(protocol)
 
     async def _rebalance(self, protocol: str) -> None:
         moved = await self.im.rebalance.remote(protocol, self.plans[protocol].rebalance_by != "sessions")
@@ -555,12 +634,15 @@ class VPSM:
         except (RayActorError, RayTaskError):
             return False
 
-    def _imbalance(self, protocol: str, rates: list[float]) -> float:
-        """Busiest instance's throughput over the mean, smoothed (as the simulator does): one
-        noisy interval must not add or remove instances."""
+    def _imbalance(self, protocol: str, shares: list[float]) -> float:
+        """The busiest instance's share of the traffic over the mean share, smoothed (as the
+        simulator does). A share is the sum of the instance's sessions' frame counts - the
+        weights the multiplexer rebalances by - not the interval's throughput: the busiest of a
+        dozen instances' noisy per-second rates is above the mean even when the sessions are
+        spread perfectly, and that bias would buy instances the load does not need."""
         prev = self._imbalances.get(protocol, 1.0)
-        if len(rates) > 1 and sum(rates) > 0:
-            prev = 0.9 * prev + 0.1 * (max(rates) / (sum(rates) / len(rates)))
+        if len(shares) > 1 and sum(shares) > 0:
+            prev = 0.9 * prev + 0.1 * (max(shares) / (sum(shares) / len(shares)))
             self._imbalances[protocol] = prev
         return prev
 
@@ -569,7 +651,8 @@ class VPSM:
         return self._count(protocol) + self._starting.get(protocol, 0)
 
     def _count(self, protocol: str) -> int:
-        return sum(1 for m in self.managed.values() if m.protocol == protocol)
+        """Ready instances, not counting those being drained away."""
+        return sum(1 for m in self.managed.values() if m.protocol == protocol and not m.draining)
 
     def _start_latency(self, protocol: str) -> float:
         xs = self.start_latencies.get(protocol)
@@ -599,6 +682,8 @@ class VPSM:
             "events": list(self.events)[-50:],
             "forecasts": {p: {q: list(v[:5]) for q, v in f.items()} for p, f in self.forecasts.items()},
             "forecast_errors": self.forecast_errors,
+            "move_errors": self.move_errors,
+            "moves_queued": {p: len(q) for p, q in self._jobs.items()},
         }
 
     async def instance_handles(self) -> dict[str, Any]:

@@ -31,7 +31,15 @@ def policy_configs(trace_rates: np.ndarray) -> dict[str, dict[str, Any]]:
     return {
         "static": {"peak_load": float(trace_rates.max()), "target_utilization": 0.7},
         "threshold": {"target_cpu": 0.6, "stabilization_s": 60.0},
-        "predictive": {"quantile": "p90", "target_utilization": 0.9, "downscale_delay_s": 20.0, "min_lifetime_s": 30.0},
+        "predictive": {
+            "quantile": "p90",
+            "target_utilization": 0.9,
+            "dwell_s": 2.0,
+            "recent_s": 60,
+            "backlog_s": 2.0,
+            "downscale_delay_s": 20.0,
+            "min_lifetime_s": 30.0,
+        },
         "oracle": {"target_utilization": 0.9},
     }
 

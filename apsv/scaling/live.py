@@ -52,13 +52,20 @@ FloatArray = npt.NDArray[np.float64]
 
 @dataclass(frozen=True)
 class LiveConfig:
-    speed: float = 1.0  # trace seconds per wall second
-    peak_rate: float = 2000.0  # live messages per wall second at the trace's peak (4,000 saturates 2 cores)
+    speed: float = 0.5  # trace seconds per wall second (slow motion: half the Ray calls per trace second)
+    peak_rate: float = 1000.0  # live messages per wall second at the trace's peak (2,000 at speed 1 saturates 2 cores)
     sessions_per_vrouter: int = 4
     vrouters: int = 50
     payload_bytes: int = 64
-    batch_delay_s: float = 0.04  # each agent's batching delay (wall)
+    batch_delay_s: float = 0.04  # each agent's batching delay, in trace seconds (wall: / speed)
     agents: int = 5  # agents (clients) the virtual routers are spread over
+    # Batches an agent's client may have in flight, and its buffers. A buffer is free again when
+    # the slowest instance its batch touches has read it: the window must outlast the longest
+    # backlog an instance builds before scaling relieves it (seconds), or one backlogged
+    # instance stalls the agent's traffic to every instance (head-of-line blocking).
+    max_inflight: int = 240
+    buffer_slots: int = 256
+    buffer_bytes: int = 8 << 10
     cpu_per_instance: float = 0.05  # Ray logical CPUs an instance reserves
     max_steps: int | None = None  # replay only the first N steps of the evaluated part
     calibrate_s: float = 3.0
@@ -79,6 +86,7 @@ class Calibration:
     capacity: float  # messages/s one instance serves
     base_latency_ms: float  # p50 latency at light load
     start_latency_s: float  # decision -> ready
+    move_s: float = 0.005  # a moved session's frames held, mean (a second instance joining at light load)
 
     def to_json(self) -> dict[str, float]:
         return {k: round(float(v), 4) for k, v in self.__dict__.items()}
@@ -211,9 +219,9 @@ def _clients(im: Any, live: LiveConfig) -> list[Any]:
     return [
         OffloadClient(
             im,
-            BufferPool(slots=64, slot_bytes=32 << 10, shared=True),
-            max_inflight=60,
-            max_batch_delay_s=live.batch_delay_s,
+            BufferPool(slots=live.buffer_slots, slot_bytes=live.buffer_bytes, shared=True),
+            max_inflight=live.max_inflight,
+            max_batch_delay_s=live.batch_delay_s / live.speed,
             metrics_label=f"live-agent-{a}",
         )
         for a in range(live.agents)
@@ -382,15 +390,24 @@ def calibrate(cfg: SimConfig, live: LiveConfig, test: FloatArray) -> Calibration
         _open(clients, keys, {"delay_ms": delay_ms})
         w = session_weights(live.vrouters, live.sessions_per_vrouter, cfg.zipf, cfg.seed)
         sender = Sender(clients, keys, w, bytes(live.payload_bytes), live.seed)
-        # light load (20 %): the latency floor
+        # light load (20 %): the latency floor; meanwhile a second instance joins and takes a
+        # share of the live sessions: how long a move holds a session's frames
         ray.get(inst.load.remote())
+        m0 = ray.get(dep.multiplexer.stats.remote())
+        joining = dep.vpsm.scale_to.remote("echo", 2)
         secs = max(1, int(live.calibrate_s / 2))
         sender.run([0.2 * target] * secs, time.time() + 0.05, 1.0)
+        ray.get(joining)
         sender.finish()
         light = ray.get(inst.load.remote())
         base = float(np.percentile(light["latency_ms"], 50)) if len(light["latency_ms"]) else 1.0
+        m1 = ray.get(dep.multiplexer.stats.remote())
+        moves = int(m1["moves"]) - int(m0["moves"])
+        move_s = (float(m1["move_seconds"]) - float(m0["move_seconds"])) / moves if moves else 0.005
+        ray.get(dep.vpsm.scale_to.remote("echo", 1))
+        (inst,) = ray.get(dep.vpsm.instance_handles.remote()).values()
         # overload (150 %): the service rate, from what the instance applied over the period
-        f0, t0 = int(light["frames_in"]), time.time()
+        f0, t0 = int(ray.get(inst.load.remote())["frames_in"]), time.time()
         sender.run([1.5 * target] * int(live.calibrate_s), time.time() + 0.05, 1.0)
         heavy = ray.get(inst.load.remote())
         capacity = (int(heavy["frames_in"]) - f0) / max(time.time() - t0, 1e-6)
@@ -398,7 +415,7 @@ def calibrate(cfg: SimConfig, live: LiveConfig, test: FloatArray) -> Calibration
         sender.close()
     finally:
         dep.stop()
-    return Calibration(delay_ms, capacity, base, float(np.median(starts)))
+    return Calibration(delay_ms, capacity, base, float(np.median(starts)), move_s)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -431,6 +448,12 @@ def evaluate_live(
         capacity=cal.capacity / live.speed,
         start_latency_s=cal.start_latency_s * live.speed,
         base_latency_ms=cal.base_latency_ms * live.speed,
+        batch_delay_ms=1000.0 * live.batch_delay_s,
+        agent_window_ms=1000.0 * live.batch_delay_s * live.max_inflight,
+        # the live system never drops: what an instance cannot take waits at the agents
+        # (backpressure), so the simulated queues hold a minute rather than losing past 2 s
+        max_queue_s=max(cfg.max_queue_s, 60.0),
+        session_move_s=cal.move_s * live.speed,
         vrouters=live.vrouters,
         sessions_per_vrouter=live.sessions_per_vrouter,
         nodes=max(1, math.ceil(cfg.max_instances / cfg.instances_per_node)),
@@ -444,6 +467,9 @@ def evaluate_live(
     )
     for p in policies:
         pc = dict(configs.get(p, {}))
+        # one live message's service time in trace ms: the queueing the policies allow for is
+        # the live instances', whichever unit (trace or live messages) the capacity is counted in
+        pc.setdefault("service_ms", 1000.0 * live.speed / cal.capacity)
         sim_pc = {k: (v * rate_scale if k == "peak_load" else v) for k, v in pc.items()}
         sims[p] = simulate(test * rate_scale, p, sim_cfg, policy_config=sim_pc, forecasts=sim_fc)
         cb = (lambda k, n, _p=p: progress(_p, k, n)) if progress is not None else None

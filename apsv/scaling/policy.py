@@ -126,43 +126,87 @@ def _needed(load: float, ctx: ScalingContext, target: float) -> int:
     return math.ceil(load / max(per, 1e-9))
 
 
+def slo_utilization(ctx: ScalingContext, fraction: float = 0.8) -> float:
+    """The highest utilization at which one instance's p99 latency stays within `fraction` of the
+    SLO, from queueing alone: messages arriving at random to a server of fixed service time
+    S = 1 / capacity (M/D/1) wait with probability rho, S / (2 (1 - rho)) on average when they do,
+    so p99 ~ S + S / (2 (1 - rho)) ln(100 rho). 1.0 without an SLO. (At 2,000 msgs/s per instance
+    a 100 ms SLO allows 0.99; BFD's 10 ms allows 0.85: above it random arrivals alone miss it.)"""
+    if ctx.slo_ms is None or ctx.capacity_per_instance <= 0:
+        return 1.0
+    # `service_ms` in the config: one message's service time when the capacity is counted in
+    # other units (a replayed trace: the VPSM counts trace messages, an instance serves live ones)
+    service_ms = float(ctx.config.get("service_ms", 1000.0 / ctx.capacity_per_instance))
+    budget = fraction * ctx.slo_ms
+    lo, hi = 0.0, 0.99
+    for _ in range(30):
+        rho = 0.5 * (lo + hi)
+        p99 = service_ms + service_ms / (2.0 * (1.0 - rho)) * math.log(max(100.0 * rho, 1.0))
+        lo, hi = (rho, hi) if p99 <= budget else (lo, rho)
+    return max(lo, 0.05)
+
+
 def predictive(ctx: ScalingContext) -> Decision:
-    """Provision now for the forecast at now + lead time.
+    """Provision now for the forecast at now + lead time, and for the live load plus its backlog.
 
     - lead time = the measured instance start latency plus one decision interval: an instance
       asked for now serves from then on;
     - need = the peak of the chosen forecast quantile (`quantile`, default p90) from now to the
-      end of the lead time plus `dwell_s`, at `target_utilization` of the per-instance capacity
-      (learned from telemetry by the VPSM);
+      end of the lead time plus `dwell_s` (5: a join moves only part of the sessions, the rest
+      follow at later joins, so a burst wants its instances a few seconds early), at the target
+      utilization of the per-instance capacity (learned from telemetry by the VPSM);
+    - utilization: `target_utilization`, but never above what the SLO allows from queueing alone
+      (`slo_utilization`, within `slo_fraction` 0.8 of it: 0.85 busy for a 10 ms SLO);
     - the upper quantile is bounded by `max_forecast_ratio` (1.5) times the larger of the median
-      forecast and the highest load of the last `recent_s` (300) steps;
-    - live correction: never below what the live load needs; a p99 latency above the SLO while
-      the instances are busier than the target adds one instance;
+      forecast and the highest load of the last `recent_s` (60) steps (a storm a minute gone no
+      longer licenses the band it left in the model's context);
+    - live correction: never below what the live load plus draining the measured backlog
+      (`inflight` past `backlog_tolerance_s` of service per instance) within `backlog_s` (2 s)
+      needs at the target - except that a live load between the target and `live_band` (half)
+      of the way to full utilization is held through, not scaled for (noise; it would flap);
+      a p99 latency above the SLO while the instances are busier than the target adds one
+      instance on top;
     - up at once; down only after the wish has held for `downscale_delay_s` and only instances
       older than `min_lifetime_s` may go (against churn).
     """
     cfg = ctx.config
     q = str(cfg.get("quantile", "p90"))
-    target = float(cfg.get("target_utilization", 0.8))
+    target = min(float(cfg.get("target_utilization", 0.8)), slo_utilization(ctx, float(cfg.get("slo_fraction", 0.8))))
     interval = float(cfg.get("interval_s", 1.0))
     dwell = float(cfg.get("dwell_s", 5.0))
     down_delay = float(cfg.get("downscale_delay_s", 30.0))
     min_life = float(cfg.get("min_lifetime_s", 60.0))
+    backlog_s = float(cfg.get("backlog_s", 2.0))
     lead = ctx.start_latency_s + interval
     forecast = (ctx.forecast or {}).get(q, ())
+    ratio = float(cfg.get("max_forecast_ratio", 1.5))
+    recent = ctx.load_history[-int(cfg.get("recent_s", 60)) :]
     k = max(1, math.ceil((lead + dwell) / max(ctx.forecast_step_s, 1e-9)))
     predicted = max(forecast[:k], default=0.0)
-    ratio = float(cfg.get("max_forecast_ratio", 1.5))
-    recent = ctx.load_history[-int(cfg.get("recent_s", 300)) :]
     if ratio > 0 and q != "p50":
         # An upper quantile far above both the median forecast and anything seen lately is the
         # model's band exploding after an outlier (a reset storm in its context), not a
         # prediction: bound it. A burst the median itself predicts is kept.
         median = max((ctx.forecast or {}).get("p50", ())[:k], default=0.0)
         predicted = min(predicted, ratio * max(median, max(recent, default=0.0), ctx.load))
-    live = ctx.load
-    desired = max(_needed(predicted, ctx, target), _needed(live, ctx, target))
-    reason = f"{q} {predicted:.0f}/s within {lead + dwell:.1f}s, live {live:.0f}/s"
+
+    # the live load, plus the backlog drained within backlog_s (a backlog a few instances hold
+    # drains only as fast as their sessions move away: size for the load that would clear it).
+    # Up to `backlog_tolerance_s` of service per instance (50 ms, at most half the SLO) is the
+    # queueing of random arrivals, not a backlog: it flickers, and sizing for it would flap.
+    tolerance_s = float(cfg.get("backlog_tolerance_s", 0.05))
+    if ctx.slo_ms is not None:
+        tolerance_s = min(tolerance_s, ctx.slo_ms / 2000.0)
+    normal = tolerance_s * ctx.capacity_per_instance * max(ctx.current_instances, 1)
+    live = ctx.load + max(ctx.inflight - normal, 0.0) / max(backlog_s, 1e-9)
+    # hysteresis on the live load: past the target but not past `live_band` of the way to full
+    # utilization (half) is noise to hold through (scaling for it would flap); beyond, size for
+    # it at the target. Scaling down never goes below what it needs at the target.
+    live_need = _needed(live, ctx, target)
+    if _needed(live, ctx, target + (1.0 - target) * float(cfg.get("live_band", 0.5))) <= ctx.current_instances:
+        live_need = min(live_need, ctx.current_instances)
+    desired = max(_needed(predicted, ctx, target), live_need)
+    reason = f"{q} {predicted:.0f}/s within {lead + dwell:.1f}s, live {ctx.load:.0f}/s + backlog {ctx.inflight:.0f}"
     late = ctx.latency_p99_ms is not None and ctx.slo_ms is not None and ctx.latency_p99_ms > ctx.slo_ms
     busy = ctx.cpu_utilization is None or ctx.cpu_utilization > target
     if late and busy:
@@ -187,9 +231,10 @@ def oracle(ctx: ScalingContext) -> Decision:
     """Perfect foresight: what the actual load (`future_load`) needs at `target_utilization`
     (default 0.9) over the next lead time plus `hold_s` (default 20 s, so an instance is not
     drained just before it is needed again: every drain moves sessions); the cost floor for
-    running without SLO violations."""
+    running without SLO violations - so never busier than the SLO allows from the queueing of
+    random arrivals alone (`slo_utilization`)."""
     cfg = ctx.config
-    target = float(cfg.get("target_utilization", 0.9))
+    target = min(float(cfg.get("target_utilization", 0.9)), slo_utilization(ctx, float(cfg.get("slo_fraction", 0.8))))
     lead = ctx.start_latency_s + float(cfg.get("interval_s", 1.0))
     k = max(1, math.ceil((lead + float(cfg.get("hold_s", 20.0))) / max(ctx.forecast_step_s, 1e-9)))
     peak = max((ctx.load, *ctx.future_load[:k]))

@@ -59,6 +59,16 @@ class SimConfig:
     # Random (Poisson) arrivals queue even below capacity: an M/D/1 wait per busy instance on
     # top of the fluid backlog. False: fluid only (no wait below capacity).
     poisson_arrivals: bool = True
+    # The agents' batching delay (ms): an agent sends a batch at once when none is in flight,
+    # else when its first message has waited this long. A batch comes back when its slowest
+    # instance has applied its part, so a message waits up to min(delay, that round trip) at
+    # its agent - and one backlogged instance makes every session of the agent wait the delay.
+    batch_delay_ms: float = 0.0
+    # The agents' in-flight window (ms of batches: batches in flight x batch delay; 0: no
+    # coupling). An agent's batch touches every instance, and its buffer is free again only when
+    # the slowest has read it: an instance whose backlog exceeds the window holds every agent up,
+    # so every message waits at least the excess.
+    agent_window_ms: float = 0.0
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -160,9 +170,35 @@ def _mixture_quantile(
     b = float((hi + 12.0 * m).max())
     if b - a < 1e-12:
         return a
-    for _ in range(40):
+    # `_mixture_cdf` with what does not depend on x computed once (this runs every step over
+    # every instance: it is most of a large simulation's time)
+    width = hi - lo
+    has_w = width > 1e-12
+    inv_w = 1.0 / np.maximum(width, 1e-12)
+    safe_m = np.maximum(m, 1e-12)
+    inv_m = 1.0 / safe_m
+    queued = m > 1e-12
+    w_plain = wt * np.where(queued, 1.0 - rho, 1.0)
+    w_conv = wt * np.where(queued, rho, 0.0)
+    goal = q * total
+
+    def below(x: float) -> float:
+        d = x - lo
+        u = np.clip(d * inv_w, 0.0, 1.0)
+        u = np.where(has_w, u, d >= 0.0)
+        dl = np.maximum(d, 0.0)
+        tail_lo = np.exp(-dl * inv_m)
+        span = np.minimum(dl, width)
+        conv = np.where(has_w, (span - safe_m * (np.exp((span - dl) * inv_m) - tail_lo)) * inv_w, 1.0 - tail_lo)
+        conv = np.clip(conv, 0.0, 1.0)
+        return float(w_plain @ u + w_conv @ conv)
+
+    # to a thousandth of a millisecond or 0.01 % of the value, whichever is coarser: finer is
+    # noise next to the model, and each halving costs a pass over every instance
+    tol = max(1e-3, 1e-4 * b)
+    while b - a > tol:
         x = 0.5 * (a + b)
-        if float(_mixture_cdf(x, lo, hi, wt, rho, m).sum()) / total < q:
+        if below(x) < goal:
             a = x
         else:
             b = x
@@ -305,7 +341,7 @@ def simulate(
     lat_rho: list[FloatArray] = []
     lat_m: list[FloatArray] = []
     last_decision = -math.inf
-    # (load share, pause ms) of sessions moved this step: a move first waits for the frames
+    # (load share, pause ms left) of sessions being moved: a move first waits for the frames
     # already queued at its source (they are applied there, in order), then the move itself
     moved: list[tuple[float, float]] = []
 
@@ -356,16 +392,32 @@ def simulate(
             rho = np.zeros(busy.size)
             mw = np.zeros(busy.size)
         if moved:
-            # a moved session's messages of this step waited out its move: uniformly up to the pause
+            # a moving session's messages wait until its move ends (its frames are held): those of
+            # this step between what is left of the pause after the step and what is left before
+            # it. A pause longer than a step (a source seconds behind) goes on into the next.
             floor = cfg.base_latency_ms + service_ms
+            step_ms = 1000.0 * dt
             share = np.array([m[0] for m in moved])
             pause = np.array([m[1] for m in moved])
-            lo = np.append(lo, np.full(share.size, floor))
+            lo = np.append(lo, floor + np.maximum(pause - step_ms, 0.0))
             hi = np.append(hi, floor + pause)
             wt = np.asarray(np.append(wt, share * rate * dt), dtype=np.float64)
             rho = np.append(rho, np.zeros(share.size))
             mw = np.append(mw, np.zeros(share.size))
-            moved.clear()
+            moved[:] = [(w_, left - step_ms) for w_, left in moved if left > step_ms]
+        if cfg.agent_window_ms > 0 and wt.size:
+            # head-of-line: a backlog past the agents' window holds up every agent's messages
+            floor = cfg.base_latency_ms + service_ms
+            stall_lo = 1000.0 * float(q0.max()) / cfg.capacity - cfg.agent_window_ms
+            stall_hi = 1000.0 * float(q1.max()) / cfg.capacity - cfg.agent_window_ms
+            if stall_lo > 0 or stall_hi > 0:
+                lo = np.maximum(lo, floor + max(stall_lo, 0.0))
+                hi = np.maximum(hi, floor + max(stall_hi, 0.0))
+        if cfg.batch_delay_ms > 0 and wt.size:
+            # the agents' batching wait: up to min(delay, the round trip of the batch before,
+            # which the most backlogged instance sets), uniform over it
+            rtt = float((hi + mw).max())
+            hi = hi + min(cfg.batch_delay_ms, rtt)
         p99 = _mixture_quantile(lo, hi, wt, 0.99, rho, mw) if wt.size else cfg.base_latency_ms
         if wt.size and float((hi + 12.0 * mw).max()) > cfg.slo_ms:
             late += float(wt.sum() - _mixture_cdf(cfg.slo_ms, lo, hi, wt, rho, mw).sum())
