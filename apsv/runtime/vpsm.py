@@ -185,8 +185,13 @@ class VPSM:
         if self._tasks:  # instances still starting: let them finish, then stop them with the rest
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
         for p in self.plans:
+            # sessions are closed, not moved, on shutdown: a drain in flight is abandoned
             self._jobs[p].clear()
-            await self._settle(p)
+            task = self._movers.pop(p, None)
+            if task is not None and not task.done():
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task
         for m in list(self.managed.values()):
             await self._destroy(m, drain=False)
         if self.telemetry is not None:
@@ -209,7 +214,8 @@ class VPSM:
             self.steps += 1
             now = time.time()
             loads = await self._collect(now)
-            dead = [i for i in self.managed if i not in loads]
+            # an instance the mover is draining may stop answering as it is destroyed: not dead
+            dead = [i for i, m in self.managed.items() if i not in loads and not m.draining]
             if dead:
                 await self._reap([i for i in dead if not await self._alive(i)])
             decisions: dict[str, Any] = {}
@@ -244,13 +250,16 @@ class VPSM:
                     now=t,
                     current_instances=self._active(protocol),
                     load=rate,
-                    inflight=float(sum(x["queue_depth"] for x in mine)) / clock.rate_scale,
+                    # the backlog new instances can relieve: not what waits at instances being drained
+                    inflight=float(sum(x["queue_depth"] for x in mine if x["accepting"])) / clock.rate_scale,
                     sessions=sum(int(x["sessions"]) for x in mine),
                     capacity_per_instance=plan.capacity_per_instance,
                     min_instances=plan.min_instances,
                     max_instances=plan.max_instances,
                     instance_ages=tuple(
-                        (now - m.started) * clock.speed for m in self.managed.values() if m.protocol == protocol
+                        (now - m.started) * clock.speed
+                        for m in self.managed.values()
+                        if m.protocol == protocol and not m.draining
                     ),
                     start_latency_s=self._start_latency(protocol) * clock.speed,
                     load_history=tuple(self.history[protocol]),
@@ -278,6 +287,8 @@ class VPSM:
                         "t": t,
                         "protocol": protocol,
                         "instances": ctx.current_instances,
+                        # billed: starting and draining ones too (the simulator's timeline counts these)
+                        "billed": self._billed(protocol),
                         "desired": d.instances,
                         "reason": d.reason,
                         "imbalance": ctx.load_imbalance,
@@ -424,6 +435,8 @@ class VPSM:
             m = self.managed[instance_id]
             plan = self.plans[m.protocol]
             await self._settle(m.protocol)
+            if instance_id not in self.managed:
+                return 0  # the control loop had already drained it
             if replace or self._count(m.protocol) <= plan.min_instances:
                 await self._instantiate(plan, f"replacing {instance_id}")
             await self.im.set_accepting.remote(instance_id, False)
@@ -533,8 +546,8 @@ class VPSM:
         """Queue a session-moving job for the protocol's mover (starting it if idle). A
         rebalance already waiting covers a new one: it will see the instances as they are then."""
         q = self._jobs[protocol]
-        if kind == "rebalance" and ("rebalance", None) in q:
-            return
+        if kind == "rebalance" and q and q[-1] == ("rebalance", None):
+            return  # (one queued before a drain would not see the drained sessions)
         q.append((kind, instance_id))
         task = self._movers.get(protocol)
         if task is None or task.done():
@@ -629,7 +642,10 @@ class VPSM:
 
     async def _alive(self, instance_id: str) -> bool:
         try:
-            await self.managed[instance_id].handle.ready.remote()
+            m = self.managed.get(instance_id)
+            if m is None:
+                return False
+            await m.handle.ready.remote()
             return True
         except (RayActorError, RayTaskError):
             return False
@@ -649,6 +665,10 @@ class VPSM:
     def _active(self, protocol: str) -> int:
         """Ready instances plus those starting."""
         return self._count(protocol) + self._starting.get(protocol, 0)
+
+    def _billed(self, protocol: str) -> int:
+        """Instances that cost: ready, starting and being drained."""
+        return sum(1 for m in self.managed.values() if m.protocol == protocol) + self._starting.get(protocol, 0)
 
     def _count(self, protocol: str) -> int:
         """Ready instances, not counting those being drained away."""

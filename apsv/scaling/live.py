@@ -87,9 +87,10 @@ class Calibration:
     base_latency_ms: float  # p50 latency at light load
     start_latency_s: float  # decision -> ready
     move_s: float = 0.005  # a moved session's frames held, mean (a second instance joining at light load)
+    moves: int = 0  # the moves that measured it (0: none happened, move_s is the default)
 
     def to_json(self) -> dict[str, float]:
-        return {k: round(float(v), 4) for k, v in self.__dict__.items()}
+        return {k: v if isinstance(v, int) else round(float(v), 4) for k, v in self.__dict__.items()}
 
 
 @dataclass
@@ -351,7 +352,8 @@ def run_policy(
         session_moves=moves,
         timeline={
             "t": t,
-            "instances": np.array([r["instances"] for r in rows], dtype=np.float64),
+            # billed instances (starting and draining included), as the simulator's timeline counts
+            "instances": np.array([r.get("billed", r["instances"]) for r in rows], dtype=np.float64),
             "load": np.array([r["load"] for r in rows], dtype=np.float64),
             "p99_ms": p99,
         },
@@ -415,7 +417,7 @@ def calibrate(cfg: SimConfig, live: LiveConfig, test: FloatArray) -> Calibration
         sender.close()
     finally:
         dep.stop()
-    return Calibration(delay_ms, capacity, base, float(np.median(starts)), move_s)
+    return Calibration(delay_ms, capacity, base, float(np.median(starts)), move_s, moves)
 
 
 # ------------------------------------------------------------------------------------------------

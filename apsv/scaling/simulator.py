@@ -193,10 +193,9 @@ def _mixture_quantile(
         conv = np.clip(conv, 0.0, 1.0)
         return float(w_plain @ u + w_conv @ conv)
 
-    # to a thousandth of a millisecond or 0.01 % of the value, whichever is coarser: finer is
-    # noise next to the model, and each halving costs a pass over every instance
-    tol = max(1e-3, 1e-4 * b)
-    while b - a > tol:
+    # to a thousandth of a millisecond or 0.01 % of the value (its lower bracket), whichever is
+    # coarser: finer is noise next to the model, and each halving costs a pass over every instance
+    while b - a > max(1e-3, 1e-4 * a):
         x = 0.5 * (a + b)
         if below(x) < goal:
             a = x
@@ -343,13 +342,13 @@ def simulate(
     last_decision = -math.inf
     # (load share, pause ms left) of sessions being moved: a move first waits for the frames
     # already queued at its source (they are applied there, in order), then the move itself
-    moved: list[tuple[float, float]] = []
+    moved: list[tuple[float, float, int]] = []  # (share, pause ms left, the instance it went to)
 
     def note_moves(before: npt.NDArray[np.int64]) -> None:
         changed = np.flatnonzero(before != assign)
         for vr in changed.tolist():
             backlog_ms = 1000.0 * float(queue[before[vr]]) / cfg.capacity
-            moved.append((float(w[vr]), backlog_ms + 1000.0 * cfg.session_move_s))
+            moved.append((float(w[vr]), backlog_ms + 1000.0 * cfg.session_move_s, int(assign[vr])))
 
     imbalance = 1.0  # busiest instance's arrivals over the mean, smoothed (what telemetry shows)
     service_ms = 1000.0 / cfg.capacity
@@ -399,20 +398,28 @@ def simulate(
             step_ms = 1000.0 * dt
             share = np.array([m[0] for m in moved])
             pause = np.array([m[1] for m in moved])
+            # those messages are counted here, not also at the instance they went to
+            at = np.full(slots, -1, dtype=np.int64)
+            at[busy] = np.arange(busy.size)
+            idx = at[np.array([m[2] for m in moved], dtype=np.int64)]
+            taken = np.zeros(wt.size)
+            np.add.at(taken, idx[idx >= 0], share[idx >= 0] * rate * dt)
+            wt = np.maximum(wt - taken, 0.0)
             lo = np.append(lo, floor + np.maximum(pause - step_ms, 0.0))
             hi = np.append(hi, floor + pause)
             wt = np.asarray(np.append(wt, share * rate * dt), dtype=np.float64)
             rho = np.append(rho, np.zeros(share.size))
             mw = np.append(mw, np.zeros(share.size))
-            moved[:] = [(w_, left - step_ms) for w_, left in moved if left > step_ms]
+            moved[:] = [(w_, left - step_ms, dst) for w_, left, dst in moved if left > step_ms]
         if cfg.agent_window_ms > 0 and wt.size:
             # head-of-line: a backlog past the agents' window holds up every agent's messages
             floor = cfg.base_latency_ms + service_ms
             stall_lo = 1000.0 * float(q0.max()) / cfg.capacity - cfg.agent_window_ms
             stall_hi = 1000.0 * float(q1.max()) / cfg.capacity - cfg.agent_window_ms
             if stall_lo > 0 or stall_hi > 0:
-                lo = np.maximum(lo, floor + max(stall_lo, 0.0))
-                hi = np.maximum(hi, floor + max(stall_hi, 0.0))
+                # (a shrinking backlog stalls less at the end of the step than at its start)
+                lo = np.maximum(lo, floor + max(min(stall_lo, stall_hi), 0.0))
+                hi = np.maximum(hi, floor + max(stall_lo, stall_hi, 0.0))
         if cfg.batch_delay_ms > 0 and wt.size:
             # the agents' batching wait: up to min(delay, the round trip of the batch before,
             # which the most backlogged instance sets), uniform over it
@@ -492,7 +499,9 @@ def simulate(
                         break
                     assign[vr] = int(dst)
                     queue[int(dst)] += share
-                    moved.append((float(w[vr]), 1000.0 * (share * members.size / cfg.capacity + cfg.session_move_s)))
+                    moved.append(
+                        (float(w[vr]), 1000.0 * (share * members.size / cfg.capacity + cfg.session_move_s), int(dst))
+                    )
                     moves_total += 1
                 queue[v] = 0.0
                 n_active -= 1
