@@ -775,11 +775,19 @@ def _instance_failure(e: BaseException) -> bool:
     return "InstanceFailed" in type(getattr(e, "cause", None)).__name__ or "InstanceFailed" in str(e)
 
 
+# Calls the multiplexer runs at once. Every batch a client has in flight holds one while it waits
+# for its turn (a client's batches are applied in order, and Ray starts them out of order), so
+# the clients' in-flight windows together must stay well below it: with 256, five clients of 240
+# batches filled every slot with batches waiting for a turn that could then never start
+# (found by a live replay that hung). Waiting coroutines cost little.
+MAX_CONCURRENCY = 4096
+
+
 def create_multiplexer(
     name: str = "apsv-multiplexer", *, namespace: str | None = None, seed: int = 0, detached: bool = False
 ) -> Any:
     cls = ray.remote(Multiplexer)
-    opts: dict[str, Any] = {"name": name, "max_concurrency": 256, "num_cpus": 0, "get_if_exists": True}
+    opts: dict[str, Any] = {"name": name, "max_concurrency": MAX_CONCURRENCY, "num_cpus": 0, "get_if_exists": True}
     if namespace:
         opts["namespace"] = namespace
     if detached:  # outlives the driver that made it (`apsv up` exits once deployed)

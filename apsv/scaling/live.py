@@ -76,6 +76,13 @@ class LiveConfig:
             raise ValueError("speed, peak_rate and batch_delay_s must be positive")
         if self.vrouters < 1 or self.sessions_per_vrouter < 1:
             raise ValueError("need at least one virtual router with one session")
+        from apsv.runtime.multiplexer import MAX_CONCURRENCY
+
+        if self.agents * self.max_inflight > MAX_CONCURRENCY // 2:
+            raise ValueError(
+                f"{self.agents} agents x {self.max_inflight} batches in flight exceed half the "
+                f"multiplexer's {MAX_CONCURRENCY} concurrent calls"
+            )
 
 
 @dataclass
