@@ -146,6 +146,12 @@ def slo_utilization(ctx: ScalingContext, fraction: float = 0.8) -> float:
     return max(lo, 0.05)
 
 
+def _target(ctx: ScalingContext, default: float) -> float:
+    """The configured `target_utilization`, never above what the SLO allows (`slo_fraction`)."""
+    cfg = ctx.config
+    return min(float(cfg.get("target_utilization", default)), slo_utilization(ctx, float(cfg.get("slo_fraction", 0.8))))
+
+
 def predictive(ctx: ScalingContext) -> Decision:
     """Provision now for the forecast at now + lead time, and for the live load plus its backlog.
 
@@ -171,7 +177,7 @@ def predictive(ctx: ScalingContext) -> Decision:
     """
     cfg = ctx.config
     q = str(cfg.get("quantile", "p90"))
-    target = min(float(cfg.get("target_utilization", 0.8)), slo_utilization(ctx, float(cfg.get("slo_fraction", 0.8))))
+    target = _target(ctx, 0.8)
     interval = float(cfg.get("interval_s", 1.0))
     dwell = float(cfg.get("dwell_s", 5.0))
     down_delay = float(cfg.get("downscale_delay_s", 30.0))
@@ -234,7 +240,7 @@ def oracle(ctx: ScalingContext) -> Decision:
     running without SLO violations - so never busier than the SLO allows from the queueing of
     random arrivals alone (`slo_utilization`)."""
     cfg = ctx.config
-    target = min(float(cfg.get("target_utilization", 0.9)), slo_utilization(ctx, float(cfg.get("slo_fraction", 0.8))))
+    target = _target(ctx, 0.9)
     lead = ctx.start_latency_s + float(cfg.get("interval_s", 1.0))
     k = max(1, math.ceil((lead + float(cfg.get("hold_s", 20.0))) / max(ctx.forecast_step_s, 1e-9)))
     peak = max((ctx.load, *ctx.future_load[:k]))
