@@ -210,6 +210,32 @@ def test_weighted_rebalance_evens_out_load() -> None:
     assert rebalance_moves(insts, sessions) and len(rebalance_moves(insts, sessions)) == 8  # counts: 4 each
 
 
+def test_weighted_rebalance_moves_each_session_once() -> None:
+    """The greedy pass can pick a session again from the instance it just moved it to (the
+    multiplexer would then detach it twice): the moves name each session once, where it ends,
+    never its own instance - and leave the same loads as replaying every pick would."""
+    rng = np.random.default_rng(7)
+    for _ in range(300):
+        n_inst = int(rng.integers(2, 8))
+        insts = [InstanceLoad(str(i), 0, 100, 0, 1, 0.0) for i in range(n_inst)]
+        sessions: dict[str, list[Any]] = {str(i): [] for i in range(n_inst)}
+        home: dict[Any, str] = {}
+        for s in range(int(rng.integers(2, 60))):
+            i = str(int(rng.integers(0, max(1, n_inst // 2))))  # crowded on the first half
+            sessions[i].append(s)
+            home[s] = i
+        weight = {s: float(rng.pareto(1.2) + 0.1) for s in home}
+        moves = rebalance_moves(insts, sessions, weight_of=weight, max_moves=int(rng.integers(1, 40)))
+        keys = [s for s, _ in moves]
+        assert len(keys) == len(set(keys)) and all(home[s] != dst for s, dst in moves)
+        before = {i: sum(weight[s] for s in ss) for i, ss in sessions.items()}
+        after = dict(before)
+        for s, dst in moves:
+            after[home[s]] -= weight[s]
+            after[dst] += weight[s]
+        assert max(after.values()) <= max(before.values()) + 1e-9  # never worse
+
+
 def test_simulator_conserves_messages_and_loses_when_underprovisioned() -> None:
     load = np.full(300, 5000.0)
     cfg = SimConfig(capacity=CAP, start_latency_s=2.0, max_instances=20, vrouters=200)

@@ -33,6 +33,8 @@ from apsv.stack import (
 
 Key = tuple[int, int, int, int]  # (tenant, vrouter, protocol, session): the frame header's identity
 
+MAX_DEPARTED = 4096  # sessions remembered as moved away, per host
+
 # Which events a session sends its virtual router (the `emit_events` of open/restore).
 EVENTS_NONE, EVENTS_ALL, EVENTS_STATE = 0, 1, 2  # state: everything but routing-table changes
 
@@ -83,6 +85,7 @@ class HostCounters:
     duplicates: int = 0
     gaps: int = 0
     unknown_session: int = 0
+    departed: int = 0  # frames of a session moved away after they were sent here (applied at its new instance)
     foreign: int = 0  # frames naming a session the multiplexer did not route here
     errors: int = 0
     busy_seconds: float = 0.0
@@ -98,6 +101,9 @@ class SessionHost:
         self.counters = HostCounters()
         self._pending: list[bytes] = []  # output produced outside process() (timers)
         self._snapshots: dict[Key, tuple[SeqState, bytes]] = {}
+        # sessions detached from here, most recent last (bounded): their frames still queued
+        # here are not errors - the multiplexer redelivers them to the session's new instance
+        self._departed: dict[Key, None] = {}
         self._tx_ns = 0
 
     # -- session lifecycle ---------------------------------------------------------------------
@@ -110,6 +116,7 @@ class SessionHost:
         session = self.stack.create_session(config)
         entry = Entry(session, self.protocol, emit_events=emit_events)
         self.sessions[key] = entry
+        self._departed.pop(key, None)
         self._tx_ns = time.time_ns()
         self._emit(key, entry, session.start(now), 0)
 
@@ -117,6 +124,7 @@ class SessionHost:
         if len(self.sessions) >= self.limits.max_sessions and key not in self.sessions:
             raise OverflowError(f"instance is full ({self.limits.max_sessions} sessions)")
         session = self.stack.restore_session(blob)
+        self._departed.pop(key, None)
         self.sessions[key] = Entry(
             session,
             self.protocol,
@@ -137,6 +145,9 @@ class SessionHost:
         out = self.snapshot(key)
         del self.sessions[key]
         self._snapshots.pop(key, None)
+        self._departed[key] = None
+        if len(self._departed) > MAX_DEPARTED:
+            del self._departed[next(iter(self._departed))]
         return out
 
     def close(self, key: Key, now: float) -> None:
@@ -178,7 +189,10 @@ class SessionHost:
                 c.foreign += 1
                 continue
             if e is None:
-                c.unknown_session += 1
+                if key in self._departed:
+                    c.departed += 1
+                else:
+                    c.unknown_session += 1
                 continue
             if seq <= e.last_seq:
                 e.duplicates += 1
@@ -302,6 +316,7 @@ class SessionHost:
             "duplicates": c.duplicates,
             "gaps": c.gaps,
             "unknown_session": c.unknown_session,
+            "departed": c.departed,
             "foreign": c.foreign,
             "errors": c.errors,
             "busy_seconds": round(c.busy_seconds, 6),

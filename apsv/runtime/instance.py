@@ -4,10 +4,17 @@ All its calls come from the multiplexer, so Ray's per-caller ordering of actor t
 session order: frames of a session are applied in the order the multiplexer routed them, and a
 move (detach here, restore there) cannot overtake the frames sent before it. The actor is
 synchronous on purpose: a batch is applied as a whole before the next call starts.
+
+One exception, `detach_now` (its own thread): a session leaving an overloaded instance is taken
+between two batches, ahead of the batches queued for it, instead of after the whole backlog. The
+frames of it still queued here are then skipped (counted as departed) and the multiplexer
+redelivers them, from what it retains, to the session's new instance - by sequence number, so
+each is applied exactly once. A lock keeps a batch and a detach from interleaving.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
@@ -20,6 +27,7 @@ from apsv.runtime.backend import Backend, ProcessBackend
 from apsv.runtime.host import HostLimits, Key, SeqState
 from apsv.runtime.shm import SegmentCache
 from apsv.runtime.telemetry import InstanceMetrics, percentile
+from apsv.runtime.wire import RemoteError
 
 
 @dataclass(frozen=True)
@@ -64,6 +72,7 @@ class StackInstance:
         self.metrics = InstanceMetrics(instance_id, protocol, self.backend.kind)
         self.payload_copies = 0
         self.segments = SegmentCache()  # senders' shared-memory pools, mapped on first use
+        self._host_lock = threading.Lock()  # the data path vs detach_now's thread
 
     @ray.method(concurrency_group="control")
     def ready(self) -> dict[str, Any]:
@@ -78,12 +87,13 @@ class StackInstance:
         """Open sessions; returns, per spec, None or the error that refused it."""
         now = time.time()
         out: list[str | None] = []
-        for key, config, emit in specs:
-            try:
-                self.backend.open(key, config, now, emit)
-                out.append(None)
-            except Exception as e:  # a bad config refuses that session, not the batch
-                out.append(f"{type(e).__name__}: {e}")
+        with self._host_lock:
+            for key, config, emit in specs:
+                try:
+                    self.backend.open(key, config, now, emit)
+                    out.append(None)
+                except Exception as e:  # a bad config refuses that session, not the batch
+                    out.append(f"{type(e).__name__}: {e}")
         return out
 
     @ray.method(num_returns=2)
@@ -112,36 +122,66 @@ class StackInstance:
             if not _zero_copy(data):  # the object store hands out read-only views; anything else was copied
                 self.payload_copies += len(offs)
             view = memoryview(data).cast("B") if not isinstance(data, (bytes, bytearray)) else memoryview(data)
-        t0 = time.perf_counter()
-        out = self.backend.process(view, offs, time.time(), None if allowed is None else set(allowed))
-        self.metrics.batch(len(offs), time.perf_counter() - t0)
-        snaps = self.backend.take_snapshots()
+        with self._host_lock:
+            t0 = time.perf_counter()
+            out = self.backend.process(view, offs, time.time(), None if allowed is None else set(allowed))
+            self.metrics.batch(len(offs), time.perf_counter() - t0)
+            snaps = self.backend.take_snapshots()
         return (out, [(k, st) for k, (st, _b) in snaps.items()]), {k: b for k, (_st, b) in snaps.items()}
 
+    @ray.method(concurrency_group="moves")
     def restore_sessions(self, items: list[tuple[Key, bytes, SeqState, int]]) -> None:
-        for key, blob, seq, emit in items:
-            self.backend.restore(key, blob, seq, emit)
+        """Take sessions in (moved or recovered), without waiting for the batches queued here:
+        none of them can name these sessions - their frames are held until this returns."""
+        with self._host_lock:
+            for key, blob, seq, emit in items:
+                self.backend.restore(key, blob, seq, emit)
 
-    def detach(self, key: Key) -> tuple[bytes, SeqState]:
-        return self.backend.detach(key)
+    def detach(self, keys: list[Key]) -> list[tuple[bytes, SeqState] | None]:
+        """Snapshot and remove sessions after every batch sent here before this call."""
+        return self._detach(keys)
+
+    @ray.method(concurrency_group="moves")
+    def detach_now(self, keys: list[Key]) -> list[tuple[bytes, SeqState] | None]:
+        """Snapshot and remove sessions now, between two batches, ahead of those still queued
+        (see the module's docstring: the caller redelivers what follows each snapshot)."""
+        return self._detach(keys)
+
+    def _detach(self, keys: list[Key]) -> list[tuple[bytes, SeqState] | None]:
+        # None for a session not here: the others still go, one bad key must not strand the rest
+        out: list[tuple[bytes, SeqState] | None] = []
+        with self._host_lock:
+            for k in keys:
+                try:
+                    out.append(self.backend.detach(k))
+                except (KeyError, RemoteError) as e:  # RemoteError: the container's KeyError
+                    if isinstance(e, RemoteError) and not str(e).startswith("KeyError"):
+                        raise
+                    out.append(None)
+        return out
 
     def snapshot(self, key: Key) -> tuple[bytes, SeqState]:
-        return self.backend.snapshot(key)
+        with self._host_lock:
+            return self.backend.snapshot(key)
 
     def close_sessions(self, keys: list[Key]) -> None:
         now = time.time()
-        for k in keys:
-            self.backend.close(k, now)
+        with self._host_lock:
+            for k in keys:
+                self.backend.close(k, now)
 
     def tick(self) -> bytes:
-        return self.backend.tick(time.time())
+        with self._host_lock:
+            return self.backend.tick(time.time())
 
     def session_info(self, key: Key) -> dict[str, Any]:
-        return self.backend.session_info(key)
+        with self._host_lock:
+            return self.backend.session_info(key)
 
     def session_table(self, key: Key, family: str = "ipv4-unicast") -> list[tuple[str, str | None, str]]:
         """The session's Loc-RIB rows (prefix, next hop, source) for a family."""
-        return self.backend.session_table(key, family)
+        with self._host_lock:
+            return self.backend.session_table(key, family)
 
     @ray.method(concurrency_group="control")
     def load(self) -> dict[str, Any]:
@@ -196,8 +236,9 @@ def create_instance(
     image: str | None = None,
 ) -> Any:
     """Start a stack instance actor with the allocation's resources (CPU, memory)."""
-    # load and readiness in a group of their own, beside the data path (not settable in options())
-    cls = ray.remote(concurrency_groups={"control": 1})(StackInstance)  # type: ignore[call-overload]
+    # load and readiness in a group of their own, beside the data path, and out-of-turn detaches
+    # in another (groups are not settable in options())
+    cls = ray.remote(concurrency_groups={"control": 1, "moves": 1})(StackInstance)  # type: ignore[call-overload]
     opts: dict[str, Any] = {
         "name": f"apsv-instance-{instance_id}",
         "num_cpus": allocation.cpu,

@@ -126,6 +126,12 @@ class Route:
     held: list[Held] = field(default_factory=list)  # arrived while moving or recovering
     frames: int = 0
     moves: int = 0
+    # highest sequence number among frames dropped from `retained` (it is bounded): until a
+    # snapshot covers it, what was sent to the instance is not all here to redeliver
+    dropped_upto: int = 0
+
+    def retained_complete(self) -> bool:
+        return self.dropped_upto == 0 or (self.snapshot is not None and self.snapshot[1].last_seq >= self.dropped_upto)
 
 
 @dataclass
@@ -137,6 +143,9 @@ class Counters:
     quota_wait_seconds: float = 0.0
     moves: int = 0
     move_seconds: float = 0.0  # summed over moves: how long moved sessions' frames were held
+    moves_in_order: int = 0  # moves that waited for the frames queued at their source (retained incomplete)
+    move_not_found: int = 0  # sessions a move did not find on their source (never expected)
+    move_redelivered: int = 0  # frames sent to a session's old instance, skipped there, applied at the new one
     recoveries: int = 0
     sessions_recovered: int = 0
     frames_redelivered: int = 0
@@ -174,6 +183,7 @@ class Multiplexer:
         self._client_next: dict[str, int] = {}
         self._turn_cv = asyncio.Condition()
         self._dispatch_lock = asyncio.Lock()
+        self._collectors: set[asyncio.Task[None]] = set()  # output of moved sessions' released frames
         self._recovery_lock = asyncio.Lock()
         # Output produced outside a client's own submit (released or redelivered frames, timers),
         # split by the client that owns each frame's session: a client only ever gets its own.
@@ -449,7 +459,8 @@ class Multiplexer:
 
     def _retain(self, r: Route, chunk: Held) -> None:
         if len(r.retained) >= MAX_RETAINED_CHUNKS:
-            r.retained.popleft()  # bounded; a snapshot is overdue (counted)
+            gone = r.retained.popleft()  # bounded; a snapshot is overdue (counted)
+            r.dropped_upto = max(r.dropped_upto, gone[3])
             self.c.retained_dropped += 1
         r.retained.append(chunk)
 
@@ -537,45 +548,98 @@ class Multiplexer:
     async def move_session(self, key: Key, dst: str, reason: str = "manual") -> None:
         """Move a live session to instance `dst` without losing or reordering a frame. `reason`
         (rebalance, drain, manual) only labels the move in the metrics."""
-        r = self.routes[key]
-        if r.instance_id == dst:
+        await self.move_sessions([key], dst, reason)
+
+    async def move_sessions(self, keys: list[Key], dst: str, reason: str = "manual") -> None:
+        """Move live sessions of one instance to instance `dst` (see `move_session`).
+
+        The sessions are taken from their source between two batches, ahead of the batches
+        queued there (`detach_now`): their frames in those are skipped at the source and sent
+        again, from `retained`, to `dst` - each applied once, by sequence number. So sessions
+        leave an overloaded instance in milliseconds, their backlog with them, instead of after
+        that backlog (seconds: exactly when scaling out must relieve the instance). Only when a
+        session's `retained` is incomplete (it overflowed since its last snapshot) do the moves
+        wait their turn there instead."""
+        routes = [self.routes[k] for k in keys]
+        # (a session being moved or recovered already is left to that)
+        routes = [r for r in routes if r.instance_id != dst and not r.moving]
+        if not routes:
             return
-        src = self.instances[r.instance_id]
+        sources = {r.instance_id for r in routes}
+        if len(sources) > 1:  # (a recovery may have moved some since the caller grouped them)
+            for sid in sorted(sources):
+                await self.move_sessions([r.key for r in routes if r.instance_id == sid], dst, reason)
+            return
+        src = self.instances[routes[0].instance_id]
         target = self.instances[dst]
+        moving = [r.key for r in routes]
         t0 = time.perf_counter()
         async with self._dispatch_lock:
-            r.moving = True  # from here on its frames are held
-            # Sent under the lock, so after every process() already sent to src: nothing lost.
-            detach = src.handle.detach.remote(key)
+            for r in routes:
+                r.moving = True  # from here on their frames are held
+            fast = all(r.retained_complete() for r in routes)
+            # else in order: sent under the lock, so after every process() already sent to src
+            detached = (src.handle.detach_now if fast else src.handle.detach).remote(moving)
         try:
-            blob, st = await detach
-            await target.handle.restore_sessions.remote([(key, blob, st, r.emit_events)])
+            states: list[tuple[bytes, SeqState] | None] = await detached
+            # a session its source did not have (a bug elsewhere): it stays routed there, counted
+            lost = [r for r, st in zip(routes, states, strict=True) if st is None]
+            moved = [(r, st) for r, st in zip(routes, states, strict=True) if st is not None]
+            await target.handle.restore_sessions.remote([(r.key, blob, st, r.emit_events) for r, (blob, st) in moved])
         except (RayActorError, RayTaskError) as e:
             if not _instance_failure(e):
-                r.moving = False
-                await self._release_held(r)
+                for r in routes:
+                    r.moving = False
+                    await self._release_held(r)
                 raise
             ray.kill(src.handle)
             await self._recover(src.instance_id)  # picks up the held frames too
             return
-        src.sessions.discard(key)
-        target.sessions.add(key)
-        r.instance_id = dst
-        r.snapshot = (ray.put({key: blob}), st)
-        r.retained.clear()
-        r.moves += 1
-        self.c.moves += 1
-        self.metrics.moved(r.protocol, reason)
-        await self._release_held(r)
-        self.c.move_seconds += time.perf_counter() - t0
+        for r in lost:
+            self.c.move_not_found += 1
+            r.moving = False
+            await self._release_held(r, wait=False)
+        for r, (blob, st) in moved:
+            src.sessions.discard(r.key)
+            target.sessions.add(r.key)
+            r.instance_id = dst
+            r.snapshot = (ray.put({r.key: blob}), st)
+            if fast:
+                # what src had not applied when the session left: to dst, ahead of the held frames
+                again = [c for c in r.retained if c[3] > st.last_seq]
+                r.held = again + r.held
+                self.c.move_redelivered += sum(len(c[1]) for c in again)
+            else:
+                self.c.moves_in_order += 1
+            r.retained.clear()
+            r.dropped_upto = 0
+            r.moves += 1
+            self.c.moves += 1
+            self.metrics.moved(r.protocol, reason)
+            await self._release_held(r, wait=False)
+        self.c.move_seconds += (time.perf_counter() - t0) * len(moved)
+        if lost:
+            raise RuntimeError(f"{len(lost)} sessions were not on {src.instance_id} to move (first {lost[0].key})")
 
-    async def _release_held(self, r: Route) -> None:
-        """Send a route's held frames to its (new) instance, in order, then let new ones flow."""
+    async def _release_held(self, r: Route, wait: bool = True) -> None:
+        """Send a route's held frames to its (new) instance, in order, then let new ones flow.
+        `wait`: until they are applied; else their output is collected in the background (a
+        move is over once the frames flow again, however long the new instance takes)."""
         async with self._dispatch_lock:
             held, r.held = r.held, []
             r.moving = False
             calls = await self._send_in_order(r, held)
-        await self._collect(calls)
+        if wait:
+            await self._collect(calls)
+        elif calls:
+            task = asyncio.get_running_loop().create_task(self._collect(calls))
+            self._collectors.add(task)  # held here until done (the loop keeps only weak references)
+            task.add_done_callback(self._collected)
+
+    def _collected(self, task: asyncio.Task[None]) -> None:
+        self._collectors.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("output of released frames lost: %r", task.exception())
 
     async def drain_instance(self, instance_id: str) -> int:
         """Move every session off an instance (to the others of its protocol). Returns how many."""
@@ -614,17 +678,19 @@ class Multiplexer:
         return len(moves)
 
     async def _move_all(self, moves: list[tuple[Any, str]], reason: str) -> None:
-        """Make the moves concurrently (at most MAX_CONCURRENT_MOVES at once). A move waits for the
-        frames already sent to its source; one at a time, each would wait out the source's backlog
-        again - minutes when an overloaded instance is being relieved. Raises the first failure
-        after every move has ended."""
+        """Make the moves, those from one instance to another together (one detach there, one
+        restore here), the groups concurrently (at most MAX_CONCURRENT_MOVES at once). Raises the
+        first failure after every move has ended."""
         gate = asyncio.Semaphore(MAX_CONCURRENT_MOVES)
+        groups: dict[tuple[str, str], list[Key]] = {}
+        for key, dst in moves:
+            groups.setdefault((self.routes[key].instance_id, dst), []).append(key)
 
-        async def one(key: Any, dst: str) -> None:
+        async def one(keys: list[Key], dst: str) -> None:
             async with gate:
-                await self.move_session(key, dst, reason)
+                await self.move_sessions(keys, dst, reason)
 
-        results = await asyncio.gather(*(one(k, d) for k, d in moves), return_exceptions=True)
+        results = await asyncio.gather(*(one(ks, d) for (_s, d), ks in groups.items()), return_exceptions=True)
         for res in results:
             if isinstance(res, BaseException):
                 raise res
@@ -676,6 +742,7 @@ class Multiplexer:
                     r.moving = True  # later frames wait; earlier ones are in `retained`
                     r.held = list(r.retained) + r.held  # redeliver what was not snapshot, in order
                     r.retained.clear()
+                    r.dropped_upto = 0
             self.c.recoveries += 1
         async with inst.space:
             inst.space.notify_all()
@@ -720,6 +787,9 @@ class Multiplexer:
             "quota_wait_seconds": round(c.quota_wait_seconds, 4),
             "moves": c.moves,
             "move_seconds": round(c.move_seconds, 4),
+            "moves_in_order": c.moves_in_order,
+            "move_redelivered": c.move_redelivered,
+            "move_not_found": c.move_not_found,
             "recoveries": c.recoveries,
             "sessions_recovered": c.sessions_recovered,
             "frames_redelivered": c.frames_redelivered,
@@ -729,6 +799,9 @@ class Multiplexer:
             "shm_batches": c.shm_batches,
             "retention_copy_bytes": c.retention_copy_bytes,
             "retained_frames": sum(len(c[1]) for r in self.routes.values() for c in r.retained),
+            "moving_sessions": sum(1 for r in self.routes.values() if r.moving),
+            "held_frames": sum(len(c[1]) for r in self.routes.values() for c in r.held),
+            "collecting": len(self._collectors),  # moved sessions' released frames, output pending
             "foreign_frames": c.foreign_frames,
             "orphan_outputs": c.orphan_outputs,
             "outputs_dropped": c.outputs_dropped,

@@ -58,7 +58,8 @@ def rebalance_moves(
     Without weights: session counts; each instance ends with floor or ceil of the mean, sessions
     leaving the fullest instances first. With `weight_of` (each session's message rate): the
     heaviest movable session of the busiest instance goes to the idlest, as long as that lowers
-    the busier of the two, at most `max_moves` times (each move pauses a session).
+    the busier of the two, at most `max_moves` times (each move pauses a session). Each
+    session appears at most once.
     """
     live = [c for c in candidates if c.accepting]
     if len(live) < 2:
@@ -97,6 +98,7 @@ def _weighted_moves(
     idlest = [(v, i) for i, v in load.items()]
     heapq.heapify(busiest)
     heapq.heapify(idlest)
+    home = {s: i for i, ss in members.items() for s in ss}
     moves: list[tuple[Any, str]] = []
     while len(moves) < limit and busiest and idlest:
         neg, hi = busiest[0]
@@ -122,4 +124,7 @@ def _weighted_moves(
         heapq.heappush(busiest, (-load[lo], lo))
         heapq.heappush(idlest, (load[hi], hi))
         moves.append((pick, lo))
-    return moves
+    # A session may have been picked twice (moved on from an instance it was moved to): one
+    # move, to where it ended, and none if it ended where it was.
+    final = dict(moves)
+    return [(s, dst) for s, dst in final.items() if dst != home[s]]

@@ -340,15 +340,25 @@ def simulate(
     lat_rho: list[FloatArray] = []
     lat_m: list[FloatArray] = []
     last_decision = -math.inf
-    # (load share, pause ms left) of sessions being moved: a move first waits for the frames
-    # already queued at its source (they are applied there, in order), then the move itself
+    # (load share, pause ms left) of sessions being moved. A move takes a session from its
+    # source between two batches, ahead of the source's queue: its messages queued there go
+    # with it (to the back of the new instance's queue), and its new ones wait out the move.
     moved: list[tuple[float, float, int]] = []  # (share, pause ms left, the instance it went to)
 
-    def note_moves(before: npt.NDArray[np.int64]) -> None:
-        changed = np.flatnonzero(before != assign)
+    def carry(before: npt.NDArray[np.int64], changed: npt.NDArray[np.int64]) -> None:
+        """Moved sessions take their share (by rate) of their source's queue along."""
+        wsum = np.bincount(before, weights=w, minlength=slots)
+        q = queue.copy()
         for vr in changed.tolist():
-            backlog_ms = 1000.0 * float(queue[before[vr]]) / cfg.capacity
-            moved.append((float(w[vr]), backlog_ms + 1000.0 * cfg.session_move_s, int(assign[vr])))
+            src, dst = int(before[vr]), int(assign[vr])
+            part = float(q[src]) * float(w[vr]) / max(float(wsum[src]), 1e-12)
+            queue[src] -= part
+            queue[dst] += part
+            moved.append((float(w[vr]), 1000.0 * cfg.session_move_s, dst))
+        np.maximum(queue, 0.0, out=queue)
+
+    def note_moves(before: npt.NDArray[np.int64]) -> None:
+        carry(before, np.flatnonzero(before != assign))
 
     imbalance = 1.0  # busiest instance's arrivals over the mean, smoothed (what telemetry shows)
     service_ms = 1000.0 / cfg.capacity
@@ -492,18 +502,14 @@ def simulate(
                 # its sessions (and their queued messages) move to the instances that stay
                 members = np.flatnonzero(assign == v)
                 targets = views()
-                share = queue[v] / max(members.size, 1)
+                before = assign.copy()
                 for vr in members:
                     dst = choose_instance(targets, prng)
                     if dst is None:
                         break
                     assign[vr] = int(dst)
-                    queue[int(dst)] += share
-                    moved.append(
-                        (float(w[vr]), 1000.0 * (share * members.size / cfg.capacity + cfg.session_move_s), int(dst))
-                    )
                     moves_total += 1
-                queue[v] = 0.0
+                carry(before, members[assign[members] != v])
                 n_active -= 1
                 n_ready -= 1
                 actions += 1
