@@ -208,52 +208,89 @@ def test_overload_slows_the_sender_with_bounded_memory(deployment: Any) -> None:
     assert all(v["inflight_bytes"] == 0 for v in loads.values())
 
 
+class BackloggedPair:
+    """Two echo instances; two sessions on the same one, `n` frames each of 5 ms queued there
+    (three seconds of backlog), the echoes recorded per session."""
+
+    n = 300
+
+    def __init__(self, deployment: Any, tenant: int, transport: str = "shm") -> None:
+        self.dep = dep = deployment(
+            [ProtocolPlan("echo", min_instances=2, max_instances=2, policy="fixed")], run_loop=False
+        )
+        self.got: dict[tuple[int, int, int, int], list[bytes]] = {}
+        pool = BufferPool(slots=64, slot_bytes=4 << 10, shared=transport == "shm")
+        self.client = OffloadClient(dep.multiplexer, pool, max_inflight=64, on_output=self._output)
+        keys = [(tenant, 1, int(ProtocolId.ECHO), i) for i in range(1, 9)]
+        self.client.open_sessions([(k, "echo", {"delay_ms": 5.0}, False) for k in keys])
+        routes = ray.get(dep.multiplexer.routes_table.remote())
+        self.src, here = max(routes.items(), key=lambda kv: len(kv[1]))
+        (self.other,) = [i for i in ray.get(dep.vpsm.instance_handles.remote()) if i != self.src]
+        self.mover, self.stays = tuple(here[0]), tuple(here[1])
+        for i in range(self.n):
+            self.client.send(self.mover, b"m%05d" % i)
+            self.client.send(self.stays, b"s%05d" % i)
+        self.client.flush()
+        deadline = time.time() + 30
+        while self.queued(self.src) < 2 * self.n - 100:
+            assert time.time() < deadline, "the frames never reached the source instance"
+            time.sleep(0.01)
+
+    def _output(self, f: Any) -> None:
+        if f.kind == FrameKind.SEND:
+            self.got.setdefault((f.tenant, f.vrouter, f.protocol, f.session), []).append(bytes(f.payload))
+
+    def queued(self, iid: str) -> int:
+        return int(ray.get(self.dep.multiplexer.instance_loads.remote())[iid]["inflight_frames"])
+
+    def finish(self) -> None:
+        """Drain; poll for the moved frames' output (it comes outside the submits)."""
+        self.client.drain()
+        deadline = time.time() + 30
+        while len(self.got.get(self.mover, [])) < self.n and time.time() < deadline:
+            self.client.poll()
+            time.sleep(0.01)
+
+    def echoed_once_in_order(self) -> bool:
+        return all(
+            self.got[k] == [tag + b"%05d" % i for i in range(self.n)]
+            for k, tag in ((self.mover, b"m"), (self.stays, b"s"))
+        )
+
+    def session_info(self, iid: str) -> dict[str, Any]:
+        return dict(ray.get(ray.get(self.dep.vpsm.instance_handles.remote())[iid].session_info.remote(self.mover)))
+
+
 @pytest.mark.parametrize("transport", ["shm", "object_store"])
 def test_a_move_off_a_backlogged_instance_takes_its_backlog_along(deployment: Any, transport: str) -> None:
     """A session leaving an instance with seconds of batches queued goes now, not after them:
     its queued frames are skipped there and applied at its new instance - each once, in order."""
-    dep = deployment([ProtocolPlan("echo", min_instances=2, max_instances=2, policy="fixed")], run_loop=False)
-    got: dict[tuple[int, int, int, int], list[bytes]] = {}
-
-    def on_output(f: Any) -> None:
-        if f.kind == FrameKind.SEND:
-            got.setdefault((f.tenant, f.vrouter, f.protocol, f.session), []).append(bytes(f.payload))
-
-    pool = BufferPool(slots=64, slot_bytes=4 << 10, shared=transport == "shm")
-    client = OffloadClient(dep.multiplexer, pool, max_inflight=64, on_output=on_output)
-    keys = [(3, 1, int(ProtocolId.ECHO), i) for i in range(1, 9)]
-    client.open_sessions([(k, "echo", {"delay_ms": 5.0}, False) for k in keys])
-    routes = ray.get(dep.multiplexer.routes_table.remote())
-    src, here = max(routes.items(), key=lambda kv: len(kv[1]))
-    (dst,) = [i for i in routes if i != src] or [i for i in ray.get(dep.vpsm.instance_handles.remote()) if i != src]
-    mover, stays = tuple(here[0]), tuple(here[1])
-    n = 300
-    for i in range(n):  # 600 frames of 5 ms: three seconds of backlog at the source
-        client.send(mover, b"m%05d" % i)
-        client.send(stays, b"s%05d" % i)
-    client.flush()
-    deadline = time.time() + 30
-    while ray.get(dep.multiplexer.instance_loads.remote())[src]["inflight_frames"] < 2 * n - 100:
-        assert time.time() < deadline, "the frames never reached the source instance"
-        time.sleep(0.01)
-    ray.get(dep.multiplexer.move_session.remote(mover, dst))
-    # the move is done while most of the source's backlog is still queued there
-    assert ray.get(dep.multiplexer.instance_loads.remote())[src]["inflight_frames"] > n // 2
-    client.drain()
-    deadline = time.time() + 30
-    while len(got.get(mover, [])) < n and time.time() < deadline:
-        client.poll()  # the moved frames' output comes outside the submits (the client polls for it)
-        time.sleep(0.01)
-    stats = ray.get(dep.multiplexer.stats.remote())
-    handles = ray.get(dep.vpsm.instance_handles.remote())
-    skipped = ray.get(handles[src].load.remote())
-    assert stats["moves_in_order"] == 0 and stats["move_redelivered"] > n // 4
+    p = BackloggedPair(deployment, 3, transport)
+    ray.get(p.dep.multiplexer.move_session.remote(p.mover, p.other))
+    assert p.queued(p.src) > p.n // 2  # the move is done while most of the backlog is still queued
+    p.finish()
+    stats = ray.get(p.dep.multiplexer.stats.remote())
+    skipped = ray.get(ray.get(p.dep.vpsm.instance_handles.remote())[p.src].load.remote())
+    assert stats["moves_in_order"] == 0 and stats["move_redelivered"] > p.n // 4
     # what the source skipped is exactly what was sent again to the new instance
     assert skipped["departed"] == stats["move_redelivered"] and skipped["unknown_session"] == 0
-    info = ray.get(handles[dst].session_info.remote(mover))
-    assert info["messages"] == n and info["duplicates"] == 0  # applied once each, across both instances
-    assert got[mover] == [b"m%05d" % i for i in range(n)]  # echoed once each, in order
-    assert got[stays] == [b"s%05d" % i for i in range(n)]
+    info = p.session_info(p.other)
+    assert info["messages"] == p.n and info["duplicates"] == 0  # applied once each, across both instances
+    assert p.echoed_once_in_order()
+
+
+def test_a_session_moved_back_waits_behind_its_old_frames(deployment: Any) -> None:
+    """A -> B ahead of A's queue, then straight back B -> A: batches still queued at A carry the
+    session's old frames. The restore at A must wait behind them (they are skipped there), or
+    A would apply them before the redelivered earlier ones - which it would then drop."""
+    p = BackloggedPair(deployment, 4)
+    ray.get(p.dep.multiplexer.move_session.remote(p.mover, p.other))
+    ray.get(p.dep.multiplexer.move_session.remote(p.mover, p.src))
+    assert ray.get(p.dep.multiplexer.route_of.remote(p.mover)) == p.src
+    p.finish()
+    info = p.session_info(p.src)
+    assert info["messages"] == p.n and info["gaps"] == 0
+    assert p.echoed_once_in_order()
 
 
 def test_telemetry_parquet_and_metrics(ray_cluster: Any, deployment: Any, tmp_path: Path) -> None:

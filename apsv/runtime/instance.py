@@ -24,10 +24,10 @@ import numpy as np
 import ray
 
 from apsv.runtime.backend import Backend, ProcessBackend
+from apsv.runtime.docker_backend import InstanceFailed
 from apsv.runtime.host import HostLimits, Key, SeqState
 from apsv.runtime.shm import SegmentCache
 from apsv.runtime.telemetry import InstanceMetrics, percentile
-from apsv.runtime.wire import RemoteError
 
 
 @dataclass(frozen=True)
@@ -137,6 +137,13 @@ class StackInstance:
             for key, blob, seq, emit in items:
                 self.backend.restore(key, blob, seq, emit)
 
+    def restore_in_order(self, items: list[tuple[Key, bytes, SeqState, int]]) -> None:
+        """`restore_sessions` after every batch already sent here (which may carry a session's
+        old frames, from before it left this instance ahead of them: they must be skipped)."""
+        with self._host_lock:
+            for key, blob, seq, emit in items:
+                self.backend.restore(key, blob, seq, emit)
+
     def detach(self, keys: list[Key]) -> list[tuple[bytes, SeqState] | None]:
         """Snapshot and remove sessions after every batch sent here before this call."""
         return self._detach(keys)
@@ -148,15 +155,16 @@ class StackInstance:
         return self._detach(keys)
 
     def _detach(self, keys: list[Key]) -> list[tuple[bytes, SeqState] | None]:
-        # None for a session not here: the others still go, one bad key must not strand the rest
+        # None for a session not detached (not here, or its snapshot failed: it stays here) - the
+        # others still go, one bad key must not strand the sessions already detached
         out: list[tuple[bytes, SeqState] | None] = []
         with self._host_lock:
             for k in keys:
                 try:
                     out.append(self.backend.detach(k))
-                except (KeyError, RemoteError) as e:  # RemoteError: the container's KeyError
-                    if isinstance(e, RemoteError) and not str(e).startswith("KeyError"):
-                        raise
+                except InstanceFailed:
+                    raise  # the container is gone: the caller recovers the instance
+                except Exception:
                     out.append(None)
         return out
 

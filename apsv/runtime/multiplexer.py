@@ -129,6 +129,10 @@ class Route:
     # highest sequence number among frames dropped from `retained` (it is bounded): until a
     # snapshot covers it, what was sent to the instance is not all here to redeliver
     dropped_upto: int = 0
+    # instances this session left ahead of their queue (`detach_now`): batches still queued
+    # there may carry its old frames, so a restore there must wait its turn behind them
+    left: set[str] = field(default_factory=set)
+    migrating: bool = False  # a move owns it (detached, not yet restored): recoveries leave it be
 
     def retained_complete(self) -> bool:
         return self.dropped_upto == 0 or (self.snapshot is not None and self.snapshot[1].last_seq >= self.dropped_upto)
@@ -464,13 +468,18 @@ class Multiplexer:
             self.c.retained_dropped += 1
         r.retained.append(chunk)
 
-    async def _send(self, inst: InstanceState, src: Any, chunks: list[Held], live: bool = False) -> Call:
+    async def _send(
+        self, inst: InstanceState, src: Any, chunks: list[Held], live: bool = False, wait_quota: bool = True
+    ) -> Call:
         """One process() call with these chunks (all from batch `src`), in order.
 
         `live`: sent from within the batch's own submit, while its client still holds the buffer.
         """
         nbytes = sum(c[4] for c in chunks)
-        await self._reserve(inst, nbytes)
+        if wait_quota:
+            await self._reserve(inst, nbytes)
+        else:
+            inst.inflight_bytes += nbytes
         inst.peak_bytes = max(inst.peak_bytes, inst.inflight_bytes)
         offs = chunks[0][1] if len(chunks) == 1 else sorted(o for c in chunks for o in c[1])  # batch order
         inst.frames += len(offs)
@@ -522,7 +531,8 @@ class Multiplexer:
         await self._release(inst, nbytes, nframes)
         for key, st in index:
             r = self.routes.get(tuple(key))
-            if r is not None and r.instance_id == iid:
+            # (replies from one instance can be handled out of order: never go back to an older snapshot)
+            if r is not None and r.instance_id == iid and (r.snapshot is None or st.last_seq >= r.snapshot[1].last_seq):
                 r.snapshot = (blobs_ref, st)
                 while r.retained and r.retained[0][3] <= st.last_seq:
                     r.retained.popleft()
@@ -534,7 +544,9 @@ class Multiplexer:
         calls = []
         for chunk in chunks:
             self._retain(r, chunk)
-            calls.append(await self._send(inst, chunk[0], [chunk]))
+            # no quota wait: these calls are collected only after all are sent, so waiting here
+            # (under the dispatch lock) for their own quota would never end
+            calls.append(await self._send(inst, chunk[0], [chunk], wait_quota=False))
         return calls
 
     async def _collect(self, calls: list[Call]) -> None:
@@ -560,7 +572,7 @@ class Multiplexer:
         that backlog (seconds: exactly when scaling out must relieve the instance). Only when a
         session's `retained` is incomplete (it overflowed since its last snapshot) do the moves
         wait their turn there instead."""
-        routes = [self.routes[k] for k in keys]
+        routes = [self.routes[k] for k in keys if k in self.routes]
         # (a session being moved or recovered already is left to that)
         routes = [r for r in routes if r.instance_id != dst and not r.moving]
         if not routes:
@@ -577,16 +589,26 @@ class Multiplexer:
         async with self._dispatch_lock:
             for r in routes:
                 r.moving = True  # from here on their frames are held
+                r.migrating = True
             fast = all(r.retained_complete() for r in routes)
             # else in order: sent under the lock, so after every process() already sent to src
             detached = (src.handle.detach_now if fast else src.handle.detach).remote(moving)
         try:
+            await self._finish_move(routes, src, target, fast, detached, reason)
+        finally:
+            for r in routes:
+                r.migrating = False
+        # summed per session moved: how long its frames were held
+        self.c.move_seconds += (time.perf_counter() - t0) * sum(1 for r in routes if r.instance_id == dst)
+
+    async def _finish_move(
+        self, routes: list[Route], src: InstanceState, target: InstanceState, fast: bool, detached: Any, reason: str
+    ) -> None:
+        try:
             states: list[tuple[bytes, SeqState] | None] = await detached
-            # a session its source did not have (a bug elsewhere): it stays routed there, counted
-            lost = [r for r, st in zip(routes, states, strict=True) if st is None]
-            moved = [(r, st) for r, st in zip(routes, states, strict=True) if st is not None]
-            await target.handle.restore_sessions.remote([(r.key, blob, st, r.emit_events) for r, (blob, st) in moved])
         except (RayActorError, RayTaskError) as e:
+            for r in routes:
+                r.migrating = False
             if not _instance_failure(e):
                 for r in routes:
                     r.moving = False
@@ -595,31 +617,66 @@ class Multiplexer:
             ray.kill(src.handle)
             await self._recover(src.instance_id)  # picks up the held frames too
             return
-        for r in lost:
-            self.c.move_not_found += 1
-            r.moving = False
-            await self._release_held(r, wait=False)
+        # a session its source did not have (e.g. its open was still queued there): it stays
+        lost = [r for r, st in zip(routes, states, strict=True) if st is None]
+        moved = [(r, st) for r, st in zip(routes, states, strict=True) if st is not None]
+        # From here the detached states are the sessions: bookkeeping before any await.
         for r, (blob, st) in moved:
             src.sessions.discard(r.key)
-            target.sessions.add(r.key)
-            r.instance_id = dst
             r.snapshot = (ray.put({r.key: blob}), st)
             if fast:
-                # what src had not applied when the session left: to dst, ahead of the held frames
+                # what src had not applied when the session left: to the target, ahead of the held frames
                 again = [c for c in r.retained if c[3] > st.last_seq]
                 r.held = again + r.held
+                r.left.add(src.instance_id)
                 self.c.move_redelivered += sum(len(c[1]) for c in again)
             else:
                 self.c.moves_in_order += 1
             r.retained.clear()
             r.dropped_upto = 0
+        for r in lost:
+            self.c.move_not_found += 1
+            r.migrating = False
+            r.moving = False
+            await self._release_held(r, wait=False)
+        if moved:
+            try:
+                await self._restore(target, [r for r, _ in moved], [st for _, st in moved])
+            except (RayActorError, RayTaskError) as e:
+                # The target failed them: the sessions are the states just taken - put them on
+                # another instance (and if the target died, recover its own sessions too).
+                for r, _ in moved:
+                    r.migrating = False
+                if _instance_failure(e):
+                    ray.kill(target.handle)
+                    await self._recover(target.instance_id)
+                for r, _ in moved:
+                    await self._recover_session(r)
+                if not _instance_failure(e):
+                    raise
+                return
+        for r, _ in moved:
+            target.sessions.add(r.key)
+            r.instance_id = target.instance_id
             r.moves += 1
             self.c.moves += 1
             self.metrics.moved(r.protocol, reason)
+        for r, _ in moved:
+            r.migrating = False
             await self._release_held(r, wait=False)
-        self.c.move_seconds += (time.perf_counter() - t0) * len(moved)
         if lost:
             raise RuntimeError(f"{len(lost)} sessions were not on {src.instance_id} to move (first {lost[0].key})")
+
+    async def _restore(self, target: InstanceState, routes: list[Route], states: list[tuple[bytes, SeqState]]) -> None:
+        """Restore sessions on `target`: ahead of its queue (no batch queued there names them:
+        their frames are held), unless one of them left `target` ahead of its queue earlier -
+        then its old frames may still be queued there, and the restore waits its turn."""
+        items = [(r.key, blob, st, r.emit_events) for r, (blob, st) in zip(routes, states, strict=True)]
+        behind = any(target.instance_id in r.left for r in routes)
+        await (target.handle.restore_in_order if behind else target.handle.restore_sessions).remote(items)
+        if behind:
+            for r in routes:
+                r.left.discard(target.instance_id)
 
     async def _release_held(self, r: Route, wait: bool = True) -> None:
         """Send a route's held frames to its (new) instance, in order, then let new ones flow.
@@ -702,6 +759,8 @@ class Multiplexer:
         if inst.sessions and inst.alive:
             raise RuntimeError(f"instance {instance_id} still holds {len(inst.sessions)} sessions; drain it first")
         del self.instances[instance_id]
+        for r in self.routes.values():
+            r.left.discard(instance_id)
         self._retired[instance_id] = inst
         while len(self._retired) > 1024:
             self._retired.popitem(last=False)
@@ -736,7 +795,7 @@ class Multiplexer:
             async with self._dispatch_lock:
                 inst.alive = False
                 inst.accepting = False
-                keys = [k for k, r in self.routes.items() if r.instance_id == instance_id]
+                keys = [k for k, r in self.routes.items() if r.instance_id == instance_id and not r.migrating]
                 for key in keys:
                     r = self.routes[key]
                     r.moving = True  # later frames wait; earlier ones are in `retained`
@@ -761,7 +820,7 @@ class Multiplexer:
         if r.snapshot is not None:
             blobs_ref, st = r.snapshot
             blobs = await blobs_ref
-            await target.handle.restore_sessions.remote([(r.key, blobs[r.key], st, r.emit_events)])
+            await self._restore(target, [r], [(blobs[r.key], st)])
         else:
             errors = await target.handle.open_sessions.remote([(r.key, r.config, r.emit_events)])
             if errors[0] is not None:
