@@ -214,9 +214,9 @@ class BackloggedPair:
 
     n = 300
 
-    def __init__(self, deployment: Any, tenant: int, transport: str = "shm") -> None:
+    def __init__(self, deployment: Any, tenant: int, transport: str = "shm", **kw: Any) -> None:
         self.dep = dep = deployment(
-            [ProtocolPlan("echo", min_instances=2, max_instances=2, policy="fixed")], run_loop=False
+            [ProtocolPlan("echo", min_instances=2, max_instances=2, policy="fixed")], run_loop=False, **kw
         )
         self.got: dict[tuple[int, int, int, int], list[bytes]] = {}
         pool = BufferPool(slots=64, slot_bytes=4 << 10, shared=transport == "shm")
@@ -290,6 +290,22 @@ def test_a_session_moved_back_waits_behind_its_old_frames(deployment: Any) -> No
     p.finish()
     info = p.session_info(p.src)
     assert info["messages"] == p.n and info["gaps"] == 0
+    assert p.echoed_once_in_order()
+
+
+def test_a_move_without_all_frames_retained_waits_its_turn(deployment: Any) -> None:
+    """With the frames sent since the last snapshot no longer all retained (the bound overflowed),
+    what the source has queued could not be redelivered: the move waits behind that queue."""
+    p = BackloggedPair(deployment, 5, max_retained_chunks=2)
+    assert ray.get(p.dep.multiplexer.stats.remote())["retained_dropped"] > 0
+    ray.get(p.dep.multiplexer.move_session.remote(p.mover, p.other))
+    stats = ray.get(p.dep.multiplexer.stats.remote())
+    assert stats["moves_in_order"] == 1 and stats["move_redelivered"] == 0
+    p.finish()
+    skipped = ray.get(ray.get(p.dep.vpsm.instance_handles.remote())[p.src].load.remote())
+    assert skipped["departed"] == 0  # every frame sent to the source was applied there
+    info = p.session_info(p.other)
+    assert info["messages"] == p.n and info["duplicates"] == 0
     assert p.echoed_once_in_order()
 
 

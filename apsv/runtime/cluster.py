@@ -15,7 +15,7 @@ from typing import Any
 
 import ray
 
-from apsv.runtime.multiplexer import create_multiplexer
+from apsv.runtime.multiplexer import MAX_RETAINED_CHUNKS, create_multiplexer
 from apsv.runtime.vpsm import VPSM_NAME, ProtocolPlan, create_vpsm
 
 NAMESPACE = "apsv"
@@ -76,10 +76,13 @@ def deploy(
     run_loop: bool = True,
     suffix: str = "",
     forecaster_app: str | None = None,
+    max_retained_chunks: int = MAX_RETAINED_CHUNKS,
 ) -> Deployment:
-    """Create the multiplexer and the VPSM, and bring every protocol to its minimum instances."""
+    """Create the multiplexer and the VPSM, and bring every protocol to its minimum instances.
+    `max_retained_chunks`: per session, the chunks of frames the multiplexer keeps for
+    redelivery between snapshots (beyond it a recovery has a gap and a move waits its turn)."""
     im_name = MULTIPLEXER_NAME + suffix
-    im = create_multiplexer(im_name, namespace=namespace)
+    im = create_multiplexer(im_name, namespace=namespace, max_retained_chunks=max_retained_chunks)
     ray.get(im.stats.remote())  # created and answering
     vpsm = create_vpsm(
         plans,

@@ -169,7 +169,10 @@ Call = tuple[str, int, int, Any]  # (instance id, octets reserved, frames, the t
 class Multiplexer:
     """Ray actor class (async). Create with `create_multiplexer`."""
 
-    def __init__(self, seed: int = 0) -> None:
+    def __init__(self, seed: int = 0, max_retained_chunks: int = MAX_RETAINED_CHUNKS) -> None:
+        if max_retained_chunks < 1:
+            raise ValueError(f"max_retained_chunks must be at least 1, not {max_retained_chunks}")
+        self.max_retained_chunks = max_retained_chunks
         self.instances: dict[str, InstanceState] = {}
         # Removed instances whose last calls may still be awaited (a drain returns once the
         # sessions left, not once every caller took its answer); bounded, oldest forgotten.
@@ -462,7 +465,7 @@ class Multiplexer:
         return calls
 
     def _retain(self, r: Route, chunk: Held) -> None:
-        if len(r.retained) >= MAX_RETAINED_CHUNKS:
+        if len(r.retained) >= self.max_retained_chunks:
             gone = r.retained.popleft()  # bounded; a snapshot is overdue (counted)
             r.dropped_upto = max(r.dropped_upto, gone[3])
             self.c.retained_dropped += 1
@@ -916,7 +919,12 @@ MAX_CONCURRENCY = 4096
 
 
 def create_multiplexer(
-    name: str = "apsv-multiplexer", *, namespace: str | None = None, seed: int = 0, detached: bool = False
+    name: str = "apsv-multiplexer",
+    *,
+    namespace: str | None = None,
+    seed: int = 0,
+    detached: bool = False,
+    max_retained_chunks: int = MAX_RETAINED_CHUNKS,
 ) -> Any:
     cls = ray.remote(Multiplexer)
     opts: dict[str, Any] = {"name": name, "max_concurrency": MAX_CONCURRENCY, "num_cpus": 0, "get_if_exists": True}
@@ -924,4 +932,4 @@ def create_multiplexer(
         opts["namespace"] = namespace
     if detached:  # outlives the driver that made it (`apsv up` exits once deployed)
         opts["lifetime"] = "detached"
-    return cls.options(**opts).remote(seed)
+    return cls.options(**opts).remote(seed, max_retained_chunks)
