@@ -587,15 +587,18 @@ class Multiplexer:
             return
         src = self.instances[routes[0].instance_id]
         target = self.instances[dst]
-        moving = [r.key for r in routes]
         t0 = time.perf_counter()
         async with self._dispatch_lock:
+            # again under the lock: a recovery may have taken some while this waited for it
+            routes = [r for r in routes if r.instance_id == src.instance_id and not r.moving]
+            if not routes or not src.alive:
+                return
             for r in routes:
                 r.moving = True  # from here on their frames are held
                 r.migrating = True
             fast = all(r.retained_complete() for r in routes)
             # else in order: sent under the lock, so after every process() already sent to src
-            detached = (src.handle.detach_now if fast else src.handle.detach).remote(moving)
+            detached = (src.handle.detach_now if fast else src.handle.detach).remote([r.key for r in routes])
         try:
             await self._finish_move(routes, src, target, fast, detached, reason)
         finally:
