@@ -133,13 +133,14 @@ class StackInstance:
     def restore_sessions(self, items: list[tuple[Key, bytes, SeqState, int]]) -> None:
         """Take sessions in (moved or recovered), without waiting for the batches queued here:
         none of them can name these sessions - their frames are held until this returns."""
-        with self._host_lock:
-            for key, blob, seq, emit in items:
-                self.backend.restore(key, blob, seq, emit)
+        self._restore(items)
 
     def restore_in_order(self, items: list[tuple[Key, bytes, SeqState, int]]) -> None:
         """`restore_sessions` after every batch already sent here (which may carry a session's
         old frames, from before it left this instance ahead of them: they must be skipped)."""
+        self._restore(items)
+
+    def _restore(self, items: list[tuple[Key, bytes, SeqState, int]]) -> None:
         with self._host_lock:
             for key, blob, seq, emit in items:
                 self.backend.restore(key, blob, seq, emit)
