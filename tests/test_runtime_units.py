@@ -209,3 +209,39 @@ def test_shared_pool_is_read_in_place_and_guarded() -> None:
     finally:
         cache.drop(pool.shm_name or "")
         pool.close()
+
+
+def test_host_reports_the_tables_peers_will_resend() -> None:
+    """A BGP session whose peer drops: the host's load carries the table it expects back (what the
+    VPSM provisions for before the storm); an echo host has none."""
+    from apsv.bgp.config import Announcement, BgpSessionConfig
+    from apsv.bgp.session import BgpSession
+    from apsv.stack import Send
+
+    bgp = int(ProtocolId.BGP)
+    key = (1, 2, bgp, 3)
+    speaker = BgpSession.established(
+        BgpSessionConfig(
+            local_as=2, router_id="192.0.2.2", peer_as=1, peer_address="127.0.0.1", next_hop_self="198.51.100.2"
+        )
+    )
+    updates = [
+        e.data
+        for i in range(3)
+        for e in speaker.originate(Announcement(prefixes=[f"10.{i}.{j}.0/24" for j in range(100)]), 0.0)
+        if isinstance(e, Send)
+    ]
+    h = SessionHost("bgp")
+    h.open(key, {"local_as": 1, "router_id": "192.0.2.1", "peer_as": 2, "replay": {"asn4": True}}, 0.0)
+    now = time.time_ns()  # the agents stamp frames with the wall clock; the host reads it too
+
+    def fr(seq: int, kind: int, payload: bytes = b"") -> Frame:
+        return Frame(kind, bgp, key[0], key[1], key[3], seq, now, now, payload)
+
+    h.process(encode_batch([fr(i + 1, FrameKind.DATA, u) for i, u in enumerate(updates)]), None, now / 1e9)
+    assert h.session_info(key)["frames"] == 3 and h.load()["table_backlog"] == 0
+    h.process(encode_batch([fr(4, FrameKind.DISCONNECTED, b"peer reset")]), None, now / 1e9)
+    assert h.load()["table_backlog"] == 3  # 300 prefixes, 100 per UPDATE
+    echo = SessionHost("echo")
+    echo.open(K, {}, 0.0)
+    assert echo.load()["table_backlog"] == 0

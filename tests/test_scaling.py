@@ -84,7 +84,7 @@ def test_predictive_bounds_an_exploding_forecast() -> None:
     c = ctx(
         current_instances=1, load=500.0, load_history=(500.0,) * 100, forecast=band, config={"target_utilization": 1.0}
     )
-    assert predictive(c).instances == 1  # 1.5 x 500/s, not 90,000/s
+    assert predictive(c).instances == 2  # 3 x 500/s, not 90,000/s
     burst = {"p50": (500.0,) * 3 + (5000.0,) * 37, "p90": (500.0,) * 3 + (5500.0,) * 37}
     c = ctx(
         current_instances=1, load=500.0, load_history=(500.0,) * 100, forecast=burst, config={"target_utilization": 1.0}
@@ -126,14 +126,41 @@ def test_predictive_caps_utilization_at_what_the_slo_allows() -> None:
     assert tight.instances == 10
 
 
+def test_predictive_provisions_for_tables_peers_will_resend() -> None:
+    """A full-table peer went down: its table will come back as soon as it reconnects, whatever
+    the forecast says. Sized as the backlog over its time constant, on top of the forecast; gone
+    once re-sent."""
+    cfg = {"target_utilization": 0.8, "table_transfer_s": 20.0}
+    quiet = ctx(current_instances=1, load=500.0, forecast=flat_forecast(500), config=cfg)
+    assert predictive(quiet).instances == 1
+    down = replace(quiet, table_backlog=400_000.0)
+    d = predictive(down)
+    assert d.instances == math.ceil((500 + 400_000 / 20) / (CAP * 0.8)) and "tables to re-send 400000" in d.reason
+    assert predictive(replace(down, table_backlog=40_000.0)).instances == math.ceil(2500 / (CAP * 0.8))
+    assert predictive(replace(down, max_instances=10)).instances == 10  # bounds hold
+
+
+def test_slo_utilization_leaves_room_for_the_fixed_latency() -> None:
+    # 40 ms of batching and transport floor on a 100 ms SLO at 5 ms per message: queueing gets
+    # 80 - 40 ms, so the instances must run cooler than with the whole budget
+    base = {"capacity_per_instance": 200.0, "slo_ms": 100.0}
+    whole = slo_utilization(ctx(**base))
+    less = slo_utilization(ctx(**base, config={"fixed_latency_ms": 40.0}))
+    assert 0.5 < less < whole < 0.95
+    # at `less`, the M/D/1 p99 plus the fixed part is within 80 % of the SLO
+    s = 5.0
+    assert s + s / (2 * (1 - less)) * math.log(100 * less) + 40.0 <= 80.0 + 1e-6
+    assert slo_utilization(ctx(**base, config={"fixed_latency_ms": 99.0})) == 0.05  # nothing left
+
+
 def test_predictive_forgets_a_storm_after_recent_s() -> None:
     # the forecaster's band after a storm: p90 far above a quiet median
     band = {"p50": (500.0,) * 40, "p90": (30_000.0,) * 40}
     storm = (500.0,) * 50 + (24_000.0,) * 10 + (500.0,) * 100  # ended 100 s ago
     cfg = {"target_utilization": 1.0, "recent_s": 60}
     c = ctx(current_instances=1, load=500.0, load_history=storm, forecast=band, config=cfg)
-    assert predictive(c).instances == 1  # bounded by 1.5 x 500/s: the storm is out of the window
-    # within the window the storm still licenses the band (1.5 x 24,000/s > 30,000/s)
+    assert predictive(c).instances == 2  # bounded by 3 x 500/s: the storm is out of the window
+    # within the window the storm still licenses the band (3 x 24,000/s > 30,000/s)
     c = ctx(current_instances=1, load=500.0, load_history=storm[:-50], forecast=band, config=cfg)
     assert predictive(c).instances == 30
 
@@ -250,6 +277,36 @@ def test_simulator_conserves_messages_and_loses_when_underprovisioned() -> None:
         SimConfig(max_instances=1000, nodes=10, instances_per_node=4)
 
 
+def test_simulator_stalls_a_node_where_instances_start_at_once() -> None:
+    """A node with 2 cores: one instance starting beside the message path leaves it a core, two
+    starting at once stop it for `start_stall_s` - the messages of that step wait up to that."""
+    load = np.full(30, 3000.0)
+    load[10:] = 6000.0  # reactive wants +2 or +3 at once here
+    cfg = SimConfig(capacity=CAP, start_latency_s=0.5, max_instances=16, vrouters=100, nodes=1, instances_per_node=16)
+    pc = {"target_utilization": 0.9, "upscale_delay_s": 0.0}
+    plain = simulate(load, "reactive", cfg, policy_config=pc, initial_instances=4)
+    stalled = simulate(
+        load, "reactive", replace(cfg, node_cpus=2, start_stall_s=0.3), policy_config=pc, initial_instances=4
+    )
+    assert plain.scale_actions == stalled.scale_actions >= 2
+    jump = int(np.argmax(np.diff(plain.timeline["instances"]))) + 1  # the step after the burst start
+    assert stalled.timeline["p99_ms"][jump] >= plain.timeline["p99_ms"][jump] + 250.0
+    assert stalled.slo_violation_s > plain.slo_violation_s
+    # many cores: no stall; one start at a time: no stall
+    roomy = simulate(
+        load, "reactive", replace(cfg, node_cpus=8, start_stall_s=0.3), policy_config=pc, initial_instances=4
+    )
+    assert roomy.slo_violation_s == plain.slo_violation_s
+    step = np.full(30, 3000.0)
+    step[10:] = 4000.0  # +1
+    one = simulate(
+        step, "reactive", replace(cfg, node_cpus=2, start_stall_s=0.3), policy_config=pc, initial_instances=4
+    )
+    assert one.scale_actions == 1 and one.slo_violation_s == 0
+    with pytest.raises(ValueError, match="start_stall_s"):
+        SimConfig(start_stall_s=2.0)
+
+
 def test_mixture_quantile_matches_a_fine_bisection() -> None:
     """The simulator's fast p99 (constants hoisted, bisection to 1e-4) against a 60-step
     bisection on the reference CDF, on random mixtures of uniform + M/D/1-tail components."""
@@ -313,6 +370,26 @@ def test_predictive_beats_reactive_ahead_of_a_known_burst() -> None:
     assert orac.slo_violation_s == 0 and orac.instance_s <= pred.instance_s
 
 
+def test_predictive_is_ready_for_a_reset_storm_it_was_told_of() -> None:
+    """A storm no forecast saw: told of the tables to come when the peers go down, predictive
+    has instances up when they arrive; without it, it meets the storm late like reactive."""
+    load = np.full(300, 800.0)
+    shape = np.exp(-np.linspace(0.0, 3.0, 60))
+    storm = 150_000 * shape / shape.sum()
+    load[150:210] += storm
+    backlog = np.zeros(300)
+    backlog[140:150] = storm.sum()
+    backlog[150:210] = storm.sum() - np.concatenate(([0.0], np.cumsum(storm)[:-1]))
+    cfg = SimConfig(capacity=CAP, start_latency_s=3.0, max_instances=40, vrouters=300)
+    fc = Forecasts(5, {"p50": np.full((60, 32), 800.0), "p90": np.full((60, 32), 900.0)})
+    told = simulate(load, "predictive", cfg, forecasts=fc, table_backlog=backlog)
+    blind = simulate(load, "predictive", cfg, forecasts=fc)
+    assert told.slo_violation_s == 0 < blind.slo_violation_s
+    assert told.timeline["instances"][150] > 5 * blind.timeline["instances"][149]
+    with pytest.raises(ValueError, match="table_backlog"):
+        simulate(load, "predictive", cfg, table_backlog=backlog[:10])
+
+
 def test_no_flapping_on_noise() -> None:
     rng = np.random.default_rng(3)
     load = np.maximum(5000 + rng.normal(0, 400, 1500), 0)
@@ -326,6 +403,13 @@ def test_no_flapping_on_noise() -> None:
 def test_traces(data_dir: Path) -> None:
     tr = bgp_churn(data_dir / "mrt/bgpdump-testdata/updates.20070211.0141.gz", length_s=1200, storm_at_s=600)
     assert tr.rates.size == 1200 and tr.meta["storm_messages"] > 100_000
+    # the table is known from the peers going down (reconnect_s before), shrinks as it is re-sent
+    assert tr.table_backlog is not None and tr.organic is not None
+    storm = tr.rates - tr.organic
+    assert storm[:600].sum() == 0 and storm.sum() == pytest.approx(tr.meta["storm_messages"], abs=1)
+    assert tr.table_backlog[589] == 0 and tr.table_backlog[590] == tr.table_backlog[599] == pytest.approx(storm.sum())
+    assert np.all(np.diff(tr.table_backlog[600:660]) < 0) and tr.table_backlog[660:].sum() == 0
+    assert tr.table_backlog[659] == pytest.approx(storm[659])  # the last step's share, still to come
     # MANIFEST: 23394 UPDATEs in the 900 s dump; the loop repeats them, the storm adds its own
     base = bgp_churn(data_dir / "mrt/bgpdump-testdata/updates.20070211.0141.gz", length_s=900, storm_at_s=None)
     assert base.rates.sum() == 23394
@@ -349,3 +433,24 @@ def test_evaluate_cli_json(data_dir: Path, tmp_path: Path) -> None:
     assert len(list(tmp_path.glob("*.png"))) == 3
     bad = CliRunner().invoke(app, ["evaluate", str(f), "--policies", "magic"])
     assert bad.exit_code == 2 and "unknown policy" in bad.output
+
+
+def test_claims_compare_with_reactive_at_equal_cost_too() -> None:
+    from apsv.scaling.evaluate import claims
+
+    pol = {
+        "predictive": {"slo_violation_s": 2.0, "instance_s": 100.0},
+        "reactive": {"slo_violation_s": 4.0, "instance_s": 300.0},
+        "oracle": {"slo_violation_s": 0.0, "instance_s": 80.0},
+        "static": {"slo_violation_s": 0.0, "instance_s": 400.0},
+    }
+    grid = [
+        {"target_utilization": 0.4, "slo_violation_s": 4.0, "instance_s": 300.0},
+        {"target_utilization": 0.7, "slo_violation_s": 20.0, "instance_s": 95.0},
+        {"target_utilization": 0.6, "slo_violation_s": 10.0, "instance_s": 100.0},
+    ]
+    c = claims({"policies": pol, "reactive_grid": grid})
+    assert c["violation_reduction_vs_reactive"] == 0.5 and c["cost_vs_oracle"] == 1.25 and c["cost_vs_static"] == 0.25
+    assert c["reactive_at_equal_cost_violation_s"] == 10.0
+    assert c["violation_reduction_vs_reactive_at_equal_cost"] == 0.8
+    assert "reactive_at_equal_cost_violation_s" not in claims({"policies": pol})

@@ -39,6 +39,9 @@ def test_live_evaluation_against_the_simulator(ray_cluster: Any, data_dir: Path,
     # the echo stack's service time sets what one live instance serves (minus Ray's per-call cost)
     assert 0.6 * 1000 / cal["delay_ms"] < cal["capacity"] <= 1000 / cal["delay_ms"] * 1.05
     assert 0 < cal["start_latency_s"] < 5
+    # the host's cores and the stall of as many instances starting at once, handed to the simulator
+    assert cal["node_cpus"] >= 1 and 0 <= cal["start_stall_s"] < 5
+    assert out["sim_config"]["node_cpus"] == cal["node_cpus"] and out["sim_config"]["nodes"] == 1
     for p in ("predictive", "oracle"):
         live, sim = out["policies"][p], out["sim"][p]
         assert {"slo_violation_s", "instance_s", "scale_actions", "lost"} <= live.keys()

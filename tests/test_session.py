@@ -236,3 +236,76 @@ def test_update_message_roundtrip_through_sessions_matches_rib() -> None:
     )
     assert [r[0] for r in b.loc_rib_table((1, 1))] == sorted(sent, key=lambda p: p)
     assert isinstance(Update(), Update)
+
+
+def test_a_peer_that_went_down_is_expected_back_with_its_table() -> None:
+    """The scaling signal a reset gives ahead of its storm: from the drop, the table the peer had
+    (in UPDATEs as it packed them) is expected; once the peer is back its UPDATEs count against
+    it and End-of-RIB for every family ends it; a peer that stays away is forgotten."""
+    _, b, _, _ = pair(A, B)
+    assert b.state is State.ESTABLISHED and b.table_backlog(1.0) == 0
+    # A's 202 prefixes came in 2 UPDATEs (200 IPv4 in one, 2 IPv6 in the other)
+    assert b.counters["prefixes_announced"] == 202 and b.counters["updates_announcing"] == 2
+    b.connection_lost(10.0)
+    assert b.state is not State.ESTABLISHED and b.prefix_count() == 0
+    assert b.table_backlog(10.0) == 2 and b.table_backlog(129.0) == 2
+    assert b.table_backlog(131.0) == 0  # table_expect_s (120 s) without the peer: not expected
+    # the expectation moves with the session (snapshot / restore)
+    assert BgpSession.restore(b.snapshot()).table_backlog(11.0) == 2
+    # the peer comes back: B restarts after its idle hold, A' (a fresh speaker) connects
+    now = b.next_deadline() or 15.0
+    b.on_timer(now)
+    a2 = BgpSession(A)
+    ea = a2.start(now) + a2.connection_made(now)
+    eb = b.connection_made(now)
+    assert b.table_backlog(now) == 2
+    counted: list[int] = []
+    for _ in range(10):
+        nb = b.data_received(wire(ea), now) if wire(ea) else []
+        counted.append(b.table_backlog(now))
+        na = a2.data_received(wire(eb), now) if wire(eb) else []
+        ea, eb = na, nb
+        if not ea and not eb:
+            break
+    assert b.state is State.ESTABLISHED and b.prefix_count() == 202
+    # both UPDATEs arrived: the transfer is over (the End-of-RIBs after them are not counted)
+    assert b.table_backlog(now) == 0 and b.counters["table_updates_in"] == 2
+    assert counted[0] == 2 and counted[-1] == 0
+
+
+def test_end_of_rib_for_every_family_ends_a_smaller_transfer() -> None:
+    _, b, _, _ = pair(A, B)
+    b.connection_lost(10.0)
+    now = b.next_deadline() or 15.0
+    b.on_timer(now)
+    a2 = BgpSession(A.model_copy(update={"announce": [A.announce[1]]}))  # came back with IPv6 only
+    ea = a2.start(now) + a2.connection_made(now)
+    eb = b.connection_made(now)
+    for _ in range(10):
+        nb = b.data_received(wire(ea), now) if wire(ea) else []
+        ea = a2.data_received(wire(eb), now) if wire(eb) else []
+        eb = nb
+        if not ea and not eb:
+            break
+    assert b.state is State.ESTABLISHED and b.prefix_count() == 2
+    # one UPDATE (1 of 2 expected), then End-of-RIB for IPv4 and for IPv6: done
+    assert b.table_backlog(now) == 0 and b.counters["table_updates_in"] == 3
+
+
+def test_a_transfer_cut_short_expects_the_whole_table_again() -> None:
+    _, b, _, _ = pair(A, B)
+    b.connection_lost(10.0)
+    now = b.next_deadline() or 15.0
+    b.on_timer(now)
+    a2 = BgpSession(A)
+    ea = a2.start(now) + a2.connection_made(now)
+    eb = b.connection_made(now)
+    # OPEN + KEEPALIVE only: established, the table not yet sent
+    while b.state is not State.ESTABLISHED:
+        nb = b.data_received(wire(ea), now) if wire(ea) else []
+        ea = a2.data_received(wire(eb), now) if wire(eb) else []
+        eb = nb
+        ea = [e for e in ea if not (isinstance(e, Send) and e.data[18] == C.MSG_UPDATE)]
+    assert b.table_backlog(now) == 2
+    b.connection_lost(now + 1.0)  # down again before any of it came
+    assert b.table_backlog(now + 1.0) == 2  # still the whole table, not what it had got to (0)

@@ -103,6 +103,9 @@ class BgpSessionConfig(BaseModel):
     idle_hold_time: Annotated[float, Field(ge=0, le=3600)] = 5.0
     max_idle_hold_time: Annotated[float, Field(ge=0, le=3600)] = 120.0
     max_receive_buffer: Annotated[int, Field(ge=65535 + 19)] = 1 << 20
+    # how long a peer that went down is expected back with its table (the VPSM provisions for
+    # the re-sent table meanwhile, `BgpSession.table_backlog`), and how long its transfer may take
+    table_expect_s: Annotated[float, Field(ge=0, le=3600)] = 120.0
 
     @field_validator("router_id")
     @classmethod

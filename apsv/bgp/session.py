@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+import math
 import socket
 from collections import Counter
 from collections.abc import Iterable, Mapping
@@ -168,6 +169,12 @@ class BgpSession:
         self._refresh: RouteRefresh | None = None
         self._msg_type = 0  # type of the message being handled (for FSM error data)
         self._now = 0.0
+        # The table this peer will re-send (`table_backlog`): UPDATEs still expected, since when
+        # (the drop, then the re-establishment), the families whose End-of-RIB is still to come.
+        self._table_expected = 0
+        self._table_size = 0  # the whole table, in UPDATEs, when the session last went down
+        self._table_since: float | None = None
+        self._table_eor: set[Family] = set()
 
     # ------------------------------------------------------------------------------------------
     # Construction for replay: a session already Established with a known context.
@@ -334,6 +341,21 @@ class BgpSession:
 
     def prefix_count(self) -> int:
         return sum(len(r) for r in self.adj_in.values())
+
+    def table_backlog(self, now: float) -> int:
+        """UPDATEs this peer is expected to (re-)send: a leading indicator for scaling.
+
+        A session that goes down with routes will get them back as a whole table when the peer
+        reconnects - within seconds, as fast as the receiver takes it. From the drop the session
+        expects that table's UPDATEs (its prefixes over the prefixes per UPDATE this peer has
+        packed); once Established again each UPDATE counts against it, and End-of-RIB (RFC 4724)
+        for every family it had ends it. A peer not back, or a transfer not done, within
+        `table_expect_s` is no longer expected."""
+        if self._table_expected <= 0 or self._table_since is None:
+            return 0
+        if now - self._table_since > self.config.table_expect_s:
+            return 0
+        return self._table_expected
 
     def stats(self) -> dict[str, Any]:
         return {
@@ -588,6 +610,12 @@ class BgpSession:
 
     def _process_update(self, u: Update) -> None:
         self.counters["updates_in"] += 1
+        announced = len(u.nlri) + (len(u.mp_reach.nlri or ()) if u.mp_reach is not None else 0)
+        if announced:
+            self.counters["updates_announcing"] += 1
+            self.counters["prefixes_announced"] += announced
+        if self._table_expected > 0:
+            self._table_progress(u)
         for p in u.problems:
             self.counters[f"rfc7606_{p.action.value}"] += 1
             self._out.append(ProtocolProblem(p.action.value, p.describe()))
@@ -656,7 +684,30 @@ class BgpSession:
                 attrs = with_mp_next_hop(u.attributes, mr.next_hop, self.ctx)
                 changes += self.loc_rib[fam].update(rib, mr.nlri, attrs)
 
+    def _table_progress(self, u: Update) -> None:
+        """One UPDATE of a table transfer: counted against what is expected; End-of-RIB for
+        every family the session had ends it."""
+        self.counters["table_updates_in"] += 1
+        if u.is_end_of_rib:
+            mu = u.mp_unreach
+            self._table_eor.discard(C.IPV4_UNICAST if mu is None else (mu.afi, mu.safi))
+            if not self._table_eor:
+                self._table_expected = 0
+        else:
+            self._table_expected -= 1
+
     def _delete_routes(self) -> None:
+        n = self.prefix_count()
+        if n:
+            # the table the peer will re-send when it is back, in UPDATEs as this peer packs them
+            # (down again mid-transfer: it will re-send all of it, not only what it had got to)
+            per_update = self.counters["prefixes_announced"] / max(self.counters["updates_announcing"], 1)
+            size = math.ceil(n / max(per_update, 1.0))
+            unfinished = self.table_backlog(self._now) > 0
+            self._table_size = max(size, self._table_size) if unfinished else size
+            self._table_expected = self._table_size
+            self._table_since = self._now
+            self._table_eor = set(self.adj_in)
         changes: list[BestPathChange] = []
         for fam, rib in self.adj_in.items():
             keys = list(rib.routes)
@@ -679,6 +730,8 @@ class BgpSession:
         self.idle_hold = self.config.idle_hold_time
         self.established_at = self._now
         self.counters["established"] += 1
+        if self._table_expected > 0:
+            self._table_since = self._now  # the transfer's own time starts
         self._advertise(self.config.announce)
         n = self.negotiated
         for fam in sorted(n.families if n is not None else ()):
@@ -813,6 +866,7 @@ class BgpSession:
                 },
                 "peer_open": None if self.peer_open is None else encode_message(self.peer_open).hex(),
                 "router_id": self.source.router_id,
+                "table": [self._table_expected, self._table_size, self._table_since, sorted(self._table_eor)],
             }
         )
         w.blob(self._reader.pending_bytes())
@@ -844,6 +898,11 @@ class BgpSession:
             s.established_at = meta["established_at"]
             s.counters = Counter(meta["counters"])
             s.source.set_router_id(meta["router_id"])
+            if meta.get("table"):
+                expected, size, since, eor = meta["table"]
+                s._table_expected, s._table_size = int(expected), int(size)
+                s._table_since = None if since is None else float(since)
+                s._table_eor = {(int(a), int(b)) for a, b in eor}
             neg = meta["negotiated"]
             if meta["peer_open"]:
                 m = decode_open(bytes.fromhex(meta["peer_open"])[C.HEADER_LEN :])

@@ -321,7 +321,20 @@ class SessionHost:
             "errors": c.errors,
             "busy_seconds": round(c.busy_seconds, 6),
             "pending_output": len(self._pending),
+            "table_backlog": self.table_backlog(time.time()),
         }
+
+    def table_backlog(self, now: float) -> int:
+        """UPDATEs the sessions' peers are expected to re-send (BGP sessions that went down, or
+        came back and are mid-transfer; `BgpSession.table_backlog`): what the VPSM provisions
+        for ahead. 0 for protocols without table transfers."""
+        total = 0
+        for e in self.sessions.values():
+            fn = getattr(e.session, "table_backlog", None)
+            if fn is None:
+                return 0  # one protocol per host: none of its sessions has one
+            total += int(fn(now))
+        return total
 
     def session_table(self, key: Key, family: str) -> list[tuple[str, str | None, str]]:
         """A session's Loc-RIB for a family name ("ipv4-unicast"), for stacks that keep one."""

@@ -274,6 +274,8 @@ class VPSM:
                     load_imbalance=self._imbalance(
                         protocol, [float(x["traffic_share"]) for x in mine if x["accepting"]]
                     ),
+                    # tables that peers which reset will re-send (BGP): known before they arrive
+                    table_backlog=float(sum(int(x.get("table_backlog", 0)) for x in mine)) / clock.rate_scale,
                     future_load=clock.future[k + 1 : k + 65],
                     state=self.policy_state[protocol],
                     config=plan.policy_config,
@@ -293,6 +295,7 @@ class VPSM:
                         "reason": d.reason,
                         "imbalance": ctx.load_imbalance,
                         "load": rate,
+                        "table_backlog": ctx.table_backlog,
                         "p99_ms": p99,
                         "messages": int(lat.size),
                         "late": late,

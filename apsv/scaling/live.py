@@ -32,7 +32,7 @@ latency are measured, and the simulator is run with those, so `compare` puts the
 
 from __future__ import annotations
 
-import math
+import os
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
@@ -95,6 +95,9 @@ class Calibration:
     start_latency_s: float  # decision -> ready
     move_s: float = 0.005  # a moved session's frames held, mean (a second instance joining at light load)
     moves: int = 0  # the moves that measured it (0: none happened, move_s is the default)
+    node_cpus: int = 0  # this host's cores
+    # the p99 latency added when `node_cpus` instances start at once (over one starting alone)
+    start_stall_s: float = 0.0
 
     def to_json(self) -> dict[str, float]:
         return {k: v if isinstance(v, int) else round(float(v), 4) for k, v in self.__dict__.items()}
@@ -383,7 +386,14 @@ def calibrate(cfg: SimConfig, live: LiveConfig, test: FloatArray) -> Calibration
     # the per-instance rate the configured capacity becomes live
     target = cfg.capacity * live.peak_rate / peak
     delay_ms = 1000.0 / target
-    plan = _plan("fixed", {"instances": 1}, replace(cfg, min_instances=1, max_instances=2), live, cfg.capacity)
+    cpus = os.cpu_count() or 1
+    plan = _plan(
+        "fixed",
+        {"instances": 1},
+        replace(cfg, min_instances=1, max_instances=max(cfg.max_instances, 2 + cpus)),
+        live,
+        cfg.capacity,
+    )
     dep = deploy([plan], interval_s=1.0, run_loop=False, suffix=f"-live-{next(_RUNS)}")
     try:
         starts = []
@@ -413,6 +423,19 @@ def calibrate(cfg: SimConfig, live: LiveConfig, test: FloatArray) -> Calibration
         m1 = ray.get(dep.multiplexer.stats.remote())
         moves = int(m1["moves"]) - int(m0["moves"])
         move_s = (float(m1["move_seconds"]) - float(m0["move_seconds"])) / moves if moves else 0.005
+        # as many instances starting at once as the host has cores: Ray starts a worker process
+        # for each, CPU-bound for the start latency, and the message path (agents, multiplexer,
+        # instances) loses its core meanwhile. Its p99 over the p99 with one start (and its move)
+        # above is the stall the simulator models (`start_stall_s`).
+        handles = list(ray.get(dep.vpsm.instance_handles.remote()).values())
+        ray.get([h.load.remote() for h in handles])  # drop what they measured so far
+        starting = dep.vpsm.scale_to.remote("echo", len(handles) + cpus)
+        sender.run([0.2 * target] * secs, time.time() + 0.05, 1.0)
+        ray.get(starting)
+        sender.finish()
+        burst = np.concatenate([np.asarray(ray.get(h.load.remote())["latency_ms"]) for h in handles])
+        one = float(np.percentile(light["latency_ms"], 99)) if len(light["latency_ms"]) else base
+        stall_s = max(0.0, float(np.percentile(burst, 99)) - one) / 1000.0 if burst.size else 0.0
         ray.get(dep.vpsm.scale_to.remote("echo", 1))
         (inst,) = ray.get(dep.vpsm.instance_handles.remote()).values()
         # overload (150 %): the service rate, from what the instance applied over the period
@@ -424,7 +447,7 @@ def calibrate(cfg: SimConfig, live: LiveConfig, test: FloatArray) -> Calibration
         sender.close()
     finally:
         dep.stop()
-    return Calibration(delay_ms, capacity, base, float(np.median(starts)), move_s, moves)
+    return Calibration(delay_ms, capacity, base, float(np.median(starts)), move_s, moves, cpus, stall_s)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -465,7 +488,11 @@ def evaluate_live(
         session_move_s=cal.move_s * live.speed,
         vrouters=live.vrouters,
         sessions_per_vrouter=live.sessions_per_vrouter,
-        nodes=max(1, math.ceil(cfg.max_instances / cfg.instances_per_node)),
+        # one host: every instance starts beside the same message path
+        nodes=1,
+        instances_per_node=cfg.max_instances,
+        node_cpus=cal.node_cpus,
+        start_stall_s=min(cal.start_stall_s * live.speed, cfg.step_s),
     )
     results: dict[str, LiveResult] = {}
     sims: dict[str, SimResult] = {}
@@ -479,6 +506,9 @@ def evaluate_live(
         # one live message's service time in trace ms: the queueing the policies allow for is
         # the live instances', whichever unit (trace or live messages) the capacity is counted in
         pc.setdefault("service_ms", 1000.0 * live.speed / cal.capacity)
+        # and the latency every message has here whatever the load (trace ms): the measured floor
+        # and the agents' batching wait - the SLO's budget for queueing is what they leave
+        pc.setdefault("fixed_latency_ms", sim_cfg.base_latency_ms + sim_cfg.batch_delay_ms)
         sim_pc = {k: (v * rate_scale if k == "peak_load" else v) for k, v in pc.items()}
         sims[p] = simulate(test * rate_scale, p, sim_cfg, policy_config=sim_pc, forecasts=sim_fc)
         cb = (lambda k, n, _p=p: progress(_p, k, n)) if progress is not None else None

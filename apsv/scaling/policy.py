@@ -36,6 +36,11 @@ class ScalingContext:
     cpu_utilization: float | None = None  # busy fraction of the protocol's allocated CPU, 0..1
     future_load: tuple[float, ...] = ()  # the actual load ahead (oracle only: simulators know it)
     load_imbalance: float = 1.0  # busiest instance's load over the mean (placement is not perfect)
+    # UPDATEs that BGP peers which reset are expected to re-send: each such session's table as it
+    # was before it went down (in messages), less what it has sent since it came back. A leading
+    # indicator the forecast cannot have: a full-table peer that reconnects re-announces its
+    # whole table within seconds (its initial transfer, ended by End-of-RIB, RFC 4724).
+    table_backlog: float = 0.0
     state: Mapping[str, Any] = field(default_factory=dict)  # what the policy returned last time
     config: Mapping[str, Any] = field(default_factory=dict)  # policy parameters
 
@@ -130,14 +135,17 @@ def slo_utilization(ctx: ScalingContext, fraction: float = 0.8) -> float:
     """The highest utilization at which one instance's p99 latency stays within `fraction` of the
     SLO, from queueing alone: messages arriving at random to a server of fixed service time
     S = 1 / capacity (M/D/1) wait with probability rho, S / (2 (1 - rho)) on average when they do,
-    so p99 ~ S + S / (2 (1 - rho)) ln(100 rho). 1.0 without an SLO. (At 2,000 msgs/s per instance
+    so p99 ~ S + S / (2 (1 - rho)) ln(100 rho), on top of the latency every message has
+    (`fixed_latency_ms` in the config). 1.0 without an SLO. (At 2,000 msgs/s per instance
     a 100 ms SLO allows 0.99; BFD's 10 ms allows 0.85: above it random arrivals alone miss it.)"""
     if ctx.slo_ms is None or ctx.capacity_per_instance <= 0:
         return 1.0
     # `service_ms` in the config: one message's service time when the capacity is counted in
     # other units (a replayed trace: the VPSM counts trace messages, an instance serves live ones)
     service_ms = float(ctx.config.get("service_ms", 1000.0 / ctx.capacity_per_instance))
-    budget = fraction * ctx.slo_ms
+    # `fixed_latency_ms`: what every message has whatever the load (the transport floor, the
+    # agents' batching wait); queueing gets what is left of the budget
+    budget = fraction * ctx.slo_ms - float(ctx.config.get("fixed_latency_ms", 0.0))
     lo, hi = 0.0, 0.99
     for _ in range(30):
         rho = 0.5 * (lo + hi)
@@ -163,7 +171,7 @@ def predictive(ctx: ScalingContext) -> Decision:
       utilization of the per-instance capacity (learned from telemetry by the VPSM);
     - utilization: `target_utilization`, but never above what the SLO allows from queueing alone
       (`slo_utilization`, within `slo_fraction` 0.8 of it: 0.85 busy for a 10 ms SLO);
-    - the upper quantile is bounded by `max_forecast_ratio` (1.5) times the larger of the median
+    - the upper quantile is bounded by `max_forecast_ratio` (3) times the larger of the median
       forecast and the highest load of the last `recent_s` (60) steps (a storm a minute gone no
       longer licenses the band it left in the model's context);
     - live correction: never below what the live load plus draining the measured backlog
@@ -172,6 +180,10 @@ def predictive(ctx: ScalingContext) -> Decision:
       of the way to full utilization is held through, not scaled for (noise; it would flap);
       a p99 latency above the SLO while the instances are busier than the target adds one
       instance on top;
+    - table transfers: peers that reset re-send their tables (`table_backlog`), known from the
+      moment a session goes down; a transfer arrives as fast as the receiver takes it, fastest at
+      first, so it is sized as `table_backlog / table_transfer_s` (20 s: the backlog's time
+      constant) on top of the forecast, which models the organic load only;
     - up at once; down only after the wish has held for `downscale_delay_s` and only instances
       older than `min_lifetime_s` may go (against churn).
     """
@@ -185,7 +197,7 @@ def predictive(ctx: ScalingContext) -> Decision:
     backlog_s = float(cfg.get("backlog_s", 2.0))
     lead = ctx.start_latency_s + interval
     forecast = (ctx.forecast or {}).get(q, ())
-    ratio = float(cfg.get("max_forecast_ratio", 1.5))
+    ratio = float(cfg.get("max_forecast_ratio", 3.0))
     recent = ctx.load_history[-int(cfg.get("recent_s", 60)) :]
     k = max(1, math.ceil((lead + dwell) / max(ctx.forecast_step_s, 1e-9)))
     predicted = max(forecast[:k], default=0.0)
@@ -211,8 +223,11 @@ def predictive(ctx: ScalingContext) -> Decision:
     live_need = _needed(live, ctx, target)
     if _needed(live, ctx, target + (1.0 - target) * float(cfg.get("live_band", 0.5))) <= ctx.current_instances:
         live_need = min(live_need, ctx.current_instances)
-    desired = max(_needed(predicted, ctx, target), live_need)
+    table_rate = max(ctx.table_backlog, 0.0) / max(float(cfg.get("table_transfer_s", 20.0)), 1e-9)
+    desired = max(_needed(predicted + table_rate, ctx, target), live_need)
     reason = f"{q} {predicted:.0f}/s within {lead + dwell:.1f}s, live {ctx.load:.0f}/s + backlog {ctx.inflight:.0f}"
+    if table_rate > 0:
+        reason += f", tables to re-send {ctx.table_backlog:.0f} ({table_rate:.0f}/s)"
     late = ctx.latency_p99_ms is not None and ctx.slo_ms is not None and ctx.latency_p99_ms > ctx.slo_ms
     busy = ctx.cpu_utilization is None or ctx.cpu_utilization > target
     if late and busy:

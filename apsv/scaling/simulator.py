@@ -69,6 +69,13 @@ class SimConfig:
     # the slowest has read it: an instance whose backlog exceeds the window holds every agent up,
     # so every message waits at least the excess.
     agent_window_ms: float = 0.0
+    # The host's CPU at instance starts: starting a Ray worker is CPU-bound (the interpreter, its
+    # imports, registration) and takes a core for the start latency. A node has `node_cpus`
+    # cores and its message path needs one, so when `node_cpus` or more instances start at once
+    # on a node, the path there stops for `start_stall_s` (measured live): what it should have
+    # served then waits, and so do the messages that arrive meanwhile. 0: not modelled.
+    node_cpus: int = 0
+    start_stall_s: float = 0.0
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -76,6 +83,8 @@ class SimConfig:
             raise ValueError("capacity and step_s must be positive and interval_s >= step_s")
         if not 1 <= self.min_instances <= self.max_instances:
             raise ValueError(f"need 1 <= min_instances ({self.min_instances}) <= max_instances ({self.max_instances})")
+        if self.node_cpus < 0 or not 0 <= self.start_stall_s <= self.step_s:
+            raise ValueError(f"need node_cpus >= 0 and 0 <= start_stall_s <= step_s ({self.step_s})")
         if self.max_instances > self.nodes * self.instances_per_node:
             raise ValueError(
                 f"max_instances {self.max_instances} exceeds nodes x instances_per_node "
@@ -263,11 +272,17 @@ def simulate(
     policy_config: Mapping[str, Any] | None = None,
     forecasts: Forecasts | None = None,
     initial_instances: int | None = None,
+    table_backlog: Sequence[float] | FloatArray | None = None,
 ) -> SimResult:
-    """Run one policy over a trace of arrival rates (messages/s, one value per step)."""
+    """Run one policy over a trace of arrival rates (messages/s, one value per step).
+    `table_backlog`: per step, the messages peers that reset are expected to re-send (what the
+    BGP stacks report to the VPSM; `ScalingContext.table_backlog`)."""
     load = np.asarray(trace, dtype=np.float64)
     if load.ndim != 1 or load.size == 0 or not np.all(np.isfinite(load)) or (load < 0).any():
         raise ValueError("the trace must be a non-empty series of finite, non-negative rates")
+    tables = np.zeros(load.size) if table_backlog is None else np.asarray(table_backlog, dtype=np.float64)
+    if tables.shape != load.shape:
+        raise ValueError(f"table_backlog has {tables.size} steps, the trace {load.size}")
     fn = get_policy(policy)
     pcfg = dict(policy_config or {})
     pcfg.setdefault("interval_s", cfg.interval_s)
@@ -362,6 +377,8 @@ def simulate(
 
     imbalance = 1.0  # busiest instance's arrivals over the mean, smoothed (what telemetry shows)
     service_ms = 1000.0 / cfg.capacity
+    node_of = np.arange(slots) // cfg.instances_per_node
+    stalled = np.zeros(cfg.nodes)  # seconds of this step each node's message path stops
     for k in range(steps):
         t = k * dt
         # instances that finished starting join, and take a share of the live sessions
@@ -379,7 +396,9 @@ def simulate(
         rate = float(load[k])
         arrivals = np.bincount(assign, weights=w, minlength=slots) * rate * dt
         q0 = queue.copy()
-        q1 = q0 + arrivals - cap_step
+        stall = stalled[node_of] if stalled.any() else None  # per instance: what it does not serve
+        stalled[:] = 0.0
+        q1 = q0 + arrivals - (cap_step if stall is None else cap_step * (1.0 - stall / dt))
         np.maximum(q1, 0.0, out=q1)
         over = np.maximum(q1 - max_q, 0.0)
         lost += float(over.sum())
@@ -400,6 +419,16 @@ def simulate(
         else:
             rho = np.zeros(busy.size)
             mw = np.zeros(busy.size)
+        if stall is not None and wt.size:
+            # messages arriving while a node's path stops wait for it to resume: a uniform share
+            # (stall / step) of that node's, with up to the stall added to their wait
+            frac = stall[busy] / dt
+            hit = np.flatnonzero(frac > 0)
+            lo = np.append(lo, lo[hit])
+            hi = np.append(hi, hi[hit] + 1000.0 * stall[busy][hit])
+            wt = np.asarray(np.append(wt * (1.0 - frac), wt[hit] * frac[hit]), dtype=np.float64)
+            rho = np.append(rho, rho[hit])
+            mw = np.append(mw, mw[hit])
         if moved:
             # a moving session's messages wait until its move ends (its frames are held): those of
             # this step between what is left of the pause after the step and what is left before
@@ -480,6 +509,7 @@ def simulate(
                 slo_ms=cfg.slo_ms,
                 cpu_utilization=util,
                 load_imbalance=imbalance,
+                table_backlog=float(tables[k]),
                 future_load=tuple(load[k + 1 : k + 1 + 64].tolist()),
                 state=pstate,
                 config=pcfg,
@@ -487,10 +517,14 @@ def simulate(
             d = fn(ctx)
             pstate = d.state
             want = d.instances
+            starting_now: list[int] = []
             while n_active < want and free:
-                start(t)
+                starting_now.append(start(t))
                 n_active += 1
                 actions += 1
+            if cfg.node_cpus > 0 and len(starting_now) >= cfg.node_cpus:
+                at_once = np.bincount(node_of[starting_now], minlength=cfg.nodes)
+                stalled[at_once >= cfg.node_cpus] = cfg.start_stall_s
             drained = False
             while n_active > want and n_ready > 1:
                 victim = least_used(views())

@@ -34,6 +34,13 @@ class Trace:
     season: int = 1
     step_s: float = 1.0
     meta: dict[str, Any] = field(default_factory=dict)
+    # Per step, the UPDATEs peers that reset are still expected to re-send (what the BGP stacks
+    # know: the table a session had when it went down, less what it has re-sent since); None:
+    # no table transfers in this trace.
+    table_backlog: FloatArray | None = None
+    # The load without the table transfers (what a forecaster should learn: a transfer is
+    # announced by its session going down, not predicted from the past); None: all organic.
+    organic: FloatArray | None = None
 
     def split(self, fraction: float) -> int:
         return int(self.rates.size * fraction)
@@ -60,10 +67,15 @@ def bgp_churn(
     storm_at_s: int | None = 1800,
     table_size: int = 900_000,
     storm_s: int = 60,
+    reconnect_s: int = 10,
     scale: float = 1.0,
 ) -> Trace:
     """UPDATE messages per second from a real dump, looped to `length_s`, times `scale`, with a
-    full-table re-announcement (`table_size` prefixes over `storm_s` seconds) at `storm_at_s`."""
+    full-table re-announcement (`table_size` prefixes over `storm_s` seconds) at `storm_at_s`.
+
+    The peers went down `reconnect_s` earlier (a reset session is re-established after the
+    speakers' connect-retry / idle-hold delays - 5 s to 120 s by the daemons' defaults): from then
+    on the table they had is the trace's `table_backlog`, shrinking as it is re-sent."""
     from apsv.forecast.datasets import from_mrt
 
     updates = from_mrt(path, measure="updates", per_peer=False)[0].values
@@ -79,9 +91,19 @@ def bgp_churn(
         end = min(length_s, storm_at_s + storm_s)
         # a reconnecting peer sends fastest at first, then tails off
         shape = np.exp(-np.linspace(0.0, 3.0, end - storm_at_s))
-        rates[storm_at_s:end] += msgs * shape / shape.sum()
-        meta.update(storm_at_s=storm_at_s, storm_s=storm_s, storm_messages=round(msgs))
-    return Trace(f"{Path(path).name}+storm" if storm_at_s is not None else Path(path).name, rates, "bgp", 1, meta=meta)
+        storm = msgs * shape / shape.sum()
+        organic = rates.copy()
+        rates[storm_at_s:end] += storm
+        backlog = np.zeros(length_s)
+        down = max(0, storm_at_s - reconnect_s)
+        backlog[down:storm_at_s] = msgs
+        # at the start of each step of the transfer: what is still to come, that step's included
+        backlog[storm_at_s:end] = msgs - np.concatenate(([0.0], np.cumsum(storm)[:-1]))
+        meta.update(
+            storm_at_s=storm_at_s, storm_s=storm_s, storm_messages=round(msgs), reset_at_s=down, reconnect_s=reconnect_s
+        )
+        return Trace(f"{Path(path).name}+storm", rates, "bgp", 1, meta=meta, table_backlog=backlog, organic=organic)
+    return Trace(Path(path).name, rates, "bgp", 1, meta=meta)
 
 
 def bfd_population(
@@ -124,12 +146,14 @@ def forecast_trace(
     the history up to it. Returns the forecasts (indexed from `start`) and the fit report."""
     from apsv.forecast.neural import NeuralForecaster, TrainConfig
 
-    hist = Series(trace.name, trace.rates[:start], season=trace.season)
+    # the forecaster learns the organic load: table transfers are announced, not predicted
+    rates = trace.organic if trace.organic is not None else trace.rates
+    hist = Series(trace.name, rates[:start], season=trace.season)
     model = NeuralForecaster(kind, horizon, train=TrainConfig(steps=steps, seed=seed))
     report = model.fit([hist])
     n = trace.rates.size - start
     origins = list(range(start, start + n, every))
-    full = Series(trace.name, trace.rates, season=trace.season)
+    full = Series(trace.name, rates, season=trace.season)
     q = model.predict([full.head(o) for o in origins], horizon)
     values = {f"p{round(lv * 100)}": q[..., k] for k, lv in enumerate(QUANTILES)}
     info = {"kind": kind, "horizon": horizon, "every": every, "train_steps": start, "fit": report.__dict__}
