@@ -59,7 +59,8 @@ def main() -> None:
         fc = Forecasts(fc.every, {q: v[a.start // fc.every :] for q, v in fc.values.items()})
     start_local_ray(num_cpus=16)
     live = LiveConfig(speed=a.speed, peak_rate=a.peak_rate, max_steps=a.steps)
-    res = evaluate_live(test, cfg, policies, live, configs=doc["policy_configs"], forecasts=fc)
+    tables = doc["_tables"][a.start :] if doc["_tables"] is not None else None
+    res = evaluate_live(test, cfg, policies, live, configs=doc["policy_configs"], forecasts=fc, table_backlog=tables)
     out = live_json(f"{trace.name}[{a.start}:{a.start + a.steps}]", res)
     out["plots"] = [str(p) for p in plot_live(f"A5M-live-{a.start}", res, a.plots)]
     out["benchmark"] = "scaling_live"

@@ -293,6 +293,9 @@ def test_end_of_rib_for_every_family_ends_a_smaller_transfer() -> None:
 
 
 def test_a_transfer_cut_short_expects_the_whole_table_again() -> None:
+    """Down again mid-transfer, with part of the table in: the peer will re-send all of it."""
+    from apsv.bgp.message import encode_message
+
     _, b, _, _ = pair(A, B)
     b.connection_lost(10.0)
     now = b.next_deadline() or 15.0
@@ -300,12 +303,47 @@ def test_a_transfer_cut_short_expects_the_whole_table_again() -> None:
     a2 = BgpSession(A)
     ea = a2.start(now) + a2.connection_made(now)
     eb = b.connection_made(now)
-    # OPEN + KEEPALIVE only: established, the table not yet sent
+    held: list[Update] = []
     while b.state is not State.ESTABLISHED:
+        nb = b.data_received(wire(ea), now) if wire(ea) else []
+        out = a2.data_received(wire(eb), now) if wire(eb) else []
+        r = MessageReader()
+        r.feed(wire(out))
+        ea = []
+        while (m := r.next_message()) is not None:
+            msg = decode_message(*m)
+            if isinstance(msg, Update):
+                held.append(msg)  # the table: held back
+            else:
+                ea.append(Send(encode_message(msg)))
+        eb = nb
+    assert b.table_backlog(now) == 2
+    # only the IPv6 UPDATE (2 of the 202 prefixes) gets through, then the session drops again
+    (v6,) = [u for u in held if u.mp_reach is not None and u.mp_reach.nlri]
+    b.data_received(encode_message(v6), now)
+    assert b.prefix_count() == 2 and b.table_backlog(now) == 1
+    b.connection_lost(now + 1.0)
+    assert b.table_backlog(now + 1.0) == 2  # the whole table again, not the 1 UPDATE 2 prefixes make
+    # an administrative stop: nobody is coming back with a table
+    b.stop(now + 2.0)
+    assert b.table_backlog(now + 2.0) == 0
+
+
+def test_an_expectation_past_table_expect_s_is_not_revived() -> None:
+    _, b, _, _ = pair(A, B)
+    b.connection_lost(10.0)
+    assert b.table_backlog(10.0) == 2
+    now = 10.0 + 200.0  # the peer comes back long after table_expect_s
+    b.timers.pop("idle_hold", None)
+    b.start(now)
+    a2 = BgpSession(A)
+    ea = a2.start(now) + a2.connection_made(now)
+    eb = b.connection_made(now)
+    for _ in range(10):
         nb = b.data_received(wire(ea), now) if wire(ea) else []
         ea = a2.data_received(wire(eb), now) if wire(eb) else []
         eb = nb
-        ea = [e for e in ea if not (isinstance(e, Send) and e.data[18] == C.MSG_UPDATE)]
-    assert b.table_backlog(now) == 2
-    b.connection_lost(now + 1.0)  # down again before any of it came
-    assert b.table_backlog(now + 1.0) == 2  # still the whole table, not what it had got to (0)
+        if not ea and not eb:
+            break
+    assert b.state is State.ESTABLISHED and b.table_backlog(now) == 0
+    assert b.counters["table_updates_in"] == 0  # its UPDATEs were not counted as that transfer

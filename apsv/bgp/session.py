@@ -175,6 +175,7 @@ class BgpSession:
         self._table_size = 0  # the whole table, in UPDATEs, when the session last went down
         self._table_since: float | None = None
         self._table_eor: set[Family] = set()
+        self._xfer_open = False  # within an initial transfer (establishment to End-of-RIB)
 
     # ------------------------------------------------------------------------------------------
     # Construction for replay: a session already Established with a known context.
@@ -212,7 +213,9 @@ class BgpSession:
         raw = reason.encode("utf-8")[:255]
         self._cease_data = bytes((len(raw),)) + raw if raw else b""  # RFC 9003 shutdown communication
         self.timers.pop("idle_hold", None)
-        return self._run(now, Event.MANUAL_STOP)
+        out = self._run(now, Event.MANUAL_STOP)
+        self._table_forget()  # stopped here: no peer is coming back with a table
+        return out
 
     def connection_made(self, now: float) -> list[StackEvent]:
         self.connected = True
@@ -356,6 +359,11 @@ class BgpSession:
         if now - self._table_since > self.config.table_expect_s:
             return 0
         return self._table_expected
+
+    def _table_forget(self) -> None:
+        self._table_expected = 0
+        self._table_since = None
+        self._table_eor = set()
 
     def stats(self) -> dict[str, Any]:
         return {
@@ -548,6 +556,8 @@ class BgpSession:
                 self._dispatch(Event.NOTIF_MSG_VER_ERR)
             else:
                 self._dispatch(Event.NOTIF_MSG)
+            if code == C.ERR_CEASE and sub in (C.CEASE_ADMIN_SHUTDOWN, C.CEASE_PEER_DECONFIGURED):
+                self._table_forget()  # the peer shut the session down on purpose: not back soon
         elif mtype == C.MSG_ROUTE_REFRESH:
             try:
                 self._refresh = decode_route_refresh(body)
@@ -614,8 +624,18 @@ class BgpSession:
         if announced:
             self.counters["updates_announcing"] += 1
             self.counters["prefixes_announced"] += announced
+        if self._xfer_open:
+            # the initial transfer (establishment to End-of-RIB): how this peer packs a table
+            if u.is_end_of_rib:
+                self._xfer_open = False
+            elif announced:
+                self.counters["table_prefixes_in"] += announced
+                self.counters["table_announcing_in"] += 1
         if self._table_expected > 0:
-            self._table_progress(u)
+            if self.table_backlog(self._now) == 0:
+                self._table_forget()  # expired: whatever comes now is not that transfer
+            else:
+                self._table_progress(u)
         for p in u.problems:
             self.counters[f"rfc7606_{p.action.value}"] += 1
             self._out.append(ProtocolProblem(p.action.value, p.describe()))
@@ -699,15 +719,22 @@ class BgpSession:
     def _delete_routes(self) -> None:
         n = self.prefix_count()
         if n:
-            # the table the peer will re-send when it is back, in UPDATEs as this peer packs them
-            # (down again mid-transfer: it will re-send all of it, not only what it had got to)
-            per_update = self.counters["prefixes_announced"] / max(self.counters["updates_announcing"], 1)
+            # the table the peer will re-send when it is back, in UPDATEs as this peer packs a
+            # table (measured over its initial transfers; churn UPDATEs carry fewer prefixes),
+            # down again mid-transfer: all of it again, not only what it had got to
+            c = self.counters
+            if c["table_announcing_in"]:
+                per_update = c["table_prefixes_in"] / c["table_announcing_in"]
+            else:
+                per_update = c["prefixes_announced"] / max(c["updates_announcing"], 1)
             size = math.ceil(n / max(per_update, 1.0))
             unfinished = self.table_backlog(self._now) > 0
             self._table_size = max(size, self._table_size) if unfinished else size
             self._table_expected = self._table_size
             self._table_since = self._now
             self._table_eor = set(self.adj_in)
+        elif self.table_backlog(self._now) > 0:
+            self._table_since = self._now  # down again before any of it came: still expected, from now
         changes: list[BestPathChange] = []
         for fam, rib in self.adj_in.items():
             keys = list(rib.routes)
@@ -730,8 +757,11 @@ class BgpSession:
         self.idle_hold = self.config.idle_hold_time
         self.established_at = self._now
         self.counters["established"] += 1
-        if self._table_expected > 0:
+        self._xfer_open = True
+        if self.table_backlog(self._now) > 0:
             self._table_since = self._now  # the transfer's own time starts
+        else:
+            self._table_forget()  # back after table_expect_s: no longer that transfer
         self._advertise(self.config.announce)
         n = self.negotiated
         for fam in sorted(n.families if n is not None else ()):
@@ -866,7 +896,13 @@ class BgpSession:
                 },
                 "peer_open": None if self.peer_open is None else encode_message(self.peer_open).hex(),
                 "router_id": self.source.router_id,
-                "table": [self._table_expected, self._table_size, self._table_since, sorted(self._table_eor)],
+                "table": [
+                    self._table_expected,
+                    self._table_size,
+                    self._table_since,
+                    sorted(self._table_eor),
+                    self._xfer_open,
+                ],
             }
         )
         w.blob(self._reader.pending_bytes())
@@ -899,8 +935,8 @@ class BgpSession:
             s.counters = Counter(meta["counters"])
             s.source.set_router_id(meta["router_id"])
             if meta.get("table"):
-                expected, size, since, eor = meta["table"]
-                s._table_expected, s._table_size = int(expected), int(size)
+                expected, size, since, eor, xfer = meta["table"]
+                s._table_expected, s._table_size, s._xfer_open = int(expected), int(size), bool(xfer)
                 s._table_since = None if since is None else float(since)
                 s._table_eor = {(int(a), int(b)) for a, b in eor}
             neg = meta["negotiated"]

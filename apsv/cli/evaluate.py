@@ -135,7 +135,17 @@ def _live(
                 tasks[policy] = bar.add_task(f"live {policy}", total=n)
             bar.update(tasks[policy], completed=k)
 
-        res = evaluate_live(test, cfg, names, live, configs=doc["policy_configs"], forecasts=fc, progress=progress)
+        tables = doc["_tables"][start:] if doc["_tables"] is not None else None
+        res = evaluate_live(
+            test,
+            cfg,
+            names,
+            live,
+            configs=doc["policy_configs"],
+            forecasts=fc,
+            progress=progress,
+            table_backlog=tables,
+        )
     out = live_json(doc["trace"], res)
     out["plots"] = [str(p) for p in plot_live(doc["trace"], res, plots)] if plots is not None else []
     if as_json:

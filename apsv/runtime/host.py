@@ -14,6 +14,7 @@ restored from one and fed the frames after it ends exactly where the original wo
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -325,16 +326,23 @@ class SessionHost:
         }
 
     def table_backlog(self, now: float) -> int:
-        """UPDATEs the sessions' peers are expected to re-send (BGP sessions that went down, or
-        came back and are mid-transfer; `BgpSession.table_backlog`): what the VPSM provisions
-        for ahead. 0 for protocols without table transfers."""
-        total = 0
-        for e in self.sessions.values():
+        """Frames of the tables the sessions' peers are expected to re-send (BGP sessions that went
+        down, or came back and are mid-transfer; `BgpSession.table_backlog` counts UPDATEs): what
+        the VPSM provisions for ahead. 0 for protocols without table transfers."""
+        total = 0.0
+        # a copy: load() runs on the instance's control thread while moves add and remove sessions
+        for e in list(self.sessions.values()):
             fn = getattr(e.session, "table_backlog", None)
             if fn is None:
                 return 0  # one protocol per host: none of its sessions has one
-            total += int(fn(now))
-        return total
+            n = int(fn(now))
+            if n:
+                # in the unit the VPSM counts load in - frames: an agent may pack several UPDATEs
+                # into one frame (a TCP read), and does so as this session's peer sends
+                counters = getattr(e.session, "counters", None)
+                updates = int(counters.get("updates_in", 0)) if counters is not None else 0
+                total += n * min(1.0, e.frames / updates) if updates else n
+        return math.ceil(total)
 
     def session_table(self, key: Key, family: str) -> list[tuple[str, str | None, str]]:
         """A session's Loc-RIB for a family name ("ipv4-unicast"), for stacks that keep one."""

@@ -78,6 +78,9 @@ class ReplayClock:
     rate_scale: float = 1.0  # live messages per trace message
     forecasts: Forecasts | None = None  # indexed by trace step, as the simulator's
     future: tuple[float, ...] = ()  # the trace's rates: the oracle's foresight
+    # the trace's tables to re-send per step (its reset storms), as the simulator is told them;
+    # added to what the instances' BGP sessions report
+    tables: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         if self.speed <= 0 or self.rate_scale <= 0:
@@ -275,7 +278,8 @@ class VPSM:
                         protocol, [float(x["traffic_share"]) for x in mine if x["accepting"]]
                     ),
                     # tables that peers which reset will re-send (BGP): known before they arrive
-                    table_backlog=float(sum(int(x.get("table_backlog", 0)) for x in mine)) / clock.rate_scale,
+                    table_backlog=float(sum(int(x.get("table_backlog", 0)) for x in mine)) / clock.rate_scale
+                    + (clock.tables[min(k, len(clock.tables) - 1)] if clock.tables else 0.0),
                     future_load=clock.future[k + 1 : k + 65],
                     state=self.policy_state[protocol],
                     config=plan.policy_config,

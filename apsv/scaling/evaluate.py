@@ -109,6 +109,7 @@ def evaluate(
         "_results": results,
         "_forecasts": forecasts,
         "_test": test,
+        "_tables": tables,
     }
 
 

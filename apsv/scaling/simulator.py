@@ -226,6 +226,7 @@ def _initial(
     pcfg: Mapping[str, Any],
     forecasts: Forecasts | None,
     sessions: int,
+    table_backlog: float = 0.0,
 ) -> int:
     first = ScalingContext(
         protocol=cfg.protocol,
@@ -243,6 +244,7 @@ def _initial(
         budget_instances=cfg.budget_instances,
         slo_ms=cfg.slo_ms,
         future_load=tuple(float(x) for x in load[1:65]),
+        table_backlog=table_backlog,
         config=pcfg,
     )
     return max(int(fn(first).instances), cfg.min_instances)
@@ -332,7 +334,7 @@ def simulate(
 
     if initial_instances is None:
         # warm start: what the policy asks for at t=0 is already running
-        initial_instances = _initial(load, fn, cfg, pcfg, forecasts, int(w.size))
+        initial_instances = _initial(load, fn, cfg, pcfg, forecasts, int(w.size), float(tables[0]))
     for _ in range(max(initial_instances, cfg.min_instances)):
         start(0.0, ready=True)
     ready_ids = np.flatnonzero(state == READY)
@@ -419,16 +421,6 @@ def simulate(
         else:
             rho = np.zeros(busy.size)
             mw = np.zeros(busy.size)
-        if stall is not None and wt.size:
-            # messages arriving while a node's path stops wait for it to resume: a uniform share
-            # (stall / step) of that node's, with up to the stall added to their wait
-            frac = stall[busy] / dt
-            hit = np.flatnonzero(frac > 0)
-            lo = np.append(lo, lo[hit])
-            hi = np.append(hi, hi[hit] + 1000.0 * stall[busy][hit])
-            wt = np.asarray(np.append(wt * (1.0 - frac), wt[hit] * frac[hit]), dtype=np.float64)
-            rho = np.append(rho, rho[hit])
-            mw = np.append(mw, mw[hit])
         if moved:
             # a moving session's messages wait until its move ends (its frames are held): those of
             # this step between what is left of the pause after the step and what is left before
@@ -450,6 +442,19 @@ def simulate(
             rho = np.append(rho, np.zeros(share.size))
             mw = np.append(mw, np.zeros(share.size))
             moved[:] = [(w_, left - step_ms, dst) for w_, left, dst in moved if left > step_ms]
+        if stall is not None and wt.size:
+            # messages arriving while a node's path stops wait for it to resume: a uniform share
+            # (stall / step) of each instance's messages there, with up to the stall added
+            n_own = busy.size  # the instances' own components (moved sessions' come after them)
+            frac = stall[busy] / dt
+            hit = np.flatnonzero(frac > 0)
+            lo = np.append(lo, lo[hit])
+            hi = np.append(hi, hi[hit] + 1000.0 * stall[busy][hit])
+            held = wt[hit] * frac[hit]
+            wt[:n_own] *= 1.0 - frac
+            wt = np.asarray(np.append(wt, held), dtype=np.float64)
+            rho = np.append(rho, rho[hit])
+            mw = np.append(mw, mw[hit])
         if cfg.agent_window_ms > 0 and wt.size:
             # head-of-line: a backlog past the agents' window holds up every agent's messages
             floor = cfg.base_latency_ms + service_ms

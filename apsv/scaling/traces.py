@@ -97,8 +97,8 @@ def bgp_churn(
         backlog = np.zeros(length_s)
         down = max(0, storm_at_s - reconnect_s)
         backlog[down:storm_at_s] = msgs
-        # at the start of each step of the transfer: what is still to come, that step's included
-        backlog[storm_at_s:end] = msgs - np.concatenate(([0.0], np.cumsum(storm)[:-1]))
+        # what is still to come after each step of the transfer (the VPSM decides at a step's end)
+        backlog[storm_at_s:end] = np.maximum(msgs - np.cumsum(storm), 0.0)
         meta.update(
             storm_at_s=storm_at_s, storm_s=storm_s, storm_messages=round(msgs), reset_at_s=down, reconnect_s=reconnect_s
         )
