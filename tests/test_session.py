@@ -238,6 +238,22 @@ def test_update_message_roundtrip_through_sessions_matches_rib() -> None:
     assert isinstance(Update(), Update)
 
 
+def peer_returns(b: BgpSession, cfg: BgpSessionConfig, now: float, watch: list[int] | None = None) -> BgpSession:
+    """A fresh speaker with `cfg` connects to `b` (already restarted) and they talk until quiet;
+    `watch` gets b's table backlog after each of b's reads."""
+    a2 = BgpSession(cfg)
+    ea = a2.start(now) + a2.connection_made(now)
+    eb = b.connection_made(now)
+    for _ in range(10):
+        nb = b.data_received(wire(ea), now) if wire(ea) else []
+        if watch is not None:
+            watch.append(b.table_backlog(now))
+        ea, eb = (a2.data_received(wire(eb), now) if wire(eb) else []), nb
+        if not ea and not eb:
+            break
+    return a2
+
+
 def test_a_peer_that_went_down_is_expected_back_with_its_table() -> None:
     """The scaling signal a reset gives ahead of its storm: from the drop, the table the peer had
     (in UPDATEs as it packed them) is expected; once the peer is back its UPDATEs count against
@@ -255,18 +271,9 @@ def test_a_peer_that_went_down_is_expected_back_with_its_table() -> None:
     # the peer comes back: B restarts after its idle hold, A' (a fresh speaker) connects
     now = b.next_deadline() or 15.0
     b.on_timer(now)
-    a2 = BgpSession(A)
-    ea = a2.start(now) + a2.connection_made(now)
-    eb = b.connection_made(now)
     assert b.table_backlog(now) == 2
     counted: list[int] = []
-    for _ in range(10):
-        nb = b.data_received(wire(ea), now) if wire(ea) else []
-        counted.append(b.table_backlog(now))
-        na = a2.data_received(wire(eb), now) if wire(eb) else []
-        ea, eb = na, nb
-        if not ea and not eb:
-            break
+    peer_returns(b, A, now, counted)
     assert b.state is State.ESTABLISHED and b.prefix_count() == 202
     # both UPDATEs arrived: the transfer is over (the End-of-RIBs after them are not counted)
     assert b.table_backlog(now) == 0 and b.counters["table_updates_in"] == 2
@@ -278,15 +285,7 @@ def test_end_of_rib_for_every_family_ends_a_smaller_transfer() -> None:
     b.connection_lost(10.0)
     now = b.next_deadline() or 15.0
     b.on_timer(now)
-    a2 = BgpSession(A.model_copy(update={"announce": [A.announce[1]]}))  # came back with IPv6 only
-    ea = a2.start(now) + a2.connection_made(now)
-    eb = b.connection_made(now)
-    for _ in range(10):
-        nb = b.data_received(wire(ea), now) if wire(ea) else []
-        ea = a2.data_received(wire(eb), now) if wire(eb) else []
-        eb = nb
-        if not ea and not eb:
-            break
+    peer_returns(b, A.model_copy(update={"announce": [A.announce[1]]}), now)  # came back with IPv6 only
     assert b.state is State.ESTABLISHED and b.prefix_count() == 2
     # one UPDATE (1 of 2 expected), then End-of-RIB for IPv4 and for IPv6: done
     assert b.table_backlog(now) == 0 and b.counters["table_updates_in"] == 3
@@ -336,14 +335,6 @@ def test_an_expectation_past_table_expect_s_is_not_revived() -> None:
     now = 10.0 + 200.0  # the peer comes back long after table_expect_s
     b.timers.pop("idle_hold", None)
     b.start(now)
-    a2 = BgpSession(A)
-    ea = a2.start(now) + a2.connection_made(now)
-    eb = b.connection_made(now)
-    for _ in range(10):
-        nb = b.data_received(wire(ea), now) if wire(ea) else []
-        ea = a2.data_received(wire(eb), now) if wire(eb) else []
-        eb = nb
-        if not ea and not eb:
-            break
+    peer_returns(b, A, now)
     assert b.state is State.ESTABLISHED and b.table_backlog(now) == 0
     assert b.counters["table_updates_in"] == 0  # its UPDATEs were not counted as that transfer
