@@ -66,7 +66,7 @@ def main() -> None:
     out["benchmark"] = "scaling_live"
     out["machine"] = {"cpus": os.cpu_count(), "platform": platform.platform()}
     out["wall_s"] = round(time.perf_counter() - t0, 1)
-    out["policy_configs"] = doc["policy_configs"]
+    out["offline_policy_configs"] = doc["policy_configs"]  # `policy_configs`: as run live
     # per step, live beside simulated: where they part
     out["timelines"] = {
         p: {

@@ -42,6 +42,9 @@ def test_live_evaluation_against_the_simulator(ray_cluster: Any, data_dir: Path,
     # the host's cores and the stall of as many instances starting at once, handed to the simulator
     assert cal["node_cpus"] >= 1 and 0 <= cal["start_stall_s"] < 5
     assert out["sim_config"]["node_cpus"] == cal["node_cpus"] and out["sim_config"]["nodes"] == 1
+    # the policies leave room for the measured fixed latency (floor + the agents' batching wait)
+    fixed = out["sim_config"]["base_latency_ms"] + out["sim_config"]["batch_delay_ms"]
+    assert out["policy_configs"]["predictive"]["fixed_latency_ms"] == pytest.approx(fixed) and fixed > 40
     for p in ("predictive", "oracle"):
         live, sim = out["policies"][p], out["sim"][p]
         assert {"slo_violation_s", "instance_s", "scale_actions", "lost"} <= live.keys()

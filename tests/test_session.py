@@ -328,6 +328,17 @@ def test_a_transfer_cut_short_expects_the_whole_table_again() -> None:
     assert b.table_backlog(now + 2.0) == 0
 
 
+def test_a_peer_that_shuts_down_on_purpose_is_not_expected_back() -> None:
+    from apsv.bgp.message import encode_message
+
+    _, b, _, _ = pair(A, B)
+    b.data_received(encode_message(Notification(C.ERR_CEASE, C.CEASE_ADMIN_SHUTDOWN, b"")), 5.0)
+    assert b.state is not State.ESTABLISHED and b.prefix_count() == 0 and b.table_backlog(5.0) == 0
+    _, b, _, _ = pair(A, B)
+    b.data_received(encode_message(Notification(C.ERR_CEASE, C.CEASE_OTHER_CONFIG_CHANGE, b"")), 5.0)
+    assert b.table_backlog(5.0) == 2  # a config change: it will be back
+
+
 def test_an_expectation_past_table_expect_s_is_not_revived() -> None:
     _, b, _, _ = pair(A, B)
     b.connection_lost(10.0)

@@ -625,8 +625,10 @@ class BgpSession:
             self.counters["updates_announcing"] += 1
             self.counters["prefixes_announced"] += announced
         if self._xfer_open:
-            # the initial transfer (establishment to End-of-RIB): how this peer packs a table
-            if u.is_end_of_rib:
+            # the initial transfer (establishment to End-of-RIB, or table_expect_s for a peer
+            # that sends none): how this peer packs a table
+            since = self.established_at if self.established_at is not None else self._now
+            if u.is_end_of_rib or self._now - since > self.config.table_expect_s:
                 self._xfer_open = False
             elif announced:
                 self.counters["table_prefixes_in"] += announced
@@ -935,8 +937,9 @@ class BgpSession:
             s.counters = Counter(meta["counters"])
             s.source.set_router_id(meta["router_id"])
             if meta.get("table"):
-                expected, size, since, eor, xfer = meta["table"]
-                s._table_expected, s._table_size, s._xfer_open = int(expected), int(size), bool(xfer)
+                expected, size, since, eor, *more = meta["table"]
+                s._table_expected, s._table_size = int(expected), int(size)
+                s._xfer_open = bool(more[0]) if more else False
                 s._table_since = None if since is None else float(since)
                 s._table_eor = {(int(a), int(b)) for a, b in eor}
             neg = meta["negotiated"]

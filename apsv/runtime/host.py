@@ -341,7 +341,7 @@ class SessionHost:
                 # into one frame (a TCP read), and does so as this session's peer sends
                 counters = getattr(e.session, "counters", None)
                 updates = int(counters.get("updates_in", 0)) if counters is not None else 0
-                total += n * min(1.0, e.frames / updates) if updates else n
+                total += n * min(1.0, e.frames / updates) if updates and e.frames else n
         return math.ceil(total)
 
     def session_table(self, key: Key, family: str) -> list[tuple[str, str | None, str]]:

@@ -312,7 +312,13 @@ def run_policy(
     try:
         sim_cfg = replace(cfg, capacity=capacity_trace, start_latency_s=cal.start_latency_s * live.speed)
         n0 = initial_instances(
-            test, policy, sim_cfg, policy_config=pcfg, forecasts=forecasts, sessions=len(_keys(live))
+            test,
+            policy,
+            sim_cfg,
+            policy_config=pcfg,
+            forecasts=forecasts,
+            sessions=len(_keys(live)),
+            table_backlog=float(table_backlog[0]) if table_backlog is not None and table_backlog.size else 0.0,
         )
         ray.get(dep.vpsm.scale_to.remote("echo", n0))
         keys = _keys(live)
@@ -396,7 +402,7 @@ def calibrate(cfg: SimConfig, live: LiveConfig, test: FloatArray) -> Calibration
     delay_ms = 1000.0 / target
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     # the stall is measured only where the simulator could see one: `cpus` starts at once
-    measure_stall = 3 + cpus <= cfg.max_instances
+    measure_stall = 2 + cpus <= cfg.max_instances
     plan = _plan(
         "fixed",
         {"instances": 1},
@@ -444,7 +450,7 @@ def calibrate(cfg: SimConfig, live: LiveConfig, test: FloatArray) -> Calibration
                 for h in ray.get(dep.vpsm.instance_handles.remote()).values():
                     ray.get(h.load.remote())  # drop what they measured so far
                 scaling = dep.vpsm.scale_to.remote("echo", n)
-                sender.run([0.5 * target * 2] * 2, time.time() + 0.05, 1.0)
+                sender.run([target] * 2, time.time() + 0.05, 1.0)  # 2 s, half of what 2 instances serve
                 ray.get(scaling)
                 sender.finish()
                 lat = [
@@ -526,6 +532,7 @@ def evaluate_live(
         if forecasts is not None
         else None
     )
+    used: dict[str, dict[str, Any]] = {}  # each policy's configuration as run (live units added)
     for p in policies:
         pc = dict(configs.get(p, {}))
         # one live message's service time in trace ms: the queueing the policies allow for is
@@ -536,6 +543,7 @@ def evaluate_live(
             # and the agents' batching wait - the SLO's budget for queueing is what they leave.
             # Measured, so it replaces the offline evaluation's figure for its modelled system.
             pc["fixed_latency_ms"] = sim_cfg.base_latency_ms + sim_cfg.batch_delay_ms
+        used[p] = dict(pc)
         sim_pc = {k: (v * rate_scale if k == "peak_load" else v) for k, v in pc.items()}
         sims[p] = simulate(
             test * rate_scale,
@@ -549,7 +557,14 @@ def evaluate_live(
         results[p] = run_policy(
             test, p, cfg, live, cal, policy_config=pc, forecasts=forecasts, progress=cb, table_backlog=tables
         )
-    return {"calibration": cal, "sim_config": sim_cfg, "live": results, "sim": sims, "test": test}
+    return {
+        "calibration": cal,
+        "sim_config": sim_cfg,
+        "live": results,
+        "sim": sims,
+        "test": test,
+        "configs": used,
+    }
 
 
 def agreement(live: LiveResult, sim: SimResult) -> dict[str, float]:
@@ -581,6 +596,7 @@ def live_json(trace: str, res: dict[str, Any]) -> dict[str, Any]:
         "policies": {p: r.to_json() for p, r in live.items()},
         "sim": {p: r.to_json() for p, r in sims.items()},
         "agreement": {p: agreement(live[p], sims[p]) for p in live},
+        "policy_configs": res.get("configs", {}),
     }
     out["claims"] = claims(out)
     out["sim_claims"] = claims({"policies": out["sim"]})

@@ -258,12 +258,13 @@ def initial_instances(
     policy_config: Mapping[str, Any] | None = None,
     forecasts: Forecasts | None = None,
     sessions: int | None = None,
+    table_backlog: float = 0.0,
 ) -> int:
     """The instances a policy wants at the trace's first step (the warm start of a run)."""
     pcfg = dict(policy_config or {})
     pcfg.setdefault("interval_s", cfg.interval_s)
     n = sessions if sessions is not None else cfg.vrouters * cfg.sessions_per_vrouter
-    return _initial(np.asarray(trace, dtype=np.float64), get_policy(policy), cfg, pcfg, forecasts, n)
+    return _initial(np.asarray(trace, dtype=np.float64), get_policy(policy), cfg, pcfg, forecasts, n, table_backlog)
 
 
 def simulate(
