@@ -292,6 +292,11 @@ def test_simulator_stalls_a_node_where_instances_start_at_once() -> None:
     jump = int(np.argmax(np.diff(plain.timeline["instances"]))) + 1  # the step after the burst start
     assert stalled.timeline["p99_ms"][jump] >= plain.timeline["p99_ms"][jump] + 250.0
     assert stalled.slo_violation_s > plain.slo_violation_s
+    # each start beyond the free cores adds a stall: +3 on 3 cores stalls less than on 2
+    three = simulate(
+        load, "reactive", replace(cfg, node_cpus=3, start_stall_s=0.3), policy_config=pc, initial_instances=4
+    )
+    assert plain.timeline["p99_ms"][jump] < three.timeline["p99_ms"][jump] < stalled.timeline["p99_ms"][jump] - 200
     # many cores: no stall; one start at a time: no stall
     roomy = simulate(
         load, "reactive", replace(cfg, node_cpus=8, start_stall_s=0.3), policy_config=pc, initial_instances=4

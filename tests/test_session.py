@@ -337,6 +337,10 @@ def test_a_peer_that_shuts_down_on_purpose_is_not_expected_back() -> None:
     _, b, _, _ = pair(A, B)
     b.data_received(encode_message(Notification(C.ERR_CEASE, C.CEASE_OTHER_CONFIG_CHANGE, b"")), 5.0)
     assert b.table_backlog(5.0) == 2  # a config change: it will be back
+    _, b, _, _ = pair(A, B)
+    hard = bytes((C.ERR_CEASE, C.CEASE_PEER_DECONFIGURED))  # RFC 8538 Hard Reset wrapping Cease 3
+    b.data_received(encode_message(Notification(C.ERR_CEASE, C.CEASE_HARD_RESET, hard)), 5.0)
+    assert b.prefix_count() == 0 and b.table_backlog(5.0) == 0
 
 
 def test_an_expectation_past_table_expect_s_is_not_revived() -> None:

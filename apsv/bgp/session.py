@@ -556,6 +556,8 @@ class BgpSession:
                 self._dispatch(Event.NOTIF_MSG_VER_ERR)
             else:
                 self._dispatch(Event.NOTIF_MSG)
+            if code == C.ERR_CEASE and sub == C.CEASE_HARD_RESET and len(body) >= 4:
+                sub = body[3] if body[2] == C.ERR_CEASE else 0  # RFC 8538: the NOTIFICATION it wraps
             if code == C.ERR_CEASE and sub in (C.CEASE_ADMIN_SHUTDOWN, C.CEASE_PEER_DECONFIGURED):
                 self._table_forget()  # the peer shut the session down on purpose: not back soon
         elif mtype == C.MSG_ROUTE_REFRESH:

@@ -309,7 +309,7 @@ class VPSM:
                         "forecast": {q: float(v[0]) for q, v in (forecast or {}).items() if v},
                     }
                 )
-                self._metrics.protocol(protocol, rate, p99, forecast)
+                self._metrics.protocol(protocol, rate, p99, forecast, ctx.table_backlog)
                 await self._scale(plan, d.instances, d.reason, background=True)
                 self._metrics.instances(protocol, self._active(protocol))
             return decisions
@@ -743,12 +743,23 @@ class _VpsmMetrics:
         self.actions = metrics.Counter(
             "apsv_scale_actions_total", "Instances started (up) and drained (down)", tag_keys=("protocol", "direction")
         )
+        self.tables = metrics.Gauge(
+            "apsv_table_backlog_messages",
+            "Messages of the tables peers that reset are expected to re-send (the leading indicator of a reset storm)",
+            tag_keys=("protocol",),
+        )
 
     def protocol(
-        self, protocol: str, load: float, p99: float | None, forecast: Mapping[str, tuple[float, ...]] | None
+        self,
+        protocol: str,
+        load: float,
+        p99: float | None,
+        forecast: Mapping[str, tuple[float, ...]] | None,
+        tables: float = 0.0,
     ) -> None:
         tags = {"protocol": protocol}
         self.load.set(load, tags)
+        self.tables.set(tables, tags)
         if p99 is not None:
             self.p99.set(p99, tags)
         for q, values in (forecast or {}).items():
