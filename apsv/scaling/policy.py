@@ -36,8 +36,9 @@ class ScalingContext:
     cpu_utilization: float | None = None  # busy fraction of the protocol's allocated CPU, 0..1
     future_load: tuple[float, ...] = ()  # the actual load ahead (oracle only: simulators know it)
     load_imbalance: float = 1.0  # busiest instance's load over the mean (placement is not perfect)
-    # UPDATEs that BGP peers which reset are expected to re-send: each such session's table as it
-    # was before it went down (in messages), less what it has sent since it came back. A leading
+    # Messages (in the unit of `load`) that BGP peers which reset are expected to re-send: each
+    # such session's table as it was before it went down, less what it has sent since it came
+    # back (the VPSM gets frames from the hosts; a trace counts UPDATEs). A leading
     # indicator the forecast cannot have: a full-table peer that reconnects re-announces its
     # whole table within seconds (its initial transfer, ended by End-of-RIB, RFC 4724).
     table_backlog: float = 0.0
