@@ -15,7 +15,7 @@ Version 1 layout (network byte order, 56-octet header, then the payload):
     32     8    rx_ns        when the agent received the bytes (ns since the Unix epoch)
     40     8    tx_ns        when the frame was sent into the cluster (ns)
     48     4    length       payload length in octets
-    52     4    reserved     0
+    52     4    epoch        the route epoch the sender addressed (agent -> cluster; 0 otherwise)
 
 A batch is frames back to back. `decode_batch` returns frames whose payloads are memoryview
 slices of the batch buffer: a frame crosses the cluster without its payload being copied.
@@ -86,6 +86,7 @@ class Frame:
     tx_ns: int
     payload: bytes | memoryview = b""
     flags: int = 0
+    epoch: int = 0
 
     @property
     def key(self) -> SessionKey:
@@ -114,10 +115,11 @@ def encode_frame(f: Frame) -> bytes:
         ("seq", f.seq, 64),
         ("rx_ns", f.rx_ns, 64),
         ("tx_ns", f.tx_ns, 64),
+        ("epoch", f.epoch, 32),
     ):
         _check_range(name, value, bits)
     head = HEADER.pack(
-        MAGIC, VERSION, f.kind, f.protocol, f.flags, f.tenant, f.vrouter, f.session, f.seq, f.rx_ns, f.tx_ns, n, 0
+        MAGIC, VERSION, f.kind, f.protocol, f.flags, f.tenant, f.vrouter, f.session, f.seq, f.rx_ns, f.tx_ns, n, f.epoch
     )
     return head + bytes(f.payload)
 
@@ -129,7 +131,7 @@ def encode_batch(frames: Iterable[Frame]) -> bytes:
 def _decode_at(view: memoryview, off: int, max_payload: int) -> tuple[Frame, int]:
     if len(view) - off < HEADER_LEN:
         raise DecodeError(f"truncated frame: header needs {HEADER_LEN} octets, {len(view) - off} remain", off)
-    magic, version, kind, proto, flags, tenant, vrouter, session, seq, rx, tx, n, _res = HEADER.unpack_from(view, off)
+    magic, version, kind, proto, flags, tenant, vrouter, session, seq, rx, tx, n, epoch = HEADER.unpack_from(view, off)
     if magic != MAGIC:
         raise DecodeError(f"not an offload frame: magic {bytes(magic)!r}, expected {MAGIC!r}", off)
     if version != VERSION:
@@ -141,7 +143,7 @@ def _decode_at(view: memoryview, off: int, max_payload: int) -> tuple[Frame, int
     end = off + HEADER_LEN + n
     if end > len(view):
         raise DecodeError(f"truncated frame: payload of {n} octets, {len(view) - off - HEADER_LEN} present", off)
-    return Frame(kind, proto, tenant, vrouter, session, seq, rx, tx, view[off + HEADER_LEN : end], flags), end
+    return Frame(kind, proto, tenant, vrouter, session, seq, rx, tx, view[off + HEADER_LEN : end], flags, epoch), end
 
 
 _KINDS = frozenset(int(k) for k in FrameKind)

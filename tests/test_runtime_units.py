@@ -10,7 +10,7 @@ import pytest
 
 from apsv.frame import Frame, FrameKind, ProtocolId, decode_batch, encode_batch
 from apsv.runtime.buffer_pool import SHM_PREFIX, BufferPool, PoolExhausted
-from apsv.runtime.host import HostLimits, SessionHost
+from apsv.runtime.host import GAP, MOVED, PENDING, STALE, UNKNOWN, HostLimits, SeqState, SessionHost
 from apsv.runtime.placement import InstanceLoad, choose_instance, least_used, rebalance_moves
 from apsv.runtime.shm import SegmentCache
 from apsv.scaling.policy import ScalingContext, get_policy, reactive
@@ -36,19 +36,25 @@ def test_host_applies_each_frame_once_in_order() -> None:
     assert (info["last_seq"], info["frames"], info["duplicates"], info["gaps"]) == (3, 3, 1, 0)
 
 
-def test_host_counts_gaps_and_unknown_sessions() -> None:
+def test_host_refuses_a_gap_and_unknown_sessions() -> None:
+    """A frame after a gap is not applied (the client re-sends from the gap): frames are applied
+    strictly in sequence, so never out of order."""
     h = SessionHost("echo")
     h.open(K, {}, 0.0)
-    h.process(encode_batch([frame(1), frame(5), frame(1, key=(9, 9, ECHO, 9))]), None, 1.0)
-    assert h.session_info(K)["gaps"] == 1 and h.counters.unknown_session == 1
+    h.process(encode_batch([frame(1), frame(5), frame(6), frame(1, key=(9, 9, ECHO, 9))]), None, 1.0)
+    assert h.session_info(K)["gaps"] == 0 and h.session_info(K)["last_seq"] == 1
+    assert h.counters.out_of_order == 2 and h.counters.unknown_session == 1
+    assert sorted(h.refusals) == [(K, GAP, 2, 0, ""), ((9, 9, ECHO, 9), UNKNOWN, 1, 0, "")]
 
 
 def test_host_move_carries_sequence_state() -> None:
     a, b = SessionHost("echo"), SessionHost("echo")
     a.open(K, {}, 0.0)
     a.process(encode_batch([frame(i) for i in range(1, 11)]), None, 1.0)
-    blob, st = a.detach(K)
+    blob, st = a.detach(K, "b", 1)
     assert (st.last_seq, st.out_seq, st.applied) == (10, 10, 10) and K not in a.sessions
+    a.process(encode_batch([frame(11)]), None, 2.0)  # sent to where it was: refused, naming where it went
+    assert a.refusals == [(K, MOVED, 11, 1, "b")] and a.counters.departed == 1
     b.restore(K, blob, st)
     out = b.process(encode_batch([frame(10), frame(11)]), None, 2.0)
     assert [f.seq for f in decode_batch(out)] == [11]  # output numbering continues too
@@ -196,11 +202,12 @@ def test_shared_pool_is_read_in_place_and_guarded() -> None:
         buf.array[start + 56] = ord("M")  # the writer changes its buffer: the mapping sees it
         assert bytes(view[56:60]) == b"Mine"
         h = SessionHost("echo")
-        h.open(K, {}, 0.0)
-        h.open(other, {}, 0.0)
-        out = h.process(view, buf.offsets, 1.0, allowed={K})
+        h.open(K, {}, 0.0, owner="me")
+        h.open(other, {}, 0.0, owner="them")
+        out = h.process(view, buf.offsets, 1.0, owner="me")
         assert [bytes(f.payload) for f in decode_batch(out)] == [b"Mine"]
-        assert h.counters.foreign == 1 and h.session_info(other)["frames"] == 0
+        # another owner's session: dropped and counted, and nothing said to the sender about it
+        assert h.counters.foreign == 1 and h.session_info(other)["frames"] == 0 and h.refusals == []
         del view
         with pytest.raises(ValueError, match="not an APSV buffer pool"):
             cache.view("psm_something_else", 0, 1)
@@ -247,3 +254,122 @@ def test_host_reports_the_tables_peers_will_resend() -> None:
     echo = SessionHost("echo")
     echo.open(K, {}, 0.0)
     assert echo.load()["table_backlog"] == 0
+
+
+def test_host_fences_by_owner_and_epoch() -> None:
+    """Applied only at the session's epoch and from its owner; a frame of an older epoch is
+    refused (STALE, naming the current one), another owner's is dropped unseen."""
+    h = SessionHost("echo")
+    h.open(K, {}, 0.0, owner="c1", epoch=3)
+    ok = Frame(FrameKind.DATA, ECHO, K[0], K[1], K[3], 1, 1, 2, b"a", epoch=3)
+    old = Frame(FrameKind.DATA, ECHO, K[0], K[1], K[3], 2, 1, 2, b"b", epoch=2)
+    assert len(decode_batch(h.process(encode_batch([ok, old]), None, 1.0, owner="c1"))) == 1
+    assert h.refusals == [(K, STALE, 2, 3, "")] and h.counters.stale == 1
+    h.process(
+        encode_batch([Frame(FrameKind.DATA, ECHO, K[0], K[1], K[3], 2, 1, 2, b"x", epoch=3)]), None, 1.0, owner="c2"
+    )
+    assert h.refusals == [] and h.counters.foreign == 1 and h.session_info(K)["last_seq"] == 1
+
+
+def test_host_holds_a_place_until_its_client_restores_it() -> None:
+    """A session placed on a new instance after its own died: frames wait (PENDING) until the
+    client restores it from custody - afresh from its configuration, or from its snapshot."""
+    src = SessionHost("echo")
+    src.open(K, {}, 0.0, owner="c", epoch=1)
+    src.process(
+        encode_batch([Frame(FrameKind.DATA, ECHO, K[0], K[1], K[3], i, 1, 2, b"m", epoch=1) for i in (1, 2)]),
+        None,
+        1.0,
+        owner="c",
+    )
+    blob, st = src.snapshot(K)
+    h = SessionHost("echo")
+    h.expect(K, "c", 2)
+    f3 = Frame(FrameKind.DATA, ECHO, K[0], K[1], K[3], 3, 1, 2, b"n", epoch=2)
+    h.process(encode_batch([f3]), None, 1.0, owner="c")
+    assert h.refusals == [(K, PENDING, 3, 2, "")] and h.counters.pending == 1
+    with pytest.raises(LookupError):
+        h.restore_pending(K, "intruder", 2, (blob, st), {}, 0, 1.0)
+    h.restore_pending(K, "c", 2, (blob, st), {}, 0, 1.0)
+    out = h.process(encode_batch([f3]), None, 1.0, owner="c")
+    assert [f.seq for f in decode_batch(out)] == [3] and h.session_info(K)["messages"] == 3
+    fresh = SessionHost("echo")
+    fresh.expect(K, "c", 5)
+    fresh.restore_pending(K, "c", 5, None, {"max_message": 10}, 0, 1.0)
+    assert fresh.sessions[K].session.max_message == 10 and fresh.session_info(K)["last_seq"] == 0  # type: ignore[attr-defined]
+    assert fresh.sessions_report() == [(K, "c", 5, False)]
+
+
+def test_host_checks_every_offset_of_a_batch_its_sender_can_still_write() -> None:
+    h = SessionHost("echo")
+    h.open(K, {}, 0.0)
+    data = encode_batch([frame(1), frame(2)])
+    h.process(data, [0, 3, 10_000, -4, len(data) - 10], 1.0)
+    assert h.counters.bad_frames == 4 and h.session_info(K)["last_seq"] == 1
+
+
+def test_custody_keeps_what_no_snapshot_covers() -> None:
+    """Batches are copied into custody; a session's snapshot frees what it covers, and the frames
+    after it come back in order, each once, for a resend or a restore."""
+    from apsv.runtime.custody import Custody
+
+    c = Custody(max_bytes=1 << 20, session_bytes=300)
+    other = (1, 2, ECHO, 4)
+    c.add(K)
+    c.add(other)
+    b1 = encode_batch([frame(1), frame(1, key=other), frame(2)])
+    b2 = encode_batch([frame(3), frame(2, key=other)])
+    c.retain(b1, [(K, 1, 2, 116), (other, 1, 1, 58)])
+    c.retain(b2, [(K, 3, 3, 58), (other, 2, 2, 58)])
+    assert c.stats.chunks == 2 and c.stats.bytes == len(b1) + len(b2)
+    assert [int.from_bytes(f[24:32], "big") for f in c.frames_from(K, 2)] == [2, 3]
+    assert c.restore_point(K) == (None, 1)
+    c.snapshot(K, SeqState(2, 2, 2, 0), b"state")
+    assert c.restore_point(K) == ((b"state", SeqState(2, 2, 2, 0)), 3)
+    assert [int.from_bytes(f[24:32], "big") for f in c.frames_from(K, 1)] == [3]  # 1-2 covered
+    assert c.stats.chunks == 2  # b1 still holds `other`'s frame 1
+    c.snapshot(other, SeqState(2, 2, 2, 0), b"s2")
+    c.snapshot(K, SeqState(1, 1, 1, 0), b"older")  # an older snapshot never replaces a newer one
+    assert c.restore_point(K)[0] == (b"state", SeqState(2, 2, 2, 0))
+    assert c.stats.chunks == 1 and c.stats.bytes == len(b2)
+    c.retain(encode_batch([frame(4, b"x" * 400)]), [(K, 4, 4, 458)])
+    assert c.wants_snapshot(0.0) == [K] and c.wants_snapshot(0.5) == []  # asked at most once a second
+    c.remove(K)
+    c.remove(other)
+    assert c.stats.bytes == 0 and c.stats.chunks == 0
+
+
+def test_channel_messages_round_trip() -> None:
+    from apsv.errors import DecodeError
+    from apsv.runtime import channel
+
+    reply = channel.Reply(
+        7,
+        b"out",
+        [channel.Refusal(K, MOVED, 5, 2, "bgp-3")],
+        [channel.Snapshot(K, SeqState(4, 3, 4, 0), b"blob")],
+    )
+    r = channel.Reader(64)
+    stream = (
+        channel.hello("c1", b"k" * 32, "apsv-pool-x")
+        + channel.batch(9, 4096, 100, channel.offsets_bytes([4096, 4200], 4096), [K])
+        + channel.reply(reply)
+        + channel.restore(3, K, 2, 1, None, {"a": 1})
+        + channel.restored(3, K, "")
+    )
+    for i in range(0, len(stream), 5):  # in pieces, as a socket may deliver it
+        r.feed(stream[i : i + 5])
+    msgs = [channel.decode(m) for m in r.messages()]
+    assert msgs[0] == channel.Hello(channel.VERSION, "c1", b"k" * 32, "apsv-pool-x")
+    assert msgs[1] == channel.Batch(9, 4096, 100, channel.offsets_bytes([4096, 4200], 4096), [K])
+    assert isinstance(msgs[1], channel.Batch) and channel.offsets_list(msgs[1].offsets) == [0, 104]
+    assert msgs[2] == reply
+    assert msgs[3] == channel.Restore(3, K, 2, 1, None, {"a": 1})
+    assert msgs[4] == channel.Restored(3, K, "")
+    with pytest.raises(DecodeError):
+        channel.decode(b"\x02\x00")
+    with pytest.raises(DecodeError):
+        channel.decode(bytes([99]))
+    with pytest.raises(DecodeError):
+        r.feed(b"\xff\xff\xff\xff")
+        r.messages()

@@ -25,8 +25,6 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import ray
-
 from apsv.agent.bfd_engine import BfdEngine
 from apsv.agent.config import EVENT_LEVELS, AgentConfig, BfdPeer, BgpPeer, VRouter
 from apsv.frame import Frame, FrameKind, ProtocolId
@@ -95,6 +93,7 @@ class Agent:
         self._streaming = False  # someone reads events(): queue them (bounded)
         self.placed: dict[Key, str] = {}
         self.session_names: dict[Key, str] = {}
+        self._readers: set[int] = set()  # the client's sockets this loop watches
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -102,18 +101,19 @@ class Agent:
         """Open every configured session in the cluster, then the sockets. Returns where each
         session was placed (or why it was refused)."""
         loop = asyncio.get_running_loop()
-        same_node = (await self.multiplexer.node.remote()) == ray.get_runtime_context().get_node_id()
         slots = self.config.max_inflight + 1  # a free buffer whenever a batch may be sent
-        pool = BufferPool(slots=slots, slot_bytes=self.config.buffer_bytes, shared=same_node)
-        self.client = OffloadClient(
-            self.multiplexer, pool, max_inflight=self.config.max_inflight, on_output=self._on_output
+        # Shared memory with the stack instances on this node; those elsewhere get the frames
+        # through the object store (the client picks per instance).
+        pool = BufferPool(slots=slots, slot_bytes=self.config.buffer_bytes, shared=True)
+        self.client = await OffloadClient.connect(
+            self.multiplexer, pool=pool, max_inflight=self.config.max_inflight, on_output=self._on_output
         )
         if self.config.events:
             self._events_file = open(self.config.events, "a", buffering=1)  # noqa: SIM115 - closed in stop()
         sessions = self.config.sessions()
         specs = [(key, proto, cfg, EVENT_LEVELS[peer.events]) for key, proto, cfg, _v, peer in sessions]
-        self.placed = await self.multiplexer.open_sessions.remote(specs, self.client.client_id)
-        self.client.adopt(self.placed)
+        specs, ref = self.client.open_request(specs)
+        self.placed = self.client.adopt(specs, await ref)
         refused = {k: v for k, v in self.placed.items() if v.startswith("error")}
         for k, why in refused.items():
             self._event(k, {"event": "refused", "detail": why})
@@ -158,12 +158,14 @@ class Agent:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
         if self.client is not None:
+            c = self.client
             keys = [k for k, v in self.placed.items() if not v.startswith("error")]
             with contextlib.suppress(Exception):
-                await self.multiplexer.close_sessions.remote(keys)
+                await asyncio.wait_for(self.multiplexer.close_sessions.remote(c.client_id, c.credential, keys), 30)
             with contextlib.suppress(Exception):
-                await self.multiplexer.close_client.remote(self.client.client_id, self.client.pool.shm_name)
-            self.client.pool.close()
+                await asyncio.wait_for(self.multiplexer.close_client.remote(c.client_id, c.credential), 10)
+            self._unwatch()
+            c.release()
         if self._events_file is not None:
             self._events_file.close()
 
@@ -232,48 +234,58 @@ class Agent:
     async def _send_frame(self, key: Key, kind: int, payload: bytes | memoryview, rx_ns: int = 0) -> None:
         client = self.client
         assert client is not None
-        while not client.can_send(len(payload)):
-            # Every buffer is in flight: wait for the cluster (the caller stops reading its socket).
+        while not client.can_send(len(payload), key):
+            # Its instance's window, or every buffer, is in flight: wait for the cluster (the
+            # caller stops reading this session's socket - only this one, for a window).
             self.c.backpressure_waits += 1
             self._space.clear()
             self._kick.set()
             await self._space.wait()
-        if client._buf is not None and client._buf.room() < 56 + len(payload) and client._buf.frames:
+        buf = client.pending_buffer
+        if buf is not None and buf.room() < 56 + len(payload) and buf.frames:
             client.flush()  # full: out it goes (can_send said a batch slot is free)
         client.send(key, payload, kind, rx_ns or time.time_ns())
         self.c.frames_out += 1
         self._kick.set()
 
     async def _pump(self) -> None:
-        """Send batches (at once while few are in flight, else as the cluster takes them: Nagle's
-        rule) and take in their output."""
+        """Send batches (at once while few are in flight, else as the cluster answers: Nagle's
+        rule) and take in what comes back. The client's sockets wake this loop (its readers);
+        only cross-node calls, which have none, are polled (every 2 ms while any is out)."""
         client = self.client
         assert client is not None
-        pending: Any = None
         while not self._stopping:
             if client.pending_frames and client.inflight < min(2, client.max_inflight):
                 client.flush()
-            ref = client.oldest_ref()
-            if ref is None:
-                self._kick.clear()
-                if client.pending_frames:
-                    continue
-                await self._kick.wait()
-                continue
-            if pending is None or pending[0] is not ref:
-                pending = (ref, asyncio.ensure_future(_ready(ref)))
-            kick = asyncio.ensure_future(self._kick.wait())
-            done, _ = await asyncio.wait({pending[1], kick}, return_when=asyncio.FIRST_COMPLETED)
-            if not kick.done():
-                kick.cancel()
+            try:
+                client.wait(0.0)
+            except Exception:
+                log.exception("taking in the cluster's answers")
+            self._space.set()
+            self._watch(client.fds())
             self._kick.clear()
-            if pending[1] in done:
-                pending = None
-                try:
-                    client.complete_oldest()
-                except Exception:
-                    log.exception("a batch failed in the cluster")
-                self._space.set()
+            if client.pending_frames and client.inflight < min(2, client.max_inflight):
+                continue
+            timeout = 0.002 if client.needs_polling() else None
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._kick.wait(), timeout)
+
+    def _watch(self, fds: list[int]) -> None:
+        """Wake the pump when any of the client's sockets has something to read."""
+        loop = asyncio.get_running_loop()
+        want = set(fds)
+        for fd in self._readers - want:
+            loop.remove_reader(fd)
+        for fd in want - self._readers:
+            loop.add_reader(fd, self._kick.set)
+        self._readers = want
+
+    def _unwatch(self) -> None:
+        loop = asyncio.get_running_loop()
+        for fd in self._readers:
+            with contextlib.suppress(Exception):
+                loop.remove_reader(fd)
+        self._readers = set()
 
     async def _ticker(self) -> None:
         while not self._stopping:
@@ -415,8 +427,3 @@ class Agent:
     def _bfd_expired(self, key: Key) -> None:
         self._event(key, {"event": "bfd-detect-expired"})
         asyncio.get_running_loop().create_task(self._send_frame(key, FrameKind.EXPIRED, b"detect"))
-
-
-async def _ready(ref: Any) -> None:
-    with contextlib.suppress(Exception):  # a failed batch is reported when its output is taken
-        await ref

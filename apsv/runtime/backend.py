@@ -9,25 +9,48 @@ socket.
 from __future__ import annotations
 
 import os
-import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
 import psutil
 
-from apsv.runtime.host import HostLimits, Key, SeqState, SessionHost
+from apsv.runtime.host import HostLimits, Key, Refused, SeqState, SessionHost
+
+# What a session is held as, besides its state: (owner, epoch, emit events).
+Holding = tuple[str, int, int]
 
 
 class Backend(Protocol):
     kind: str
 
-    def open(self, key: Key, config: Mapping[str, Any], now: float, emit_events: int) -> None: ...
+    def open(
+        self, key: Key, config: Mapping[str, Any], now: float, emit_events: int, owner: str, epoch: int
+    ) -> None: ...
 
-    def process(self, data: bytes | memoryview, offsets: Any, now: float, allowed: set[Key] | None) -> bytes: ...
+    def process(
+        self, data: bytes | memoryview, offsets: Sequence[int], now: float, owner: str, snapshot_keys: Sequence[Key]
+    ) -> tuple[bytes, list[Refused]]: ...
 
-    def restore(self, key: Key, blob: bytes, seq: SeqState, emit_events: int) -> None: ...
+    def restore(self, key: Key, blob: bytes, seq: SeqState, emit_events: int, owner: str, epoch: int) -> None: ...
 
-    def detach(self, key: Key) -> tuple[bytes, SeqState]: ...
+    def expect(self, key: Key, owner: str, epoch: int) -> None: ...
+
+    def restore_pending(
+        self,
+        key: Key,
+        owner: str,
+        epoch: int,
+        snapshot: tuple[bytes, SeqState] | None,
+        config: Mapping[str, Any],
+        emit_events: int,
+        now: float,
+    ) -> None: ...
+
+    def holding(self, key: Key) -> Holding | None: ...
+
+    def detach(self, key: Key, moved_to: str, epoch: int) -> tuple[bytes, SeqState]: ...
+
+    def depart(self, key: Key, moved_to: str, epoch: int) -> None: ...
 
     def snapshot(self, key: Key) -> tuple[bytes, SeqState]: ...
 
@@ -35,13 +58,17 @@ class Backend(Protocol):
 
     def close(self, key: Key, now: float) -> None: ...
 
-    def tick(self, now: float) -> bytes: ...
+    def collect(self) -> dict[str, bytes]: ...
 
     def load(self) -> dict[str, Any]: ...
 
     def session_info(self, key: Key) -> dict[str, Any]: ...
 
     def session_table(self, key: Key, family: str) -> list[tuple[str, str | None, str]]: ...
+
+    def sessions_report(self) -> list[tuple[Key, str, int, bool]]: ...
+
+    def session_weights(self) -> dict[Key, int]: ...
 
     def usage(self) -> dict[str, float]: ...
 
@@ -56,19 +83,43 @@ class ProcessBackend:
     def __init__(self, protocol: str, limits: HostLimits | None = None) -> None:
         self.host = SessionHost(protocol, limits)
         self._proc = psutil.Process(os.getpid())
-        self._t0 = time.monotonic()
 
-    def open(self, key: Key, config: Mapping[str, Any], now: float, emit_events: int) -> None:
-        self.host.open(key, config, now, emit_events=emit_events)
+    def open(self, key: Key, config: Mapping[str, Any], now: float, emit_events: int, owner: str, epoch: int) -> None:
+        self.host.open(key, config, now, emit_events=emit_events, owner=owner, epoch=epoch)
 
-    def process(self, data: bytes | memoryview, offsets: Any, now: float, allowed: set[Key] | None) -> bytes:
-        return self.host.process(data, offsets, now, allowed)
+    def process(
+        self, data: bytes | memoryview, offsets: Sequence[int], now: float, owner: str, snapshot_keys: Sequence[Key]
+    ) -> tuple[bytes, list[Refused]]:
+        out = self.host.process(data, offsets, now, owner, snapshot_keys)
+        return out, self.host.refusals
 
-    def restore(self, key: Key, blob: bytes, seq: SeqState, emit_events: int) -> None:
-        self.host.restore(key, blob, seq, emit_events=emit_events)
+    def restore(self, key: Key, blob: bytes, seq: SeqState, emit_events: int, owner: str, epoch: int) -> None:
+        self.host.restore(key, blob, seq, emit_events=emit_events, owner=owner, epoch=epoch)
 
-    def detach(self, key: Key) -> tuple[bytes, SeqState]:
-        return self.host.detach(key)
+    def expect(self, key: Key, owner: str, epoch: int) -> None:
+        self.host.expect(key, owner, epoch)
+
+    def restore_pending(
+        self,
+        key: Key,
+        owner: str,
+        epoch: int,
+        snapshot: tuple[bytes, SeqState] | None,
+        config: Mapping[str, Any],
+        emit_events: int,
+        now: float,
+    ) -> None:
+        self.host.restore_pending(key, owner, epoch, snapshot, config, emit_events, now)
+
+    def holding(self, key: Key) -> Holding | None:
+        e = self.host.sessions.get(key)
+        return None if e is None else (e.owner, e.epoch, e.emit_events)
+
+    def detach(self, key: Key, moved_to: str, epoch: int) -> tuple[bytes, SeqState]:
+        return self.host.detach(key, moved_to, epoch)
+
+    def depart(self, key: Key, moved_to: str, epoch: int) -> None:
+        self.host.depart(key, moved_to, epoch)
 
     def snapshot(self, key: Key) -> tuple[bytes, SeqState]:
         return self.host.snapshot(key)
@@ -79,8 +130,7 @@ class ProcessBackend:
     def close(self, key: Key, now: float) -> None:
         self.host.close(key, now)
 
-    def tick(self, now: float) -> bytes:
-        self.host.tick(now)
+    def collect(self) -> dict[str, bytes]:
         return self.host.collect()
 
     def load(self) -> dict[str, Any]:
@@ -93,6 +143,12 @@ class ProcessBackend:
 
     def session_table(self, key: Key, family: str) -> list[tuple[str, str | None, str]]:
         return self.host.session_table(key, family)
+
+    def sessions_report(self) -> list[tuple[Key, str, int, bool]]:
+        return self.host.sessions_report()
+
+    def session_weights(self) -> dict[Key, int]:
+        return {k: e.frames for k, e in list(self.host.sessions.items())}
 
     def usage(self) -> dict[str, float]:
         """CPU seconds and resident memory of this worker process (psutil)."""

@@ -21,6 +21,7 @@ grow memory, and every wait and every timeout is counted.
 from __future__ import annotations
 
 import contextlib
+import struct
 import threading
 import time
 import uuid
@@ -32,6 +33,8 @@ from typing import Any
 import numpy as np
 
 from apsv.frame import HEADER, HEADER_LEN, MAGIC, VERSION
+
+_EPOCH = struct.Struct("!I")  # the frame header's epoch field, at offset 52
 
 
 class PoolExhausted(TimeoutError):
@@ -77,6 +80,7 @@ class Buffer:
         seq: int,
         rx_ns: int,
         payload: bytes | memoryview,
+        epoch: int = 0,
     ) -> bool:
         """Write one frame; False if it does not fit (the caller sends this buffer and takes another)."""
         n = len(payload)
@@ -85,9 +89,37 @@ class Buffer:
             return False
         mv = self.array.data
         HEADER.pack_into(
-            mv, self.used, MAGIC, VERSION, kind, protocol, 0, tenant, vrouter, session, seq, rx_ns, time.time_ns(), n, 0
+            mv,
+            self.used,
+            MAGIC,
+            VERSION,
+            kind,
+            protocol,
+            0,
+            tenant,
+            vrouter,
+            session,
+            seq,
+            rx_ns,
+            time.time_ns(),
+            n,
+            epoch,
         )
         mv[self.used + HEADER_LEN : end] = payload  # the sender producing its message into the pool
+        self.offsets.append(self.used)
+        self.used = end
+        self.frames += 1
+        return True
+
+    def append_frame(self, frame: bytes | memoryview, epoch: int) -> bool:
+        """Copy a whole frame in (a re-send from custody), addressed to `epoch`; False if it
+        does not fit."""
+        end = self.used + len(frame)
+        if end > self.capacity:
+            return False
+        mv = self.array.data
+        mv[self.used : end] = frame
+        _EPOCH.pack_into(mv, self.used + 52, epoch)
         self.offsets.append(self.used)
         self.used = end
         self.frames += 1

@@ -15,7 +15,7 @@ from typing import Any
 
 import ray
 
-from apsv.runtime.multiplexer import MAX_RETAINED_CHUNKS, create_multiplexer
+from apsv.runtime.multiplexer import create_multiplexer
 from apsv.runtime.vpsm import VPSM_NAME, ProtocolPlan, create_vpsm
 
 NAMESPACE = "apsv"
@@ -59,12 +59,14 @@ class Deployment:
     multiplexer_name: str = MULTIPLEXER_NAME
 
     def stop(self) -> None:
-        """Destroy the instances, then the VPSM and the multiplexer."""
+        """Destroy the instances, then the VPSM and the multiplexer, and what they kept in Ray's
+        KV store (a stopped deployment is not rebuilt)."""
         try:
             ray.get(self.vpsm.shutdown.remote(), timeout=120)
+            ray.get(self.multiplexer.forget.remote(), timeout=30)
         finally:
-            ray.kill(self.vpsm)
-            ray.kill(self.multiplexer)
+            ray.kill(self.vpsm, no_restart=True)
+            ray.kill(self.multiplexer, no_restart=True)
 
 
 def deploy(
@@ -76,13 +78,10 @@ def deploy(
     run_loop: bool = True,
     suffix: str = "",
     forecaster_app: str | None = None,
-    max_retained_chunks: int = MAX_RETAINED_CHUNKS,
 ) -> Deployment:
-    """Create the multiplexer and the VPSM, and bring every protocol to its minimum instances.
-    `max_retained_chunks`: per session, the chunks of frames the multiplexer keeps for
-    redelivery between snapshots (beyond it a recovery has a gap and a move waits its turn)."""
+    """Create the multiplexer and the VPSM, and bring every protocol to its minimum instances."""
     im_name = MULTIPLEXER_NAME + suffix
-    im = create_multiplexer(im_name, namespace=namespace, max_retained_chunks=max_retained_chunks)
+    im = create_multiplexer(im_name, namespace=namespace)
     ray.get(im.stats.remote())  # created and answering
     vpsm = create_vpsm(
         plans,

@@ -34,36 +34,81 @@ def _seq_json(s: SeqState) -> dict[str, int]:
     return {"last_seq": s.last_seq, "out_seq": s.out_seq, "applied": s.applied, "duplicates": s.duplicates}
 
 
+def _snaps(snaps: dict[Key, tuple[SeqState, bytes]]) -> tuple[dict[str, Any], list[bytes]]:
+    keys = list(snaps)
+    return {"keys": [list(k) for k in keys], "seqs": [_seq_json(snaps[k][0]) for k in keys]}, [
+        snaps[k][1] for k in keys
+    ]
+
+
 def handle(host: SessionHost, op: str, meta: dict[str, Any], blobs: list[bytes]) -> tuple[dict[str, Any], list[bytes]]:
     now = time.time()
     if op == "ping":
         return {"pid": os.getpid(), "protocol": host.protocol}, []
     if op == "open":
-        host.open(_key(meta["key"]), meta["config"], now, emit_events=int(meta.get("emit", 0)))
+        host.open(
+            _key(meta["key"]),
+            meta["config"],
+            now,
+            emit_events=int(meta.get("emit", 0)),
+            owner=str(meta.get("owner", "")),
+            epoch=int(meta.get("epoch", 0)),
+        )
         return {}, []
     if op == "process":
-        offsets = meta.get("offsets")
-        allowed = meta.get("allowed")
-        out = host.process(blobs[0], offsets, now, None if allowed is None else {_key(k) for k in allowed})
-        return {}, [out]
+        keys = [_key(k) for k in meta.get("snapshot_keys", [])]
+        out = host.process(blobs[0], meta.get("offsets"), now, str(meta.get("owner", "")), keys)
+        snap_meta, snap_blobs = _snaps(host.take_snapshots())
+        refusals = [[list(k), reason, seq, epoch, inst] for k, reason, seq, epoch, inst in host.refusals]
+        return {"refusals": refusals, **snap_meta}, [out, *snap_blobs]
     if op == "restore":
-        host.restore(_key(meta["key"]), blobs[0], _seq(meta["seq"]), emit_events=int(meta.get("emit", 0)))
+        host.restore(
+            _key(meta["key"]),
+            blobs[0],
+            _seq(meta["seq"]),
+            emit_events=int(meta.get("emit", 0)),
+            owner=str(meta.get("owner", "")),
+            epoch=int(meta.get("epoch", 0)),
+        )
         return {}, []
+    if op == "expect":
+        host.expect(_key(meta["key"]), str(meta["owner"]), int(meta["epoch"]))
+        return {}, []
+    if op == "restore_pending":
+        snapshot = (blobs[0], _seq(meta["seq"])) if meta.get("has_snapshot") else None
+        host.restore_pending(
+            _key(meta["key"]),
+            str(meta["owner"]),
+            int(meta["epoch"]),
+            snapshot,
+            meta.get("config") or {},
+            int(meta.get("emit", 0)),
+            now,
+        )
+        return {}, []
+    if op == "holding":
+        e = host.sessions.get(_key(meta["key"]))
+        return ({"owner": e.owner, "epoch": e.epoch, "emit": e.emit_events} if e is not None else {}), []
     if op in ("detach", "snapshot"):
-        blob, st = (host.detach if op == "detach" else host.snapshot)(_key(meta["key"]))
+        k = _key(meta["key"])
+        blob, st = (
+            host.detach(k, str(meta.get("moved_to", "")), int(meta.get("epoch", 0)))
+            if op == "detach"
+            else host.snapshot(k)
+        )
         return {"seq": _seq_json(st)}, [blob]
+    if op == "depart":
+        host.depart(_key(meta["key"]), str(meta["moved_to"]), int(meta["epoch"]))
+        return {}, []
     if op == "take_snapshots":
-        snaps = host.take_snapshots()
-        keys = list(snaps)
-        return {"keys": [list(k) for k in keys], "seqs": [_seq_json(snaps[k][0]) for k in keys]}, [
-            snaps[k][1] for k in keys
-        ]
+        return _snaps(host.take_snapshots())
     if op == "close":
         host.close(_key(meta["key"]), now)
         return {}, []
-    if op == "tick":
-        host.tick(now)
-        return {}, [host.collect()]
+    if op == "collect":
+        by_owner = host.collect()
+        owners = list(by_owner)
+        return {"owners": owners}, [by_owner[o] for o in owners]
     if op == "load":
         load = host.load()
         load["latency_ns"], host.counters.latency_ns = host.counters.latency_ns[:4096], []
@@ -72,6 +117,13 @@ def handle(host: SessionHost, op: str, meta: dict[str, Any], blobs: list[bytes])
         return {"rows": host.session_table(_key(meta["key"]), str(meta["family"]))}, []
     if op == "session_info":
         return host.session_info(_key(meta["key"])), []
+    if op == "sessions_report":
+        return {
+            "sessions": [[list(k), owner, epoch, pending] for k, owner, epoch, pending in host.sessions_report()]
+        }, []
+    if op == "session_weights":
+        items = list(host.sessions.items())
+        return {"keys": [list(k) for k, _ in items], "frames": [e.frames for _, e in items]}, []
     raise ValueError(f"unknown operation {op!r}")
 
 

@@ -27,13 +27,13 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from importlib import metadata, util
 from pathlib import Path
 from typing import Any
 
 from apsv.runtime import wire
-from apsv.runtime.host import HostLimits, Key, SeqState
+from apsv.runtime.host import HostLimits, Key, Refused, SeqState
 
 PY_ROOT = "/opt/apsv/python"  # where the interpreter's prefix goes inside the image
 SITE = "/opt/apsv/site"  # the packages
@@ -231,6 +231,15 @@ def _seq(d: Mapping[str, Any]) -> SeqState:
     return SeqState(int(d["last_seq"]), int(d["out_seq"]), int(d.get("applied", 0)), int(d.get("duplicates", 0)))
 
 
+def _key(v: Any) -> Key:
+    t, vr, p, s = (int(x) for x in v)
+    return (t, vr, p, s)
+
+
+def _snapshots(meta: Mapping[str, Any], blobs: list[bytes]) -> dict[Key, tuple[SeqState, bytes]]:
+    return {_key(k): (_seq(s), b) for k, s, b in zip(meta["keys"], meta["seqs"], blobs, strict=True)}
+
+
 class DockerBackend:
     kind = "docker"
 
@@ -244,6 +253,8 @@ class DockerBackend:
         image: str | None = None,
     ):
         self._wire_lock = threading.Lock()  # one request/response on the socket at a time
+        self._snapshots: dict[Key, tuple[SeqState, bytes]] = {}  # came back with a process()
+        self.on_failure: Callable[[str], None] | None = None
         self.client = docker_client()
         self.image = ensure_image(self.client, image)
         self.sockdir = Path(tempfile.mkdtemp(prefix=f"apsv-{instance_id}-", dir="/tmp"))
@@ -312,25 +323,63 @@ class DockerBackend:
             with self._wire_lock:  # load() comes from the instance's control thread
                 return wire.call(self.sock, op, meta, blobs)
         except (OSError, wire.WireError) as e:
-            raise InstanceFailed(f"stack container {self.container.name} is gone: {e}") from None
+            why = f"stack container {self.container.name} is gone: {e}"
+            if self.on_failure is not None:
+                self.on_failure(why)  # the instance ends: its sessions are restored elsewhere
+            raise InstanceFailed(why) from None
 
-    def open(self, key: Key, config: Mapping[str, Any], now: float, emit_events: int) -> None:
-        self._call("open", {"key": list(key), "config": dict(config), "emit": emit_events})
+    def open(self, key: Key, config: Mapping[str, Any], now: float, emit_events: int, owner: str, epoch: int) -> None:
+        self._call(
+            "open", {"key": list(key), "config": dict(config), "emit": emit_events, "owner": owner, "epoch": epoch}
+        )
 
-    def process(self, data: bytes | memoryview, offsets: Any, now: float, allowed: set[Key] | None) -> bytes:
-        offs = offsets.tolist() if hasattr(offsets, "tolist") else offsets
-        meta: dict[str, Any] = {"offsets": offs}
-        if allowed is not None:
-            meta["allowed"] = [list(k) for k in allowed]
-        _, blobs = self._call("process", meta, [data])
-        return blobs[0]
+    def process(
+        self, data: bytes | memoryview, offsets: Sequence[int], now: float, owner: str, snapshot_keys: Sequence[Key]
+    ) -> tuple[bytes, list[Refused]]:
+        """One round trip: the frames (one copy, into the socket), back the output, the refusals
+        and the snapshots taken (kept for `take_snapshots`)."""
+        meta: dict[str, Any] = {"offsets": list(offsets), "owner": owner}
+        if snapshot_keys:
+            meta["snapshot_keys"] = [list(k) for k in snapshot_keys]
+        rmeta, blobs = self._call("process", meta, [data])
+        self._snapshots.update(_snapshots(rmeta, blobs[1:]))
+        refused = [(_key(k), int(r), int(q), int(e), str(i)) for k, r, q, e, i in rmeta["refusals"]]
+        return blobs[0], refused
 
-    def restore(self, key: Key, blob: bytes, seq: SeqState, emit_events: int) -> None:
-        self._call("restore", {"key": list(key), "seq": _seq_json(seq), "emit": emit_events}, [blob])
+    def restore(self, key: Key, blob: bytes, seq: SeqState, emit_events: int, owner: str, epoch: int) -> None:
+        meta = {"key": list(key), "seq": _seq_json(seq), "emit": emit_events, "owner": owner, "epoch": epoch}
+        self._call("restore", meta, [blob])
 
-    def detach(self, key: Key) -> tuple[bytes, SeqState]:
-        meta, blobs = self._call("detach", {"key": list(key)})
+    def expect(self, key: Key, owner: str, epoch: int) -> None:
+        self._call("expect", {"key": list(key), "owner": owner, "epoch": epoch})
+
+    def restore_pending(
+        self,
+        key: Key,
+        owner: str,
+        epoch: int,
+        snapshot: tuple[bytes, SeqState] | None,
+        config: Mapping[str, Any],
+        emit_events: int,
+        now: float,
+    ) -> None:
+        meta: dict[str, Any] = {"key": list(key), "owner": owner, "epoch": epoch, "emit": emit_events}
+        if snapshot is None:
+            self._call("restore_pending", {**meta, "config": dict(config)})
+        else:
+            self._call("restore_pending", {**meta, "has_snapshot": True, "seq": _seq_json(snapshot[1])}, [snapshot[0]])
+
+    def holding(self, key: Key) -> tuple[str, int, int] | None:
+        meta = self._call("holding", {"key": list(key)})[0]
+        return (str(meta["owner"]), int(meta["epoch"]), int(meta["emit"])) if meta else None
+
+    def detach(self, key: Key, moved_to: str, epoch: int) -> tuple[bytes, SeqState]:
+        meta, blobs = self._call("detach", {"key": list(key), "moved_to": moved_to, "epoch": epoch})
+        self._snapshots.pop(key, None)
         return blobs[0], _seq(meta["seq"])
+
+    def depart(self, key: Key, moved_to: str, epoch: int) -> None:
+        self._call("depart", {"key": list(key), "moved_to": moved_to, "epoch": epoch})
 
     def snapshot(self, key: Key) -> tuple[bytes, SeqState]:
         meta, blobs = self._call("snapshot", {"key": list(key)})
@@ -338,23 +387,39 @@ class DockerBackend:
 
     def take_snapshots(self) -> dict[Key, tuple[SeqState, bytes]]:
         meta, blobs = self._call("take_snapshots")
-        return {tuple(k): (_seq(s), b) for k, s, b in zip(meta["keys"], meta["seqs"], blobs, strict=True)}
+        snaps, self._snapshots = self._snapshots, {}
+        snaps.update(_snapshots(meta, blobs))
+        return snaps
 
     def close(self, key: Key, now: float) -> None:
         self._call("close", {"key": list(key)})
 
-    def tick(self, now: float) -> bytes:
-        return self._call("tick")[1][0]
+    def collect(self) -> dict[str, bytes]:
+        meta, blobs = self._call("collect")
+        return dict(zip(meta["owners"], blobs, strict=True))
 
     def load(self) -> dict[str, Any]:
         return self._call("load")[0]
 
     def session_info(self, key: Key) -> dict[str, Any]:
-        return self._call("session_info", {"key": list(key)})[0]
+        try:
+            return self._call("session_info", {"key": list(key)})[0]
+        except wire.RemoteError as e:
+            if str(e).startswith("KeyError"):
+                raise KeyError(key) from None
+            raise
 
     def session_table(self, key: Key, family: str) -> list[tuple[str, str | None, str]]:
         rows = self._call("session_table", {"key": list(key), "family": family})[0]["rows"]
         return [(r[0], r[1], r[2]) for r in rows]
+
+    def sessions_report(self) -> list[tuple[Key, str, int, bool]]:
+        rows = self._call("sessions_report")[0]["sessions"]
+        return [(_key(k), str(o), int(e), bool(p)) for k, o, e, p in rows]
+
+    def session_weights(self) -> dict[Key, int]:
+        meta = self._call("session_weights")[0]
+        return {_key(k): int(n) for k, n in zip(meta["keys"], meta["frames"], strict=True)}
 
     def _find_cgroup(self) -> dict[str, Path]:
         cid = self.container.id

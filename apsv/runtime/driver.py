@@ -159,17 +159,13 @@ def local_digests(sessions: list[ReplaySession]) -> dict[Key, str]:
     return out
 
 
-def session_infos(deployment: Any) -> dict[Key, dict[str, Any]]:
-    """Every open session's counters and state, asked of the instance that holds it."""
+def session_infos(deployment: Any, keys: list[Key] | None = None) -> dict[Key, dict[str, Any]]:
+    """Open sessions' counters and state, asked (by the multiplexer) of the instances holding
+    them now: a session the control loop moves meanwhile is asked again where it went."""
     import ray
 
-    handles = ray.get(deployment.vpsm.instance_handles.remote())
-    routes = ray.get(deployment.multiplexer.routes_table.remote())
-    infos: dict[Key, dict[str, Any]] = {}
-    for iid, keys in routes.items():
-        for k, info in zip(keys, ray.get([handles[iid].session_info.remote(k) for k in keys]), strict=True):
-            infos[tuple(k)] = info
-    return infos
+    infos: dict[Key, dict[str, Any]] = ray.get(deployment.multiplexer.session_infos.remote(keys))
+    return {tuple(k): v for k, v in infos.items()}  # type: ignore[misc]
 
 
 def verify(sessions: list[ReplaySession], infos: dict[Key, dict[str, Any]], reference: dict[Key, str]) -> list[str]:

@@ -5,10 +5,18 @@ batches of output frames. It is pure: no Ray, no sockets, the clock passed in. T
 backend calls it inside the instance actor; the Docker backend calls it inside the container.
 
 Ordering and exactly-once: every session's frames carry a per-direction sequence number. The
-host applies a frame only if its number is above the last one applied; a lower or equal one is
-a redelivery (after a failure or a move) and is dropped and counted. Output frames get their
-own per-session sequence. Snapshots record the last sequence number applied, so a session
-restored from one and fed the frames after it ends exactly where the original would have.
+host applies a frame only if its number is the next one: a lower or equal one is a redelivery
+(after a failure or a move) and is dropped and counted; a higher one means a frame before it
+has not arrived here (it is still on its way, or was sent where the session was before) and is
+refused, so that its sender re-sends from the gap. Output frames get their own per-session
+sequence. Snapshots record the last sequence number applied, so a session restored from one and
+fed the frames after it ends exactly where the original would have.
+
+Fencing: each session is held at an epoch for one owner (the client that opened it). A frame is
+applied only if it names the session's current epoch and comes from its owner; otherwise it is
+refused with what the host knows - where the session moved to, its current epoch here, or that
+it is waiting to be restored from its client's custody - and the client re-sends it by the
+right route. A frame of another owner's session is dropped and counted, never applied.
 """
 
 from __future__ import annotations
@@ -35,9 +43,17 @@ from apsv.stack import (
 Key = tuple[int, int, int, int]  # (tenant, vrouter, protocol, session): the frame header's identity
 
 MAX_DEPARTED = 4096  # sessions remembered as moved away, per host
+MAX_UNSOLICITED_FRAMES = 100_000  # output produced outside a batch, waiting for its owner, per host
 
 # Which events a session sends its virtual router (the `emit_events` of open/restore).
 EVENTS_NONE, EVENTS_ALL, EVENTS_STATE = 0, 1, 2  # state: everything but routing-table changes
+
+# Why frames were refused (the data-plane channel carries these codes; see apsv.runtime.channel).
+MOVED, STALE, GAP, UNKNOWN, FOREIGN, PENDING = 1, 2, 3, 4, 5, 6
+
+# A refusal: (session, reason, sequence number, epoch, instance it moved to). The sequence number
+# is, for GAP, the next one this host will apply; otherwise the first refused frame's.
+Refused = tuple[Key, int, int, int, str]
 
 
 def key_of(k: SessionKey | Key) -> Key:
@@ -47,8 +63,9 @@ def key_of(k: SessionKey | Key) -> Key:
 @dataclass
 class HostLimits:
     max_sessions: int = 10_000
-    max_output_frames: int = 100_000  # queued timer output not yet collected
+    max_output_frames: int = 100_000  # output not yet collected, per call and unsolicited
     snapshot_every: int = 256  # frames applied to a session between automatic snapshots
+    snapshot_bytes: int = 4 << 20  # payload octets applied between automatic snapshots
 
 
 class SeqState(NamedTuple):
@@ -73,10 +90,23 @@ class Entry:
     emit_events: int = EVENTS_NONE  # which events go to the agent as EVENTS frames
     frames: int = 0
     duplicates: int = 0
-    gaps: int = 0
+    gaps: int = 0  # frames applied out of order: none, by construction (they are refused)
+    owner: str = ""  # the client that opened it: only its frames are applied
+    epoch: int = 0  # the route epoch its frames must carry
+    since_bytes: int = 0
 
     def seq_state(self) -> SeqState:
         return SeqState(self.last_seq, self.out_seq, self.frames, self.duplicates)
+
+
+@dataclass
+class Pending:
+    """A session placed here whose state is in its client's custody (its instance died): its
+    frames are refused until the client restores it, from its snapshot or - never snapshot -
+    afresh from its configuration."""
+
+    owner: str
+    epoch: int
 
 
 @dataclass
@@ -86,9 +116,14 @@ class HostCounters:
     duplicates: int = 0
     gaps: int = 0
     unknown_session: int = 0
-    departed: int = 0  # frames of a session moved away after they were sent here (applied at its new instance)
-    foreign: int = 0  # frames naming a session the multiplexer did not route here
+    departed: int = 0  # frames of a session that moved away (refused; the client re-sends them)
+    stale: int = 0  # frames naming an older epoch of a session held here (refused, re-sent)
+    out_of_order: int = 0  # frames after a gap (refused; re-sent from the gap)
+    pending: int = 0  # frames of a session waiting for its restore (refused, re-sent after)
+    foreign: int = 0  # frames naming a session another client owns: dropped
+    bad_frames: int = 0  # offsets or headers that do not describe a frame: skipped
     errors: int = 0
+    output_dropped: int = 0  # output frames over the bound (the oldest unsolicited go first)
     busy_seconds: float = 0.0
     latency_ns: list[int] = field(default_factory=list)  # rx -> processed, drained by telemetry
 
@@ -99,32 +134,50 @@ class SessionHost:
         self.stack = load_stack(protocol)
         self.limits = limits or HostLimits()
         self.sessions: dict[Key, Entry] = {}
+        self.pending: dict[Key, Pending] = {}
         self.counters = HostCounters()
-        self._pending: list[bytes] = []  # output produced outside process() (timers)
+        self._out: list[bytes] = []  # output of the batch being applied
+        self._in_batch = False
+        # output produced outside a batch (opens, closes, timers), by the owner it goes to
+        self._unsolicited: dict[str, list[bytes]] = {}
+        self._unsolicited_count = 0
         self._snapshots: dict[Key, tuple[SeqState, bytes]] = {}
-        # sessions detached from here, most recent last (bounded): their frames still queued
-        # here are not errors - the multiplexer redelivers them to the session's new instance
-        self._departed: dict[Key, None] = {}
+        # sessions that left, most recent last (bounded): where they went, at which epoch
+        self._departed: dict[Key, tuple[str, int]] = {}
+        self.refusals: list[Refused] = []  # of the last process() call, one per session
         self._tx_ns = 0
 
     # -- session lifecycle ---------------------------------------------------------------------
 
-    def open(self, key: Key, config: Mapping[str, Any], now: float, *, emit_events: int = EVENTS_NONE) -> None:
+    def open(
+        self,
+        key: Key,
+        config: Mapping[str, Any],
+        now: float,
+        *,
+        emit_events: int = EVENTS_NONE,
+        owner: str = "",
+        epoch: int = 0,
+    ) -> None:
         if key in self.sessions:
             raise ValueError(f"session {key} already exists on this instance")
         if len(self.sessions) >= self.limits.max_sessions:
             raise OverflowError(f"instance is full ({self.limits.max_sessions} sessions)")
         session = self.stack.create_session(config)
-        entry = Entry(session, self.protocol, emit_events=emit_events)
+        entry = Entry(session, self.protocol, emit_events=emit_events, owner=owner, epoch=epoch)
         self.sessions[key] = entry
+        self.pending.pop(key, None)
         self._departed.pop(key, None)
         self._tx_ns = time.time_ns()
         self._emit(key, entry, session.start(now), 0)
 
-    def restore(self, key: Key, blob: bytes, seq: SeqState, *, emit_events: int = EVENTS_NONE) -> None:
+    def restore(
+        self, key: Key, blob: bytes, seq: SeqState, *, emit_events: int = EVENTS_NONE, owner: str = "", epoch: int = 0
+    ) -> None:
         if len(self.sessions) >= self.limits.max_sessions and key not in self.sessions:
             raise OverflowError(f"instance is full ({self.limits.max_sessions} sessions)")
         session = self.stack.restore_session(blob)
+        self.pending.pop(key, None)
         self._departed.pop(key, None)
         self.sessions[key] = Entry(
             session,
@@ -134,24 +187,68 @@ class SessionHost:
             emit_events=emit_events,
             frames=seq.applied,
             duplicates=seq.duplicates,
+            owner=owner,
+            epoch=epoch,
         )
+
+    def expect(self, key: Key, owner: str, epoch: int) -> None:
+        """Hold a place for a session its client will restore (`restore_pending`)."""
+        if key in self.sessions:
+            raise ValueError(f"session {key} already exists on this instance")
+        if len(self.sessions) + len(self.pending) >= self.limits.max_sessions and key not in self.pending:
+            raise OverflowError(f"instance is full ({self.limits.max_sessions} sessions)")
+        self._departed.pop(key, None)
+        self.pending[key] = Pending(owner, epoch)
+
+    def restore_pending(
+        self,
+        key: Key,
+        owner: str,
+        epoch: int,
+        snapshot: tuple[bytes, SeqState] | None,
+        config: Mapping[str, Any],
+        emit_events: int,
+        now: float,
+    ) -> None:
+        """The client restores a session held for it, from its custody: the last snapshot it
+        has, or afresh from `config` (a session never snapshot, whose every frame the client
+        still has). Raises LookupError if nothing is held here for it at that epoch."""
+        p = self.pending.get(key)
+        if p is None or p.owner != owner or p.epoch != epoch:
+            raise LookupError(f"no session {key} waits here for this client at epoch {epoch}")
+        if snapshot is None:
+            self.open(key, config, now, emit_events=emit_events, owner=owner, epoch=epoch)
+        else:
+            blob, seq = snapshot
+            self.restore(key, blob, seq, emit_events=emit_events, owner=owner, epoch=epoch)
 
     def snapshot(self, key: Key) -> tuple[bytes, SeqState]:
         """A session's snapshot and its sequence state."""
         e = self.sessions[key]
         return e.session.snapshot(), e.seq_state()
 
-    def detach(self, key: Key) -> tuple[bytes, SeqState]:
-        """Snapshot a session and remove it (the first half of a move)."""
+    def detach(self, key: Key, moved_to: str = "", epoch: int = 0) -> tuple[bytes, SeqState]:
+        """Snapshot a session and remove it (the first half of a move); its frames still sent
+        here are refused, naming `moved_to` at `epoch`."""
         out = self.snapshot(key)
         del self.sessions[key]
         self._snapshots.pop(key, None)
-        self._departed[key] = None
-        if len(self._departed) > MAX_DEPARTED:
-            del self._departed[next(iter(self._departed))]
+        self.depart(key, moved_to, epoch)
         return out
 
+    def depart(self, key: Key, moved_to: str, epoch: int) -> None:
+        self._departed.pop(key, None)
+        self._departed[key] = (moved_to, epoch)
+        if len(self._departed) > MAX_DEPARTED:
+            del self._departed[next(iter(self._departed))]
+
+    def reattach(self, key: Key, blob: bytes, seq: SeqState, owner: str, epoch: int, emit_events: int) -> None:
+        """Undo a detach whose move failed: the session is back, at its old epoch."""
+        self._departed.pop(key, None)
+        self.restore(key, blob, seq, emit_events=emit_events, owner=owner, epoch=epoch)
+
     def close(self, key: Key, now: float) -> None:
+        self.pending.pop(key, None)
         e = self.sessions.pop(key, None)
         self._tx_ns = time.time_ns()
         if e is not None:
@@ -160,48 +257,66 @@ class SessionHost:
     # -- the data path -------------------------------------------------------------------------
 
     def process(
-        self, data: bytes | memoryview, offsets: Sequence[int] | None, now: float, allowed: set[Key] | None = None
+        self,
+        data: bytes | memoryview,
+        offsets: Sequence[int] | None,
+        now: float,
+        owner: str = "",
+        snapshot_keys: Sequence[Key] = (),
     ) -> bytes:
-        """Apply the frames of a batch (those at `offsets`, or all) and return the output batch.
+        """Apply the frames of a batch (those at `offsets`, or all) sent by client `owner`;
+        return the output batch. Refused frames are listed in `self.refusals` (one entry per
+        session: its first refused frame). `snapshot_keys`: sessions the client wants a
+        snapshot of now (its custody of their frames grew large), taken after the batch.
 
-        With `allowed`, a frame of any other session is refused (counted as foreign): the batch
-        sits in memory its sender can still write, and the multiplexer vetted these sessions.
+        The batch may sit in memory its sender can still write: each offset and header is
+        checked before it is read, and a frame only ever reaches its owner's own sessions.
         """
         t0 = time.perf_counter()
         view = memoryview(data)
+        size = len(view)
         self._tx_ns = time.time_ns()
-        # Output from before this call (e.g. a close) stays for collect(): what this returns
-        # belongs to these frames' sessions only, so the caller can hand it to their owner.
-        earlier, self._pending = self._pending, []
+        self._out = []
+        self._in_batch = True
         if offsets is None:
             offsets = frame_offsets(view)
         elif not isinstance(offsets, list):
-            offsets = offsets.tolist()  # type: ignore[attr-defined]  # a numpy array from the multiplexer
+            offsets = list(offsets)
         unpack = HEADER.unpack_from
         sessions = self.sessions
         c = self.counters
         lat = c.latency_ns
+        refused: dict[Key, Refused] = {}
+        snapshot_every = self.limits.snapshot_every
+        snapshot_bytes = self.limits.snapshot_bytes
         for off in offsets:
-            _m, _v, kind, proto, _f, tenant, vrouter, sid, seq, rx, _tx, n, _r = unpack(view, off)
+            if off < 0 or off + HEADER_LEN > size:
+                c.bad_frames += 1
+                continue
+            magic, version, kind, proto, _f, tenant, vrouter, sid, seq, rx, _tx, n, epoch = unpack(view, off)
+            if magic != MAGIC or version != VERSION or off + HEADER_LEN + n > size:
+                c.bad_frames += 1
+                continue
             key = (tenant, vrouter, proto, sid)
             e = sessions.get(key)
             c.frames_in += 1
-            if allowed is not None and key not in allowed:
-                c.foreign += 1
+            if e is None or e.owner != owner or e.epoch != epoch:
+                if key not in refused:
+                    r = self._refusal(key, e, owner, seq)
+                    if r is not None:
+                        refused[key] = r
+                self._count_refused(key, e, owner)
                 continue
-            if e is None:
-                if key in self._departed:
-                    c.departed += 1
+            last = e.last_seq
+            if seq != last + 1:
+                if seq <= last:
+                    e.duplicates += 1
+                    c.duplicates += 1
                 else:
-                    c.unknown_session += 1
+                    c.out_of_order += 1
+                    if key not in refused:
+                        refused[key] = (key, GAP, last + 1, e.epoch, "")
                 continue
-            if seq <= e.last_seq:
-                e.duplicates += 1
-                c.duplicates += 1
-                continue
-            if seq != e.last_seq + 1 and e.last_seq:
-                e.gaps += 1
-                c.gaps += 1
             e.last_seq = seq
             e.frames += 1
             s = e.session
@@ -228,7 +343,7 @@ class SessionHost:
                     continue
             except Exception as x:  # a stack bug or a bad command must not take down the other sessions
                 c.errors += 1
-                self._emit(key, e, [ProtocolProblem("refused", f"{FrameKind(kind).name}: {type(x).__name__}: {x}")], rx)
+                self._emit(key, e, [ProtocolProblem("refused", f"{_kind_name(kind)}: {type(x).__name__}: {x}")], rx)
                 continue
             if events:
                 self._emit(key, e, events, rx)
@@ -237,13 +352,55 @@ class SessionHost:
                 # batch before it counts, as it does for the message
                 lat.append(time.time_ns() - rx)
             e.since_snapshot += 1
-            if e.since_snapshot >= self.limits.snapshot_every:
+            e.since_bytes += n
+            if e.since_snapshot >= snapshot_every or e.since_bytes >= snapshot_bytes:
                 self._snapshots[key] = (e.seq_state(), s.snapshot())
                 e.since_snapshot = 0
-        out = b"".join(self._pending)
-        self._pending = earlier
+                e.since_bytes = 0
+        for key in snapshot_keys:
+            e = sessions.get(key)
+            if e is not None and e.owner == owner and e.since_snapshot:
+                self._snapshots[key] = (e.seq_state(), e.session.snapshot())
+                e.since_snapshot = 0
+                e.since_bytes = 0
+        self.refusals = list(refused.values())
+        out = b"".join(self._out)
+        self._out = []
+        self._in_batch = False
         c.busy_seconds += time.perf_counter() - t0
         return out
+
+    def _refusal(self, key: Key, e: Entry | None, owner: str, seq: int) -> Refused | None:
+        """What to tell a client whose frame `seq` of `key` is not applied here (None: nothing -
+        the session is another client's)."""
+        if e is not None:
+            if e.owner != owner:
+                return None
+            return (key, STALE, seq, e.epoch, "")
+        p = self.pending.get(key)
+        if p is not None:
+            return None if p.owner != owner else (key, PENDING, seq, p.epoch, "")
+        gone = self._departed.get(key)
+        if gone is not None:
+            return (key, MOVED, seq, gone[1], gone[0])
+        return (key, UNKNOWN, seq, 0, "")
+
+    def _count_refused(self, key: Key, e: Entry | None, owner: str) -> None:
+        c = self.counters
+        if e is not None:
+            if e.owner != owner:
+                c.foreign += 1
+            else:
+                c.stale += 1
+        elif key in self.pending:
+            if self.pending[key].owner != owner:
+                c.foreign += 1
+            else:
+                c.pending += 1
+        elif key in self._departed:
+            c.departed += 1
+        else:
+            c.unknown_session += 1
 
     def tick(self, now: float) -> int:
         """Run the timers of every session that is due; output waits for collect()."""
@@ -256,10 +413,19 @@ class SessionHost:
                 n += 1
         return n
 
-    def collect(self) -> bytes:
-        out = b"".join(self._pending)
-        self._pending = []
+    def collect(self) -> dict[str, bytes]:
+        """Output produced outside batches (opens, closes, timers), by the owner it is for."""
+        out = {owner: b"".join(frames) for owner, frames in self._unsolicited.items() if frames}
+        self._unsolicited = {}
+        self._unsolicited_count = 0
         return out
+
+    def owner_of(self, key: Key) -> str | None:
+        e = self.sessions.get(key)
+        if e is not None:
+            return e.owner
+        p = self.pending.get(key)
+        return None if p is None else p.owner
 
     def take_snapshots(self) -> dict[Key, tuple[SeqState, bytes]]:
         """Snapshots made since the last call, by session: (sequence state, blob)."""
@@ -291,20 +457,32 @@ class SessionHost:
                 continue
             e.out_seq += 1
             self._queue(
+                e.owner,
                 pack(MAGIC, VERSION, kind, proto, 0, tenant, vrouter, sid, e.out_seq, rx_ns, tx, len(payload), 0)
-                + payload
+                + payload,
             )
         if lines:
             e.out_seq += 1
             body = "\n".join(json.dumps(x, separators=(",", ":")) for x in lines).encode()
-            self._queue(encode_frame(Frame(FrameKind.EVENTS, proto, tenant, vrouter, sid, e.out_seq, rx_ns, tx, body)))
+            self._queue(
+                e.owner,
+                encode_frame(Frame(FrameKind.EVENTS, proto, tenant, vrouter, sid, e.out_seq, rx_ns, tx, body)),
+            )
 
-    def _queue(self, frame: bytes) -> None:
-        if len(self._pending) >= self.limits.max_output_frames:
-            self.counters.errors += 1  # never grows without bound: the oldest output is the agent's loss
-            return
-        self._pending.append(frame)
-        self.counters.frames_out += 1
+    def _queue(self, owner: str, frame: bytes) -> None:
+        c = self.counters
+        if self._in_batch:
+            if len(self._out) >= self.limits.max_output_frames:
+                c.output_dropped += 1  # never grows without bound
+                return
+            self._out.append(frame)
+        else:
+            if self._unsolicited_count >= MAX_UNSOLICITED_FRAMES:
+                c.output_dropped += 1  # an owner that never collects loses the newest (counted)
+                return
+            self._unsolicited.setdefault(owner, []).append(frame)
+            self._unsolicited_count += 1
+        c.frames_out += 1
 
     # -- load ----------------------------------------------------------------------------------
 
@@ -312,16 +490,22 @@ class SessionHost:
         c = self.counters
         return {
             "sessions": len(self.sessions),
+            "pending_sessions": len(self.pending),
             "frames_in": c.frames_in,
             "frames_out": c.frames_out,
             "duplicates": c.duplicates,
             "gaps": c.gaps,
             "unknown_session": c.unknown_session,
             "departed": c.departed,
+            "stale": c.stale,
+            "out_of_order": c.out_of_order,
+            "pending": c.pending,
             "foreign": c.foreign,
+            "bad_frames": c.bad_frames,
             "errors": c.errors,
+            "output_dropped": c.output_dropped,
             "busy_seconds": round(c.busy_seconds, 6),
-            "pending_output": len(self._pending),
+            "pending_output": self._unsolicited_count,
             "table_backlog": self.table_backlog(time.time()),
         }
 
@@ -361,9 +545,24 @@ class SessionHost:
             "frames": e.frames,
             "duplicates": e.duplicates,
             "gaps": e.gaps,
+            "epoch": e.epoch,
             **e.session.stats(),
         }
         digest = getattr(e.session, "rib_digest", None)
         if callable(digest):
             info["rib_digest"] = digest()
         return info
+
+    def sessions_report(self) -> list[tuple[Key, str, int, bool]]:
+        """(session, owner, epoch, pending) for every session held here: what a restarted
+        multiplexer rebuilds its routes from."""
+        out = [(k, e.owner, e.epoch, False) for k, e in self.sessions.items()]
+        out += [(k, p.owner, p.epoch, True) for k, p in self.pending.items()]
+        return out
+
+
+def _kind_name(kind: int) -> str:
+    try:
+        return FrameKind(kind).name
+    except ValueError:
+        return str(kind)

@@ -1,19 +1,26 @@
 """The stack instance: a Ray actor hosting many sessions of one protocol.
 
-All its calls come from the multiplexer, so Ray's per-caller ordering of actor tasks is the
-session order: frames of a session are applied in the order the multiplexer routed them, and a
-move (detach here, restore there) cannot overtake the frames sent before it. The actor is
-synchronous on purpose: a batch is applied as a whole before the next call starts.
+Frames do not come to it through Ray. Each client on its node connects to its data-plane
+socket (`apsv.runtime.dataplane`) and names batches in its shared-memory pool; a thread of this
+process applies them in place and answers on the same socket. A client on another node calls
+`rx_batch` instead, with the batch in the object store; both go through one `dp_batch`, under
+one lock with everything else that touches the sessions, so a batch is applied as a whole.
 
-One exception, `detach_now` (its own thread): a session leaving an overloaded instance is taken
-between two batches, ahead of the batches queued for it, instead of after the whole backlog. The
-frames of it still queued here are then skipped (counted as departed) and the multiplexer
-redelivers them, from what it retains, to the session's new instance - by sequence number, so
-each is applied exactly once. A lock keeps a batch and a detach from interleaving.
+What the instance checks (fencing, apsv.runtime.host): a frame is applied only for a session
+held here, at the epoch the frame names, from the client that owns it, in sequence. Anything else
+is refused with what the instance knows, and the client re-sends it where it belongs.
+
+The multiplexer (the control plane) calls it through Ray: to open, close or expect sessions,
+and to hand sessions over to another instance (`hand_over`, in its own thread: a session leaves
+between two batches, ahead of what is queued here; the target's `adopt` runs in a group of its
+own so two instances handing over to each other cannot wait on each other).
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import os
 import threading
 import time
 from collections.abc import Mapping
@@ -23,11 +30,18 @@ from typing import Any
 import numpy as np
 import ray
 
+from apsv.runtime import channel
 from apsv.runtime.backend import Backend, ProcessBackend
+from apsv.runtime.credentials import deployment_key, verify
+from apsv.runtime.dataplane import DataPlaneServer, socket_directory
 from apsv.runtime.docker_backend import InstanceFailed
 from apsv.runtime.host import HostLimits, Key, SeqState
-from apsv.runtime.shm import SegmentCache
 from apsv.runtime.telemetry import InstanceMetrics, percentile
+
+log = logging.getLogger("apsv.instance")
+
+# (session, snapshot blob, its sequence state, emit events, owner, epoch): a session in transit
+Adoptee = tuple[Key, bytes, SeqState, int, str, int]
 
 
 @dataclass(frozen=True)
@@ -36,7 +50,7 @@ class Allocation:
 
     cpu: float = 0.5  # Ray num_cpus, and the container's CPU limit
     memory_bytes: int = 512 << 20  # Ray memory resource, and the container's memory limit
-    buffer_quota_bytes: int = 8 << 20  # payload bytes in flight to this instance (multiplexer)
+    buffer_quota_bytes: int = 8 << 20  # payload octets one client may have in flight to it
     max_sessions: int = 10_000
 
     def to_json(self) -> dict[str, Any]:
@@ -54,8 +68,11 @@ class StackInstance:
         allocation: Allocation,
         snapshot_every: int = 256,
         image: str | None = None,
+        deployment: str = "",
+        namespace: str | None = None,
     ):
         self.instance_id = instance_id
+        self.deployment, self.namespace = deployment, namespace
         self.protocol = protocol
         self.allocation = allocation
         self.started = time.time()
@@ -66,13 +83,115 @@ class StackInstance:
         elif backend == "docker":
             from apsv.runtime.docker_backend import DockerBackend
 
-            self.backend = DockerBackend(instance_id, protocol, limits, allocation, image=image)
+            docker = DockerBackend(instance_id, protocol, limits, allocation, image=image)
+            docker.on_failure = self._die
+            self.backend = docker
         else:
             raise ValueError(f"unknown backend {backend!r} (process or docker)")
         self.metrics = InstanceMetrics(instance_id, protocol, self.backend.kind)
         self.payload_copies = 0
-        self.segments = SegmentCache()  # senders' shared-memory pools, mapped on first use
-        self._host_lock = threading.Lock()  # the data path vs detach_now's thread
+        self._lock = threading.Lock()  # the sessions: data plane, Ray calls, hand-overs
+        # Hand-overs go before the next batch: a session leaves between two batches, ahead of
+        # the queue (a data-plane thread about to take the lock waits while one is waiting).
+        self._handing_over = 0
+        self._hand_over_done = threading.Condition()
+        self._key = deployment_key(f"{namespace}/{deployment}")
+        self.dp = DataPlaneServer(instance_id, socket_directory(), self._key, self, allocation.buffer_quota_bytes)
+        self.dp.on_error = self._die
+        self.dp.start()
+
+    def _die(self, why: str) -> None:
+        """The instance cannot go on (its container died, or its data plane failed): end the
+        process, so that everyone sees it dead at once - its clients' connections close, Ray
+        reports the actor gone - and its sessions are restored elsewhere from custody. Limping
+        on half-alive would leave them waiting on it."""
+        log.error("instance %s ends: %s", self.instance_id, why)
+        with contextlib.suppress(Exception):
+            self.backend.shutdown()
+        os._exit(70)
+
+    # -- the data path -------------------------------------------------------------------------
+
+    def dp_batch(self, owner: str, data: memoryview, offsets: list[int], snapshot_keys: list[Key]) -> channel.Reply:
+        """Apply a client's frames (at `offsets` of `data`, read in place); the REPLY."""
+        if self._handing_over:
+            with self._hand_over_done:
+                self._hand_over_done.wait_for(lambda: not self._handing_over)
+        with self._lock:
+            t0 = time.perf_counter()
+            out, refused = self.backend.process(data, offsets, time.time(), owner, snapshot_keys)
+            self.metrics.batch(len(offsets), time.perf_counter() - t0)
+            snaps = self.backend.take_snapshots()
+        return channel.Reply(
+            0,
+            out,
+            [channel.Refusal(*r) for r in refused],
+            [channel.Snapshot(k, st, blob) for k, (st, blob) in snaps.items()],
+        )
+
+    def dp_restore(self, owner: str, msg: channel.Restore) -> str:
+        """A client restores a session held here for it, from its custody ("" when done)."""
+        with self._lock:
+            try:
+                self.backend.restore_pending(
+                    msg.key, owner, msg.epoch, msg.snapshot, msg.config, msg.emit_events, time.time()
+                )
+            except InstanceFailed:
+                raise
+            except Exception as e:
+                return f"{type(e).__name__}: {e}"
+            out = self.backend.collect()
+        self._send(out)
+        self._tell_restored(msg.key)
+        return ""
+
+    def _tell_restored(self, key: Key) -> None:
+        """The multiplexer marks the session live again (it placed it here as waiting)."""
+        try:
+            mux = ray.get_actor(self.deployment, namespace=self.namespace)
+            mux.restored.remote(self.instance_id, [key])
+        except Exception:  # the multiplexer is restarting: it rebuilds from sessions_report anyway
+            log.debug("could not tell the multiplexer %s was restored", key, exc_info=True)
+
+    def rx_batch(
+        self, client: str, credential: bytes, batch: Any, offsets: bytes, batch_id: int, snapshot_keys: list[Key]
+    ) -> bytes:
+        """A batch from a client on another node: `batch` is its object from the object store
+        (Ray resolved it to a read-only view, read in place). Returns the REPLY, followed by any
+        output held for this client."""
+        self._check(client, credential)
+        data = b"" if batch is None else batch  # (None: a batch of no frames, asking for snapshots)
+        if len(offsets) and not _zero_copy(data):  # the object store hands out read-only views
+            self.payload_copies += len(offsets) // 4
+        view = memoryview(data).cast("B") if not isinstance(data, (bytes, bytearray)) else memoryview(data)
+        reply = self.dp_batch(client, view, channel.offsets_list(offsets), list(snapshot_keys))
+        reply.batch = batch_id
+        return channel.reply(reply) + b"".join(self.dp.take_waiting(client))
+
+    def rx_restore(self, client: str, credential: bytes, message: bytes) -> bytes:
+        """RESTORE from a client on another node; returns RESTORED."""
+        self._check(client, credential)
+        msg = channel.decode(message[4:])
+        if not isinstance(msg, channel.Restore):
+            raise ValueError("rx_restore takes a RESTORE message")
+        return channel.restored(msg.request, msg.key, self.dp_restore(client, msg))
+
+    def rx_poll(self, client: str, credential: bytes) -> bytes:
+        """Output held for a client on another node (produced outside its batches)."""
+        self._check(client, credential)
+        return b"".join(self.dp.take_waiting(client))
+
+    def _check(self, client: str, credential: bytes) -> None:
+        if not verify(self._key, client, credential):
+            raise PermissionError(f"credential refused for client {client!r}")
+
+    def _send(self, outputs: dict[str, bytes]) -> None:
+        """Output produced outside a batch, to each owning client (now, or when it connects)."""
+        for owner, out in outputs.items():
+            if out:
+                self.dp.send_output(owner, channel.output(out))
+
+    # -- the control plane's calls -------------------------------------------------------------
 
     @ray.method(concurrency_group="control")
     def ready(self) -> dict[str, Any]:
@@ -81,131 +200,159 @@ class StackInstance:
             "backend": self.backend.kind,
             "protocol": self.protocol,
             "node_id": ray.get_runtime_context().get_node_id(),
+            "endpoint": str(self.dp.path),
         }
 
-    def open_sessions(self, specs: list[tuple[Key, dict[str, Any], int]]) -> list[str | None]:
-        """Open sessions; returns, per spec, None or the error that refused it."""
+    def open_sessions(self, specs: list[tuple[Key, dict[str, Any], int, str, int]]) -> list[str | None]:
+        """Open sessions (key, config, emit events, owner, epoch); per spec, None or the error
+        that refused it. What they say on starting goes to their owners."""
         now = time.time()
         out: list[str | None] = []
-        with self._host_lock:
-            for key, config, emit in specs:
+        with self._lock:
+            for key, config, emit, owner, epoch in specs:
                 try:
-                    self.backend.open(key, config, now, emit)
+                    self.backend.open(key, config, now, emit, owner, epoch)
                     out.append(None)
+                except InstanceFailed:
+                    raise
                 except Exception as e:  # a bad config refuses that session, not the batch
+                    out.append(f"{type(e).__name__}: {e}")
+            outputs = self.backend.collect()
+        self._send(outputs)
+        return out
+
+    def expect_sessions(self, items: list[tuple[Key, str, int]]) -> list[str | None]:
+        """Hold places for sessions (key, owner, epoch) whose clients will restore them from
+        custody (their instance died); per item, None or why not."""
+        out: list[str | None] = []
+        with self._lock:
+            for key, owner, epoch in items:
+                try:
+                    self.backend.expect(key, owner, epoch)
+                    out.append(None)
+                except InstanceFailed:
+                    raise
+                except Exception as e:
                     out.append(f"{type(e).__name__}: {e}")
         return out
 
-    @ray.method(num_returns=2)
-    def process(
-        self, batch: Any, offsets: bytes, allowed: list[Key] | None = None
-    ) -> tuple[tuple[bytes, list[tuple[Key, SeqState]]], dict[Key, bytes]]:
-        """Apply the frames at `offsets` (u32 LE, the multiplexer's selection) of a batch.
-
-        `batch` is where the frames are, read in place: a sender's shared-memory buffer
-        (`("shm", segment, start, length)`), or the sender's object from the object store (Ray
-        resolved it to a read-only view), or a copy the multiplexer kept (a redelivery). For
-        shared memory, which its writer can still change, `allowed` lists the sessions the
-        multiplexer routed here: a frame naming any other is refused.
-
-        Returns two objects: (the output frames, the snapshots made while applying it as
-        (session, sequence state)), and the snapshot blobs by session - separate, so the
-        multiplexer keeps the blobs by reference without fetching them.
-        """
-        offs = np.frombuffer(offsets, dtype="<u4").tolist()
-        view: memoryview
-        if isinstance(batch, tuple) and batch and isinstance(batch[0], str):
-            _tag, name, start, length = batch
-            view = self.segments.view(name, start, length)
-        else:
-            data = batch[0] if isinstance(batch, tuple) else batch
-            if not _zero_copy(data):  # the object store hands out read-only views; anything else was copied
-                self.payload_copies += len(offs)
-            view = memoryview(data).cast("B") if not isinstance(data, (bytes, bytearray)) else memoryview(data)
-        with self._host_lock:
-            t0 = time.perf_counter()
-            out = self.backend.process(view, offs, time.time(), None if allowed is None else set(allowed))
-            self.metrics.batch(len(offs), time.perf_counter() - t0)
-            snaps = self.backend.take_snapshots()
-        return (out, [(k, st) for k, (st, _b) in snaps.items()]), {k: b for k, (_st, b) in snaps.items()}
-
-    @ray.method(concurrency_group="moves")
-    def restore_sessions(self, items: list[tuple[Key, bytes, SeqState, int]]) -> None:
-        """Take sessions in (moved or recovered), without waiting for the batches queued here:
-        none of them can name these sessions - their frames are held until this returns."""
-        self._restore(items)
-
-    def restore_in_order(self, items: list[tuple[Key, bytes, SeqState, int]]) -> None:
-        """`restore_sessions` after every batch already sent here (which may carry a session's
-        old frames, from before it left this instance ahead of them: they must be skipped)."""
-        self._restore(items)
-
-    def _restore(self, items: list[tuple[Key, bytes, SeqState, int]]) -> None:
-        with self._host_lock:
-            for key, blob, seq, emit in items:
-                self.backend.restore(key, blob, seq, emit)
-
-    def detach(self, keys: list[Key]) -> list[tuple[bytes, SeqState] | None]:
-        """Snapshot and remove sessions after every batch sent here before this call."""
-        return self._detach(keys)
-
-    @ray.method(concurrency_group="moves")
-    def detach_now(self, keys: list[Key]) -> list[tuple[bytes, SeqState] | None]:
-        """Snapshot and remove sessions now, between two batches, ahead of those still queued
-        (see the module's docstring: the caller redelivers what follows each snapshot)."""
-        return self._detach(keys)
-
-    def _detach(self, keys: list[Key]) -> list[tuple[bytes, SeqState] | None]:
-        # None for a session not detached (not here, or its snapshot failed: it stays here) - the
-        # others still go, one bad key must not strand the sessions already detached
-        out: list[tuple[bytes, SeqState] | None] = []
-        with self._host_lock:
+    def close_sessions(self, keys: list[Key]) -> None:
+        now = time.time()
+        with self._lock:
             for k in keys:
+                self.backend.close(k, now)
+            outputs = self.backend.collect()
+        self._send(outputs)
+
+    @ray.method(concurrency_group="moves")
+    def hand_over(self, moves: list[tuple[Key, int]], target: Any, target_id: str) -> list[str | None]:
+        """Move sessions (key, new epoch) to instance `target` now, between two batches: each is
+        detached (its later frames here are refused, naming `target_id` at the new epoch),
+        adopted by the target, and only if that fails put back here at its old epoch. The
+        state never has two homes, and never none while this instance lives."""
+        results: dict[Key, str | None] = {}
+        sent: list[tuple[Adoptee, int]] = []
+        with self._hand_over_done:
+            self._handing_over += 1
+        try:
+            with self._lock:
+                for key, epoch in moves:
+                    held = self.backend.holding(key)
+                    if held is None:
+                        results[key] = "not here"
+                        continue
+                    owner, old_epoch, emit = held
+                    try:
+                        blob, seq = self.backend.detach(key, target_id, epoch)
+                    except InstanceFailed:
+                        raise
+                    except Exception as e:  # its snapshot failed: it stays
+                        results[key] = f"{type(e).__name__}: {e}"
+                        continue
+                    sent.append(((key, blob, seq, emit, owner, epoch), old_epoch))
+        finally:
+            with self._hand_over_done:
+                self._handing_over -= 1
+                self._hand_over_done.notify_all()
+        if sent:
+            try:
+                errors: list[str | None] = ray.get(target.adopt.remote([a for a, _ in sent]))
+            except Exception as e:  # the target died or failed: every one stays
+                errors = [f"{type(e).__name__}: {e}"] * len(sent)
+            with self._lock:
+                for ((key, blob, seq, emit, owner, _epoch), old_epoch), err in zip(sent, errors, strict=True):
+                    results[key] = err
+                    if err is not None:
+                        self.backend.restore(key, blob, seq, emit, owner, old_epoch)
+        return [results.get(k) for k, _ in moves]
+
+    @ray.method(concurrency_group="adopt")
+    def adopt(self, items: list[Adoptee]) -> list[str | None]:
+        """Take sessions in from another instance's `hand_over`; per item, None or why not."""
+        out: list[str | None] = []
+        with self._lock:
+            for key, blob, seq, emit, owner, epoch in items:
                 try:
-                    out.append(self.backend.detach(k))
-                except InstanceFailed:
-                    raise  # the container is gone: the caller recovers the instance
-                except Exception:
+                    self.backend.restore(key, blob, seq, emit, owner, epoch)
                     out.append(None)
+                except InstanceFailed:
+                    raise
+                except Exception as e:
+                    out.append(f"{type(e).__name__}: {e}")
         return out
 
     def snapshot(self, key: Key) -> tuple[bytes, SeqState]:
-        with self._host_lock:
+        with self._lock:
             return self.backend.snapshot(key)
 
-    def close_sessions(self, keys: list[Key]) -> None:
-        now = time.time()
-        with self._host_lock:
-            for k in keys:
-                self.backend.close(k, now)
-
-    def tick(self) -> bytes:
-        with self._host_lock:
-            return self.backend.tick(time.time())
-
     def session_info(self, key: Key) -> dict[str, Any]:
-        with self._host_lock:
+        with self._lock:
             return self.backend.session_info(key)
+
+    def session_infos(self, keys: list[Key]) -> dict[Key, dict[str, Any] | None]:
+        """Several sessions' info at once (None for one not held here)."""
+        with self._lock:
+            out: dict[Key, dict[str, Any] | None] = {}
+            for k in keys:
+                try:
+                    out[k] = self.backend.session_info(k)
+                except KeyError:
+                    out[k] = None
+            return out
 
     def session_table(self, key: Key, family: str = "ipv4-unicast") -> list[tuple[str, str | None, str]]:
         """The session's Loc-RIB rows (prefix, next hop, source) for a family."""
-        with self._host_lock:
+        with self._lock:
             return self.backend.session_table(key, family)
+
+    @ray.method(concurrency_group="control")
+    def sessions_report(self) -> list[tuple[Key, str, int, bool]]:
+        """(session, owner, epoch, pending) for every session here: a restarted multiplexer's
+        routes are rebuilt from these."""
+        with self._lock:
+            return self.backend.sessions_report()
+
+    @ray.method(concurrency_group="control")
+    def session_weights(self) -> dict[Key, int]:
+        """Frames each session has applied here: the weights rebalancing evens out."""
+        with self._lock:
+            return self.backend.session_weights()
 
     @ray.method(concurrency_group="control")
     def load(self) -> dict[str, Any]:
         """Counters, resource use and the latencies seen since the last call (drained).
 
         In the control group (its own thread): the VPSM must see an overloaded instance's load
-        now, not after the backlog of batches queued before its call - that is when scaling
-        matters most. It only reads counters; a latency sample appended while it swaps the list
-        may be missed."""
+        now, not after the batches queued before its call - that is when scaling matters most."""
         load = self.backend.load()
         latencies = [float(x) for x in load.pop("latency_ns", [])]
         usage = self.backend.usage()
         self.metrics.usage(usage, load)
         self.metrics.observe_latencies([int(x) for x in latencies])
+        queued = max(0, self.dp.queued_frames)
+        self.metrics.queue(queued, self.allocation.buffer_quota_bytes)
         ms = [x / 1e6 for x in latencies]
+        dp = self.dp.c
         return {
             "instance_id": self.instance_id,
             "protocol": self.protocol,
@@ -214,6 +361,12 @@ class StackInstance:
             "uptime_s": round(time.time() - self.started, 3),
             **load,
             **usage,
+            "queue_depth": queued,
+            "session_frames": sum(self.backend.session_weights().values()),
+            "clients": len(self.dp.connected()),
+            "dp_batches": dp.batches,
+            "dp_dropped_connections": dp.dropped_connections,
+            "dp_refused_connections": dp.refused_connections,
             "latency_p50_ms": percentile(ms, 50),
             "latency_p99_ms": percentile(ms, 99),
             "latency_max_ms": max(ms) if ms else None,
@@ -225,7 +378,9 @@ class StackInstance:
         }
 
     def shutdown(self) -> None:
-        self.backend.shutdown()
+        self.dp.stop()
+        with self._lock:
+            self.backend.shutdown()
 
 
 def _zero_copy(data: Any) -> bool:
@@ -234,27 +389,41 @@ def _zero_copy(data: Any) -> bool:
     return flags is not None and not flags.writeable and not flags.owndata
 
 
+def instance_actor_name(instance_id: str) -> str:
+    return f"apsv-instance-{instance_id}"
+
+
 def create_instance(
     instance_id: str,
     protocol: str,
     backend: str,
     allocation: Allocation,
     *,
+    deployment: str,
     snapshot_every: int = 256,
     resources: Mapping[str, float] | None = None,
     image: str | None = None,
+    namespace: str | None = None,
 ) -> Any:
-    """Start a stack instance actor with the allocation's resources (CPU, memory)."""
-    # load and readiness in a group of their own, beside the data path, and out-of-turn detaches
-    # in another (groups are not settable in options())
-    cls = ray.remote(concurrency_groups={"control": 1, "moves": 1})(StackInstance)  # type: ignore[call-overload]
+    """Start a stack instance actor with the allocation's resources (CPU, memory).
+
+    Detached: an instance must outlive the VPSM that started it (a VPSM that restarts finds its
+    instances again by name), so whoever starts one also stops it (`VPSM.shutdown`)."""
+    # load and readiness in a group of their own, beside the data path; hand-overs in another,
+    # and adoptions in a third (two instances handing over to each other must not deadlock)
+    cls = ray.remote(concurrency_groups={"control": 1, "moves": 1, "adopt": 1})(StackInstance)  # type: ignore[call-overload]
     opts: dict[str, Any] = {
-        "name": f"apsv-instance-{instance_id}",
+        "name": instance_actor_name(instance_id),
         "num_cpus": allocation.cpu,
         "memory": allocation.memory_bytes,
-        "max_restarts": 0,  # a dead instance's sessions are recovered elsewhere by the multiplexer
-        "max_concurrency": 1,  # the data path: batches, moves and snapshots in call order
+        "max_restarts": 0,  # a dead instance's sessions are restored elsewhere from their clients' custody
+        "max_concurrency": 1,  # the Ray-called data path and control calls, in call order
+        "lifetime": "detached",
     }
+    if namespace:
+        opts["namespace"] = namespace
     if resources:
         opts["resources"] = dict(resources)
-    return cls.options(**opts).remote(instance_id, protocol, backend, allocation, snapshot_every, image)
+    return cls.options(**opts).remote(
+        instance_id, protocol, backend, allocation, snapshot_every, image, deployment, namespace
+    )

@@ -132,11 +132,22 @@ class InstanceMetrics:
             boundaries=LATENCY_BOUNDARIES_MS,
             tag_keys=keys,
         )
+        self.queued = metrics.Gauge(
+            "apsv_instance_queue_frames", "Frames of batches a stack instance has read and not yet applied", keys
+        )
+        self.quota = metrics.Gauge(
+            "apsv_buffer_quota_bytes", "Payload octets one client may have in flight to a stack instance", keys
+        )
 
     def batch(self, frames: int, seconds: float) -> None:
         self.batches.inc(1, self.tags)
         if frames:
             self.frames.inc(frames, self.tags)
+
+    def queue(self, frames: int, quota_bytes: int) -> None:
+        """Frames of batches read and not yet applied (its queue), and each client's window."""
+        self.queued.set(float(frames), self.tags)
+        self.quota.set(float(quota_bytes), self.tags)
 
     def usage(self, usage: Mapping[str, float], load: Mapping[str, Any]) -> None:
         self.rss.set(usage.get("rss_bytes", 0.0), self.tags)
@@ -150,84 +161,89 @@ class InstanceMetrics:
 
 # -- the multiplexer's and the clients' metrics -----------------------------------------------
 # Counted in plain dicts on the data path (per batch, never per frame) and handed to Ray at most
-# once a second by `flush`: a Ray metric call costs microseconds, a batch carries thousands of
-# frames, and Ray's agent only exports every few seconds anyway.
+# once a second: a Ray metric call costs microseconds, a batch carries thousands of frames, and
+# Ray's agent only exports every few seconds anyway.
 
-BATCH_LATENCY_BOUNDARIES_MS = [0.5, 1.0, 2.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 1000.0, 5000.0]
-MAX_VROUTER_LABELS = 100  # virtual routers with a label of their own; the rest count as "other"
+BATCH_LATENCY_BOUNDARIES_MS = [0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 1000.0, 5000.0]
+MAX_VROUTER_LABELS = 100  # virtual routers with a label of their own (per client); the rest count as "other"
 MAX_FOLDED_TRACKED = 100_000  # distinct folded virtual routers remembered (to count each once)
-MAX_BATCH_SAMPLES = 256  # batch latencies observed per flush (a uniform sample of the batches)
+MAX_BATCH_SAMPLES = 256  # batch latencies observed per export (a uniform sample of the batches)
 OTHER_VROUTER = "other"
 
 
 class MultiplexerMetrics:
-    """Ray metrics of the multiplexer (created in its actor process).
+    """Ray metrics of the multiplexer (created in its actor process): ``apsv_session_moves``
+    {protocol, reason} - live session moves (rebalance, drain, manual) and sessions placed again
+    after their instance died (recovery)."""
 
-    * ``apsv_messages`` {protocol, vrouter}: frames routed, by protocol and virtual router
-      ("tenant/vrouter"). Only the first `max_vrouters` virtual routers seen get a label - labels
-      never change afterwards, so series do not churn - and the rest are summed under
-      vrouter="other"; ``apsv_vrouters_folded`` counts the virtual routers folded so.
-    * ``apsv_session_moves`` {protocol, reason}: live session moves (rebalance, drain, manual) and
-      sessions restored after an instance died (recovery).
-    * ``apsv_multiplexer_batches``: client batches dispatched; ``apsv_multiplexer_batch_latency_ms``:
-      a batch's time through the multiplexer (its turn, quota waits, the instances' work), sampled.
-    * ``apsv_buffer_quota_used_bytes`` / ``apsv_buffer_quota_bytes`` {instance, protocol}: payload
-      octets in flight to an instance (the most since the last export, so a full quota shows even
-      between exports) and its quota.
-    """
-
-    def __init__(self, max_vrouters: int = MAX_VROUTER_LABELS, seed: int = 0) -> None:
+    def __init__(self) -> None:
         from ray.util import metrics
 
-        self.max_vrouters = max_vrouters
-        self.messages = metrics.Counter(
-            "apsv_messages", "Frames routed by the multiplexer", tag_keys=("protocol", "vrouter")
+        self.moves = metrics.Counter(
+            "apsv_session_moves", "Sessions moved live or recovered", tag_keys=("protocol", "reason")
+        )
+
+    def moved(self, protocol: str, reason: str, n: int = 1) -> None:
+        if n:
+            self.moves.inc(n, {"protocol": protocol, "reason": reason})
+
+    def instance_gone(self, instance: str, protocol: str) -> None:
+        """(Per-instance gauges are the instances' own; nothing of the instance is kept here.)"""
+
+
+class ClientMetrics:
+    """An offload client's metrics, exported from its own process at most once a second:
+
+    * ``apsv_client_buffers_in_use`` / ``apsv_client_buffers`` {client}: pool slots holding frames
+      not yet answered, and the slot count;
+    * ``apsv_messages`` {protocol, vrouter}: frames sent, by protocol and virtual router
+      ("tenant/vrouter"). Only the first `max_vrouters` virtual routers get a label - labels never
+      change afterwards, so series do not churn - and the rest are summed under vrouter="other";
+      ``apsv_vrouters_folded`` counts the virtual routers folded so;
+    * ``apsv_client_batches`` and ``apsv_client_batch_latency_ms``: batches sent to instances and
+      their round trip (send to reply), sampled.
+    """
+
+    def __init__(self, client: str, slots: int, max_vrouters: int = MAX_VROUTER_LABELS, seed: int = 0) -> None:
+        from ray.util import metrics
+
+        self.tags = {"client": client}
+        self.in_use = metrics.Gauge(
+            "apsv_client_buffers_in_use", "Buffer pool slots of an offload client in use", ("client",)
+        )
+        self.total = metrics.Gauge("apsv_client_buffers", "Buffer pool slots of an offload client", ("client",))
+        self.messages_total = metrics.Counter(
+            "apsv_messages", "Frames sent into the cluster", tag_keys=("protocol", "vrouter")
         )
         self.folded = metrics.Counter(
             "apsv_vrouters_folded", 'Virtual routers counted under vrouter="other" (beyond the label limit)'
         )
-        self.moves = metrics.Counter(
-            "apsv_session_moves", "Sessions moved live or recovered", tag_keys=("protocol", "reason")
-        )
-        self.batches = metrics.Counter("apsv_multiplexer_batches", "Client batches dispatched by the multiplexer")
+        self.batches = metrics.Counter("apsv_client_batches", "Batches sent to stack instances")
         self.batch_latency = metrics.Histogram(
-            "apsv_multiplexer_batch_latency_ms",
-            "A client batch's time through the multiplexer (sampled)",
+            "apsv_client_batch_latency_ms",
+            "A batch's round trip, client to instance and back (sampled)",
             boundaries=BATCH_LATENCY_BOUNDARIES_MS,
         )
-        keys = ("instance", "protocol")
-        self.quota_used = metrics.Gauge(
-            "apsv_buffer_quota_used_bytes", "Payload octets in flight to an instance (peak since last export)", keys
-        )
-        self.quota = metrics.Gauge("apsv_buffer_quota_bytes", "An instance's buffer quota", keys)
-        # Data-path accumulators, emptied by flush().
-        self.pending: dict[tuple[str, int, int], int] = {}  # (protocol, tenant, vrouter) -> frames
-        self.pending_moves: dict[tuple[str, str], int] = {}
-        self.pending_batches = 0
-        self._samples: list[float] = []
-        self._seen = 0
-        self._rng = random.Random(seed)
+        self.slots = slots
+        self.total.set(float(slots), self.tags)
+        self.max_vrouters = max_vrouters
+        self._last = 0.0
+        self._peak = 0
+        self._sent: dict[tuple[int, int, int, int], int] = {}  # frames per session at the last export
         self._labels: dict[tuple[int, int], str] = {}
         self._folded: set[tuple[int, int]] = set()
+        self._rng = random.Random(seed)
+        self._batches_seen = 0
+        self._exported_batches = 0
 
-    # -- the data path (cheap) -----------------------------------------------------------------
-
-    def batch(self, seconds: float) -> None:
-        self.pending_batches += 1
-        self._seen += 1
-        ms = seconds * 1e3
-        if len(self._samples) < MAX_BATCH_SAMPLES:
-            self._samples.append(ms)
-        else:  # reservoir sampling: every batch of the interval equally likely to be kept
-            j = self._rng.randrange(self._seen)
-            if j < MAX_BATCH_SAMPLES:
-                self._samples[j] = ms
-
-    def moved(self, protocol: str, reason: str, n: int = 1) -> None:
-        k = (protocol, reason)
-        self.pending_moves[k] = self.pending_moves.get(k, 0) + n
-
-    # -- export --------------------------------------------------------------------------------
+    def sample(self, in_use: int, now: float, force: bool = False) -> None:
+        """Record pool use; exported as the peak since the last export, once a second (or `force`)."""
+        self._peak = max(self._peak, in_use)
+        if force or now - self._last >= 1.0:
+            self.in_use.set(float(self._peak), self.tags)
+            self.total.set(float(self.slots), self.tags)
+            self._peak = in_use
+            self._last = now
 
     def vrouter_label(self, tenant: int, vrouter: int) -> str:
         k = (tenant, vrouter)
@@ -242,57 +258,25 @@ class MultiplexerMetrics:
             self.folded.inc(1)
         return OTHER_VROUTER
 
-    def flush(self, quotas: Iterable[tuple[str, str, int, int]] = ()) -> None:
-        """Hand what was counted since the last flush to Ray; `quotas` are (instance, protocol,
-        peak octets in flight, quota) of every live instance."""
-        pending, self.pending = self.pending, {}
+    def messages(self, seqs: Mapping[tuple[int, int, int, int], int], names: Mapping[int, str]) -> None:
+        """Frames sent per session so far (their sequence numbers): what is new since the last
+        call, counted by protocol (`names`: protocol id -> name) and virtual router."""
         by_label: dict[tuple[str, str], int] = {}
-        for (protocol, tenant, vrouter), n in pending.items():
-            k = (protocol, self.vrouter_label(tenant, vrouter))
-            by_label[k] = by_label.get(k, 0) + n
+        sent = self._sent
+        for key, seq in seqs.items():
+            n = seq - sent.get(key, 0)
+            if n > 0:
+                sent[key] = seq
+                k = (names.get(key[2], str(key[2])), self.vrouter_label(key[0], key[1]))
+                by_label[k] = by_label.get(k, 0) + n
         for (protocol, label), n in by_label.items():
-            self.messages.inc(n, {"protocol": protocol, "vrouter": label})
-        moves, self.pending_moves = self.pending_moves, {}
-        for (protocol, reason), n in moves.items():
-            self.moves.inc(n, {"protocol": protocol, "reason": reason})
-        if self.pending_batches:
-            self.batches.inc(self.pending_batches)
-            self.pending_batches = 0
-        samples, self._samples, self._seen = self._samples, [], 0
-        for ms in samples:
-            self.batch_latency.observe(ms)
-        for instance, protocol, used, quota in quotas:
-            tags = {"instance": instance, "protocol": protocol}
-            self.quota_used.set(float(used), tags)
-            self.quota.set(float(quota), tags)
+            self.messages_total.inc(n, {"protocol": protocol, "vrouter": label})
 
-    def instance_gone(self, instance: str, protocol: str) -> None:
-        """A removed instance's gauges go to zero (Ray keeps a gauge's last value otherwise)."""
-        tags = {"instance": instance, "protocol": protocol}
-        self.quota_used.set(0.0, tags)
-        self.quota.set(0.0, tags)
-
-
-class ClientMetrics:
-    """``apsv_client_buffers_in_use`` / ``apsv_client_buffers`` {client}: an offload client's pool
-    slots holding frames not yet applied, and its slot count. Set at most once a second."""
-
-    def __init__(self, client: str, slots: int) -> None:
-        from ray.util import metrics
-
-        self.tags = {"client": client}
-        self.in_use = metrics.Gauge(
-            "apsv_client_buffers_in_use", "Buffer pool slots of an offload client in use", ("client",)
-        )
-        self.total = metrics.Gauge("apsv_client_buffers", "Buffer pool slots of an offload client", ("client",))
-        self.total.set(float(slots), self.tags)
-        self._last = 0.0
-        self._peak = 0
-
-    def sample(self, in_use: int, now: float, force: bool = False) -> None:
-        """Record a use; exported as the peak since the last export, once a second (or `force`)."""
-        self._peak = max(self._peak, in_use)
-        if force or now - self._last >= 1.0:
-            self.in_use.set(float(self._peak), self.tags)
-            self._peak = in_use
-            self._last = now
+    def batch_times(self, latencies: list[float], total: int) -> None:
+        """Batches sent so far (`total`) and the round trips recorded since the last call."""
+        if total > self._exported_batches:
+            self.batches.inc(total - self._exported_batches)
+            self._exported_batches = total
+        pick = latencies if len(latencies) <= MAX_BATCH_SAMPLES else self._rng.sample(latencies, MAX_BATCH_SAMPLES)
+        for sec in pick:
+            self.batch_latency.observe(sec * 1e3)

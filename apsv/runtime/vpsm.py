@@ -16,13 +16,16 @@ needs to keep observing and deciding. The mover runs its protocol's moves one jo
 no session is moved by two jobs at once; operators' calls (`scale_to`, `drain`) wait for it.
 
 It is a named, detached actor: it outlives the job that started it, and anyone can find it.
+Ray restarts it if its process dies: it keeps its control state in Ray's KV store
+(`apsv.runtime.persist`) - the instances it manages (detached actors, found again by name), its
+policies' state and load history - and takes up the loop where it was. Meanwhile the instances
+keep serving: nothing on the data path waits for the VPSM.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import logging
 import time
 from collections import deque
@@ -35,7 +38,8 @@ import numpy as np
 import ray
 from ray.exceptions import RayActorError, RayTaskError
 
-from apsv.runtime.instance import Allocation, create_instance
+from apsv.runtime import persist
+from apsv.runtime.instance import Allocation, create_instance, instance_actor_name
 from apsv.runtime.telemetry import TelemetryWriter, now_utc
 from apsv.scaling.latency import histogram
 from apsv.scaling.policy import ScalingContext, get_policy
@@ -43,6 +47,26 @@ from apsv.scaling.simulator import Forecasts
 
 log = logging.getLogger("apsv.vpsm")
 VPSM_NAME = "apsv-vpsm"
+# What status() reports of each instance, from its last load.
+INSTANCE_STATUS_KEYS = (
+    "sessions",
+    "pending_sessions",
+    "frames_in",
+    "msgs_per_s",
+    "busy_fraction",
+    "queue_depth",
+    "clients",
+    "departed",
+    "stale",
+    "out_of_order",
+    "foreign",
+    "unknown_session",
+    "bad_frames",
+    "duplicates",
+    "errors",
+    "cpu_percent",
+    "rss_bytes",
+)
 
 
 @dataclass
@@ -123,8 +147,13 @@ class VPSM:
         telemetry_root: str | None,
         interval_s: float = 1.0,
         forecaster_app: str | None = None,
+        name: str = "apsv-vpsm",
     ) -> None:
         self.plans = {p.protocol: p for p in plans}
+        self.name = name
+        self.namespace = namespace
+        self.multiplexer_name = multiplexer_name
+        self.owner = f"{namespace}/{name}"  # its keys in Ray's KV store
         # The TPE's Serve application; the predictive policy reads its quantiles each step.
         self.forecaster_app = forecaster_app
         self.forecasts: dict[str, dict[str, tuple[float, ...]]] = {}
@@ -137,7 +166,7 @@ class VPSM:
         self.history: dict[str, deque[float]] = {p: deque(maxlen=600) for p in self.plans}
         self.events: deque[dict[str, Any]] = deque(maxlen=1000)
         self.start_latencies: dict[str, list[float]] = {}
-        self._ids = itertools.count(1)
+        self._next_id = 1  # of the next instance
         self._loop: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
         self.steps = 0
@@ -159,6 +188,63 @@ class VPSM:
         self._movers: dict[str, asyncio.Task[None]] = {}
         self.move_errors = 0
         self._metrics = _VpsmMetrics()
+        self.restarts = 0
+        self.last_loads: dict[str, dict[str, Any]] = {}
+        self._resume()
+
+    # -- persisted state -----------------------------------------------------------------------
+
+    def _save(self) -> None:
+        """The control state a restarted VPSM takes up again (a few kilobytes, each step)."""
+        persist.save(
+            self.owner,
+            "state",
+            {
+                "managed": {
+                    i: [m.protocol, m.started, m.start_latency_s, m.requested, m.draining]
+                    for i, m in self.managed.items()
+                },
+                "next_id": self._next_id,
+                "policy_state": self.policy_state,
+                "history": {p: list(h) for p, h in self.history.items()},
+                "actions": self.actions,
+                "start_latencies": {p: xs[-100:] for p, xs in self.start_latencies.items()},
+                "loop": self._loop is not None,
+                "steps": self.steps,
+                "restarts": self.restarts,
+            },
+        )
+
+    def _resume(self) -> None:
+        """After a restart: the instances it managed (found by name; gone ones are reaped by the
+        next step), its policies' state and history, and its loop if it was running."""
+        st = persist.load(self.owner, "state")
+        if not st:
+            return
+        self.restarts = int(st.get("restarts", 0)) + 1
+        self._next_id = int(st["next_id"])
+        self.steps = int(st.get("steps", 0))
+        for p, v in st.get("policy_state", {}).items():
+            if p in self.plans:
+                self.policy_state[p] = v
+        for p, h in st.get("history", {}).items():
+            if p in self.history:
+                self.history[p].extend(float(x) for x in h)
+        self.actions.update({p: int(n) for p, n in st.get("actions", {}).items()})
+        self.start_latencies.update({p: [float(x) for x in xs] for p, xs in st.get("start_latencies", {}).items()})
+        for iid, (protocol, started, latency, requested, draining) in st.get("managed", {}).items():
+            try:
+                handle = ray.get_actor(instance_actor_name(iid), namespace=self.namespace)
+            except ValueError:
+                self.lifetimes.append((protocol, requested, time.time()))
+                continue
+            self.managed[iid] = Managed(iid, handle, protocol, started, latency, requested=requested, draining=draining)
+            if draining:
+                self._enqueue(protocol, "drain", iid)
+        self.events.append({"ts": time.time(), "event": "restarted", "instances": len(self.managed)})
+        log.warning("VPSM %s restarted: %d instances taken up again", self.name, len(self.managed))
+        if st.get("loop"):
+            self._loop = asyncio.get_event_loop().create_task(self._run())
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -175,12 +261,14 @@ class VPSM:
                 await self._instantiate(plan, "minimum")
         if run_loop and self._loop is None:
             self._loop = asyncio.get_running_loop().create_task(self._run())
+        self._save()
         return {p: self._count(p) for p in self.plans}
 
     async def stop_loop(self) -> None:
         if self._loop is not None:
             self._loop.cancel()
             self._loop = None
+            self._save()
 
     async def shutdown(self) -> None:
         """Stop the loop and destroy every instance (their sessions are closed, not moved)."""
@@ -199,6 +287,7 @@ class VPSM:
             await self._destroy(m, drain=False)
         if self.telemetry is not None:
             self.telemetry.flush()
+        persist.forget(self.owner)
 
     async def _run(self) -> None:
         while True:
@@ -222,7 +311,13 @@ class VPSM:
             if dead:
                 await self._reap([i for i in dead if not await self._alive(i)])
             decisions: dict[str, Any] = {}
-            arrived = await self.im.arrivals.remote()
+            try:
+                arrived = await asyncio.wait_for(self.im.arrivals.remote(), 5.0)
+            except (TimeoutError, RayActorError):
+                # the multiplexer is restarting: no measure of the offered load this step, so no
+                # decision (the instances serve on meanwhile)
+                self.events.append({"ts": time.time(), "event": "step-skipped", "reason": "multiplexer unavailable"})
+                return {}
             dt = now - self._last_arrivals_ts if self._last_arrivals_ts else 0.0
             for protocol in self.plans:
                 # the offered load (what arrived at the multiplexer), not the instances' throughput,
@@ -312,6 +407,7 @@ class VPSM:
                 self._metrics.protocol(protocol, rate, p99, forecast, ctx.table_backlog)
                 await self._scale(plan, d.instances, d.reason, background=True)
                 self._metrics.instances(protocol, self._active(protocol))
+            self._save()
             return decisions
 
     async def set_clock(self, protocol: str, clock: ReplayClock | None) -> None:
@@ -364,8 +460,8 @@ class VPSM:
             self.forecasts[p] = {n: tuple(float(x) for x in r["forecasts"][j, :, k]) for k, n in enumerate(names)}
 
     async def _collect(self, now: float) -> dict[str, dict[str, Any]]:
-        """Each instance's load (instance call) plus what the multiplexer sees in flight to it."""
-        im_view = await self.im.instance_loads.remote()
+        """Each instance's load and resource use (one call each, in its control thread); the
+        multiplexer is told how busy each is (its placement weighs it)."""
         ids = list(self.managed)
         results = await asyncio.gather(*(self.managed[i].handle.load.remote() for i in ids), return_exceptions=True)
         rows = []
@@ -384,15 +480,13 @@ class VPSM:
             cpu_pct = 100.0 * (cpu - m.last_cpu) / dt if dt else 0.0
             busy = min(1.0, (busy_s - m.last_busy) / dt) if dt else 0.0
             m.last_frames, m.last_cpu, m.last_busy, m.last_ts = frames, cpu, busy_s, now
-            view = im_view.get(iid, {})
-            queue = int(view.get("inflight_frames", 0))
+            queue = int(res.get("queue_depth", 0))
             res.update(
                 msgs_per_s=rate,
                 cpu_percent=cpu_pct,
                 busy_fraction=busy,
-                queue_depth=queue,
-                traffic_share=float(view.get("session_frames", 0)),
-                accepting=bool(view.get("accepting", True)) and not m.draining,
+                traffic_share=float(res.get("session_frames", 0)),
+                accepting=not m.draining,
             )
             out[iid] = res
             alloc = res["allocation"]
@@ -423,6 +517,15 @@ class VPSM:
             self.telemetry.append(rows)
             if self.steps % 10 == 0:
                 self.telemetry.flush()
+        # what `status` shows of each instance: its own view, as of this step
+        self.last_loads = {
+            i: {k: r.get(k) for k in INSTANCE_STATUS_KEYS} | {"accepting": not self.managed[i].draining}
+            for i, r in out.items()
+            if i in self.managed
+        }
+        if out:
+            with contextlib.suppress(Exception):  # the multiplexer may be restarting: placement waits
+                await asyncio.wait_for(self.im.observe.remote({i: r["busy_fraction"] for i, r in out.items()}), 2.0)
         return out
 
     # -- scaling -------------------------------------------------------------------------------
@@ -599,11 +702,19 @@ class VPSM:
 
     async def _create(self, plan: ProtocolPlan) -> tuple[str, Any, dict[str, Any], float, float]:
         """Start one instance and wait until it answers: (id, handle, info, start latency, requested)."""
-        iid = f"{plan.protocol}-{next(self._ids)}"
+        iid = f"{plan.protocol}-{self._next_id}"
+        self._next_id += 1
+        self._save()  # the id is spent even if this VPSM dies before the instance is registered
         requested = time.time()
         t0 = time.perf_counter()
         handle = create_instance(
-            iid, plan.protocol, plan.backend, plan.allocation, image=self._images.get(plan.protocol)
+            iid,
+            plan.protocol,
+            plan.backend,
+            plan.allocation,
+            deployment=self.multiplexer_name,
+            namespace=self.namespace,
+            image=self._images.get(plan.protocol),
         )
         try:
             info = await handle.ready.remote()
@@ -624,6 +735,7 @@ class VPSM:
             plan.allocation.buffer_quota_bytes,
             plan.allocation.max_sessions,
             info["node_id"],
+            info["endpoint"],
         )
         self.managed[iid] = Managed(iid, handle, plan.protocol, time.time(), latency, requested=requested)
         self.start_latencies.setdefault(plan.protocol, []).append(latency)
@@ -703,9 +815,12 @@ class VPSM:
                 for p, plan in self.plans.items()
             },
             "instances": {
-                i: {"protocol": m.protocol, "start_latency_s": m.start_latency_s} for i, m in self.managed.items()
+                i: {"protocol": m.protocol, "start_latency_s": m.start_latency_s, "draining": m.draining}
+                for i, m in self.managed.items()
             },
+            "loads": {i: v for i, v in self.last_loads.items() if i in self.managed},
             "steps": self.steps,
+            "restarts": self.restarts,
             "events": list(self.events)[-50:],
             "forecasts": {p: {q: list(v[:5]) for q, v in f.items()} for p, f in self.forecasts.items()},
             "forecast_errors": self.forecast_errors,
@@ -715,6 +830,11 @@ class VPSM:
 
     async def instance_handles(self) -> dict[str, Any]:
         return {i: m.handle for i, m in self.managed.items()}
+
+    async def pid(self) -> int:
+        import os
+
+        return os.getpid()
 
     async def flush_telemetry(self) -> list[str]:
         return [str(p) for p in self.telemetry.flush()] if self.telemetry is not None else []
@@ -785,11 +905,25 @@ def create_vpsm(
     forecaster_app: str | None = None,
 ) -> Any:
     cls = ray.remote(VPSM)
-    opts: dict[str, Any] = {"name": name, "num_cpus": 0, "max_concurrency": 64}
+    # Restarted by Ray when its process dies (it takes up its persisted state); calls in flight
+    # then are retried on the new process.
+    opts: dict[str, Any] = {
+        "name": name,
+        "num_cpus": 0,
+        "max_concurrency": 64,
+        "max_restarts": -1,
+        "max_task_retries": -1,
+    }
     if namespace:
         opts["namespace"] = namespace
     if detached:
         opts["lifetime"] = "detached"
     return cls.options(**opts).remote(
-        plans, multiplexer_name, namespace, str(telemetry_root) if telemetry_root else None, interval_s, forecaster_app
+        plans,
+        multiplexer_name,
+        namespace,
+        str(telemetry_root) if telemetry_root else None,
+        interval_s,
+        forecaster_app,
+        name,
     )

@@ -26,11 +26,18 @@ OPS = {
     "snapshot": 5,
     "take_snapshots": 6,
     "close": 7,
-    "tick": 8,
     "load": 9,
     "session_info": 10,
     "shutdown": 11,
     "ping": 12,
+    "session_table": 13,
+    "expect": 14,
+    "restore_pending": 15,
+    "holding": 16,
+    "depart": 17,
+    "collect": 18,
+    "sessions_report": 19,
+    "session_weights": 20,
 }
 OP_NAMES = {v: k for k, v in OPS.items()}
 OK, ERROR = 0, 255

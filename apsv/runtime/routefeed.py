@@ -1,0 +1,112 @@
+"""A client's feed of its routes from the multiplexer: a long poll, as a Ray Serve handle keeps.
+
+One call to the multiplexer's `watch` is always outstanding; it answers when any of this
+client's routes changes (a move, a recovery) or after `WATCH_S` with nothing. When the answer
+comes, Ray completes the call's future on a thread of its own; the callback queues the answer
+and writes one octet to a pipe - so the client's own wait (select, or an event loop's reader)
+wakes at once. Nothing polls, and no thread of this client blocks in Ray. The client re-arms
+the watch when it takes the answer (`take`). A multiplexer that dies or restarts only delays
+the feed - the next watch goes out after a growing pause (`retry_in`) - and the data path never
+waits for it.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import logging
+import os
+import threading
+import time
+from collections import deque
+from typing import Any
+
+log = logging.getLogger("apsv.client")
+
+WATCH_S = 10.0  # how long one watch call waits for a change before answering "none"
+RETRY_MIN_S = 0.05
+RETRY_MAX_S = 1.0
+
+
+class RouteFeed:
+    def __init__(self, multiplexer: Any, client: str, credential: bytes) -> None:
+        self.im = multiplexer
+        self.client = client
+        self.credential = credential
+        self.since: tuple[str, int] = ("", 0)  # (the multiplexer's incarnation, its route version)
+        self.errors = 0
+        self._answers: deque[tuple[float, Any]] = deque()  # (when the watch went out, its answer or error)
+        self._lock = threading.Lock()
+        self._rfd, self._wfd = os.pipe()
+        os.set_blocking(self._rfd, False)
+        os.set_blocking(self._wfd, False)
+        self._out = False  # a watch is outstanding
+        self._retry_at = 0.0
+        self._pause = RETRY_MIN_S
+        self._closed = False
+        self.arm()
+
+    def fileno(self) -> int:
+        return self._rfd
+
+    def arm(self) -> None:
+        """Send the next watch, unless one is out, or a failed one's pause has not passed."""
+        if self._out or self._closed or time.monotonic() < self._retry_at:
+            return
+        issued = time.monotonic()
+        try:
+            fut = self.im.watch.remote(self.client, self.credential, self.since, WATCH_S).future()
+        except Exception as e:  # Ray itself refused (shutting down): stay quiet
+            log.debug("route watch not sent: %r", e)
+            return
+        self._out = True
+        fut.add_done_callback(lambda f: self._done(issued, f))
+
+    def _done(self, issued: float, fut: concurrent.futures.Future[Any]) -> None:
+        try:
+            answer: Any = fut.result()
+        except BaseException as e:  # (on Ray's thread) the multiplexer is down or restarting
+            answer = e
+        with self._lock:
+            if self._closed:
+                return
+            self._answers.append((issued, answer))
+            with contextlib.suppress(BlockingIOError, OSError):
+                os.write(self._wfd, b"\0")
+
+    def take(self) -> list[dict[str, Any]]:
+        """Route updates that arrived since the last call (oldest first); the watch re-armed."""
+        with contextlib.suppress(BlockingIOError, OSError):
+            os.read(self._rfd, 4096)
+        with self._lock:
+            answers = list(self._answers)
+            self._answers.clear()
+        out = []
+        for issued, a in answers:
+            self._out = False
+            if isinstance(a, BaseException):
+                self.errors += 1
+                log.debug("route watch failed (%r); again in %.2fs", a, self._pause)
+                self._retry_at = time.monotonic() + self._pause
+                self._pause = min(RETRY_MAX_S, self._pause * 2)
+                continue
+            self._pause = RETRY_MIN_S
+            self.since = (a["incarnation"], a["version"])
+            if a.get("routes") or a.get("full"):
+                a["issued"] = issued  # (a session opened after this cannot be in it)
+                out.append(a)
+        self.arm()
+        return out
+
+    def retry_in(self) -> float | None:
+        """Seconds until a failed watch goes out again (None: one is out, nothing to do)."""
+        if self._out or self._closed:
+            return None
+        return max(0.0, self._retry_at - time.monotonic())
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+        for fd in (self._rfd, self._wfd):
+            with contextlib.suppress(OSError):
+                os.close(fd)
