@@ -25,6 +25,15 @@ HOT_MODULES = [
     "apsv/mrt/replay.py",
     "apsv/mrt/stats.py",
     "apsv/runtime/host.py",
+    # the echo stack: it exists to measure the offload path, so it should cost as little as a
+    # stack can (each message it echoes is applied by the same host code as a BGP UPDATE)
+    "apsv/stacks/echo.py",
+    # a client's per-frame and per-batch work: frames written, kept in custody, output handed
+    # over in order; the data-plane messages
+    "apsv/runtime/outbox.py",
+    "apsv/runtime/delivery.py",
+    "apsv/runtime/custody.py",
+    "apsv/runtime/channel.py",
 ]
 
 

@@ -1,10 +1,11 @@
-"""Process-level settings for processes that hold large RIBs.
+"""Process-level settings for processes that hold large RIBs (or many frames in custody).
 
 CPython's cyclic garbage collector walks every container it tracks each time enough new ones
 have been allocated since the last walk. A process that builds a RIB allocates millions of
 long-lived tuples and dicts that never form cycles, so the default thresholds make it walk the
 whole (growing) heap over and over: loading a 270k-path RIB dump spends about half its time
-there. Stack workers, the CLI and the benchmarks call `tune_gc()` once: it moves what exists
+there - and a pause of tens of milliseconds on the message path. Stack instances, agents, the
+CLI and the benchmarks call `tune_gc()` once: it moves what exists
 to the permanent generation and collects far less often. Reference counting still frees
 everything that is not in a cycle, immediately.
 """

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 from pathlib import Path
@@ -51,6 +52,16 @@ def manifest_bgp_messages(measured: str) -> dict[str, int]:
 
 # ------------------------------------------------------------------------------------------------
 # One local Ray cluster for the whole test session (ray.init costs seconds).
+
+
+def cli_json(result: Any) -> Any:
+    """The one JSON object a `--json` command run in process (CliRunner) printed. On the test
+    session's Ray connection, which the command leaves alone, Ray's driver may print a message of
+    its own to stdout after the command returns; run as its own process, a command's stdout is the
+    object alone (tests/test_cli.py checks that)."""
+    objects = [line for line in result.stdout.splitlines() if line.startswith("{")]
+    assert len(objects) == 1, result.output
+    return json.loads(objects[0])
 
 
 def _free_port() -> int:

@@ -385,7 +385,9 @@ protocol bgp apsv {{
 # FRR bgpd, standalone (no zebra)
 
 
-def start_frr(root: Path, n4: int, n6: int, target: tuple[str, int] = (APSV_ADDR, APSV_PORT)) -> Daemon:
+def start_frr(
+    root: Path, n4: int, n6: int, target: tuple[str, int] = (APSV_ADDR, APSV_PORT), hold: int = HOLD
+) -> Daemon:
     spec = SPECS["frr"]
     nbr, port = target
     run = _fresh(root, "frr")
@@ -407,7 +409,7 @@ router bgp {spec.asn}
  neighbor {nbr} remote-as {APSV_AS}
  neighbor {nbr} port {port}
  neighbor {nbr} update-source {spec.addr}
- neighbor {nbr} timers 1 {HOLD}
+ neighbor {nbr} timers {max(1, hold // 3)} {hold}
  neighbor {nbr} timers connect 1
  !
  address-family ipv4 unicast

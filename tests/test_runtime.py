@@ -353,6 +353,19 @@ def test_a_session_moved_back_waits_behind_its_old_frames(deployment: Any) -> No
     assert p.echoed_once_in_order()
 
 
+def _two_batches_the_first_applying(client: OffloadClient, key: tuple[int, int, int, int], src: Any) -> None:
+    """Send a0..a4 and b0..b4 as two batches to a slow (delay_ms) echo session and return once its
+    instance is applying the first: the second is queued behind it, in flight."""
+    for batch in (b"a", b"b"):
+        for i in range(5):
+            client.send(key, batch + b"%d" % i)
+        client.flush()
+    deadline = time.time() + 30
+    while ray.get(src.load.remote())["frames_in"] < 1:
+        assert time.time() < deadline
+        client.wait(0.01)
+
+
 def test_a_move_racing_a_batch_in_flight_is_fenced(deployment: Any) -> None:
     """Deterministic: batch 1 (5 frames of 100 ms) is being applied and batch 2 is queued behind
     it when the session is moved. The hand-over goes before batch 2 (moves wait for no queue),
@@ -368,16 +381,7 @@ def test_a_move_racing_a_batch_in_flight_is_fenced(deployment: Any) -> None:
     handles = ray.get(dep.vpsm.instance_handles.remote())
     src, dst = handles[placed[key]], next(h for i, h in handles.items() if i != placed[key])
     dst_id = next(i for i in handles if i != placed[key])
-    for i in range(5):
-        client.send(key, b"a%d" % i)
-    client.flush()
-    for i in range(5):
-        client.send(key, b"b%d" % i)
-    client.flush()
-    deadline = time.time() + 30
-    while ray.get(src.load.remote())["frames_in"] < 1:  # batch 1 is being applied
-        assert time.time() < deadline
-        client.wait(0.01)
+    _two_batches_the_first_applying(client, key, src)
     ray.get(dep.multiplexer.move_session.remote(key, dst_id))
     client.drain()
     s_load, d_load = ray.get(src.load.remote()), ray.get(dst.load.remote())
@@ -387,6 +391,35 @@ def test_a_move_racing_a_batch_in_flight_is_fenced(deployment: Any) -> None:
     assert got == [b"a%d" % i for i in range(5)] + [b"b%d" % i for i in range(5)]
     info = ray.get(dst.session_info.remote(key))
     assert (info["messages"], info["last_seq"], info["epoch"]) == (10, 10, 2)
+
+
+def test_a_hand_over_the_target_refuses_leaves_the_session_whole_at_its_source(deployment: Any) -> None:
+    """The target is full, so it refuses the adoption after the source detached the session and
+    refused a queued batch naming the target. The session is put back on its source at an epoch
+    past the one its client followed, the client finds it there, and every frame is applied once,
+    in order."""
+    alloc = Allocation(cpu=0.25, max_sessions=1)
+    dep = deployment(
+        [ProtocolPlan("echo", min_instances=2, max_instances=2, policy="fixed", allocation=alloc)], run_loop=False
+    )
+    got: list[bytes] = []
+    client = OffloadClient(
+        dep.multiplexer, on_output=lambda f: got.append(bytes(f.payload)) if f.kind == FrameKind.SEND else None
+    )
+    key, other = (6, 2, int(ProtocolId.ECHO), 1), (6, 2, int(ProtocolId.ECHO), 2)
+    placed = client.open_sessions([(key, "echo", {"delay_ms": 100.0}, 0), (other, "echo", {}, 0)])
+    assert placed[key] != placed[other]  # one session each: the other instance is full
+    handles = ray.get(dep.vpsm.instance_handles.remote())
+    src = handles[placed[key]]
+    _two_batches_the_first_applying(client, key, src)
+    ray.get(dep.multiplexer.move_session.remote(key, placed[other]))
+    client.drain()
+    assert ray.get(dep.multiplexer.route_of.remote(key)) == placed[key]
+    assert ray.get(dep.multiplexer.stats.remote())["move_failed"] == 1
+    assert got == [b"a%d" % i for i in range(5)] + [b"b%d" % i for i in range(5)]
+    info = ray.get(src.session_info.remote(key))
+    assert (info["messages"], info["last_seq"], info["gaps"], info["duplicates"]) == (10, 10, 0, 0)
+    assert info["epoch"] == 3  # past the epoch 2 its refused frames named
 
 
 def test_custody_stays_bounded(deployment: Any) -> None:
@@ -480,8 +513,8 @@ def test_a_client_cannot_reach_another_clients_sessions(deployment: Any) -> None
     """Tenant isolation where the frames now go - at the instance: a client's connection is bound
     to its name by its credential, and frames naming a session another client opened are dropped
     and counted there, whatever transport they came by; claiming another's name is refused."""
-    from apsv.runtime.client import Session
     from apsv.runtime.links import LinkDown, ShmLink
+    from apsv.runtime.outbox import Session
 
     dep = deployment([ProtocolPlan("echo", min_instances=1, max_instances=1, policy="fixed")], run_loop=False)
     owner = OffloadClient(dep.multiplexer)

@@ -373,3 +373,46 @@ def test_channel_messages_round_trip() -> None:
     with pytest.raises(DecodeError):
         r.feed(b"\xff\xff\xff\xff")
         r.messages()
+
+
+def test_a_reply_too_large_for_one_message_goes_in_parts() -> None:
+    from apsv.runtime import channel
+
+    frames = [
+        Frame(FrameKind.SEND, int(ProtocolId.ECHO), 1, 2, 3, seq, 0, 0, bytes([seq % 251]) * (100 + seq * 7))
+        for seq in range(1, 201)
+    ]
+    out = encode_batch(frames)
+    snaps = [channel.Snapshot(K, SeqState(9, 200, 9, 0), b"s" * 3000), channel.Snapshot(K, SeqState(1, 1, 1, 0), b"t")]
+    reply = channel.Reply(7, out, [channel.Refusal(K, STALE, 3, 4)], snaps)
+    assert channel.reply_messages(reply) == ([channel.reply(reply)], 0)  # (small: one REPLY)
+    msgs, dropped = channel.reply_messages(reply, limit=10_000)
+    assert dropped == 0 and len(msgs) > 5 and all(len(m) <= 10_000 + 4096 for m in msgs)
+    got = [channel.decode(m[4:]) for m in msgs]
+    assert all(isinstance(g, channel.Reply) for g in got)
+    parts = [g for g in got if isinstance(g, channel.Reply)]
+    # the parts ahead carry no batch id; the last completes the batch with its refusals
+    assert [p.batch for p in parts] == [-1] * (len(parts) - 1) + [7]
+    assert parts[-1].refusals == reply.refusals and all(not p.refusals for p in parts[:-1])
+    assert b"".join(p.output for p in parts) == out  # every frame once, in order, none split
+    assert [f.seq for p in parts for f in decode_batch(p.output)] == list(range(1, 201))
+    assert [s for p in parts for s in p.snapshots] == snaps
+    # unsolicited output is cut the same way
+    cut = [channel.decode(m[4:]) for m in channel.output_messages(out)]
+    assert b"".join(c.output for c in cut if isinstance(c, channel.Reply)) == out
+    assert channel.output_messages(b"") == []
+
+
+def test_offered_load_follows_each_clients_own_counter() -> None:
+    from apsv.runtime.offered import OfferedLoad
+
+    o = OfferedLoad()
+    assert o.rates(100.0, {"a": {"bgp": 1000}}) == {}  # the first call sets the baseline
+    assert o.rates(101.0, {"a": {"bgp": 1500}, "b": {"bgp": 200, "bfd": 10}}) == {"bgp": 700.0, "bfd": 10.0}
+    # the multiplexer restarted: "a" has not reported again yet, "b" has - no drop, no jump
+    assert o.rates(102.0, {"b": {"bgp": 300, "bfd": 10}}) == {"bgp": 100.0, "bfd": 0.0}
+    # "a" reports again: only what it offered since its last report counts
+    assert o.rates(104.0, {"a": {"bgp": 1900}, "b": {"bgp": 300, "bfd": 10}}) == {"bgp": 200.0, "bfd": 0.0}
+    # a counter never goes back (a late, older report changes nothing)
+    assert o.rates(105.0, {"a": {"bgp": 1800}}) == {"bgp": 0.0}
+    assert o.rates(106.0, {"a": {"bgp": 1901}}) == {"bgp": 1.0}

@@ -20,12 +20,14 @@ import ray
 from apsv.agent.config import AgentConfig, parse_config
 from apsv.agent.core import Agent
 from apsv.runtime.cluster import MULTIPLEXER_NAME, NAMESPACE
+from apsv.tuning import tune_gc
 
 
 class AgentActor:
     """Ray actor class (async). Create with `create_agent_actor`."""
 
     def __init__(self, config: Mapping[str, Any], multiplexer_name: str, namespace: str) -> None:
+        tune_gc()  # its client's custody holds many long-lived objects: no walks over them per batch
         self.config = parse_config(dict(config), "agent actor")
         self.im = ray.get_actor(multiplexer_name, namespace=namespace)
         self.agent: Agent | None = None

@@ -2,9 +2,10 @@
 
 It terminates BGP over TCP (listening for passive sessions, connecting for active ones when the
 stack asks) and BFD over UDP (`bfd_engine.py`), turns what arrives into offload frames and sends
-them, batched, to the multiplexer. What the stacks return is applied here: bytes to a peer, a
-transport to open or close, a BFD transmission program, and events for the virtual router -
-delivered to a callback and, as JSON lines, to a file or an async stream.
+them, batched, straight to the stack instances holding their sessions (`OffloadClient`). What
+the stacks return is applied here: bytes to a peer, a transport to open or close, a BFD
+transmission program, and events for the virtual router - delivered to a callback and, as JSON
+lines, to a file or an async stream.
 
 Everything it holds is bounded: the buffer pool and batches in flight (a slow cluster stops the
 agent reading from its sockets, so TCP pushes back on the peers), each connection's write
@@ -241,8 +242,7 @@ class Agent:
             self._space.clear()
             self._kick.set()
             await self._space.wait()
-        buf = client.pending_buffer
-        if buf is not None and buf.room() < 56 + len(payload) and buf.frames:
+        if client.pending_frames and client.pending_room() < 56 + len(payload):
             client.flush()  # full: out it goes (can_send said a batch slot is free)
         client.send(key, payload, kind, rx_ns or time.time_ns())
         self.c.frames_out += 1

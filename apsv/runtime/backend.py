@@ -56,13 +56,15 @@ class Backend(Protocol):
 
     def take_snapshots(self) -> dict[Key, tuple[SeqState, bytes]]: ...
 
+    def snapshots_waiting(self) -> bool: ...
+
     def close(self, key: Key, now: float) -> None: ...
 
     def collect(self) -> dict[str, bytes]: ...
 
     def load(self) -> dict[str, Any]: ...
 
-    def session_info(self, key: Key) -> dict[str, Any]: ...
+    def session_info(self, key: Key, digest: bool = True) -> dict[str, Any]: ...
 
     def session_table(self, key: Key, family: str) -> list[tuple[str, str | None, str]]: ...
 
@@ -127,6 +129,9 @@ class ProcessBackend:
     def take_snapshots(self) -> dict[Key, tuple[SeqState, bytes]]:
         return self.host.take_snapshots()
 
+    def snapshots_waiting(self) -> bool:
+        return self.host.has_snapshots()
+
     def close(self, key: Key, now: float) -> None:
         self.host.close(key, now)
 
@@ -138,8 +143,8 @@ class ProcessBackend:
         load["latency_ns"], self.host.counters.latency_ns = self.host.counters.latency_ns, []
         return load
 
-    def session_info(self, key: Key) -> dict[str, Any]:
-        return self.host.session_info(key)
+    def session_info(self, key: Key, digest: bool = True) -> dict[str, Any]:
+        return self.host.session_info(key, digest)
 
     def session_table(self, key: Key, family: str) -> list[tuple[str, str | None, str]]:
         return self.host.session_table(key, family)

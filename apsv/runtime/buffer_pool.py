@@ -4,12 +4,12 @@ The sending side (the agent, or the replay driver) writes frames straight into a
 from the pool - for a socket, `recv_into` the buffer's free space - and hands the filled buffer
 to the cluster. Two transports, one pool:
 
-* **shared memory** (the default when the multiplexer runs on the sender's node): the pool's
-  arena is a POSIX shared-memory segment. The multiplexer and the stack instances map it and read
-  the frames where the sender wrote them: no copy at all between the sender's buffer and the
-  stack decoder, and no object-store round trip per batch (which costs more than the frames).
-* **object store** (a sender on another node): the filled buffer goes into the Ray object store
-  with one copy, and is read in place (read-only, zero-copy) from there on.
+* **shared memory** (to stack instances on the sender's node): the pool's arena is a POSIX
+  shared-memory segment. The instances map it and read the frames where the sender wrote them:
+  no copy at all between the sender's buffer and the stack decoder, and no object-store round
+  trip per batch (which costs more than the frames).
+* **object store** (to instances on other nodes): the part of a buffer bound there goes into the
+  Ray object store with one copy, and is read in place (read-only, zero-copy) from there on.
 
 A buffer returns to the pool when the cluster has applied its frames, so the pool bounds the
 payload bytes a sender can have in flight.
@@ -54,21 +54,23 @@ class PoolStats:
 class Buffer:
     """One slot of the pool: frames are appended until it is full."""
 
-    __slots__ = ("array", "frames", "index", "offsets", "used")
+    __slots__ = ("array", "cap", "frames", "index", "mv", "offsets", "used")
 
     def __init__(self, index: int, array: np.ndarray[Any, np.dtype[np.uint8]]) -> None:
         self.index = index
         self.array = array
+        self.mv = array.data  # written through directly by a client's hot path
+        self.cap = int(array.shape[0])
         self.used = 0
         self.frames = 0
-        self.offsets: list[int] = []  # where each frame starts: sent along, so no one rescans
+        self.offsets: list[int] = []  # where each frame starts (`append` keeps it; a client routes its own)
 
     @property
     def capacity(self) -> int:
-        return int(self.array.shape[0])
+        return self.cap
 
     def room(self) -> int:
-        return self.capacity - self.used
+        return self.cap - self.used
 
     def append(
         self,
@@ -85,9 +87,9 @@ class Buffer:
         """Write one frame; False if it does not fit (the caller sends this buffer and takes another)."""
         n = len(payload)
         end = self.used + HEADER_LEN + n
-        if end > self.capacity:
+        if end > self.cap:
             return False
-        mv = self.array.data
+        mv = self.mv
         HEADER.pack_into(
             mv,
             self.used,
@@ -115,9 +117,9 @@ class Buffer:
         """Copy a whole frame in (a re-send from custody), addressed to `epoch`; False if it
         does not fit."""
         end = self.used + len(frame)
-        if end > self.capacity:
+        if end > self.cap:
             return False
-        mv = self.array.data
+        mv = self.mv
         mv[self.used : end] = frame
         _EPOCH.pack_into(mv, self.used + 52, epoch)
         self.offsets.append(self.used)

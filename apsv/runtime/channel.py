@@ -11,13 +11,15 @@ A message on a stream: u32 length (of what follows), u8 type, body. Integers are
 order. A session key is tenant u32, vrouter u32, protocol u16, session u64.
 
     HELLO    1  u16 version | str client | 32 credential | str segment ("" if none)
-    BATCH    2  u64 batch | u32 start | u32 length | u32 frames | u16 snapshot requests |
-                key * requests | u32 offset * frames (relative to start)
+    BATCH    2  u64 batch | u32 start | u32 length | u32 frames | u32 snapshot requests |
+                key * requests | offset * frames (u32 little-endian, relative to start: the one
+                array both ends handle as machine words, with no per-offset conversion)
     RESTORE  3  u64 request | key | u32 epoch | u8 emit events | u8 has snapshot | seq state |
                 u32 n | snapshot blob, or the session's configuration (JSON) when it has none
     WELCOME 64  str instance | u32 window (octets in flight allowed on this connection)
-    REPLY   65  u64 batch | u16 refusals | u16 snapshots | refusal * | snapshot * | u32 n | output
-    OUTPUT  66  u16 snapshots | snapshot * | u32 n | output      (not tied to a batch)
+    REPLY   65  u64 batch | u32 refusals | u32 snapshots | refusal * | snapshot * | u32 n | output
+    OUTPUT  66  u32 snapshots | snapshot * | u32 n | output      (not tied to a batch, or a part
+                of the next REPLY's: see `reply_messages`)
     RESTORED 67 u64 request | key | str error ("" when restored)
     ERROR  127  str reason                                          (then the instance closes)
 
@@ -31,15 +33,20 @@ from __future__ import annotations
 
 import json
 import struct
+import sys
+from array import array
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
 from apsv.errors import DecodeError
+from apsv.frame import HEADER_LEN
 from apsv.runtime.host import GAP, MOVED, PENDING, STALE, UNKNOWN, Key, SeqState
 
 VERSION: Final = 1
 MAX_MESSAGE: Final = 256 << 20  # a restore of a large RIB is the biggest thing on the channel
+PART_BYTES: Final = 64 << 20  # a reply carrying more goes as several messages (`reply_messages`)
+MAX_REFUSALS: Final = 1 << 20  # refusals in one REPLY (each at most ~300 octets)
 
 HELLO, BATCH, RESTORE = 1, 2, 3
 WELCOME, REPLY, OUTPUT, RESTORED, ERROR = 64, 65, 66, 67, 127
@@ -57,10 +64,11 @@ _KEY = struct.Struct("!IIHQ")
 _SEQ = struct.Struct("!QQQQ")
 _U16 = struct.Struct("!H")
 _U32 = struct.Struct("!I")
-_BATCH = struct.Struct("!BQIIIH")
-_REPLY = struct.Struct("!BQHH")
+_BATCH = struct.Struct("!BQIIII")
+_REPLY = struct.Struct("!BQII")
 _REFUSAL = struct.Struct("!BQI")
 _RESTORE = struct.Struct("!BQ")
+_FRAME_LEN = struct.Struct("!I")  # a frame's payload length, at offset 48 of its header
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,9 +105,15 @@ def _str(s: str) -> bytes:
 
 
 def _frame(body: bytes | bytearray) -> bytes:
-    if len(body) > MAX_MESSAGE:
-        raise ValueError(f"channel message of {len(body)} octets exceeds {MAX_MESSAGE}")
-    return _LEN.pack(len(body)) + bytes(body)
+    return _frame_parts([body])
+
+
+def _frame_parts(parts: list[bytes | bytearray | memoryview]) -> bytes:
+    """One message from its parts, copied once."""
+    n = sum(len(p) for p in parts)
+    if n > MAX_MESSAGE:
+        raise ValueError(f"channel message of {n} octets exceeds {MAX_MESSAGE}")
+    return b"".join([_LEN.pack(n), *parts])
 
 
 def _snapshots(snaps: Sequence[Snapshot]) -> bytes:
@@ -120,7 +134,7 @@ def hello(client: str, credential: bytes, segment: str) -> bytes:
 
 
 def batch(batch_id: int, start: int, length: int, offsets: bytes, snapshot_keys: Sequence[Key] = ()) -> bytes:
-    """`offsets`: u32 big-endian, relative to `start`, one per frame."""
+    """`offsets`: u32 little-endian (`offsets_bytes`), relative to `start`, one per frame."""
     head = _BATCH.pack(BATCH, batch_id, start, length, len(offsets) // 4, len(snapshot_keys))
     return _frame(head + b"".join(_KEY.pack(*k) for k in snapshot_keys) + offsets)
 
@@ -152,17 +166,68 @@ def welcome(instance: str, window: int) -> bytes:
 
 
 def reply(r: Reply) -> bytes:
-    parts = [_REPLY.pack(REPLY, r.batch & 0xFFFFFFFFFFFFFFFF, len(r.refusals), len(r.snapshots))]
+    parts: list[bytes | bytearray | memoryview] = [
+        _REPLY.pack(REPLY, r.batch & 0xFFFFFFFFFFFFFFFF, len(r.refusals), len(r.snapshots))
+    ]
     for f in r.refusals:
         parts.append(_KEY.pack(*f.key) + _REFUSAL.pack(f.reason, f.seq, f.epoch) + _str(f.instance))
-    parts.append(_snapshots(r.snapshots))
+    if r.snapshots:
+        parts.append(_snapshots(r.snapshots))
     parts.append(_U32.pack(len(r.output)))
     parts.append(r.output)
-    return _frame(b"".join(parts))
+    return _frame_parts(parts)
 
 
 def output(out: bytes, snaps: Sequence[Snapshot] = ()) -> bytes:
-    return _frame(bytes([OUTPUT]) + _U16.pack(len(snaps)) + _snapshots(snaps) + _U32.pack(len(out)) + out)
+    return _frame_parts([bytes([OUTPUT]) + _U32.pack(len(snaps)) + _snapshots(snaps) + _U32.pack(len(out)), out])
+
+
+def reply_messages(r: Reply, limit: int = PART_BYTES) -> tuple[list[bytes], int]:
+    """A batch's reply as channel messages, each well under MAX_MESSAGE: what does not fit one
+    REPLY goes ahead of it in OUTPUT messages - the output cut at frame boundaries, snapshots
+    apart - which the client delivers in order before the REPLY completes the batch. Also the
+    number of snapshots left out, each on its own too large for the channel (the client keeps
+    the session's frames in custody, so nothing is lost but a shorter restore)."""
+    if len(r.output) + sum(len(s.blob) for s in r.snapshots) + 64 * len(r.refusals) <= limit:
+        return [reply(r)], 0
+    msgs: list[bytes] = []
+    dropped = 0
+    for s in r.snapshots:
+        if len(s.blob) > MAX_MESSAGE - 4096:
+            dropped += 1
+        else:
+            msgs.append(output(b"", [s]))
+    parts = _cut_frames(r.output, limit)
+    for part in parts[:-1]:
+        msgs.append(output(part))
+    refusals = r.refusals
+    while len(refusals) > MAX_REFUSALS:  # (only a batch of millions of sessions' frames)
+        msgs.append(reply(Reply(r.batch, b"", refusals[:MAX_REFUSALS])))
+        refusals = refusals[MAX_REFUSALS:]
+    msgs.append(reply(Reply(r.batch, parts[-1] if parts else b"", refusals)))
+    return msgs, dropped
+
+
+def output_messages(out: bytes) -> list[bytes]:
+    """Output produced outside a batch as OUTPUT messages (none for none)."""
+    return [output(part) for part in _cut_frames(out, PART_BYTES)] if out else []
+
+
+def _cut_frames(data: bytes, limit: int) -> list[bytes]:
+    """Frames back to back, cut into runs of at most `limit` octets (a frame is never split)."""
+    if len(data) <= limit:
+        return [data]
+    view = memoryview(data)
+    out: list[bytes] = []
+    start = off = 0
+    while off + HEADER_LEN <= len(data):
+        size = HEADER_LEN + _FRAME_LEN.unpack_from(data, off + 48)[0]
+        if off + size - start > limit and off > start:
+            out.append(bytes(view[start:off]))
+            start = off
+        off += size
+    out.append(bytes(view[start:]))
+    return out
 
 
 def restored(request: int, key: Key, error: str = "") -> bytes:
@@ -320,7 +385,7 @@ def decode(body: bytes | memoryview) -> Message:
         msg = Reply(bid, c.blob(), refusals, snaps)
     elif kind == OUTPUT:
         c.pos = 1
-        (nsnap,) = c.unpack(_U16)
+        (nsnap,) = c.unpack(_U32)
         snaps = c.snapshots(nsnap)
         msg = Reply(-1, c.blob(), [], snaps)
     elif kind == RESTORED:
@@ -393,10 +458,21 @@ class Reader:
         return out
 
 
-def offsets_bytes(offsets: list[int], base: int) -> bytes:
-    """Frame offsets relative to `base`, as a BATCH carries them."""
-    return struct.pack(f"!{len(offsets)}I", *[o - base for o in offsets])
+def offsets_bytes(offsets: list[int], base: int = 0) -> bytes:
+    """Frame offsets (relative to `base`) as a BATCH carries them."""
+    a = array("I", offsets if not base else [o - base for o in offsets])
+    if _SWAP:
+        a.byteswap()
+    return a.tobytes()
 
 
 def offsets_list(data: bytes) -> list[int]:
-    return list(struct.unpack(f"!{len(data) // 4}I", data))
+    a = array("I")
+    a.frombytes(data)
+    if _SWAP:
+        a.byteswap()
+    return a.tolist()
+
+
+_SWAP = sys.byteorder != "little"
+assert array("I").itemsize == 4, "this platform's unsigned int is not 32-bit"

@@ -25,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import select
-import struct
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -37,10 +36,12 @@ from ray.exceptions import GetTimeoutError, RayActorError
 from apsv.frame import HEADER_LEN, Frame, FrameKind
 from apsv.runtime import channel
 from apsv.runtime.buffer_pool import Buffer, BufferPool
+from apsv.runtime.channel import offsets_bytes
 from apsv.runtime.custody import Custody
-from apsv.runtime.delivery import DeliveryStats, OutputOrder
+from apsv.runtime.delivery import OutputOrder
 from apsv.runtime.host import GAP, MOVED, PENDING, STALE, Key
 from apsv.runtime.links import RAY_WINDOW, Link, LinkDown, RayLink, Sent, ShmLink
+from apsv.runtime.outbox import Outbox, Session
 from apsv.runtime.routefeed import RouteFeed
 from apsv.runtime.telemetry import ClientMetrics
 
@@ -51,10 +52,15 @@ MUX_TIMEOUT_S = 30.0  # how long opening (or closing) sessions waits for the mul
 DRAIN_TIMEOUT_S = 300.0
 RELOCATE_AFTER_S = 0.05  # a session with no usable route asks the multiplexer again after this
 POLL_EVERY_S = 0.0001  # service() looks for replies at most this often
+_NO_BUFFER = memoryview(b"")
 
 
 @dataclass
-class ClientStats(DeliveryStats):
+class ClientStats:
+    outputs: int = 0  # output frames handed over (counted by the client's OutputOrder)
+    repeated_outputs: int = 0  # regenerated after a restore and dropped
+    reordered_outputs: int = 0  # arrived before an earlier one of their session, held until it came
+    output_gaps: int = 0  # output frames given up on (too many waiting for an earlier one)
     frames_sent: int = 0
     payload_bytes: int = 0
     batches: int = 0
@@ -67,49 +73,8 @@ class ClientStats(DeliveryStats):
     relocations: int = 0  # sessions whose route the multiplexer was asked for
     links_lost: int = 0  # instances whose connection broke (died, or closed it)
     custody_waits: int = 0  # sends held back until snapshots freed custody
-
-
-class Session:
-    """What the client knows of one session."""
-
-    __slots__ = (
-        "buf",
-        "config",
-        "emit",
-        "epoch",
-        "first",
-        "hold",
-        "key",
-        "link",
-        "located",
-        "octets",
-        "opened",
-        "protocol",
-        "resend_from",
-        "resend_mark",
-        "resent_from",
-        "restored",
-        "restoring",
-        "seq",
-    )
-
-    def __init__(self, key: Key, protocol: str, config: dict[str, Any], emit: int) -> None:
-        self.key = key
-        self.protocol, self.config, self.emit = protocol, config, emit
-        self.seq = 0  # last sequence number given
-        self.epoch = 0
-        self.link: Link | None = None  # where its frames go; None: held until a route comes
-        self.hold = True
-        self.resend_from = 0  # frames from here on are to be sent again once routed (0: none)
-        self.resent_from = 0
-        self.resend_mark = -1
-        self.restoring = 0  # request id of a restore in flight
-        self.restored = 0  # the epoch it was last restored at (from custody)
-        self.located = 0.0  # when the multiplexer was last asked where it is
-        self.opened = time.monotonic()
-        self.buf: Buffer | None = None  # the pool buffer its latest frames are in
-        self.first = 0  # its first sequence number in that buffer
-        self.octets = 0  # its octets in that buffer
+    longest_reply_gap_s: float = 0.0  # the longest wait for any reply while batches were out
+    custody_copy_bytes: int = 0  # batches copied into custody (off the path to the decoder)
 
 
 class OffloadClient:
@@ -126,10 +91,13 @@ class OffloadClient:
         transport: str | None = None,
         custody: Custody | None = None,
         registration: dict[str, Any] | None = None,
+        record_latency: bool = False,
     ) -> None:
         """`transport`: "shm" or "object_store" to force one (default: shared memory with
         instances on this node, the object store with the others). `registration`: the
-        multiplexer's answer to `register_client`, if the caller awaited it (`connect`)."""
+        multiplexer's answer to `register_client`, if the caller awaited it (`connect`).
+        `record_latency`: keep each output frame's round trip (its input's receive stamp to its
+        arrival here) in `order.latencies`, for whoever reads them (`take_latencies`)."""
         self.im = multiplexer
         if transport not in (None, "shm", "object_store"):
             raise ValueError(f"transport must be shm or object_store, not {transport!r}")
@@ -143,7 +111,7 @@ class OffloadClient:
         self.force = transport if transport is not None else (None if pool.shm_name else "object_store")
         self.max_inflight = max(1, min(max_inflight, self.pool.slots))
         self.stats = ClientStats()
-        self.order = OutputOrder(on_output, self.stats)
+        self.order = OutputOrder(on_output, record_latency)
         self.custody = custody or Custody()
         self.sessions: dict[Key, Session] = {}
         self.links: dict[str, Link] = {}
@@ -152,15 +120,15 @@ class OffloadClient:
         self.max_batch_delay_s = max_batch_delay_s
         self.eager_inflight = eager_inflight
         self.batch_latencies: list[float] = []  # seconds from send to reply, per batch part
-        self._buf: Buffer | None = None
-        self._parts: dict[Link, list[Any]] = {}  # the current buffer's frames by link: [offsets, octets]
-        self._touched: list[Session] = []
+        self._buf: Buffer | None = None  # the buffer being filled (`outbox` writes into it)
+        self.outbox = Outbox()
         self._open_parts: dict[int, int] = {}  # pool buffer index -> its parts not yet answered
         self._buffers_out = 0
         self._batch_ids = 0
         self._mark = 0
         self._batch_started = 0.0
         self._last_poll = 0.0
+        self._last_reply = time.perf_counter()
         self._resends: dict[Key, Session] = {}
         self._locating: dict[Key, Session] = {}
         self._control: list[tuple[str, Any]] = []  # multiplexer calls whose answers matter
@@ -168,8 +136,10 @@ class OffloadClient:
         # Frames offered per protocol id: handed to this client to send, sent yet or not. Reported
         # to the multiplexer as Ray Serve's handles report queued requests, so the VPSM sees the
         # demand even while backpressure holds it here.
-        self.offered: dict[int, int] = {}
-        self._offered_reported: dict[int, int] = {}
+        self._waiting_offers: dict[int, int] = {}  # offered (`offer`) and not yet sent, per protocol id
+        self._closed_offers: dict[int, int] = {}  # sent by sessions closed since
+        self._offered_reported: dict[str, int] = {}
+        self._protocols: dict[int, str] = {}  # protocol id -> name, of the sessions opened
         self._report_ref: Any = None
         self._last_report = 0.0
         self._last_metrics = 0.0
@@ -224,6 +194,7 @@ class OffloadClient:
             s = self.sessions.get(key)
             if s is None:
                 s = self.sessions[key] = Session(key, protocol, dict(config), int(emit))
+                self._protocols[key[2]] = protocol
                 self.custody.add(key)
             iid, epoch, state = answer["routes"][key]
             self._route(s, iid, epoch, state)
@@ -237,7 +208,9 @@ class OffloadClient:
             self._forget(k)
 
     def _forget(self, key: Key) -> None:
-        self.sessions.pop(key, None)
+        s = self.sessions.pop(key, None)
+        if s is not None:  # its frames stay counted as offered (the sums never go back)
+            self._closed_offers[key[2]] = self._closed_offers.get(key[2], 0) + s.seq
         self.custody.remove(key)
         self._resends.pop(key, None)
         self._locating.pop(key, None)
@@ -275,6 +248,7 @@ class OffloadClient:
             self._locating[s.key] = s
             return
         s.epoch, s.link = epoch, link
+        s.part_of = None  # (its next frames go by the new route)
         self._locating.pop(s.key, None)
         if state == "pending" and s.restored != epoch:
             if not s.restoring:
@@ -290,6 +264,7 @@ class OffloadClient:
             s.hold = True
             s.resend_from = min(s.resend_from or s.seq + 1, s.seq + 1)
         s.link = None
+        s.part_of = None  # (its next frames are held)
 
     def _restore(self, s: Session) -> None:
         """Restore the session on its (new) instance from custody, then re-send what followed."""
@@ -298,6 +273,7 @@ class OffloadClient:
         self._restore_ids += 1
         s.restoring = self._restore_ids
         s.hold = True
+        s.part_of = None  # (its next frames are held)
         s.resend_from = after
         self.stats.restores += 1
         s.link.send_restore(channel.restore(s.restoring, s.key, s.epoch, s.emit, snapshot, s.config))
@@ -307,7 +283,18 @@ class OffloadClient:
     def offer(self, key: Key, n: int = 1) -> None:
         """Count frames of a session that arrived and wait on the sender's side (a caller that
         holds them back while `can_send` is False); `send` them later with `offered=True`."""
-        self.offered[key[2]] = self.offered.get(key[2], 0) + n
+        self._waiting_offers[key[2]] = self._waiting_offers.get(key[2], 0) + n
+
+    @property
+    def offered(self) -> dict[int, int]:
+        """Frames offered so far per protocol id: sent (numbered, by sessions open or closed), and
+        waiting on the sender's side."""
+        out = dict(self._waiting_offers)
+        for pid, n in self._closed_offers.items():
+            out[pid] = out.get(pid, 0) + n
+        for k, s in self.sessions.items():
+            out[k[2]] = out.get(k[2], 0) + s.seq
+        return out
 
     def can_send(self, payload_len: int, key: Key | None = None) -> bool:
         """Whether `send` of a payload this long returns without waiting for the cluster (and,
@@ -318,12 +305,12 @@ class OffloadClient:
             s = self.sessions.get(key)
             if s is not None and s.link is not None and s.link.backlog:
                 return False  # its instance is at its window: stop reading this session's socket
-        buf = self._buf
-        if buf is not None and buf.room() >= HEADER_LEN + payload_len:
+        ob = self.outbox
+        if self._buf is not None and ob.cap - ob.used >= HEADER_LEN + payload_len:
             return True
-        if buf is not None and buf.frames and self._buffers_out >= self.max_inflight:
+        if self._buf is not None and ob.frames and self._buffers_out >= self.max_inflight:
             return False  # the full buffer would have to be sent first
-        return self.pool.in_use() < self.pool.slots or (buf is not None and not buf.frames)
+        return self.pool.in_use() < self.pool.slots or (self._buf is not None and not ob.frames)
 
     def send(
         self,
@@ -333,47 +320,32 @@ class OffloadClient:
         rx_ns: int = 0,
         offered: bool = False,
     ) -> None:
+        """Write one frame of a session into the pool; it goes with the buffer (`flush`, or
+        `service` in latency mode). The per-frame work is the frame itself (`Outbox.write`):
+        counters are taken per batch."""
         s = self.sessions.get(key)
         if s is None:
             raise KeyError(f"session {key} is not open on this client")
         if self._resends:
             self._resend()
-        if not offered:
-            self.offered[key[2]] = self.offered.get(key[2], 0) + 1
-        seq = s.seq + 1
-        s.seq = seq
-        n = len(payload)
-        buf = self._buf
-        if buf is None:
-            buf = self._take_buffer()
-        off = buf.used
-        if not buf.append(kind, key[2], key[0], key[1], key[3], seq, rx_ns or time.time_ns(), payload, s.epoch):
-            if buf.frames == 0:
-                s.seq -= 1
-                raise ValueError(f"a frame of {n} octets does not fit a {self.pool.slot_bytes}-octet buffer")
-            self.flush()
-            buf = self._take_buffer()
-            off = 0
-            buf.append(kind, key[2], key[0], key[1], key[3], seq, rx_ns or time.time_ns(), payload, s.epoch)
-        if buf.frames == 1:
+        if offered:
+            self._waiting_offers[key[2]] -= 1
+        off = self.outbox.write(s, kind, payload, rx_ns)
+        if off < 0:
+            self._next_buffer(HEADER_LEN + len(payload))
+            off = self.outbox.write(s, kind, payload, rx_ns)
+        if off == 0:
             self._batch_started = time.perf_counter()
-        if s.buf is not buf:
-            s.buf, s.first, s.octets = buf, seq, 0
-            self._touched.append(s)
-        s.octets += HEADER_LEN + n
-        link = s.link
-        if link is not None and not s.hold:
-            part = self._parts.get(link)
-            if part is None:
-                self._parts[link] = [[off], HEADER_LEN + n]
-            else:
-                part[0].append(off)
-                part[1] += HEADER_LEN + n
-        st = self.stats
-        st.frames_sent += 1
-        st.payload_bytes += n
-        if self.max_batch_delay_s is not None:
-            self.service()
+
+    def _next_buffer(self, size: int) -> Buffer:
+        """A buffer with room for a frame of `size` octets (the current one sent if it has frames)."""
+        if size > self.pool.slot_bytes:
+            raise ValueError(
+                f"a frame of {size - HEADER_LEN} octets does not fit a {self.pool.slot_bytes}-octet buffer"
+            )
+        if self._buf is not None:
+            self.flush()
+        return self._take_buffer()
 
     def _take_buffer(self) -> Buffer:
         # With every buffer in flight, the only way to get one back is to wait for replies:
@@ -385,8 +357,9 @@ class OffloadClient:
             else:
                 self.stats.inflight_waits += 1
             self.pump(1.0)  # (not wait(): no resend may start a buffer while this takes one)
-        self._buf = self.pool.acquire()
-        return self._buf
+        buf = self._buf = self.pool.acquire()
+        self.outbox.start(buf, buf.mv, buf.cap)
+        return buf
 
     def flush(self) -> None:
         """Send the current buffer (if it holds anything): one batch to each instance with frames in it."""
@@ -394,20 +367,33 @@ class OffloadClient:
         buf, self._buf = self._buf, None
         if buf is None:
             return
+        ob = self.outbox
+        buf.used, buf.frames = ob.used, ob.frames
+        touched, offsets_by_link = ob.touched, ob.parts
+        ob.start(None, _NO_BUFFER, 0)
         if buf.frames == 0:
             self.pool.release(buf)
             return
         # The custody copy: what a resend or a restore elsewhere would take (off the decoder's path).
-        touched, self._touched = self._touched, []
         self.custody.retain(bytes(buf.array[: buf.used]), [(s.key, s.first, s.seq, s.octets) for s in touched])
+        st = self.stats
+        st.custody_copy_bytes += buf.used
+        st.frames_sent += buf.frames
+        st.payload_bytes += buf.used - HEADER_LEN * buf.frames
+        per_link: dict[Link, int] = {}  # (octets to each link: what its window counts)
+        firsts: dict[Link, list[tuple[Key, int]]] = {}  # (where each session's frames begin)
         for s in touched:
-            s.buf = None
-        parts, self._parts = self._parts, {}
+            part_link = s.link if s.part is not None else None
+            s.buf = s.part_of = s.part = None
+            if part_link is not None:
+                per_link[part_link] = per_link.get(part_link, 0) + s.octets
+                firsts.setdefault(part_link, []).append((s.key, s.first))
         wanted = self._ask_snapshots()
         for k in wanted:
             ws = self.sessions.get(k)
-            if ws is not None and ws.link is not None and not ws.hold and ws.link not in parts:
-                parts[ws.link] = [[], 0]
+            if ws is not None and ws.link is not None and not ws.hold:
+                offsets_by_link.setdefault(ws.link, [])
+        parts = {link: (offs, per_link.get(link, 0)) for link, offs in offsets_by_link.items()}
         now = time.perf_counter()
         start = buf.index * self.pool.slot_bytes
         data_ref = None
@@ -424,14 +410,16 @@ class OffloadClient:
                     data_ref = ray.put(buf.filled())
                     self.stats.payload_copies += buf.frames
             self._batch_ids += 1
-            sent = Sent(self._batch_ids, buf, octets, len(offsets), now, self._mark)
+            sent = Sent(self._batch_ids, buf, octets, len(offsets), now, self._mark, firsts.get(link, []))
             waits = link.window_waits
-            link.send(sent, base, buf.used, struct.pack(f"!{len(offsets)}I", *offsets), keys, data_ref)
+            link.send(sent, base, buf.used, offsets_bytes(offsets), keys, data_ref)
             self.stats.window_waits += link.window_waits - waits
             n += 1
         self._mark += 1
         self.stats.batches += 1
         if n:
+            if not self._buffers_out:
+                self._last_reply = now  # (idle time is no gap)
             self._open_parts[buf.index] = n
             self._buffers_out += 1
         else:
@@ -450,7 +438,7 @@ class OffloadClient:
                 by_link.setdefault(s.link, []).append(k)
         for link, ks in by_link.items():
             self._batch_ids += 1
-            link.send(Sent(self._batch_ids, None, 0, 0, time.perf_counter(), self._mark), 0, 0, b"", ks, None)
+            link.send(Sent(self._batch_ids, None, 0, 0, time.perf_counter(), self._mark, []), 0, 0, b"", ks, None)
 
     def _ask_snapshots(self, force: bool = False) -> list[Key]:
         c = self.custody
@@ -461,7 +449,9 @@ class OffloadClient:
     # -- replies -------------------------------------------------------------------------------
 
     def service(self) -> None:
-        """Take in what arrived and send the buffer if it should go now, without blocking.
+        """Take in what arrived and send the buffer if it should go now, without blocking. A
+        sender in latency mode calls it after each burst of `send`s (an agent: each turn of its
+        loop), and `wait`s for replies when it has nothing to send.
 
         With a batch delay set, a buffer goes as soon as fewer than `eager_inflight` batches are
         in flight (Nagle's rule: while the cluster works on a batch the next one fills, so light
@@ -475,11 +465,9 @@ class OffloadClient:
             self.pump(0.0)
         if self._resends:
             self._resend()
-        buf = self._buf
         if (
             self.max_batch_delay_s is not None
-            and buf is not None
-            and buf.frames
+            and self.outbox.frames
             and (
                 self._buffers_out < self.eager_inflight
                 or (now - self._batch_started >= self.max_batch_delay_s and self._buffers_out < self.max_inflight)
@@ -525,7 +513,9 @@ class OffloadClient:
             else:
                 self._read(r)
         for link in list(self.links.values()):
-            if isinstance(link, RayLink) and link.calls and not link.down:
+            if link.down:  # (a send failed on it: it is gone)
+                self._link_lost(link, "sending failed")
+            elif isinstance(link, RayLink) and link.calls:
                 self._read(link)
         if self._control:
             self._check_control()
@@ -548,14 +538,22 @@ class OffloadClient:
         if isinstance(msg, channel.Reply):
             mark = self._mark
             if msg.batch >= 0:
+                now = time.perf_counter()
+                if self._buffers_out:
+                    self.stats.longest_reply_gap_s = max(self.stats.longest_reply_gap_s, now - self._last_reply)
+                self._last_reply = now
                 sent = link.answered(msg.batch)
                 if sent is not None:
                     mark = sent.mark
                     if sent.buffer is not None:
-                        self.batch_latencies.append(time.perf_counter() - sent.t0)
+                        self.batch_latencies.append(now - sent.t0)
                         self._part_done(sent.buffer)
             if msg.output:
-                self.order.deliver(msg.output)
+                o = self.order
+                o.deliver(msg.output, time.time_ns())
+                st = self.stats
+                st.outputs, st.repeated_outputs = o.outputs, o.repeated_outputs
+                st.reordered_outputs, st.output_gaps = o.reordered_outputs, o.output_gaps
             for snap in msg.snapshots:
                 self.custody.snapshot(snap.key, snap.seq, snap.blob)
             for r in msg.refusals:
@@ -572,6 +570,7 @@ class OffloadClient:
                 s.located = 0.0
             else:
                 s.hold = False
+                s.part_of = None  # (its next frames go by the new route)
                 s.restored = s.epoch
                 self._resends[s.key] = s
         elif isinstance(msg, str):
@@ -605,14 +604,17 @@ class OffloadClient:
                     self._locating[s.key] = s
                     return
                 s.epoch, s.link = r.epoch, target
+                s.part_of = None  # (its next frames go by the new route)
             elif r.reason in (STALE, PENDING):
                 s.epoch, s.link = r.epoch, link
+                s.part_of = None  # (its next frames go by the new route)
                 if r.reason == PENDING and not s.restoring:
                     self._restore(s)
                     return
             self._locating.pop(s.key, None)
             if s.hold and not s.restoring:
                 s.hold = False
+                s.part_of = None  # (its next frames go by the new route)
         elif link is s.link and not s.hold:
             # from the route held now: it has a gap (re-send), or it is waiting for the session's
             # restore, or does not have it at all (ask the multiplexer where it is)
@@ -645,39 +647,37 @@ class OffloadClient:
         self.flush()
 
     def _append_copy(self, s: Session, frame: memoryview) -> None:
-        buf = self._buf or self._take_buffer()
-        off = buf.used
-        if not buf.append_frame(frame, s.epoch):
-            self.flush()
-            buf = self._take_buffer()
-            off = 0
-            buf.append_frame(frame, s.epoch)
         assert s.link is not None
-        part = self._parts.get(s.link)
-        if part is None:
-            self._parts[s.link] = [[off], len(frame)]
-        else:
-            part[0].append(off)
-            part[1] += len(frame)
+        if self._buf is None:
+            self._take_buffer()
+        if self.outbox.copy(s, frame, s.epoch) < 0:
+            self.flush()
+            self._take_buffer()
+            self.outbox.copy(s, frame, s.epoch)
         self.stats.frames_resent += 1
 
     def _link_lost(self, link: Link, why: str) -> None:
-        """An instance is gone (or shut this client out): its batches' frames are in custody; its
-        sessions wait for their new home (the multiplexer is told) and are restored there."""
+        """An instance is gone (or shut this client out). Its answered batches were applied or
+        refused there; the others go again, from custody, by their sessions' routes (those
+        still routed there wait for their new home - the multiplexer is told - and are restored
+        there if the instance died)."""
         if self.links.get(link.instance_id) is link:
             del self.links[link.instance_id]
         link.close()
         for sent in link.abandon():
             if sent.buffer is not None:
                 self._part_done(sent.buffer)
+            for key, first in sent.firsts:
+                s = self.sessions.get(key)
+                if s is not None:
+                    s.resend_from = min(s.resend_from or first, first)
+                    if s.link is not None and s.link is not link and not s.hold:
+                        self._resends[key] = s
         self.stats.links_lost += 1
         log.info("link to %s lost: %s", link.instance_id, why)
         for s in self.sessions.values():
             if s.link is link:
-                # what it had not applied is unknown: everything in custody goes again (the
-                # instance drops what it has), or with the session's restore elsewhere
                 self._hold(s)
-                s.resend_from = self.custody.restore_point(s.key)[1]
                 self._locating[s.key] = s
                 s.located = 0.0
         self._control.append(
@@ -764,12 +764,18 @@ class OffloadClient:
             if len(self.batch_latencies) > 100_000:
                 del self.batch_latencies[:50_000]
             self._latencies_exported = len(self.batch_latencies)
-        if not wait and (now - self._last_report < REPORT_EVERY_S or self.offered == self._offered_reported):
+        if not wait and now - self._last_report < REPORT_EVERY_S:
             return
         if self._report_ref is not None and not wait and not ray.wait([self._report_ref], timeout=0)[0]:
             return
         self._last_report = now
-        self._offered_reported = dict(self.offered)
+        offered: dict[str, int] = {}
+        for pid, n in self.offered.items():
+            name = self._protocols.get(pid, str(pid))
+            offered[name] = offered.get(name, 0) + n
+        if offered == self._offered_reported and not wait:
+            return
+        self._offered_reported = offered
         self._report_ref = self.im.report_offered.remote(self.client_id, self.credential, self._offered_reported)
         if wait:
             try:
@@ -779,14 +785,13 @@ class OffloadClient:
 
     # -- waiting for the cluster ---------------------------------------------------------------
 
-    @property
-    def pending_buffer(self) -> Buffer | None:
-        """The buffer frames are being written into (not yet sent)."""
-        return self._buf
+    def pending_room(self) -> int:
+        """Octets left in the buffer frames are being written into (0: none taken)."""
+        return self.outbox.cap - self.outbox.used
 
     @property
     def pending_frames(self) -> int:
-        return 0 if self._buf is None else self._buf.frames
+        return self.outbox.frames
 
     @property
     def inflight(self) -> int:
@@ -813,7 +818,7 @@ class OffloadClient:
                     f"{held} sessions without a usable route"
                 )
             self.wait(0.05)
-            if self._buf is not None and self._buf.frames:
+            if self.outbox.frames:
                 self.flush()
         self.poll()
 
@@ -848,6 +853,14 @@ class OffloadClient:
         if len(kinds) == 1:
             return kinds.pop()
         return "mixed" if kinds else ("object_store" if self.force == "object_store" else "shm")
+
+    def take_latencies(self) -> list[int]:
+        """Round trips (ns) recorded since the last call (`record_latency`)."""
+        lat = self.order.latencies
+        if lat is None:
+            return []
+        self.order.latencies = []
+        return lat
 
     def last_seq(self, key: Key) -> int:
         s = self.sessions.get(key)

@@ -7,8 +7,11 @@ keeps Ray's token authentication on (Ray's default).
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +23,27 @@ from apsv.runtime.vpsm import VPSM_NAME, ProtocolPlan, create_vpsm
 
 NAMESPACE = "apsv"
 MULTIPLEXER_NAME = "apsv-multiplexer"
+
+
+@contextlib.contextmanager
+def stdout_for_one_object(enabled: bool = True) -> Iterator[None]:
+    """For a command whose stdout is one JSON object: Ray's driver prints the cluster's error
+    messages ("(raylet) ... will be retried", an actor's death) to `sys.stdout` from a thread of
+    its own, whatever `log_to_driver` says. Inside this, `sys.stdout` is stderr; on the way out
+    a Ray connection made inside is shut down (no thread left to print) and stdout is the
+    object's alone again. A connection made before (a caller's) is left to its caller."""
+    if not enabled:
+        yield
+        return
+    connected_before = ray.is_initialized()
+    real = sys.stdout
+    sys.stdout = sys.stderr
+    try:
+        yield
+    finally:
+        if not connected_before and ray.is_initialized():
+            ray.shutdown()
+        sys.stdout = real
 
 
 def start_local_ray(

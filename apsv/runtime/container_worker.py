@@ -100,8 +100,6 @@ def handle(host: SessionHost, op: str, meta: dict[str, Any], blobs: list[bytes])
     if op == "depart":
         host.depart(_key(meta["key"]), str(meta["moved_to"]), int(meta["epoch"]))
         return {}, []
-    if op == "take_snapshots":
-        return _snaps(host.take_snapshots())
     if op == "close":
         host.close(_key(meta["key"]), now)
         return {}, []
@@ -116,7 +114,7 @@ def handle(host: SessionHost, op: str, meta: dict[str, Any], blobs: list[bytes])
     if op == "session_table":
         return {"rows": host.session_table(_key(meta["key"]), str(meta["family"]))}, []
     if op == "session_info":
-        return host.session_info(_key(meta["key"])), []
+        return host.session_info(_key(meta["key"]), bool(meta.get("digest", True))), []
     if op == "sessions_report":
         return {
             "sessions": [[list(k), owner, epoch, pending] for k, owner, epoch, pending in host.sessions_report()]

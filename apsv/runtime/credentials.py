@@ -3,8 +3,8 @@
 The multiplexer names every client (`register_client`) and hands it a credential, the HMAC of
 its name under the deployment's key. A client opens each data-plane connection (or makes each
 cross-node call) with both; an instance checks the pair and from then on applies frames only to
-the sessions that client owns. A client cannot claim another's name without its credential, so
-the tenant check that used to sit in the multiplexer is as strong at the instances.
+the sessions that client owns. A client cannot claim another's name without its credential: tenants
+stay apart at the instances, where their frames go.
 
 The key is made once per deployment and kept in Ray's internal key-value store (the GCS), so a
 restarted multiplexer issues the same credentials and instances started later can check them.

@@ -55,6 +55,7 @@ class DataPlaneCounters:
     batches: int = 0
     bad_messages: int = 0
     waiting_dropped: int = 0  # output for an absent client over MAX_WAITING_BYTES
+    snapshots_dropped: int = 0  # one session's snapshot too large for the channel (frames kept instead)
 
 
 @dataclass
@@ -205,9 +206,9 @@ class DataPlaneServer:
             for conn in busy:
                 if conn.sock in self._conns and conn.inbox:
                     msg = conn.inbox.popleft()
-                    if isinstance(msg, channel.Batch):
-                        self.queued_frames -= len(msg.offsets) // 4
                     self._handle(conn, msg)
+                    if isinstance(msg, channel.Batch):  # applied now (counted until then)
+                        self.queued_frames -= len(msg.offsets) // 4
             busy = [c for c in self._conns.values() if c.inbox]
 
     def _accept(self) -> None:
@@ -270,7 +271,10 @@ class DataPlaneServer:
             finally:
                 del view
             reply.batch = msg.batch
-            self._write(conn, channel.reply(reply))
+            msgs, dropped = channel.reply_messages(reply)
+            self.c.snapshots_dropped += dropped
+            for m in msgs:
+                self._write(conn, m)
         elif isinstance(msg, channel.Restore):
             err = self.handler.dp_restore(conn.client, msg)
             self._write(conn, channel.restored(msg.request, msg.key, err))

@@ -385,10 +385,12 @@ class DockerBackend:
         meta, blobs = self._call("snapshot", {"key": list(key)})
         return blobs[0], _seq(meta["seq"])
 
+    def snapshots_waiting(self) -> bool:
+        return bool(self._snapshots)
+
     def take_snapshots(self) -> dict[Key, tuple[SeqState, bytes]]:
-        meta, blobs = self._call("take_snapshots")
+        """Those a process() brought back (the container takes them there: nothing else makes any)."""
         snaps, self._snapshots = self._snapshots, {}
-        snaps.update(_snapshots(meta, blobs))
         return snaps
 
     def close(self, key: Key, now: float) -> None:
@@ -401,9 +403,9 @@ class DockerBackend:
     def load(self) -> dict[str, Any]:
         return self._call("load")[0]
 
-    def session_info(self, key: Key) -> dict[str, Any]:
+    def session_info(self, key: Key, digest: bool = True) -> dict[str, Any]:
         try:
-            return self._call("session_info", {"key": list(key)})[0]
+            return self._call("session_info", {"key": list(key), "digest": digest})[0]
         except wire.RemoteError as e:
             if str(e).startswith("KeyError"):
                 raise KeyError(key) from None

@@ -127,9 +127,12 @@ def replay(
         if speed:
             due = (ts - rec_start) / speed
             ahead = due - (time.perf_counter() - t_start)
-            if ahead > 0.002:
+            if ahead > 0.0005:
+                # nothing due before then: what was sent goes out, answers are taken in meanwhile
+                client.service()
                 client.flush()
-                time.sleep(ahead)
+                while (ahead := due - (time.perf_counter() - t_start)) > 0:
+                    client.wait(ahead)
         s = sessions[i]
         client.send(s.key, s.stream.messages[j])
         sent += 1

@@ -23,10 +23,11 @@ from __future__ import annotations
 
 import json
 import math
+import struct
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any, Final, NamedTuple
 
 from apsv.frame import HEADER, HEADER_LEN, MAGIC, VERSION, Frame, FrameKind, SessionKey, encode_frame, frame_offsets
 from apsv.stack import (
@@ -44,6 +45,24 @@ Key = tuple[int, int, int, int]  # (tenant, vrouter, protocol, session): the fra
 
 MAX_DEPARTED = 4096  # sessions remembered as moved away, per host
 MAX_UNSOLICITED_FRAMES = 100_000  # output produced outside a batch, waiting for its owner, per host
+
+# The header as read per frame (the magic as an int: no object made for it), and what is
+# looked up per frame kept where the compiled module finds it without a lookup.
+_FRAME: Final = struct.Struct("!HBBHHIIQQQQII")
+_MAGIC: Final = int.from_bytes(MAGIC, "big")
+_pack_header: Final = HEADER.pack
+_SendEvent: Final = Send
+# Frame kinds as plain ints: compared per frame, where an enum member's lookup costs.
+_DATA: Final = int(FrameKind.DATA)
+_TIMER: Final = int(FrameKind.TIMER)
+_CONNECTED: Final = int(FrameKind.CONNECTED)
+_DISCONNECTED: Final = int(FrameKind.DISCONNECTED)
+_CONTROL: Final = int(FrameKind.CONTROL)
+_EXPIRED: Final = int(FrameKind.EXPIRED)
+_SEND: Final = int(FrameKind.SEND)
+_CLOSE: Final = int(FrameKind.CLOSE)
+_OPEN: Final = int(FrameKind.OPEN)
+_TX_PROGRAM: Final = int(FrameKind.TX_PROGRAM)
 
 # Which events a session sends its virtual router (the `emit_events` of open/restore).
 EVENTS_NONE, EVENTS_ALL, EVENTS_STATE = 0, 1, 2  # state: everything but routing-table changes
@@ -71,8 +90,8 @@ class HostLimits:
 class SeqState(NamedTuple):
     """A session's sequence bookkeeping, carried with its snapshot across moves and recoveries.
 
-    (A tuple, not a dataclass: it crosses Ray and the container socket, pickled, and this
-    module is compiled.)"""
+    (A tuple, not a dataclass: it crosses Ray pickled - and the container socket as JSON -
+    and this module is compiled.)"""
 
     last_seq: int = 0  # highest inbound sequence number applied
     out_seq: int = 0  # last outbound sequence number used
@@ -111,7 +130,8 @@ class Pending:
 
 @dataclass
 class HostCounters:
-    frames_in: int = 0
+    frames_in: int = 0  # frames received, whatever became of them
+    applied: int = 0  # frames applied to their sessions
     frames_out: int = 0
     duplicates: int = 0
     gaps: int = 0
@@ -136,7 +156,8 @@ class SessionHost:
         self.sessions: dict[Key, Entry] = {}
         self.pending: dict[Key, Pending] = {}
         self.counters = HostCounters()
-        self._out: list[bytes] = []  # output of the batch being applied
+        self._out: list[bytes] = []  # output of the batch being applied: headers and payloads
+        self._out_frames = 0
         self._in_batch = False
         # output produced outside a batch (opens, closes, timers), by the owner it goes to
         self._unsolicited: dict[str, list[bytes]] = {}
@@ -277,29 +298,37 @@ class SessionHost:
         size = len(view)
         self._tx_ns = time.time_ns()
         self._out = []
+        self._out_frames = 0
         self._in_batch = True
         if offsets is None:
             offsets = frame_offsets(view)
         elif not isinstance(offsets, list):
             offsets = list(offsets)
-        unpack = HEADER.unpack_from
+        # everything the loop uses, in locals (compiled: no lookup per frame)
+        unpack = _FRAME.unpack_from
+        hl = HEADER_LEN
+        version_ok = VERSION
+        magic_ok = _MAGIC
+        time_ns = time.time_ns
+        data_kind = _DATA
         sessions = self.sessions
         c = self.counters
         lat = c.latency_ns
         refused: dict[Key, Refused] = {}
+        applied = 0
         snapshot_every = self.limits.snapshot_every
         snapshot_bytes = self.limits.snapshot_bytes
         for off in offsets:
-            if off < 0 or off + HEADER_LEN > size:
+            if off < 0 or off + hl > size:
                 c.bad_frames += 1
                 continue
             magic, version, kind, proto, _f, tenant, vrouter, sid, seq, rx, _tx, n, epoch = unpack(view, off)
-            if magic != MAGIC or version != VERSION or off + HEADER_LEN + n > size:
+            if magic != magic_ok or version != version_ok or off + hl + n > size:
                 c.bad_frames += 1
                 continue
             key = (tenant, vrouter, proto, sid)
             e = sessions.get(key)
-            c.frames_in += 1
+            c.frames_in += 1  # (live: a batch in progress shows)
             if e is None or e.owner != owner or e.epoch != epoch:
                 if key not in refused:
                     r = self._refusal(key, e, owner, seq)
@@ -319,24 +348,25 @@ class SessionHost:
                 continue
             e.last_seq = seq
             e.frames += 1
+            applied += 1
             s = e.session
             # The stack's clock is the frame's own time (when the agent received it): a session
             # restored from a snapshot and fed the same frames again then does exactly the same.
             t = rx / 1e9 if rx else now
             try:
-                if kind == FrameKind.DATA:
-                    events = s.data_received(view[off + HEADER_LEN : off + HEADER_LEN + n], t)
-                elif kind == FrameKind.TIMER:
+                if kind == data_kind:
+                    events = s.data_received(view[off + hl : off + hl + n], t)
+                elif kind == _TIMER:
                     events = s.on_timer(t)
-                elif kind == FrameKind.CONNECTED:
+                elif kind == _CONNECTED:
                     events = s.connection_made(t)
-                elif kind == FrameKind.DISCONNECTED:
-                    events = s.connection_lost(t, bytes(view[off + HEADER_LEN : off + HEADER_LEN + n]).decode())
-                elif kind == FrameKind.CONTROL:
-                    command = json.loads(bytes(view[off + HEADER_LEN : off + HEADER_LEN + n]))
+                elif kind == _DISCONNECTED:
+                    events = s.connection_lost(t, bytes(view[off + hl : off + hl + n]).decode())
+                elif kind == _CONTROL:
+                    command = json.loads(bytes(view[off + hl : off + hl + n]))
                     events = s.control(command, t)  # type: ignore[attr-defined]
-                elif kind == FrameKind.EXPIRED:
-                    name = bytes(view[off + HEADER_LEN : off + HEADER_LEN + n]).decode()
+                elif kind == _EXPIRED:
+                    name = bytes(view[off + hl : off + hl + n]).decode()
                     events = s.timer_expired(name, t)  # type: ignore[attr-defined]
                 else:
                     c.errors += 1
@@ -350,7 +380,7 @@ class SessionHost:
             if rx and len(lat) < 65536:
                 # receive -> applied, stamped after this frame: the wait behind the frames of the
                 # batch before it counts, as it does for the message
-                lat.append(time.time_ns() - rx)
+                lat.append(time_ns() - rx)
             e.since_snapshot += 1
             e.since_bytes += n
             if e.since_snapshot >= snapshot_every or e.since_bytes >= snapshot_bytes:
@@ -364,6 +394,7 @@ class SessionHost:
                 e.since_snapshot = 0
                 e.since_bytes = 0
         self.refusals = list(refused.values())
+        c.applied += applied
         out = b"".join(self._out)
         self._out = []
         self._in_batch = False
@@ -427,6 +458,9 @@ class SessionHost:
         p = self.pending.get(key)
         return None if p is None else p.owner
 
+    def has_snapshots(self) -> bool:
+        return bool(self._snapshots)
+
     def take_snapshots(self) -> dict[Key, tuple[SeqState, bytes]]:
         """Snapshots made since the last call, by session: (sequence state, blob)."""
         snaps, self._snapshots = self._snapshots, {}
@@ -437,18 +471,19 @@ class SessionHost:
     def _emit(self, key: Key, e: Entry, events: list[StackEvent], rx_ns: int) -> None:
         tenant, vrouter, proto, sid = key
         tx = self._tx_ns
-        pack = HEADER.pack
+        pack = _pack_header
+        magic, version = MAGIC, VERSION
         lines: list[dict[str, Any]] | None = None
         for ev in events:
             t = type(ev)
-            if t is Send:
-                kind, payload = FrameKind.SEND, ev.data  # type: ignore[attr-defined]
+            if t is _SendEvent:
+                kind, payload = _SEND, ev.data  # type: ignore[attr-defined]
             elif t is CloseTransport:
-                kind, payload = FrameKind.CLOSE, ev.reason.encode()  # type: ignore[attr-defined]
+                kind, payload = _CLOSE, ev.reason.encode()  # type: ignore[attr-defined]
             elif t is OpenTransport:
-                kind, payload = FrameKind.OPEN, b""
+                kind, payload = _OPEN, b""
             elif t is TxProgram:
-                kind, payload = FrameKind.TX_PROGRAM, ev.data  # type: ignore[attr-defined]
+                kind, payload = _TX_PROGRAM, ev.data  # type: ignore[attr-defined]
             else:
                 if e.emit_events == EVENTS_ALL or (e.emit_events == EVENTS_STATE and not ev.route_event):
                     if lines is None:
@@ -456,10 +491,11 @@ class SessionHost:
                     lines.append(ev.to_json())
                 continue
             e.out_seq += 1
+            # header and payload queued apart, joined once for the whole output
             self._queue(
                 e.owner,
-                pack(MAGIC, VERSION, kind, proto, 0, tenant, vrouter, sid, e.out_seq, rx_ns, tx, len(payload), 0)
-                + payload,
+                pack(magic, version, kind, proto, 0, tenant, vrouter, sid, e.out_seq, rx_ns, tx, len(payload), 0),
+                payload,
             )
         if lines:
             e.out_seq += 1
@@ -467,20 +503,23 @@ class SessionHost:
             self._queue(
                 e.owner,
                 encode_frame(Frame(FrameKind.EVENTS, proto, tenant, vrouter, sid, e.out_seq, rx_ns, tx, body)),
+                b"",
             )
 
-    def _queue(self, owner: str, frame: bytes) -> None:
+    def _queue(self, owner: str, header: bytes, payload: bytes) -> None:
         c = self.counters
         if self._in_batch:
-            if len(self._out) >= self.limits.max_output_frames:
+            if self._out_frames >= self.limits.max_output_frames:
                 c.output_dropped += 1  # never grows without bound
                 return
-            self._out.append(frame)
+            self._out.append(header)
+            self._out.append(payload)
+            self._out_frames += 1
         else:
             if self._unsolicited_count >= MAX_UNSOLICITED_FRAMES:
                 c.output_dropped += 1  # an owner that never collects loses the newest (counted)
                 return
-            self._unsolicited.setdefault(owner, []).append(frame)
+            self._unsolicited.setdefault(owner, []).append(header + payload)
             self._unsolicited_count += 1
         c.frames_out += 1
 
@@ -492,6 +531,7 @@ class SessionHost:
             "sessions": len(self.sessions),
             "pending_sessions": len(self.pending),
             "frames_in": c.frames_in,
+            "applied": c.applied,
             "frames_out": c.frames_out,
             "duplicates": c.duplicates,
             "gaps": c.gaps,
@@ -537,7 +577,9 @@ class SessionHost:
             raise TypeError(f"{self.protocol} sessions keep no routing table")
         return list(table(FAMILY_CODES[family]))
 
-    def session_info(self, key: Key) -> dict[str, Any]:
+    def session_info(self, key: Key, digest: bool = True) -> dict[str, Any]:
+        """A session's counters and stack stats; with `digest`, its RIB digest too (a pass over
+        the whole RIB: what a check wants, not a poll)."""
         e = self.sessions[key]
         info: dict[str, Any] = {
             "last_seq": e.last_seq,
@@ -548,9 +590,9 @@ class SessionHost:
             "epoch": e.epoch,
             **e.session.stats(),
         }
-        digest = getattr(e.session, "rib_digest", None)
-        if callable(digest):
-            info["rib_digest"] = digest()
+        rib_digest = getattr(e.session, "rib_digest", None) if digest else None
+        if callable(rib_digest):
+            info["rib_digest"] = rib_digest()
         return info
 
     def sessions_report(self) -> list[tuple[Key, str, int, bool]]:

@@ -37,6 +37,7 @@ from apsv.runtime.dataplane import DataPlaneServer, socket_directory
 from apsv.runtime.docker_backend import InstanceFailed
 from apsv.runtime.host import HostLimits, Key, SeqState
 from apsv.runtime.telemetry import InstanceMetrics, percentile
+from apsv.tuning import tune_gc
 
 log = logging.getLogger("apsv.instance")
 
@@ -71,6 +72,7 @@ class StackInstance:
         deployment: str = "",
         namespace: str | None = None,
     ):
+        tune_gc()  # this process holds sessions' state (RIBs): long-lived objects, no cycles
         self.instance_id = instance_id
         self.deployment, self.namespace = deployment, namespace
         self.protocol = protocol
@@ -90,13 +92,17 @@ class StackInstance:
             raise ValueError(f"unknown backend {backend!r} (process or docker)")
         self.metrics = InstanceMetrics(instance_id, protocol, self.backend.kind)
         self.payload_copies = 0
+        # a container has its own IPC namespace: it cannot map the clients' pools, so each batch
+        # is relayed to it over its socket (one copy, counted in payload_copies)
+        self.relays = self.backend.kind == "docker"
         self._lock = threading.Lock()  # the sessions: data plane, Ray calls, hand-overs
         # Hand-overs go before the next batch: a session leaves between two batches, ahead of
         # the queue (a data-plane thread about to take the lock waits while one is waiting).
         self._handing_over = 0
         self._hand_over_done = threading.Condition()
         self._key = deployment_key(f"{namespace}/{deployment}")
-        self.dp = DataPlaneServer(instance_id, socket_directory(), self._key, self, allocation.buffer_quota_bytes)
+        self.path = _DataPath(self)
+        self.dp = DataPlaneServer(instance_id, socket_directory(), self._key, self.path, allocation.buffer_quota_bytes)
         self.dp.on_error = self._die
         self.dp.start()
 
@@ -113,37 +119,10 @@ class StackInstance:
     # -- the data path -------------------------------------------------------------------------
 
     def dp_batch(self, owner: str, data: memoryview, offsets: list[int], snapshot_keys: list[Key]) -> channel.Reply:
-        """Apply a client's frames (at `offsets` of `data`, read in place); the REPLY."""
-        if self._handing_over:
-            with self._hand_over_done:
-                self._hand_over_done.wait_for(lambda: not self._handing_over)
-        with self._lock:
-            t0 = time.perf_counter()
-            out, refused = self.backend.process(data, offsets, time.time(), owner, snapshot_keys)
-            self.metrics.batch(len(offsets), time.perf_counter() - t0)
-            snaps = self.backend.take_snapshots()
-        return channel.Reply(
-            0,
-            out,
-            [channel.Refusal(*r) for r in refused],
-            [channel.Snapshot(k, st, blob) for k, (st, blob) in snaps.items()],
-        )
+        return self.path.dp_batch(owner, data, offsets, snapshot_keys)
 
     def dp_restore(self, owner: str, msg: channel.Restore) -> str:
-        """A client restores a session held here for it, from its custody ("" when done)."""
-        with self._lock:
-            try:
-                self.backend.restore_pending(
-                    msg.key, owner, msg.epoch, msg.snapshot, msg.config, msg.emit_events, time.time()
-                )
-            except InstanceFailed:
-                raise
-            except Exception as e:
-                return f"{type(e).__name__}: {e}"
-            out = self.backend.collect()
-        self._send(out)
-        self._tell_restored(msg.key)
-        return ""
+        return self.path.dp_restore(owner, msg)
 
     def _tell_restored(self, key: Key) -> None:
         """The multiplexer marks the session live again (it placed it here as waiting)."""
@@ -166,7 +145,9 @@ class StackInstance:
         view = memoryview(data).cast("B") if not isinstance(data, (bytes, bytearray)) else memoryview(data)
         reply = self.dp_batch(client, view, channel.offsets_list(offsets), list(snapshot_keys))
         reply.batch = batch_id
-        return channel.reply(reply) + b"".join(self.dp.take_waiting(client))
+        msgs, dropped = channel.reply_messages(reply)
+        self.dp.c.snapshots_dropped += dropped
+        return b"".join(msgs + self.dp.take_waiting(client))
 
     def rx_restore(self, client: str, credential: bytes, message: bytes) -> bytes:
         """RESTORE from a client on another node; returns RESTORED."""
@@ -188,8 +169,8 @@ class StackInstance:
     def _send(self, outputs: dict[str, bytes]) -> None:
         """Output produced outside a batch, to each owning client (now, or when it connects)."""
         for owner, out in outputs.items():
-            if out:
-                self.dp.send_output(owner, channel.output(out))
+            for msg in channel.output_messages(out):
+                self.dp.send_output(owner, msg)
 
     # -- the control plane's calls -------------------------------------------------------------
 
@@ -202,6 +183,10 @@ class StackInstance:
             "node_id": ray.get_runtime_context().get_node_id(),
             "endpoint": str(self.dp.path),
         }
+
+    @ray.method(concurrency_group="control")
+    def pid(self) -> int:
+        return os.getpid()
 
     def open_sessions(self, specs: list[tuple[Key, dict[str, Any], int, str, int]]) -> list[str | None]:
         """Open sessions (key, config, emit events, owner, epoch); per spec, None or the error
@@ -245,13 +230,16 @@ class StackInstance:
         self._send(outputs)
 
     @ray.method(concurrency_group="moves")
-    def hand_over(self, moves: list[tuple[Key, int]], target: Any, target_id: str) -> list[str | None]:
+    def hand_over(self, moves: list[tuple[Key, int]], target: Any, target_id: str) -> list[tuple[str | None, int]]:
         """Move sessions (key, new epoch) to instance `target` now, between two batches: each is
-        detached (its later frames here are refused, naming `target_id` at the new epoch),
-        adopted by the target, and only if that fails put back here at its old epoch. The
-        state never has two homes, and never none while this instance lives."""
-        results: dict[Key, str | None] = {}
-        sent: list[tuple[Adoptee, int]] = []
+        detached (its later frames here are refused, naming `target_id` at the new epoch) and
+        adopted by the target. The state never has two homes, and never none while this
+        instance lives. Per move: (None, new epoch) when moved; otherwise why not and the epoch
+        the session has here now - its old one, or, when the target failed to adopt it, one past
+        the new one (its client may have followed a refusal to the new epoch already, and must
+        see the route back here as newer still)."""
+        results: dict[Key, tuple[str | None, int]] = {}
+        sent: list[Adoptee] = []
         with self._hand_over_done:
             self._handing_over += 1
         try:
@@ -259,7 +247,7 @@ class StackInstance:
                 for key, epoch in moves:
                     held = self.backend.holding(key)
                     if held is None:
-                        results[key] = "not here"
+                        results[key] = ("not here", 0)
                         continue
                     owner, old_epoch, emit = held
                     try:
@@ -267,24 +255,26 @@ class StackInstance:
                     except InstanceFailed:
                         raise
                     except Exception as e:  # its snapshot failed: it stays
-                        results[key] = f"{type(e).__name__}: {e}"
+                        results[key] = (f"{type(e).__name__}: {e}", old_epoch)
                         continue
-                    sent.append(((key, blob, seq, emit, owner, epoch), old_epoch))
+                    sent.append((key, blob, seq, emit, owner, epoch))
         finally:
             with self._hand_over_done:
                 self._handing_over -= 1
                 self._hand_over_done.notify_all()
         if sent:
             try:
-                errors: list[str | None] = ray.get(target.adopt.remote([a for a, _ in sent]))
+                errors: list[str | None] = ray.get(target.adopt.remote(sent))
             except Exception as e:  # the target died or failed: every one stays
                 errors = [f"{type(e).__name__}: {e}"] * len(sent)
             with self._lock:
-                for ((key, blob, seq, emit, owner, _epoch), old_epoch), err in zip(sent, errors, strict=True):
-                    results[key] = err
-                    if err is not None:
-                        self.backend.restore(key, blob, seq, emit, owner, old_epoch)
-        return [results.get(k) for k, _ in moves]
+                for (key, blob, seq, emit, owner, epoch), err in zip(sent, errors, strict=True):
+                    if err is None:
+                        results[key] = (None, epoch)
+                    else:
+                        self.backend.restore(key, blob, seq, emit, owner, epoch + 1)
+                        results[key] = (err, epoch + 1)
+        return [results[k] for k, _ in moves]
 
     @ray.method(concurrency_group="adopt")
     def adopt(self, items: list[Adoptee]) -> list[str | None]:
@@ -305,17 +295,17 @@ class StackInstance:
         with self._lock:
             return self.backend.snapshot(key)
 
-    def session_info(self, key: Key) -> dict[str, Any]:
+    def session_info(self, key: Key, digest: bool = True) -> dict[str, Any]:
         with self._lock:
-            return self.backend.session_info(key)
+            return self.backend.session_info(key, digest)
 
-    def session_infos(self, keys: list[Key]) -> dict[Key, dict[str, Any] | None]:
+    def session_infos(self, keys: list[Key], digest: bool = True) -> dict[Key, dict[str, Any] | None]:
         """Several sessions' info at once (None for one not held here)."""
         with self._lock:
             out: dict[Key, dict[str, Any] | None] = {}
             for k in keys:
                 try:
-                    out[k] = self.backend.session_info(k)
+                    out[k] = self.backend.session_info(k, digest)
                 except KeyError:
                     out[k] = None
             return out
@@ -367,6 +357,9 @@ class StackInstance:
             "dp_batches": dp.batches,
             "dp_dropped_connections": dp.dropped_connections,
             "dp_refused_connections": dp.refused_connections,
+            "dp_bad_messages": dp.bad_messages,
+            "dp_waiting_dropped": dp.waiting_dropped,
+            "dp_snapshots_dropped": dp.snapshots_dropped,
             "latency_p50_ms": percentile(ms, 50),
             "latency_p99_ms": percentile(ms, 99),
             "latency_max_ms": max(ms) if ms else None,
@@ -381,6 +374,50 @@ class StackInstance:
         self.dp.stop()
         with self._lock:
             self.backend.shutdown()
+
+
+class _DataPath:
+    """What the data-plane thread (and `rx_batch`) runs for each batch. A plain object, not the
+    actor class, whose methods Ray wraps (tracing hooks) on every call."""
+
+    def __init__(self, inst: StackInstance) -> None:
+        self.inst = inst
+
+    def dp_batch(self, owner: str, data: memoryview, offsets: list[int], snapshot_keys: list[Key]) -> channel.Reply:
+        """Apply a client's frames (at `offsets` of `data`, read in place); the REPLY."""
+        inst = self.inst
+        if inst._handing_over:
+            with inst._hand_over_done:
+                inst._hand_over_done.wait_for(lambda: not inst._handing_over)
+        with inst._lock:
+            out, refused = inst.backend.process(data, offsets, time.time(), owner, snapshot_keys)
+            inst.metrics.batch()
+            if inst.relays:  # (a container: the batch crossed its socket once more)
+                inst.payload_copies += len(offsets)
+            snaps = inst.backend.take_snapshots() if inst.backend.snapshots_waiting() else {}
+        return channel.Reply(
+            0,
+            out,
+            [channel.Refusal(*r) for r in refused] if refused else [],
+            [channel.Snapshot(k, st, blob) for k, (st, blob) in snaps.items()],
+        )
+
+    def dp_restore(self, owner: str, msg: channel.Restore) -> str:
+        """A client restores a session held here for it, from its custody ("" when done)."""
+        inst = self.inst
+        with inst._lock:
+            try:
+                inst.backend.restore_pending(
+                    msg.key, owner, msg.epoch, msg.snapshot, msg.config, msg.emit_events, time.time()
+                )
+            except InstanceFailed:
+                raise
+            except Exception as e:
+                return f"{type(e).__name__}: {e}"
+            out = inst.backend.collect()
+        inst._send(out)
+        inst._tell_restored(msg.key)
+        return ""
 
 
 def _zero_copy(data: Any) -> bool:

@@ -46,6 +46,7 @@ class Sent:
     frames: int
     t0: float
     mark: int  # the client's send counter when it left (orders refusals against resends)
+    firsts: list[tuple[Key, int]]  # each session's first frame in it: where a resend starts if it is lost
 
 
 @dataclass(slots=True)
@@ -101,7 +102,8 @@ class Link:
         return sent
 
     def abandon(self) -> list[Sent]:
-        """The link is down: every batch on it, sent or waiting (their frames are in custody)."""
+        """The link is down: every batch on it not answered, sent or waiting (their frames are in
+        custody, to go again by their sessions' routes)."""
         self.down = True
         out = list(self.inflight.values()) + [w.sent for w in self.backlog]
         self.inflight.clear()

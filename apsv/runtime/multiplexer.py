@@ -51,6 +51,7 @@ log = logging.getLogger("apsv.multiplexer")
 MAX_CONCURRENT_MOVES = 64
 LOCATE_WAIT_S = 5.0  # how long `locate` waits for a session in motion to settle
 PROBE_TIMEOUT_S = 5.0  # how long an instance reported dead gets to answer
+CLOSED_OFFERS_KEEP_S = 600.0  # a closed client's offered counts stay visible to the VPSM this long
 
 LIVE, PENDING, MOVING, UNPLACED = "live", "pending", "moving", "unplaced"
 
@@ -123,7 +124,7 @@ class Counters:
     move_failed: int = 0  # sessions a target refused (they stayed where they were)
     move_not_found: int = 0  # sessions a move did not find on their source
     recoveries: int = 0  # instances found dead whose sessions were placed elsewhere
-    sessions_recovered: int = 0
+    sessions_recovered: int = 0  # placed again, to be restored from their clients' custody
     sessions_unplaced: int = 0  # recovered with no instance of their protocol left: waited for one
     sessions_reclaimed: int = 0  # re-registered by their clients after this multiplexer restarted
     restarts: int = 0  # times this multiplexer rebuilt its state after starting again
@@ -147,19 +148,18 @@ class Multiplexer:
         self.metrics = MultiplexerMetrics()
         self.node_id = ray.get_runtime_context().get_node_id()
         self._key = deployment_key(self.owner)
-        # Frames clients report offered, per protocol id: per live client, and the final counts
-        # of closed ones (so the sums never go back).
-        self.offered: dict[str, dict[int, int]] = {}
-        self._offered_closed: dict[int, int] = {}
-        self._proto_names: dict[int, str] = {}
+        # Frames each client reports offered, per protocol (cumulative counts: the VPSM takes
+        # the rate from each client's own, so a restart here - which forgets them until each
+        # client reports again - never makes the load seem to go back); a closed client's final
+        # counts are kept for CLOSED_OFFERS_KEEP_S, long enough for the VPSM to see them.
+        self.offered: dict[str, dict[str, int]] = {}
+        self._closed_offers: dict[str, tuple[float, dict[str, int]]] = {}
         self._recovering: dict[str, asyncio.Task[None]] = {}
         self._settled = asyncio.Condition()  # notified whenever a session's route changes
-        self._ready: asyncio.Task[None] | None = None
+        # Rebuilt from the plan and the instances (after a restart) before any call is answered.
+        self._ready = asyncio.get_event_loop().create_task(self._rebuild())
 
     async def _up(self) -> None:
-        """Rebuild from the plan and the instances before the first call is answered."""
-        if self._ready is None:
-            self._ready = asyncio.get_running_loop().create_task(self._rebuild())
         await asyncio.shield(self._ready)
 
     async def _rebuild(self) -> None:
@@ -245,10 +245,11 @@ class Multiplexer:
         return {"client": cid, "credential": credential(self._key, cid), "deployment": self.name}
 
     async def close_client(self, client: str, cred: bytes) -> None:
+        await self._up()
         self._check(client, cred)
         cl = self.clients.pop(client, None)
-        for pid, n in self.offered.pop(client, {}).items():
-            self._offered_closed[pid] = self._offered_closed.get(pid, 0) + n
+        if client in self.offered:
+            self._closed_offers[client] = (time.monotonic(), self.offered.pop(client))
         if cl is not None:
             cl.changed.set()
 
@@ -298,7 +299,6 @@ class Multiplexer:
                 continue
             self.instances[iid].sessions.add(key)  # count it now so the next choice sees it
             self.sessions[key] = Rec(key, protocol, client, iid, 1)
-            self._proto_names[key[2]] = protocol
             placed[key] = iid
             calls.setdefault(iid, []).append((key, dict(config), int(emit), client, 1))
         answers = await asyncio.gather(
@@ -322,6 +322,7 @@ class Multiplexer:
         return {"placed": placed, **self._answer(dict(ok))}
 
     async def close_sessions(self, client: str, cred: bytes, keys: list[Key]) -> None:
+        await self._up()
         cl = self._check(client, cred)
         by_inst: dict[str, list[Key]] = {}
         for k in keys:
@@ -344,10 +345,8 @@ class Multiplexer:
         await self._up()
         self._check(client, cred)
         deadline = time.monotonic() + LOCATE_WAIT_S
-        for k in keys:
-            rec = self.sessions.get(k)
-            if rec is not None and rec.instance_id and not self._alive(rec.instance_id):
-                self._recover_soon(rec.instance_id)
+        # (an instance found dead is being recovered: its sessions settle when that is done; one
+        # not known dead is reported by the client that lost it - `report_failure`)
         async with self._settled:
             while time.monotonic() < deadline:
                 unsettled = [
@@ -377,7 +376,6 @@ class Multiplexer:
                 continue
             rec = Rec(key, protocol, client, "", int(epoch), UNPLACED)
             self.sessions[key] = rec
-            self._proto_names[key[2]] = protocol
             cl.keys.add(key)
             recs.append(rec)
             self.c.sessions_reclaimed += 1
@@ -397,9 +395,7 @@ class Multiplexer:
             ]
             dst = choose_instance(cands, self.rng)
             if dst is None:
-                if rec.state != UNPLACED:
-                    self.c.sessions_unplaced += 1
-                rec.state, rec.instance_id = UNPLACED, ""
+                self._unplace(rec)
                 continue
             planned[dst] = planned.get(dst, 0) + 1
             by_dst.setdefault(dst, []).append(rec)
@@ -415,33 +411,49 @@ class Multiplexer:
                 if err is None:
                     rec.instance_id, rec.epoch, rec.state = dst, epochs[rec.key], PENDING
                     inst.sessions.add(rec.key)
+                    self.c.sessions_recovered += 1
                 else:
-                    rec.state, rec.instance_id = UNPLACED, ""
+                    self._unplace(rec)
         self._changed(recs)
         await self._notify_settled()
 
+    def _unplace(self, rec: Rec) -> None:
+        """No instance takes it now: it waits for one to register (the VPSM replaces the dead)."""
+        if rec.state != UNPLACED or rec.instance_id:
+            self.c.sessions_unplaced += 1
+        rec.state, rec.instance_id = UNPLACED, ""
+
     async def restored(self, instance_id: str, keys: list[Key]) -> None:
         """An instance's waiting sessions were restored by their clients: live now."""
+        await self._up()  # (a session rebuilt as pending is in the table by then)
         for k in keys:
             rec = self.sessions.get(k)
             if rec is not None and rec.instance_id == instance_id and rec.state == PENDING:
                 rec.state = LIVE
 
-    async def report_offered(self, client: str, cred: bytes, counts: dict[int, int]) -> None:
-        """A client's cumulative frames offered per protocol id (see OffloadClient.offer)."""
+    async def report_offered(self, client: str, cred: bytes, counts: dict[str, int]) -> None:
+        """A client's cumulative frames offered per protocol (see OffloadClient.offer)."""
+        await self._up()
         self._check(client, cred)
         if client in self.clients:
-            self.offered[client] = {int(k): int(v) for k, v in counts.items()}
+            self.offered[client] = {str(k): int(v) for k, v in counts.items()}
+
+    async def offered_by_client(self) -> dict[str, dict[str, int]]:
+        """Each client's cumulative frames offered per protocol, as last reported (including
+        what backpressure still holds on its side: a saturated instance's throughput would
+        understate the demand exactly when it matters), and closed clients' final counts."""
+        now = time.monotonic()
+        for cid in [c for c, (t, _) in self._closed_offers.items() if now - t > CLOSED_OFFERS_KEEP_S]:
+            del self._closed_offers[cid]
+        return {**{c: counts for c, (_, counts) in self._closed_offers.items()}, **self.offered}
 
     async def arrivals(self) -> dict[str, int]:
-        """Frames offered per protocol so far, as clients report them (including what
-        backpressure still holds on their side: a saturated instance's throughput would
-        understate the demand exactly when it matters)."""
-        offered: dict[int, int] = dict(self._offered_closed)
-        for counts in self.offered.values():
-            for pid, n in counts.items():
-                offered[pid] = offered.get(pid, 0) + n
-        return {name: offered[pid] for pid, name in self._proto_names.items() if pid in offered}
+        """Frames offered per protocol, summed over the clients reported (`offered_by_client`)."""
+        total: dict[str, int] = {}
+        for counts in (await self.offered_by_client()).values():
+            for proto, n in counts.items():
+                total[proto] = total.get(proto, 0) + n
+        return total
 
     # -- instances -----------------------------------------------------------------------------
 
@@ -485,6 +497,7 @@ class Multiplexer:
 
     async def observe(self, busy: dict[str, float]) -> None:
         """The VPSM's view of how busy each instance is (placement weighs it)."""
+        await self._up()
         for iid, b in busy.items():
             inst = self.instances.get(iid)
             if inst is not None:
@@ -536,17 +549,18 @@ class Multiplexer:
                 return 0
             raise
         moved = []
-        for r, err in zip(recs, results, strict=True):
+        for r, (err, epoch) in zip(recs, results, strict=True):
             r.state = LIVE
             if err is None:
                 src.sessions.discard(r.key)
                 target.sessions.add(r.key)
-                r.instance_id, r.epoch = target.instance_id, r.epoch + 1
+                r.instance_id, r.epoch = target.instance_id, epoch
                 r.moves += 1
                 moved.append(r)
             elif err == "not here":
                 self.c.move_not_found += 1
             else:
+                r.epoch = epoch  # (still on the source; past the epoch its client may have seen)
                 self.c.move_failed += 1
                 log.warning("moving %s to %s failed: %s", r.key, target.instance_id, err)
         self.c.moves += len(moved)
@@ -685,7 +699,6 @@ class Multiplexer:
             r.state = UNPLACED
         self._changed(recs)
         await self._place(recs)
-        self.c.sessions_recovered += sum(1 for r in recs if r.state == PENDING)
         self.metrics.moved(inst.protocol, "recovery", len(recs))
         self._save_plan()
 

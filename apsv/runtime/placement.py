@@ -1,9 +1,9 @@
 """Where a new session goes: power-of-two-choices on live load (pure functions).
 
-The multiplexer keeps a live view of each instance - sessions, payload bytes in flight against
-its buffer quota, and how busy its last batches kept it - and places a new session on the less
-loaded of two instances sampled at random (Mitzenmacher's "power of two choices": nearly the
-balance of always picking the least loaded, without every placement herding onto the same one).
+The multiplexer keeps a view of each instance - its sessions, and how busy the VPSM last saw it -
+and places a new session on the less loaded of two instances sampled at random (Mitzenmacher's
+"power of two choices": nearly the balance of always picking the least loaded, without every
+placement herding onto the same one).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ class InstanceLoad:
     instance_id: str
     sessions: int
     max_sessions: int
-    inflight_bytes: int
+    inflight_bytes: int  # queued against its quota: the simulator's queue; 0 live (frames bypass the IM)
     quota_bytes: int
     busy: float  # smoothed fraction of wall time spent applying batches (0..1+)
     accepting: bool = True  # False while draining or dead

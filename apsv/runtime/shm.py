@@ -1,9 +1,9 @@
 """Mapping senders' shared-memory buffer pools on the cluster side.
 
-The multiplexer and the stack instances map a sender's pool segment by name (the first time
-they see it) and read frames where the sender wrote them. Only segments named by the pool's
-prefix are mapped, a bounded number at a time (least recently used are dropped), and Python's
-resource tracker is told not to unlink them: they belong to the sender.
+A stack instance maps each client's pool segment by name (named in the client's HELLO) and
+reads frames where the client wrote them. Only segments named by the pool's prefix are mapped,
+a bounded number at a time (least recently used are dropped, mapped again on their next use),
+and Python's resource tracker is told not to unlink them: they belong to the sender.
 """
 
 from __future__ import annotations
@@ -13,10 +13,6 @@ from collections import OrderedDict
 from multiprocessing import resource_tracker, shared_memory
 
 from apsv.runtime.buffer_pool import CREATED_HERE, SHM_PREFIX
-
-# What the multiplexer hands an instance for frames in shared memory: (tag, segment, start, length).
-ShmRef = tuple[str, str, int, int]
-SHM_TAG = "shm"
 
 
 class SegmentCache:

@@ -138,11 +138,21 @@ class InstanceMetrics:
         self.quota = metrics.Gauge(
             "apsv_buffer_quota_bytes", "Payload octets one client may have in flight to a stack instance", keys
         )
+        self._batches = 0
+        self._applied = 0
 
-    def batch(self, frames: int, seconds: float) -> None:
-        self.batches.inc(1, self.tags)
-        if frames:
-            self.frames.inc(frames, self.tags)
+    def batch(self) -> None:
+        """Counted here, handed to Ray with the next `usage` (the control loop's poll): a Ray
+        metric call costs microseconds, a batch may be a few frames."""
+        self._batches += 1
+
+    def _flush_counts(self, applied: int) -> None:
+        if self._batches:
+            self.batches.inc(self._batches, self.tags)
+            self._batches = 0
+        if applied > self._applied:  # frames applied (not those refused or repeated)
+            self.frames.inc(applied - self._applied, self.tags)
+            self._applied = applied
 
     def queue(self, frames: int, quota_bytes: int) -> None:
         """Frames of batches read and not yet applied (its queue), and each client's window."""
@@ -150,6 +160,7 @@ class InstanceMetrics:
         self.quota.set(float(quota_bytes), self.tags)
 
     def usage(self, usage: Mapping[str, float], load: Mapping[str, Any]) -> None:
+        self._flush_counts(int(load.get("applied", 0)))
         self.rss.set(usage.get("rss_bytes", 0.0), self.tags)
         self.cpu.set(usage.get("cpu_seconds", 0.0), self.tags)
         self.sessions.set(float(load.get("sessions", 0)), self.tags)

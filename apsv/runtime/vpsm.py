@@ -10,9 +10,9 @@ instances it wants, and makes it so:
   snapshot, restore and reroute - then destroy it (deregister, stop the actor or container).
 
 Session moves (drains, and the rebalancing after instances join or leave) run in a mover task
-per protocol, not in the control step: a move waits for the frames already queued at its source,
-which takes as long as that instance's backlog - exactly when it is overloaded and the loop most
-needs to keep observing and deciding. The mover runs its protocol's moves one job at a time, so
+per protocol, not in the control step: a hand-over waits for the batch its source is applying,
+and a drain or rebalance of many sessions takes many - time the loop needs to keep observing and
+deciding, most of all when instances are overloaded. The mover runs its protocol's moves one job at a time, so
 no session is moved by two jobs at once; operators' calls (`scale_to`, `drain`) wait for it.
 
 It is a named, detached actor: it outlives the job that started it, and anyone can find it.
@@ -40,6 +40,7 @@ from ray.exceptions import RayActorError, RayTaskError
 
 from apsv.runtime import persist
 from apsv.runtime.instance import Allocation, create_instance, instance_actor_name
+from apsv.runtime.offered import OfferedLoad
 from apsv.runtime.telemetry import TelemetryWriter, now_utc
 from apsv.scaling.latency import histogram
 from apsv.scaling.policy import ScalingContext, get_policy
@@ -59,6 +60,7 @@ INSTANCE_STATUS_KEYS = (
     "departed",
     "stale",
     "out_of_order",
+    "pending",
     "foreign",
     "unknown_session",
     "bad_frames",
@@ -179,8 +181,7 @@ class VPSM:
         self.actions: dict[str, int] = dict.fromkeys(self.plans, 0)
         self._starting: dict[str, int] = dict.fromkeys(self.plans, 0)
         self._tasks: set[asyncio.Task[None]] = set()
-        self._last_arrivals: dict[str, int] = {}
-        self._last_arrivals_ts = 0.0
+        self._offered = OfferedLoad()
         self._imbalances: dict[str, float] = {}
         # Per protocol: session-moving jobs ("drain", instance) / ("rebalance", None), run in
         # order by one mover task; bounded by the instances there are (rebalances coalesce).
@@ -312,21 +313,17 @@ class VPSM:
                 await self._reap([i for i in dead if not await self._alive(i)])
             decisions: dict[str, Any] = {}
             try:
-                arrived = await asyncio.wait_for(self.im.arrivals.remote(), 5.0)
+                offered = await asyncio.wait_for(self.im.offered_by_client.remote(), 5.0)
             except (TimeoutError, RayActorError):
                 # the multiplexer is restarting: no measure of the offered load this step, so no
                 # decision (the instances serve on meanwhile)
                 self.events.append({"ts": time.time(), "event": "step-skipped", "reason": "multiplexer unavailable"})
                 return {}
-            dt = now - self._last_arrivals_ts if self._last_arrivals_ts else 0.0
+            # the offered load (what the clients were given to send), not the instances'
+            # throughput, which a saturated instance caps exactly when the policy most needs the truth
+            rates = self._offered.rates(now, offered)
             for protocol in self.plans:
-                # the offered load (what arrived at the multiplexer), not the instances' throughput,
-                # which a saturated instance caps exactly when the policy most needs the truth
-                n = int(arrived.get(protocol, 0))
-                wall_rate = (n - self._last_arrivals.get(protocol, 0)) / dt if dt > 0 else 0.0
-                self._last_arrivals[protocol] = n
-                self.history[protocol].append(self.clocks.get(protocol, IDENTITY).rate(wall_rate))
-            self._last_arrivals_ts = now
+                self.history[protocol].append(self.clocks.get(protocol, IDENTITY).rate(rates.get(protocol, 0.0)))
             if self.forecaster_app is not None:
                 await self._forecast()
             for protocol, plan in self.plans.items():
@@ -471,9 +468,10 @@ class VPSM:
             if m is None:
                 continue  # drained and destroyed by the mover meanwhile
             if isinstance(res, BaseException):
-                continue  # a dead instance: the multiplexer recovers its sessions on the next batch
+                continue  # a dead instance: reaped below (the multiplexer restores its sessions elsewhere)
             dt = max(now - m.last_ts, 1e-6) if m.last_ts else None
-            frames = int(res["frames_in"])
+            # its throughput: frames applied (refused and repeated ones cost it little)
+            frames = int(res.get("applied", res["frames_in"]))
             cpu = float(res["cpu_seconds"])
             busy_s = float(res.get("busy_seconds", 0.0))
             rate = (frames - m.last_frames) / dt if dt else 0.0
@@ -500,7 +498,7 @@ class VPSM:
                     "cpu_seconds": cpu,
                     "cpu_percent": cpu_pct,
                     "rss_bytes": int(res["rss_bytes"]),
-                    "frames_in": frames,
+                    "frames_in": int(res["frames_in"]),
                     "frames_out": int(res["frames_out"]),
                     "msgs_per_s": rate,
                     "queue_depth": queue,
@@ -578,8 +576,15 @@ class VPSM:
             await self.im.remove_instance.remote(iid)
             self.events.append({"ts": time.time(), "event": "reaped", "instance": iid})
         for plan in self.plans.values():
-            while self._count(plan.protocol) < plan.min_instances:
-                await self._instantiate(plan, "replacing a dead instance")
+            missing = plan.min_instances - self._count(plan.protocol)
+            if missing > 0:
+                # all at once: with every instance of a protocol dead, its sessions wait for the
+                # first replacement (the multiplexer places them on it as it registers)
+                created = await asyncio.gather(*(self._create(plan) for _ in range(missing)))
+                for c in created:
+                    await self._register(plan, c, "replacing a dead instance")
+                if dead:
+                    self._enqueue(plan.protocol, "rebalance")
         return dead
 
     async def _scale(self, plan: ProtocolPlan, desired: int, reason: str, background: bool = False) -> None:
@@ -661,7 +666,8 @@ class VPSM:
         q.append((kind, instance_id))
         task = self._movers.get(protocol)
         if task is None or task.done():
-            self._movers[protocol] = asyncio.get_running_loop().create_task(self._move(protocol))
+            # (get_event_loop: also called from __init__, on the actor's loop, when resuming a drain)
+            self._movers[protocol] = asyncio.get_event_loop().create_task(self._move(protocol))
 
     async def _move(self, protocol: str) -> None:
         """The protocol's mover: its jobs one at a time, in order. A failed job is logged and

@@ -24,7 +24,6 @@ OPS = {
     "restore": 3,
     "detach": 4,
     "snapshot": 5,
-    "take_snapshots": 6,
     "close": 7,
     "load": 9,
     "session_info": 10,

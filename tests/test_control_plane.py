@@ -1,0 +1,81 @@
+"""The control plane dies; the data path goes on (real local Ray, kill -9 of the actors' processes).
+
+The multiplexer and the VPSM are restarted by Ray and rebuild their state (the multiplexer from
+its plan and the instances, the VPSM from its persisted state) while an MRT replay of 200
+sessions runs: every frame is still applied exactly once, in order, every Loc-RIB equals the
+in-process replay, and a new session opens once they are back. Opening a session while the
+multiplexer is gone waits, and fails by name after its bound.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import ray
+
+from apsv.bench.restart import DUMPS, kill, replay_with_kill
+from apsv.frame import ProtocolId
+from apsv.runtime.client import OffloadClient
+from apsv.runtime.driver import ReplaySession, load_streams, local_digests, plan_sessions
+from apsv.runtime.instance import Allocation
+from apsv.runtime.vpsm import ProtocolPlan
+from tests.conftest import shared_data_dir
+
+pytestmark = pytest.mark.ray
+
+
+@pytest.fixture(scope="module")
+def sessions() -> list[ReplaySession]:
+    streams = load_streams([shared_data_dir() / d for d in DUMPS], min_messages=20)
+    return plan_sessions(streams, sessions=200, vrouters=20)
+
+
+@pytest.fixture(scope="module")
+def reference(sessions: list[ReplaySession]) -> dict[Any, str]:
+    return local_digests(sessions)
+
+
+def plan() -> ProtocolPlan:
+    return ProtocolPlan(
+        "bgp", min_instances=3, max_instances=3, policy="fixed", allocation=Allocation(cpu=0.25, memory_bytes=512 << 20)
+    )
+
+
+@pytest.mark.parametrize("case", ["multiplexer", "vpsm", "both"])
+def test_control_plane_killed_mid_replay(
+    deployment: Any, sessions: list[ReplaySession], reference: dict[Any, str], case: str
+) -> None:
+    dep = deployment([plan()], run_loop=True)
+    instances = set(ray.get(dep.vpsm.instance_handles.remote()))
+    r = replay_with_kill(dep, sessions, reference, case)
+    print(f"kill -9 {case}: {r}")
+    assert r["lost_or_wrong"] == 0, r["problems"]
+    assert r["new_session_opened"]
+    # nothing was refused: the sessions never left their instances, the routes held meanwhile
+    assert r["refused"] == 0 and r["frames_resent"] == 0
+    if case != "vpsm":
+        assert r["multiplexer"]["restarts"] == 1 and r["multiplexer"]["rebuilt_sessions"] == len(sessions)
+    status = ray.get(dep.vpsm.status.remote())
+    assert set(status["instances"]) == instances  # the VPSM took its instances up again, no more, no fewer
+    assert status["restarts"] == (1 if case != "multiplexer" else 0)
+
+
+def test_opening_a_session_waits_for_the_multiplexer(deployment: Any) -> None:
+    """While the multiplexer restarts, opening a session waits and then succeeds; a multiplexer
+    that does not come back is reported by name after the bound."""
+    dep = deployment([ProtocolPlan("echo", min_instances=1, max_instances=1, policy="fixed")], run_loop=False)
+    client = OffloadClient(dep.multiplexer)
+    key = (4, 1, int(ProtocolId.ECHO), 1)
+    client.open_sessions([(key, "echo", {}, 0)])
+    kill(dep.multiplexer)
+    other = (4, 1, int(ProtocolId.ECHO), 2)
+    assert not client.open_sessions([(other, "echo", {}, 0)])[other].startswith("error")
+    for k in (key, other):
+        client.send(k, b"after the restart")
+    client.drain()
+    assert client.stats.outputs == 2
+    ray.kill(dep.multiplexer, no_restart=True)
+    with pytest.raises(TimeoutError, match="multiplexer"):
+        client.open_sessions([((4, 1, int(ProtocolId.ECHO), 3), "echo", {}, 0)], timeout=1.0)
+    client.release()
