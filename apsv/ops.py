@@ -27,7 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -461,6 +461,14 @@ def _deploy(
         pass  # none: ours to make
     else:
         raise OpsError(f"an APSV deployment is already running in namespace {ns!r}: `apsv down`, or another namespace")
+    try:
+        ray.get_actor(MULTIPLEXER_NAME, namespace=ns)
+        orphans = [VPSM_NAME]
+    except ValueError:
+        orphans = [VPSM_NAME, MULTIPLEXER_NAME]
+    # What a deployment killed without `apsv down` kept in Ray's KV store: the new actors would
+    # take it up as their own.
+    forget_deployment(ns, orphans)
     if state.get("started_head"):
         _check_capacity(cfg)
     _step(progress, "starting the multiplexer")
@@ -530,27 +538,34 @@ def _deploy_forecaster(f: ForecasterSection) -> str:
 
 
 def _teardown(state: Mapping[str, Any]) -> dict[str, Any]:
-    """Destroy the deployment's actors (connected): instances, VPSM, multiplexer, Serve app."""
+    """Destroy the deployment's actors (connected): instances, VPSM, multiplexer, Serve app.
+
+    Ray restarts the VPSM and the multiplexer whenever their processes die, each taking up the
+    state it keeps in Ray's KV store: they are killed for good (no_restart) and that state is
+    forgotten, so that nothing rebuilds a deployment stopped on purpose."""
     import ray
 
     ns = state.get("namespace", "apsv")
+    names = {"vpsm": state.get("vpsm", VPSM_NAME), "multiplexer": state.get("multiplexer", MULTIPLEXER_NAME)}
     out: dict[str, Any] = {"instances_destroyed": None, "actors_killed": []}
-    vpsm: Any
-    try:
-        vpsm = ray.get_actor(state.get("vpsm", VPSM_NAME), namespace=ns)
-    except ValueError:
-        vpsm = None
+    handles: dict[str, Any] = {}
+    for role, name in names.items():
+        with contextlib.suppress(ValueError):
+            handles[role] = ray.get_actor(name, namespace=ns)
+    vpsm, im = handles.get("vpsm"), handles.get("multiplexer")
     if vpsm is not None:
         with contextlib.suppress(Exception):  # a VPSM that cannot answer is killed all the same
             before = _get(vpsm.status.remote())
             out["instances_destroyed"] = len(before["instances"])
         with contextlib.suppress(Exception):
-            ray.get(vpsm.shutdown.remote(), timeout=120)
-        ray.kill(vpsm)
-        out["actors_killed"].append(state.get("vpsm", VPSM_NAME))
-    with contextlib.suppress(ValueError):
-        ray.kill(ray.get_actor(state.get("multiplexer", MULTIPLEXER_NAME), namespace=ns))
-        out["actors_killed"].append(state.get("multiplexer", MULTIPLEXER_NAME))
+            ray.get(vpsm.shutdown.remote(), timeout=120)  # stops the loop, destroys the instances, forgets
+    if im is not None:
+        with contextlib.suppress(Exception):
+            _get(im.forget.remote())
+    for role, handle in handles.items():
+        ray.kill(handle, no_restart=True)
+        out["actors_killed"].append(names[role])
+    forget_deployment(ns, names.values())  # what an actor that could not answer left behind
     if state.get("forecaster_app"):
         from ray import serve
 
@@ -559,6 +574,16 @@ def _teardown(state: Mapping[str, Any]) -> dict[str, Any]:
             serve.delete(str(state["forecaster_app"]))
             out["forecaster_deleted"] = state["forecaster_app"]
     return out
+
+
+def forget_deployment(namespace: str, names: Iterable[str]) -> None:
+    """Drop what the named control-plane actors of `namespace` keep in Ray's KV store (connected;
+    only for actors that are gone, or about to be: a live one would write it again)."""
+    from apsv.runtime import persist
+
+    for name in names:
+        with contextlib.suppress(Exception):
+            persist.forget(f"{namespace}/{name}")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -669,15 +694,39 @@ def _shm_segments() -> dict[str, int]:
     return {"segments": n, "bytes": size}
 
 
+# An instance's counters of frames it refused for their client to re-send: the session moved
+# away, the frame names an older route's epoch, it follows a gap, or its session waits for its
+# restore.
+REFUSED_KEYS = ("departed", "stale", "out_of_order", "pending")
+
+
+def _num(x: Any) -> float:
+    """A counter as reported, 0 where an instance has not reported it (yet)."""
+    return 0.0 if x is None else float(x)
+
+
+def _refused(load: Mapping[str, Any]) -> int | None:
+    """An instance's refused frames (REFUSED_KEYS); None before its first report."""
+    return int(sum(_num(load.get(k)) for k in REFUSED_KEYS)) if load else None
+
+
 def collect_status(t: Mapping[str, Any], vpsm: Any, im: Any) -> dict[str, Any]:
     """One JSON-able picture of a deployment (connected): instances per protocol, sessions,
-    forecasts, buffer use, recent events."""
+    traffic, forecasts, buffers, recent events.
+
+    No frame passes the multiplexer, so the traffic figures are the instances' own counters as
+    of the VPSM's last control step (`loads` in its status: asking the instances here would take
+    the latency samples the control loop reads). They cover the instances running now: a
+    destroyed instance's counters go with it. Sessions, placement and moves are the
+    multiplexer's."""
     import ray
 
     r: Any = ray  # Ray's own annotations are partial
-    vs, stats, loads = ray.get(
-        [vpsm.status.remote(), im.stats.remote(), im.instance_loads.remote()], timeout=CALL_TIMEOUT_S
+    vs, stats, placed, offered = ray.get(
+        [vpsm.status.remote(), im.stats.remote(), im.instance_loads.remote(), im.arrivals.remote()],
+        timeout=CALL_TIMEOUT_S,
     )
+    own: dict[str, dict[str, Any]] = vs.get("loads", {})
     instances: dict[str, Any] = {}
     for proto, p in vs["protocols"].items():
         instances[proto] = {
@@ -690,26 +739,32 @@ def collect_status(t: Mapping[str, Any], vpsm: Any, im: Any) -> dict[str, Any]:
             "members": [],
         }
     by_protocol: dict[str, int] = {}
+    for pl in placed.values():
+        by_protocol[pl["protocol"]] = by_protocol.get(pl["protocol"], 0) + int(pl["sessions"])
     for iid, info in sorted(vs["instances"].items()):
-        load = loads.get(iid, {})
-        proto = info["protocol"]
-        by_protocol[proto] = by_protocol.get(proto, 0) + int(load.get("sessions", 0))
-        instances.setdefault(proto, {"count": 0, "members": []})["members"].append(
+        pl, load = placed.get(iid, {}), own.get(iid, {})
+        busy = load.get("busy_fraction")
+        rate = load.get("msgs_per_s")
+        instances.setdefault(info["protocol"], {"count": 0, "members": []})["members"].append(
             {
                 "id": iid,
                 "start_latency_s": round(float(info["start_latency_s"]), 4),
-                "sessions": load.get("sessions"),
-                "frames": load.get("frames"),
-                "busy": load.get("busy"),
-                "inflight_bytes": load.get("inflight_bytes"),
-                "quota_bytes": load.get("quota_bytes"),
-                "quota_waits": load.get("quota_waits"),
-                "accepting": load.get("accepting"),
-                "alive": load.get("alive"),
+                "sessions": pl.get("sessions"),  # routed there by the multiplexer
+                "pending_sessions": load.get("pending_sessions"),  # waiting there for their restore
+                "frames": load.get("frames_in"),  # reached it, refused ones included
+                "msgs_per_s": None if rate is None else round(float(rate), 1),
+                "busy": None if busy is None else round(float(busy), 4),
+                "queue_frames": load.get("queue_depth"),
+                "clients": load.get("clients"),
+                "refused": _refused(load),
+                "errors": load.get("errors"),
+                "quota_bytes": pl.get("quota_bytes"),  # each client's window to it
+                "accepting": pl.get("accepting"),
+                "alive": pl.get("alive"),
+                "draining": info.get("draining"),
             }
         )
-    quota = sum(int(x.get("quota_bytes", 0)) for x in loads.values())
-    inflight = sum(int(x.get("inflight_bytes", 0)) for x in loads.values())
+    loads = [own[i] for i in vs["instances"] if i in own]
     return {
         "ok": True,
         "cluster": {
@@ -721,31 +776,38 @@ def collect_status(t: Mapping[str, Any], vpsm: Any, im: Any) -> dict[str, Any]:
             "cpus_available": r.available_resources().get("CPU"),
             "nodes": sum(1 for n in r.nodes() if n.get("Alive")),
         },
-        "deployment": {"multiplexer": t["multiplexer"], "vpsm": t["vpsm"], "forecaster_app": t.get("forecaster_app")},
+        "deployment": {
+            "multiplexer": t["multiplexer"],
+            "vpsm": t["vpsm"],
+            "forecaster_app": t.get("forecaster_app"),
+            "multiplexer_restarts": stats["restarts"],
+            "vpsm_restarts": vs.get("restarts", 0),
+        },
         "instances": instances,
         "sessions": {
             "total": stats["sessions"],
             "by_protocol": by_protocol,
+            "states": stats["session_states"],
+            "clients": stats["clients"],
             "moves": stats["moves"],
             "recoveries": stats["recoveries"],
             "sessions_recovered": stats["sessions_recovered"],
         },
         "traffic": {
-            k: stats[k]
-            for k in ("batches", "frames", "bad_batches", "foreign_frames", "unknown_session", "frames_redelivered")
+            "offered": offered,  # per protocol, as the clients report it
+            "frames_in": int(sum(_num(x.get("frames_in")) for x in loads)),
+            "refused": int(sum(_num(x.get(k)) for x in loads for k in REFUSED_KEYS)),
+            **{
+                k: int(sum(_num(x.get(k)) for x in loads))
+                for k in ("duplicates", "foreign", "unknown_session", "bad_frames", "errors")
+            },
         },
         "forecasts": vs.get("forecasts", {}),
         "forecast_errors": vs.get("forecast_errors", 0),
         "buffer_pool": {
-            "quota_bytes": quota,
-            "inflight_bytes": inflight,
-            "utilization": round(inflight / quota, 4) if quota else 0.0,
-            "quota_waits": stats["quota_waits"],
-            "quota_wait_seconds": stats["quota_wait_seconds"],
-            "shm_batches": stats["shm_batches"],
-            "retained_frames": stats["retained_frames"],
-            "retained_dropped": stats["retained_dropped"],
-            "retention_copy_bytes": stats["retention_copy_bytes"],
+            # octets one client may have in flight, to all the instances together
+            "quota_bytes": sum(int(x.get("quota_bytes", 0)) for x in placed.values()),
+            "queue_frames": int(sum(_num(x.get("queue_depth")) for x in loads)),
             "client_pools_on_host": _shm_segments(),  # clients' shared-memory pools (this host)
         },
         "vpsm_steps": vs["steps"],
@@ -817,12 +879,10 @@ def _replay(
     keep: bool,
     progress: Callable[[int, int], None] | None,
 ) -> dict[str, Any]:
-    import ray
-
     from apsv.runtime import driver
     from apsv.runtime.client import OffloadClient
 
-    client = OffloadClient(im)
+    client = OffloadClient(im, metrics_label="apsv-replay")
     keys = [s.key for s in plan]
     opened: list[Any] = []
     try:
@@ -861,6 +921,6 @@ def _replay(
     finally:
         if opened and not keep:
             with contextlib.suppress(Exception):
-                ray.get(im.close_sessions.remote(opened), timeout=CALL_TIMEOUT_S)
+                client.close_sessions(opened, timeout=CALL_TIMEOUT_S)
         with contextlib.suppress(Exception):
             client.close()

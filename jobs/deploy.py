@@ -60,15 +60,18 @@ def existing(namespace: str) -> tuple[Any, Any]:
 
 
 def destroy(vpsm: Any, im: Any) -> None:
-    """A deployment's instances (through its VPSM), then the VPSM and the multiplexer."""
+    """A deployment's instances (through its VPSM), then the VPSM and the multiplexer: each
+    forgets the state it keeps in Ray's KV store, and is killed for good (Ray would restart it)."""
     import ray
 
     if vpsm is not None:
         with contextlib.suppress(Exception):  # a VPSM that cannot answer is killed all the same
             ray.get(vpsm.shutdown.remote(), timeout=CALL_TIMEOUT_S)
-        ray.kill(vpsm)
+        ray.kill(vpsm, no_restart=True)
     if im is not None:
-        ray.kill(im)
+        with contextlib.suppress(Exception):
+            ray.get(im.forget.remote(), timeout=CALL_TIMEOUT_S)
+        ray.kill(im, no_restart=True)
 
 
 def deploy_forecaster(f: ForecasterSection) -> str:
@@ -88,10 +91,15 @@ def deploy_forecaster(f: ForecasterSection) -> str:
 def deploy_all(cfg: ApsvConfig, telemetry: Path, run_loop: bool) -> dict[str, Any]:
     import ray
 
+    from apsv.ops import forget_deployment
     from apsv.runtime.cluster import deploy
     from apsv.runtime.multiplexer import create_multiplexer
 
     ns = cfg.ray.namespace
+    # Nothing runs in the namespace (main checked): what a deployment killed without being
+    # stopped (or whose actors could not answer `destroy`) kept in Ray's KV store would be
+    # taken up by the new actors as their own.
+    forget_deployment(ns, (VPSM_NAME, MULTIPLEXER_NAME))
     # Detached, and created before deploy() - which then finds it by name (get_if_exists) rather
     # than making one owned by this job's driver, which ends with the job.
     im = create_multiplexer(MULTIPLEXER_NAME, namespace=ns, detached=True)

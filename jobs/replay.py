@@ -5,10 +5,11 @@
 
 Every peer recorded in the dumps becomes a session stream (its exact UPDATE bytes and times,
 apsv.runtime.driver); `--sessions` sessions are spread over `--vrouters` virtual routers of
-`--tenant` (streams reused round-robin) and opened on the deployed multiplexer (found by name in
-`--namespace`). Their messages go through an OffloadClient in recorded-time order: as fast as
-possible, or `--speed` times real time. With `--verify` each session is checked against an
-in-process replay of its stream: every frame applied exactly once, in order, the same Loc-RIB.
+`--tenant` (streams reused round-robin) and opened through the deployed multiplexer (found by
+name in `--namespace`), which places them. Their messages go from an OffloadClient straight to
+the stack instances, in recorded-time order: as fast as possible, or `--speed` times real time.
+With `--verify` each session is checked against an in-process replay of its stream: every frame
+applied exactly once, in order, the same Loc-RIB.
 
 The sessions stay open when the job ends - their Loc-RIBs are what jobs/rib_dump.py dumps -
 unless `--close`. Prints one JSON object (also written to `--output`); exit status 2 for bad
@@ -66,8 +67,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"replay: {e}", file=sys.stderr)
         return 2
 
-    import ray
-
     from apsv.runtime.client import OffloadClient
     from apsv.runtime.cluster import find_deployment
 
@@ -113,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
             result["problems"] = problems[:20]
     finally:
         if opened and args.close:
-            ray.get(im.close_sessions.remote(opened))
+            client.close_sessions(opened)
         client.close()
     text = json.dumps(result)
     print(text)

@@ -59,7 +59,9 @@ def family_name(fam: tuple[int, int]) -> str:
 
 
 def snapshot_sessions(im: Any, vpsm: Any, keys: list[Key]) -> dict[Key, bytes]:
-    """Each session's snapshot, asked of the instance that holds it now (following moves)."""
+    """Each session's snapshot, asked of the instance the multiplexer routes it to. A session
+    that moves (or is restored elsewhere) between the two calls is not found there: it is looked
+    up again."""
     import ray
     from ray.exceptions import RayActorError, RayTaskError
 
@@ -73,8 +75,10 @@ def snapshot_sessions(im: Any, vpsm: Any, keys: list[Key]) -> dict[Key, bytes]:
             if iid not in handles:  # started after we looked
                 handles = ray.get(vpsm.instance_handles.remote())
             try:
+                if iid not in handles:  # gone, or unplaced ("": no instance of its protocol)
+                    raise LookupError(f"session {key} is on no running instance ({iid or 'unplaced'})")
                 blob, _seq = ray.get(handles[iid].snapshot.remote(key))
-            except (RayTaskError, RayActorError, KeyError):
+            except (RayTaskError, RayActorError, LookupError):
                 if attempt == SNAPSHOT_TRIES - 1:
                     raise
                 time.sleep(0.2 * (attempt + 1))  # moved or being recovered: look it up again

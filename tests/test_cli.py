@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from apsv.cli import app
 from apsv.stack import REGISTRY, StackSession, load_stack
-from tests.conftest import manifest, manifest_counts, shared_data_dir
+from tests.conftest import cli_json, manifest, manifest_counts, shared_data_dir
 
 runner = CliRunner()
 
@@ -69,7 +69,7 @@ def test_demo_runs_the_main_job_end_to_end(ray_cluster: Any, tmp_path: Path) -> 
         app, ["demo", "--json", "--telemetry", str(tmp_path / "tel"), "--plots", str(plots), "--duration", "30"]
     )
     assert r.exit_code == 0, r.output
-    out = json.loads(r.output.strip().splitlines()[-1])
+    out = cli_json(r)
     assert out["ok"] is True
     files = out["files"]
     assert len(files) == 2 and all(f["errors"] == 0 and f["updates"] > 700 for f in files)
@@ -141,7 +141,7 @@ def test_status_json_while_the_demo_runs(tmp_path: Path) -> None:
         if demo.poll() is None:
             demo.kill()
     assert demo.returncode == 0
-    assert json.loads(out.strip().splitlines()[-1])["ok"] is True
+    assert json.loads(out)["ok"] is True  # stdout is the one object: Ray's own messages go to stderr
     assert seen is not None, "apsv status never saw the demo's deployment"
     assert {"instances", "sessions", "forecasts", "buffer_pool"} <= seen.keys()
     assert seen["instances"]["bgp"]["count"] >= 1

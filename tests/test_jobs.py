@@ -16,6 +16,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import mrtparse
@@ -27,8 +28,6 @@ from apsv.bgp.nlri import prefix_str
 from apsv.bgp.session import BgpSession
 from apsv.runtime.driver import load_streams, plan_sessions
 from tests.conftest import _free_port
-
-pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
 ROOT = Path(__file__).resolve().parent.parent
 RAY = str(Path(sys.executable).parent / "ray")
@@ -46,6 +45,16 @@ protocols:
 vpsm:
   interval_s: 1.0
   telemetry_dir: {telemetry}
+"""
+
+# A job that reports whether the deployment's control-plane actors took up a predecessor's state.
+FRESH = """\
+import json, ray
+ray.init(namespace="apsv")
+vpsm, im = ray.get_actor("apsv-vpsm"), ray.get_actor("apsv-multiplexer")
+status, stats = ray.get([vpsm.status.remote(), im.stats.remote()])
+print(json.dumps({"vpsm_restarts": status["restarts"], "multiplexer_restarts": stats["restarts"],
+                  "rebuilt_sessions": stats["rebuilt_sessions"]}))
 """
 
 
@@ -190,6 +199,8 @@ def _dump_prefixes(path: Path) -> tuple[list[dict[str, Any]], dict[int, set[str]
     return peers, by_peer
 
 
+@pytest.mark.slow
+@pytest.mark.ray
 def test_jobs_on_a_token_protected_cluster(head: dict[str, Any], data_dir: Path) -> None:
     tmp = Path(head["tmp"])
     # The entrypoint's python is this environment's, and apsv comes from the uploaded working dir.
@@ -256,6 +267,9 @@ def test_jobs_on_a_token_protected_cluster(head: dict[str, Any], data_dir: Path)
     # --replace: the running deployment (and its sessions) destroyed, a fresh one in its place.
     _rc, _out, again = submit(head, "jobs/deploy.py", "--config", str(config), "--replace")
     assert again["replaced"] is True and again["instances"] == {"bgp": 1}
+    # ...which took up nothing the old one kept in Ray's KV store (its plan, its control state).
+    _rc, _out, fresh = submit(head, "-c", FRESH)
+    assert fresh == {"vpsm_restarts": 0, "multiplexer_restarts": 0, "rebuilt_sessions": 0}, fresh
     rc, out, _ = submit(head, "jobs/rib_dump.py", "--vrouter", "1/1", "--out", str(tmp / "gone.mrt"), expect_ok=False)
     assert rc != 0 and "has no BGP session" in out
 
@@ -272,3 +286,35 @@ def test_jobs_on_a_token_protected_cluster(head: dict[str, Any], data_dir: Path)
         rc, out, _ = submit(head, "-c", "print('never runs')", env=env, expect_ok=False)
         assert rc != 0 and "never runs" not in out
         assert "Authentication" in out or "token" in out.lower(), out[-2000:]
+
+
+class _Remote:
+    def __init__(self, answer: Any) -> None:
+        self.answer = answer
+
+    def remote(self, *args: Any) -> Any:
+        answer = self.answer
+        return lambda: answer(*args) if callable(answer) else answer  # run by the fake ray.get
+
+
+def test_rib_dump_follows_a_session_that_moves(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The session leaves the instance it was routed to before that instance is asked: it is
+    looked up again and snapshot where it went."""
+    import ray
+
+    from jobs import rib_dump
+
+    monkeypatch.setattr(ray, "get", lambda ref, timeout=None: ref())
+    monkeypatch.setattr(time, "sleep", lambda s: None)  # between its looks
+    key = (1, 1, 1, 0)
+    routes = iter(["bgp-1", "bgp-2"])
+
+    def gone(k: Any) -> Any:
+        raise KeyError(k)  # what an instance says of a session it no longer holds
+
+    im = SimpleNamespace(route_of=_Remote(lambda k: next(routes)))
+    handles = {"bgp-1": SimpleNamespace(snapshot=_Remote(gone))}
+    handles_later = {**handles, "bgp-2": SimpleNamespace(snapshot=_Remote(lambda k: (b"blob", None)))}
+    calls = iter([handles, handles_later])  # bgp-2 started after the first look
+    vpsm = SimpleNamespace(instance_handles=_Remote(lambda: next(calls)))
+    assert rib_dump.snapshot_sessions(im, vpsm, [key]) == {key: b"blob"}

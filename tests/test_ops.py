@@ -99,6 +99,104 @@ def test_commands_without_a_deployment(tmp_path: Path) -> None:
     assert as_json(r)["error"] == f"{bad}: protocols[0].max_instances: Input should be greater than or equal to 1"
 
 
+class _Method:
+    def __init__(self, answer: Any) -> None:
+        self.answer = answer
+
+    def remote(self) -> Any:
+        return self.answer  # `ray.get` is the identity below
+
+
+class _Actor:
+    def __init__(self, **answers: Any) -> None:
+        for name, answer in answers.items():
+            setattr(self, name, _Method(answer))
+
+
+def test_status_reads_the_instances_own_counters(monkeypatch: pytest.MonkeyPatch, capsys: Any) -> None:
+    """Traffic figures are the instances' own (the VPSM's last loads), placement the multiplexer's;
+    an instance that has not reported yet shows nothing rather than zeros."""
+    import ray
+
+    from apsv.cli.ops import _render_status
+
+    monkeypatch.setattr(ray, "get", lambda refs, timeout=None: refs)
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
+    monkeypatch.setattr(ray, "available_resources", lambda: {"CPU": 1.5})
+    monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True}])
+    counters = {"departed": 3, "stale": 2, "out_of_order": 1, "duplicates": 4, "foreign": 5}
+    counters |= {"unknown_session": 6, "bad_frames": 7, "errors": 8, "clients": 2, "pending_sessions": 0}
+    vpsm = _Actor(
+        status={
+            "protocols": {
+                "bgp": {"instances": 2, "policy": "reactive", "backend": "process", "min": 1, "max": 4}
+                | {"start_latency_s": 0.41}
+            },
+            "instances": {
+                "bgp-1": {"protocol": "bgp", "start_latency_s": 0.4, "draining": False},
+                "bgp-2": {"protocol": "bgp", "start_latency_s": 0.42, "draining": True},
+            },
+            "loads": {
+                "bgp-1": counters
+                | {"sessions": 5, "frames_in": 1000, "msgs_per_s": 250.0, "busy_fraction": 0.5, "queue_depth": 40}
+                | {"accepting": True}
+            },  # bgp-2 has not reported yet
+            "restarts": 1,
+            "steps": 12,
+            "events": [{"ts": 1.0, "event": "instantiate", "instance": "bgp-2", "start_latency_s": 0.42}],
+            "forecasts": {"bgp": {"p50": [1.0, 2.0], "p90": [3.0, 4.0]}},
+            "forecast_errors": 0,
+        }
+    )
+    place = {"protocol": "bgp", "busy": 0.5, "endpoint": "", "alive": True}
+    im = _Actor(
+        stats={"sessions": 6, "session_states": {"live": 6}, "clients": 2, "moves": 3, "recoveries": 0}
+        | {"sessions_recovered": 0, "restarts": 0},
+        instance_loads={
+            "bgp-1": place | {"sessions": 5, "quota_bytes": 4 << 20, "accepting": True},
+            "bgp-2": place | {"sessions": 1, "quota_bytes": 4 << 20, "accepting": False},
+        },
+        arrivals={"bgp": 990},
+    )
+    t = {"address": "127.0.0.1:1", "namespace": "apsv", "multiplexer": "apsv-multiplexer", "vpsm": "apsv-vpsm"}
+    st = ops.collect_status(t, vpsm, im)
+    json.dumps(st)
+    assert st["traffic"] == {
+        "offered": {"bgp": 990},
+        "frames_in": 1000,
+        "refused": 6,
+        "duplicates": 4,
+        "foreign": 5,
+        "unknown_session": 6,
+        "bad_frames": 7,
+        "errors": 8,
+    }
+    one, two = st["instances"]["bgp"]["members"]
+    assert (one["id"], one["sessions"], one["frames"], one["busy"], one["queue_frames"], one["refused"]) == (
+        "bgp-1",
+        5,
+        1000,
+        0.5,
+        40,
+        6,
+    )
+    assert (two["sessions"], two["frames"], two["busy"], two["refused"], two["draining"]) == (1, None, None, None, True)
+    assert st["sessions"] == {
+        "total": 6,
+        "by_protocol": {"bgp": 6},
+        "states": {"live": 6},
+        "clients": 2,
+        "moves": 3,
+        "recoveries": 0,
+        "sessions_recovered": 0,
+    }
+    assert st["buffer_pool"]["quota_bytes"] == 8 << 20 and st["buffer_pool"]["queue_frames"] == 40
+    assert st["deployment"]["vpsm_restarts"] == 1 and st["vpsm_steps"] == 12
+    _render_status(st)
+    out = capsys.readouterr().out
+    assert "bgp-1" in out and "draining" in out and "frames offered by clients: bgp 990" in out
+
+
 # ------------------------------------------------------------------------------------------------
 # The operator's round trip
 
@@ -152,9 +250,11 @@ def test_up_status_replay_down(tmp_path: Path, data_dir: Path) -> None:
         bgp = s["instances"]["bgp"]
         assert bgp["count"] == 1 and bgp["policy"] == "reactive" and (bgp["min"], bgp["max"]) == (1, 2)
         assert [m["id"] for m in bgp["members"]] == ["bgp-1"] and bgp["members"][0]["alive"]
+        assert bgp["members"][0]["accepting"] and not bgp["members"][0]["draining"]
         assert bgp["start_latency_s"] > 0
         assert s["sessions"]["total"] == 0 and s["buffer_pool"]["quota_bytes"] == 4 << 20
-        assert {"instances", "sessions", "forecasts", "buffer_pool", "events"} <= set(s)
+        assert {"instances", "sessions", "traffic", "forecasts", "buffer_pool", "events"} <= set(s)
+        assert s["deployment"]["multiplexer_restarts"] == s["deployment"]["vpsm_restarts"] == 0
 
         # 6 sessions of 3 virtual routers over the file's 2 recorded peers: 3 x its UPDATEs
         updates = manifest_counts(manifest()[SAMPLE])["UPDATE"]
@@ -166,8 +266,22 @@ def test_up_status_replay_down(tmp_path: Path, data_dir: Path) -> None:
         assert r["verified"] and r["problems"] == []  # each frame applied once, in order, the same RIB
         assert r["seconds"] > 0 and r["frames_per_s"] > 0
 
-        after = as_json(apsv("status", "--json", env=env))
-        assert after["traffic"]["frames"] == 3 * updates and after["traffic"]["bad_batches"] == 0
+        # The instances' counters as of the VPSM's last control step: wait for one after the replay.
+        # Each frame reached an instance once, plus those it refused (to be re-sent) or held for a
+        # restore - none of which the verification above found applied twice.
+        sent = 3 * updates
+        deadline = time.monotonic() + 20
+        while True:
+            after = as_json(apsv("status", "--json", env=env))
+            tr = after["traffic"]
+            applied_or_held = tr["frames_in"] - tr["refused"] - tr["duplicates"] - tr["foreign"] - tr["unknown_session"]
+            if applied_or_held >= sent or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        assert tr["offered"] == {"bgp": sent}  # as the replay's client reported them
+        assert applied_or_held >= sent and tr["frames_in"] >= sent
+        assert tr["bad_frames"] == 0 and tr["foreign"] == 0
+        assert sum(m["frames"] for m in after["instances"]["bgp"]["members"]) == tr["frames_in"]
         assert after["sessions"]["total"] == 0  # the replay closed its sessions
 
         dn = apsv("down", "--json", env=env)

@@ -4,7 +4,6 @@ service rate, latency floor and start latency."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +12,7 @@ from typer.testing import CliRunner
 
 from apsv.cli import app
 from apsv.forecast.evaluate import read_series
+from tests.conftest import cli_json
 
 runner = CliRunner()
 
@@ -33,7 +33,7 @@ def test_live_evaluation_against_the_simulator(ray_cluster: Any, data_dir: Path,
         ],
     )  # fmt: skip
     assert r.exit_code == 0, r.output
-    out = json.loads(r.output.strip().splitlines()[-1])
+    out = cli_json(r)
     assert out["mode"] == "live" and out["steps"] == 60
     cal = out["calibration"]
     # the echo stack's service time sets what one live instance serves (minus Ray's per-call cost)

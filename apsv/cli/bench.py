@@ -57,3 +57,15 @@ def bfd_scale(
         typer.echo(f"apsv bench bfd-scale: --steps {steps!r}: expected comma-separated integers", err=True)
         raise typer.Exit(2) from None
     main(counts, hold, as_json, out)
+
+
+@bench_app.command("restart")
+def restart(
+    sessions: int = typer.Option(200, "--sessions", min=10, help="BGP sessions replayed (10 per virtual router)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    out: Path = typer.Option(None, "--out", help="Also save the JSON here."),
+) -> None:
+    """Kill -9 the multiplexer, the VPSM, then both, mid-replay: nothing lost, the longest stall."""
+    from apsv.bench.restart import main
+
+    main(sessions, as_json, out)

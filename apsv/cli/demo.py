@@ -114,7 +114,7 @@ class BfdPairs:
     wire and the agent between them: every transmit interval it delivers each remote end's
     current packet to its cluster session, and it hands each cluster session's transmission
     program (what the agent would send) to the remote end. Both sides come Up by RFC 5880's
-    three-way handshake, through the multiplexer and a BFD stack instance."""
+    three-way handshake, through the offload path to a BFD stack instance."""
 
     def __init__(self, im: Any, n: int, tx_ms: float = 300.0) -> None:
         from apsv.bfd.session import BfdSession, BfdSessionConfig
@@ -324,7 +324,16 @@ def run_offload(
             transport = client.transport
             client.close()
             timeline = ray.get(dep.vpsm.get_timeline.remote("bgp", t0))
+            # Asked where each session is now (the VPSM keeps scaling meanwhile); one still in a
+            # hand-over after the multiplexer's retries is asked again until it lands.
             infos = session_infos(dep)
+            keys = [s.key for s in plan] + (pairs.keys if pairs is not None else [])
+            for _ in range(20):
+                missing = [k for k in keys if k not in infos]
+                if not missing:
+                    break
+                time.sleep(0.25)
+                infos.update(session_infos(dep, missing))
             problems = verify(plan, infos, reference)
             stats = ray.get(dep.multiplexer.stats.remote())
             status = ray.get(dep.vpsm.status.remote())
@@ -473,6 +482,8 @@ def demo(
         if not path.is_file():
             typer.echo(f"apsv demo: {path}: no such file", err=True)
             raise typer.Exit(2)
+    from apsv.runtime.cluster import stdout_for_one_object
+
     console = Console(stderr=True)
     with console.status("decoding the bundled MRT dumps", spinner="dots") as st:
         decoded = [_decode(p) for p in paths]
@@ -481,7 +492,8 @@ def demo(
             f"{sessions} BGP sessions over ~{duration:g} s"
         )
         root = telemetry or Path(tempfile.mkdtemp(prefix="apsv-telemetry-"))
-        offload = run_offload(paths, sessions, vrouters, backend, root, duration, forecaster, plots, bfd_sessions)
+        with stdout_for_one_object(as_json):
+            offload = run_offload(paths, sessions, vrouters, backend, root, duration, forecaster, plots, bfd_sessions)
     b = offload["bfd"]
     ok = (
         offload["identical_ribs"]

@@ -104,7 +104,7 @@ def _live(
 ) -> None:
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from apsv.runtime.cluster import start_local_ray
+    from apsv.runtime.cluster import start_local_ray, stdout_for_one_object
     from apsv.scaling.live import LiveConfig, evaluate_live, live_json, plot_live
     from apsv.scaling.simulator import Forecasts
 
@@ -119,15 +119,18 @@ def _live(
         typer.echo(f"apsv evaluate: --live-start {start} leaves {test.size} steps; at least 60 needed", err=True)
         raise typer.Exit(2)
     live = LiveConfig(speed=speed, peak_rate=peak_rate, max_steps=steps)
-    start_local_ray(num_cpus=16)
-    with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        TextColumn("{task.completed}/{task.total} s"),
-        TimeRemainingColumn(),
-        transient=True,
-        disable=as_json,
-    ) as bar:
+    with (
+        stdout_for_one_object(as_json),
+        Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            TextColumn("{task.completed}/{task.total} s"),
+            TimeRemainingColumn(),
+            transient=True,
+            disable=as_json,
+        ) as bar,
+    ):
+        start_local_ray(num_cpus=16)
         tasks: dict[str, Any] = {}
 
         def progress(policy: str, k: int, n: int) -> None:

@@ -164,8 +164,9 @@ def status(
 ) -> None:
     """Show the running deployment: instances, sessions, buffers, forecasts, events.
 
-    Instances per protocol with their policy and start latency, sessions and live moves, buffer
-    quota use, the forecaster's quantiles and the VPSM's recent events.
+    Instances per protocol with their policy and start latency, each instance's own traffic
+    counters, sessions and live moves, buffer windows and queues, the forecaster's quantiles and
+    the VPSM's recent events.
     """
     from apsv import ops
 
@@ -194,8 +195,9 @@ def _render_status(st: dict[str, Any]) -> None:
     for col in ("protocol", "backend", "policy", "instances", "min..max", "start (s, median)"):
         pt.add_column(col, justify="right" if col in ("instances", "start (s, median)") else "left")
     it = Table(title="Stack instances")
-    for col in ("instance", "sessions", "frames", "busy", "quota in use", "start (s)", "state"):
-        it.add_column(col, justify="left" if col in ("instance", "state") else "right")
+    for col in ("instance", "sessions", "frames", "msgs/s", "busy", "queue", "start (s)", "state"):
+        named = col in ("instance", "state")
+        it.add_column(col, justify="left" if named else "right", no_wrap=named, min_width=8 if named else None)
     for proto, p in st["instances"].items():
         pt.add_row(
             proto,
@@ -206,30 +208,35 @@ def _render_status(st: dict[str, Any]) -> None:
             f"{p.get('start_latency_s', 0):.3f}",
         )
         for m in p["members"]:
-            quota = m.get("quota_bytes") or 0
-            used = f"{(m.get('inflight_bytes') or 0) / quota:.0%}" if quota else "-"
-            state = "dead" if not m.get("alive", True) else "draining" if not m.get("accepting", True) else "up"
             it.add_row(
                 m["id"],
                 str(m.get("sessions")),
-                f"{m.get('frames') or 0:,}",
-                f"{m.get('busy') or 0:.2f}",
-                used,
+                _count(m.get("frames")),
+                _count(m.get("msgs_per_s")),
+                "-" if m.get("busy") is None else f"{m['busy']:.2f}",
+                _count(m.get("queue_frames")),
                 f"{m['start_latency_s']:.3f}",
-                state,
+                _state(m),
             )
     console.print(pt)
     console.print(it)
-    s, b = st["sessions"], st["buffer_pool"]
+    s, tr, b = st["sessions"], st["traffic"], st["buffer_pool"]
     console.print(
-        f"sessions {s['total']} ({', '.join(f'{k} {v}' for k, v in s['by_protocol'].items())}), "
-        f"live moves {s['moves']}, recoveries {s['recoveries']}; "
-        f"frames {st['traffic']['frames']:,} in {st['traffic']['batches']:,} batches",
+        f"sessions {s['total']} ({', '.join(f'{k} {v}' for k, v in s['by_protocol'].items())}) of "
+        f"{s['clients']} client(s), live moves {s['moves']}, recoveries {s['recoveries']}",
         highlight=False,
     )
+    offered = ", ".join(f"{k} {v:,}" for k, v in tr["offered"].items()) or "none"
     console.print(
-        f"buffers: {_mib(b['inflight_bytes'])} of {_mib(b['quota_bytes'])} quota in flight ({b['utilization']:.0%}), "
-        f"quota waits {b['quota_waits']}, retained frames {b['retained_frames']}",
+        f"frames offered by clients: {offered}; at the instances {tr['frames_in']:,}, refused and re-sent "
+        f"{tr['refused']:,}, duplicates {tr['duplicates']:,}, foreign {tr['foreign']:,}, "
+        f"bad {tr['bad_frames']:,}",
+        highlight=False,
+    )
+    pools = b["client_pools_on_host"]
+    console.print(
+        f"buffers: per-client windows {_mib(b['quota_bytes'])} over all instances, instance queues "
+        f"{b['queue_frames']:,} frames, client pools on this host {pools['segments']} ({_mib(pools['bytes'])})",
         highlight=False,
     )
     if st["forecasts"]:
@@ -260,6 +267,17 @@ def _mib(n: Any) -> str:
     return "-" if n is None else f"{int(n) / (1 << 20):.1f} MiB"
 
 
+def _state(m: dict[str, Any]) -> str:
+    if not m.get("alive", True):
+        return "dead"
+    return "draining" if m.get("draining") or not m.get("accepting", True) else "up"
+
+
+def _count(n: Any) -> str:
+    """A figure an instance reports ("-" until its first report)."""
+    return "-" if n is None else f"{n:,.0f}"
+
+
 def replay(
     file: Path = typer.Argument(..., help="An MRT update dump (BGP4MP; .gz/.bz2 read as such)."),
     sessions: int | None = typer.Option(
@@ -276,8 +294,8 @@ def replay(
 ) -> None:
     """Replay an MRT update dump against the running deployment.
 
-    Each recorded peer becomes BGP sessions of virtual routers, its UPDATEs sent through the
-    multiplexer in recorded order; prints frames, seconds and rate.
+    Each recorded peer becomes BGP sessions of virtual routers, its UPDATEs sent straight to
+    the stack instances in recorded order; prints frames, seconds and rate.
     """
     from apsv import ops
 

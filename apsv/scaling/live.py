@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from apsv.frame import ProtocolId
+from apsv.frame import HEADER_LEN, ProtocolId
 from apsv.runtime.host import Key
 from apsv.scaling.latency import LATENCY_BINS_MS, merge, quantile
 from apsv.scaling.simulator import Forecasts, SimConfig, SimResult, initial_instances, session_weights, simulate
@@ -60,8 +60,8 @@ class LiveConfig:
     batch_delay_s: float = 0.04  # each agent's batching delay, in trace seconds (wall: / speed)
     agents: int = 5  # agents (clients) the virtual routers are spread over
     # Batches an agent's client may have in flight, and its buffers. A buffer is free again when
-    # the slowest instance its batch touches has read it: the window must outlast the longest
-    # backlog an instance builds before scaling relieves it (seconds), or one backlogged
+    # the slowest instance its batch touches has answered its part: the window must outlast the
+    # longest backlog an instance builds before scaling relieves it (seconds), or one backlogged
     # instance stalls the agent's traffic to every instance (head-of-line blocking).
     max_inflight: int = 240
     buffer_slots: int = 256
@@ -76,13 +76,14 @@ class LiveConfig:
             raise ValueError("speed, peak_rate and batch_delay_s must be positive")
         if self.vrouters < 1 or self.sessions_per_vrouter < 1:
             raise ValueError("need at least one virtual router with one session")
-        from apsv.runtime.multiplexer import MAX_CONCURRENCY
-
-        if self.agents * self.max_inflight > MAX_CONCURRENCY // 2:
-            raise ValueError(
-                f"{self.agents} agents x {self.max_inflight} batches in flight exceed half the "
-                f"multiplexer's {MAX_CONCURRENCY} concurrent calls"
-            )
+        if self.agents < 1:
+            raise ValueError("need at least one agent")
+        # A client never has more batches out than buffers: a larger window would be simulated
+        # (`agent_window_ms`) but not run.
+        if not 1 <= self.max_inflight <= self.buffer_slots:
+            raise ValueError(f"max_inflight {self.max_inflight} must be 1 to buffer_slots ({self.buffer_slots})")
+        if HEADER_LEN + self.payload_bytes > self.buffer_bytes:
+            raise ValueError(f"a {self.payload_bytes}-octet message does not fit a {self.buffer_bytes}-octet buffer")
 
 
 @dataclass
@@ -93,7 +94,9 @@ class Calibration:
     capacity: float  # messages/s one instance serves
     base_latency_ms: float  # p50 latency at light load
     start_latency_s: float  # decision -> ready
-    move_s: float = 0.005  # a moved session's frames held, mean (a second instance joining at light load)
+    # a session's hand-over, mean: detached at its source -> adopted by the target, while its
+    # frames wait (then re-sent to the target); measured as a second instance joins at light load
+    move_s: float = 0.005
     moves: int = 0  # the moves that measured it (0: none happened, move_s is the default)
     node_cpus: int = 0  # this host's cores
     # the p99 latency added when `node_cpus` instances start at once (over one starting alone)
@@ -207,7 +210,7 @@ class Sender:
             time.sleep(0.001)
         for c in self.clients:
             c.drain()
-        # a move's held frames are applied after it ends, their output handed out later
+        # output produced outside the batches' replies (sessions moved in or restored) comes by poll
         deadline = time.time() + 10.0
         while self.outputs < self.sent and time.time() < deadline:
             time.sleep(0.05)
@@ -442,10 +445,10 @@ def calibrate(cfg: SimConfig, live: LiveConfig, test: FloatArray) -> Calibration
         stall_s = 0.0
         if measure_stall:
             # As many instances starting at once as the host has cores: Ray starts a worker
-            # process for each, CPU-bound for the start latency, and the message path (agents,
-            # multiplexer, instances) loses its core meanwhile. The p99 while they start, over the
-            # p99 while one starts (same load, same window, its moves included in both), is the
-            # stall the simulator models (`start_stall_s`).
+            # process for each, CPU-bound for the start latency, and the message path (agents and
+            # instances) loses its core meanwhile. The p99 while they start, over the p99 while one
+            # starts (same load, same window, its moves included in both), is the stall the
+            # simulator models (`start_stall_s`).
             def p99_while_scaling_to(n: int) -> float:
                 for h in ray.get(dep.vpsm.instance_handles.remote()).values():
                     ray.get(h.load.remote())  # drop what they measured so far
@@ -466,11 +469,13 @@ def calibrate(cfg: SimConfig, live: LiveConfig, test: FloatArray) -> Calibration
             stall_s = max(0.0, many - one) / 1000.0
         ray.get(dep.vpsm.scale_to.remote("echo", 1))
         (inst,) = ray.get(dep.vpsm.instance_handles.remote()).values()
-        # overload (150 %): the service rate, from what the instance applied over the period
-        f0, t0 = int(ray.get(inst.load.remote())["frames_in"]), time.time()
+        # overload (150 %): the service rate, from what the instance's sessions applied over the
+        # period (it holds them all, none moves; `frames_in` also counts frames it refused or
+        # dropped as repeats, which cost no service time)
+        f0, t0 = int(ray.get(inst.load.remote())["session_frames"]), time.time()
         sender.run([1.5 * target] * int(live.calibrate_s), time.time() + 0.05, 1.0)
         heavy = ray.get(inst.load.remote())
-        capacity = (int(heavy["frames_in"]) - f0) / max(time.time() - t0, 1e-6)
+        capacity = (int(heavy["session_frames"]) - f0) / max(time.time() - t0, 1e-6)
         sender.finish()
         sender.close()
     finally:
