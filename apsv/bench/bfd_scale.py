@@ -25,6 +25,7 @@ from typing import Any
 import ray
 
 from apsv.bench.daemons import proc_cpu_seconds, vtysh, which
+from apsv.bench.report import run_and_report
 
 NS_FRR, NS_APSV = "apsv-bfdscale-frr", "apsv-bfdscale-agent"
 
@@ -199,15 +200,11 @@ def run(steps: list[int], hold: float = 10.0) -> dict[str, Any]:
     }
 
 
+def render(r: dict[str, Any]) -> str:
+    lines = [json.dumps(lv) for lv in r["levels"]]
+    lines.append(f"largest count held Up with no false downs: {r['largest_held']}")
+    return "\n".join(lines)
+
+
 def main(steps: list[int], hold: float, as_json: bool, out: Path | None) -> dict[str, Any]:
-    r = run(steps, hold)
-    if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(r, indent=2) + "\n")
-    if as_json:
-        print(json.dumps(r))
-    else:
-        for lv in r["levels"]:
-            print(json.dumps(lv))
-        print(f"largest count held Up with no false downs: {r['largest_held']}")
-    return r
+    return run_and_report(lambda: run(steps, hold), render, as_json, out)

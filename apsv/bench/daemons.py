@@ -57,6 +57,18 @@ def proc_cpu_seconds(pid: int) -> float:
     return total
 
 
+def ray_daemon_pids() -> list[int]:
+    """Ray's own processes of the cluster this driver started (raylet, GCS, and the agents and
+    monitors beside them): their CPU counts towards what the offload path costs."""
+    try:
+        import ray._private.worker as w
+
+        node: Any = w._global_node
+        return [int(i.process.pid) for infos in node.all_processes.values() for i in infos if i.process is not None]
+    except Exception:  # not the driver that started Ray, or Ray's private layout changed
+        return []
+
+
 def proc_max_rss_mb(pid: int) -> float:
     with contextlib.suppress(FileNotFoundError):
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -144,6 +156,7 @@ def start_bird_announcer(n: int, peers: int, port: int) -> Proc:
   neighbor {receiver_addr(i)} port {port} as {RECEIVER_AS};
   strict bind yes;
   multihop;
+  start delay time 0;  # (default 5 s) every receiver's CPU is counted from BIRD's start
   connect retry time 1;
   ipv4 {{ import none; export where source = RTS_STATIC; next hop address {NEXT_HOP}; }};
 }}"""
