@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import random
+import subprocess
+import sys
 import threading
 import time
 
@@ -416,3 +418,66 @@ def test_offered_load_follows_each_clients_own_counter() -> None:
     # a counter never goes back (a late, older report changes nothing)
     assert o.rates(105.0, {"a": {"bgp": 1800}}) == {"bgp": 0.0}
     assert o.rates(106.0, {"a": {"bgp": 1901}}) == {"bgp": 1.0}
+
+
+SIGPIPE_DEFAULT = r"""
+import signal, socket, sys, tempfile, time
+from pathlib import Path
+import mrtparse  # restores SIGPIPE's default action on import, as any library may
+assert signal.getsignal(signal.SIGPIPE) == signal.SIG_DFL
+from apsv.runtime import channel, wire
+from apsv.runtime.credentials import credential
+from apsv.runtime.dataplane import DataPlaneServer
+from apsv.runtime.links import LinkDown, ShmLink
+
+class Handler:
+    def dp_batch(self, owner, data, offsets, snapshot_keys):
+        raise AssertionError("no batch is sent")
+    def dp_restore(self, owner, msg):
+        return ""
+
+key = b"k" * 32
+server = DataPlaneServer("i-1", Path(tempfile.mkdtemp()) / "dp", key, Handler(), 1 << 20)
+server.start()
+# The instance side: a client that said HELLO and stopped reading (shut its side for reading:
+# the instance's next write fails, as one to a client gone away does).
+gone = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+gone.connect(str(server.path))
+gone.sendall(channel.hello("gone", credential(key, "gone"), ""))
+time.sleep(0.3)
+gone.shutdown(socket.SHUT_RD)
+for _ in range(50):
+    server.send_output("gone", channel.output(b"x" * 4096))
+    time.sleep(0.002)
+assert server._thread.is_alive()
+gone.close()
+# The client side: an instance that went away under a link.
+link = ShmLink("i-1", str(server.path), "c", credential(key, "c"), "")
+server.stop()
+time.sleep(0.1)
+for _ in range(50):
+    link.send_restore(b"y" * 65536)
+try:
+    while True:
+        link.read()
+        time.sleep(0.01)
+except LinkDown:
+    pass
+b1, b2 = socket.socketpair()
+b2.close()
+try:
+    wire.send(b1, wire.OK, {})
+except BrokenPipeError:
+    pass
+print("alive")
+"""
+
+
+def test_a_peer_gone_is_an_error_not_sigpipe() -> None:
+    """A library in the process (mrtparse, on import) may restore SIGPIPE's default action,
+    which ends a process that writes to a closed socket. The data plane's writes on both sides
+    and the container wire use MSG_NOSIGNAL: the write fails, the link is down, the process lives."""
+    r = subprocess.run(
+        [sys.executable, "-c", SIGPIPE_DEFAULT], check=False, capture_output=True, text=True, timeout=120
+    )
+    assert r.returncode == 0 and r.stdout.strip() == "alive", (r.returncode, r.stderr[-2000:])

@@ -37,6 +37,7 @@ from apsv.runtime.shm import SegmentCache
 log = logging.getLogger("apsv.dataplane")
 
 MAX_CONNECTIONS = 1024
+NOSIGNAL = socket.MSG_NOSIGNAL  # a client gone is EPIPE here, never SIGPIPE (whatever its action)
 MAX_QUEUED_BYTES = 64 << 20  # written to one connection and not yet read by its client
 MAX_WAITING_BYTES = 64 << 20  # output for clients not connected now, per instance
 
@@ -164,7 +165,7 @@ class DataPlaneServer:
 
     def _wake(self) -> None:
         with contextlib.suppress(BlockingIOError, OSError):
-            self._wake_w.send(b"\0")
+            self._wake_w.send(b"\0", NOSIGNAL)
 
     # -- the thread ----------------------------------------------------------------------------
 
@@ -219,7 +220,7 @@ class DataPlaneServer:
         if len(self._conns) >= MAX_CONNECTIONS:
             self.c.refused_connections += 1
             with contextlib.suppress(OSError):
-                sock.sendall(channel.error("too many connections"))
+                sock.sendall(channel.error("too many connections"), NOSIGNAL)
             sock.close()
             return
         sock.setblocking(False)
@@ -330,7 +331,7 @@ class DataPlaneServer:
             conn.out_bytes += len(msg)
         else:
             try:
-                sent = conn.sock.send(msg)
+                sent = conn.sock.send(msg, NOSIGNAL)
             except (BlockingIOError, InterruptedError):
                 sent = 0
             except OSError:
@@ -353,7 +354,7 @@ class DataPlaneServer:
         while conn.out:
             msg = conn.out[0]
             try:
-                sent = conn.sock.send(msg)
+                sent = conn.sock.send(msg, NOSIGNAL)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError:
@@ -373,7 +374,7 @@ class DataPlaneServer:
         with contextlib.suppress(OSError):
             conn.sock.setblocking(True)
             conn.sock.settimeout(0.1)
-            conn.sock.sendall(channel.error(reason))
+            conn.sock.sendall(channel.error(reason), NOSIGNAL)
         self._close(conn)
 
     def _close(self, conn: _Conn) -> None:

@@ -29,6 +29,9 @@ from apsv.runtime import channel
 from apsv.runtime.host import Key
 
 CONNECT_TIMEOUT_S = 10.0
+# A write to a closed socket fails with EPIPE, never SIGPIPE: a library in the client's process
+# may have restored SIGPIPE's default action (mrtparse does on import), which would end it.
+NOSIGNAL = socket.MSG_NOSIGNAL
 RAY_WINDOW = 8 << 20  # octets in flight on a cross-node link, unless the instance says otherwise
 
 
@@ -145,7 +148,7 @@ class ShmLink(Link):
         try:
             self.sock.settimeout(CONNECT_TIMEOUT_S)
             self.sock.connect(path)
-            self.sock.sendall(channel.hello(client, credential, segment))
+            self.sock.sendall(channel.hello(client, credential, segment), NOSIGNAL)
             welcome = self._first_message()
             self.sock.settimeout(None)
         except OSError as e:
@@ -188,7 +191,7 @@ class ShmLink(Link):
         if self.down:
             return
         try:
-            self.sock.sendall(msg)
+            self.sock.sendall(msg, NOSIGNAL)
         except OSError:
             self.down = True  # read() reports it
 

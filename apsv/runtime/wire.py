@@ -41,6 +41,7 @@ OPS = {
 OP_NAMES = {v: k for k, v in OPS.items()}
 OK, ERROR = 0, 255
 MAX_MESSAGE = 512 << 20
+NOSIGNAL = socket.MSG_NOSIGNAL  # a peer gone is EPIPE, never SIGPIPE (whatever its action)
 
 
 class WireError(ConnectionError):
@@ -58,9 +59,9 @@ def send(
     total = sum(len(p) for p in parts)
     if total > MAX_MESSAGE:
         raise WireError(f"message of {total} octets exceeds {MAX_MESSAGE}")
-    sock.sendall(struct.pack("!I", total))
+    sock.sendall(struct.pack("!I", total), NOSIGNAL)
     for p in parts:
-        sock.sendall(p)
+        sock.sendall(p, NOSIGNAL)
 
 
 def _recv_exact(sock: socket.socket, n: int) -> bytearray:
