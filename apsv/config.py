@@ -287,6 +287,18 @@ class ProtocolSection(_Section):
             )
         return v
 
+    @field_validator("policy_config")
+    @classmethod
+    def _policy_config(cls, v: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        if info.data.get("policy") == "ray_serve":  # Ray's AutoscalingConfig says what it takes
+            from apsv.scaling.ray_serve import autoscaling_config
+
+            try:
+                autoscaling_config(v, 1, 1)
+            except ValueError as e:
+                raise PydanticCustomError("policy_config", "{why}", {"why": str(e)}) from None
+        return v
+
     @model_validator(mode="after")
     def _slo(self) -> ProtocolSection:
         if self.slo_ms is None:

@@ -146,6 +146,11 @@ def test_min_above_max_names_file_and_field(tmp_path: Path) -> None:
         ({"protocols": [{"backend": "process"}]}, "protocols[0].protocol", "required field missing"),
         ({"protocols": [{"protocol": "ospf"}]}, "protocols[0].protocol", "unknown protocol 'ospf' (registered"),
         ({"protocols": [{"protocol": "bgp", "policy": "magic"}]}, "protocols[0].policy", "unknown scaling policy"),
+        (
+            {"protocols": [{"protocol": "bgp", "policy": "ray_serve", "policy_config": {"upscale_delay": 5}}]},
+            "protocols[0].policy_config",
+            "not a field of Ray Serve's AutoscalingConfig: upscale_delay",
+        ),
         ({"protocols": [{"protocol": "bgp", "backend": "vm"}]}, "protocols[0].backend", "'process' or 'docker'"),
         (
             {"protocols": [{"protocol": "bgp", "allocation": {"memory": "512XB"}}]},

@@ -212,6 +212,47 @@ def test_every_policy_respects_bounds_and_budget(name: str) -> None:
         assert d.instances >= 2
 
 
+def test_ray_serve_agrees_step_by_step_with_reactive_configured_alike() -> None:
+    """Ray Serve's installed default policy through the adapter, on a real trace's shape, against
+    `reactive` set to what Ray's defaults mean in APSV's unit: 2 of 5 slots = 40 % of capacity,
+    up after 30 s, down after 600 s, factors 1 - and given the load Serve averages over its 30 s
+    look-back. They must decide the same count at every step."""
+    rng = np.random.default_rng(7)
+    t = np.arange(3000)
+    trace = 4000 + 3000 * np.sin(t / 300.0) + rng.normal(0, 400, t.size).clip(-1500, 1500)
+    serve, react = get_policy("ray_serve"), get_policy("reactive")
+    react_cfg = {"target_utilization": 0.4, "upscale_smoothing": 1.0, "downscale_smoothing": 1.0}
+    react_cfg |= {"upscale_delay_s": 30.0, "downscale_delay_s": 600.0}
+    cur, changes = 3, 0
+    s_state: dict[str, Any] = {}
+    r_state: dict[str, Any] = {}
+    for i, load in enumerate(trace):
+        common = {"now": float(i), "current_instances": cur, "max_instances": 64}
+        history = tuple(float(x) for x in trace[max(0, i - 29) : i])
+        a = serve(ctx(**common, load=float(load), load_history=history, state=s_state))
+        mean = (sum(history) + float(load)) / (len(history) + 1)
+        b = react(ctx(**common, load=mean, state=r_state, config=react_cfg))
+        assert a.instances == b.instances, (i, load, cur, a, b)
+        changes += a.instances != cur
+        cur, s_state, r_state = a.instances, a.state, b.state
+    assert changes >= 4  # it did scale, both ways
+
+
+def test_ray_serve_counts_ongoing_requests_in_its_own_unit() -> None:
+    """Ray's defaults: 5 slots per instance, 2 of them the target, averaged over 30 s."""
+    from apsv.scaling.ray_serve import ongoing_requests
+
+    c = ctx(load=400.0, inflight=100.0, load_history=(0.0,) * 100 + (200.0,) * 29)
+    # (29 x 200 + 400) / 30 = 206.7 msgs/s, + 100 queued frames drained in one second
+    assert ongoing_requests(c, 5.0, 1.0, 30.0) == pytest.approx(5 * (6200 / 30 + 100) / CAP)
+    # 30 s of wanting more before Ray scales up, then straight to what 40 % of capacity needs
+    st: dict[str, Any] = {}
+    for now in range(0, 31):
+        d = get_policy("ray_serve")(ctx(now=float(now), current_instances=2, load=2000.0, state=st))
+        st = d.state
+        assert d.instances == (2 if now < 30 else 5), now
+
+
 def test_threshold_holds_the_highest_recommendation_of_the_window() -> None:
     cfg = {"target_cpu": 0.5, "stabilization_s": 60.0}
     d = threshold(ctx(current_instances=4, cpu_utilization=0.5, now=0.0, config=cfg))
@@ -433,7 +474,7 @@ def test_evaluate_cli_json(data_dir: Path, tmp_path: Path) -> None:
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, res.output
     doc = json.loads(res.output)
-    assert set(doc["policies"]) == {"static", "reactive", "threshold", "predictive", "oracle"}
+    assert set(doc["policies"]) == {"static", "reactive", "ray_serve", "threshold", "predictive", "oracle"}
     for v in doc["policies"].values():
         assert {"slo_violation_s", "instance_s", "scale_actions", "lost"} <= set(v)
     assert len(list(tmp_path.glob("*.png"))) == 3

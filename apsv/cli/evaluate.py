@@ -13,7 +13,9 @@ def evaluate(
     trace: str = typer.Argument(
         ..., help="CSV / one-value-per-line series, an MRT update dump, or synthetic:bfd[:PEAK_SESSIONS]"
     ),
-    policies: str = typer.Option("static,reactive,threshold,predictive,oracle", "--policies", help="comma-separated"),
+    policies: str = typer.Option(
+        "static,reactive,ray_serve,threshold,predictive,oracle", "--policies", help="comma-separated"
+    ),
     mode: str = typer.Option("sim", "--mode", help="sim (the simulator) or live (the real system)"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
     column: str | None = typer.Option(None, "--column", help="CSV value column"),

@@ -19,7 +19,7 @@ import numpy as np
 from apsv.scaling.simulator import Forecasts, SimConfig, SimResult, simulate
 from apsv.scaling.traces import Trace, forecast_trace
 
-POLICY_NAMES = ("static", "reactive", "threshold", "predictive", "oracle")
+POLICY_NAMES = ("static", "reactive", "ray_serve", "threshold", "predictive", "oracle")
 REACTIVE_GRID = [
     {"target_utilization": u, "upscale_delay_s": d, "downscale_delay_s": 30.0}
     for u in (0.4, 0.5, 0.6, 0.7)
@@ -31,6 +31,7 @@ def policy_configs(trace_rates: np.ndarray) -> dict[str, dict[str, Any]]:
     return {
         "static": {"peak_load": float(trace_rates.max()), "target_utilization": 0.7},
         "threshold": {"target_cpu": 0.6, "stabilization_s": 60.0},
+        "ray_serve": {},  # Ray's defaults (apsv/scaling/ray_serve.py says what they mean here)
         "predictive": {
             "quantile": "p90",
             "target_utilization": 0.9,

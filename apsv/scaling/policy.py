@@ -269,10 +269,19 @@ def fixed(ctx: ScalingContext) -> Decision:
     return Decision(clamp(n, ctx), {}, "fixed")
 
 
+def ray_serve(ctx: ScalingContext) -> Decision:
+    """Ray Serve's own default policy, called through an adapter (`apsv/scaling/ray_serve.py`,
+    imported on first use: it loads Ray Serve)."""
+    from apsv.scaling.ray_serve import ray_serve as serve_policy
+
+    return serve_policy(ctx)
+
+
 Policy = Callable[[ScalingContext], Decision]
 POLICIES: dict[str, Policy] = {
     "static": static,
     "reactive": reactive,
+    "ray_serve": ray_serve,
     "threshold": threshold,
     "predictive": predictive,
     "oracle": oracle,
