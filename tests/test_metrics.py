@@ -22,7 +22,7 @@ import ray
 from apsv.frame import ProtocolId
 from apsv.runtime.client import OffloadClient
 from apsv.runtime.host import Key
-from apsv.runtime.telemetry import MAX_VROUTER_LABELS
+from apsv.runtime.metrics import MAX_VROUTER_LABELS
 from apsv.runtime.vpsm import ProtocolPlan
 
 pytestmark = pytest.mark.ray

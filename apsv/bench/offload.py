@@ -44,7 +44,7 @@ from apsv.runtime.buffer_pool import BufferPool
 from apsv.runtime.client import OffloadClient
 from apsv.runtime.cluster import deploy, start_local_ray
 from apsv.runtime.instance import Allocation
-from apsv.runtime.telemetry import percentile
+from apsv.runtime.metrics import percentile
 from apsv.runtime.vpsm import ProtocolPlan
 from apsv.tuning import tune_gc
 

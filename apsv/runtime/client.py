@@ -41,9 +41,9 @@ from apsv.runtime.custody import Custody
 from apsv.runtime.delivery import OutputOrder
 from apsv.runtime.host import GAP, MOVED, PENDING, STALE, Key
 from apsv.runtime.links import RAY_WINDOW, Link, LinkDown, RayLink, Sent, ShmLink
+from apsv.runtime.metrics import ClientMetrics
 from apsv.runtime.outbox import Outbox, Session
 from apsv.runtime.routefeed import RouteFeed
-from apsv.runtime.telemetry import ClientMetrics
 
 log = logging.getLogger("apsv.client")
 

@@ -36,7 +36,7 @@ from apsv.runtime.credentials import deployment_key, verify
 from apsv.runtime.dataplane import DataPlaneServer, socket_directory
 from apsv.runtime.docker_backend import InstanceFailed
 from apsv.runtime.host import HostLimits, Key, SeqState
-from apsv.runtime.telemetry import InstanceMetrics, percentile
+from apsv.runtime.metrics import InstanceMetrics, percentile
 from apsv.tuning import tune_gc
 
 log = logging.getLogger("apsv.instance")

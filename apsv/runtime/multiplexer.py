@@ -43,8 +43,8 @@ from apsv.runtime import persist
 from apsv.runtime.credentials import credential, deployment_key, verify
 from apsv.runtime.host import Key
 from apsv.runtime.instance import instance_actor_name
+from apsv.runtime.metrics import MultiplexerMetrics
 from apsv.runtime.placement import InstanceLoad, choose_instance, least_used, rebalance_moves
-from apsv.runtime.telemetry import MultiplexerMetrics
 
 log = logging.getLogger("apsv.multiplexer")
 
