@@ -33,7 +33,7 @@ from typing import Any
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError
 
-from apsv.frame import HEADER_LEN, Frame, FrameKind
+from apsv.frame import HEADER, HEADER_LEN, Frame, FrameKind
 from apsv.runtime import channel
 from apsv.runtime.buffer_pool import Buffer, BufferPool
 from apsv.runtime.channel import offsets_bytes
@@ -643,18 +643,29 @@ class OffloadClient:
                 continue
             s.resent_from, s.resend_mark = frm, self._mark
             for frame in self.custody.frames_from(s.key, frm):
-                self._append_copy(s, frame)
+                if not self._append_copy(s, frame):
+                    # its link went down under the flush this frame waited for: the session is
+                    # held, and goes on from this frame, from custody, once it has a route
+                    seq = HEADER.unpack_from(frame)[8]
+                    s.resend_from = min(s.resend_from or seq, seq)
+                    break
         self.flush()
 
-    def _append_copy(self, s: Session, frame: memoryview) -> None:
-        assert s.link is not None
+    def _append_copy(self, s: Session, frame: memoryview) -> bool:
+        """Copy a frame from custody into the current buffer, for the session's link; False
+        (nothing copied) if the session has no link, or lost it in the flush that made room."""
+        if s.link is None:
+            return False
         if self._buf is None:
             self._take_buffer()
         if self.outbox.copy(s, frame, s.epoch) < 0:
             self.flush()
+            if s.link is None:
+                return False
             self._take_buffer()
             self.outbox.copy(s, frame, s.epoch)
         self.stats.frames_resent += 1
+        return True
 
     def _link_lost(self, link: Link, why: str) -> None:
         """An instance is gone (or shut this client out). Its answered batches were applied or
