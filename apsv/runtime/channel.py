@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 from apsv.errors import DecodeError
-from apsv.frame import HEADER_LEN
+from apsv.frame import HEADER, HEADER_LEN
 from apsv.runtime.host import GAP, MOVED, PENDING, STALE, UNKNOWN, Key, SeqState
 
 VERSION: Final = 1
@@ -68,7 +68,6 @@ _BATCH = struct.Struct("!BQIIII")
 _REPLY = struct.Struct("!BQII")
 _REFUSAL = struct.Struct("!BQI")
 _RESTORE = struct.Struct("!BQ")
-_FRAME_LEN = struct.Struct("!I")  # a frame's payload length, at offset 48 of its header
 
 
 @dataclass(frozen=True, slots=True)
@@ -221,7 +220,7 @@ def _cut_frames(data: bytes, limit: int) -> list[bytes]:
     out: list[bytes] = []
     start = off = 0
     while off + HEADER_LEN <= len(data):
-        size = HEADER_LEN + _FRAME_LEN.unpack_from(data, off + 48)[0]
+        size = HEADER_LEN + HEADER.unpack_from(data, off)[11]  # (its payload's length)
         if off + size - start > limit and off > start:
             out.append(bytes(view[start:off]))
             start = off
