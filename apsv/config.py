@@ -297,6 +297,13 @@ class ProtocolSection(_Section):
                 autoscaling_config(v, 1, 1)
             except ValueError as e:
                 raise PydanticCustomError("policy_config", "{why}", {"why": str(e)}) from None
+        if info.data.get("policy") == "predictive":
+            from apsv.scaling.predictive import check_config
+
+            try:
+                check_config(v)
+            except (TypeError, ValueError) as e:
+                raise PydanticCustomError("policy_config", "{why}", {"why": str(e)}) from None
         return v
 
     @model_validator(mode="after")

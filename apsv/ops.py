@@ -736,6 +736,7 @@ def collect_status(t: Mapping[str, Any], vpsm: Any, im: Any) -> dict[str, Any]:
             "min": p["min"],
             "max": p["max"],
             "start_latency_s": round(float(p["start_latency_s"]), 4),
+            "forecast_trust": p.get("forecast_trust"),
             "members": [],
         }
     by_protocol: dict[str, int] = {}

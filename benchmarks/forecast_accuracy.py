@@ -22,37 +22,18 @@ import time
 from pathlib import Path
 from typing import Any
 
+from catalog import SERIES, shared_data
+
 from apsv.forecast.backtest import SeriesBacktest, summarize
 from apsv.forecast.datasets import from_mrt
 from apsv.forecast.evaluate import default_horizon, read_series, result_json, run_backtest
 from apsv.forecast.series import Series, clean
 
-TS = "timeseries"
-# (path under shared/data, season or None for the timestamps' day, max_gap or None)
-CATALOG: list[tuple[str, int | None, int | None]] = [
-    (f"{TS}/cortez-internet-traffic/A5M.txt", 288, None),
-    (f"{TS}/cortez-internet-traffic/A1H.txt", 24, None),
-    (f"{TS}/cortez-internet-traffic/A1D.txt", 7, None),
-    (f"{TS}/nab-cloud-metrics/Twitter_volume_AAPL.csv", None, None),
-    (f"{TS}/nab-cloud-metrics/Twitter_volume_GOOG.csv", None, None),
-    (f"{TS}/nab-cloud-metrics/cpu_utilization_asg_misconfiguration.csv", None, None),
-    (f"{TS}/nab-cloud-metrics/ec2_network_in_257a54.csv", None, None),
-    (f"{TS}/nab-cloud-metrics/ec2_request_latency_system_failure.csv", None, None),
-    (f"{TS}/nab-cloud-metrics/iio_us-east-1_i-a2eb1cd9_NetworkIn.csv", None, None),
-    (f"{TS}/prophet-wikipedia-pageviews/example_wp_log_R.csv", None, 31),
-    (f"{TS}/prophet-wikipedia-pageviews/example_wp_log_peyton_manning.csv", None, 31),
-    (f"{TS}/web-request-rates/nasa_requests_per_minute.csv", 1440, None),
-]
 MRT = ["mrt/bgpdump-testdata/updates.20070211.0141.gz", "mrt/bgpdump-testdata/updates.20160811.1600.gz"]
 
 
-def shared_data() -> Path:
-    env = os.environ.get("APSV_SHARED_DATA")
-    return Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "data"
-
-
 def load_all(data: Path, quick: bool) -> list[Series]:
-    out = [read_series(data / p, season=season, max_gap=gap) for p, season, gap in CATALOG]
+    out = [read_series(data / e.path, season=e.season, max_gap=e.max_gap) for e in SERIES]
     for m in MRT:
         # all peers together, plus the busiest peer: per-second announced + withdrawn prefixes
         for s in from_mrt(data / m, top=1):

@@ -24,17 +24,14 @@ import platform
 import time
 from pathlib import Path
 
+from catalog import shared_data
+
 from apsv.forecast.evaluate import read_series
 from apsv.runtime.cluster import start_local_ray
 from apsv.scaling.evaluate import evaluate
 from apsv.scaling.live import LiveConfig, evaluate_live, live_json, plot_live
 from apsv.scaling.simulator import Forecasts, SimConfig
 from apsv.scaling.traces import from_series
-
-
-def shared_data() -> Path:
-    env = os.environ.get("APSV_SHARED_DATA")
-    return Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 def main() -> None:

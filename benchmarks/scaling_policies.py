@@ -20,34 +20,42 @@ import json
 import os
 import platform
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from catalog import SERIES, shared_data
 
 from apsv.forecast.evaluate import read_series
-from apsv.forecast.series import Series
 from apsv.scaling.evaluate import claims, evaluate, plot, public
-from apsv.scaling.simulator import SimConfig, simulate
-from apsv.scaling.traces import Trace, bfd_population, bgp_churn, from_series
+from apsv.scaling.simulator import Forecasts, SimConfig, simulate
+from apsv.scaling.traces import Trace, at_sample_step, bfd_population, bgp_churn, forecast_trace, from_series
+
+MRT_CHURN = "mrt/bgpdump-testdata/updates.20070211.0141.gz"
+MAX_POINTS = 8000
+QUICK_POINTS = 1500
 
 
-def shared_data() -> Path:
-    env = os.environ.get("APSV_SHARED_DATA")
-    return Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "data"
+def series_traces(data: Path, quick: bool) -> list[tuple[Trace | None, str]]:
+    """One trace per catalogued series (None with the reason where it cannot be evaluated)."""
+    out: list[tuple[Trace | None, str]] = []
+    for e in SERIES:
+        s = read_series(data / e.path, season=e.season, max_gap=e.max_gap)
+        keep = QUICK_POINTS if quick else MAX_POINTS
+        s = replace(s, values=s.values[-keep:], step=e.step_s or s.step)
+        if len(s) < 90:
+            out.append((None, f"{s.name}: {len(s)} samples; 90 are needed (30 % to train, 60 to evaluate)"))
+            continue
+        out.append((from_series(s, 20_000.0), ""))
+    return out
 
 
-def traces(data: Path, quick: bool) -> list[Trace]:
-    a5m = read_series(data / "timeseries/cortez-internet-traffic/A5M.txt", season=288)
-    nasa = read_series(data / "timeseries/web-request-rates/nasa_requests_per_minute.csv", season=1440)
-    nasa = Series(nasa.name, nasa.values[-20_000:], season=1440, meta=nasa.meta)
-    out = [
-        from_series(a5m if not quick else a5m.head(3000), 20_000.0),
-        from_series(nasa if not quick else nasa.head(3000), 20_000.0),
-        bgp_churn(data / "mrt/bgpdump-testdata/updates.20070211.0141.gz", length_s=3600, scale=20.0),
+def synthetic_traces(data: Path, quick: bool) -> list[Trace]:
+    return [
+        bgp_churn(data / MRT_CHURN, length_s=3600, scale=20.0),
         bfd_population(20_000, length_s=3600 if not quick else 1200),
     ]
-    return out
 
 
 def scale_test(quick: bool) -> dict[str, Any]:
@@ -81,6 +89,55 @@ def scale_test(quick: bool) -> dict[str, Any]:
     }
 
 
+def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """How many traces meet each target, and which do not."""
+    never = [r["trace"] for r in rows if r["claims"].get("never_worse") is False]
+    skilled = [r for r in rows if "skilled" in r["claims"]]
+    return {
+        "traces": len(rows),
+        "never_worse": len(rows) - len(never),
+        "never_worse_missed": never,
+        "skilled_traces": len(skilled),
+        "skilled_met": sum(1 for r in skilled if r["claims"]["skilled"]["ok"]),
+        "skilled_missed": [r["trace"] for r in skilled if not r["claims"]["skilled"]["ok"]],
+    }
+
+
+POLICY_ORDER = ("static", "reactive", "ray_serve", "threshold", "predictive", "oracle")
+
+
+def markdown(rows: list[dict[str, Any]], skipped: list[str]) -> str:
+    """The table docs/scaling.md and the README show: per trace, the forecaster's skill and each
+    policy's violation seconds / instance-seconds (relative to threshold's) / actions / moves."""
+    head = "| trace | rel. MASE | trust | " + " | ".join(POLICY_ORDER) + " | never worse |"
+    lines = [head, "|" + "---|" * (len(POLICY_ORDER) + 4)]
+    for r in rows:
+        pol = r["policies"]
+        ref = max(pol.get("threshold", {}).get("instance_s", 0.0), 1e-9)
+        cells = []
+        for name in POLICY_ORDER:
+            m = pol.get(name)
+            if m is None:
+                cells.append("-")
+                continue
+            cost = m["instance_s"] / ref
+            cells.append(f"{m['slo_violation_s']:g} / {cost:.2f} / {m['scale_actions']} / {m['session_moves']}")
+        mase = (r.get("forecast") or {}).get("relative_mase")
+        trust = pol.get("predictive", {}).get("forecast_trust")
+        nw = r["claims"].get("never_worse")
+        miss = [k for k, ok in r["claims"].get("never_worse_detail", {}).get("checks", {}).items() if not ok]
+        lines.append(
+            f"| {r['trace']} | {'-' if mase is None else f'{mase:.2f}'} | {'-' if trust is None else f'{trust:.2f}'} | "
+            + " | ".join(cells)
+            + f" | {'yes' if nw else 'no: ' + ', '.join(miss)} |"
+        )
+    for why in skipped:
+        lines.append(
+            f"| {why.split(':')[0]} | not evaluated: {why.split(': ', 1)[1]} |" + " |" * (len(POLICY_ORDER) + 2)
+        )
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true")
@@ -88,6 +145,9 @@ def main() -> None:
         "--scale-only",
         action="store_true",
         help="only the simulator's speed at scale (run it on an idle machine); updates `scale` in --out",
+    )
+    ap.add_argument(
+        "--keep-scale", action="store_true", help="keep the `scale` entry --out has (measured on an idle machine)"
     )
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "scaling_policies.json")
     ap.add_argument("--plots", type=Path, default=Path(__file__).resolve().parent / "results" / "scaling_plots")
@@ -101,35 +161,61 @@ def main() -> None:
         print(f"saved {a.out}")
         return
     data = shared_data()
-    rows = []
-    for tr in traces(data, a.quick):
+    rows: list[dict[str, Any]] = []
+    skipped: list[str] = []
+
+    def run(tr: Trace, forecast: tuple[Forecasts, dict[str, Any]] | None, train_s: float) -> None:
         cfg = SimConfig(
             capacity=2000.0, start_latency_s=3.0, slo_ms=10.0 if tr.protocol == "bfd" else 100.0, max_instances=64
         )
         t0 = time.perf_counter()
-        doc = evaluate(tr, cfg, forecaster_steps=300 if a.quick else 600)
+        doc = evaluate(tr, cfg, forecaster_steps=steps, forecast=forecast)
         plot(doc, a.plots)
         row = public(doc)
+        row["forecast"]["train_seconds"] = round(train_s, 2)
         row["claims"] = claims(doc)
-        row["wall_s"] = round(time.perf_counter() - t0, 1)
+        row["wall_s"] = round(time.perf_counter() - t0 + train_s, 1)
         rows.append(row)
         print(f"{tr.name}: {json.dumps(row['claims'])}", flush=True)
         for p, r in row["policies"].items():
             print(
-                f"  {p:11s} viol={r['slo_violation_s']:6.0f}s inst={r['instance_s']:9.0f}s "
-                f"actions={r['scale_actions']:5d} lost={r['lost']:.0f}"
+                f"  {p:11s} viol={r['slo_violation_s']:8.0f}s inst={r['instance_s']:11.0f}s "
+                f"actions={r['scale_actions']:5d} moves={r['session_moves']:7d} trust={r.get('forecast_trust', '')}"
             )
-    scale = scale_test(a.quick)
+
+    steps = 300 if a.quick else 600
+    for tr, why in series_traces(data, a.quick):
+        if tr is None:
+            skipped.append(why)
+            print(f"skipped {why}")
+            continue
+        # one training per series: the forecasts are in samples, whatever a sample's duration
+        t0 = time.perf_counter()
+        fc = forecast_trace(tr, start=tr.split(0.3), horizon=32, steps=steps)
+        train_s = time.perf_counter() - t0
+        run(tr, fc, train_s)
+        run(at_sample_step(tr), fc, 0.0)
+    for tr in synthetic_traces(data, a.quick):
+        run(tr, None, 0.0)
+    kept = json.loads(a.out.read_text()).get("scale") if a.keep_scale and a.out.exists() else None
+    scale = kept or scale_test(a.quick)
     print(f"scale: {json.dumps(scale)}")
     out = {
         "benchmark": "scaling_policies",
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
         "traces": rows,
+        "skipped": skipped,
+        "summary": summary(rows),
         "scale": scale,
     }
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(out, indent=1, default=str) + "\n")
-    print(f"saved {a.out}")
+    table = a.out.with_suffix(".md")
+    table.write_text(
+        "Each cell: SLO-violation seconds / instance-seconds relative to threshold's / scale actions / "
+        "session moves.\n\n" + markdown(rows, skipped)
+    )
+    print(f"saved {a.out} and {table}")
 
 
 if __name__ == "__main__":

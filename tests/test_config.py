@@ -151,6 +151,22 @@ def test_min_above_max_names_file_and_field(tmp_path: Path) -> None:
             "protocols[0].policy_config",
             "not a field of Ray Serve's AutoscalingConfig: upscale_delay",
         ),
+        (
+            {
+                "forecaster": {"enabled": True},
+                "protocols": [{"protocol": "bgp", "policy": "predictive", "policy_config": {"fallback": "oracle"}}],
+            },
+            "protocols[0].policy_config",
+            "'oracle' cannot be the fallback",
+        ),
+        (
+            {
+                "forecaster": {"enabled": True},
+                "protocols": [{"protocol": "bgp", "policy": "predictive", "policy_config": {"trust": 2}}],
+            },
+            "protocols[0].policy_config",
+            "trust: expected a number in 0..1",
+        ),
         ({"protocols": [{"protocol": "bgp", "backend": "vm"}]}, "protocols[0].backend", "'process' or 'docker'"),
         (
             {"protocols": [{"protocol": "bgp", "allocation": {"memory": "512XB"}}]},

@@ -187,6 +187,9 @@ def test_vpsm_reads_the_tpe_for_the_predictive_policy(serve_instance: Any, deplo
     st = ray.get(dep.vpsm.status.remote())
     assert st["forecast_errors"] == 0 and set(st["forecasts"]["bgp"]) == {"p10", "p50", "p90", "p99"}
     assert st["protocols"]["bgp"]["instances"] == 1  # no load, no forecast load: the minimum
+    # no window scored yet: the forecast is not trusted, and status says so
+    assert st["protocols"]["bgp"]["forecast_trust"] == 0.0
+    assert "forecast trusted at 0.00" in st["protocols"]["bgp"]["last_decision"]
     serve.delete("tpe-vpsm")
     ray.get(dep.vpsm.step.remote())  # the TPE is gone: counted, and the step goes on
     st = ray.get(dep.vpsm.status.remote())

@@ -266,9 +266,12 @@ def run_offload(
             "quantile": "p90",
             "target_utilization": 0.8,
             "dwell_s": 3.0,
-            "downscale_delay_s": 3.0,
+            "stabilization_s": 3.0,
             "min_lifetime_s": 5.0,
             "recent_s": 10,
+            # trust in the forecast is earned over scored windows: a minute's demo has ~60
+            "skill_min_evidence": 10,
+            "fallback_config": {"target_cpu": 0.6, "stabilization_s": 3.0},
         },
         capacity_per_instance=capacity,
         slo_ms=100.0,

@@ -192,8 +192,8 @@ def _render_status(st: dict[str, Any]) -> None:
         highlight=False,
     )
     pt = Table(title="Protocols")
-    for col in ("protocol", "backend", "policy", "instances", "min..max", "start (s, median)"):
-        pt.add_column(col, justify="right" if col in ("instances", "start (s, median)") else "left")
+    for col in ("protocol", "backend", "policy", "instances", "min..max", "start (s, median)", "forecast trusted at"):
+        pt.add_column(col, justify="left" if col in ("protocol", "backend", "policy") else "right")
     it = Table(title="Stack instances")
     for col in ("instance", "sessions", "frames", "msgs/s", "busy", "queue", "start (s)", "state"):
         named = col in ("instance", "state")
@@ -206,6 +206,7 @@ def _render_status(st: dict[str, Any]) -> None:
             str(p.get("count")),
             f"{p.get('min')}..{p.get('max')}",
             f"{p.get('start_latency_s', 0):.3f}",
+            "-" if p.get("forecast_trust") is None else f"{p['forecast_trust']:.2f}",
         )
         for m in p["members"]:
             it.add_row(

@@ -165,6 +165,9 @@ class VPSM:
         self.telemetry = TelemetryWriter(telemetry_root) if telemetry_root else None
         self.managed: dict[str, Managed] = {}
         self.policy_state: dict[str, dict[str, Any]] = {p: {} for p in self.plans}
+        # how far the last decision leaned on the forecast, per protocol (None: no forecast read)
+        self.forecast_trust: dict[str, float | None] = {p: None for p in self.plans}
+        self.last_reason: dict[str, str] = {}
         self.history: dict[str, deque[float]] = {p: deque(maxlen=600) for p in self.plans}
         self.events: deque[dict[str, Any]] = deque(maxlen=1000)
         self.start_latencies: dict[str, list[float]] = {}
@@ -378,7 +381,14 @@ class VPSM:
                 )
                 d = get_policy(plan.policy)(ctx)
                 self.policy_state[protocol] = d.state
-                decisions[protocol] = {"current": ctx.current_instances, "desired": d.instances, "reason": d.reason}
+                self.forecast_trust[protocol] = d.forecast_trust
+                self.last_reason[protocol] = d.reason
+                decisions[protocol] = {
+                    "current": ctx.current_instances,
+                    "desired": d.instances,
+                    "reason": d.reason,
+                    "forecast_trust": d.forecast_trust,
+                }
                 self.timeline.append(
                     {
                         "ts": now,
@@ -389,6 +399,7 @@ class VPSM:
                         "billed": self._billed(protocol),
                         "desired": d.instances,
                         "reason": d.reason,
+                        "forecast_trust": d.forecast_trust,
                         "imbalance": ctx.load_imbalance,
                         "load": rate,
                         "table_backlog": ctx.table_backlog,
@@ -401,7 +412,7 @@ class VPSM:
                         "forecast": {q: float(v[0]) for q, v in (forecast or {}).items() if v},
                     }
                 )
-                self._metrics.protocol(protocol, rate, p99, forecast, ctx.table_backlog)
+                self._metrics.protocol(protocol, rate, p99, forecast, ctx.table_backlog, d.forecast_trust)
                 await self._scale(plan, d.instances, d.reason, background=True)
                 self._metrics.instances(protocol, self._active(protocol))
             self._save()
@@ -817,6 +828,9 @@ class VPSM:
                     "min": plan.min_instances,
                     "max": plan.max_instances,
                     "start_latency_s": self._start_latency(p),
+                    # "forecast trusted at 0.8": how far the last decision leaned on the forecast
+                    "forecast_trust": self.forecast_trust.get(p),
+                    "last_decision": self.last_reason.get(p, ""),
                 }
                 for p, plan in self.plans.items()
             },
@@ -869,6 +883,11 @@ class _VpsmMetrics:
         self.actions = metrics.Counter(
             "apsv_scale_actions_total", "Instances started (up) and drained (down)", tag_keys=("protocol", "direction")
         )
+        self.trust = metrics.Gauge(
+            "apsv_forecast_trust",
+            "How far the predictive policy's last decision leaned on the forecast (0 reacts only, 1 fully proactive)",
+            tag_keys=("protocol",),
+        )
         self.tables = metrics.Gauge(
             "apsv_table_backlog_messages",
             "Messages of the tables peers that reset are expected to re-send (the leading indicator of a reset storm)",
@@ -882,9 +901,12 @@ class _VpsmMetrics:
         p99: float | None,
         forecast: Mapping[str, tuple[float, ...]] | None,
         tables: float = 0.0,
+        trust: float | None = None,
     ) -> None:
         tags = {"protocol": protocol}
         self.load.set(load, tags)
+        if trust is not None:
+            self.trust.set(trust, tags)
         self.tables.set(tables, tags)
         if p99 is not None:
             self.p99.set(p99, tags)

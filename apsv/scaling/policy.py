@@ -51,6 +51,7 @@ class Decision:
     instances: int
     state: dict[str, Any]
     reason: str = ""
+    forecast_trust: float | None = None  # how far a forecast drove it (0..1); None: no forecast read
 
 
 def clamp(n: int, ctx: ScalingContext) -> int:
@@ -125,7 +126,7 @@ def threshold(ctx: ScalingContext) -> Decision:
     return Decision(clamp(min(stable, ctx.current_instances), ctx), state, f"utilization {util:.0%}")
 
 
-def _needed(load: float, ctx: ScalingContext, target: float) -> int:
+def instances_for(load: float, ctx: ScalingContext, target: float) -> int:
     """Instances for `load` when the busiest one, carrying `load_imbalance` times the mean, may
     run at `target` of its capacity."""
     per = ctx.capacity_per_instance * target / max(ctx.load_imbalance, 1.0)
@@ -155,98 +156,18 @@ def slo_utilization(ctx: ScalingContext, fraction: float = 0.8) -> float:
     return max(lo, 0.05)
 
 
-def _target(ctx: ScalingContext, default: float) -> float:
+def utilization_target(ctx: ScalingContext, default: float) -> float:
     """The configured `target_utilization`, never above what the SLO allows (`slo_fraction`)."""
     cfg = ctx.config
     return min(float(cfg.get("target_utilization", default)), slo_utilization(ctx, float(cfg.get("slo_fraction", 0.8))))
 
 
 def predictive(ctx: ScalingContext) -> Decision:
-    """Provision now for the forecast at now + lead time, and for the live load plus its backlog.
+    """The forecast-driven policy, weighted by the forecast's measured skill
+    (`apsv/scaling/predictive.py`, which builds on this module)."""
+    from apsv.scaling.predictive import predictive as skill_weighted
 
-    - lead time = the measured instance start latency plus one decision interval: an instance
-      asked for now serves from then on;
-    - need = the peak of the chosen forecast quantile (`quantile`, default p90) from now to the
-      end of the lead time plus `dwell_s` (5: a join moves only part of the sessions, the rest
-      follow at later joins, so a burst wants its instances a few seconds early), at the target
-      utilization of the per-instance capacity (learned from telemetry by the VPSM);
-    - utilization: `target_utilization`, but never above what the SLO allows from queueing alone
-      (`slo_utilization`, within `slo_fraction` 0.8 of it: 0.85 busy for a 10 ms SLO);
-    - the upper quantile is bounded by `max_forecast_ratio` (3) times the larger of the median
-      forecast and the highest load of the last `recent_s` (60) steps (a storm a minute gone no
-      longer licenses the band it left in the model's context);
-    - live correction: never below what the live load plus draining the measured backlog
-      (`inflight` past `backlog_tolerance_s` of service per instance) within `backlog_s` (2 s)
-      needs at the target - except that a live load between the target and `live_band` (half)
-      of the way to full utilization is held through, not scaled for (noise; it would flap);
-      a p99 latency above the SLO while the instances are busier than the target adds one
-      instance on top;
-    - table transfers: peers that reset re-send their tables (`table_backlog`), known from the
-      moment a session goes down; a transfer arrives as fast as the receiver takes it, fastest at
-      first, so it is sized as `table_backlog / table_transfer_s` (20 s: the backlog's time
-      constant) on top of the forecast, which models the organic load only;
-    - up at once; down only after the wish has held for `downscale_delay_s` and only instances
-      older than `min_lifetime_s` may go (against churn).
-    """
-    cfg = ctx.config
-    q = str(cfg.get("quantile", "p90"))
-    target = _target(ctx, 0.8)
-    interval = float(cfg.get("interval_s", 1.0))
-    dwell = float(cfg.get("dwell_s", 5.0))
-    down_delay = float(cfg.get("downscale_delay_s", 30.0))
-    min_life = float(cfg.get("min_lifetime_s", 60.0))
-    backlog_s = float(cfg.get("backlog_s", 2.0))
-    lead = ctx.start_latency_s + interval
-    forecast = (ctx.forecast or {}).get(q, ())
-    ratio = float(cfg.get("max_forecast_ratio", 3.0))
-    recent = ctx.load_history[-int(cfg.get("recent_s", 60)) :]
-    k = max(1, math.ceil((lead + dwell) / max(ctx.forecast_step_s, 1e-9)))
-    predicted = max(forecast[:k], default=0.0)
-    if ratio > 0 and q != "p50":
-        # An upper quantile far above both the median forecast and anything seen lately is the
-        # model's band exploding after an outlier (a reset storm in its context), not a
-        # prediction: bound it. A burst the median itself predicts is kept.
-        median = max((ctx.forecast or {}).get("p50", ())[:k], default=0.0)
-        predicted = min(predicted, ratio * max(median, max(recent, default=0.0), ctx.load))
-
-    # the live load, plus the backlog drained within backlog_s (a backlog a few instances hold
-    # drains only as fast as their sessions move away: size for the load that would clear it).
-    # Up to `backlog_tolerance_s` of service per instance (50 ms, at most half the SLO) is the
-    # queueing of random arrivals, not a backlog: it flickers, and sizing for it would flap.
-    tolerance_s = float(cfg.get("backlog_tolerance_s", 0.05))
-    if ctx.slo_ms is not None:
-        tolerance_s = min(tolerance_s, ctx.slo_ms / 2000.0)
-    normal = tolerance_s * ctx.capacity_per_instance * max(ctx.current_instances, 1)
-    live = ctx.load + max(ctx.inflight - normal, 0.0) / max(backlog_s, 1e-9)
-    # hysteresis on the live load: past the target but not past `live_band` of the way to full
-    # utilization (half) is noise to hold through (scaling for it would flap); beyond, size for
-    # it at the target. Scaling down never goes below what it needs at the target.
-    live_need = _needed(live, ctx, target)
-    if _needed(live, ctx, target + (1.0 - target) * float(cfg.get("live_band", 0.5))) <= ctx.current_instances:
-        live_need = min(live_need, ctx.current_instances)
-    table_rate = max(ctx.table_backlog, 0.0) / max(float(cfg.get("table_transfer_s", 20.0)), 1e-9)
-    desired = max(_needed(predicted + table_rate, ctx, target), live_need)
-    reason = f"{q} {predicted:.0f}/s within {lead + dwell:.1f}s, live {ctx.load:.0f}/s + backlog {ctx.inflight:.0f}"
-    if table_rate > 0:
-        reason += f", tables to re-send {ctx.table_backlog:.0f} ({table_rate:.0f}/s)"
-    late = ctx.latency_p99_ms is not None and ctx.slo_ms is not None and ctx.latency_p99_ms > ctx.slo_ms
-    busy = ctx.cpu_utilization is None or ctx.cpu_utilization > target
-    if late and busy:
-        # over the SLO while the instances are busy: reality exceeds the forecast. (A backlog that
-        # is only draining is not helped by new instances: queued messages do not move.)
-        desired = max(desired, ctx.current_instances + 1)
-        reason += f", p99 {ctx.latency_p99_ms:.0f} ms over the {ctx.slo_ms:.0f} ms SLO"
-    desired = clamp(desired, ctx)
-    if desired >= ctx.current_instances:
-        return Decision(desired, {}, reason)
-    since = ctx.state.get("down_since")
-    if since is None:
-        return Decision(ctx.current_instances, {"down_since": ctx.now}, reason + " (down: waiting)")
-    if ctx.now - float(since) < down_delay:
-        return Decision(ctx.current_instances, {"down_since": since}, reason + " (down: waiting)")
-    removable = sum(1 for age in ctx.instance_ages if age >= min_life) if ctx.instance_ages else ctx.current_instances
-    floor = ctx.current_instances - removable
-    return Decision(clamp(max(desired, floor), ctx), {"down_since": since}, reason)
+    return skill_weighted(ctx)
 
 
 def oracle(ctx: ScalingContext) -> Decision:
@@ -256,11 +177,11 @@ def oracle(ctx: ScalingContext) -> Decision:
     running without SLO violations - so never busier than the SLO allows from the queueing of
     random arrivals alone (`slo_utilization`)."""
     cfg = ctx.config
-    target = _target(ctx, 0.9)
+    target = utilization_target(ctx, 0.9)
     lead = ctx.start_latency_s + float(cfg.get("interval_s", 1.0))
     k = max(1, math.ceil((lead + float(cfg.get("hold_s", 20.0))) / max(ctx.forecast_step_s, 1e-9)))
     peak = max((ctx.load, *ctx.future_load[:k]))
-    return Decision(clamp(_needed(peak, ctx, target), ctx), {}, f"actual peak {peak:.0f}/s ahead")
+    return Decision(clamp(instances_for(peak, ctx, target), ctx), {}, f"actual peak {peak:.0f}/s ahead")
 
 
 def fixed(ctx: ScalingContext) -> Decision:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -118,9 +118,12 @@ class SimResult:
     p99_ms: float  # over the whole run (message-weighted)
     session_moves: int
     timeline: dict[str, FloatArray] = field(repr=False)
+    # scale-outs within a start latency (plus one decision) of a scale-in: churn that undid itself
+    reversals: int = 0
+    forecast_trust: float | None = None  # mean over decisions, where the policy reports one
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "slo_violation_s": round(self.slo_violation_s, 3),
             "instance_s": round(self.instance_s, 1),
             "scale_actions": self.scale_actions,
@@ -130,7 +133,11 @@ class SimResult:
             "p99_ms": round(self.p99_ms, 3),
             "session_moves": self.session_moves,
             "mean_instances": round(float(self.timeline["instances"].mean()), 3),
+            "reversals": self.reversals,
         }
+        if self.forecast_trust is not None:
+            out["forecast_trust"] = round(self.forecast_trust, 3)
+        return out
 
 
 def _weights(routers: int, per_router: int, s: float, rng: np.random.Generator) -> FloatArray:
@@ -248,7 +255,15 @@ def _initial(
         table_backlog=table_backlog,
         config=pcfg,
     )
-    return max(int(fn(first).instances), cfg.min_instances)
+    # what the policy settles on at t=0 (a rule that steps, such as HPA's at most doubling, is
+    # asked again from its own answer until it stands)
+    n = cfg.min_instances
+    for _ in range(16):
+        want = max(int(fn(replace(first, current_instances=n)).instances), cfg.min_instances)
+        if want == n:
+            break
+        n = want
+    return n
 
 
 def initial_instances(
@@ -359,6 +374,9 @@ def simulate(
     lat_rho: list[FloatArray] = []
     lat_m: list[FloatArray] = []
     last_decision = -math.inf
+    last_in = -math.inf  # when the last scale-in was decided
+    reversals = 0
+    trusts: list[float] = []
     # (load share, pause ms left) of sessions being moved. A move takes a session from its
     # source between two batches, ahead of the source's queue: its messages queued there go
     # with it (to the back of the new instance's queue), and its new ones wait out the move.
@@ -524,6 +542,12 @@ def simulate(
             d = fn(ctx)
             pstate = d.state
             want = d.instances
+            if d.forecast_trust is not None:
+                trusts.append(d.forecast_trust)
+            if want > n_active and t - last_in < cfg.start_latency_s + cfg.interval_s:
+                reversals += 1
+            if want < n_active:
+                last_in = t
             starting_now: list[int] = []
             while n_active < want and free:
                 starting_now.append(start(t))
@@ -579,4 +603,6 @@ def simulate(
         p99_ms=_mixture_quantile(all_lo, all_hi, all_w, 0.99, all_rho, all_m),
         session_moves=moves_total,
         timeline={"load": load, "instances": tl_instances, "p99_ms": tl_p99},
+        reversals=reversals,
+        forecast_trust=float(np.mean(trusts)) if trusts else None,
     )

@@ -15,7 +15,7 @@ forecasts the predictive policy reads, for every `every` steps of the rest, in o
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +58,17 @@ def from_series(series: Series, peak_rate: float, *, protocol: str = "bgp") -> T
         series.season,
         meta={"source": series.meta.get("path", series.name), "scaled_peak": peak_rate, "sample_step_s": series.step},
     )
+
+
+def at_sample_step(trace: Trace) -> Trace:
+    """The same trace played at its series' own sampling step (one decision per sample: a
+    5-minute series scales every 5 minutes) instead of one sample per simulated second."""
+    step = trace.meta.get("sample_step_s")
+    if not step:
+        raise ValueError(f"{trace.name}: the series has no sampling step (no timestamps, none given)")
+    step = float(step)
+    label = f"{step / 86400:g}d" if step >= 86400 else f"{step / 3600:g}h" if step >= 3600 else f"{step:g}s"
+    return replace(trace, name=f"{trace.name}@{label}", step_s=step)
 
 
 def bgp_churn(
