@@ -2,11 +2,12 @@
 
 python benchmarks/forecast_serve.py [--series 1000] [--requests 200] [--out benchmarks/results/forecast_serve.json]
 
-Three measurements in the same run on the same local Ray cluster:
+Measurements in the same run on the same local Ray cluster, for the request as a map of 1,000
+series (id -> array) and as one (1000, 240) array (`values`, the fast path: `*_array`):
 - `tpe`: handle.forecast(1,000 series of 240 one-second samples) -> (1000, 12, 4) quantiles;
 - `echo`: a bare Serve deployment receiving the same payload and returning an array of the same
   shape (Serve + transport cost alone, the floor for any model);
-- `model_only`: the same forward pass in-process, no Serve.
+- `model_only`: the same forecasts in-process, no Serve.
 Also the wall time of training the served model and of a 4-trial Tune search on this machine.
 """
 
@@ -38,7 +39,7 @@ from apsv.runtime.cluster import start_local_ray
 @serve.deployment(max_ongoing_requests=64, ray_actor_options={"num_cpus": 1})
 class Echo:
     async def forecast(self, payload: dict[str, Any]) -> dict[str, Any]:
-        n = len(payload["series"])
+        n = len(payload["series"]) if "series" in payload else len(payload["values"])
         return {"forecasts": np.zeros((n, 12, len(QUANTILES)))}
 
 
@@ -104,7 +105,8 @@ def main() -> None:
     reg.promote(reg.register(model, {"benchmark": "forecast_serve"}))
 
     hist = load_series(a.series, 240, seed=2)
-    payload = {"series": {f"s{i}": v for i, v in enumerate(hist)}, "season": 60}
+    series_map = {f"s{i}": v for i, v in enumerate(hist)}
+    payload: dict[str, Any] = {"series": series_map, "season": 60}
     # two CPUs: Ray sets the replica's OMP/torch threads from its num_cpus
     app = ForecastService.options(
         user_config={"registry": str(reg.root), "recent_windows": 0}, ray_actor_options={"num_cpus": 2}
@@ -117,10 +119,16 @@ def main() -> None:
     res: dict[str, Any] = {}
     res["tpe"] = percentiles(timed(lambda p: tpe.forecast.remote(p).result(), payload, a.requests))
     res["echo"] = percentiles(timed(lambda p: echo.forecast.remote(p).result(), payload, a.requests))
-    series_objs = [Series(k, v, season=60) for k, v in payload["series"].items()]
+    series_objs = [Series(k, v, season=60) for k, v in series_map.items()]
     model.recent_windows = 0
     res["model_only"] = percentiles(timed(lambda _p: model.predict(series_objs, 12), payload, a.requests))
     res["tpe_over_echo_p50"] = round(res["tpe"]["p50_ms"] / res["echo"]["p50_ms"], 2)
+    array = {"values": np.stack(hist), "ids": list(series_map), "season": 60}
+    r = tpe.forecast.remote(array).result()
+    assert np.allclose(r["forecasts"], model.predict(series_objs, 12)), "the array path answers differently"
+    res["tpe_array"] = percentiles(timed(lambda p: tpe.forecast.remote(p).result(), array, a.requests))
+    res["echo_array"] = percentiles(timed(lambda p: echo.forecast.remote(p).result(), array, a.requests))
+    res["model_only_array"] = percentiles(timed(lambda p: model.predict_array(p["values"], 60, 12), array, a.requests))
 
     from tune.forecaster_search import run_search
 

@@ -183,13 +183,14 @@ def test_model_config_refuses_bad_shapes() -> None:
 
 @pytest.mark.parametrize(("kind", "steps", "bound"), [("transformer", 200, 0.9), ("lstm", 600, 1.25)])
 def test_tiny_model_against_seasonal_naive(kind: str, steps: int, bound: float, data_dir: Path) -> None:
-    """The Transformer beats seasonal naive after seconds of training; the LSTM (the weaker
+    """The Transformer beats seasonal naive after a few hundred steps of training; the LSTM (the weaker
     architecture here, see the benchmark) trains to within reach of it."""
     # real hourly ISP traffic: weekly and daily shape, level moves that a day-old copy misses
     s = clean(load_file(data_dir / TS / "cortez-internet-traffic/A1H.txt", season=24))[0]
     model = NeuralForecaster(kind, 24, d_model=32, train=TrainConfig(steps=steps, eval_every=50))
     r = backtest_series(s, [SeasonalNaive(), model], 24, windows=8)
-    assert model.report.seconds < 60 and model.report.skipped is None
+    # (how long training takes is the accuracy benchmark's to measure, not a test's)
+    assert model.report.skipped is None and model.report.steps == steps
     assert r.scores[kind].relative_mase < bound, r.scores
 
 
@@ -280,6 +281,23 @@ def test_serving_core_handles_bad_input(tmp_path: Path) -> None:
     assert r["fallback"] == ["short"] and set(r["errors"]) == {"empty", "nan", "negative", "text"}
     assert np.allclose(r["forecasts"][1][:, QUANTILES.index(0.5)], 5.0, atol=0.5)
     assert "series" in out[1]["error"] and "exceeds the model's 12" in out[2]["error"]
+    # the array form: one (n, T) buffer, the same forecasts as the map form (without backcasts)
+    assert core.model is not None
+    core.model.recent_windows = 0
+    rows = np.stack([s.values[-200:], np.full(200, 5.0), np.full(200, np.nan), np.full(200, -1.0)])
+    by_map = core.predict([{"series": {"good": good, "constant": [5.0] * 200}, "season": 24}])[0]
+    arr, bad, by_map2 = core.predict(
+        [
+            {"values": rows, "ids": ["good", "constant", "nan", "negative"], "season": 24},
+            {"values": [1.0, 2.0]},
+            {"series": {"good": good}, "season": 24},
+        ]
+    )
+    assert arr["ids"] == ["good", "constant"] and set(arr["errors"]) == {"nan", "negative"}
+    assert np.allclose(arr["forecasts"], by_map["forecasts"]) and np.allclose(
+        by_map2["forecasts"][0], by_map["forecasts"][0]
+    )
+    assert "(n, T) array" in bad["error"]
     # a corrupt version does not replace the serving one
     (reg.path("v0001") / "weights.pt").write_bytes(b"junk")
     core.reconfigure({"registry": str(tmp_path), "version": "v0001"})

@@ -502,6 +502,10 @@ def test_evaluate_cli_json(data_dir: Path, tmp_path: Path) -> None:
     for v in doc["policies"].values():
         assert {"slo_violation_s", "instance_s", "scale_actions", "lost"} <= set(v)
     assert len(list(tmp_path.glob("*.png"))) == 3
+    assert isinstance(doc["claims"]["never_worse"], bool) and doc["forecast"]["relative_mase"] > 0
+    # a series without timestamps has no sampling step of its own to play at
+    res = CliRunner().invoke(app, [*args[:4], "--sample-step", "--json"])
+    assert res.exit_code == 2 and "no sampling step" in res.output
     bad = CliRunner().invoke(app, ["evaluate", str(f), "--policies", "magic"])
     assert bad.exit_code == 2 and "unknown policy" in bad.output
 

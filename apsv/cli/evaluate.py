@@ -28,6 +28,11 @@ def evaluate(
     nodes: int = typer.Option(100, "--nodes", min=1),
     max_instances: int = typer.Option(64, "--max-instances", min=1),
     steps: int = typer.Option(600, "--forecaster-steps", min=1, help="training steps of the forecaster"),
+    sample_step: bool = typer.Option(
+        False,
+        "--sample-step",
+        help="play the series at its own sampling step (one decision per sample) instead of one sample a second",
+    ),
     plots: Path | None = typer.Option(Path("apsv-evaluate"), "--plots", help="directory for the PNG plots"),
     speed: float = typer.Option(
         0.5, "--speed", min=0.01, help="live: trace seconds per wall second (0.5: half the Ray calls per trace second)"
@@ -49,7 +54,7 @@ def evaluate(
     from apsv.scaling.evaluate import claims, plot, public
     from apsv.scaling.evaluate import evaluate as run
     from apsv.scaling.simulator import SimConfig
-    from apsv.scaling.traces import load_trace
+    from apsv.scaling.traces import at_sample_step, load_trace
 
     if mode not in ("sim", "live"):
         typer.echo(f"apsv evaluate: --mode {mode!r}: expected sim or live", err=True)
@@ -57,6 +62,8 @@ def evaluate(
     names = tuple(p.strip() for p in policies.split(",") if p.strip())
     try:
         tr = load_trace(trace, column=column, season=season, peak_rate=peak_rate)
+        if sample_step:
+            tr = at_sample_step(tr)
         slo = slo_ms if slo_ms is not None else (10.0 if tr.protocol == "bfd" else 100.0)
         cfg = SimConfig(
             capacity=capacity,

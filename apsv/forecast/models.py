@@ -18,6 +18,7 @@ from torch import nn
 from apsv.forecast.metrics import MEDIAN, QUANTILES
 
 N_COVARIATES = 6  # season phase, hour of day, day of week: sin and cos each
+SPARSE_ZEROS = 0.5  # a context window with at least this share of zeros is intermittent
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,13 @@ class QuantileForecaster(nn.Module):
         spread = x.std(dim=1, keepdim=True)
         # A constant window has no spread: fall back to a fraction of its level, then to 1.
         scale = torch.where(spread > 1e-8, spread, (loc.abs() * 0.1).clamp_min(1.0))
+        # An intermittent window (mostly zeros: per-peer BGP churn) is scaled by its mean from
+        # zero instead: its standard deviation is set by its rare bursts, and quantiles in units
+        # of it put the upper band near the bursts at every step.
+        sparse = ((x == 0).float().mean(dim=1, keepdim=True) >= SPARSE_ZEROS) & (x.min(dim=1, keepdim=True).values >= 0)
+        mean = x.mean(dim=1, keepdim=True).clamp_min(1e-8)
+        loc = torch.where(sparse, torch.zeros_like(loc), loc)
+        scale = torch.where(sparse, mean, scale)
         return (x - loc) / scale, loc, scale
 
     def _patches(self, z: torch.Tensor) -> torch.Tensor:
@@ -86,9 +94,7 @@ class QuantileForecaster(nn.Module):
 
     def forward(self, x: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:
         """x (B, context_length), cov (B, N_COVARIATES) -> quantiles (B, horizon, Q) in x's units."""
-        z, loc, scale = self._scale(x)
-        raw = self.encode(self._patches(z), self.cov_embed(cov))
-        q = monotone_quantiles(raw.reshape(x.shape[0], self.cfg.horizon, self.n_q))
+        q, loc, scale = self.forward_scaled(x, cov)
         return q * scale[:, :, None] + loc[:, :, None]
 
     def forward_scaled(self, x: torch.Tensor, cov: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

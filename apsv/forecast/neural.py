@@ -44,6 +44,9 @@ class TrainConfig:
     seed: int = 0
     threads: int = 2
     max_seconds: float | None = None  # stop early (keeping the best weights) past this wall time
+    # at most this many passes over the training windows: a short series (a few dozen windows)
+    # is fitted for a few steps, not thousands of passes over the same points
+    max_epochs: float = 100.0
 
 
 def auto_context(season: int, horizon: int, patch_len: int, available: int) -> int:
@@ -123,7 +126,7 @@ class NeuralForecaster:
         longest = max(len(s) for s in train)
         ctx = self.context_length or auto_context(season, self.horizon, patch, longest)
         ctx = (ctx // patch) * patch
-        if ctx < 2 * patch or longest < ctx // 2 + 3 * self.horizon:
+        if ctx < 2 * patch or longest < ctx // 2 + 2 * self.horizon:
             return None
         return ModelConfig(self.kind, ctx, self.horizon, patch_len=patch, **self.arch)
 
@@ -157,23 +160,30 @@ class NeuralForecaster:
             return self.report
         model = build_model(cfg)
         opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
-        warm = max(1, tc.steps // 10)
+        n_steps = max(1, min(tc.steps, math.ceil(tc.max_epochs * ctx_all.shape[0] / tc.batch_size)))
+        warm = max(1, n_steps // 10)
         # linear warm-up, then cosine decay to a tenth of the peak rate
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt,
             lambda i: (
                 (i + 1) / warm
                 if i < warm
-                else 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (i - warm) / max(1, tc.steps - warm)))
+                else 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (i - warm) / max(1, n_steps - warm)))
             ),
         )
         xv, yv, cv = self._origins(val, cfg) if val else (None, None, None)
-        best = (float("inf"), 0, {k: v.clone() for k, v in model.state_dict().items()})
+        # the untrained model (the baseline forecast) is the first candidate
+        start = (
+            self._holdout_loss(model, xv, yv, cv)
+            if xv is not None and yv is not None and cv is not None
+            else float("inf")
+        )
+        best = (start, 0, {k: v.clone() for k, v in model.state_dict().items()})
         x_t = torch.from_numpy(ctx_all).float()
         y_t = torch.from_numpy(tgt_all).float()
         c_t = torch.from_numpy(cov_all).float()
         step = 0
-        for step in range(1, tc.steps + 1):
+        for step in range(1, n_steps + 1):
             model.train()
             idx = torch.randint(0, x_t.shape[0], (tc.batch_size,), generator=gen)
             q, loc, scale = model.forward_scaled(x_t[idx], c_t[idx])
@@ -183,7 +193,7 @@ class NeuralForecaster:
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             sched.step()
-            last = step == tc.steps or (tc.max_seconds is not None and time.perf_counter() - t0 > tc.max_seconds)
+            last = step == n_steps or (tc.max_seconds is not None and time.perf_counter() - t0 > tc.max_seconds)
             if step % tc.eval_every == 0 or last:
                 if xv is not None and yv is not None and cv is not None:
                     vloss = self._holdout_loss(model, xv, yv, cv)
@@ -258,8 +268,11 @@ class NeuralForecaster:
             if ok.sum() < 10:
                 continue
             r = ((y - med)[ok]) / d[ok]
-            # upper quantile: want P(r <= s) = level; lower (d < 0): P(r >= s) = level
-            s = np.quantile(r, level if k > MEDIAN else 1.0 - level)
+            # The factor s that minimises the pinball loss of med + s (q - med) at this level:
+            # the level's quantile of r (upper; lower, d < 0: 1 - level's) weighted by |d|. Unweighted,
+            # points with a near-zero band (an intermittent series' quiet windows) would dominate,
+            # and their rare bursts set a factor that inflates the band everywhere else.
+            s = _weighted_quantile(r, np.abs(d[ok]), level if k > MEDIAN else 1.0 - level)
             out[k] = float(np.clip(s, 0.0, 8.0))  # 0: the band collapses onto the median (zero-inflated series)
         return out
 
@@ -323,6 +336,39 @@ class NeuralForecaster:
                 out[i] = np.maximum(q[j], 0.0) if v.min() >= 0 else q[j]
         return out
 
+    def predict_array(
+        self,
+        values: FloatArray,
+        season: int,
+        horizon: int | None = None,
+        *,
+        start: float | None = None,
+        step: float | None = None,
+    ) -> FloatArray:
+        """(n, horizon, Q) for n histories of one length, one season and one clock, given as one
+        (n, T) array: the serving fast path (no per-series objects; one context slice, one
+        covariate row). The same forecasts as `predict` with the hold-out calibration alone
+        (`recent_windows` 0); with backcasts configured it takes `predict`'s path."""
+        v = np.asarray(values, dtype=np.float64)
+        if v.ndim != 2:
+            raise ValueError(f"expected a 2-D array of histories, got shape {v.shape}")
+        n, length = v.shape
+        h = horizon or self.horizon
+        if h > self.horizon:
+            raise ValueError(f"this model forecasts {self.horizon} steps, {h} asked")
+        if self.recent_windows > 0 or self.cfg is None or length < self.min_history() or n == 0:
+            ser = [Series(str(i), v[i], step=step, start=start, season=season) for i in range(n)]
+            return self.predict(ser, h)
+        L = self.cfg.context_length
+        ctx = v[:, -L:] if length >= L else np.concatenate([np.repeat(v[:, :1], L - length, axis=1), v], axis=1)
+        cov = np.broadcast_to(
+            covariates(Series("", v[0], step=step, start=start, season=season), length), (n, N_COVARIATES)
+        )
+        q = _apply_calibration(self._forward(ctx, np.ascontiguousarray(cov))[:, :h, :], self.calibration)
+        nonneg = v.min(axis=1) >= 0
+        q[nonneg] = np.maximum(q[nonneg], 0.0)
+        return q
+
     # -- persistence ----------------------------------------------------------------------
 
     def save(self, directory: str | Path) -> None:
@@ -380,6 +426,14 @@ def _context(v: FloatArray, length: int) -> FloatArray:
     if v.size >= length:
         return v[-length:]
     return np.concatenate([np.full(length - v.size, v[0] if v.size else 0.0), v])
+
+
+def _weighted_quantile(values: FloatArray, weights: FloatArray, level: float) -> float:
+    """The smallest value whose cumulative weight reaches `level` of the total."""
+    order = np.argsort(values)
+    cum = np.cumsum(weights[order])
+    i = int(np.searchsorted(cum, level * cum[-1], side="left"))
+    return float(values[order][min(i, values.size - 1)])
 
 
 def _blend(global_factors: FloatArray, series_factors: FloatArray) -> FloatArray:

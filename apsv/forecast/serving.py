@@ -11,9 +11,11 @@ the serving one in place (a fresh replica takes the registry's promoted version 
 reported in `status()`. With no usable model at all, and for series with too little history,
 the answer is seasonal naive, and the response says so.
 
-Request keys: `series` (required, id -> values, oldest first), `season` (int, default 1, or a map
-id -> int), `horizon` (default: the model's), `start`/`step` (unix seconds of the first value and
-the sampling step, for calendar covariates; optional, per request).
+Request keys: `series` (id -> values, oldest first) or, for histories of one length, `values`
+(one (n, T) array - through a handle one buffer instead of n lists, the fast path - with `ids`,
+default "0".."n-1"), `season` (int, default 1, or for `series` a map id -> int), `horizon`
+(default: the model's), `start`/`step` (unix seconds of the first value and the sampling step,
+for calendar covariates; optional, per request).
 Response keys: `model` (version or "seasonal_naive"), `horizon`, `quantiles`, `forecasts` (id ->
 horizon x quantiles, as lists over HTTP, a numpy array through a handle), `fallback` (ids
 answered by seasonal naive), `errors` (id -> why a series was refused).
@@ -27,13 +29,14 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 from ray import serve
 
 from apsv.forecast.baselines import seasonal_naive_quantiles
 from apsv.forecast.metrics import QUANTILES
 from apsv.forecast.neural import ModelLoadError, NeuralForecaster
 from apsv.forecast.registry import ModelRegistry
-from apsv.forecast.series import Series, SeriesError, clean
+from apsv.forecast.series import FloatArray, Series, SeriesError, clean
 
 log = logging.getLogger(__name__)
 
@@ -47,10 +50,44 @@ class RequestError(ValueError):
     """A request the service refuses as a whole (not a series it can answer with a fallback)."""
 
 
+def parse_array_request(payload: Mapping[str, Any]) -> tuple[list[str], FloatArray, dict[str, str], int | None, int]:
+    """(ids, (n, T) histories, per-id errors, horizon, season) from a `values` request; rows
+    with a value that is not finite or negative are refused by id (as `series` requests' are)."""
+    try:
+        values = np.asarray(payload["values"], dtype=np.float64)
+    except (TypeError, ValueError) as e:
+        raise RequestError(f"values: expected an (n, T) array of numbers: {e}") from None
+    if values.ndim != 2 or values.shape[1] == 0:
+        raise RequestError(f"values: expected an (n, T) array with T >= 1, got shape {values.shape}")
+    if values.shape[0] > MAX_SERIES_PER_REQUEST:
+        raise RequestError(f"{values.shape[0]} series in one request, at most {MAX_SERIES_PER_REQUEST}")
+    ids = [str(i) for i in payload.get("ids", range(values.shape[0]))]
+    if len(ids) != values.shape[0]:
+        raise RequestError(f"ids: {len(ids)} ids for {values.shape[0]} rows of values")
+    season = payload.get("season", 1)
+    if not isinstance(season, int) or season < 1:
+        raise RequestError(f"season must be a positive integer for a values request, not {season!r}")
+    horizon = payload.get("horizon")
+    if horizon is not None and (not isinstance(horizon, int) or horizon < 1):
+        raise RequestError(f"horizon must be a positive integer, not {horizon!r}")
+    values = values[:, -MAX_HISTORY:]  # (a request's `start` moves with the cut: see predict_values)
+    finite: npt.NDArray[np.bool_] = np.asarray(np.isfinite(values).all(axis=1))
+    usable: npt.NDArray[np.bool_] = finite & (np.where(finite[:, None], values, 0.0).min(axis=1) >= 0)
+    errors = {
+        ids[i]: f"{ids[i]}: a value is {'not finite' if not finite[i] else 'negative'}" for i in np.flatnonzero(~usable)
+    }
+    if errors:
+        values = values[usable]
+        ids = [ids[i] for i in np.flatnonzero(usable)]
+    return ids, values, errors, horizon, season
+
+
 def parse_request(payload: Mapping[str, Any]) -> tuple[list[str], list[Series], dict[str, str], int | None]:
     """(ids, cleaned series, per-id errors, horizon) from a request payload."""
     if not isinstance(payload, Mapping) or not isinstance(payload.get("series"), Mapping):
-        raise RequestError("the request must be an object with a 'series' map of id -> list of values")
+        raise RequestError(
+            "the request must be an object with a 'series' map of id -> list of values, or a 'values' array"
+        )
     series_map: Mapping[str, Any] = payload["series"]
     if len(series_map) > MAX_SERIES_PER_REQUEST:
         raise RequestError(f"{len(series_map)} series in one request, at most {MAX_SERIES_PER_REQUEST}")
@@ -126,8 +163,47 @@ class ForecastCore:
         self.model, self.version, self.config = model, version, cfg  # one assignment each: the swap
         self.swaps += 1
 
+    def predict_values(self, payload: Mapping[str, Any]) -> dict[str, Any]:
+        """A `values` request: one (n, T) array, one forward pass, no per-series objects."""
+        model, version = self.model, self.version
+        try:
+            ids, values, errs, h, season = parse_array_request(payload)
+            horizon = h or (model.horizon if model is not None else DEFAULT_HORIZON)
+            if model is not None and horizon > model.horizon:
+                raise RequestError(f"horizon {horizon} exceeds the model's {model.horizon}")
+        except RequestError as e:
+            return {"error": str(e), "model": version}
+        start, step = payload.get("start"), payload.get("step")
+        cut = max(0, int(np.shape(payload["values"])[1]) - values.shape[1])
+        if start is not None and step is not None:
+            start = start + step * cut  # only the tail was kept
+        if model is None or values.shape[1] < model.min_history():
+            q = np.stack([seasonal_naive_quantiles(v, season, horizon) for v in values]) if len(ids) else None
+            fb = list(ids)
+        else:
+            q = model.predict_array(values, season, horizon, start=start, step=step)
+            fb = []
+        self.requests += 1
+        self.series += len(ids)
+        return {
+            "model": version,
+            "horizon": horizon,
+            "quantiles": list(QUANTILES),
+            "ids": ids,
+            "forecasts": q if q is not None else np.zeros((0, horizon, len(QUANTILES))),
+            "fallback": fb,
+            "errors": errs,
+        }
+
     def predict(self, payloads: list[Mapping[str, Any]]) -> list[dict[str, Any]]:
         model, version = self.model, self.version  # a consistent pair for the whole batch
+        if any(isinstance(p, Mapping) and "values" in p for p in payloads):
+            # array requests go one forward pass each; the rest share one below
+            rest = [p for p in payloads if not (isinstance(p, Mapping) and "values" in p)]
+            done = iter(self.predict(rest)) if rest else iter(())
+            return [
+                self.predict_values(p) if isinstance(p, Mapping) and "values" in p else next(done) for p in payloads
+            ]
         parsed: list[tuple[list[str], list[Series], dict[str, str], int] | RequestError] = []
         for p in payloads:
             try:
