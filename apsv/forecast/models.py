@@ -31,6 +31,10 @@ class ModelConfig:
     n_heads: int = 4
     n_layers: int = 2
     dropout: float = 0.1
+    # > 1: the median is learned as a correction to the seasonal naive forecast of this period,
+    # and the head starts at zero (an untrained model forecasts seasonal naive): the model for
+    # a series too short to learn its shape from (NeuralForecaster sets it below MIN_FREE_WINDOWS)
+    anchor_season: int = 0
 
     def __post_init__(self) -> None:
         if self.kind not in ("transformer", "lstm"):
@@ -60,6 +64,8 @@ def monotone_quantiles(raw: torch.Tensor) -> torch.Tensor:
 
 class QuantileForecaster(nn.Module):
     """Shared scaffolding: scaling, patching, covariates and the quantile head."""
+
+    head: nn.Linear
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -92,6 +98,13 @@ class QuantileForecaster(nn.Module):
     def encode(self, tokens: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def _anchor(self, z: torch.Tensor) -> torch.Tensor:
+        """(B, L) scaled context -> (B, horizon): seasonal naive in the same scale (0 unanchored)."""
+        m = self.cfg.anchor_season
+        if not 1 < m <= self.cfg.context_length:
+            return torch.zeros(z.shape[0], self.cfg.horizon, dtype=z.dtype, device=z.device)
+        return z[:, self.cfg.context_length - m + torch.arange(self.cfg.horizon, device=z.device) % m]
+
     def forward(self, x: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:
         """x (B, context_length), cov (B, N_COVARIATES) -> quantiles (B, horizon, Q) in x's units."""
         q, loc, scale = self.forward_scaled(x, cov)
@@ -101,7 +114,8 @@ class QuantileForecaster(nn.Module):
         """Quantiles in the window's own scale, with loc and scale (training computes its loss there)."""
         z, loc, scale = self._scale(x)
         raw = self.encode(self._patches(z), self.cov_embed(cov))
-        return monotone_quantiles(raw.reshape(x.shape[0], self.cfg.horizon, self.n_q)), loc, scale
+        q = monotone_quantiles(raw.reshape(x.shape[0], self.cfg.horizon, self.n_q))
+        return q + self._anchor(z)[:, :, None], loc, scale
 
 
 class PatchTransformer(QuantileForecaster):
@@ -139,7 +153,12 @@ class LstmForecaster(QuantileForecaster):
 
 
 def build_model(cfg: ModelConfig) -> QuantileForecaster:
-    return PatchTransformer(cfg) if cfg.kind == "transformer" else LstmForecaster(cfg)
+    model: QuantileForecaster = PatchTransformer(cfg) if cfg.kind == "transformer" else LstmForecaster(cfg)
+    if cfg.anchor_season > 1:
+        # start at the anchor: training moves off it only as far as the few windows support
+        nn.init.zeros_(model.head.weight)
+        nn.init.zeros_(model.head.bias)
+    return model
 
 
 def pinball_loss(q_pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

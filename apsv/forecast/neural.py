@@ -14,7 +14,7 @@ import json
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,9 @@ Reporter = Callable[[int, float], None]  # (training step, hold-out loss) -> Non
 
 class ModelLoadError(RuntimeError):
     """A saved model that cannot be used (missing, corrupt, or from an incompatible version)."""
+
+
+MIN_FREE_WINDOWS = 64  # fewer training windows than this: the model corrects seasonal naive
 
 
 @dataclass(frozen=True)
@@ -158,6 +161,11 @@ class NeuralForecaster:
             self.report = FitReport(skipped="no training windows; seasonal naive answers")
             self.model = None
             return self.report
+        season = max(s.season for s in train)
+        if ctx_all.shape[0] < MIN_FREE_WINDOWS and cfg.context_length >= season > 1:
+            # too few windows to learn a series' shape from: learn a correction to its seasonal
+            # naive forecast instead (shrinkage toward the baseline)
+            cfg = replace(cfg, anchor_season=season)
         model = build_model(cfg)
         opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
         n_steps = max(1, min(tc.steps, math.ceil(tc.max_epochs * ctx_all.shape[0] / tc.batch_size)))
