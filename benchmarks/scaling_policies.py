@@ -1,15 +1,18 @@
 """Scaling policies compared on the repository's traces, in the simulator, and its speed at scale.
 
-python benchmarks/scaling_policies.py [--quick] [--out benchmarks/results/scaling_policies.json]
+python benchmarks/scaling_policies.py [--quick] [--keep-scale] [--out benchmarks/results/scaling_policies.json]
                                       [--plots benchmarks/results/scaling_plots]
 
 Traces (each: the first 30 % trains the Transformer forecaster, the rest is evaluated):
-- Cortez A5M ISP traffic (5-minute samples, one per simulated second), peak scaled to 20,000 msgs/s;
-- NASA web requests per minute (one per simulated second, the last 20,000 minutes), peak 20,000/s;
+- every series of ../shared/data/timeseries (benchmarks/catalog.py; the last 8,000 samples of
+  longer ones), peak scaled to 20,000 msgs/s, played twice: one sample per simulated second, and
+  at its own sampling step (one decision per sample; the same forecasts, trained once);
 - real BGP churn (RouteViews updates.20070211.0141, looped) x20, with a 900k-prefix reset storm;
 - a BFD population of 20,000 sessions at 300 ms on a compressed day (SLO 10 ms).
 Instance capacity 2,000 msgs/s, start latency 3 s, SLO 100 ms (BFD 10 ms), 1,000 virtual routers
-(4 sessions each) on 100 nodes. `reactive` is the best of a grid tuned on each trace.
+(4 sessions each) on 100 nodes. `threshold` (0.6, 60 s) and `ray_serve` (Ray's defaults) are
+fixed baselines; `reactive` is the best of a grid tuned on each trace. Writes the JSON, a
+markdown table beside it (`.md`) and plots per trace.
 Scale: one simulated day (86,400 steps) at 10,000 virtual routers on 1,000 nodes, wall time.
 """
 
