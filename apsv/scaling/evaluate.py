@@ -28,9 +28,10 @@ REACTIVE_GRID = [
 
 
 def policy_configs(trace_rates: np.ndarray) -> dict[str, dict[str, Any]]:
+    threshold = {"target_cpu": 0.6, "stabilization_s": 60.0}
     return {
         "static": {"peak_load": float(trace_rates.max()), "target_utilization": 0.7},
-        "threshold": {"target_cpu": 0.6, "stabilization_s": 60.0},
+        "threshold": threshold,
         "ray_serve": {},  # Ray's defaults (apsv/scaling/ray_serve.py says what they mean here)
         "predictive": {
             "quantile": "p90",
@@ -40,6 +41,9 @@ def policy_configs(trace_rates: np.ndarray) -> dict[str, dict[str, Any]]:
             "backlog_s": 2.0,
             "stabilization_s": 20.0,
             "min_lifetime_s": 30.0,
+            # where its forecast shows no skill: the threshold baseline
+            "fallback": "threshold",
+            "fallback_config": dict(threshold),
         },
         "oracle": {"target_utilization": 0.9},
     }
@@ -78,9 +82,6 @@ def evaluate(
         fc_info.update(forecast_skill(trace, start, forecasts))
     tables = trace.table_backlog[start:] if trace.table_backlog is not None else None
     configs = policy_configs(test)
-    # predictive falls back to the threshold baseline where its forecast shows no skill
-    configs["predictive"].setdefault("fallback", "threshold")
-    configs["predictive"].setdefault("fallback_config", dict(configs["threshold"]))
     for p in ("predictive", "oracle"):
         # the latency every message has in the modelled system, whatever the load: the SLO's
         # budget for queueing is what it leaves

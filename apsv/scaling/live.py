@@ -586,7 +586,7 @@ def agreement(live: LiveResult, sim: SimResult) -> dict[str, float]:
 
 
 def live_json(trace: str, res: dict[str, Any]) -> dict[str, Any]:
-    """The `apsv evaluate --mode live --json` object: `policies` (live, the issue's keys), `sim`
+    """The `apsv evaluate --mode live --json` object: `policies` (live, the simulator's keys), `sim`
     (the simulator on the same steps with the measured parameters), `agreement` per policy."""
     from apsv.scaling.evaluate import claims
 
