@@ -531,6 +531,12 @@ def test_claims_compare_with_reactive_at_equal_cost_too() -> None:
     assert "reactive_at_equal_cost_violation_s" not in claims({"policies": pol})
 
 
+def _cands(pro: float, rea: float, full: float = 1.0) -> dict[str, tuple[float, float]]:
+    """Candidates as the policy passes them: each level provisioned for, and its capacity
+    within the SLO (`full` x the level: what the instances serve before queueing breaks it)."""
+    return {skill.PROACTIVE: (pro, full * pro), "threshold": (rea, full * rea)}
+
+
 def test_skill_trusts_a_forecast_that_provisions_better_than_reacting() -> None:
     cfg = skill.SkillConfig(min_evidence=10)
     good: dict[str, Any] = {}
@@ -540,16 +546,57 @@ def test_skill_trusts_a_forecast_that_provisions_better_than_reacting() -> None:
         peak = max(1000.0 + 500.0 * math.sin(u / 10) for u in range(t + 1, t + 6))
         # provisioned for: a forecast that knows the peak (5 % over) vs reacting with 1/0.6 headroom
         good = skill.observe(
-            good, now=t, load=load, window_s=5, median_peak=peak, provisioned=(1.05 * peak, load / 0.6)
+            good, now=t, load=load, window_s=5, median_peak=peak, candidates=_cands(1.05 * peak, load / 0.6)
         )
         # a forecast that lags: it provisions for the load of 20 s ago
         lag = 1000.0 + 500.0 * math.sin((t - 20) / 10)
-        bad = skill.observe(bad, now=t, load=load, window_s=5, median_peak=lag, provisioned=(lag, load / 0.6))
-    assert skill.trust(good, cfg) == 1.0 and skill.coverage(good) == 1.0 and skill.ratio(good) < 0.5
-    assert skill.trust(bad, cfg) == 0.0 and skill.coverage(bad) < 0.5
+        bad = skill.observe(bad, now=t, load=load, window_s=5, median_peak=lag, candidates=_cands(lag, load / 0.6))
+    assert skill.trust(good, cfg, "threshold") == 1.0 and skill.coverage(good) == 1.0
+    assert skill.ratio(good, "threshold") < 0.5 and skill.guard(good, "threshold") == 1.0
+    assert skill.trust(bad, cfg, "threshold") == 0.0 and skill.coverage(bad) < 0.5
+    # the lagging forecast ran short of capacity in windows the headroom covered: no saving on it
+    assert skill.short_windows(bad, skill.PROACTIVE) > skill.short_windows(bad, "threshold")
+    assert skill.guard(bad, "threshold") < 0.2
     # no evidence, no trust; and the pending windows stay bounded
-    assert skill.trust({}, cfg) == 0.0
+    assert skill.trust({}, cfg, "threshold") == 0.0
     assert len(good["pending"]) <= 6 and good["evidence"] < 200
+
+
+def test_skill_picks_the_fallback_that_runs_short_least_and_holds_it_through_noise() -> None:
+    st: dict[str, Any] = {}
+    for t in range(100):
+        load = 1000.0 + (3000.0 if t % 20 == 10 else 0.0)  # a burst every 20 s
+        # "tight" provisions 10 % over the load now, "roomy" 3x over: only roomy holds the bursts
+        cands = {skill.PROACTIVE: (load, load), "tight": (1.1 * load, 1.1 * load), "roomy": (3e3, 4.5e3)}
+        st = skill.observe(st, now=t, load=load, window_s=3, median_peak=load, candidates=cands)
+    assert skill.short_windows(st, "tight") > skill.short_windows(st, "roomy") + 1
+    assert skill.better_fallback(st, ["tight", "roomy"], "tight") == "roomy"
+    # a difference of less than a window and a tenth of the loss is noise: the current one stays
+    st2 = {"short": {"a": 1.0, "b": 0.5}, "loss": {"a": 100.0, "b": 95.0}}
+    assert skill.better_fallback(st2, ["a", "b"], "a") == "a"
+    assert skill.better_fallback(st2, ["a", "b"], None) == "a"  # no choice yet: the first listed
+
+
+def test_predictive_fallback_config_is_read_and_checked() -> None:
+    from apsv.scaling.predictive import check_config, fallbacks
+
+    both = fallbacks({"interval_s": 300.0})
+    assert both == {
+        "threshold": {"interval_s": 300.0, "target_cpu": 0.6, "stabilization_s": 60.0},
+        "ray_serve": {"interval_s": 300.0},
+    }
+    one = fallbacks({"fallback": "threshold", "fallback_config": {"target_cpu": 0.5}})
+    assert one == {"threshold": {"target_cpu": 0.5}}
+    by_name = fallbacks({"fallback_config": {"ray_serve": {"downscale_delay_s": 60.0}}})
+    assert by_name["ray_serve"] == {"downscale_delay_s": 60.0} and by_name["threshold"]["target_cpu"] == 0.6
+    for bad, says in (
+        ({"fallback": "oracle"}, "cannot be the fallback"),
+        ({"fallback": ["threshold", 3]}, "expected a reactive policy's name"),
+        ({"fallback": "nosuch"}, "nosuch"),
+        ({"fallback_config": {"target_cpu": 0.5}}, "each one's settings by name"),
+    ):
+        with pytest.raises(ValueError, match=says):
+            check_config(bad)
 
 
 def test_predictive_at_no_trust_is_exactly_its_fallback() -> None:
@@ -561,13 +608,33 @@ def test_predictive_at_no_trust_is_exactly_its_fallback() -> None:
     noise = np.abs(3000 + rng.normal(0, 2000, (300, 32)))
     fc = Forecasts(5, {"p50": noise, "p90": noise * 1.3})
     base = {"target_cpu": 0.6, "stabilization_s": 60.0}
-    pinned = simulate(load, "predictive", cfg, forecasts=fc, policy_config={"trust": 0.0, "fallback_config": base})
+    one = {"fallback": "threshold", "fallback_config": base}
+    pinned = simulate(load, "predictive", cfg, forecasts=fc, policy_config={"trust": 0.0, **one})
     thr = simulate(load, "threshold", cfg, policy_config=base)
     assert pinned.to_json() == {**thr.to_json(), "forecast_trust": 0.0}
     # measured, such a forecast earns (next to) no trust, and the policy does as its fallback
-    measured = simulate(load, "predictive", cfg, forecasts=fc, policy_config={"fallback_config": base})
+    measured = simulate(load, "predictive", cfg, forecasts=fc, policy_config=one)
     assert measured.forecast_trust is not None and measured.forecast_trust < 0.05
     assert measured.slo_violation_s <= thr.slo_violation_s
+    # with both baselines scored side by side, it is no worse than the better of the two
+    rs = simulate(load, "ray_serve", cfg, policy_config={})
+    both = simulate(load, "predictive", cfg, forecasts=fc, policy_config={})
+    assert both.slo_violation_s <= min(thr.slo_violation_s, rs.slo_violation_s)
+
+
+def test_predictive_steps_down_with_a_fallback_that_waits_out_a_delay() -> None:
+    # Ray Serve's policy steps down only after 600 s of wanting to, and starts counting again
+    # after each step: a scale-in window held on top of its recommendation would see its last
+    # "keep" in every window and never step down
+    load = np.concatenate([np.full(300, 500.0), np.full(60, 30_000.0), np.full(1800, 500.0)])
+    cfg = SimConfig(capacity=CAP, start_latency_s=3.0, max_instances=40, vrouters=300)
+    rng = np.random.default_rng(3)
+    noise = np.abs(3000 + rng.normal(0, 2000, (load.size // 5 + 1, 32)))
+    fc = Forecasts(5, {"p50": noise, "p90": noise * 1.3})
+    alone = simulate(load, "ray_serve", cfg, policy_config={})
+    pred = simulate(load, "predictive", cfg, forecasts=fc, policy_config={"fallback": "ray_serve"})
+    assert alone.timeline["instances"].max() > 5 and pred.timeline["instances"].max() > 5
+    assert pred.timeline["instances"][-1] <= alone.timeline["instances"][-1]
 
 
 def test_claims_never_worse_against_the_better_baseline() -> None:

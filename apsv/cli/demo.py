@@ -271,6 +271,7 @@ def run_offload(
             "recent_s": 10,
             # trust in the forecast is earned over scored windows: a minute's demo has ~60
             "skill_min_evidence": 10,
+            "fallback": "threshold",
             "fallback_config": {"target_cpu": 0.6, "stabilization_s": 3.0},
         },
         capacity_per_instance=capacity,

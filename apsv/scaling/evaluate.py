@@ -41,9 +41,9 @@ def policy_configs(trace_rates: np.ndarray) -> dict[str, dict[str, Any]]:
             "backlog_s": 2.0,
             "stabilization_s": 20.0,
             "min_lifetime_s": 30.0,
-            # where its forecast shows no skill: the threshold baseline
-            "fallback": "threshold",
-            "fallback_config": dict(threshold),
+            # where its forecast shows no skill: the better of the two fixed baselines
+            "fallback": ["threshold", "ray_serve"],
+            "fallback_config": {"threshold": dict(threshold), "ray_serve": {}},
         },
         "oracle": {"target_utilization": 0.9},
     }

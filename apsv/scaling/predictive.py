@@ -2,9 +2,10 @@
 
 Each decision forms two recommendations and weighs them by the forecast's measured skill:
 
-- `reactive_n`: the fallback rule's (`fallback`, default `threshold` with `fallback_config`,
-  default the HPA rule at target 0.6 and a 60 s stabilization window) - what a user runs without
-  prediction, its own state kept across decisions;
+- `reactive_n`: the fallback rule's - what a user runs without prediction. `fallback` names one
+  or several (default the HPA rule at target 0.6 with a 60 s stabilization window and Ray Serve's
+  policy with Ray's defaults), each run from its own state on the live context and scored beside
+  the forecast; the one that has served the load best so far (`skill.better_fallback`) is it;
 - `proactive_n`: full proactive provisioning (`proactive` below) for the forecast over the lead
   time, at the utilization the SLO allows.
 
@@ -13,12 +14,16 @@ upper band's coverage, on windows already seen):
 
     desired = ceil(reactive_n + trust x (proactive_n - reactive_n))
 
-At trust 0 the decision is the fallback's, unchanged. Above it, churn is a cost:
+Below the fallback's recommendation (the forecast sees less coming) the weight is trust x
+`skill.guard`: provisioning on the forecast may save capacity only as far as it has not run short
+of the SLO's capacity more often than the fallback. At trust 0 the decision is the fallback's,
+unchanged. Above it, churn is a cost:
 
 - scale-out is immediate (a late instance costs violations; a start costs one stall);
-- scale-in takes the highest recommendation of the last `stabilization_s` (default the
-  fallback's window, never shorter than the lead time: no scale-in that the need of the next
-  start latency would undo), and only instances older than `min_lifetime_s` may go;
+- scale-in blends the fallback's recommendation with the highest proactive one of a window of
+  trust x `stabilization_s` (default 60 s; the fallback's is stabilized by the fallback itself),
+  never shorter than the lead time: no scale-in that the need of the next start latency would
+  undo; and only instances older than `min_lifetime_s` may go;
 - the forecast alone never scales in: `proactive_n` is never below what the live load needs.
 
 Tables that peers which reset will re-send (`table_backlog`) are announced, not forecast: what
@@ -41,24 +46,57 @@ from apsv.scaling.policy import (
     clamp,
     get_policy,
     instances_for,
+    slo_utilization,
     utilization_target,
 )
 
-# The fallback when none is configured: the HPA rule with the repository's baseline settings
-DEFAULT_FALLBACK = "threshold"
-DEFAULT_FALLBACK_CONFIG = {"target_cpu": 0.6, "stabilization_s": 60.0}
+# The fallbacks when none is configured: the HPA rule with the repository's baseline settings
+# and Ray Serve's own policy with Ray's defaults, scored side by side (`skill.better_fallback`)
+DEFAULT_FALLBACK = ("threshold", "ray_serve")
+DEFAULT_FALLBACK_CONFIGS: dict[str, dict[str, Any]] = {
+    "threshold": {"target_cpu": 0.6, "stabilization_s": 60.0},
+    "ray_serve": {},
+}
+DEFAULT_STABILIZATION_S = 60.0  # the scale-in window at full trust (the HPA baseline's)
+# what callers add to every policy's config that the fallbacks read too
+_CONTEXT_KEYS = ("interval_s", "service_ms", "fixed_latency_ms")
+
+
+def fallbacks(config: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """The fallback rules a predictive config names, each with its settings: `fallback` is a
+    policy name or a list of them; `fallback_config` the one's settings, or with several a
+    mapping of each one's by name (a name left out gets its default: threshold at 0.6 with a
+    60 s window, Ray Serve's policy with Ray's defaults). ValueError naming what is wrong."""
+    raw = config.get("fallback", DEFAULT_FALLBACK)
+    names = [raw] if isinstance(raw, str) else list(raw) if isinstance(raw, list | tuple) else None
+    if not names or not all(isinstance(n, str) for n in names):
+        raise ValueError(f"fallback: expected a reactive policy's name or a list of them, got {raw!r}")
+    for n in names:
+        if n in ("predictive", "oracle"):
+            raise ValueError(f"fallback: {n!r} cannot be the fallback (a reactive rule is: threshold, ray_serve, ...)")
+        get_policy(n)  # an unknown name raises with the known ones
+    given = config.get("fallback_config", {})
+    if not isinstance(given, Mapping):
+        raise ValueError("fallback_config: expected a mapping of the fallback policy's settings")
+    if len(names) > 1 and any(k not in names or not isinstance(v, Mapping) for k, v in given.items()):
+        raise ValueError(
+            f"fallback_config: with several fallbacks, a mapping of each one's settings by name ({', '.join(names)})"
+        )
+    context = {k: config[k] for k in _CONTEXT_KEYS if k in config}
+    out: dict[str, dict[str, Any]] = {}
+    for n in names:
+        own = (
+            given
+            if len(names) == 1 and "fallback_config" in config
+            else given.get(n, DEFAULT_FALLBACK_CONFIGS.get(n, {}))
+        )
+        out[n] = {**context, **dict(own)}
+    return out
 
 
 def check_config(config: Mapping[str, Any]) -> None:
     """ValueError naming what is wrong in a predictive policy config (checked where it is read)."""
-    fallback = config.get("fallback", DEFAULT_FALLBACK)
-    if fallback in ("predictive", "oracle") or not isinstance(fallback, str):
-        raise ValueError(
-            f"fallback: {fallback!r} cannot be the fallback (a reactive rule is: threshold, ray_serve, ...)"
-        )
-    get_policy(fallback)  # an unknown name raises with the known ones
-    if not isinstance(config.get("fallback_config", {}), Mapping):
-        raise ValueError("fallback_config: expected a mapping of the fallback policy's settings")
+    fallbacks(config)
     for key in ("trust", "skill_full_at", "skill_coverage_floor", "scale_tolerance"):
         if key in config and not 0.0 <= float(config[key]) <= 1.0:
             raise ValueError(f"{key}: expected a number in 0..1, got {config[key]!r}")
@@ -154,6 +192,30 @@ def proactive(ctx: ScalingContext, margin: float = 1.0) -> tuple[int, str, float
     )
 
 
+def _shadow_runs(
+    ctx: ScalingContext, rules: Mapping[str, Mapping[str, Any]], shadows: Mapping[str, Any]
+) -> dict[str, tuple[int, dict[str, Any]]]:
+    """Each fallback rule one step further on its own path: (the instances it decides, its
+    state). The context it sees is the live one with its own instances and what follows from
+    them: utilization as the load over their capacity, no latency figure, no backlog."""
+    out: dict[str, tuple[int, dict[str, Any]]] = {}
+    for name, config in rules.items():
+        n_own, st = shadows.get(name, (ctx.current_instances, {}))
+        own = replace(
+            ctx,
+            current_instances=int(n_own),
+            cpu_utilization=None,
+            latency_p99_ms=None,
+            inflight=0.0,
+            instance_ages=(),
+            state=st,
+            config=config,
+        )
+        d = get_policy(name)(own)
+        out[name] = (d.instances, d.state)
+    return out
+
+
 def predictive(ctx: ScalingContext) -> Decision:
     cfg = ctx.config
     q = str(cfg.get("quantile", "p90"))
@@ -163,51 +225,80 @@ def predictive(ctx: ScalingContext) -> Decision:
 
     margin = float(state.get("skill", {}).get("margin", 1.0)) if "margin" not in cfg else float(cfg["margin"])
     proactive_n, pro_reason, median_peak, band_peak, window_s, known_n = proactive(ctx, margin)
-    fallback_name = str(cfg.get("fallback", DEFAULT_FALLBACK))
-    fallback_cfg = dict(cfg.get("fallback_config", DEFAULT_FALLBACK_CONFIG))
-    fb = get_policy(fallback_name)(replace(ctx, state=state.get("fallback", {}), config=fallback_cfg))
-    # what each recommendation provisions for, in load: instances x what one serves at the target
+    # every fallback rule runs from its own state on the live context; the one that has served
+    # the load best so far is the one the forecast is weighed against
+    rules = fallbacks(cfg)
+    fb_states = state.get("fallbacks", {})
+    recs_fb = {n: get_policy(n)(replace(ctx, state=fb_states.get(n, {}), config=c)) for n, c in rules.items()}
+    # Scored, each also runs on a path of its own (`shadows`: the instances it decided last, as
+    # if they served at once, and its own state): on the live path a rule that waits out a delay
+    # recommends the instances the forecast had already started, and would earn their credit.
+    shadows = _shadow_runs(ctx, rules, state.get("shadows", {}))
+    # what each recommendation provisions for, in load: instances x what one serves at the
+    # target, and within the SLO: instances x what one serves before queueing breaks it
     per = ctx.capacity_per_instance * utilization_target(ctx, 0.8) / max(ctx.load_imbalance, 1.0)
+    # (a peak over capacity for one interval queues what the SLO's latency drains: within it)
+    queue_allowance = (ctx.slo_ms or 0.0) / 1000.0 / max(float(cfg.get("interval_s", 1.0)), 1e-9)
+    full = ctx.capacity_per_instance * (slo_utilization(ctx, 1.0) + queue_allowance) / max(ctx.load_imbalance, 1.0)
+    candidates = {n: (n_own * per, n_own * full) for n, (n_own, _) in shadows.items()}
+    candidates[skill.PROACTIVE] = (proactive_n * per, proactive_n * full)
     sk = skill.observe(
         state.get("skill"),
         now=ctx.now,
         load=ctx.load,
         window_s=window_s,
         median_peak=median_peak,
-        provisioned=(proactive_n * per, fb.instances * per),
+        candidates=candidates,
         band_peak=band_peak,
         tau=level,
         score_tau=float(cfg["skill_level"]) if "skill_level" in cfg else None,
         halflife=sk_cfg.halflife,
     )
-    w = float(cfg["trust"]) if "trust" in cfg else skill.trust(sk, sk_cfg)
+    fallback_name = skill.better_fallback(sk, list(rules), state.get("fallback"))
+    fb = recs_fb[fallback_name]
+    w = float(cfg["trust"]) if "trust" in cfg else skill.trust(sk, sk_cfg, fallback_name)
     trust_note = (
-        f"forecast trusted at {w:.2f} (loss {skill.ratio(sk):.2f}x {fallback_name}'s, "
+        f"forecast trusted at {w:.2f} (loss {skill.ratio(sk, fallback_name):.2f}x {fallback_name}'s, "
         f"covers {skill.coverage(sk):.0%}, median error {skill.forecast_ratio(sk):.2f}x persistence's)"
     )
     interval = float(cfg.get("interval_s", 1.0))
-    # the scale-in window: the fallback's at trust 0, `stabilization_s` (the proactive rule's;
-    # default the fallback's) at trust 1, in between by the trust; never shorter than the lead
-    # time (no scale-in the next start would undo) nor than `hold_decisions` decisions
-    fb_window = float(fallback_cfg.get("stabilization_s", 60.0))
-    own_window = float(cfg.get("stabilization_s", fb_window))
+    # the scale-in window over the proactive recommendations: `stabilization_s` times the trust;
+    # never shorter than the lead time (no scale-in the next start would undo) nor than
+    # `hold_decisions` decisions
     window = max(
-        fb_window + w * (own_window - fb_window),
+        w * float(cfg.get("stabilization_s", DEFAULT_STABILIZATION_S)),
         ctx.start_latency_s + interval,
         float(cfg.get("hold_decisions", 2)) * interval,
     )
     recs = [(float(t), int(n)) for t, n in state.get("recs", []) if ctx.now - float(t) < window - 1e-9]
     since = float(state.get("since", ctx.now))  # the first decision this state has seen
-    new_state: dict[str, Any] = {"skill": sk, "fallback": fb.state, "trust": w, "since": since}
+    new_state: dict[str, Any] = {
+        "skill": sk,
+        "fallbacks": {n: d.state for n, d in recs_fb.items()},
+        "shadows": {n: [n_own, st] for n, (n_own, st) in shadows.items()},
+        "fallback": fallback_name,
+        "trust": w,
+        "since": since,
+    }
     if w <= 0.0 and known_n <= fb.instances:
         # no skill shown (and no table transfer announced): exactly the fallback rule
-        recs.append((ctx.now, fb.instances))
+        recs.append((ctx.now, proactive_n))
         new_state["recs"] = recs
         return Decision(fb.instances, new_state, f"{trust_note}: {fallback_name}: {fb.reason}", w)
 
-    # tables peers are re-sending are known, not forecast: provisioned whatever the trust
-    blended = clamp(max(math.ceil(fb.instances + w * (proactive_n - fb.instances) - 1e-9), known_n), ctx)
-    recs.append((ctx.now, blended))
+    guard = skill.guard(sk, fallback_name)
+
+    def blend(pro: int) -> int:
+        # below the fallback only as far as the forecast has not run short more often than it;
+        # tables peers are re-sending are known, not forecast: provisioned whatever the trust
+        weight = w if pro >= fb.instances else w * guard
+        return clamp(max(math.ceil(fb.instances + weight * (pro - fb.instances) - 1e-9), known_n), ctx)
+
+    blended = blend(proactive_n)
+    # the window holds the proactive recommendations: the fallback's is stabilized by the
+    # fallback itself (held again, a rule that waits 600 s before each step down, and keeps
+    # its count meanwhile, would never be seen to step down)
+    recs.append((ctx.now, proactive_n))
     new_state["recs"] = recs
     reason = f"{trust_note}: {pro_reason}; {fallback_name} {fb.instances}"
     tolerance = float(cfg.get("scale_tolerance", 0.1))
@@ -215,7 +306,10 @@ def predictive(ctx: ScalingContext) -> Decision:
         late = ctx.latency_p99_ms is not None and ctx.slo_ms is not None and ctx.latency_p99_ms > ctx.slo_ms
         busy = ctx.cpu_utilization is not None and ctx.cpu_utilization > utilization_target(ctx, 0.8)
         small = blended <= ctx.current_instances + max(1.0, tolerance * ctx.current_instances)
-        if not (late or busy) and (small or proactive_n <= ctx.current_instances):
+        # (a scale-out the fallback itself asks for is held only where the forecast is trusted
+        # more than half: below that, the fallback's judgement of the live load prevails)
+        fallback_up = fb.instances > ctx.current_instances and w < 0.5
+        if not (late or busy or fallback_up) and (small or proactive_n <= ctx.current_instances):
             # nothing live says the instances are short (p99 within the SLO, utilization within
             # the target), and the ask is for one more or within the tolerance (HPA's 10 %), or
             # only the fallback's headroom asks (the forecast does not, its weight moved): noise,
@@ -224,10 +318,10 @@ def predictive(ctx: ScalingContext) -> Decision:
         return Decision(blended, new_state, reason, w)
     if blended == ctx.current_instances:
         return Decision(blended, new_state, reason, w)
-    # scale-in: the highest recommendation of the window, and only instances past their minimum
-    # lifetime go
-    # (a window not yet seen in full holds everything: no scale-in on a fresh start)
-    stable = max(n for _, n in recs) if ctx.now - since >= window - 1e-9 else ctx.current_instances
+    # scale-in: the blend with the highest proactive recommendation of the window, and only
+    # instances past their minimum lifetime go (a window not yet seen in full holds everything:
+    # no scale-in on a fresh start)
+    stable = blend(max(n for _, n in recs)) if ctx.now - since >= window - 1e-9 else ctx.current_instances
     if stable > ctx.current_instances * (1.0 - tolerance):
         # within the tolerance of the current count (HPA's 10 %): not worth a drain's moves
         stable = ctx.current_instances
