@@ -197,14 +197,19 @@ def _shadow_runs(
 ) -> dict[str, tuple[int, dict[str, Any]]]:
     """Each fallback rule one step further on its own path: (the instances it decides, its
     state). The context it sees is the live one with its own instances and what follows from
-    them: utilization as the load over their capacity, no latency figure, no backlog."""
+    them: the measured utilization spread over its own instances (the same work on more or
+    fewer; without a measurement the rule takes the load over their capacity), no latency
+    figure, no backlog."""
     out: dict[str, tuple[int, dict[str, Any]]] = {}
     for name, config in rules.items():
         n_own, st = shadows.get(name, (ctx.current_instances, {}))
+        util = ctx.cpu_utilization
+        if util is not None:
+            util = min(1.0, util * max(ctx.current_instances, 1) / max(int(n_own), 1))
         own = replace(
             ctx,
             current_instances=int(n_own),
-            cpu_utilization=None,
+            cpu_utilization=util,
             latency_p99_ms=None,
             inflight=0.0,
             instance_ages=(),
