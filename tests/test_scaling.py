@@ -641,23 +641,14 @@ def test_a_fallback_on_its_own_path_sees_the_measured_utilization_on_its_own_ins
     from apsv.scaling.predictive import _shadow_runs
 
     # the configured capacity says the load needs 3 instances; the measured CPU says 1 runs at 30 %
-    ctx = ScalingContext(
-        protocol="bgp",
-        now=0.0,
-        current_instances=2,
-        load=5000.0,
-        inflight=0.0,
-        sessions=10,
-        capacity_per_instance=2000.0,
-        cpu_utilization=0.15,
-    )
+    live = ctx(current_instances=2, load=5000.0, capacity_per_instance=2000.0, cpu_utilization=0.15)
     rules = {"threshold": {"target_cpu": 0.6, "stabilization_s": 60.0}}
     # on a path of its own at 1 instance: the same work is 30 % of one, within the target
-    assert _shadow_runs(ctx, rules, {"threshold": [1, {}]})["threshold"][0] == 1
+    assert _shadow_runs(live, rules, {"threshold": [1, {}]})["threshold"][0] == 1
     # at 4 instances the same work is 7.5 % each: it steps down to what that work needs
-    assert _shadow_runs(ctx, rules, {"threshold": [4, {}]})["threshold"][0] < 4
+    assert _shadow_runs(live, rules, {"threshold": [4, {}]})["threshold"][0] < 4
     # without a measurement the rule takes the load over the configured capacity
-    blind = replace(ctx, cpu_utilization=None)
+    blind = replace(live, cpu_utilization=None)
     assert _shadow_runs(blind, rules, {"threshold": [1, {}]})["threshold"][0] == 5  # ceil(2.5 / 0.6)
 
 
