@@ -87,7 +87,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--series", type=int, default=1000)
     ap.add_argument("--requests", type=int, default=100)
-    ap.add_argument("--tune-trials", type=int, default=4)
+    ap.add_argument("--tune-trials", type=int, default=4, help="0 skips the Ray Tune search")
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "forecast_serve.json")
     a = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="apsv-fserve-"))
@@ -130,11 +130,13 @@ def main() -> None:
     res["echo_array"] = percentiles(timed(lambda p: echo.forecast.remote(p).result(), array, a.requests))
     res["model_only_array"] = percentiles(timed(lambda p: model.predict_array(p["values"], 60, 12), array, a.requests))
 
-    from tune.forecaster_search import run_search
+    tune: dict[str, Any] | None = None
+    if a.tune_trials > 0:
+        from tune.forecaster_search import run_search
 
-    t1 = time.perf_counter()
-    _, best, trials = run_search(train, 12, num_samples=a.tune_trials, steps=300, storage_path=str(tmp / "tune"))
-    tune_seconds = time.perf_counter() - t1
+        t1 = time.perf_counter()
+        _, best, trials = run_search(train, 12, num_samples=a.tune_trials, steps=300, storage_path=str(tmp / "tune"))
+        tune = {"trials": len(trials), "steps": 300, "seconds": round(time.perf_counter() - t1, 1), "best": best}
     doc = {
         "benchmark": "forecast_serve",
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
@@ -144,7 +146,7 @@ def main() -> None:
         "model": model.cfg.to_dict() if model.cfg else None,
         "latency": res,
         "train_seconds": round(train_seconds, 2),
-        "tune": {"trials": len(trials), "steps": 300, "seconds": round(tune_seconds, 1), "best": best},
+        "tune": tune,
     }
     print(json.dumps(doc, indent=1))
     a.out.parent.mkdir(parents=True, exist_ok=True)

@@ -65,6 +65,14 @@ def test_serve_answers_many_series_in_one_call_and_hot_swaps(serve_instance: Any
     # concurrent requests are batched into shared forward passes and all answered
     rs = [handle.forecast.remote({"series": {"a": hist["r1"]}, "season": 24}) for _ in range(40)]
     assert all(x.result()["forecasts"].shape == (1, 12, len(QUANTILES)) for x in rs)
+    # an array request (answered outside the batch) gives the series map's forecasts, concurrently too
+    ids = [f"r{i}" for i in range(200)]
+    arr = {"values": np.asarray([hist[i] for i in ids]), "ids": ids, "season": 24}
+    ra = [handle.forecast.remote(arr) for _ in range(4)]
+    for x in ra:
+        got = x.result()
+        assert got["ids"] == ids and not got["fallback"]
+        assert np.allclose(got["forecasts"], r["forecasts"][:200])
 
     # hot swap under continuous load: no request fails, both versions answer
     seen: list[str] = []

@@ -77,17 +77,16 @@ class QuantileForecaster(nn.Module):
         self.n_q = len(QUANTILES)
 
     def _scale(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        loc = x.mean(dim=1, keepdim=True)
-        spread = x.std(dim=1, keepdim=True)
+        spread, loc = torch.std_mean(x, dim=1, keepdim=True)
+        mean = loc
         # A constant window has no spread: fall back to a fraction of its level, then to 1.
         scale = torch.where(spread > 1e-8, spread, (loc.abs() * 0.1).clamp_min(1.0))
         # An intermittent window (mostly zeros: per-peer BGP churn) is scaled by its mean from
         # zero instead: its standard deviation is set by its rare bursts, and quantiles in units
         # of it put the upper band near the bursts at every step.
         sparse = ((x == 0).float().mean(dim=1, keepdim=True) >= SPARSE_ZEROS) & (x.min(dim=1, keepdim=True).values >= 0)
-        mean = x.mean(dim=1, keepdim=True).clamp_min(1e-8)
         loc = torch.where(sparse, torch.zeros_like(loc), loc)
-        scale = torch.where(sparse, mean, scale)
+        scale = torch.where(sparse, mean.clamp_min(1e-8), scale)
         return (x - loc) / scale, loc, scale
 
     def _patches(self, z: torch.Tensor) -> torch.Tensor:

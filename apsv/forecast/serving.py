@@ -279,6 +279,9 @@ class ForecastReplica:
 
     async def forecast(self, payload: Mapping[str, Any]) -> dict[str, Any]:
         """Handle calls: forecasts as one (n, horizon, Q) numpy array, rows in `ids` order."""
+        if isinstance(payload, Mapping) and "values" in payload:
+            # An array request is one forward pass of its own: batching would only add its wait.
+            return self.core.predict_values(payload)
         result: dict[str, Any] = await self._batched(payload)
         return result
 
