@@ -386,8 +386,16 @@ protocol bgp apsv {{
 
 
 def start_frr(
-    root: Path, n4: int, n6: int, target: tuple[str, int] = (APSV_ADDR, APSV_PORT), hold: int = HOLD
+    root: Path,
+    n4: int,
+    n6: int,
+    target: tuple[str, int] = (APSV_ADDR, APSV_PORT),
+    hold: int = HOLD,
+    router_lines: tuple[str, ...] = (),
 ) -> Daemon:
+    """FRR bgpd announcing n4 / n6 prefixes; `router_lines` go under `router bgp` (e.g.
+    "bgp graceful-restart"). `d.extra["restart"](n4)` kills bgpd with SIGKILL and starts it
+    again, announcing n4 IPv4 prefixes (FRR restarting, as far as its peer can tell)."""
     spec = SPECS["frr"]
     nbr, port = target
     run = _fresh(root, "frr")
@@ -395,10 +403,13 @@ def start_frr(
     vty.mkdir()
     shutil.chown(run, "frr", "frr")
     shutil.chown(vty, "frr", "frr")
-    nets4 = "\n".join(f"  network {p}" for p in v4_prefixes(spec.v4_base, n4))
-    nets6 = "\n".join(f"  network {p}" for p in v6_prefixes(spec.v6_base or "", n6)) if n6 else ""
-    (run / "bgpd.conf").write_text(
-        f"""frr defaults traditional
+    extra = "".join(f" {line}\n" for line in router_lines)
+
+    def write_config(n4: int) -> None:
+        nets4 = "\n".join(f"  network {p}" for p in v4_prefixes(spec.v4_base, n4))
+        nets6 = "\n".join(f"  network {p}" for p in v6_prefixes(spec.v6_base or "", n6)) if n6 else ""
+        (run / "bgpd.conf").write_text(
+            f"""frr defaults traditional
 hostname frr-peer
 log file {run}/bgpd.log critical
 !
@@ -406,7 +417,7 @@ router bgp {spec.asn}
  bgp router-id 10.0.0.3
  no bgp ebgp-requires-policy
  no bgp network import-check
- neighbor {nbr} remote-as {APSV_AS}
+{extra} neighbor {nbr} remote-as {APSV_AS}
  neighbor {nbr} port {port}
  neighbor {nbr} update-source {spec.addr}
  neighbor {nbr} timers {max(1, hold // 3)} {hold}
@@ -430,37 +441,46 @@ route-map NH6 permit 10
  set ipv6 next-hop global {nh6(spec)}
 !
 """
-    )
-    shutil.chown(run / "bgpd.conf", "frr", "frr")
-    proc, log = _spawn(
-        [
-            tool("bgpd"),
-            "-f",
-            str(run / "bgpd.conf"),
-            "-Z",
-            "-n",
-            "-S",
-            "-p",
-            "0",
-            "-l",
-            spec.addr,
-            "--vty_socket",
-            str(vty),
-            "-i",
-            str(run / "bgpd.pid"),
-            "-A",
-            "127.0.0.1",
-            "-P",
-            "0",
-        ],
-        run,
-    )
+        )
+        shutil.chown(run / "bgpd.conf", "frr", "frr")
+
+    write_config(n4)
+    cmd = [
+        tool("bgpd"),
+        "-f",
+        str(run / "bgpd.conf"),
+        "-Z",
+        "-n",
+        "-S",
+        "-p",
+        "0",
+        "-l",
+        spec.addr,
+        "--vty_socket",
+        str(vty),
+        "-i",
+        str(run / "bgpd.pid"),
+        "-A",
+        "127.0.0.1",
+        "-P",
+        "0",
+    ]
+    proc, log = _spawn(cmd, run)
     d = Daemon(spec, run, proc, log, withdrawable=v4_prefixes(spec.v4_base, n4)[:100])
 
     def vtysh(cmd: str) -> str:
         return frr_vtysh(vty, cmd, tool("vtysh"))
 
     wait_for("bgpd vty", _running(proc, log, lambda: vtysh("show bgp summary json")), timeout=20)
+
+    def restart(n4: int) -> None:
+        d.proc.kill()
+        d.proc.wait(timeout=10)
+        write_config(n4)
+        d.proc, _ = _spawn(cmd, run)
+        wait_for("bgpd vty", _running(d.proc, log, lambda: vtysh("show bgp summary json")), timeout=20)
+
+    d.extra["restart"] = restart
 
     def neighbor() -> dict[str, Any]:
         return dict(json.loads(vtysh(f"show bgp neighbors {nbr} json"))[nbr])

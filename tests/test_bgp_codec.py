@@ -313,7 +313,8 @@ def test_capability_negotiation() -> None:
     n = negotiate(mine, theirs)
     assert n.families == {C.IPV4_UNICAST} and n.asn4 and n.add_path_receive == {C.IPV4_UNICAST}
     gr = next(parse_capability(c.code, c.value) for c in theirs if c.code == C.CAP_GRACEFUL_RESTART)
-    assert isinstance(gr, GracefulRestart) and gr.restart_time == 120
+    # a receiving speaker only: no family, so no claim to preserve forwarding across our own restart
+    assert isinstance(gr, GracefulRestart) and gr.restart_time == 120 and gr.families == ()
     ap = parse_capability(C.CAP_ADD_PATH, b"\x00\x01\x01\x03")
     assert isinstance(ap, AddPath) and ap.families == ((1, 1, 3),)
     # No MP capability on either side means IPv4 unicast only (RFC 4760 §8).

@@ -167,10 +167,9 @@ def build_capabilities(
     if add_path:
         caps.append(Capability(C.CAP_ADD_PATH, b"".join(struct.pack("!HBB", *f) for f in add_path)))
     if graceful_restart_time is not None:
-        body = (graceful_restart_time & 0x0FFF).to_bytes(2, "big") + b"".join(
-            struct.pack("!HBB", a, s, 0) for a, s in families
-        )
-        caps.append(Capability(C.CAP_GRACEFUL_RESTART, body))
+        # No address family: APSV performs the receiving speaker's procedures for its peers and
+        # does not claim to preserve forwarding across a restart of its own (RFC 4724 §3).
+        caps.append(Capability(C.CAP_GRACEFUL_RESTART, (graceful_restart_time & 0x0FFF).to_bytes(2, "big")))
     return tuple(caps)
 
 
@@ -187,6 +186,10 @@ class Negotiated:
     enhanced_route_refresh: bool = False
     graceful_restart: bool = False
     peer_restart_time: int = 0
+    # the families the peer's graceful restart capability lists, and those among them whose
+    # forwarding state it says it preserved (the F bit): what a receiving speaker keeps stale
+    peer_gr_families: frozenset[Family] = frozenset()
+    peer_gr_forwarding: frozenset[Family] = frozenset()
     peer_capabilities: tuple[int, ...] = field(default=())
 
 
@@ -229,5 +232,9 @@ def negotiate(local: tuple[Capability, ...], peer: tuple[Capability, ...]) -> Ne
         and any(c.code == C.CAP_ENHANCED_ROUTE_REFRESH for c in peer),
         graceful_restart=local_gr and peer_gr is not None,
         peer_restart_time=peer_gr.restart_time if peer_gr else 0,
+        peer_gr_families=frozenset((a, sf) for a, sf, _ in peer_gr.families) if peer_gr else frozenset(),
+        peer_gr_forwarding=frozenset((a, sf) for a, sf, fl in peer_gr.families if fl & 0x80)
+        if peer_gr
+        else frozenset(),
         peer_capabilities=tuple(c.code for c in peer),
     )

@@ -93,7 +93,11 @@ class BgpSessionConfig(BaseModel):
     add_path_receive: list[FamilyName] = Field(default_factory=list)
     extended_message: bool = False
     route_refresh: bool = True
+    # announce the graceful restart capability (RFC 4724) with this restart time and keep a
+    # restarting peer's routes stale; None announces nothing and withdraws at once
     graceful_restart_time: Annotated[int, Field(ge=0, le=4095)] | None = None
+    # how long stale routes wait for the peer's End-of-RIB once it is back (FRR's stalepath-time)
+    stale_routes_time: Annotated[float, Field(gt=0, le=3600)] = 360.0
     max_prefixes: Annotated[int, Field(ge=1)] | None = 2_000_000
     enforce_first_as: bool = True
     next_hop_self: str | None = None

@@ -46,6 +46,14 @@ SAFI_NAMES: Final = {
     133: "flow",
     134: "flow-vpn",
 }
+
+
+def family_name(family: tuple[int, int]) -> str:
+    """A family's name, ipv4-unicast for (1, 1); numbers where a code has no name."""
+    afi, safi = family
+    return f"{AFI_NAMES.get(afi, str(afi))}-{SAFI_NAMES.get(safi, str(safi))}"
+
+
 ADDRESS_BITS: Final = {AFI_IPV4: 32, AFI_IPV6: 128}
 
 # Path attribute flags (RFC 4271 §4.3)

@@ -34,6 +34,7 @@ from apsv.bgp.context import CodecContext
 from apsv.bgp.errors import Action as ErrorAction
 from apsv.bgp.errors import BgpError
 from apsv.bgp.fsm import FSM_ERROR_SUBCODE, Action, Event, State, transition
+from apsv.bgp.graceful_restart import GracefulRestartEvent, StaleRoutes
 from apsv.bgp.message import (
     KEEPALIVE_BYTES,
     MessageReader,
@@ -176,6 +177,8 @@ class BgpSession:
         self._table_since: float | None = None
         self._table_eor: set[Family] = set()
         self._xfer_open = False  # within an initial transfer (establishment to End-of-RIB)
+        self.stale = StaleRoutes()  # a restarting peer's routes kept (graceful_restart.py)
+        self._event: Event | None = None  # the FSM event being handled
 
     # ------------------------------------------------------------------------------------------
     # Construction for replay: a session already Established with a known context.
@@ -215,6 +218,9 @@ class BgpSession:
         self.timers.pop("idle_hold", None)
         out = self._run(now, Event.MANUAL_STOP)
         self._table_forget()  # stopped here: no peer is coming back with a table
+        if self.stale:
+            self._drop_stale(list(self.stale.families()), "flushed", "the session was stopped")
+            out += self._flush()
         return out
 
     def connection_made(self, now: float) -> list[StackEvent]:
@@ -270,6 +276,10 @@ class BgpSession:
                 self._dispatch(Event.HOLD_TIMER_EXPIRES)
             elif name == "keepalive":
                 self._dispatch(Event.KEEPALIVE_TIMER_EXPIRES)
+            elif name == "gr_restart":
+                self._drop_stale(list(self.stale.families()), "expired", "the peer was not back in its restart time")
+            elif name == "gr_stale":
+                self._drop_stale(list(self.stale.families()), "swept", "no End-of-RIB within stale_routes_time")
             elif name == "idle_hold":
                 self.counters["automatic_restarts"] += 1
                 self._dispatch(Event.AUTOMATIC_START_PASSIVE if self.config.passive else Event.AUTOMATIC_START)
@@ -388,6 +398,7 @@ class BgpSession:
 
     def _dispatch(self, ev: Event) -> None:
         actions, nxt = transition(self.state, ev)
+        self._event = ev
         old = self.state
         self.counters[f"fsm_event_{int(ev)}"] += 1
         for a in actions:
@@ -433,7 +444,7 @@ class BgpSession:
             self.timers.pop("hold", None)
             self.timers.pop("keepalive", None)
         elif a is Action.DELETE_ROUTES:
-            self._delete_routes()
+            self._delete_routes(state)
         elif a is Action.COUNTER_RESET:
             self.connect_retry_counter = 0
         elif a is Action.COUNTER_INCR:
@@ -605,10 +616,16 @@ class BgpSession:
     def _set_context(self) -> None:
         n = self.negotiated
         assert n is not None
+        old_asn4 = self.ctx.asn4
         self.ctx = CodecContext(
             asn4=n.asn4, ibgp=self.config.ibgp, add_path=n.add_path_receive, extended_message=n.extended_message
         )
         self._reader.max_len = self.ctx.max_message_len
+        # a table kept over a restart whose keys or attributes no longer mean the same (ADD-PATH
+        # or 4-octet ASes negotiated differently): its stale routes go
+        self._drop_families(
+            [f for f, r in self.adj_in.items() if r.add_path != (f in n.add_path_receive) or n.asn4 != old_asn4]
+        )
         for fam in n.families:
             if fam not in self.adj_in:
                 rib = AdjRibIn(self.source, fam, fam in n.add_path_receive, self.config.max_prefixes)
@@ -640,6 +657,11 @@ class BgpSession:
                 self._table_forget()  # expired: whatever comes now is not that transfer
             else:
                 self._table_progress(u)
+        if self.stale and u.is_end_of_rib:
+            mu = u.mp_unreach
+            fam = C.IPV4_UNICAST if mu is None else (mu.afi, mu.safi)
+            if self.stale.count(fam):
+                self._drop_stale([fam], "swept", f"End-of-RIB for {C.family_name(fam)}")
         for p in u.problems:
             self.counters[f"rfc7606_{p.action.value}"] += 1
             self._out.append(ProtocolProblem(p.action.value, p.describe()))
@@ -675,6 +697,8 @@ class BgpSession:
         return None
 
     def _apply(self, u: Update, withdraw_all: bool, changes: list[BestPathChange]) -> None:
+        if self.stale:
+            self._refresh_stale(u)
         v4 = C.IPV4_UNICAST
         rib4 = self.adj_in.get(v4)
         if rib4 is not None:
@@ -708,6 +732,14 @@ class BgpSession:
                 attrs = with_mp_next_hop(u.attributes, mr.next_hop, self.ctx)
                 changes += self.loc_rib[fam].update(rib, mr.nlri, attrs)
 
+    def _refresh_stale(self, u: Update) -> None:
+        """Routes the restarted peer sends (or withdraws) again are no longer stale."""
+        self.stale.refreshed(C.IPV4_UNICAST, [*u.withdrawn, *u.nlri])
+        if u.mp_unreach is not None:
+            self.stale.refreshed((u.mp_unreach.afi, u.mp_unreach.safi), u.mp_unreach.withdrawn or ())
+        if u.mp_reach is not None:
+            self.stale.refreshed((u.mp_reach.afi, u.mp_reach.safi), u.mp_reach.nlri or ())
+
     def _table_progress(self, u: Update) -> None:
         """One UPDATE of a table transfer: counted against what is expected; End-of-RIB for
         every family the session had ends it."""
@@ -720,7 +752,7 @@ class BgpSession:
         else:
             self._table_expected -= 1
 
-    def _delete_routes(self) -> None:
+    def _delete_routes(self, state: State) -> None:
         n = self.prefix_count()
         if n:
             # the table the peer will re-send when it is back, in UPDATEs as this peer packs a
@@ -739,6 +771,8 @@ class BgpSession:
             self._table_eor = set(self.adj_in)
         elif self.table_backlog(self._now) > 0:
             self._table_since = self._now  # down again before any of it came: still expected, from now
+        if self._event is Event.TCP_CONNECTION_FAILS and self._retain_stale(state):
+            return
         changes: list[BestPathChange] = []
         for fam, rib in self.adj_in.items():
             keys = list(rib.routes)
@@ -746,6 +780,85 @@ class BgpSession:
                 changes += self.loc_rib[fam].withdraw(rib, keys)
         self.adj_in.clear()
         self.loc_rib.clear()
+        self.stale.clear()
+        self.timers.pop("gr_restart", None)
+        self.timers.pop("gr_stale", None)
+        if changes:
+            self._out.append(RoutesChanged(changes))
+
+    # ------------------------------------------------------------------------------------------
+    # Graceful restart, the receiving speaker (RFC 4724 §4.2; graceful_restart.py)
+
+    def _retain_stale(self, state: State) -> bool:
+        """The transport dropped without a NOTIFICATION: keep the routes of a peer that
+        negotiated graceful restart, stale, for its restart time. False: delete them as usual."""
+        n = self.negotiated
+        if state is not State.ESTABLISHED:
+            # a re-establishment that failed: what is stale waits out the running restart timer
+            return bool(self.stale) and "gr_restart" in self.timers
+        if n is None or not n.graceful_restart or n.peer_restart_time == 0:
+            return False
+        if not n.peer_gr_families & self.adj_in.keys():
+            return False  # the peer restarts no family of ours gracefully (a helper only, like APSV)
+        # families the peer's capability did not list are not kept (§4.2)
+        self._drop_families([f for f in self.adj_in if f not in n.peer_gr_families])
+        for fam, rib in self.adj_in.items():
+            self.stale.mark(fam, rib.routes)
+        kept = len(self.stale)
+        self.timers.pop("gr_stale", None)
+        self.timers["gr_restart"] = self._now + n.peer_restart_time
+        self.counters["gr_restarts"] += 1
+        self._out.append(
+            GracefulRestartEvent(
+                "retained", kept, f"transport lost; kept stale for the peer's restart time of {n.peer_restart_time} s"
+            )
+        )
+        return True
+
+    def _gr_reestablished(self) -> None:
+        """Back after a restart: stale routes of families the peer no longer restarts gracefully
+        go at once; the rest wait for its End-of-RIB, at most stale_routes_time."""
+        self.timers.pop("gr_restart", None)
+        if not self.stale:
+            return
+        n = self.negotiated
+        assert n is not None
+        gone = [
+            f
+            for f in self.stale.families()
+            if not n.graceful_restart or f not in n.families or f not in n.peer_gr_forwarding
+        ]
+        if gone:
+            self._drop_stale(gone, "flushed", "the peer came back without forwarding state preserved for the family")
+        if self.stale:
+            self.timers["gr_stale"] = self._now + self.config.stale_routes_time
+
+    def _drop_stale(self, families: list[Family], phase: str, reason: str) -> None:
+        changes: list[BestPathChange] = []
+        dropped = 0
+        for fam in families:
+            keys = self.stale.take(fam)
+            rib = self.adj_in.get(fam)
+            if rib is not None and keys:
+                dropped += len(keys)
+                changes += self.loc_rib[fam].withdraw(rib, keys)
+        if not self.stale:
+            self.timers.pop("gr_restart", None)
+            self.timers.pop("gr_stale", None)
+        self.counters[f"gr_stale_{phase}"] += dropped
+        self._out.append(GracefulRestartEvent(phase, dropped, reason))
+        if changes:
+            self._out.append(RoutesChanged(changes))
+
+    def _drop_families(self, families: list[Family]) -> None:
+        """Forget these families' tables outright (their routes withdrawn)."""
+        changes: list[BestPathChange] = []
+        for fam in families:
+            self.stale.take(fam)
+            rib = self.adj_in.pop(fam, None)
+            loc = self.loc_rib.pop(fam, None)
+            if rib is not None and loc is not None and rib.routes:
+                changes += loc.withdraw(rib, list(rib.routes))
         if changes:
             self._out.append(RoutesChanged(changes))
 
@@ -762,6 +875,7 @@ class BgpSession:
         self.established_at = self._now
         self.counters["established"] += 1
         self._xfer_open = True
+        self._gr_reestablished()
         if self.table_backlog(self._now) > 0:
             self._table_since = self._now  # the transfer's own time starts
         else:
@@ -896,9 +1010,13 @@ class BgpSession:
                     "enhanced_route_refresh": n.enhanced_route_refresh,
                     "graceful_restart": n.graceful_restart,
                     "peer_restart_time": n.peer_restart_time,
+                    "peer_gr_families": sorted(n.peer_gr_families),
+                    "peer_gr_forwarding": sorted(n.peer_gr_forwarding),
                     "peer_capabilities": list(n.peer_capabilities),
                 },
                 "peer_open": None if self.peer_open is None else encode_message(self.peer_open).hex(),
+                # the context the Adj-RIB-In was decoded in (while down, routes kept stale keep it)
+                "rib_context": {"asn4": self.ctx.asn4, "add_path": sorted(self.ctx.add_path)},
                 "router_id": self.source.router_id,
                 "table": [
                     self._table_expected,
@@ -914,6 +1032,7 @@ class BgpSession:
             w.u32(len(table))
             for fam, rows in table:
                 _write_rib(w, fam, rows)
+        self.stale.write(w)
         return w.getvalue()
 
     def _adj_in_tables(self) -> list[tuple[Family, dict[bytes, PathAttributes]]]:
@@ -959,15 +1078,27 @@ class BgpSession:
                     enhanced_route_refresh=neg["enhanced_route_refresh"],
                     graceful_restart=neg["graceful_restart"],
                     peer_restart_time=neg["peer_restart_time"],
+                    peer_gr_families=frozenset(tuple(f) for f in neg["peer_gr_families"]),
+                    peer_gr_forwarding=frozenset(tuple(f) for f in neg["peer_gr_forwarding"]),
                     peer_capabilities=tuple(neg["peer_capabilities"]),
                 )
                 s._set_context()
+            elif meta.get("rib_context"):
+                rc = meta["rib_context"]
+                s.ctx = CodecContext(
+                    asn4=bool(rc["asn4"]), ibgp=s.config.ibgp, add_path=frozenset(tuple(f) for f in rc["add_path"])
+                )
         except (KeyError, TypeError, ValueError, BgpError) as e:
             raise DecodeError(f"BGP snapshot state is invalid: {e}") from None
         s._reader.feed(r.blob())
         for i in range(r.u32()):
             fam, rows = _read_rib(r, s.ctx)
             rib = s.adj_in.get(fam)
+            if rib is None and s.negotiated is None and rows:
+                # down, with routes kept stale: the table outlives the session
+                rib = s.adj_in[fam] = AdjRibIn(s.source, fam, fam in s.ctx.add_path, s.config.max_prefixes)
+                s.loc_rib[fam] = LocRib(fam)
+                s.loc_rib[fam].add_source(rib)
             if rib is None:
                 raise DecodeError(f"snapshot Adj-RIB-In #{i} is for family {fam}, which the session did not negotiate")
             groups: dict[int, tuple[PathAttributes, list[bytes]]] = {}
@@ -978,6 +1109,11 @@ class BgpSession:
         for _ in range(r.u32()):
             fam, rows = _read_rib(r, s.ctx)
             s.adj_out[fam] = rows
+        s.stale = StaleRoutes.read(r)
+        for fam in s.stale.families():
+            rib = s.adj_in.get(fam)
+            if rib is None or not s.stale.within(fam, rib.routes.keys()):
+                raise DecodeError(f"snapshot marks routes of {C.family_name(fam)} stale that its Adj-RIB-In lacks")
         r.done()
         return s
 
