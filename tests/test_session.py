@@ -10,10 +10,11 @@ from apsv.bgp import constants as C
 from apsv.bgp.config import Announcement, BgpSessionConfig
 from apsv.bgp.fsm import State
 from apsv.bgp.message import MessageReader, Notification, Update, decode_message
+from apsv.bgp.prefix_limit import PrefixLimitEvent
 from apsv.bgp.session import BgpSession, NotificationSent, RoutesChanged
 from apsv.errors import DecodeError
 from apsv.mrt.reader import BgpMessageRecord, MrtReader
-from apsv.stack import Send, StackEvent, load_stack
+from apsv.stack import ProtocolProblem, Send, StackEvent, load_stack
 from tests.conftest import shared_data_dir
 
 
@@ -106,6 +107,9 @@ def test_malformed_update_gets_treat_as_withdraw_then_a_reset_with_the_right_cod
     msg = C.MARKER + (19 + len(bad_origin)).to_bytes(2, "big") + b"\x02" + bad_origin
     ev = b.data_received(msg, 2.0)
     assert b.state is State.ESTABLISHED and len(b.loc_rib_table((1, 1))) == 199
+    # one accurate finding: the malformed ORIGIN, not also a "missing" ORIGIN
+    found = [e.detail for e in ev if isinstance(e, ProtocolProblem)]
+    assert len(found) == 1 and "ORIGIN" in found[0] and "missing" not in found[0], found
     assert any(isinstance(e, RoutesChanged) and e.changes[0].attributes is None for e in ev)
     # A NLRI prefix length of 33 cannot be parsed: session reset with 3/10 on the wire.
     broken = b"\x00\x00\x00\x00" + b"\x21\x0a\x00\x00\x00\x00"
@@ -120,12 +124,50 @@ def test_malformed_update_gets_treat_as_withdraw_then_a_reset_with_the_right_cod
     assert len(b.loc_rib_table((1, 1))) == 0  # routes of a dead session are gone
 
 
-def test_prefix_limit_ends_the_session_with_cease_1() -> None:
+def test_routes_whose_next_hop_is_this_speaker_or_link_local_only_are_ignored() -> None:
+    """RFC 4271 §6.3: a NEXT_HOP that is the receiving speaker's own address; RFC 2545 §3: an
+    IPv6 next hop must be global (a link-local one only after it). The session stays up."""
+    own = B.model_copy(update={"next_hop_self": "198.51.100.1"})  # A's IPv4 next hop
+    _, b, _, seen_b = pair(A, own)
+    assert b.state is State.ESTABLISHED
+    assert b.loc_rib_table((1, 1)) == [] and len(b.loc_rib_table((2, 1))) == 2
+    found = [e.detail for e in seen_b if isinstance(e, ProtocolProblem)]
+    assert len(found) == 1 and "own address" in found[0]
+    link_local = A.model_copy(update={"next_hop_self_v6": "fe80::1"})
+    _, b, _, seen_b = pair(link_local, B)
+    assert len(b.loc_rib_table((1, 1))) == 200 and b.loc_rib_table((2, 1)) == []
+    found = [e.detail for e in seen_b if isinstance(e, ProtocolProblem)]
+    assert len(found) == 1 and "link-local" in found[0]
+
+
+def limit_events(events: list[StackEvent]) -> list[tuple[str, int, int]]:
+    return [(e.kind, e.received, e.limit) for e in events if isinstance(e, PrefixLimitEvent)]
+
+
+def test_prefix_limit_ends_the_session_with_cease_1_and_restarts_only_when_configured() -> None:
     limited = B.model_copy(update={"max_prefixes": 100})
     _, b, _, seen_b = pair(A, limited)
     assert b.state is State.IDLE
     (n,) = [e for e in seen_b if isinstance(e, NotificationSent)]
     assert (n.code, n.subcode) == (C.ERR_CEASE, C.CEASE_MAX_PREFIXES)
+    assert limit_events(seen_b) == [("cease", 200, 100)]
+    assert "idle_hold" not in b.timers  # down until started again (FRR's default)
+    again = B.model_copy(update={"max_prefixes": 100, "max_prefixes_restart_s": 30.0})
+    _, b, _, _ = pair(A, again)
+    assert b.state is State.IDLE and b.timers["idle_hold"] == 30.0
+
+
+def test_prefix_limit_warns_at_its_threshold_and_warning_only_keeps_the_session() -> None:
+    _, b, _, seen_b = pair(A, B.model_copy(update={"max_prefixes": 250}))
+    assert b.state is State.ESTABLISHED and limit_events(seen_b) == [("threshold", 200, 250)]
+    warn = B.model_copy(update={"max_prefixes": 100, "max_prefixes_warning_only": True})
+    a, b, _, seen_b = pair(A, warn)
+    assert b.state is State.ESTABLISHED and len(b.loc_rib_table((1, 1))) == 200
+    assert limit_events(seen_b) == [("threshold", 200, 100), ("exceeded", 200, 100)]
+    # each warning once per crossing: a further UPDATE past the limit gives none
+    ev = b.data_received(wire(a.originate(Announcement(prefixes=["10.250.0.0/16"]), 1.0)), 1.0)
+    assert len(b.loc_rib_table((1, 1))) == 201 and limit_events(ev) == []
+    assert BgpSession.restore(b.snapshot()).prefix_limit.exceeded == {(1, 1)}
 
 
 def test_manual_stop_sends_shutdown_communication() -> None:

@@ -98,7 +98,13 @@ class BgpSessionConfig(BaseModel):
     graceful_restart_time: Annotated[int, Field(ge=0, le=4095)] | None = None
     # how long stale routes wait for the peer's End-of-RIB once it is back (FRR's stalepath-time)
     stale_routes_time: Annotated[float, Field(gt=0, le=3600)] = 360.0
+    # maximum-prefix per family (apsv/bgp/prefix_limit.py): a warning at max_prefixes_threshold_pct;
+    # past it Cease 6/1, then down until started again or for max_prefixes_restart_s; with
+    # max_prefixes_warning_only a warning instead (2,000,000 still ends the session)
     max_prefixes: Annotated[int, Field(ge=1)] | None = 2_000_000
+    max_prefixes_threshold_pct: Annotated[int, Field(ge=1, le=100)] = 75
+    max_prefixes_warning_only: bool = False
+    max_prefixes_restart_s: Annotated[float, Field(gt=0, le=86400)] | None = None
     enforce_first_as: bool = True
     next_hop_self: str | None = None
     next_hop_self_v6: str | None = None

@@ -456,8 +456,10 @@ def decode_update(body: bytes, ctx: CodecContext = DEFAULT_CONTEXT, interner: In
     problems = parsed.problems
     mp_reach = parsed.mp_reach
     if nlri or (mp_reach is not None and (mp_reach.nlri or mp_reach.raw_nlri)):
-        # RFC 7606 §3 d: a missing well-known mandatory attribute means treat-as-withdraw.
-        missing = [t for t in pa.missing if t != C.ATTR_NEXT_HOP or nlri]
+        # RFC 7606 §3 d: a missing well-known mandatory attribute means treat-as-withdraw. One
+        # present but malformed (and so dropped) already has its own finding: not "missing" too.
+        malformed = {p.type_code for p in problems}
+        missing = [t for t in pa.missing if (t != C.ATTR_NEXT_HOP or nlri) and t not in malformed]
         if ctx.ibgp and pa.local_pref is None:
             missing.append(C.ATTR_LOCAL_PREF)
         if missing:

@@ -67,9 +67,11 @@ class BestPathChange(NamedTuple):
 
 
 class PrefixLimitExceeded(Exception):
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, family: Family = (1, 1), received: int = 0) -> None:
         self.limit = limit
-        super().__init__(f"more than {limit} prefixes")
+        self.family = family
+        self.received = received  # what the table would have held
+        super().__init__(f"{received} prefixes, more than {limit}")
 
 
 class AdjRibIn:
@@ -332,12 +334,10 @@ class LocRib:
         """Learn `keys` (wire form) from `rib` with `attrs`; return the best-path changes."""
         routes = rib.routes
         limit = rib.max_prefixes
-        if (
-            limit is not None
-            and len(routes) + len(keys) > limit
-            and len(routes) + sum(k not in routes for k in keys) > limit
-        ):
-            raise PrefixLimitExceeded(limit)
+        if limit is not None and len(routes) + len(keys) > limit:
+            would = len(routes) + sum(k not in routes for k in keys)
+            if would > limit:
+                raise PrefixLimitExceeded(limit, (rib.afi, rib.safi), would)
         if rib.by_prefix is not None:
             return self._update_add_path(rib, keys, attrs)
         out: list[BestPathChange] = []

@@ -49,6 +49,7 @@ from apsv.bgp.message import (
     encode_update,
 )
 from apsv.bgp.nlri import encode_prefix, prefix_str
+from apsv.bgp.prefix_limit import PrefixLimit
 from apsv.bgp.rib import AdjRibIn, BestPathChange, LocRib, PrefixLimitExceeded, Source
 from apsv.errors import DecodeError
 from apsv.snapshot import SnapshotReader, SnapshotWriter
@@ -178,6 +179,18 @@ class BgpSession:
         self._table_eor: set[Family] = set()
         self._xfer_open = False  # within an initial transfer (establishment to End-of-RIB)
         self.stale = StaleRoutes()  # a restarting peer's routes kept (graceful_restart.py)
+        self.prefix_limit = PrefixLimit(
+            config.max_prefixes,
+            config.max_prefixes_threshold_pct,
+            config.max_prefixes_warning_only,
+            config.max_prefixes_restart_s,
+        )
+        # this speaker's own addresses: a route with one as its next hop is ignored (§6.3)
+        self._own_addresses = frozenset(
+            str(ipaddress.ip_address(a))
+            for a in (config.local_address, config.next_hop_self, config.next_hop_self_v6)
+            if a is not None and not ipaddress.ip_address(a).is_unspecified
+        )
         self._event: Event | None = None  # the FSM event being handled
 
     # ------------------------------------------------------------------------------------------
@@ -628,7 +641,7 @@ class BgpSession:
         )
         for fam in n.families:
             if fam not in self.adj_in:
-                rib = AdjRibIn(self.source, fam, fam in n.add_path_receive, self.config.max_prefixes)
+                rib = AdjRibIn(self.source, fam, fam in n.add_path_receive, self.prefix_limit.rib_limit)
                 self.adj_in[fam] = rib
                 loc = LocRib(fam)
                 loc.add_source(rib)
@@ -667,25 +680,61 @@ class BgpSession:
             self._out.append(ProtocolProblem(p.action.value, p.describe()))
         withdraw_all = u.action is ErrorAction.TREAT_AS_WITHDRAW
         attrs = u.attributes
+        withdraw_v4 = withdraw_mp = withdraw_all
         if not withdraw_all and attrs is not None and (u.nlri or u.mp_reach is not None):
             why = self._path_problem(attrs)
             if why is not None:
-                self.counters["rfc7606_treat-as-withdraw"] += 1
-                self._out.append(ProtocolProblem(ErrorAction.TREAT_AS_WITHDRAW.value, why))
-                withdraw_all = True
+                self._ignore(why)
+                withdraw_v4 = withdraw_mp = True
+            else:
+                if u.nlri and (why := self._next_hop_problem(attrs.next_hop)) is not None:
+                    self._ignore(why)
+                    withdraw_v4 = True
+                mr = u.mp_reach
+                if mr is not None and mr.nlri and (why := self._mp_next_hop_problem(mr.afi, mr.next_hop)) is not None:
+                    self._ignore(why)
+                    withdraw_mp = True
         changes: list[BestPathChange] = []
         try:
-            self._apply(u, withdraw_all, changes)
+            self._apply(u, withdraw_v4, withdraw_mp, changes)
         except PrefixLimitExceeded as e:
-            fam = C.IPV4_UNICAST
+            fam = e.family
             self._cease_subcode = C.CEASE_MAX_PREFIXES
             self._cease_data = fam[0].to_bytes(2, "big") + bytes((fam[1],)) + e.limit.to_bytes(4, "big")
             if changes:
                 self._out.append(RoutesChanged(changes))
+            self._out.append(self.prefix_limit.ceased(fam, e.received, e.limit))
             self._dispatch(Event.AUTOMATIC_STOP)
+            # down until started again, or for the configured restart time (not the idle hold)
+            self.timers.pop("idle_hold", None)
+            if self.prefix_limit.restart_s is not None:
+                self.timers["idle_hold"] = self._now + self.prefix_limit.restart_s
+            self.counters["prefix_limit_ceased"] += 1
             return
         if changes:
             self._out.append(RoutesChanged(changes))
+        if self.prefix_limit.limit is not None:
+            for fam, rib in self.adj_in.items():
+                self._out.extend(self.prefix_limit.check(fam, len(rib)))
+
+    def _ignore(self, why: str) -> None:
+        """A route the peer sent that this speaker must not use: handled as withdrawn."""
+        self.counters["rfc7606_treat-as-withdraw"] += 1
+        self._out.append(ProtocolProblem(ErrorAction.TREAT_AS_WITHDRAW.value, why))
+
+    def _next_hop_problem(self, nh: str | None) -> str | None:
+        if nh is not None and nh in self._own_addresses:
+            return f"NEXT_HOP {nh} is this speaker's own address (RFC 4271 §6.3): route ignored"
+        return None
+
+    def _mp_next_hop_problem(self, afi: int, nh: bytes) -> str | None:
+        """RFC 2545 §3 for IPv6: a global address first, a link-local one only after it."""
+        if afi != C.AFI_IPV6 or len(nh) not in (16, 32):
+            return self._next_hop_problem(socket.inet_ntoa(nh)) if len(nh) == 4 else None
+        first = ipaddress.IPv6Address(nh[:16])
+        if first.is_link_local:
+            return f"MP_REACH_NLRI next hop {first} is link-local where RFC 2545 §3 needs a global address"
+        return self._next_hop_problem(str(first))
 
     def _path_problem(self, attrs: PathAttributes) -> str | None:
         cfg = self.config
@@ -696,7 +745,7 @@ class BgpSession:
                 return f"AS_PATH contains our AS {cfg.local_as} (loop, RFC 4271 §9.1.2)"
         return None
 
-    def _apply(self, u: Update, withdraw_all: bool, changes: list[BestPathChange]) -> None:
+    def _apply(self, u: Update, withdraw_v4: bool, withdraw_mp: bool, changes: list[BestPathChange]) -> None:
         if self.stale:
             self._refresh_stale(u)
         v4 = C.IPV4_UNICAST
@@ -706,7 +755,7 @@ class BgpSession:
             if u.withdrawn:
                 changes += loc4.withdraw(rib4, u.withdrawn)
             if u.nlri:
-                if withdraw_all or u.attributes is None:
+                if withdraw_v4 or u.attributes is None:
                     changes += loc4.withdraw(rib4, u.nlri)
                 else:
                     changes += loc4.update(rib4, u.nlri, u.attributes)
@@ -726,7 +775,7 @@ class BgpSession:
             rib = self.adj_in.get(fam)
             if rib is None:
                 self.counters["prefixes_ignored_family_not_negotiated"] += len(mr.nlri)
-            elif withdraw_all or u.attributes is None:
+            elif withdraw_mp or u.attributes is None:
                 changes += self.loc_rib[fam].withdraw(rib, mr.nlri)
             else:
                 attrs = with_mp_next_hop(u.attributes, mr.next_hop, self.ctx)
@@ -1017,6 +1066,7 @@ class BgpSession:
                 "peer_open": None if self.peer_open is None else encode_message(self.peer_open).hex(),
                 # the context the Adj-RIB-In was decoded in (while down, routes kept stale keep it)
                 "rib_context": {"asn4": self.ctx.asn4, "add_path": sorted(self.ctx.add_path)},
+                "prefix_limit": [sorted(self.prefix_limit.warned), sorted(self.prefix_limit.exceeded)],
                 "router_id": self.source.router_id,
                 "table": [
                     self._table_expected,
@@ -1057,6 +1107,9 @@ class BgpSession:
             s.established_at = meta["established_at"]
             s.counters = Counter(meta["counters"])
             s.source.set_router_id(meta["router_id"])
+            warned, exceeded = meta.get("prefix_limit", ([], []))
+            s.prefix_limit.warned = {(int(a), int(b)) for a, b in warned}
+            s.prefix_limit.exceeded = {(int(a), int(b)) for a, b in exceeded}
             if meta.get("table"):
                 expected, size, since, eor, *more = meta["table"]
                 s._table_expected, s._table_size = int(expected), int(size)
@@ -1096,7 +1149,7 @@ class BgpSession:
             rib = s.adj_in.get(fam)
             if rib is None and s.negotiated is None and rows:
                 # down, with routes kept stale: the table outlives the session
-                rib = s.adj_in[fam] = AdjRibIn(s.source, fam, fam in s.ctx.add_path, s.config.max_prefixes)
+                rib = s.adj_in[fam] = AdjRibIn(s.source, fam, fam in s.ctx.add_path, s.prefix_limit.rib_limit)
                 s.loc_rib[fam] = LocRib(fam)
                 s.loc_rib[fam].add_source(rib)
             if rib is None:
