@@ -64,6 +64,8 @@ from apsv.stack import (
 
 Family = tuple[int, int]
 LARGE_HOLD_TIME = 240.0  # RFC 4271 §8.2.2: "a large value", suggested 4 minutes
+BFD_FLAP_WINDOW_S = 600.0  # BFD downs within this long damp re-establishment (RFC 5882 §3.2)
+BFD_FLAPS_KEPT = 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,6 +105,20 @@ class PeerNotification(StackEvent):
             "name": C.error_name(self.code, self.subcode),
             "data": self.data.hex(),
         }
+
+
+@dataclass(frozen=True, slots=True)
+class BfdClientEvent(StackEvent):
+    """What the session did about its BFD session (RFC 5882): ``down`` (torn down at once, held
+    down until BFD is up again), ``up`` (re-establishment allowed after `hold_s`, longer the
+    more often BFD went down lately)."""
+
+    state: str
+    reason: str
+    hold_s: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {"event": "bfd", "state": self.state, "reason": self.reason, "hold_s": self.hold_s}
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,6 +208,9 @@ class BgpSession:
             if a is not None and not ipaddress.ip_address(a).is_unspecified
         )
         self._event: Event | None = None  # the FSM event being handled
+        self._why = ""  # why the FSM event came, when more is known than its name
+        self.bfd_down = False  # the session's BFD session went down from Up (RFC 5882)
+        self.bfd_downs: list[float] = []  # when, the last BFD_FLAPS_KEPT times
 
     # ------------------------------------------------------------------------------------------
     # Construction for replay: a session already Established with a known context.
@@ -343,7 +362,45 @@ class BgpSession:
             return self.stop(now, str(command.get("reason", "")))
         if op == "start":
             return self.start(now)
-        raise ValueError(f"unknown command op {op!r} (announce, withdraw, stop, start)")
+        if op == "bfd":
+            return self.bfd_changed(
+                str(command.get("old", "")), str(command.get("new", "")), str(command.get("reason", "")), now
+            )
+        raise ValueError(f"unknown command op {op!r} (announce, withdraw, stop, start, bfd)")
+
+    # ------------------------------------------------------------------------------------------
+    # BFD as this session's failure detector (RFC 5882)
+
+    def bfd_changed(self, old: str, new: str, reason: str, now: float) -> list[StackEvent]:
+        """The session's BFD session went from `old` to `new` (RFC 5880 state names). Up -> Down
+        tears the session down at once, Cease / BFD Down (RFC 9384), and holds it down until BFD
+        is Up again; then it may re-establish after a hold that doubles with each recent down
+        (§3.2 dampening). A Down the peer signalled as AdminDown, or our own AdminDown, is not a
+        path failure (§3.2) and changes nothing."""
+        self._now = now
+        if new == "UP" and self.bfd_down:
+            self.bfd_down = False
+            hold = 0.0
+            if self.state is State.IDLE and self.config.auto_restart:
+                hold = self._bfd_hold(now)
+                self.timers["idle_hold"] = now + hold
+            self._out.append(BfdClientEvent("up", reason, hold))
+        elif new == "DOWN" and old == "UP" and not reason.startswith("peer is ADMIN_DOWN"):
+            self.bfd_down = True
+            self.bfd_downs = [*self.bfd_downs, now][-BFD_FLAPS_KEPT:]
+            self.counters["bfd_down"] += 1
+            self._out.append(BfdClientEvent("down", reason))
+            if self.state is not State.IDLE:
+                self._cease_subcode, self._cease_data = C.CEASE_BFD_DOWN, b""
+                self._why = f"BFD down ({reason})"
+                self._dispatch(Event.AUTOMATIC_STOP)
+                self._why = ""
+            self.timers.pop("idle_hold", None)  # held down until BFD is up again
+        return self._flush()
+
+    def _bfd_hold(self, now: float) -> float:
+        recent = sum(1 for t in self.bfd_downs if now - t <= BFD_FLAP_WINDOW_S)
+        return min(self.config.idle_hold_time * float(2 ** max(recent - 1, 0)), self.config.max_idle_hold_time)
 
     # ------------------------------------------------------------------------------------------
     # Inspection
@@ -419,7 +476,7 @@ class BgpSession:
         if nxt is not old:
             self.state = nxt
             self._out_flush_writes()
-            self._out.append(StateChanged(old.value, nxt.value, ev.name))
+            self._out.append(StateChanged(old.value, nxt.value, f"{ev.name}: {self._why}" if self._why else ev.name))
             if nxt is State.ESTABLISHED:
                 self._on_established()
             elif old is State.ESTABLISHED:
@@ -484,7 +541,7 @@ class BgpSession:
             self._write(KEEPALIVE_BYTES)
             self.counters["keepalives_sent"] += 1
         elif a is Action.NOTIFY_CEASE:
-            self._notify(C.ERR_CEASE, self._cease_subcode, self._cease_data, "cease")
+            self._notify(C.ERR_CEASE, self._cease_subcode, self._cease_data, self._why or "cease")
             self._cease_subcode, self._cease_data = C.CEASE_ADMIN_SHUTDOWN, b""
         elif a is Action.NOTIFY_HOLD_EXPIRED:
             self._notify(C.ERR_HOLD_TIMER_EXPIRED, 0, b"", "hold timer expired")
@@ -1067,6 +1124,7 @@ class BgpSession:
                 # the context the Adj-RIB-In was decoded in (while down, routes kept stale keep it)
                 "rib_context": {"asn4": self.ctx.asn4, "add_path": sorted(self.ctx.add_path)},
                 "prefix_limit": [sorted(self.prefix_limit.warned), sorted(self.prefix_limit.exceeded)],
+                "bfd": [self.bfd_down, self.bfd_downs],
                 "router_id": self.source.router_id,
                 "table": [
                     self._table_expected,
@@ -1107,6 +1165,8 @@ class BgpSession:
             s.established_at = meta["established_at"]
             s.counters = Counter(meta["counters"])
             s.source.set_router_id(meta["router_id"])
+            bfd_down, bfd_downs = meta.get("bfd", (False, []))
+            s.bfd_down, s.bfd_downs = bool(bfd_down), [float(t) for t in bfd_downs]
             warned, exceeded = meta.get("prefix_limit", ([], []))
             s.prefix_limit.warned = {(int(a), int(b)) for a, b in warned}
             s.prefix_limit.exceeded = {(int(a), int(b)) for a, b in exceeded}
