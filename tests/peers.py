@@ -392,11 +392,17 @@ def start_frr(
     target: tuple[str, int] = (APSV_ADDR, APSV_PORT),
     hold: int = HOLD,
     router_lines: tuple[str, ...] = (),
+    neighbor_lines: tuple[str, ...] = (),
+    netns: str | None = None,
+    addr: str | None = None,
 ) -> Daemon:
     """FRR bgpd announcing n4 / n6 prefixes; `router_lines` go under `router bgp` (e.g.
-    "bgp graceful-restart"). `d.extra["restart"](n4)` kills bgpd with SIGKILL and starts it
+    "bgp graceful-restart"), `neighbor_lines` after `neighbor APSV` (e.g. "password K").
+    `netns` / `addr`: bgpd runs in that network namespace, from that address.
+    `d.extra["restart"](n4)` kills bgpd with SIGKILL and starts it
     again, announcing n4 IPv4 prefixes (FRR restarting, as far as its peer can tell)."""
     spec = SPECS["frr"]
+    local = addr or spec.addr
     nbr, port = target
     run = _fresh(root, "frr")
     vty = run / "vty"
@@ -404,6 +410,7 @@ def start_frr(
     shutil.chown(run, "frr", "frr")
     shutil.chown(vty, "frr", "frr")
     extra = "".join(f" {line}\n" for line in router_lines)
+    per_neighbor = "".join(f"\n neighbor {nbr} {line}" for line in neighbor_lines)
 
     def write_config(n4: int) -> None:
         nets4 = "\n".join(f"  network {p}" for p in v4_prefixes(spec.v4_base, n4))
@@ -419,9 +426,9 @@ router bgp {spec.asn}
  no bgp network import-check
 {extra} neighbor {nbr} remote-as {APSV_AS}
  neighbor {nbr} port {port}
- neighbor {nbr} update-source {spec.addr}
+ neighbor {nbr} update-source {local}
  neighbor {nbr} timers {max(1, hold // 3)} {hold}
- neighbor {nbr} timers connect 1
+ neighbor {nbr} timers connect 1{per_neighbor}
  !
  address-family ipv4 unicast
 {nets4}
@@ -455,7 +462,7 @@ route-map NH6 permit 10
         "-p",
         "0",
         "-l",
-        spec.addr,
+        local,
         "--vty_socket",
         str(vty),
         "-i",
@@ -465,6 +472,8 @@ route-map NH6 permit 10
         "-P",
         "0",
     ]
+    if netns is not None:
+        cmd = ["ip", "netns", "exec", netns, *cmd]
     proc, log = _spawn(cmd, run)
     d = Daemon(spec, run, proc, log, withdrawable=v4_prefixes(spec.v4_base, n4)[:100])
 

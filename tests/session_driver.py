@@ -26,11 +26,14 @@ T = TypeVar("T")
 
 
 class SessionDriver:
-    def __init__(self, config: BgpSessionConfig, listen: tuple[str, int]) -> None:
+    def __init__(
+        self, config: BgpSessionConfig, listen: tuple[str, int], listener: socket.socket | None = None
+    ) -> None:
+        """`listener`: a listening socket made elsewhere (the agent's, with MD5 or GTSM set)."""
         self.session = BgpSession(config)
         self.events: list[tuple[float, StackEvent]] = []
         self.lock = threading.Lock()
-        self._listener = socket.create_server(listen, reuse_port=False)
+        self._listener = listener if listener is not None else socket.create_server(listen, reuse_port=False)
         self._listener.setblocking(False)
         self._conn: socket.socket | None = None
         self._stop = threading.Event()

@@ -28,6 +28,9 @@ name = "edge-1"
   announce = [{ prefixes = ["203.0.113.0/24"] }]
   announce_range = [{ start = "10.200.0.0/24", count = 3 }]
   events = "state"
+  bfd = 3
+  password = "tcp-md5-key"
+  ttl_security_hops = 1
   [[vrouters.bgp]]
   session = 2
   mode = "active"
@@ -63,6 +66,9 @@ def test_a_good_config_and_what_each_session_gets(tmp_path: Path) -> None:
     assert bfd["local_discriminator"] == (1 << 16 | 3) and bfd["auth"]["type"] == "meticulous-keyed-sha1"
     r = CliRunner().invoke(app, ["agent", "check", str(f)])
     assert r.exit_code == 0 and len(json.loads(r.output)["sessions"]) == 3
+    # the MD5 key reaches the socket, never the stack's configuration or any output
+    peer = cfg.vrouters[0].bgp[0]
+    assert peer.md5_key() == b"tcp-md5-key" and "tcp-md5-key" not in r.output + json.dumps(bgp) + repr(peer)
 
 
 @pytest.mark.parametrize(
@@ -77,6 +83,9 @@ def test_a_good_config_and_what_each_session_gets(tmp_path: Path) -> None:
         (('type = "meticulous-keyed-sha1"', 'type = "rot13"'), "vrouters[0].bfd[0].auth.type", "unknown"),
         (('netns = "vr1"', 'netns = "../etc"'), "vrouters[0].bfd[0].netns", "not a network namespace"),
         (("desired_min_tx_ms = 100", "desired_min_tx_ms = 0"), "vrouters[0].bfd[0].desired_min_tx_ms", ">= 1"),
+        (("bfd = 3", "bfd = 9"), "vrouters[0]", "bgp[0].bfd: virtual router 1 has no BFD session 9"),
+        (('password = "tcp-md5-key"', f'password = "{"k" * 81}"'), "vrouters[0].bgp[0].password", "1 to 80 octets"),
+        (("ttl_security_hops = 1", "ttl_security_hops = 255"), "vrouters[0].bgp[0].ttl_security_hops", "254"),
     ],
 )
 def test_bad_configs_are_refused_with_their_place(

@@ -218,6 +218,20 @@ def sh(*cmd: str) -> str:
     return subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
 
 
+def apsv_bfd_session(**settings: Any) -> dict[str, Any]:
+    """APSV's end of the veth pair: 100 ms x 3, like bfdd's."""
+    return {
+        "session": 1,
+        "local_address": APSV_IP,
+        "peer_address": FRR_IP,
+        "netns": NS_APSV,
+        "desired_min_tx_ms": 100,
+        "required_min_rx_ms": 100,
+        "detect_mult": 3,
+        **settings,
+    }
+
+
 @pytest.fixture(scope="module")
 def veth() -> Iterator[None]:
     for ns in (NS_FRR, NS_APSV):
@@ -321,17 +335,7 @@ def test_bfd_with_frr_bfdd_across_namespaces(ray_cluster: Any, deployment: Any, 
             "vrouters": [
                 {
                     "id": 9,
-                    "bfd": [
-                        {
-                            "session": 1,
-                            "local_address": APSV_IP,
-                            "peer_address": FRR_IP,
-                            "netns": NS_APSV,
-                            "desired_min_tx_ms": 100,
-                            "required_min_rx_ms": 100,
-                            "detect_mult": 3,
-                        }
-                    ],
+                    "bfd": [apsv_bfd_session()],
                 }
             ],
         }
@@ -390,3 +394,102 @@ def test_bfd_with_frr_bfdd_across_namespaces(ray_cluster: Any, deployment: Any, 
         with contextlib.suppress(Exception):
             ray.get(agent.stop.remote(), timeout=20)
         ray.kill(agent)
+
+
+@pytest.mark.peer
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.operator
+def test_bfd_down_brings_the_bgp_session_down_with_frr(
+    ray_cluster: Any, deployment: Any, bfdd: Any, tmp_path: Path
+) -> None:
+    """RFC 5882 across the veth pair: FRR's bgpd and bfdd in one namespace; APSV's BGP and BFD
+    sessions (100 ms x 3) in the other, the BGP session naming the BFD one. The link goes down:
+    the BGP session goes down with BFD named as the cause, long before its 9 s hold timer, its
+    routes withdrawn; it stays down while BFD is."""
+    from apsv.agent.actor import create_agent_actor
+    from apsv.agent.config import parse_config
+    from apsv.runtime.cluster import NAMESPACE
+    from apsv.runtime.vpsm import ProtocolPlan
+    from tests import peers
+    from tests.peers import wait_for
+
+    dep = deployment(
+        [
+            ProtocolPlan("bfd", min_instances=1, max_instances=1, policy="fixed"),
+            ProtocolPlan("bgp", min_instances=1, max_instances=1, policy="fixed"),
+        ],
+        run_loop=False,
+    )
+    hold = 9
+    cfg = parse_config(
+        {
+            "tenant": 3,
+            "timer_interval_s": 0.1,
+            "vrouters": [
+                {
+                    "id": 10,
+                    # events "none": the BGP session still hears of its state changes
+                    "bfd": [apsv_bfd_session(events="none")],
+                    "bgp": [
+                        {
+                            "session": 2,
+                            "listen": f"{APSV_IP}:1790",
+                            "peer": FRR_IP,
+                            "netns": NS_APSV,
+                            "bfd": 1,
+                            "local_as": peers.APSV_AS,
+                            "peer_as": peers.SPECS["frr"].asn,
+                            "router_id": "10.0.0.10",
+                            "hold_time": hold,
+                            "families": ["ipv4-unicast"],
+                            "next_hop_self": "198.51.100.10",
+                            "idle_hold_time": 0.5,
+                        }
+                    ],
+                }
+            ],
+        }
+    )
+    frr = peers.start_frr(tmp_path, 100, 0, target=(APSV_IP, 1790), hold=hold, netns=NS_FRR, addr=FRR_IP)
+    agent = create_agent_actor(cfg, multiplexer_name=dep.multiplexer_name, namespace=NAMESPACE)
+    events: list[dict[str, Any]] = []
+
+    def seen(protocol: str, kind: str, **match: Any) -> list[dict[str, Any]]:
+        events.extend(ray.get(agent.events.remote()))
+        return [
+            e
+            for e in events
+            if e.get("protocol") == protocol and e.get("event") == kind and all(e.get(k) == v for k, v in match.items())
+        ]
+
+    try:
+        ray.get(agent.start.remote())
+        wait_for("BGP Established", lambda: seen("bgp", "state", new="Established"), timeout=30)
+        wait_for(
+            "FRR's 100 routes",
+            lambda: sum(1 for e in seen("bgp", "routes") for c in e["changes"] if c["action"] == "install") == 100,
+            timeout=30,
+        )
+        wait_for("bfdd's peer up", lambda: bfdd.peer()["status"] == "up", timeout=10)
+        t_cut = time.time()
+        sh("ip", "-n", NS_FRR, "link", "set", "apsvbfd0", "down")
+        (down,) = wait_for("BGP down", lambda: seen("bgp", "state", old="Established"), timeout=hold)
+        assert "BFD down" in down["reason"], down
+        (note,) = seen("bgp", "notification-sent")
+        assert (note["code"], note["subcode"]) == (6, 10), note  # Cease / BFD Down (RFC 9384)
+        gone = [c for e in seen("bgp", "routes") if e["ts"] >= t_cut for c in e["changes"] if c["action"] == "withdraw"]
+        assert len(gone) == 100
+        # order: BFD's Down (the agent's detection) first, then the BGP session, before the hold time
+        (bfd_down,) = seen("bgp", "bfd", state="down")
+        assert t_cut <= bfd_down["ts"] <= down["ts"] < t_cut + hold / 3, (t_cut, bfd_down, down)
+        print(f"link down -> BGP down {down['ts'] - t_cut:.3f} s (BFD down at {bfd_down['ts'] - t_cut:.3f} s)")
+        # held down while BFD is down: the session does not come back by itself
+        time.sleep(2.0)
+        assert not seen("bgp", "state", new="Established")[1:]
+    finally:
+        sh("ip", "-n", NS_FRR, "link", "set", "apsvbfd0", "up")
+        with contextlib.suppress(Exception):
+            ray.get(agent.stop.remote(), timeout=20)
+        ray.kill(agent)
+        frr.stop()

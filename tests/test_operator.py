@@ -1,5 +1,5 @@
 """What an operator relies on, against real daemons: FRR restarting with graceful restart keeps
-its routes in APSV (stale, then swept), and without it they go at once.
+its routes in APSV (stale, then swept), and without it they go at once; TCP MD5 and GTSM.
 
 The APSV side is one sans-I/O BGP session on a real socket (`tests/session_driver.py`), so the
 test sees the stack's own events in order, with their times.
@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from apsv.agent.tcp import listening_socket
 from apsv.bgp.config import BgpSessionConfig
 from apsv.bgp.fsm import State
 from apsv.bgp.graceful_restart import GracefulRestartEvent
@@ -113,3 +114,32 @@ def test_without_graceful_restart_frrs_routes_are_withdrawn_at_once(run_dir: Pat
             assert len(gone) == N4 and max(gone) < ups[0] and not d.seen(GracefulRestartEvent)
         finally:
             frr.stop()
+
+
+def test_md5_and_gtsm_with_frr(run_dir: Path) -> None:
+    """TCP MD5 (RFC 2385) and GTSM (RFC 5082) on the agent's listening socket
+    (`apsv.agent.tcp`): with FRR's `neighbor X password` the right key establishes and a wrong
+    one never does; with `ttl-security hops 1` on both sides it establishes, and APSV drops FRR's
+    segments when FRR sends them with an ordinary TTL."""
+    cases = [
+        # (FRR's neighbor lines, APSV's MD5 key, APSV's GTSM hops, establishes)
+        (("password s3cret-key",), b"s3cret-key", None, True),
+        (("password s3cret-key",), b"another-key", None, False),
+        (("ttl-security hops 1",), None, 1, True),
+        ((), None, 1, False),
+    ]
+    for i, (lines, key, hops, ok) in enumerate(cases):
+        cfg, listen = apsv_config(40 + i, graceful_restart=False)
+        sock = listening_socket(None, *listen, {FRR.addr: key} if key else {}, hops)
+        with SessionDriver(cfg, listen, sock) as d:
+            frr = peers.start_frr(run_dir / f"case{i}", 10, 0, target=listen, neighbor_lines=lines)
+            try:
+                if ok:
+                    established_with(d, 10)
+                    assert frr.established()
+                else:
+                    time.sleep(8)  # FRR retries every second
+                    assert d.call(lambda s: s.state is not State.ESTABLISHED and s.counters["opens_sent"] == 0)
+                    assert not frr.established()
+            finally:
+                frr.stop()

@@ -44,7 +44,7 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
 from apsv.bfd.session import BfdAuthConfig
 from apsv.bgp.config import Announcement, BgpSessionConfig
@@ -102,6 +102,12 @@ class PrefixRange(BaseModel):
             raise ValueError(f"{v!r}: {e}") from None
 
 
+def _netns_name(v: str | None) -> str | None:
+    if v is not None and (not v or "/" in v or v in (".", "..")):
+        raise ValueError(f"{v!r} is not a network namespace name")
+    return v
+
+
 class BgpPeer(BaseModel):
     """One BGP session: where its TCP connection comes from, and the session's own settings."""
 
@@ -114,6 +120,26 @@ class BgpPeer(BaseModel):
     local_address: str | None = None  # active: the address to connect from
     announce_range: list[PrefixRange] = Field(default_factory=list)
     events: Literal["all", "state", "none"] = "all"  # to the virtual router; "state": no route changes
+    # a BFD session of the same virtual router whose Down tears this session down (RFC 5882)
+    bfd: int | None = Field(default=None, ge=1)
+    netns: str | None = None  # the network namespace its TCP connection lives in (apsv/agent/netns.py)
+    password: SecretStr | None = None  # TCP MD5 signature key (RFC 2385), at most 80 octets
+    ttl_security_hops: int | None = Field(default=None, ge=1, le=254)  # GTSM (RFC 5082)
+
+    @field_validator("netns")
+    @classmethod
+    def _ns(cls, v: str | None) -> str | None:
+        return _netns_name(v)
+
+    @field_validator("password")
+    @classmethod
+    def _password(cls, v: SecretStr | None) -> SecretStr | None:
+        if v is not None and not 1 <= len(v.get_secret_value().encode()) <= 80:
+            raise ValueError("a TCP MD5 password is 1 to 80 octets")
+        return v
+
+    def md5_key(self) -> bytes | None:
+        return None if self.password is None else self.password.get_secret_value().encode()
 
     @model_validator(mode="after")
     def _check(self) -> BgpPeer:
@@ -184,9 +210,7 @@ class BfdPeer(BaseModel):
     @field_validator("netns")
     @classmethod
     def _ns(cls, v: str | None) -> str | None:
-        if v is not None and (not v or "/" in v or v in (".", "..")):
-            raise ValueError(f"{v!r} is not a network namespace name")
-        return v
+        return _netns_name(v)
 
 
 class VRouter(BaseModel):
@@ -203,6 +227,10 @@ class VRouter(BaseModel):
         dup = sorted({i for i in ids if ids.count(i) > 1})
         if dup:
             raise ValueError(f"session id(s) {dup} appear more than once in virtual router {self.id}")
+        bfd_ids = {s.session for s in self.bfd}
+        for i, b in enumerate(self.bgp):
+            if b.bfd is not None and b.bfd not in bfd_ids:
+                raise ValueError(f"bgp[{i}].bfd: virtual router {self.id} has no BFD session {b.bfd}")
         return self
 
 
@@ -223,6 +251,16 @@ class AgentConfig(BaseModel):
         dup = {i for i in ids if ids.count(i) > 1}
         if dup:
             raise ValueError(f"virtual router id(s) {sorted(dup)} appear more than once")
+        # GTSM filters on the listening socket: the sessions sharing one must agree on it
+        listens: dict[tuple[str | None, str], int | None] = {}
+        for v in self.vrouters:
+            for g in v.bgp:
+                on = (g.netns, g.listen or "")
+                if g.mode == "passive" and listens.setdefault(on, g.ttl_security_hops) != g.ttl_security_hops:
+                    raise ValueError(
+                        f"vrouter {v.id} bgp session {g.session}: ttl_security_hops differs from another "
+                        f"session listening on {g.listen}"
+                    )
         pairs: dict[tuple[str, str], str] = {}
         for v in self.vrouters:
             for b in v.bfd:

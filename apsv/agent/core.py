@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import socket
@@ -28,6 +29,7 @@ from typing import Any
 
 from apsv.agent.bfd_engine import BfdEngine
 from apsv.agent.config import EVENT_LEVELS, AgentConfig, BfdPeer, BgpPeer, VRouter
+from apsv.agent.tcp import connecting_socket, listening_socket
 from apsv.frame import Frame, FrameKind, ProtocolId
 from apsv.runtime.buffer_pool import BufferPool
 from apsv.runtime.client import OffloadClient
@@ -84,7 +86,8 @@ class Agent:
         self.bgp: dict[Key, BgpLink] = {}
         self.bfd: BfdEngine | None = None
         self.servers: list[asyncio.AbstractServer] = []
-        self.listeners: dict[tuple[str, int], dict[str, Key]] = {}  # listen endpoint -> peer address -> session
+        # (netns, address, port) it listens on -> peer address -> session
+        self.listeners: dict[tuple[str | None, str, int], dict[str, Key]] = {}
         self._tasks: list[asyncio.Task[Any]] = []
         self._kick = asyncio.Event()
         self._space = asyncio.Event()
@@ -95,6 +98,8 @@ class Agent:
         self.placed: dict[Key, str] = {}
         self.session_names: dict[Key, str] = {}
         self._readers: set[int] = set()  # the client's sockets this loop watches
+        self.bfd_clients: dict[Key, list[Key]] = {}  # BFD session -> the BGP sessions relying on it
+        self._commands: set[asyncio.Task[None]] = set()  # BFD state on its way to BGP sessions
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -112,7 +117,16 @@ class Agent:
         if self.config.events:
             self._events_file = open(self.config.events, "a", buffering=1)  # noqa: SIM115 - closed in stop()
         sessions = self.config.sessions()
-        specs = [(key, proto, cfg, EVENT_LEVELS[peer.events]) for key, proto, cfg, _v, peer in sessions]
+        # a BFD session a BGP session relies on: its state changes go to that BGP session
+        for key, proto, _cfg, _vrouter, peer in sessions:
+            if proto == "bgp" and isinstance(peer, BgpPeer) and peer.bfd is not None:
+                bfd_key = (key[0], key[1], int(ProtocolId.BFD), peer.bfd)
+                self.bfd_clients.setdefault(bfd_key, []).append(key)
+        specs = [
+            # such a BFD session sends its state changes even where its virtual router wants none
+            (key, proto, cfg, max(EVENT_LEVELS[peer.events], EVENT_LEVELS["state"] if key in self.bfd_clients else 0))
+            for key, proto, cfg, _v, peer in sessions
+        ]
         specs, ref = self.client.open_request(specs)
         self.placed = self.client.adopt(specs, await ref)
         refused = {k: v for k, v in self.placed.items() if v.startswith("error")}
@@ -127,13 +141,16 @@ class Agent:
                 assert isinstance(peer, BgpPeer)
                 self.bgp[key] = BgpLink(key, peer, vrouter)
                 if peer.mode == "passive":
-                    self.listeners.setdefault(peer.listen_endpoint(), {})[peer.peer_endpoint()[0]] = key
+                    self.listeners.setdefault((peer.netns, *peer.listen_endpoint()), {})[peer.peer_endpoint()[0]] = key
             else:
                 assert isinstance(peer, BfdPeer)
                 auth = peer.auth.key() if peer.auth else None
                 self.bfd.add(key, peer.local_address, peer.peer_address, peer.netns, auth)
-        for (host, port), _peers in self.listeners.items():
-            srv = await asyncio.start_server(self._accepted, host, port, reuse_address=True)
+        for (ns, host, port), peers in self.listeners.items():
+            links = [self.bgp[k].peer for k in peers.values()]
+            md5 = {addr: pw for addr, k in peers.items() if (pw := self.bgp[k].peer.md5_key()) is not None}
+            sock = listening_socket(ns, host, port, md5, links[0].ttl_security_hops)
+            srv = await asyncio.start_server(functools.partial(self._accepted, ns), sock=sock)
             self.servers.append(srv)
         self._tasks.append(loop.create_task(self._pump(), name="apsv-agent-pump"))
         self._tasks.append(loop.create_task(self._ticker(), name="apsv-agent-timers"))
@@ -205,6 +222,16 @@ class Agent:
         }
 
     def _event(self, key: Key, ev: dict[str, Any]) -> None:
+        clients = self.bfd_clients.get(key)
+        if clients and ev.get("event") == "state":
+            # RFC 5882: the BGP sessions decide what a BFD state change means (BgpSession.bfd_changed)
+            cmd = json.dumps({"op": "bfd", "old": ev.get("old"), "new": ev.get("new"), "reason": ev.get("reason", "")})
+            for bgp_key in clients:
+                task = asyncio.get_running_loop().create_task(
+                    self._send_frame(bgp_key, FrameKind.CONTROL, cmd.encode())
+                )
+                self._commands.add(task)
+                task.add_done_callback(self._commands.discard)
         ev = {
             "ts": time.time(),
             "tenant": key[0],
@@ -318,10 +345,10 @@ class Agent:
 
     # -- BGP transports ------------------------------------------------------------------------
 
-    async def _accepted(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _accepted(self, netns: str | None, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = writer.get_extra_info("peername")
         sock = writer.get_extra_info("sockname")
-        key = self.listeners.get((sock[0], sock[1]), {}).get(peer[0]) if peer and sock else None
+        key = self.listeners.get((netns, sock[0], sock[1]), {}).get(peer[0]) if peer and sock else None
         link = self.bgp.get(key) if key is not None else None
         if link is None or link.writer is not None:
             # No session expects this address here, or it is already connected (a collision:
@@ -334,12 +361,16 @@ class Agent:
 
     async def _connect(self, link: BgpLink) -> None:
         host, port = link.peer.peer_endpoint()
-        local = link.peer.local_address
+        p = link.peer
         self.c.connects += 1
         try:
-            reader, writer = await asyncio.wait_for(
-                asyncio.open_connection(host, port, local_addr=(local, 0) if local else None), timeout=10
-            )
+            sock = connecting_socket(p.netns, host, p.local_address, p.md5_key(), p.ttl_security_hops)
+            try:
+                await asyncio.wait_for(asyncio.get_running_loop().sock_connect(sock, (host, port)), timeout=10)
+            except BaseException:
+                sock.close()
+                raise
+            reader, writer = await asyncio.open_connection(sock=sock)
         except (OSError, TimeoutError) as e:
             self.c.connect_failures += 1
             link.connecting = False
