@@ -65,10 +65,14 @@ def test_a_good_config_and_what_each_session_gets(tmp_path: Path) -> None:
     bfd = sessions[(4, 1, 2, 3)][1]
     assert bfd["local_discriminator"] == (1 << 16 | 3) and bfd["auth"]["type"] == "meticulous-keyed-sha1"
     r = CliRunner().invoke(app, ["agent", "check", str(f)])
-    assert r.exit_code == 0 and len(json.loads(r.output)["sessions"]) == 3
+    out = json.loads(r.stdout)
+    assert r.exit_code == 0 and len(out["sessions"]) == 3
+    # both eBGP sessions have no policy: RFC 8212 warnings, each direction named
+    assert len(out["warnings"]) == 4 and "vrouter 1 bgp session 1: eBGP without an import_policy" in out["warnings"][0]
+    assert "warning: " in r.stderr
     # the MD5 key reaches the socket, never the stack's configuration or any output
     peer = cfg.vrouters[0].bgp[0]
-    assert peer.md5_key() == b"tcp-md5-key" and "tcp-md5-key" not in r.output + json.dumps(bgp) + repr(peer)
+    assert peer.md5_key() == b"tcp-md5-key" and "tcp-md5-key" not in r.stdout + json.dumps(bgp) + repr(peer)
 
 
 @pytest.mark.parametrize(

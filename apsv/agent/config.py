@@ -48,6 +48,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, f
 
 from apsv.bfd.session import BfdAuthConfig
 from apsv.bgp.config import Announcement, BgpSessionConfig
+from apsv.bgp.policy_lists import strict_network
 from apsv.errors import field_path
 from apsv.frame import ProtocolId
 
@@ -96,10 +97,7 @@ class PrefixRange(BaseModel):
     @field_validator("start")
     @classmethod
     def _start(cls, v: str) -> str:
-        try:
-            return str(ipaddress.ip_network(v, strict=True))
-        except ValueError as e:
-            raise ValueError(f"{v!r}: {e}") from None
+        return strict_network(v)
 
 
 def _netns_name(v: str | None) -> str | None:
@@ -270,6 +268,21 @@ class AgentConfig(BaseModel):
                     raise ValueError(f"BFD {where} has the same addresses as {pairs[pair]}")
                 pairs[pair] = where
         return self
+
+    def warnings(self) -> list[str]:
+        """What is valid but unsafe: an eBGP session without a policy in a direction (RFC 8212)."""
+        out = []
+        for key, proto, cfg, v, _peer in self.sessions():
+            if proto != "bgp" or cfg["local_as"] == cfg["peer_as"]:
+                continue
+            for direction, verb in (("import", "accepts every route received"), ("export", "announces every route")):
+                if not cfg[f"{direction}_policy"]:
+                    what = "takes nothing" if direction == "import" else "sends nothing"
+                    outcome = what if cfg["ebgp_requires_policy"] else verb
+                    out.append(
+                        f"vrouter {v.id} bgp session {key[3]}: eBGP without an {direction}_policy {outcome} (RFC 8212)"
+                    )
+        return out
 
     def sessions(self) -> list[tuple[Key, str, dict[str, Any], VRouter, BgpPeer | BfdPeer]]:
         """(key, protocol, stack config, its virtual router, its peer entry) for every session."""

@@ -8,6 +8,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from apsv.bgp import constants as C
+from apsv.bgp.policy import Policy
 
 FamilyName = Literal["ipv4-unicast", "ipv6-unicast"]
 FAMILY_CODES = C.FAMILY_CODES
@@ -113,6 +114,13 @@ class BgpSessionConfig(BaseModel):
     idle_hold_time: Annotated[float, Field(ge=0, le=3600)] = 5.0
     max_idle_hold_time: Annotated[float, Field(ge=0, le=3600)] = 120.0
     max_receive_buffer: Annotated[int, Field(ge=65535 + 19)] = 1 << 20
+    # routing policy (apsv/bgp/policy.py): its lists and route maps, and the route map applied
+    # to what is received (import) and announced (export), for every family or per family;
+    # with ebgp_requires_policy an eBGP session without one takes / sends nothing (RFC 8212)
+    policy: Policy = Field(default_factory=Policy)
+    import_policy: str | dict[FamilyName, str] | None = None
+    export_policy: str | dict[FamilyName, str] | None = None
+    ebgp_requires_policy: bool = False
     # how long a peer that went down is expected back with its table (the VPSM provisions for
     # the re-sent table meanwhile, `BgpSession.table_backlog`), and how long its transfer may take
     table_expect_s: Annotated[float, Field(ge=0, le=3600)] = 120.0
@@ -164,7 +172,21 @@ class BgpSessionConfig(BaseModel):
         for fam in self.add_path_receive:
             if fam not in self.families:
                 raise ValueError(f"add_path_receive: family {fam} is not in 'families'")
+        for direction in ("import", "export"):
+            chosen = getattr(self, f"{direction}_policy")
+            named = chosen.values() if isinstance(chosen, dict) else [chosen] if chosen else []
+            for name in named:
+                if name not in self.policy.route_maps:
+                    raise ValueError(f"{direction}_policy: no route map {name!r} in policy.route_maps")
+            for fam in chosen if isinstance(chosen, dict) else ():
+                if fam not in self.families:
+                    raise ValueError(f"{direction}_policy: family {fam} is not in 'families'")
         return self
+
+    def route_map(self, direction: Literal["import", "export"], family: FamilyName) -> str | None:
+        """The route map a direction applies to a family's routes, if any."""
+        chosen = self.import_policy if direction == "import" else self.export_policy
+        return chosen.get(family) if isinstance(chosen, dict) else chosen
 
     @property
     def ibgp(self) -> bool:

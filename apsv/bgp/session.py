@@ -49,6 +49,7 @@ from apsv.bgp.message import (
     encode_update,
 )
 from apsv.bgp.nlri import encode_prefix, prefix_str
+from apsv.bgp.policy import RouteMapEngine
 from apsv.bgp.prefix_limit import PrefixLimit
 from apsv.bgp.rib import AdjRibIn, BestPathChange, LocRib, PrefixLimitExceeded, Source
 from apsv.errors import DecodeError
@@ -195,6 +196,14 @@ class BgpSession:
         self._table_eor: set[Family] = set()
         self._xfer_open = False  # within an initial transfer (establishment to End-of-RIB)
         self.stale = StaleRoutes()  # a restarting peer's routes kept (graceful_restart.py)
+        # route maps by (direction, family); RFC 8212 refuses what an eBGP direction without one carries
+        self.route_maps: dict[tuple[str, Family], RouteMapEngine] = {}
+        for direction in ("import", "export"):
+            for name in config.families:
+                rm = config.route_map(direction, name)
+                if rm is not None:
+                    self.route_maps[(direction, FAMILY_CODES[name])] = RouteMapEngine(rm, config.policy)
+        self._rfc8212 = config.ebgp_requires_policy and not config.ibgp
         self.prefix_limit = PrefixLimit(
             config.max_prefixes,
             config.max_prefixes_threshold_pct,
@@ -815,7 +824,7 @@ class BgpSession:
                 if withdraw_v4 or u.attributes is None:
                     changes += loc4.withdraw(rib4, u.nlri)
                 else:
-                    changes += loc4.update(rib4, u.nlri, u.attributes)
+                    changes += self._import(v4, rib4, u.nlri, u.attributes)
         elif u.nlri or u.withdrawn:
             self.counters["prefixes_ignored_family_not_negotiated"] += len(u.nlri) + len(u.withdrawn)
         mu: MpUnreach | None = u.mp_unreach
@@ -836,7 +845,26 @@ class BgpSession:
                 changes += self.loc_rib[fam].withdraw(rib, mr.nlri)
             else:
                 attrs = with_mp_next_hop(u.attributes, mr.next_hop, self.ctx)
-                changes += self.loc_rib[fam].update(rib, mr.nlri, attrs)
+                changes += self._import(fam, rib, mr.nlri, attrs)
+
+    def _import(self, fam: Family, rib: AdjRibIn, keys: list[bytes], attrs: PathAttributes) -> list[BestPathChange]:
+        """Routes received, through the import policy: what it refuses is handled as withdrawn
+        (a route it refuses now may have been accepted before)."""
+        loc = self.loc_rib[fam]
+        rm = self.route_maps.get(("import", fam))
+        if rm is None:
+            if not self._rfc8212:
+                return loc.update(rib, keys, attrs)
+            self.counters["policy_refused_in"] += len(keys)
+            return loc.withdraw(rib, keys)
+        refused, accepted = rm.apply(
+            fam, keys, attrs, self.ctx, add_path=rib.add_path, peer_address=self.config.peer_address
+        )
+        out = loc.withdraw(rib, refused) if refused else []
+        self.counters["policy_refused_in"] += len(refused)
+        for pa, ks in accepted.items():
+            out += loc.update(rib, ks, pa)
+        return out
 
     def _refresh_stale(self, u: Update) -> None:
         """Routes the restarted peer sends (or withdraws) again are no longer stale."""
@@ -1035,19 +1063,32 @@ class BgpSession:
                 if not ps:
                     continue
                 fam = C.IPV6_UNICAST if v6 else C.IPV4_UNICAST
-                pa = self._outbound_attributes(a, v6)
                 out = self.adj_out.setdefault(fam, {})
-                keys = groups.setdefault((fam, pa), [])
-                for p in ps:
-                    k = encode_prefix(p)
-                    out[k] = pa
-                    keys.append(k)
+                for pa, keys in self._export(fam, a, v6, [encode_prefix(p) for p in ps]).items():
+                    for k in keys:
+                        out[k] = pa
+                    groups.setdefault((fam, pa), []).extend(keys)
         if self.state is not State.ESTABLISHED:
             return  # sent when the session comes up
         n = self.negotiated
         for (fam, pa), keys in groups.items():
             if n is not None and fam in n.families:
                 self._send_announcements(fam, pa, keys)
+
+    def _export(self, fam: Family, a: Announcement, v6: bool, keys: list[bytes]) -> dict[PathAttributes, list[bytes]]:
+        """An announcement's prefixes through the export policy, grouped by their attributes."""
+        pa = self._outbound_attributes(a, v6)
+        rm = self.route_maps.get(("export", fam))
+        if rm is None:
+            if self._rfc8212:
+                self.counters["policy_refused_out"] += len(keys)
+                return {}
+            return {pa: keys}
+        own = a.next_hop or (self.config.next_hop_self_v6 if v6 else self.config.next_hop_self)
+        ebgp = 0 if self.config.ibgp else 1
+        refused, accepted = rm.apply(fam, keys, pa, self.ctx, self_next_hop=own, prepend_after=ebgp)
+        self.counters["policy_refused_out"] += len(refused)
+        return accepted
 
     def _readvertise(self, fam: Family) -> None:
         groups: dict[PathAttributes, list[bytes]] = {}

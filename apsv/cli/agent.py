@@ -29,7 +29,10 @@ def check(config: Path = typer.Argument(..., help="The agent's TOML configuratio
         {"vrouter": v.id, "protocol": proto, "session": key[3], "key": list(key)}
         for key, proto, _c, v, _p in cfg.sessions()
     ]
-    typer.echo(json.dumps({"tenant": cfg.tenant, "sessions": rows}))
+    warnings = cfg.warnings()
+    for w in warnings:
+        typer.echo(f"warning: {w}", err=True)
+    typer.echo(json.dumps({"tenant": cfg.tenant, "sessions": rows, "warnings": warnings}))
 
 
 @agent_app.command("run")
