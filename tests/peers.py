@@ -395,10 +395,14 @@ def start_frr(
     neighbor_lines: tuple[str, ...] = (),
     netns: str | None = None,
     addr: str | None = None,
+    remote_as: int = APSV_AS,
+    extra_config: str = "",
 ) -> Daemon:
     """FRR bgpd announcing n4 / n6 prefixes; `router_lines` go under `router bgp` (e.g.
     "bgp graceful-restart"), `neighbor_lines` after `neighbor APSV` (e.g. "password K").
-    `netns` / `addr`: bgpd runs in that network namespace, from that address.
+    `netns` / `addr`: bgpd runs in that network namespace, from that address. `remote_as`: the
+    peer at `target` is in that AS (APSV's by default); `extra_config` ends the configuration
+    (route maps, prefix lists).
     `d.extra["restart"](n4)` kills bgpd with SIGKILL and starts it
     again, announcing n4 IPv4 prefixes (FRR restarting, as far as its peer can tell)."""
     spec = SPECS["frr"]
@@ -424,7 +428,7 @@ router bgp {spec.asn}
  bgp router-id 10.0.0.3
  no bgp ebgp-requires-policy
  no bgp network import-check
-{extra} neighbor {nbr} remote-as {APSV_AS}
+{extra} neighbor {nbr} remote-as {remote_as}
  neighbor {nbr} port {port}
  neighbor {nbr} update-source {local}
  neighbor {nbr} timers {max(1, hold // 3)} {hold}
@@ -447,6 +451,7 @@ route-map NH4 permit 10
 route-map NH6 permit 10
  set ipv6 next-hop global {nh6(spec)}
 !
+{extra_config}
 """
         )
         shutil.chown(run / "bgpd.conf", "frr", "frr")

@@ -7,17 +7,21 @@ test sees the stack's own events in order, with their times.
 
 from __future__ import annotations
 
+import json
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from apsv.agent.tcp import listening_socket
+from apsv.bgp import constants as C
 from apsv.bgp.config import BgpSessionConfig
 from apsv.bgp.fsm import State
 from apsv.bgp.graceful_restart import GracefulRestartEvent
-from apsv.bgp.session import RoutesChanged
+from apsv.bgp.session import BgpSession, RoutesChanged
 from apsv.stack import StateChanged
 from tests import peers
 from tests.session_driver import SessionDriver
@@ -143,3 +147,195 @@ def test_md5_and_gtsm_with_frr(run_dir: Path) -> None:
                     assert not frr.established()
             finally:
                 frr.stop()
+
+
+# The same inbound policy in FRR's words and in APSV's, on the same feed from BIRD.
+FRR_POLICY = """
+ip prefix-list BOGUS seq 5 permit 100.100.0.0/16 le 32
+ip prefix-list ANY24 seq 5 permit 0.0.0.0/0 ge 24 le 24
+bgp community-list standard C1 permit 65002:1
+bgp large-community-list standard L7 permit 65002:7:7
+bgp as-path access-list PREPENDED permit ^65002_65002_
+route-map IN deny 10
+ match ip address prefix-list BOGUS
+route-map IN permit 20
+ match community C1
+ set local-preference 200
+ set community 65010:100 additive
+route-map IN permit 30
+ match as-path PREPENDED
+ set metric 10
+route-map IN deny 40
+ match large-community L7
+route-map IN permit 50
+ match ip address prefix-list ANY24
+ set as-path prepend 65099
+"""
+APSV_POLICY = {
+    "prefix_lists": {
+        "BOGUS": {"entries": [{"seq": 5, "action": "permit", "prefix": "100.100.0.0/16", "le": 32}]},
+        "ANY24": {"entries": [{"seq": 5, "action": "permit", "prefix": "0.0.0.0/0", "ge": 24, "le": 24}]},
+    },
+    "community_lists": {"C1": {"entries": [{"action": "permit", "communities": ["65002:1"]}]}},
+    "large_community_lists": {"L7": {"entries": [{"action": "permit", "communities": ["65002:7:7"]}]}},
+    "as_path_lists": {"PREPENDED": {"entries": [{"action": "permit", "regex": "^65002_65002_"}]}},
+    "route_maps": {
+        "IN": {
+            "entries": [
+                {"seq": 10, "action": "deny", "match": {"prefix_list": "BOGUS"}},
+                {
+                    "seq": 20,
+                    "action": "permit",
+                    "match": {"community": "C1"},
+                    "set": {"local_preference": 200, "community": ["65010:100"], "community_additive": True},
+                },
+                {"seq": 30, "action": "permit", "match": {"as_path": "PREPENDED"}, "set": {"med": 10}},
+                {"seq": 40, "action": "deny", "match": {"large_community": "L7"}},
+                {"seq": 50, "action": "permit", "match": {"prefix_list": "ANY24"}, "set": {"as_path_prepend": [65099]}},
+            ]
+        }
+    },
+}
+# BIRD gives each /16 of its 10,000 /24s (100.96.0.0 - 100.135.255.0) different attributes
+BIRD_FEED_FILTER = """
+filter feed {
+  if net ~ [ 100.96.0.0/14+, 100.112.0.0/14+ ] then bgp_community.add((65002,1));
+  if net ~ [ 100.97.0.0/16+, 100.100.0.0/14+, 100.120.0.0/13+ ] then
+    { bgp_path.prepend(65002); bgp_path.prepend(65002); }
+  if net ~ [ 100.98.0.0/15+, 100.104.0.0/13+, 100.124.0.0/14+ ] then bgp_med = 50;
+  if net ~ [ 100.99.0.0/16+, 100.108.0.0/14+, 100.128.0.0/13+ ] then bgp_large_community.add((65002,7,7));
+  accept;
+}
+"""
+
+
+def start_bird_feed(run: Path, n4: int, apsv: tuple[str, int], frr_port: int) -> peers.Daemon:
+    """BIRD announcing n4 /24s to APSV (it connects) and to FRR (it listens on frr_port)."""
+    spec = peers.SPECS["bird"]
+    routes = "\n".join(f"  route {p} blackhole;" for p in peers.v4_prefixes(spec.v4_base, n4))
+    frr = peers.SPECS["frr"]
+    common = f"""  hold time 9; keepalive time 3; connect retry time 1; error wait time 1, 2; multihop;
+  ipv4 {{ import none; export filter feed; next hop address {peers.nh4(spec)}; }};"""
+    conf = run / "bird.conf"
+    conf.write_text(
+        f"""router id 10.0.0.2;
+log "{run}/bird.log" all;
+protocol device {{ }}
+protocol static s4 {{ ipv4;
+{routes}
+}}
+{BIRD_FEED_FILTER}
+protocol bgp apsv {{
+  local {spec.addr} as {spec.asn};
+  neighbor {apsv[0]} port {apsv[1]} as {peers.APSV_AS};
+  strict bind yes;
+{common}
+}}
+protocol bgp frr {{
+  local {spec.addr} port {frr_port} as {spec.asn};
+  neighbor {frr.addr} as {frr.asn};
+  passive yes;
+  strict bind yes;
+{common}
+}}
+"""
+    )
+    sock = run / "bird.ctl"
+    proc, log = peers._spawn(
+        [peers.tool("bird"), "-f", "-c", str(conf), "-s", str(sock), "-P", str(run / "bird.pid")], run
+    )
+
+    def birdc(*args: str) -> str:
+        return subprocess.run(
+            [peers.tool("birdc"), "-s", str(sock), *args], capture_output=True, text=True, check=True
+        ).stdout
+
+    peers.wait_for(
+        "bird control socket", peers._running(proc, log, lambda: "BIRD" in birdc("show", "status")), timeout=20
+    )
+    return peers.Daemon(spec, run, proc, log)
+
+
+def frr_loc_rib(frr: peers.Daemon) -> dict[str, tuple[Any, ...]]:
+    out = json.loads(frr.extra["vtysh"]("show bgp ipv4 unicast json detail"))
+    rows = {}
+    for prefix, entries in out.get("routes", {}).items():
+        paths = [p for p in entries if "aspath" in p]
+        best = next((p for p in paths if p.get("bestpath", {}).get("overall")), None)
+        if best is None:
+            continue
+        rows[prefix] = (
+            best.get("locPrf", 100),
+            best.get("metric"),  # the MED
+            best["aspath"].get("string", ""),
+            tuple(sorted(best.get("community", {}).get("list", []))),
+            tuple(sorted(best.get("largeCommunity", {}).get("list", []))),
+        )
+    return rows
+
+
+def apsv_loc_rib(s: BgpSession) -> dict[str, tuple[Any, ...]]:
+    from apsv.bgp.nlri import prefix_str
+    from apsv.bgp.policy_lists import as_path_text, community_text, large_community_text
+
+    rows = {}
+    for key, attrs, _rib in s.loc_rib[(1, 1)].items():
+        rows[prefix_str(key, 1)] = (
+            attrs.local_pref if attrs.local_pref is not None else 100,
+            attrs.med,
+            as_path_text(attrs.as_path),
+            tuple(sorted(community_text(c) for c in attrs.get(C.ATTR_COMMUNITIES, ()))),
+            tuple(sorted(large_community_text(c) for c in attrs.get(C.ATTR_LARGE_COMMUNITIES, ()))),
+        )
+    return rows
+
+
+def test_the_same_policy_in_frr_and_in_apsv_gives_the_same_loc_rib(run_dir: Path) -> None:
+    n4 = 10_000
+    cfg, listen = apsv_config(50, graceful_restart=False)
+    bird_spec = peers.SPECS["bird"]
+    cfg = BgpSessionConfig.model_validate(
+        {
+            **cfg.model_dump(),
+            "peer_as": bird_spec.asn,
+            "peer_address": bird_spec.addr,
+            "policy": APSV_POLICY,
+            "import_policy": "IN",
+            "ebgp_requires_policy": True,
+        }
+    )
+    frr_port = peers.APSV_PORT + 51
+    with SessionDriver(cfg, listen) as d:
+        (run_dir / "bird").mkdir()
+        bird = start_bird_feed(run_dir / "bird", n4, listen, frr_port)
+        frr = peers.start_frr(
+            run_dir,
+            0,
+            0,
+            target=(bird_spec.addr, frr_port),
+            remote_as=bird_spec.asn,
+            hold=9,
+            neighbor_lines=("route-map IN in",),
+            extra_config=FRR_POLICY,
+        )
+        try:
+            peers.wait_for("APSV's session up", lambda: d.call(lambda s: s.state is State.ESTABLISHED), timeout=60)
+            peers.wait_for("FRR's session up", frr.established, timeout=60)
+
+            def settled() -> bool:
+                a, f = d.call(apsv_loc_rib), frr_loc_rib(frr)
+                return len(a) == len(f) > 0 and d.call(lambda s: s.counters["updates_in"] > 0) and a == f
+
+            try:
+                peers.wait_for("the two Loc-RIBs equal", settled, timeout=60, every=1.0)
+            except TimeoutError:
+                a, f = d.call(apsv_loc_rib), frr_loc_rib(frr)
+                diff = sorted((set(a.items()) ^ set(f.items())), key=repr)[:6]
+                raise AssertionError(f"APSV {len(a)} routes, FRR {len(f)}; differing: {diff}") from None
+            a = d.call(apsv_loc_rib)
+            # every branch of the route map was taken: refused, rewritten each way, untouched
+            assert 0 < len(a) < n4 and {v[0] for v in a.values()} == {100, 200}
+            assert {v[1] for v in a.values()} >= {None, 10, 50} and any("65099" in v[2] for v in a.values())
+        finally:
+            frr.stop()
+            bird.stop()
