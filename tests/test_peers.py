@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 import ray
 
+from apsv import bgp_view
 from apsv.agent.actor import create_agent_actor
 from apsv.agent.config import parse_config
 from apsv.runtime.cluster import NAMESPACE, Deployment, deploy
@@ -126,6 +127,20 @@ def test_daemon_peers_with_apsv(cluster: tuple[Deployment, Any], daemon: tuple[A
     peers.wait_for(f"APSV holds {spec.name}'s IPv4", lambda: apsv_table(dep, key, "ipv4-unicast") == their4, 60)
     peers.wait_for(f"APSV holds {spec.name}'s IPv6", lambda: apsv_table(dep, key, "ipv6-unicast") == their6, 30)
     peers.wait_for(f"{spec.name} holds APSV's prefixes", lambda: d.received("ipv4-unicast") == set(APSV_PREFIXES), 60)
+
+    # The operator's view (`apsv bgp summary --json`, FRR's shape): the neighbour, up, with its prefixes.
+    view = bgp_view.collect_summary(dep.multiplexer)
+    families = view[f"{key[0]}/{key[1]}"]
+    nbr = families["ipv4Unicast"]["peers"][spec.addr]
+    assert nbr["state"] == "Established" and nbr["remoteAs"] == spec.asn and nbr["localAs"] == peers.APSV_AS
+    assert nbr["pfxRcd"] == N4 and nbr["pfxSnt"] == OURS and nbr["peerUptimeMsec"] > 0 and nbr["msgRcvd"] > 0
+    if their6:
+        assert families["ipv6Unicast"]["peers"][spec.addr]["pfxRcd"] == N6
+    rib = bgp_view.collect_routes(dep.multiplexer, dep.vpsm, f"{key[0]}/{key[1]}", "ipv4-unicast", None)
+    assert set(rib["routes"]) == their4
+    one = next(iter(sorted(their4)))
+    (path,) = bgp_view.collect_routes(dep.multiplexer, dep.vpsm, str(key[1]), "ipv4-unicast", one)["routes"][one]
+    assert path["peerId"] == spec.addr and path["path"].split()[0] == str(spec.asn) and path["bestpath"]
 
     # Withdrawals, both ways.
     ray.get(agent.command.remote(VROUTER[spec.name], 1, "bgp", {"op": "withdraw", "prefixes": APSV_PREFIXES[:100]}))

@@ -50,6 +50,7 @@ from apsv.bgp.message import (
 )
 from apsv.bgp.nlri import encode_prefix, prefix_str
 from apsv.bgp.policy import RouteMapEngine
+from apsv.bgp.policy_lists import as_path_text, community_text, large_community_text
 from apsv.bgp.prefix_limit import PrefixLimit
 from apsv.bgp.rib import AdjRibIn, BestPathChange, LocRib, PrefixLimitExceeded, Source
 from apsv.errors import DecodeError
@@ -418,6 +419,29 @@ class BgpSession:
         rib = self.loc_rib.get(family)
         return [] if rib is None else rib.table()
 
+    def route_rows(self, family: Family = C.IPV4_UNICAST) -> list[tuple[Any, ...]]:
+        """The Loc-RIB with each route's attributes, sorted by prefix: (prefix, next hop, origin,
+        AS path text, MED, local preference, communities, large communities, stale)."""
+        rib = self.loc_rib.get(family)
+        if rib is None:
+            return []
+        rows = []
+        for key, a, src in rib.items():
+            rows.append(
+                (
+                    prefix_str(key, family[0], src.add_path),
+                    next_hop_of(a),
+                    C.ORIGIN_NAMES.get(a.origin, "") if a.origin is not None else "",
+                    as_path_text(a.as_path),
+                    a.med,
+                    a.local_pref,
+                    " ".join(community_text(c) for c in a.get(C.ATTR_COMMUNITIES, ())),
+                    " ".join(large_community_text(c) for c in a.get(C.ATTR_LARGE_COMMUNITIES, ())),
+                    self.stale.is_stale(family, key),
+                )
+            )
+        return sorted(rows)
+
     def rib_digest(self) -> str:
         """SHA-256 over every Loc-RIB row (prefix, next hop, AS path) and Adj-RIB-In attribute set:
         equal digests mean equal RIBs, which lets RIBs held in other processes be compared."""
@@ -459,6 +483,12 @@ class BgpSession:
             "protocol": self.protocol,
             "state": self.state.value,
             "peer": self.source.name,
+            "peer_address": self.config.peer_address,
+            "peer_as": self.config.peer_as,
+            "local_as": self.config.local_as,
+            "router_id": self.config.router_id,
+            "established_at": self.established_at,
+            "stale_routes": len(self.stale),
             "prefixes_received": self.prefix_count(),
             "loc_rib": {f"{a}/{s}": len(r) for (a, s), r in self.loc_rib.items()},
             "prefixes_advertised": sum(len(v) for v in self.adj_out.values()),

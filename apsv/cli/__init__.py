@@ -7,6 +7,7 @@ import typer
 from apsv import __version__
 from apsv.cli.agent import agent_app
 from apsv.cli.bench import bench_app
+from apsv.cli.bgp import bgp_app
 from apsv.cli.demo import demo
 from apsv.cli.evaluate import evaluate
 from apsv.cli.forecast import forecast_app
@@ -25,6 +26,7 @@ app = typer.Typer(
 app.add_typer(mrt_app, name="mrt")
 app.add_typer(bench_app, name="bench")
 app.add_typer(agent_app, name="agent")
+app.add_typer(bgp_app, name="bgp")
 app.add_typer(forecast_app, name="forecast")
 app.command()(demo)
 app.command()(evaluate)

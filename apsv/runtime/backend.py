@@ -66,7 +66,7 @@ class Backend(Protocol):
 
     def session_info(self, key: Key, digest: bool = True) -> dict[str, Any]: ...
 
-    def session_table(self, key: Key, family: str) -> list[tuple[str, str | None, str]]: ...
+    def session_table(self, key: Key, family: str, detail: bool = False) -> list[tuple[Any, ...]]: ...
 
     def sessions_report(self) -> list[tuple[Key, str, int, bool]]: ...
 
@@ -146,8 +146,8 @@ class ProcessBackend:
     def session_info(self, key: Key, digest: bool = True) -> dict[str, Any]:
         return self.host.session_info(key, digest)
 
-    def session_table(self, key: Key, family: str) -> list[tuple[str, str | None, str]]:
-        return self.host.session_table(key, family)
+    def session_table(self, key: Key, family: str, detail: bool = False) -> list[tuple[Any, ...]]:
+        return self.host.session_table(key, family, detail)
 
     def sessions_report(self) -> list[tuple[Key, str, int, bool]]:
         return self.host.sessions_report()

@@ -112,7 +112,8 @@ def handle(host: SessionHost, op: str, meta: dict[str, Any], blobs: list[bytes])
         load["latency_ns"], host.counters.latency_ns = host.counters.latency_ns[:4096], []
         return load, []
     if op == "session_table":
-        return {"rows": host.session_table(_key(meta["key"]), str(meta["family"]))}, []
+        rows = host.session_table(_key(meta["key"]), str(meta["family"]), bool(meta.get("detail", False)))
+        return {"rows": rows}, []
     if op == "session_info":
         return host.session_info(_key(meta["key"]), bool(meta.get("digest", True))), []
     if op == "sessions_report":

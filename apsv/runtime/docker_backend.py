@@ -411,9 +411,9 @@ class DockerBackend:
                 raise KeyError(key) from None
             raise
 
-    def session_table(self, key: Key, family: str) -> list[tuple[str, str | None, str]]:
-        rows = self._call("session_table", {"key": list(key), "family": family})[0]["rows"]
-        return [(r[0], r[1], r[2]) for r in rows]
+    def session_table(self, key: Key, family: str, detail: bool = False) -> list[tuple[Any, ...]]:
+        rows = self._call("session_table", {"key": list(key), "family": family, "detail": detail})[0]["rows"]
+        return [tuple(r) for r in rows]
 
     def sessions_report(self) -> list[tuple[Key, str, int, bool]]:
         rows = self._call("sessions_report")[0]["sessions"]

@@ -568,11 +568,11 @@ class SessionHost:
                 total += n * min(1.0, e.frames / updates) if updates and e.frames else n
         return math.ceil(total)
 
-    def session_table(self, key: Key, family: str) -> list[tuple[str, str | None, str]]:
+    def session_table(self, key: Key, family: str, detail: bool = False) -> list[tuple[Any, ...]]:
         """A session's Loc-RIB for a family name ("ipv4-unicast"), for stacks that keep one."""
         from apsv.bgp.constants import FAMILY_CODES
 
-        table = getattr(self.sessions[key].session, "loc_rib_table", None)
+        table = getattr(self.sessions[key].session, "route_rows" if detail else "loc_rib_table", None)
         if table is None:
             raise TypeError(f"{self.protocol} sessions keep no routing table")
         return list(table(FAMILY_CODES[family]))

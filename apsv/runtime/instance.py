@@ -310,10 +310,11 @@ class StackInstance:
                     out[k] = None
             return out
 
-    def session_table(self, key: Key, family: str = "ipv4-unicast") -> list[tuple[str, str | None, str]]:
-        """The session's Loc-RIB rows (prefix, next hop, source) for a family."""
+    def session_table(self, key: Key, family: str = "ipv4-unicast", detail: bool = False) -> list[tuple[Any, ...]]:
+        """The session's Loc-RIB rows (prefix, next hop, source) for a family; with `detail`,
+        each route's attributes too (BgpSession.route_rows)."""
         with self._lock:
-            return self.backend.session_table(key, family)
+            return self.backend.session_table(key, family, detail)
 
     @ray.method(concurrency_group="control")
     def sessions_report(self) -> list[tuple[Key, str, int, bool]]:
