@@ -62,6 +62,7 @@ def test_a_good_config_and_what_each_session_gets(tmp_path: Path) -> None:
         ["10.200.0.0/24", "10.200.1.0/24", "10.200.2.0/24"],
     ]
     assert sessions[(4, 1, 1, 2)][1]["passive"] is False
+    assert bgp["ebgp_requires_policy"] is True  # RFC 8212 by default for the operator's sessions
     bfd = sessions[(4, 1, 2, 3)][1]
     assert bfd["local_discriminator"] == (1 << 16 | 3) and bfd["auth"]["type"] == "meticulous-keyed-sha1"
     r = CliRunner().invoke(app, ["agent", "check", str(f)])
@@ -114,3 +115,13 @@ def test_unreadable_and_non_toml_files(tmp_path: Path) -> None:
         load_config(tmp_path / "bad.toml")
     with pytest.raises(ConfigError, match=r"\(top level\)|vrouters"):
         parse_config({"tenant": 1})
+
+
+def test_the_documented_example_parses() -> None:
+    import tomllib
+
+    import apsv.agent.config as module
+
+    doc = module.__doc__ or ""
+    cfg = parse_config(tomllib.loads(doc.split("```toml\n", 1)[1].split("```", 1)[0]))
+    assert cfg.warnings() == [] and cfg.vrouters[0].bgp[0].bfd == 2

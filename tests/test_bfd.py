@@ -445,6 +445,7 @@ def test_bfd_down_brings_the_bgp_session_down_with_frr(
                             "families": ["ipv4-unicast"],
                             "next_hop_self": "198.51.100.10",
                             "idle_hold_time": 0.5,
+                            "ebgp_requires_policy": False,  # FRR's routes in, as FRR has it
                         }
                     ],
                 }

@@ -57,6 +57,7 @@ def agent_config() -> dict[str, Any]:
                         "next_hop_self_v6": "2001:db8:ffff::10",
                         "announce_range": [{"start": "10.200.0.0/24", "count": OURS}],
                         "idle_hold_time": 0.5,
+                        "ebgp_requires_policy": False,  # everything both ways, as the daemons have it
                     }
                 ],
             }

@@ -57,6 +57,7 @@ def test_every_instance_killed_at_once_under_frr(deployment: Any, tmp_path: Path
                             "families": ["ipv4-unicast"],
                             "next_hop_self": "198.51.100.10",
                             "announce_range": [{"start": "10.210.0.0/24", "count": len(APSV_PREFIXES)}],
+                            "ebgp_requires_policy": False,  # everything both ways, as the peers have it
                         }
                     ],
                 }

@@ -50,6 +50,7 @@ def apsv_session(peer: str, session: int) -> dict[str, Any]:
         "hold_time": 9,
         "idle_hold_time": 0.2,
         "max_idle_hold_time": 0.4,  # no damping of the deliberate resets
+        "ebgp_requires_policy": False,  # the test exchanges everything (RFC 8212 off, as the peers have it)
     }
 
 

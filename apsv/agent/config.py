@@ -21,6 +21,12 @@ name = "edge-1"
   next_hop_self = "198.51.100.10"
   announce = [{ prefixes = ["203.0.113.0/24"] }]
   # announce_range = { start = "100.64.0.0/24", count = 1000 }   # many /N prefixes at once
+  bfd = 2                        # the BFD session whose Down tears this one down (RFC 5882)
+  # password = "..."             # TCP MD5 (RFC 2385); ttl_security_hops = 1: GTSM (RFC 5082)
+  # eBGP takes and sends nothing without a policy (RFC 8212; docs/bgp.md "Routing policy")
+  import_policy = "ACCEPT"
+  export_policy = "ACCEPT"
+  policy = { route_maps = { ACCEPT = { entries = [{ action = "permit" }] } } }
 
   [[vrouters.bfd]]
   session = 2
@@ -166,6 +172,8 @@ class BgpPeer(BaseModel):
         """What the BGP stack is opened with (a BgpSessionConfig, validated)."""
         extra = dict(self.model_extra or {})
         extra.pop("events", None)
+        # RFC 8212 for the operator's sessions: an eBGP direction without a policy carries nothing
+        extra.setdefault("ebgp_requires_policy", True)
         announce = [Announcement.model_validate(a) for a in extra.pop("announce", [])]
         for r in self.announce_range:
             announce.append(Announcement(prefixes=r.prefixes(), next_hop=r.next_hop))

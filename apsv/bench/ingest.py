@@ -58,6 +58,7 @@ class ApsvReceiver:
                         "peer_as": D.ANNOUNCER_AS,
                         "router_id": "10.0.2.1",
                         "events": "state",  # no FIB deltas to a virtual router: like FRR with -Z
+                        "ebgp_requires_policy": False,  # as the FRR baseline (no bgp ebgp-requires-policy)
                     }
                 ],
             }
