@@ -303,8 +303,17 @@ def start_gobgp(
 # BIRD 2
 
 
-def start_bird(root: Path, n4: int, n6: int, target: tuple[str, int] = (APSV_ADDR, APSV_PORT)) -> Daemon:
+def start_bird(
+    root: Path,
+    n4: int,
+    n6: int,
+    target: tuple[str, int] = (APSV_ADDR, APSV_PORT),
+    protocol_lines: tuple[str, ...] = (),
+) -> Daemon:
+    """BIRD announcing n4 / n6 prefixes; `protocol_lines` go into its BGP protocol (e.g.
+    'password "K";')."""
     spec = SPECS["bird"]
+    more = "".join(f"  {line}\n" for line in protocol_lines)
     nbr, port = target
     run = _fresh(root, "bird")
     r4 = "\n".join(f"  route {p} blackhole;" for p in v4_prefixes(spec.v4_base, n4))
@@ -331,7 +340,7 @@ protocol bgp apsv {{
   keepalive time 1;
   connect retry time 1;
   error wait time 1, 2;
-  ipv4 {{ import all; export where source = RTS_STATIC; next hop address {nh4(spec)}; }};
+{more}  ipv4 {{ import all; export where source = RTS_STATIC; next hop address {nh4(spec)}; }};
   ipv6 {{ import all; export where source = RTS_STATIC; next hop address {nh6(spec)}; }};
 }}
 """

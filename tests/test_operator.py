@@ -120,33 +120,41 @@ def test_without_graceful_restart_frrs_routes_are_withdrawn_at_once(run_dir: Pat
             frr.stop()
 
 
-def test_md5_and_gtsm_with_frr(run_dir: Path) -> None:
+def test_md5_with_frr_and_bird_and_gtsm_with_frr(run_dir: Path) -> None:
     """TCP MD5 (RFC 2385) and GTSM (RFC 5082) on the agent's listening socket
-    (`apsv.agent.tcp`): with FRR's `neighbor X password` the right key establishes and a wrong
-    one never does; with `ttl-security hops 1` on both sides it establishes, and APSV drops FRR's
-    segments when FRR sends them with an ordinary TTL."""
+    (`apsv.agent.tcp`): with FRR's `neighbor X password` and BIRD's `password` the right key
+    establishes and a wrong one never does; with `ttl-security hops 1` on both sides it
+    establishes, and APSV drops FRR's segments when FRR sends them with an ordinary TTL."""
+    bird = peers.SPECS["bird"]
     cases = [
-        # (FRR's neighbor lines, APSV's MD5 key, APSV's GTSM hops, establishes)
-        (("password s3cret-key",), b"s3cret-key", None, True),
-        (("password s3cret-key",), b"another-key", None, False),
-        (("ttl-security hops 1",), None, 1, True),
-        ((), None, 1, False),
+        # (the daemon, its configuration lines, APSV's MD5 key, APSV's GTSM hops, establishes)
+        ("frr", ("password s3cret-key",), b"s3cret-key", None, True),
+        ("frr", ("password s3cret-key",), b"another-key", None, False),
+        ("bird", ('password "s3cret-key";',), b"s3cret-key", None, True),
+        ("bird", ('password "s3cret-key";',), b"another-key", None, False),
+        ("frr", ("ttl-security hops 1",), None, 1, True),
+        ("frr", (), None, 1, False),
     ]
-    for i, (lines, key, hops, ok) in enumerate(cases):
+    for i, (name, lines, key, hops, ok) in enumerate(cases):
+        spec = FRR if name == "frr" else bird
         cfg, listen = apsv_config(40 + i, graceful_restart=False)
-        sock = listening_socket(None, *listen, {FRR.addr: key} if key else {}, hops)
+        cfg = cfg.model_copy(update={"peer_as": spec.asn, "peer_address": spec.addr})
+        sock = listening_socket(None, *listen, {spec.addr: key} if key else {}, hops)
         with SessionDriver(cfg, listen, sock) as d:
-            frr = peers.start_frr(run_dir / f"case{i}", 10, 0, target=listen, neighbor_lines=lines)
+            if name == "frr":
+                daemon = peers.start_frr(run_dir / f"case{i}", 10, 0, target=listen, neighbor_lines=lines)
+            else:
+                daemon = peers.start_bird(run_dir / f"case{i}", 10, 0, target=listen, protocol_lines=lines)
             try:
                 if ok:
                     established_with(d, 10)
-                    assert frr.established()
+                    assert daemon.established()
                 else:
-                    time.sleep(8)  # FRR retries every second
+                    time.sleep(8)  # the daemons retry every second
                     assert d.call(lambda s: s.state is not State.ESTABLISHED and s.counters["opens_sent"] == 0)
-                    assert not frr.established()
+                    assert not daemon.established()
             finally:
-                frr.stop()
+                daemon.stop()
 
 
 # The same inbound policy in FRR's words and in APSV's, on the same feed from BIRD.
