@@ -245,3 +245,53 @@ def test_the_documented_agent_policy_parses_and_compiles() -> None:
     ((_key, _proto, stack_cfg, _v, _p),) = cfg.sessions()
     s = BgpSession(BgpSessionConfig.model_validate(stack_cfg))
     assert set(s.route_maps) == {("import", (1, 1)), ("export", (1, 1))}
+
+
+def talk(x: BgpSession, y: BgpSession, out: list[Any], now: float = 5.0) -> None:
+    """Deliver x's output to y and back until both are quiet."""
+    from tests.test_session import wire
+
+    for _ in range(10):
+        back = y.data_received(wire(out), now) if wire(out) else []
+        out = x.data_received(wire(back), now) if wire(back) else []
+        if not out and not back:
+            break
+
+
+def test_a_policy_change_is_applied_without_a_reset() -> None:
+    from apsv.bgp.session import PolicyChanged
+
+    accept = B.model_copy(update={"policy": Policy.model_validate(POLICY), "import_policy": "ALL"})
+    a, b, _, _ = pair(A, BgpSessionConfig.model_validate(accept.model_dump()))
+    assert len(b.loc_rib_table((1, 1))) == 200 and b.counters["established"] == 1
+    # import: B asks A for its routes again (ROUTE-REFRESH) and applies the new route map to them
+    ev = b.control({"op": "policy", "import_policy": "IN"}, 5.0)
+    (pc,) = [e for e in ev if isinstance(e, PolicyChanged)]
+    assert pc.refreshed == ["ipv4-unicast", "ipv6-unicast"] and pc.needs_reset == []
+    talk(b, a, ev)
+    assert len(b.loc_rib_table((1, 1))) == 136 and b.counters["route_refresh_sent"] == 2
+    talk(b, a, b.control({"op": "policy", "import_policy": "ALL"}, 5.5))  # and back
+    assert len(b.loc_rib_table((1, 1))) == 200
+    # export: A re-applies at once; B gets the withdrawals and the rewritten routes
+    ev = a.control({"op": "policy", "policy": POLICY, "export_policy": {"ipv4-unicast": "OUT"}}, 6.0)
+    (pc,) = [e for e in ev if isinstance(e, PolicyChanged)]
+    assert (pc.announced, pc.withdrawn) == (64, 136)
+    talk(a, b, ev)
+    v4 = b.loc_rib_table((1, 1))
+    assert {r[1] for r in v4} == {"198.51.100.99"} and len(v4) == 64
+    assert a.state is b.state is State.ESTABLISHED and b.counters["established"] == 1  # never reset
+    # the changed configuration moves with the session
+    assert BgpSession.restore(a.snapshot()).config.export_policy == {"ipv4-unicast": "OUT"}
+    # a bad policy is refused with its field named, and changes nothing
+    with pytest.raises(ValueError, match="no route map 'NOPE'"):
+        a.control({"op": "policy", "import_policy": "NOPE"}, 7.0)
+    assert a.config.import_policy is None
+
+
+def test_a_peer_without_route_refresh_needs_a_reset_for_import() -> None:
+    from apsv.bgp.session import PolicyChanged
+
+    _, b, _, _ = pair(A.model_copy(update={"route_refresh": False}), B)
+    ev = b.control({"op": "policy", "policy": POLICY, "import_policy": "IN"}, 5.0)
+    (pc,) = [e for e in ev if isinstance(e, PolicyChanged)]
+    assert pc.refreshed == [] and pc.needs_reset == ["ipv4-unicast", "ipv6-unicast"]

@@ -124,6 +124,28 @@ class BfdClientEvent(StackEvent):
 
 
 @dataclass(frozen=True, slots=True)
+class PolicyChanged(StackEvent):
+    """A new policy is in force: `refreshed` lists the families whose routes the peer was asked
+    to send again (ROUTE-REFRESH) so that import applies it; `needs_reset` those of a peer that
+    cannot refresh (their routes change at the next session reset); export is re-applied at once
+    (`announced`, `withdrawn` prefixes)."""
+
+    refreshed: list[str]
+    needs_reset: list[str]
+    announced: int
+    withdrawn: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "event": "policy",
+            "refreshed": self.refreshed,
+            "needs_reset": self.needs_reset,
+            "announced": self.announced,
+            "withdrawn": self.withdrawn,
+        }
+
+
+@dataclass(frozen=True, slots=True)
 class NotificationSent(StackEvent):
     code: int
     subcode: int
@@ -178,6 +200,9 @@ class BgpSession:
         self.adj_in: dict[Family, AdjRibIn] = {}
         self.loc_rib: dict[Family, LocRib] = {}
         self.adj_out: dict[Family, dict[bytes, PathAttributes]] = {}
+        # what the session originates, before export policy: the configured announcements and
+        # those the virtual router added (a policy change re-exports them)
+        self.announcements: list[Announcement] = list(config.announce)
         self.counters: Counter[str] = Counter()
         self.established_at: float | None = None
         self._out: list[StackEvent] = []
@@ -336,12 +361,20 @@ class BgpSession:
 
     def originate(self, announcement: Announcement, now: float) -> list[StackEvent]:
         self._now = now
+        self.announcements.append(announcement)
         self._advertise([announcement])
         return self._flush()
 
     def withdraw_originated(self, prefixes: Iterable[str], now: float) -> list[StackEvent]:
         self._now = now
         by_fam: dict[Family, list[bytes]] = {}
+        prefixes = list(prefixes)
+        gone = set(prefixes)
+        self.announcements = [
+            a.model_copy(update={"prefixes": [p for p in a.prefixes if p not in gone]})
+            for a in self.announcements
+            if any(p not in gone for p in a.prefixes)
+        ]
         for p in prefixes:
             key = encode_prefix(p)
             fam = C.IPV6_UNICAST if ":" in p else C.IPV4_UNICAST
@@ -372,11 +405,80 @@ class BgpSession:
             return self.stop(now, str(command.get("reason", "")))
         if op == "start":
             return self.start(now)
+        if op == "policy":
+            return self.set_policy(command, now)
         if op == "bfd":
             return self.bfd_changed(
                 str(command.get("old", "")), str(command.get("new", "")), str(command.get("reason", "")), now
             )
-        raise ValueError(f"unknown command op {op!r} (announce, withdraw, stop, start, bfd)")
+        raise ValueError(f"unknown command op {op!r} (announce, withdraw, stop, start, bfd, policy)")
+
+    # ------------------------------------------------------------------------------------------
+    # A policy change, without a reset
+
+    def set_policy(self, change: Mapping[str, Any], now: float) -> list[StackEvent]:
+        """`{"op": "policy", "policy": {...}, "import_policy": ..., "export_policy": ...,
+        "ebgp_requires_policy": ...}` (the keys given replace the configuration's). Import
+        applies to routes received from now on, so each family's routes are asked for again
+        with ROUTE-REFRESH (RFC 2918) where the peer supports it; export is re-applied to what
+        the session originates at once. Raises ValueError (naming the field) on a bad policy."""
+        self._now = now
+        keys = ("policy", "import_policy", "export_policy", "ebgp_requires_policy")
+        update = {k: change[k] for k in keys if k in change}
+        cfg = BgpSessionConfig.model_validate({**self.config.model_dump(mode="json"), **update})
+        self.config = cfg
+        self.route_maps = {}
+        for direction in ("import", "export"):
+            for name in cfg.families:
+                rm = cfg.route_map(direction, name)
+                if rm is not None:
+                    self.route_maps[(direction, FAMILY_CODES[name])] = RouteMapEngine(rm, cfg.policy)
+        self._rfc8212 = cfg.ebgp_requires_policy and not cfg.ibgp
+        refreshed: list[str] = []
+        needs_reset: list[str] = []
+        announced = withdrawn = 0
+        n = self.negotiated
+        if self.state is State.ESTABLISHED and n is not None:
+            for fam in sorted(n.families):
+                if n.route_refresh:
+                    self._write(encode_message(RouteRefresh(fam[0], fam[1])))
+                    self.counters["route_refresh_sent"] += 1
+                    refreshed.append(C.family_name(fam))
+                else:
+                    needs_reset.append(C.family_name(fam))
+        announced, withdrawn = self._reexport()
+        self._out.append(PolicyChanged(refreshed, needs_reset, announced, withdrawn))
+        return self._flush()
+
+    def _reexport(self) -> tuple[int, int]:
+        """What the session originates, through the export policy in force: announce what is
+        new or changed, withdraw what it no longer lets out. (announced, withdrawn)."""
+        fresh: dict[Family, dict[bytes, PathAttributes]] = {}
+        for a in self.announcements:
+            for v6 in (False, True):
+                ps = [p for p in a.prefixes if (":" in p) == v6]
+                if ps:
+                    fam = C.IPV6_UNICAST if v6 else C.IPV4_UNICAST
+                    for pa, keys in self._export(fam, a, v6, [encode_prefix(p) for p in ps]).items():
+                        fresh.setdefault(fam, {}).update(dict.fromkeys(keys, pa))
+        announced = withdrawn = 0
+        up = self.state is State.ESTABLISHED and self.negotiated is not None
+        for fam in sorted(set(fresh) | set(self.adj_out)):
+            old, new = self.adj_out.get(fam, {}), fresh.get(fam, {})
+            gone = [k for k in old if k not in new]
+            changed: dict[PathAttributes, list[bytes]] = {}
+            for k, pa in new.items():
+                if old.get(k) is not pa:
+                    changed.setdefault(pa, []).append(k)
+            if up and self.negotiated is not None and fam in self.negotiated.families:
+                if gone:
+                    self._send_withdrawals(fam, gone)
+                for pa, ks in changed.items():
+                    self._send_announcements(fam, pa, ks)
+            withdrawn += len(gone)
+            announced += sum(len(ks) for ks in changed.values())
+        self.adj_out = fresh
+        return announced, withdrawn
 
     # ------------------------------------------------------------------------------------------
     # BFD as this session's failure detector (RFC 5882)
@@ -1196,6 +1298,10 @@ class BgpSession:
                 "rib_context": {"asn4": self.ctx.asn4, "add_path": sorted(self.ctx.add_path)},
                 "prefix_limit": [sorted(self.prefix_limit.warned), sorted(self.prefix_limit.exceeded)],
                 "bfd": [self.bfd_down, self.bfd_downs],
+                # the originated announcements, where the virtual router changed them
+                "announcements": None
+                if self.announcements == list(self.config.announce)
+                else [a.model_dump(mode="json") for a in self.announcements],
                 "router_id": self.source.router_id,
                 "table": [
                     self._table_expected,
@@ -1236,6 +1342,8 @@ class BgpSession:
             s.established_at = meta["established_at"]
             s.counters = Counter(meta["counters"])
             s.source.set_router_id(meta["router_id"])
+            if meta.get("announcements") is not None:
+                s.announcements = [Announcement.model_validate(a) for a in meta["announcements"]]
             bfd_down, bfd_downs = meta.get("bfd", (False, []))
             s.bfd_down, s.bfd_downs = bool(bfd_down), [float(t) for t in bfd_downs]
             warned, exceeded = meta.get("prefix_limit", ([], []))
