@@ -5,8 +5,9 @@ re-establishment the more often BFD went down; AdminDown is not a failure."""
 from __future__ import annotations
 
 from apsv.bgp import constants as C
+from apsv.bgp.events import BfdClientEvent, NotificationSent, RoutesChanged
 from apsv.bgp.fsm import State
-from apsv.bgp.session import BfdClientEvent, BgpSession, NotificationSent, RoutesChanged
+from apsv.bgp.session import BgpSession
 from apsv.stack import StateChanged
 from tests.test_graceful_restart import B_GR, established_pair
 from tests.test_session import B

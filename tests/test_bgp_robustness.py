@@ -16,9 +16,10 @@ from apsv.bgp import constants as C
 from apsv.bgp.config import BgpSessionConfig
 from apsv.bgp.context import CodecContext
 from apsv.bgp.errors import Action, BgpError
+from apsv.bgp.events import NotificationSent, PeerNotification
 from apsv.bgp.fsm import State
 from apsv.bgp.message import MessageReader, Update, decode_bytes, decode_message
-from apsv.bgp.session import BgpSession, NotificationSent, PeerNotification
+from apsv.bgp.session import BgpSession
 from apsv.capture import decode_capture
 from apsv.mrt.reader import BgpMessageRecord, MrtReader
 from tests.conftest import shared_data_dir

@@ -13,6 +13,7 @@ import pytest
 
 from apsv.bgp import constants as C
 from apsv.bgp.config import BgpSessionConfig
+from apsv.bgp.events import NotificationSent
 from apsv.bgp.fsm import TRANSITIONS, Event, State
 from apsv.bgp.message import (
     Keepalive,
@@ -24,7 +25,7 @@ from apsv.bgp.message import (
     decode_message,
     encode_message,
 )
-from apsv.bgp.session import BgpSession, NotificationSent
+from apsv.bgp.session import BgpSession
 from apsv.stack import CloseTransport, OpenTransport, Send
 
 S, E = State, Event

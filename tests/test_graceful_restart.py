@@ -9,9 +9,10 @@ import struct
 from apsv.bgp import constants as C
 from apsv.bgp.capabilities import Capability, GracefulRestart
 from apsv.bgp.config import Announcement, BgpSessionConfig
+from apsv.bgp.events import RoutesChanged
 from apsv.bgp.fsm import State
 from apsv.bgp.graceful_restart import GracefulRestartEvent
-from apsv.bgp.session import BgpSession, RoutesChanged
+from apsv.bgp.session import BgpSession
 from apsv.stack import StackEvent
 from tests.test_session import A, B, wire
 

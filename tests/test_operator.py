@@ -19,9 +19,10 @@ import pytest
 from apsv.agent.tcp import listening_socket
 from apsv.bgp import constants as C
 from apsv.bgp.config import BgpSessionConfig
+from apsv.bgp.events import RoutesChanged
 from apsv.bgp.fsm import State
 from apsv.bgp.graceful_restart import GracefulRestartEvent
-from apsv.bgp.session import BgpSession, RoutesChanged
+from apsv.bgp.session import BgpSession
 from apsv.stack import StateChanged
 from tests import peers
 from tests.session_driver import SessionDriver

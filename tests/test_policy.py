@@ -259,7 +259,7 @@ def talk(x: BgpSession, y: BgpSession, out: list[Any], now: float = 5.0) -> None
 
 
 def test_a_policy_change_is_applied_without_a_reset() -> None:
-    from apsv.bgp.session import PolicyChanged
+    from apsv.bgp.events import PolicyChanged
 
     accept = B.model_copy(update={"policy": Policy.model_validate(POLICY), "import_policy": "ALL"})
     a, b, _, _ = pair(A, BgpSessionConfig.model_validate(accept.model_dump()))
@@ -289,7 +289,7 @@ def test_a_policy_change_is_applied_without_a_reset() -> None:
 
 
 def test_a_peer_without_route_refresh_needs_a_reset_for_import() -> None:
-    from apsv.bgp.session import PolicyChanged
+    from apsv.bgp.events import PolicyChanged
 
     _, b, _, _ = pair(A.model_copy(update={"route_refresh": False}), B)
     ev = b.control({"op": "policy", "policy": POLICY, "import_policy": "IN"}, 5.0)

@@ -8,10 +8,11 @@ import pytest
 
 from apsv.bgp import constants as C
 from apsv.bgp.config import Announcement, BgpSessionConfig
+from apsv.bgp.events import NotificationSent, RoutesChanged
 from apsv.bgp.fsm import State
 from apsv.bgp.message import MessageReader, Notification, Update, decode_message
 from apsv.bgp.prefix_limit import PrefixLimitEvent
-from apsv.bgp.session import BgpSession, NotificationSent, RoutesChanged
+from apsv.bgp.session import BgpSession
 from apsv.errors import DecodeError
 from apsv.mrt.reader import BgpMessageRecord, MrtReader
 from apsv.stack import ProtocolProblem, Send, StackEvent, load_stack
