@@ -43,3 +43,26 @@ def test_bgp_ingest_benchmark_small(ray_cluster: object) -> None:
     for v in r["receivers"].values():
         assert v["seconds"] > 0 and v["cpu_s"] > 0 and v["max_rss_mb"] > 0 and v["prefixes_per_s"] > 0
     assert r["announcer"]["name"] == "bird" and "apsv_vs_frr_time_ratio" in r
+
+
+def test_soft_reconfig_benchmark_small(tmp_path: Path) -> None:
+    out = tmp_path / "soft.json"
+    subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "benchmarks" / "soft_reconfig.py"),
+            "--routes",
+            "4000",
+            "--sets",
+            "8",
+            "--out",
+            str(out),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    j = json.loads(out.read_text())
+    # a quarter refused by the new policy, from the kept table, without the peer
+    assert j["routes"] == 4000 and j["routes_after_policy"] == 3000 and j["kept_table_bytes_per_route"] > 0

@@ -288,10 +288,28 @@ def test_a_policy_change_is_applied_without_a_reset() -> None:
     assert a.config.import_policy is None
 
 
-def test_a_peer_without_route_refresh_needs_a_reset_for_import() -> None:
-    from apsv.bgp.events import PolicyChanged
+def test_soft_reconfiguration_applies_a_new_import_policy_to_what_the_peer_sent() -> None:
+    """A peer without route refresh: the routes it sent are kept before policy, and a new import
+    policy applies to them at once; configured, the same without asking a refreshing peer."""
+    from apsv.bgp.events import PolicyChanged, RoutesChanged
 
-    _, b, _, _ = pair(A.model_copy(update={"route_refresh": False}), B)
-    ev = b.control({"op": "policy", "policy": POLICY, "import_policy": "IN"}, 5.0)
-    (pc,) = [e for e in ev if isinstance(e, PolicyChanged)]
-    assert pc.refreshed == [] and pc.needs_reset == ["ipv4-unicast", "ipv6-unicast"]
+    for a_cfg, b_cfg in (
+        (A.model_copy(update={"route_refresh": False}), B),
+        (A, B.model_copy(update={"soft_reconfiguration_inbound": True})),
+    ):
+        _, b, _, _ = pair(a_cfg, b_cfg)
+        assert b.received is not None and len(b.received) == 202
+        ev = b.control({"op": "policy", "policy": POLICY, "import_policy": "IN"}, 5.0)
+        (pc,) = [e for e in ev if isinstance(e, PolicyChanged)]
+        assert pc.refreshed == ["ipv4-unicast", "ipv6-unicast"] and pc.needs_reset == []
+        assert b.counters["route_refresh_sent"] == 0 and len(b.loc_rib_table((1, 1))) == 136
+        gone = sum(1 for e in ev if isinstance(e, RoutesChanged) for c in e.changes if c.attributes is None)
+        assert gone == 64 and len(b.received) == 202  # the refused ones are still kept
+        # and back: the refused routes return from the kept table, no message exchanged
+        b.control({"op": "policy", "import_policy": "ALL"}, 6.0)
+        assert len(b.loc_rib_table((1, 1))) == 200
+        r = BgpSession.restore(b.snapshot())
+        assert r.received is not None and len(r.received) == 202
+    # a refreshing peer without the setting: nothing kept
+    _, b, _, _ = pair(A, B)
+    assert b.received is None

@@ -121,6 +121,9 @@ class BgpSessionConfig(BaseModel):
     import_policy: str | dict[FamilyName, str] | None = None
     export_policy: str | dict[FamilyName, str] | None = None
     ebgp_requires_policy: bool = False
+    # keep what the peer sent before import policy (apsv/bgp/soft_reconfig.py); kept anyway
+    # for a peer without route refresh, so that a new import policy applies without a reset
+    soft_reconfiguration_inbound: bool = False
     # how long a peer that went down is expected back with its table (the VPSM provisions for
     # the re-sent table meanwhile, `BgpSession.table_backlog`), and how long its transfer may take
     table_expect_s: Annotated[float, Field(ge=0, le=3600)] = 120.0

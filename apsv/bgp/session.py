@@ -60,6 +60,7 @@ from apsv.bgp.policy import RouteMapEngine
 from apsv.bgp.policy_lists import as_path_text, community_text, large_community_text
 from apsv.bgp.prefix_limit import PrefixLimit
 from apsv.bgp.rib import AdjRibIn, BestPathChange, LocRib, PrefixLimitExceeded, Source
+from apsv.bgp.soft_reconfig import ReceivedRoutes
 from apsv.errors import DecodeError
 from apsv.snapshot import SnapshotReader, SnapshotWriter
 from apsv.stack import (
@@ -134,6 +135,8 @@ class BgpSession:
         self._table_eor: set[Family] = set()
         self._xfer_open = False  # within an initial transfer (establishment to End-of-RIB)
         self.stale = StaleRoutes()  # a restarting peer's routes kept (graceful_restart.py)
+        # what the peer sent before import policy, when kept (soft_reconfig.py)
+        self.received: ReceivedRoutes | None = None
         # route maps by (direction, family); RFC 8212 refuses what an eBGP direction without one carries
         self.route_maps: dict[tuple[str, Family], RouteMapEngine] = {}
         for direction in ("import", "export"):
@@ -352,7 +355,10 @@ class BgpSession:
         n = self.negotiated
         if self.state is State.ESTABLISHED and n is not None:
             for fam in sorted(n.families):
-                if n.route_refresh:
+                if self.received is not None and fam in self.adj_in:
+                    self._reimport(fam)  # soft reconfiguration: from what the peer sent
+                    refreshed.append(C.family_name(fam))
+                elif n.route_refresh:
                     self._write(encode_message(RouteRefresh(fam[0], fam[1])))
                     self.counters["route_refresh_sent"] += 1
                     refreshed.append(C.family_name(fam))
@@ -361,6 +367,17 @@ class BgpSession:
         announced, withdrawn = self._reexport()
         self._out.append(PolicyChanged(refreshed, needs_reset, announced, withdrawn))
         return self._flush()
+
+    def _reimport(self, fam: Family) -> None:
+        """The family's routes as the peer sent them, through the import policy now in force."""
+        assert self.received is not None
+        rib = self.adj_in[fam]
+        changes: list[BestPathChange] = []
+        for pa, keys in list(self.received.groups(fam)):
+            changes += self._import(fam, rib, keys, pa)
+        self.counters["soft_reconfigurations"] += 1
+        if changes:
+            self._out.append(RoutesChanged(changes))
 
     def _reexport(self) -> tuple[int, int]:
         """What the session originates, through the export policy in force: announce what is
@@ -749,6 +766,11 @@ class BgpSession:
         self._drop_families(
             [f for f, r in self.adj_in.items() if r.add_path != (f in n.add_path_receive) or n.asn4 != old_asn4]
         )
+        keep = self.config.soft_reconfiguration_inbound or not n.route_refresh
+        if keep and self.received is None:
+            self.received = ReceivedRoutes()
+        elif not keep:
+            self.received = None
         for fam in n.families:
             if fam not in self.adj_in:
                 rib = AdjRibIn(self.source, fam, fam in n.add_path_receive, self.prefix_limit.rib_limit)
@@ -858,6 +880,12 @@ class BgpSession:
     def _apply(self, u: Update, withdraw_v4: bool, withdraw_mp: bool, changes: list[BestPathChange]) -> None:
         if self.stale:
             self._refresh_stale(u)
+        if self.received is not None:
+            self.received.forget(C.IPV4_UNICAST, [*u.withdrawn, *(u.nlri if withdraw_v4 else ())])
+            if u.mp_unreach is not None:
+                self.received.forget((u.mp_unreach.afi, u.mp_unreach.safi), u.mp_unreach.withdrawn or ())
+            if u.mp_reach is not None and withdraw_mp:
+                self.received.forget((u.mp_reach.afi, u.mp_reach.safi), u.mp_reach.nlri or ())
         v4 = C.IPV4_UNICAST
         rib4 = self.adj_in.get(v4)
         if rib4 is not None:
@@ -895,6 +923,8 @@ class BgpSession:
         """Routes received, through the import policy: what it refuses is handled as withdrawn
         (a route it refuses now may have been accepted before)."""
         loc = self.loc_rib[fam]
+        if self.received is not None:
+            self.received.learn(fam, keys, attrs)
         rm = self.route_maps.get(("import", fam))
         if rm is None:
             if not self._rfc8212:
@@ -959,6 +989,8 @@ class BgpSession:
         self.adj_in.clear()
         self.loc_rib.clear()
         self.stale.clear()
+        if self.received is not None:
+            self.received.clear()
         self.timers.pop("gr_restart", None)
         self.timers.pop("gr_stale", None)
         if changes:
@@ -1017,6 +1049,8 @@ class BgpSession:
         for fam in families:
             keys = self.stale.take(fam)
             rib = self.adj_in.get(fam)
+            if self.received is not None:
+                self.received.forget(fam, keys)
             if rib is not None and keys:
                 dropped += len(keys)
                 changes += self.loc_rib[fam].withdraw(rib, keys)
@@ -1033,6 +1067,8 @@ class BgpSession:
         changes: list[BestPathChange] = []
         for fam in families:
             self.stale.take(fam)
+            if self.received is not None:
+                self.received.drop(fam)
             rib = self.adj_in.pop(fam, None)
             loc = self.loc_rib.pop(fam, None)
             if rib is not None and loc is not None and rib.routes:
@@ -1230,6 +1266,10 @@ class BgpSession:
             for fam, rows in table:
                 _write_rib(w, fam, rows)
         self.stale.write(w)
+        received = self.received.tables() if self.received is not None else []
+        w.u32(len(received) if self.received is not None else 0xFFFFFFFF)
+        for fam, rows in received:
+            _write_rib(w, fam, rows)
         return w.getvalue()
 
     def _adj_in_tables(self) -> list[tuple[Family, dict[bytes, PathAttributes]]]:
@@ -1314,6 +1354,12 @@ class BgpSession:
             fam, rows = _read_rib(r, s.ctx)
             s.adj_out[fam] = rows
         s.stale = StaleRoutes.read(r)
+        n_received = r.u32()
+        s.received = None if n_received == 0xFFFFFFFF else ReceivedRoutes()
+        for _ in range(0 if n_received == 0xFFFFFFFF else n_received):
+            fam, rows = _read_rib(r, s.ctx)
+            assert s.received is not None
+            s.received.load(fam, rows)
         for fam in s.stale.families():
             rib = s.adj_in.get(fam)
             if rib is None or not s.stale.within(fam, rib.routes.keys()):
