@@ -313,3 +313,9 @@ def test_soft_reconfiguration_applies_a_new_import_policy_to_what_the_peer_sent(
     # a refreshing peer without the setting: nothing kept
     _, b, _, _ = pair(A, B)
     assert b.received is None
+    # what is kept is bounded like the Adj-RIB-In, refused routes included (RFC 8212 refuses all)
+    bounded = B.model_copy(
+        update={"soft_reconfiguration_inbound": True, "ebgp_requires_policy": True, "max_prefixes": 100}
+    )
+    _, b, _, _ = pair(A, bounded)
+    assert b.state is State.IDLE and b.prefix_count() == 0 and b.counters["prefix_limit_ceased"] == 1

@@ -924,7 +924,11 @@ class BgpSession:
         (a route it refuses now may have been accepted before)."""
         loc = self.loc_rib[fam]
         if self.received is not None:
-            self.received.learn(fam, keys, attrs)
+            held = self.received.learn(fam, keys, attrs)
+            limit = self.prefix_limit.rib_limit
+            if limit is not None and held > limit:
+                # routes import refuses are kept too: the same bound holds for them
+                raise PrefixLimitExceeded(limit, fam, held)
         rm = self.route_maps.get(("import", fam))
         if rm is None:
             if not self._rfc8212:

@@ -25,8 +25,11 @@ class ReceivedRoutes:
     def __len__(self) -> int:
         return sum(len(t) for t in self._by_family.values())
 
-    def learn(self, family: Family, keys: Iterable[bytes], attrs: PathAttributes) -> None:
-        self._by_family.setdefault(family, {}).update(dict.fromkeys(keys, attrs))
+    def learn(self, family: Family, keys: Iterable[bytes], attrs: PathAttributes) -> int:
+        """Keep `keys` with `attrs`; returns how many routes the family holds now."""
+        table = self._by_family.setdefault(family, {})
+        table.update(dict.fromkeys(keys, attrs))
+        return len(table)
 
     def forget(self, family: Family, keys: Iterable[bytes]) -> None:
         table = self._by_family.get(family)
