@@ -406,12 +406,16 @@ def start_frr(
     addr: str | None = None,
     remote_as: int = APSV_AS,
     extra_config: str = "",
+    network_lines: tuple[str, ...] | None = None,
+    out_map: str = "NH4",
 ) -> Daemon:
     """FRR bgpd announcing n4 / n6 prefixes; `router_lines` go under `router bgp` (e.g.
     "bgp graceful-restart"), `neighbor_lines` after `neighbor APSV` (e.g. "password K").
     `netns` / `addr`: bgpd runs in that network namespace, from that address. `remote_as`: the
     peer at `target` is in that AS (APSV's by default); `extra_config` ends the configuration
-    (route maps, prefix lists).
+    (route maps, prefix lists). `network_lines` replace the n4 IPv4 `network` statements (e.g.
+    "network 10.0.0.0/24 route-map SET1"); `out_map` is the IPv4 outbound route map (NH4 sets
+    the next hop and nothing else).
     `d.extra["restart"](n4)` kills bgpd with SIGKILL and starts it
     again, announcing n4 IPv4 prefixes (FRR restarting, as far as its peer can tell)."""
     spec = SPECS["frr"]
@@ -426,7 +430,9 @@ def start_frr(
     per_neighbor = "".join(f"\n neighbor {nbr} {line}" for line in neighbor_lines)
 
     def write_config(n4: int) -> None:
-        nets4 = "\n".join(f"  network {p}" for p in v4_prefixes(spec.v4_base, n4))
+        nets4 = "\n".join(
+            f"  {line}" for line in (network_lines or [f"network {p}" for p in v4_prefixes(spec.v4_base, n4)])
+        )
         nets6 = "\n".join(f"  network {p}" for p in v6_prefixes(spec.v6_base or "", n6)) if n6 else ""
         (run / "bgpd.conf").write_text(
             f"""frr defaults traditional
@@ -445,7 +451,7 @@ router bgp {spec.asn}
  !
  address-family ipv4 unicast
 {nets4}
-  neighbor {nbr} route-map NH4 out
+  neighbor {nbr} route-map {out_map} out
  exit-address-family
  !
  address-family ipv6 unicast

@@ -348,3 +348,110 @@ def test_the_same_policy_in_frr_and_in_apsv_gives_the_same_loc_rib(run_dir: Path
         finally:
             frr.stop()
             bird.stop()
+
+
+# The same outbound policy in both: FRR and APSV (both AS 65003) originate the same 2,000
+# prefixes in four groups with the same attributes and announce them through it.
+GROUPS = [peers.v4_prefixes(f"10.{40 + g}.0.0", 500) for g in range(4)]  # 10.40.0.0/24 ... 10.43.x
+FRR_OUT = """
+ip prefix-list DROP seq 5 permit 10.40.0.0/17 le 24
+ip prefix-list P3 seq 5 permit 10.43.0.0/16 le 24
+bgp community-list standard C2 permit 65003:2
+route-map OUT deny 10
+ match ip address prefix-list DROP
+route-map OUT permit 20
+ match community C2
+ set metric 42
+ set community 65003:200 additive
+ set ip next-hop 198.51.100.3
+route-map OUT permit 30
+ match ip address prefix-list P3
+ set as-path prepend 65003 65003
+ set ip next-hop 198.51.100.3
+route-map OUT permit 40
+ set large-community 65003:1:1
+ set ip next-hop 198.51.100.3
+""" + "".join(
+    f"route-map G{g} permit 10\n set community 65003:{g}\n" + (" set metric 5\n" if g == 1 else "") for g in range(4)
+)
+APSV_OUT = {
+    "prefix_lists": {
+        "DROP": {"entries": [{"seq": 5, "action": "permit", "prefix": "10.40.0.0/17", "le": 24}]},
+        "P3": {"entries": [{"seq": 5, "action": "permit", "prefix": "10.43.0.0/16", "le": 24}]},
+    },
+    "community_lists": {"C2": {"entries": [{"action": "permit", "communities": ["65003:2"]}]}},
+    "route_maps": {
+        "OUT": {
+            "entries": [
+                {"seq": 10, "action": "deny", "match": {"prefix_list": "DROP"}},
+                {
+                    "seq": 20,
+                    "action": "permit",
+                    "match": {"community": "C2"},
+                    "set": {"med": 42, "community": ["65003:200"], "community_additive": True},
+                },
+                {
+                    "seq": 30,
+                    "action": "permit",
+                    "match": {"prefix_list": "P3"},
+                    "set": {"as_path_prepend": [65003, 65003]},
+                },
+                {"seq": 40, "action": "permit", "set": {"large_community": ["65003:1:1"]}},
+            ]
+        }
+    },
+}
+
+
+def test_the_same_export_policy_in_frr_and_in_apsv_announces_the_same(run_dir: Path) -> None:
+    from tests.test_session import wire
+
+    receiver_cfg, listen = apsv_config(60, graceful_restart=False)  # AS 65010, accepts everything
+    frr_networks = tuple(f"network {p} route-map G{g}" for g, ps in enumerate(GROUPS) for p in ps)
+    with SessionDriver(receiver_cfg, listen) as d:
+        frr = peers.start_frr(
+            run_dir, 0, 0, target=listen, extra_config=FRR_OUT, network_lines=frr_networks, out_map="OUT"
+        )
+        # APSV as the same AS 65003, announcing the same groups through the same policy, to a
+        # receiver configured like the one FRR talks to
+        apsv = BgpSession(
+            BgpSessionConfig.model_validate(
+                {
+                    "local_as": FRR.asn,
+                    "router_id": "10.0.0.3",
+                    "peer_as": peers.APSV_AS,
+                    "peer_address": peers.APSV_ADDR,
+                    "next_hop_self": peers.nh4(FRR),
+                    "announce": [
+                        # FRR's `network` routes carry MED 0 (their metric) unless a route map sets it
+                        {"prefixes": ps, "communities": [f"65003:{g}"], "med": 5 if g == 1 else 0}
+                        for g, ps in enumerate(GROUPS)
+                    ],
+                    "policy": APSV_OUT,
+                    "export_policy": "OUT",
+                }
+            )
+        )
+        receiver = BgpSession(receiver_cfg.model_copy(update={"peer_address": FRR.addr}))
+        ea = apsv.start(0.0) + apsv.connection_made(0.0)
+        eb = receiver.start(0.0) + receiver.connection_made(0.0)
+        for _ in range(10):
+            na = apsv.data_received(wire(eb), 0.0) if wire(eb) else []
+            nb = receiver.data_received(wire(ea), 0.0) if wire(ea) else []
+            ea, eb = na, nb
+        try:
+            expected = apsv_loc_rib(receiver)
+            assert 0 < len(expected) < 2000
+            peers.wait_for(
+                "FRR's announcements", lambda: d.call(lambda s: len(s.loc_rib_table((1, 1)))) == len(expected), 60
+            )
+            got = d.call(apsv_loc_rib)
+            diff = sorted(set(got.items()) ^ set(expected.items()), key=repr)[:6]
+            assert got == expected, diff
+            nh = {r[1] for r in d.call(lambda s: s.loc_rib_table((1, 1)))}
+            assert nh == {r[1] for r in receiver.loc_rib_table((1, 1))} == {peers.nh4(FRR)}
+            # every branch taken: MED 42 with the added community, prepends, the large community
+            assert {v[1] for v in got.values()} == {0, 5, 42} and any(v[4] for v in got.values())
+            assert any(v[2] == "65003 65003 65003" for v in got.values())
+        finally:
+            frr.stop()
