@@ -105,12 +105,14 @@ def test_frr_restarting_gracefully_keeps_its_routes_stale_until_end_of_rib(run_d
 
 
 def test_without_graceful_restart_frrs_routes_are_withdrawn_at_once(run_dir: Path) -> None:
-    cfg, listen = apsv_config(31, graceful_restart=False)
+    # graceful restart on APSV's side, not on FRR's: FRR (a helper by default) lists no family
+    # it would restart gracefully, so nothing is kept
+    cfg, listen = apsv_config(31, graceful_restart=True)
     with SessionDriver(cfg, listen) as d:
-        frr = peers.start_frr(run_dir, N4, 0, target=listen, router_lines=GR_LINES)
+        frr = peers.start_frr(run_dir, N4, 0, target=listen)
         try:
             established_with(d, N4)
-            assert d.call(lambda s: s.negotiated is not None and not s.negotiated.graceful_restart)
+            assert d.call(lambda s: s.negotiated is not None and not s.negotiated.peer_gr_families)
             t_kill = time.monotonic()
             frr.extra["restart"](N4)
             established_with(d, N4)
