@@ -396,3 +396,27 @@ def test_an_expectation_past_table_expect_s_is_not_revived() -> None:
     peer_returns(b, A, now)
     assert b.state is State.ESTABLISHED and b.table_backlog(now) == 0
     assert b.counters["table_updates_in"] == 0  # its UPDATEs were not counted as that transfer
+
+
+def test_what_the_virtual_router_added_or_withdrew_holds_across_a_re_establishment() -> None:
+    a, b, _, _ = pair(A, B)
+    out = a.originate(Announcement(prefixes=["10.250.0.0/16"]), 1.0)
+    out += a.withdraw_originated(["10.0.0.0/16"], 1.0)
+    b.data_received(wire(out), 1.0)
+    table = b.loc_rib_table((1, 1))
+    assert len(table) == 200 and "10.250.0.0/16" in {r[0] for r in table}
+    # the session resets and comes back: the same routes, not the configured ones again
+    a.connection_lost(2.0)
+    b.connection_lost(2.0)
+    a.on_timer(a.next_deadline() or 10.0)
+    b.on_timer(b.next_deadline() or 10.0)
+    now = max(a.next_deadline() or 0.0, b.next_deadline() or 0.0, 10.0)
+    ea = a.on_timer(now) + a.connection_made(now)
+    eb = b.on_timer(now) + b.connection_made(now)
+    for _ in range(10):
+        na = a.data_received(wire(eb), now) if wire(eb) else []
+        nb = b.data_received(wire(ea), now) if wire(ea) else []
+        ea, eb = na, nb
+    assert a.state is b.state is State.ESTABLISHED
+    assert b.loc_rib_table((1, 1)) == table
+    assert BgpSession.restore(a.snapshot()).announcements == a.announcements

@@ -16,6 +16,8 @@ from collections import Counter
 from collections.abc import Iterable, Mapping
 from typing import Any, ClassVar
 
+from pydantic import ValidationError
+
 from apsv.bgp import constants as C
 from apsv.bgp.attributes import (
     MP_NEXT_HOP,
@@ -61,7 +63,7 @@ from apsv.bgp.policy_lists import as_path_text, community_text, large_community_
 from apsv.bgp.prefix_limit import PrefixLimit
 from apsv.bgp.rib import AdjRibIn, BestPathChange, LocRib, PrefixLimitExceeded, Source
 from apsv.bgp.soft_reconfig import ReceivedRoutes
-from apsv.errors import DecodeError
+from apsv.errors import DecodeError, field_path
 from apsv.snapshot import SnapshotReader, SnapshotWriter
 from apsv.stack import (
     CloseTransport,
@@ -340,7 +342,10 @@ class BgpSession:
         self._now = now
         keys = ("policy", "import_policy", "export_policy", "ebgp_requires_policy")
         update = {k: change[k] for k in keys if k in change}
-        cfg = BgpSessionConfig.model_validate({**self.config.model_dump(mode="json"), **update})
+        try:
+            cfg = BgpSessionConfig.model_validate({**self.config.model_dump(mode="json"), **update})
+        except ValidationError as e:
+            raise ValueError("; ".join(f"{field_path(x['loc'])}: {x['msg']}" for x in e.errors())) from None
         self.config = cfg
         self.route_maps = {}
         for direction in ("import", "export"):
@@ -1098,7 +1103,9 @@ class BgpSession:
             self._table_since = self._now  # the transfer's own time starts
         else:
             self._table_forget()  # back after table_expect_s: no longer that transfer
-        self._advertise(self.config.announce)
+        # what the session originates now: the configured announcements, with the virtual
+        # router's additions and withdrawals
+        self._advertise(self.announcements)
         n = self.negotiated
         for fam in sorted(n.families if n is not None else ()):
             self._write(end_of_rib(fam))
