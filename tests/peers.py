@@ -23,8 +23,9 @@ import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -678,3 +679,83 @@ LAUNCHERS: dict[str, Callable[..., Daemon]] = {
     "frr": start_frr,
     "exabgp": start_exabgp,
 }
+
+
+# ---------------------------------------------------------------------------------------------
+# Two network namespaces joined by a veth pair, and FRR's bfdd in one of them
+
+
+@contextlib.contextmanager
+def veth_pair(a: tuple[str, str, str], b: tuple[str, str, str]) -> Iterator[None]:
+    """Namespaces a and b, each (namespace, device, address/24), joined by a veth pair; both
+    namespaces are deleted afterwards (with everything in them)."""
+
+    def sh(*cmd: str) -> None:
+        subprocess.run(cmd, check=True, capture_output=True, text=True)
+
+    for ns, _dev, _ip in (a, b):
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True, check=False)
+        sh("ip", "netns", "add", ns)
+        sh("ip", "-n", ns, "link", "set", "lo", "up")
+    sh("ip", "link", "add", a[1], "netns", a[0], "type", "veth", "peer", "name", b[1], "netns", b[0])
+    try:
+        for ns, dev, ip in (a, b):
+            sh("ip", "-n", ns, "addr", "add", f"{ip}/24", "dev", dev)
+            sh("ip", "-n", ns, "link", "set", dev, "up")
+        yield
+    finally:
+        for ns, _dev, _ip in (a, b):
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True, check=False)
+
+
+@dataclass
+class Bfdd:
+    """FRR's bfdd in a namespace, with one peer; `peer()` is its view (show bfd peers json)."""
+
+    run: Path
+    proc: subprocess.Popen[bytes]
+    peer_address: str
+
+    def peer(self) -> dict[str, Any]:
+        out = subprocess.run(
+            ["vtysh", "--vty_socket", str(self.run), "-c", "show bfd peers json"],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
+        return next(p for p in json.loads(out) if p.get("peer") == self.peer_address)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(10)
+        shutil.rmtree(self.run, ignore_errors=True)
+
+
+def start_bfdd(netns: str, local: str, peer: str, interval_ms: int = 100, detect_mult: int = 3) -> Bfdd:
+    # bfdd drops to user frr: its directory must be reachable by it (pytest's tmp_path is not)
+    run = Path(tempfile.mkdtemp(prefix="apsv-bfdd-", dir="/tmp"))
+    run.chmod(0o755)
+    shutil.chown(run, "frr", "frr")
+    (run / "bfdd.conf").write_text(
+        f"""frr defaults traditional
+hostname frr-bfd
+log file {run}/bfdd.log informational
+!
+bfd
+ peer {peer} local-address {local}
+  receive-interval {interval_ms}
+  transmit-interval {interval_ms}
+  detect-multiplier {detect_mult}
+ !
+!
+"""
+    )
+    shutil.chown(run / "bfdd.conf", "frr", "frr")
+    cmd = ["ip", "netns", "exec", netns, "/usr/lib/frr/bfdd", "-f", str(run / "bfdd.conf"), "-u", "frr", "-g", "frr"]
+    cmd += ["--vty_socket", str(run), "-i", str(run / "bfdd.pid"), "--bfdctl", str(run / "bfdd.sock")]
+    cmd += ["-z", str(run / "zserv.api"), "-A", "127.0.0.1", "-P", "0"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    d = Bfdd(run, proc, peer)
+    wait_for("bfdd vty", d.peer, timeout=20)
+    return d

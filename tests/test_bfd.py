@@ -5,9 +5,7 @@ network namespaces the test creates, with APSV's agent holding the other end."""
 from __future__ import annotations
 
 import contextlib
-import shutil
 import subprocess
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -234,88 +232,19 @@ def apsv_bfd_session(**settings: Any) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def veth() -> Iterator[None]:
-    for ns in (NS_FRR, NS_APSV):
-        subprocess.run(["ip", "netns", "del", ns], capture_output=True, check=False)
-        sh("ip", "netns", "add", ns)
-        sh("ip", "-n", ns, "link", "set", "lo", "up")
-    sh("ip", "link", "add", "apsvbfd0", "netns", NS_FRR, "type", "veth", "peer", "name", "apsvbfd1", "netns", NS_APSV)
-    sh("ip", "-n", NS_FRR, "addr", "add", f"{FRR_IP}/24", "dev", "apsvbfd0")
-    sh("ip", "-n", NS_APSV, "addr", "add", f"{APSV_IP}/24", "dev", "apsvbfd1")
-    sh("ip", "-n", NS_FRR, "link", "set", "apsvbfd0", "up")
-    sh("ip", "-n", NS_APSV, "link", "set", "apsvbfd1", "up")
-    yield
-    for ns in (NS_FRR, NS_APSV):
-        subprocess.run(["ip", "netns", "del", ns], capture_output=True, check=False)
+    from tests.peers import veth_pair
+
+    with veth_pair((NS_FRR, "apsvbfd0", FRR_IP), (NS_APSV, "apsvbfd1", APSV_IP)):
+        yield
 
 
 @pytest.fixture
 def bfdd(veth: None) -> Iterator[Any]:
-    # bfdd drops to user frr: its directory must be reachable by it (pytest's tmp_path is not).
-    run = Path(tempfile.mkdtemp(prefix="apsv-bfdd-", dir="/tmp"))
-    run.chmod(0o755)
-    shutil.chown(run, "frr", "frr")
-    (run / "bfdd.conf").write_text(
-        f"""frr defaults traditional
-hostname frr-bfd
-log file {run}/bfdd.log informational
-!
-bfd
- peer {APSV_IP} local-address {FRR_IP}
-  receive-interval 100
-  transmit-interval 100
-  detect-multiplier 3
- !
-!
-"""
-    )
-    shutil.chown(run / "bfdd.conf", "frr", "frr")
-    proc = subprocess.Popen(
-        [
-            "ip",
-            "netns",
-            "exec",
-            NS_FRR,
-            "/usr/lib/frr/bfdd",
-            "-f",
-            str(run / "bfdd.conf"),
-            "-u",
-            "frr",
-            "-g",
-            "frr",
-            "--vty_socket",
-            str(run),
-            "-i",
-            str(run / "bfdd.pid"),
-            "--bfdctl",
-            str(run / "bfdd.sock"),
-            "-z",
-            str(run / "zserv.api"),
-            "-A",
-            "127.0.0.1",
-            "-P",
-            "0",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+    from tests.peers import start_bfdd
 
-    class Bfdd:
-        def peer(self) -> dict[str, Any]:
-            out = sh("vtysh", "--vty_socket", str(run), "-c", "show bfd peers json")
-            import json
-
-            peers = json.loads(out)
-            return next(p for p in peers if p.get("peer") == APSV_IP)
-
-    from tests.peers import wait_for
-
-    wait_for("bfdd vty", lambda: Bfdd().peer(), timeout=20)
-    yield Bfdd()
-    proc.terminate()
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.wait(10)
-    shutil.rmtree(run, ignore_errors=True)
+    d = start_bfdd(NS_FRR, FRR_IP, APSV_IP, interval_ms=100)
+    yield d
+    d.stop()
 
 
 @pytest.mark.peer
