@@ -406,7 +406,7 @@ APSV_OUT = {
 
 
 def test_the_same_export_policy_in_frr_and_in_apsv_announces_the_same(run_dir: Path) -> None:
-    from tests.test_session import wire
+    from tests.test_session import pair
 
     receiver_cfg, listen = apsv_config(60, graceful_restart=False)  # AS 65010, accepts everything
     frr_networks = tuple(f"network {p} route-map G{g}" for g, ps in enumerate(GROUPS) for p in ps)
@@ -416,32 +416,24 @@ def test_the_same_export_policy_in_frr_and_in_apsv_announces_the_same(run_dir: P
         )
         # APSV as the same AS 65003, announcing the same groups through the same policy, to a
         # receiver configured like the one FRR talks to
-        apsv = BgpSession(
-            BgpSessionConfig.model_validate(
-                {
-                    "local_as": FRR.asn,
-                    "router_id": "10.0.0.3",
-                    "peer_as": peers.APSV_AS,
-                    "peer_address": peers.APSV_ADDR,
-                    "next_hop_self": peers.nh4(FRR),
-                    "announce": [
-                        # FRR's `network` routes carry MED 0 (their metric) unless a route map sets it
-                        {"prefixes": ps, "communities": [f"65003:{g}"], "med": 5 if g == 1 else 0}
-                        for g, ps in enumerate(GROUPS)
-                    ],
-                    "policy": APSV_OUT,
-                    "export_policy": "OUT",
-                }
-            )
+        apsv_cfg = BgpSessionConfig.model_validate(
+            {
+                "local_as": FRR.asn,
+                "router_id": "10.0.0.3",
+                "peer_as": peers.APSV_AS,
+                "peer_address": peers.APSV_ADDR,
+                "next_hop_self": peers.nh4(FRR),
+                "announce": [
+                    # FRR's `network` routes carry MED 0 (their metric) unless a route map sets it
+                    {"prefixes": ps, "communities": [f"65003:{g}"], "med": 5 if g == 1 else 0}
+                    for g, ps in enumerate(GROUPS)
+                ],
+                "policy": APSV_OUT,
+                "export_policy": "OUT",
+            }
         )
-        receiver = BgpSession(receiver_cfg.model_copy(update={"peer_address": FRR.addr}))
-        ea = apsv.start(0.0) + apsv.connection_made(0.0)
-        eb = receiver.start(0.0) + receiver.connection_made(0.0)
-        for _ in range(10):
-            na = apsv.data_received(wire(eb), 0.0) if wire(eb) else []
-            nb = receiver.data_received(wire(ea), 0.0) if wire(ea) else []
-            ea, eb = na, nb
         try:
+            _, receiver, _, _ = pair(apsv_cfg, receiver_cfg.model_copy(update={"peer_address": FRR.addr}))
             expected = apsv_loc_rib(receiver)
             assert 0 < len(expected) < 2000
             peers.wait_for(

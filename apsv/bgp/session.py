@@ -13,7 +13,7 @@ import ipaddress
 import math
 import socket
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, ClassVar
 
 from pydantic import ValidationError
@@ -141,12 +141,8 @@ class BgpSession:
         self.received: ReceivedRoutes | None = None
         # route maps by (direction, family); RFC 8212 refuses what an eBGP direction without one carries
         self.route_maps: dict[tuple[str, Family], RouteMapEngine] = {}
-        for direction in ("import", "export"):
-            for name in config.families:
-                rm = config.route_map(direction, name)
-                if rm is not None:
-                    self.route_maps[(direction, FAMILY_CODES[name])] = RouteMapEngine(rm, config.policy)
-        self._rfc8212 = config.ebgp_requires_policy and not config.ibgp
+        self._rfc8212 = False
+        self._load_policy(config)
         self.prefix_limit = PrefixLimit(
             config.max_prefixes,
             config.max_prefixes_threshold_pct,
@@ -347,13 +343,7 @@ class BgpSession:
         except ValidationError as e:
             raise ValueError("; ".join(f"{field_path(x['loc'])}: {x['msg']}" for x in e.errors())) from None
         self.config = cfg
-        self.route_maps = {}
-        for direction in ("import", "export"):
-            for name in cfg.families:
-                rm = cfg.route_map(direction, name)
-                if rm is not None:
-                    self.route_maps[(direction, FAMILY_CODES[name])] = RouteMapEngine(rm, cfg.policy)
-        self._rfc8212 = cfg.ebgp_requires_policy and not cfg.ibgp
+        self._load_policy(cfg)
         refreshed: list[str] = []
         needs_reset: list[str] = []
         announced = withdrawn = 0
@@ -373,6 +363,16 @@ class BgpSession:
         self._out.append(PolicyChanged(refreshed, needs_reset, announced, withdrawn))
         return self._flush()
 
+    def _load_policy(self, cfg: BgpSessionConfig) -> None:
+        """The route maps `cfg` names, compiled, and whether RFC 8212 applies."""
+        self.route_maps = {}
+        for direction in ("import", "export"):
+            for name in cfg.families:
+                rm = cfg.route_map(direction, name)
+                if rm is not None:
+                    self.route_maps[(direction, FAMILY_CODES[name])] = RouteMapEngine(rm, cfg.policy)
+        self._rfc8212 = cfg.ebgp_requires_policy and not cfg.ibgp
+
     def _reimport(self, fam: Family) -> None:
         """The family's routes as the peer sent them, through the import policy now in force."""
         assert self.received is not None
@@ -388,13 +388,8 @@ class BgpSession:
         """What the session originates, through the export policy in force: announce what is
         new or changed, withdraw what it no longer lets out. (announced, withdrawn)."""
         fresh: dict[Family, dict[bytes, PathAttributes]] = {}
-        for a in self.announcements:
-            for v6 in (False, True):
-                ps = [p for p in a.prefixes if (":" in p) == v6]
-                if ps:
-                    fam = C.IPV6_UNICAST if v6 else C.IPV4_UNICAST
-                    for pa, keys in self._export(fam, a, v6, [encode_prefix(p) for p in ps]).items():
-                        fresh.setdefault(fam, {}).update(dict.fromkeys(keys, pa))
+        for fam, pa, keys in self._exported(self.announcements):
+            fresh.setdefault(fam, {}).update(dict.fromkeys(keys, pa))
         announced = withdrawn = 0
         up = self.state is State.ESTABLISHED and self.negotiated is not None
         for fam in sorted(set(fresh) | set(self.adj_out)):
@@ -1148,23 +1143,25 @@ class BgpSession:
 
     def _advertise(self, announcements: Iterable[Announcement]) -> None:
         groups: dict[tuple[Family, PathAttributes], list[bytes]] = {}
-        for a in announcements:
-            for v6 in (False, True):
-                ps = [p for p in a.prefixes if (":" in p) == v6]
-                if not ps:
-                    continue
-                fam = C.IPV6_UNICAST if v6 else C.IPV4_UNICAST
-                out = self.adj_out.setdefault(fam, {})
-                for pa, keys in self._export(fam, a, v6, [encode_prefix(p) for p in ps]).items():
-                    for k in keys:
-                        out[k] = pa
-                    groups.setdefault((fam, pa), []).extend(keys)
+        for fam, pa, keys in self._exported(announcements):
+            self.adj_out.setdefault(fam, {}).update(dict.fromkeys(keys, pa))
+            groups.setdefault((fam, pa), []).extend(keys)
         if self.state is not State.ESTABLISHED:
             return  # sent when the session comes up
         n = self.negotiated
         for (fam, pa), keys in groups.items():
             if n is not None and fam in n.families:
                 self._send_announcements(fam, pa, keys)
+
+    def _exported(self, announcements: Iterable[Announcement]) -> Iterator[tuple[Family, PathAttributes, list[bytes]]]:
+        """(family, attributes, keys) of the announcements' prefixes that export lets out."""
+        for a in announcements:
+            for v6 in (False, True):
+                ps = [p for p in a.prefixes if (":" in p) == v6]
+                if ps:
+                    fam = C.IPV6_UNICAST if v6 else C.IPV4_UNICAST
+                    for pa, keys in self._export(fam, a, v6, [encode_prefix(p) for p in ps]).items():
+                        yield fam, pa, keys
 
     def _export(self, fam: Family, a: Announcement, v6: bool, keys: list[bytes]) -> dict[PathAttributes, list[bytes]]:
         """An announcement's prefixes through the export policy, grouped by their attributes."""
