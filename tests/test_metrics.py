@@ -190,7 +190,9 @@ def test_custom_metrics_on_the_endpoint(scraped: Scraped) -> None:
     assert {x["reason"] for x in got["ray_apsv_session_moves_total"]} >= {"rebalance", "drain"}
     for name in ("ray_apsv_buffer_quota_bytes", "ray_apsv_instance_queue_frames"):
         echo = [x for x in got[name] if x.get("protocol") == "echo"]
-        assert echo and all({"instance", "protocol", "backend"} <= x.keys() for x in echo), name
+        # `stack_instance`: a label named `instance` is the scrape target's in Prometheus
+        assert echo and all({"stack_instance", "protocol", "backend"} <= x.keys() for x in echo), name
+        assert not any("instance" in x for x in echo), name
 
 
 def test_every_dashboard_metric_exists(scraped: Scraped) -> None:

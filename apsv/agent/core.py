@@ -112,7 +112,11 @@ class Agent:
         # through the object store (the client picks per instance).
         pool = BufferPool(slots=slots, slot_bytes=self.config.buffer_bytes, shared=True)
         self.client = await OffloadClient.connect(
-            self.multiplexer, pool=pool, max_inflight=self.config.max_inflight, on_output=self._on_output
+            self.multiplexer,
+            pool=pool,
+            max_inflight=self.config.max_inflight,
+            on_output=self._on_output,
+            metrics_label="agent",
         )
         if self.config.events:
             self._events_file = open(self.config.events, "a", buffering=1)  # noqa: SIM115 - closed in stop()

@@ -48,6 +48,9 @@ from apsv.runtime.routefeed import RouteFeed
 log = logging.getLogger("apsv.client")
 
 REPORT_EVERY_S = 0.25  # how often a client tells the multiplexer its offered load
+# The `client` label of a client whose owner names none: a constant, not the random client id,
+# so that each new client process does not add series of its own (Ray's WorkerId tells them apart).
+DEFAULT_METRICS_LABEL = "client"
 MUX_TIMEOUT_S = 30.0  # how long opening (or closing) sessions waits for the multiplexer
 DRAIN_TIMEOUT_S = 300.0
 RELOCATE_AFTER_S = 0.05  # a session with no usable route asks the multiplexer again after this
@@ -144,7 +147,7 @@ class OffloadClient:
         self._last_report = 0.0
         self._last_metrics = 0.0
         self._latencies_exported = 0
-        self.metrics = ClientMetrics(metrics_label or self.client_id[:8], self.pool.slots)
+        self.metrics = ClientMetrics(metrics_label or DEFAULT_METRICS_LABEL, self.pool.slots)
 
     @classmethod
     async def connect(cls, multiplexer: Any, **kw: Any) -> OffloadClient:
@@ -768,6 +771,7 @@ class OffloadClient:
         client's metrics (at most once a second)."""
         if wait or now - self._last_metrics >= 1.0:
             self._last_metrics = now
+            self.metrics.sample(self.pool.in_use(), now, force=True)  # (kept alive while idle too)
             self.metrics.messages(
                 {k: s.seq for k, s in self.sessions.items()}, {k[2]: s.protocol for k, s in self.sessions.items()}
             )

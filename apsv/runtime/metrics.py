@@ -13,6 +13,15 @@ from typing import Any
 LATENCY_BOUNDARIES_MS = [0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 1000.0]
 
 
+def start_at_zero(counter: Any, tags: Mapping[str, str] | None = None) -> None:
+    """Put a counter's series on the endpoint at 0 before its first event (Prometheus'
+    convention: a rate over "no data" is no data, over 0 it is 0). Ray's `Counter.inc` refuses
+    0, so the value goes through the metric's own record call, which `inc` ends in."""
+    record = getattr(counter, "_record", None)
+    if record is not None:
+        record(0, tags=dict(tags) if tags else None)
+
+
 def percentile(values: list[float], q: float) -> float | None:
     if not values:
         return None
@@ -27,7 +36,8 @@ class InstanceMetrics:
     def __init__(self, instance_id: str, protocol: str, backend: str) -> None:
         from ray.util import metrics
 
-        self.tags = {"instance": instance_id, "protocol": protocol, "backend": backend}
+        # `stack_instance`, not `instance`: Prometheus gives `instance` to the scrape target
+        self.tags = {"stack_instance": instance_id, "protocol": protocol, "backend": backend}
         keys = tuple(self.tags)
         self.frames = metrics.Counter("apsv_instance_frames", "Frames applied by a stack instance", tag_keys=keys)
         self.batches = metrics.Counter("apsv_instance_batches", "Batches applied by a stack instance", tag_keys=keys)
@@ -48,6 +58,8 @@ class InstanceMetrics:
         )
         self._batches = 0
         self._applied = 0
+        start_at_zero(self.frames, self.tags)
+        start_at_zero(self.batches, self.tags)
 
     def batch(self) -> None:
         """Counted here, handed to Ray with the next `usage` (the control loop's poll): a Ray
@@ -88,6 +100,7 @@ MAX_VROUTER_LABELS = 100  # virtual routers with a label of their own (per clien
 MAX_FOLDED_TRACKED = 100_000  # distinct folded virtual routers remembered (to count each once)
 MAX_BATCH_SAMPLES = 256  # batch latencies observed per export (a uniform sample of the batches)
 OTHER_VROUTER = "other"
+MOVE_REASONS = ("rebalance", "drain", "manual", "recovery")
 
 
 class MultiplexerMetrics:
@@ -101,6 +114,14 @@ class MultiplexerMetrics:
         self.moves = metrics.Counter(
             "apsv_session_moves", "Sessions moved live or recovered", tag_keys=("protocol", "reason")
         )
+        self._protocols: set[str] = set()
+
+    def protocol_known(self, protocol: str) -> None:
+        """A protocol's move counters at 0 (its first instance registered)."""
+        if protocol not in self._protocols:
+            self._protocols.add(protocol)
+            for reason in MOVE_REASONS:
+                start_at_zero(self.moves, {"protocol": protocol, "reason": reason})
 
     def moved(self, protocol: str, reason: str, n: int = 1) -> None:
         if n:
@@ -114,7 +135,8 @@ class ClientMetrics:
     """An offload client's metrics, exported from its own process at most once a second:
 
     * ``apsv_client_buffers_in_use`` / ``apsv_client_buffers`` {client}: pool slots holding frames
-      not yet answered, and the slot count;
+      not yet answered, and the slot count. `client` is the label its owner gives (stable across
+      restarts: "agent", "apsv-replay", ...), so restarts do not multiply series;
     * ``apsv_messages`` {protocol, vrouter}: frames sent, by protocol and virtual router
       ("tenant/vrouter"). Only the first `max_vrouters` virtual routers get a label - labels never
       change afterwards, so series do not churn - and the rest are summed under vrouter="other";
@@ -145,6 +167,8 @@ class ClientMetrics:
         )
         self.slots = slots
         self.total.set(float(slots), self.tags)
+        start_at_zero(self.folded)
+        start_at_zero(self.batches)
         self.max_vrouters = max_vrouters
         self._last = 0.0
         self._peak = 0
@@ -156,7 +180,9 @@ class ClientMetrics:
         self._exported_batches = 0
 
     def sample(self, in_use: int, now: float, force: bool = False) -> None:
-        """Record pool use; exported as the peak since the last export, once a second (or `force`)."""
+        """Record pool use; exported as the peak since the last export, once a second (or `force`).
+        Both gauges are set on every export: Ray drops a gauge not set for about 25 s, and an
+        idle client's pool is still there."""
         self._peak = max(self._peak, in_use)
         if force or now - self._last >= 1.0:
             self.in_use.set(float(self._peak), self.tags)
