@@ -55,6 +55,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from apsv.capacity import Demand, fit_warnings
 from apsv.errors import field_path
 
 if typing.TYPE_CHECKING:  # the runtime (and Ray) are imported only when plans are built
@@ -71,6 +72,10 @@ FALLBACK_SLO_MS = 100.0
 
 # `ray start` refuses a port of its own in the range it leaves to workers (--min/max-worker-port).
 RAY_WORKER_PORTS = (10002, 19999)
+# A local head's stable ports (outside Ray's worker range and Linux's ephemeral range)
+DEFAULT_METRICS_EXPORT_PORT = 28080
+DEFAULT_CLIENT_SERVER_PORT = 28001
+DEFAULT_DASHBOARD_AGENT_PORT = 28052
 
 # Unix socket paths (<temp_dir>/session_<date>_<pid>/sockets/raylet) are limited to 107 octets.
 MAX_TEMP_DIR_LEN = 48
@@ -178,10 +183,18 @@ class RaySection(_Section):
     object_store_memory: Annotated[Size, Field(ge=75 << 20)] | None = None  # Ray's minimum is 75 MiB
     resources: dict[str, Annotated[float, Field(ge=0)]] = Field(default_factory=dict)
     temp_dir: str | None = None  # null: a new /tmp/apsv-ray-XXXXXXXX
+    # The local head's node address. Loopback keeps every listener Ray can bind on 127.0.0.1
+    # (a single-node cluster); another address admits worker nodes and binds all interfaces.
+    node_ip_address: Annotated[str, BeforeValidator(_ip_or_localhost)] = "127.0.0.1"
     include_dashboard: bool = True
     dashboard_host: Annotated[str, BeforeValidator(_ip_or_localhost)] = "127.0.0.1"
     dashboard_port: Port = 8265
-    metrics_export_port: Port | None = None  # Prometheus endpoint of the node; null: Ray picks
+    # Stable ports, so that a Prometheus configuration and firewall rules outlive an `apsv down`
+    # and `up`: the node's metrics endpoint, Ray's client server and the dashboard agent's HTTP
+    # port (job submission). null: a free port, different on every `up`.
+    metrics_export_port: Port | None = DEFAULT_METRICS_EXPORT_PORT
+    client_server_port: Port | None = DEFAULT_CLIENT_SERVER_PORT
+    dashboard_agent_port: Port | None = DEFAULT_DASHBOARD_AGENT_PORT
     namespace: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")] = "apsv"
     auth_token_path: str | None = None  # null: local head: <state dir>/auth_token; remote: Ray's lookup
 
@@ -192,7 +205,7 @@ class RaySection(_Section):
             raise PydanticCustomError("address", "empty: use null to start a local head, or auto / host:port", {})
         return v
 
-    @field_validator("port", "dashboard_port", "metrics_export_port")
+    @field_validator("port", "dashboard_port", "metrics_export_port", "client_server_port", "dashboard_agent_port")
     @classmethod
     def _port(cls, v: int | None) -> int | None:
         if v is not None and RAY_WORKER_PORTS[0] <= v <= RAY_WORKER_PORTS[1]:
@@ -345,7 +358,9 @@ class ForecasterSection(_Section):
     enabled: bool = False
     app_name: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")] = "tpe"
     route_prefix: str | None = "/forecast"  # HTTP route; null: reachable by handle only
-    registry: str | None = None  # ModelRegistry root (jobs/retrain.py); null: seasonal naive
+    # ModelRegistry root (jobs/retrain.py); a relative path is under the state dir
+    # ($APSV_STATE_DIR, default ~/.apsv); null: seasonal naive
+    registry: str | None = None
     version: str = "current"  # the registry's promoted version, or a pinned one (v0003)
     num_replicas: Annotated[int, Field(ge=1, le=64)] = 1
     num_cpus: Annotated[float, Field(ge=0, le=64)] = 1.0
@@ -367,9 +382,15 @@ class ForecasterSection(_Section):
             raise PydanticCustomError("route", "{v}: must start with /", {"v": repr(v)})
         return v
 
-    def user_config(self) -> dict[str, Any]:
+    def registry_path(self, state_dir: Path) -> Path | None:
+        if not self.registry:
+            return None
+        return state_dir / Path(os.path.expanduser(self.registry))  # (an absolute path stays as it is)
+
+    def user_config(self, state_dir: Path) -> dict[str, Any]:
         """The Serve deployment's user_config (what ForecastCore.reconfigure reads)."""
-        cfg: dict[str, Any] = {"registry": os.path.expanduser(self.registry) if self.registry else None}
+        registry = self.registry_path(state_dir)
+        cfg: dict[str, Any] = {"registry": str(registry) if registry else None}
         cfg["version"] = self.version
         if self.recent_windows is not None:
             cfg["recent_windows"] = self.recent_windows
@@ -400,6 +421,44 @@ class ApsvConfig(_Section):
 
     def telemetry_root(self, state_dir: Path) -> Path:
         return Path(os.path.expanduser(self.vpsm.telemetry_dir)) if self.vpsm.telemetry_dir else state_dir / "telemetry"
+
+    def demands(self, at: str = "max") -> list[Demand]:
+        """What the deployment asks of the cluster with every protocol at its `max` (or `min`)
+        instances, the forecaster's replicas included (the control plane asks for no CPU)."""
+        out = [
+            Demand(
+                f"{p.protocol} instances",
+                p.max_instances if at == "max" else p.min_instances,
+                {"CPU": p.allocation.cpu, "memory": float(p.allocation.memory)},
+            )
+            for p in self.protocols
+        ]
+        if self.forecaster.enabled and self.forecaster.num_cpus > 0:
+            out.append(Demand("the forecaster", self.forecaster.num_replicas, {"CPU": self.forecaster.num_cpus}))
+        return out
+
+    def local_head_resources(self) -> dict[str, float]:
+        """What a local head `apsv up` starts offers (before Ray measures it): its CPUs, the
+        host's memory less the object store, the configured custom resources."""
+        import psutil
+
+        mem = psutil.virtual_memory().total
+        store = self.ray.object_store_memory if self.ray.object_store_memory is not None else int(mem * 0.3)
+        return {
+            "CPU": float(self.ray.num_cpus or os.cpu_count() or 1),
+            "memory": float(max(0, mem - store)),
+            **{k: float(v) for k, v in self.ray.resources.items()},
+        }
+
+    def fit_warnings(self, capacity: Mapping[str, float] | None = None, where: str = "") -> list[dict[str, str]]:
+        """`capacity.fit_warnings` for this configuration at its max_instances: against
+        `capacity`, else the local head it would start (none for a joined cluster: its
+        resources are known only once connected)."""
+        if capacity is None:
+            if self.ray.address is not None:
+                return []
+            capacity, where = self.local_head_resources(), "the local head"
+        return fit_warnings(self.demands("max"), capacity, where or "the cluster")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -22,20 +22,27 @@ import logging
 import os
 import secrets
 import shutil
-import socket
-import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import psutil
 
-from apsv.config import DEFAULTS_SOURCE, ApsvConfig, ForecasterSection, RaySection, format_size
+from apsv import scrape_config
+from apsv.config import DEFAULTS_SOURCE, ApsvConfig, ForecasterSection, format_size
+from apsv.local_head import (
+    SINGLE_NODE_ENV,
+    Head,
+    HeadError,
+    cluster_processes,
+    is_loopback,
+    start_head,
+    stop_processes,
+)
 
 STATE_VERSION = 1
 STATE_FILE = "state.json"
@@ -43,6 +50,8 @@ TOKEN_FILE = "auth_token"
 MULTIPLEXER_NAME = "apsv-multiplexer"  # = apsv.runtime.cluster.MULTIPLEXER_NAME (not imported: Ray)
 VPSM_NAME = "apsv-vpsm"  # = apsv.runtime.vpsm.VPSM_NAME
 CALL_TIMEOUT_S = 60.0
+JOB_NAME_KEY = "job_name"  # the job metadata the dashboard shows as a job's name
+STATUS_MAX_AGE_S = 15.0  # a published status older than this is not the control loop's (it stopped)
 
 Progress = Callable[[str], None]  # told each step as it starts
 
@@ -154,16 +163,44 @@ def use_auth(token_path: str | None, mode: str = "token") -> None:
             raylet.AuthenticationTokenLoader.instance().reset_cache()
 
 
-def connect(address: str, namespace: str, token_path: str | None, auth_mode: str = "token") -> None:
-    """Join the cluster as a driver (quietly: no worker logs, no INFO lines on the terminal)."""
+def loopback_env(address: str) -> dict[str, str]:
+    """What a process needs to reach a loopback-only head: Ray otherwise rewrites 127.0.0.1 in
+    an address to the host's own address, where nothing of that head listens."""
+    return {SINGLE_NODE_ENV: "0"} if is_loopback(address.rsplit(":", 1)[0]) else {}
+
+
+def use_loopback(address: str) -> None:
+    """Make this process reach a loopback-only head at `address` (`loopback_env`)."""
+    env = loopback_env(address)
+    os.environ.update(env)
+    if env and "ray" in sys.modules:
+        # Ray reads the switch once, at import (ray._private.ray_constants); services reads the
+        # constant at each call.
+        with contextlib.suppress(ImportError, AttributeError):
+            constants: Any = importlib.import_module("ray._private.ray_constants")
+            constants.ENABLE_RAY_CLUSTER = False
+
+
+def connect(
+    address: str, namespace: str, token_path: str | None, auth_mode: str = "token", job_name: str = "apsv"
+) -> None:
+    """Join the cluster as a driver (quietly: no worker logs, no INFO lines on the terminal),
+    named `job_name` in the dashboard's job list."""
     use_auth(token_path, auth_mode)
+    use_loopback(address)
     import ray
 
     if ray.is_initialized():
         return  # an in-process caller (the demo) that is already connected
     env_address = os.environ.pop("RAY_ADDRESS", None)  # ours, not whatever the shell had
     try:
-        ray.init(address=address, namespace=namespace, log_to_driver=False, logging_level=logging.ERROR)
+        ray.init(
+            address=address,
+            namespace=namespace,
+            log_to_driver=False,
+            logging_level=logging.ERROR,
+            job_config=ray.job_config.JobConfig(metadata={JOB_NAME_KEY: job_name}),
+        )
     except Exception as e:
         raise OpsError(
             f"cannot connect to the Ray cluster at {address}: {e}".splitlines()[0]
@@ -190,163 +227,7 @@ def disconnect() -> None:
 
 
 # ------------------------------------------------------------------------------------------------
-# A local head and its processes
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host, port))
-        except OSError:
-            return True
-    return False
-
-
-def ray_executable() -> str:
-    here = Path(sys.executable).parent / "ray"  # the ray of this interpreter's environment
-    found = str(here) if here.is_file() else shutil.which("ray")
-    if not found:
-        raise OpsError("the `ray` command is not installed beside this Python (pip install 'ray[default]')")
-    return found
-
-
-def cluster_processes(temp_dir: str, pids: list[dict[str, Any]] | None = None) -> list[psutil.Process]:
-    """The processes of a cluster we started: every process whose command line names its temp
-    dir (Ray passes it to each daemon), the recorded ones (if still the same process), and all
-    their descendants (workers rename themselves `ray::...` and lose the temp dir)."""
-    me = os.getpid()
-    mine = {me, *(p.pid for p in psutil.Process(me).parents())}
-    found: dict[int, psutil.Process] = {}
-    for p in psutil.process_iter(["cmdline"]):
-        try:
-            if p.pid not in mine and any(temp_dir in part for part in (p.info["cmdline"] or [])):
-                found[p.pid] = p
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-    for rec in pids or []:
-        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied, KeyError, TypeError):
-            p = psutil.Process(int(rec["pid"]))
-            if abs(p.create_time() - float(rec["create_time"])) < 1.0:  # not a reused pid
-                found[p.pid] = p
-    for p in list(found.values()):
-        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
-            for c in p.children(recursive=True):
-                if c.pid not in mine:
-                    found[c.pid] = c
-    return list(found.values())
-
-
-def stop_processes(temp_dir: str, pids: list[dict[str, Any]] | None = None, timeout: float = 15.0) -> list[int]:
-    """Stop the cluster's processes (SIGTERM, then SIGKILL after `timeout`); returns their pids.
-    Only these: `ray stop` would stop every Ray cluster of this user on the machine."""
-    procs = cluster_processes(temp_dir, pids)
-
-    def is_gcs(p: psutil.Process) -> bool:
-        with contextlib.suppress(psutil.Error):
-            return p.name() == "gcs_server"
-        return False
-
-    # The GCS last: the other daemons then exit in about two seconds; stopped together, the
-    # GCS and the autoscaler's monitor wait on each other for longer than we would wait.
-    gcs = [p for p in procs if is_gcs(p)]
-    for group in ([p for p in procs if p not in gcs], gcs):
-        for p in group:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                p.terminate()
-        _, alive = psutil.wait_procs(group, timeout=timeout)
-        for p in alive:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                p.kill()
-        psutil.wait_procs(alive, timeout=5)
-    return sorted(p.pid for p in procs)
-
-
-@dataclass
-class Head:
-    address: str
-    temp_dir: str
-    token_path: str
-    pids: list[dict[str, Any]] = field(default_factory=list)
-    dashboard_url: str | None = None
-    metrics_export_port: int | None = None
-
-
-def start_head(rc: RaySection, token_path: Path, timeout: float = 120.0) -> Head:
-    """`ray start --head` on loopback, in a temp dir of its own, with token auth on."""
-    if rc.temp_dir:
-        tmp = rc.temp_dir
-        if cluster_processes(tmp):
-            raise OpsError(f"ray.temp_dir {tmp} is in use by a running Ray cluster: choose another")
-        Path(tmp).mkdir(parents=True, exist_ok=True)
-    else:
-        tmp = tempfile.mkdtemp(prefix="apsv-ray-", dir="/tmp")  # short: socket paths are length-limited
-    port = rc.port or free_port()
-    for what, p in (("ray.port", rc.port), ("ray.metrics_export_port", rc.metrics_export_port)):
-        if p is not None and port_in_use(p):
-            raise OpsError(f"{what} {p} is in use: choose another port")
-    if rc.include_dashboard and port_in_use(rc.dashboard_port, rc.dashboard_host):
-        raise OpsError(
-            f"ray.dashboard_port {rc.dashboard_port} is in use (another cluster's dashboard?): set another one "
-            "(APSV__RAY__DASHBOARD_PORT=...) or ray.include_dashboard: false"
-        )
-    args = [
-        ray_executable(),
-        "start",
-        "--head",
-        "--node-ip-address=127.0.0.1",
-        f"--port={port}",
-        f"--temp-dir={tmp}",
-        # Ray's client server defaults to 10001 for every head: a free port keeps clusters apart
-        f"--ray-client-server-port={free_port()}",
-        # likewise the dashboard agent's HTTP port (52365): without it, job submission fails
-        f"--dashboard-agent-listen-port={free_port()}",
-        f"--include-dashboard={str(rc.include_dashboard).lower()}",
-        f"--dashboard-host={rc.dashboard_host}",
-        f"--dashboard-port={rc.dashboard_port}",
-        "--disable-usage-stats",
-    ]
-    if rc.num_cpus is not None:
-        args.append(f"--num-cpus={rc.num_cpus}")
-    if rc.object_store_memory is not None:
-        args.append(f"--object-store-memory={rc.object_store_memory}")
-    if rc.resources:
-        args.append(f"--resources={json.dumps(rc.resources)}")
-    if rc.metrics_export_port is not None:
-        args.append(f"--metrics-export-port={rc.metrics_export_port}")
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN")}
-    env.update(auth_env(str(token_path)))
-    env["RAY_USAGE_STATS_ENABLED"] = "0"
-    # Job entrypoints (`ray job submit -- python jobs/x.py`) run with the raylet's PATH: this
-    # environment's python first, the one APSV is installed in.
-    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-    try:
-        proc = subprocess.run(args, env=env, capture_output=True, text=True, timeout=timeout, check=False)
-    except subprocess.TimeoutExpired:
-        stop_processes(tmp)
-        raise OpsError(f"`ray start --head` did not finish in {timeout:.0f} s (logs: {tmp})") from None
-    if proc.returncode != 0:
-        stop_processes(tmp)
-        tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-8:])
-        raise OpsError(f"`ray start --head` failed (exit {proc.returncode}):\n{tail}")
-    pids = []
-    for proc_ in cluster_processes(tmp):
-        with contextlib.suppress(psutil.NoSuchProcess):
-            pids.append({"pid": proc_.pid, "create_time": proc_.create_time(), "name": proc_.name()})
-    return Head(
-        address=f"127.0.0.1:{port}",
-        temp_dir=tmp,
-        token_path=str(token_path),
-        pids=pids,
-        dashboard_url=f"http://{rc.dashboard_host}:{rc.dashboard_port}" if rc.include_dashboard else None,
-        metrics_export_port=rc.metrics_export_port,
-    )
+# A recorded deployment's processes
 
 
 def _alive(state: Mapping[str, Any]) -> bool:
@@ -355,8 +236,8 @@ def _alive(state: Mapping[str, Any]) -> bool:
     owner = state.get("owner_pid")
     if owner is not None and not psutil.pid_exists(int(owner)):
         return False
-    if state.get("started_head") and state.get("temp_dir"):
-        return bool(cluster_processes(str(state["temp_dir"]), state.get("pids")))
+    if state.get("started_head"):
+        return bool(cluster_processes(state.get("process_session"), state.get("pids")))
     return True
 
 
@@ -396,15 +277,21 @@ def up(cfg: ApsvConfig, *, progress: Progress | None = None) -> dict[str, Any]:
     if rc.address is None:
         _step(progress, "starting a local Ray head")
         token = ensure_token(Path(os.path.expanduser(rc.auth_token_path)) if rc.auth_token_path else sdir / TOKEN_FILE)
-        head = start_head(rc, token)
+        try:
+            head = start_head(rc, token, auth_env(str(token)))
+        except HeadError as e:
+            raise OpsError(str(e)) from None
         state = {
             "address": head.address,
             "temp_dir": head.temp_dir,
             "token_path": head.token_path,
             "pids": head.pids,
+            "process_session": head.session,
             "started_head": True,
             "dashboard_url": head.dashboard_url,
             "metrics_export_port": head.metrics_export_port,
+            "client_server_port": head.client_server_port,
+            "dashboard_agent_port": head.dashboard_agent_port,
         }
     else:
         _step(progress, f"joining the Ray cluster at {rc.address}")
@@ -427,7 +314,7 @@ def up(cfg: ApsvConfig, *, progress: Progress | None = None) -> dict[str, Any]:
     created: list[str] = []
     try:
         _step(progress, "connecting")
-        connect(state["address"], rc.namespace, state.get("token_path"))
+        connect(state["address"], rc.namespace, state.get("token_path"), job_name="apsv up")
         _deploy(cfg, state, telemetry, progress, created)
     except BaseException as e:
         if created:  # only what this call made: never a deployment that was there before
@@ -435,7 +322,7 @@ def up(cfg: ApsvConfig, *, progress: Progress | None = None) -> dict[str, Any]:
                 _teardown(state)
         disconnect()  # before the head goes: a connected driver would print its daemons' deaths
         if head is not None:
-            stop_processes(head.temp_dir, head.pids)
+            stop_processes(head.session, head.pids)
             if isinstance(e, OpsError) and not rc.temp_dir:
                 shutil.rmtree(head.temp_dir, ignore_errors=True)  # our refusal says it all; else keep the logs
         clear_state()
@@ -471,6 +358,13 @@ def _deploy(
     forget_deployment(ns, orphans)
     if state.get("started_head"):
         _check_capacity(cfg)
+    r: Any = ray
+    state["warnings"] = cfg.fit_warnings(r.cluster_resources(), "the cluster")
+    prom = scrape_config.write(state_dir(), scrape_config.node_targets(r.nodes()), {"apsv_namespace": ns})
+    state["prometheus_config"] = str(prom)
+    if state.get("metrics_export_port"):
+        host = state["address"].rsplit(":", 1)[0]
+        state["metrics_url"] = f"http://{host}:{state['metrics_export_port']}/metrics"
     _step(progress, "starting the multiplexer")
     created.append(MULTIPLEXER_NAME)
     # Detached and created first: deploy() then finds it by name (get_if_exists) instead of
@@ -531,7 +425,7 @@ def _deploy_forecaster(f: ForecasterSection) -> str:
     logging.getLogger("ray.serve").setLevel(logging.WARNING)  # its INFO lines would garble the progress bar
     serve.start(http_options={"host": f.http_host, "port": f.http_port})
     app = ForecastService.options(
-        num_replicas=f.num_replicas, ray_actor_options={"num_cpus": f.num_cpus}, user_config=f.user_config()
+        num_replicas=f.num_replicas, ray_actor_options={"num_cpus": f.num_cpus}, user_config=f.user_config(state_dir())
     ).bind()
     serve.run(app, name=f.app_name, route_prefix=f.route_prefix)  # returns once the app is running
     return f.app_name
@@ -610,6 +504,7 @@ def down(*, force: bool = False, keep_logs: bool = False, progress: Progress | N
                 state.get("namespace", "apsv"),
                 state.get("token_path"),
                 state.get("auth_mode", "token"),
+                job_name="apsv down",
             )
             out.update(_teardown(state))
         except OpsError as e:
@@ -619,13 +514,15 @@ def down(*, force: bool = False, keep_logs: bool = False, progress: Progress | N
     else:
         _step(progress, "the cluster is gone already")
     stopped: list[int] = []
-    if state.get("started_head") and state.get("temp_dir"):
+    if state.get("started_head"):
         _step(progress, "stopping the Ray processes")
-        tmp = str(state["temp_dir"])
-        stopped = stop_processes(tmp, state.get("pids"))
-        if not keep_logs:
-            shutil.rmtree(tmp, ignore_errors=True)
+        stopped = stop_processes(state.get("process_session"), state.get("pids"))
+        tmp = state.get("temp_dir")
+        if tmp and not keep_logs:
+            shutil.rmtree(str(tmp), ignore_errors=True)
         out["temp_dir"] = tmp if keep_logs else None
+    with contextlib.suppress(OSError):
+        scrape_config.clear_targets(state_dir())  # Prometheus stops scraping what is gone
     out["stopped_pids"] = stopped
     clear_state()
     return out
@@ -669,12 +566,15 @@ def _handles(t: Mapping[str, Any]) -> tuple[Any, Any]:
 
 @contextlib.contextmanager
 def connected(
-    address: str | None = None, namespace: str | None = None, token_path: str | None = None
+    address: str | None = None,
+    namespace: str | None = None,
+    token_path: str | None = None,
+    job_name: str = "apsv",
 ) -> Iterator[tuple[dict[str, Any], Any, Any]]:
     """(target, VPSM handle, multiplexer handle) of the recorded (or given) deployment."""
     t = _target(read_state(), address, namespace, token_path)
     was_connected = _ray_connected()
-    connect(t["address"], t["namespace"], t.get("token_path"), t.get("auth_mode", "token"))
+    connect(t["address"], t["namespace"], t.get("token_path"), t.get("auth_mode", "token"), job_name)
     try:
         vpsm, im = _handles(t)
         yield t, vpsm, im
@@ -721,11 +621,23 @@ def collect_status(t: Mapping[str, Any], vpsm: Any, im: Any) -> dict[str, Any]:
     multiplexer's."""
     import ray
 
-    r: Any = ray  # Ray's own annotations are partial
-    vs, stats, placed, offered = ray.get(
-        [vpsm.status.remote(), im.stats.remote(), im.instance_loads.remote(), im.arrivals.remote()],
-        timeout=CALL_TIMEOUT_S,
-    )
+    from apsv.runtime.vpsm import cluster_figures
+
+    vs, parts = ray.get([vpsm.status.remote(), im.status_parts.remote()], timeout=CALL_TIMEOUT_S)
+    return build_status(t, vs, parts, cluster_figures(), source="actors")
+
+
+def build_status(
+    t: Mapping[str, Any],
+    vs: Mapping[str, Any],
+    parts: Mapping[str, Any],
+    cluster: Mapping[str, Any],
+    source: str,
+    as_of: float | None = None,
+) -> dict[str, Any]:
+    """`apsv status --json` from the VPSM's status, the multiplexer's `status_parts` and the
+    cluster's figures, however they were read (`source`: "published" or "actors")."""
+    stats, placed, offered = parts["stats"], parts["instance_loads"], parts["arrivals"]
     own: dict[str, dict[str, Any]] = vs.get("loads", {})
     instances: dict[str, Any] = {}
     for proto, p in vs["protocols"].items():
@@ -768,15 +680,25 @@ def collect_status(t: Mapping[str, Any], vpsm: Any, im: Any) -> dict[str, Any]:
     loads = [own[i] for i in vs["instances"] if i in own]
     return {
         "ok": True,
+        "source": source,  # published by the control loop, or asked of the actors now
+        "as_of": round(as_of if as_of is not None else time.time(), 3),
         "cluster": {
             "address": t["address"],
             "namespace": t["namespace"],
             "owner": t.get("owner"),
             "dashboard_url": t.get("dashboard_url"),
-            "cpus": r.cluster_resources().get("CPU"),
-            "cpus_available": r.available_resources().get("CPU"),
-            "nodes": sum(1 for n in r.nodes() if n.get("Alive")),
+            "cpus": cluster["resources"].get("CPU"),
+            "cpus_available": cluster["available"].get("CPU"),
+            "nodes": cluster["nodes"],
         },
+        # per protocol: instances the policy wants, running, pending (asked of Ray, not placed
+        # yet) and draining
+        "protocols": {
+            proto: {k: p.get(k) for k in ("desired", "running", "pending", "draining", "policy", "min", "max")}
+            for proto, p in vs["protocols"].items()
+        },
+        # unplaceable demand: each pending instance Ray cannot place, with the resource it lacks
+        "warnings": list(vs.get("warnings", [])),
         "deployment": {
             "multiplexer": t["multiplexer"],
             "vpsm": t["vpsm"],
@@ -823,8 +745,39 @@ def status(address: str | None = None, namespace: str | None = None, token_path:
         raise OpsError(
             f"the deployment recorded in {state_path()} is gone (its processes ended): `apsv down` clears it"
         )
-    with connected(address, namespace, token_path) as (t, vpsm, im):
+    t = _target(state, address, namespace, token_path)
+    snap = published_status(t)
+    if snap is not None and time.time() - float(snap["ts"]) <= STATUS_MAX_AGE_S:
+        return build_status(t, snap["vpsm"], snap["multiplexer"], snap["cluster"], "published", float(snap["ts"]))
+    # Nothing recent published (a VPSM without its control loop): ask the actors, as a driver.
+    with connected(address, namespace, token_path, job_name="apsv status") as (t, vpsm, im):
         return collect_status(t, vpsm, im)
+
+
+def published_status(t: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The status the VPSM's control loop last published in Ray's KV store, read through a GCS
+    client: no driver, so no job in the dashboard's list. None if there is none."""
+    from apsv.runtime.persist import STATUS_KEY
+
+    use_auth(t.get("token_path"), t.get("auth_mode", "token"))
+    use_loopback(t["address"])
+    raylet: Any = importlib.import_module("ray._raylet")  # (no type stubs)
+
+    key = f"apsv/{t['namespace']}/{t['vpsm']}/{STATUS_KEY}".encode()
+    try:
+        raw = raylet.GcsClient(address=t["address"]).internal_kv_get(key, namespace=None, timeout=10)
+    except Exception as e:
+        raise OpsError(
+            f"cannot reach the Ray cluster at {t['address']}: {e}".splitlines()[0]
+            + (f" (token file: {t['token_path']})" if t.get("token_path") else "")
+        ) from None
+    if raw is None:
+        return None
+    with contextlib.suppress(ValueError):
+        snap = json.loads(raw)
+        if isinstance(snap, dict) and {"ts", "vpsm", "multiplexer", "cluster"} <= set(snap):
+            return snap
+    return None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -864,7 +817,7 @@ def replay_file(
         plan = plan_sessions(streams, n, vrouters, tenant)
     except ValueError as e:
         raise OpsError(str(e)) from None
-    with connected(address, namespace, token_path) as (_t, vpsm, im):
+    with connected(address, namespace, token_path, job_name=f"apsv replay {p.name}") as (_t, vpsm, im):
         return _replay(im, vpsm, plan, streams, p, speed=speed, verify=verify, keep=keep, progress=progress)
 
 

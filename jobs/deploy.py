@@ -31,6 +31,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from apsv.config import ApsvConfig, ConfigError, ForecasterSection, load_config
+from apsv.ops import state_dir
 from apsv.runtime.cluster import MULTIPLEXER_NAME
 from apsv.runtime.vpsm import VPSM_NAME
 
@@ -82,7 +83,7 @@ def deploy_forecaster(f: ForecasterSection) -> str:
 
     serve.start(http_options={"host": f.http_host, "port": f.http_port})
     app = ForecastService.options(
-        num_replicas=f.num_replicas, ray_actor_options={"num_cpus": f.num_cpus}, user_config=f.user_config()
+        num_replicas=f.num_replicas, ray_actor_options={"num_cpus": f.num_cpus}, user_config=f.user_config(state_dir())
     ).bind()
     serve.run(app, name=f.app_name, route_prefix=f.route_prefix)
     return f.app_name

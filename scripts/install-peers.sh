@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The real routing daemons the interop tests peer with: FRR (bgpd, bfdd), BIRD 2 and GoBGP from
-# Debian, ExaBGP from PyPI (into .venv); bgpdump to check the MRT files APSV writes. Nothing is started here: each test starts and stops its
+# Debian, ExaBGP from PyPI (into .venv); bgpdump to check the MRT files APSV writes; Prometheus
+# to scrape a live deployment. Nothing is started here: each test starts and stops its
 # own daemons. Idempotent.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -10,6 +11,7 @@ command -v bird >/dev/null 2>&1 || missing+=(bird2)
 command -v gobgpd >/dev/null 2>&1 || missing+=(gobgpd)
 command -v ip >/dev/null 2>&1 || missing+=(iproute2)
 command -v bgpdump >/dev/null 2>&1 || missing+=(bgpdump)  # reads the MRT files rib_dump writes
+command -v prometheus >/dev/null 2>&1 || missing+=(prometheus)  # scrapes a live deployment (test_prometheus.py)
 if [ ${#missing[@]} -gt 0 ]; then
     echo "install-peers: installing ${missing[*]}" >&2
     export DEBIAN_FRONTEND=noninteractive

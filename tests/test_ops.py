@@ -3,6 +3,7 @@ of their own (token auth on), a state file in a temp dir - and nothing of ours l
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -17,9 +18,13 @@ from typing import Any
 import pytest
 import yaml
 
-from apsv import ops
+from apsv import local_head, ops
 from tests.conftest import manifest, manifest_counts
 
+# Ports Ray picks (free ones) instead of the stable defaults: a deployment already running on
+# this machine keeps its own.
+QUOTA = {"buffer_quota": "4MiB"}
+FREE_PORTS = {"metrics_export_port": None, "client_server_port": None, "dashboard_agent_port": None}
 SAMPLE = "mrt/libbgpstream-test/ris.rrc06.updates.1427846400.gz"  # 2 peers, real RIPE RIS updates
 
 
@@ -99,68 +104,59 @@ def test_commands_without_a_deployment(tmp_path: Path) -> None:
     assert as_json(r)["error"] == f"{bad}: protocols[0].max_instances: Input should be greater than or equal to 1"
 
 
-class _Method:
-    def __init__(self, answer: Any) -> None:
-        self.answer = answer
-
-    def remote(self) -> Any:
-        return self.answer  # `ray.get` is the identity below
-
-
-class _Actor:
-    def __init__(self, **answers: Any) -> None:
-        for name, answer in answers.items():
-            setattr(self, name, _Method(answer))
-
-
-def test_status_reads_the_instances_own_counters(monkeypatch: pytest.MonkeyPatch, capsys: Any) -> None:
+def test_status_reads_the_instances_own_counters(capsys: Any) -> None:
     """Traffic figures are the instances' own (the VPSM's last loads), placement the multiplexer's;
-    an instance that has not reported yet shows nothing rather than zeros."""
-    import ray
+    an instance that has not reported yet shows nothing rather than zeros; desired, running and
+    pending instances and the unplaceable demand are shown."""
+    from apsv.cli.ops import _instances, _render_status
 
-    from apsv.cli.ops import _render_status
-
-    monkeypatch.setattr(ray, "get", lambda refs, timeout=None: refs)
-    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
-    monkeypatch.setattr(ray, "available_resources", lambda: {"CPU": 1.5})
-    monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True}])
     counters = {"departed": 3, "stale": 2, "out_of_order": 1, "duplicates": 4, "foreign": 5}
     counters |= {"unknown_session": 6, "bad_frames": 7, "errors": 8, "clients": 2, "pending_sessions": 0}
-    vpsm = _Actor(
-        status={
-            "protocols": {
-                "bgp": {"instances": 2, "policy": "reactive", "backend": "process", "min": 1, "max": 4}
-                | {"start_latency_s": 0.41}
-            },
-            "instances": {
-                "bgp-1": {"protocol": "bgp", "start_latency_s": 0.4, "draining": False},
-                "bgp-2": {"protocol": "bgp", "start_latency_s": 0.42, "draining": True},
-            },
-            "loads": {
-                "bgp-1": counters
-                | {"sessions": 5, "frames_in": 1000, "msgs_per_s": 250.0, "busy_fraction": 0.5, "queue_depth": 40}
-                | {"accepting": True}
-            },  # bgp-2 has not reported yet
-            "restarts": 1,
-            "steps": 12,
-            "events": [{"ts": 1.0, "event": "instantiate", "instance": "bgp-2", "start_latency_s": 0.42}],
-            "forecasts": {"bgp": {"p50": [1.0, 2.0], "p90": [3.0, 4.0]}},
-            "forecast_errors": 0,
-        }
-    )
+    vs = {
+        "protocols": {
+            "bgp": {"instances": 2, "policy": "reactive", "backend": "process", "min": 1, "max": 4}
+            | {"start_latency_s": 0.41, "desired": 3, "running": 1, "pending": 1, "draining": 1}
+        },
+        "instances": {
+            "bgp-1": {"protocol": "bgp", "start_latency_s": 0.4, "draining": False},
+            "bgp-2": {"protocol": "bgp", "start_latency_s": 0.42, "draining": True},
+        },
+        "loads": {
+            "bgp-1": counters
+            | {"sessions": 5, "frames_in": 1000, "msgs_per_s": 250.0, "busy_fraction": 0.5, "queue_depth": 40}
+            | {"accepting": True}
+        },  # bgp-2 has not reported yet
+        "restarts": 1,
+        "steps": 12,
+        "events": [{"ts": 1.0, "event": "instantiate", "instance": "bgp-2", "start_latency_s": 0.42}],
+        "forecasts": {"bgp": {"p50": [1.0, 2.0], "p90": [3.0, 4.0]}},
+        "forecast_errors": 0,
+        "warnings": [
+            {"cause": "cpu", "protocol": "bgp", "instance": "bgp-3", "waiting_s": 12.0}
+            | {"message": "bgp-3 cannot be placed: it needs 0.5 CPUs, the cluster has 0.25 CPUs free"}
+        ],
+    }
     place = {"protocol": "bgp", "busy": 0.5, "endpoint": "", "alive": True}
-    im = _Actor(
-        stats={"sessions": 6, "session_states": {"live": 6}, "clients": 2, "moves": 3, "recoveries": 0}
+    parts = {
+        "stats": {"sessions": 6, "session_states": {"live": 6}, "clients": 2, "moves": 3, "recoveries": 0}
         | {"sessions_recovered": 0, "restarts": 0},
-        instance_loads={
+        "instance_loads": {
             "bgp-1": place | {"sessions": 5, "quota_bytes": 4 << 20, "accepting": True},
             "bgp-2": place | {"sessions": 1, "quota_bytes": 4 << 20, "accepting": False},
         },
-        arrivals={"bgp": 990},
-    )
+        "arrivals": {"bgp": 990},
+    }
+    cluster = {"resources": {"CPU": 2.0}, "available": {"CPU": 0.25}, "nodes": 1}
     t = {"address": "127.0.0.1:1", "namespace": "apsv", "multiplexer": "apsv-multiplexer", "vpsm": "apsv-vpsm"}
-    st = ops.collect_status(t, vpsm, im)
+    st = ops.build_status(t, vs, parts, cluster, "published", as_of=100.0)
     json.dumps(st)
+    assert st["source"] == "published" and st["as_of"] == 100.0
+    assert st["protocols"]["bgp"] == {"desired": 3, "running": 1, "pending": 1, "draining": 1} | {
+        "policy": "reactive",
+        "min": 1,
+        "max": 4,
+    }
+    assert [w["cause"] for w in st["warnings"]] == ["cpu"]
     assert st["traffic"] == {
         "offered": {"bgp": 990},
         "frames_in": 1000,
@@ -195,38 +191,41 @@ def test_status_reads_the_instances_own_counters(monkeypatch: pytest.MonkeyPatch
     _render_status(st)
     out = capsys.readouterr().out
     assert "bgp-1" in out and "draining" in out and "frames offered by clients: bgp 990" in out
+    assert "bgp-3 cannot be placed" in " ".join(out.split())
+    assert _instances(st["protocols"]["bgp"], 2) == ("1 (+1 draining)", "1", "3")  # the table's cells
 
 
 # ------------------------------------------------------------------------------------------------
 # The operator's round trip
 
 
-def ours(temp_dir: str, pids: list[dict[str, Any]]) -> list[int]:
-    """Live processes of the cluster `apsv up` started (by temp dir or recorded pid)."""
-    return [p.pid for p in ops.cluster_processes(temp_dir, pids)]
+def small_head(tmp_path: Path, bgp: dict[str, Any], **sections: Any) -> Path:
+    """A configuration for a 2-CPU local head (free ports: a deployment already running on this
+    machine keeps its own) with one BGP protocol (`bgp` over a small allocation)."""
+    protocol = {"protocol": "bgp", "min_instances": 1, "allocation": {"cpu": 0.5, "memory": "256MiB"}} | bgp
+    config = tmp_path / "apsv.yaml"
+    head = {"num_cpus": 2, "include_dashboard": False, "object_store_memory": "128MiB", **FREE_PORTS}
+    config.write_text(yaml.safe_dump({"ray": head, "protocols": [protocol], **sections}))
+    return config
+
+
+def ours(state: dict[str, Any]) -> list[int]:
+    """Live processes of the cluster `apsv up` started (its process session, recorded pids)."""
+    return [p.pid for p in local_head.cluster_processes(state["process_session"], state["pids"])]
 
 
 @pytest.mark.slow
 @pytest.mark.ray
 def test_up_status_replay_down(tmp_path: Path, data_dir: Path) -> None:
     env = clean_env(tmp_path / "state")
-    config = tmp_path / "apsv.yaml"
-    config.write_text(
-        yaml.safe_dump(
-            {
-                "ray": {"num_cpus": 2, "include_dashboard": False, "object_store_memory": "128MiB"},
-                "protocols": [
-                    {
-                        "protocol": "bgp",
-                        "min_instances": 1,
-                        "max_instances": 2,
-                        "policy": "reactive",
-                        "allocation": {"cpu": 0.5, "memory": "256MiB", "buffer_quota": "4MiB"},
-                    }
-                ],
-                "vpsm": {"interval_s": 0.5},
-            }
-        )
+    config = small_head(
+        tmp_path,
+        {
+            "max_instances": 2,
+            "policy": "reactive",
+            "allocation": {"cpu": 0.5, "memory": "256MiB", "buffer_quota": "4MiB"},
+        },
+        vpsm={"interval_s": 0.5},
     )
     t0 = time.monotonic()
     up = apsv("up", "--config", str(config), "--json", env=env)
@@ -237,7 +236,7 @@ def test_up_status_replay_down(tmp_path: Path, data_dir: Path) -> None:
         assert state["ok"] and state["started_head"] and state["address"].startswith("127.0.0.1:")
         token = Path(state["token_path"])
         assert token.parent == tmp_path / "state" and stat.S_IMODE(token.stat().st_mode) == 0o600
-        assert ours(state["temp_dir"], state["pids"]), "the head's processes run"
+        assert ours(state), "the head's processes run"
         recorded = json.loads((tmp_path / "state" / "state.json").read_text())
         assert recorded["address"] == state["address"] and recorded["vpsm"] == "apsv-vpsm"
 
@@ -289,13 +288,13 @@ def test_up_status_replay_down(tmp_path: Path, data_dir: Path) -> None:
         d = as_json(dn)
         assert d["ok"] and set(d["actors_killed"]) == {"apsv-vpsm", "apsv-multiplexer"}
         assert d["instances_destroyed"] == 1 and d["stopped_pids"]
-        assert ours(state["temp_dir"], state["pids"]) == [], "no Ray process of ours is left"
+        assert ours(state) == [], "no Ray process of ours is left"
         assert not Path(state["temp_dir"]).exists()
         assert not (tmp_path / "state" / "state.json").exists()
         assert time.monotonic() - t0 < 90
     finally:
         if state.get("temp_dir"):  # whatever failed above, leave nothing running
-            ops.stop_processes(state["temp_dir"], state.get("pids"))
+            local_head.stop_processes(state.get("process_session"), state.get("pids"))
 
 
 @pytest.mark.slow
@@ -308,7 +307,7 @@ def test_a_failed_up_leaves_nothing_running(tmp_path: Path) -> None:
     config.write_text(
         yaml.safe_dump(
             {
-                "ray": {"num_cpus": 1, "include_dashboard": False, "temp_dir": temp_dir},
+                "ray": {"num_cpus": 1, "include_dashboard": False, "temp_dir": temp_dir, **FREE_PORTS},
                 "protocols": [{"protocol": "bgp", "min_instances": 3, "max_instances": 3}],
             }
         )
@@ -319,7 +318,122 @@ def test_a_failed_up_leaves_nothing_running(tmp_path: Path) -> None:
         assert as_json(r)["error"].startswith("the minimum instances (and forecaster) need 1.5 CPUs, the head has 1")
         assert not (tmp_path / "state" / "state.json").exists()
         assert list(Path(temp_dir).glob("session_*")), "the head did start"
-        assert ours(temp_dir, []) == [], "and was stopped"
+        assert local_head.mentions(temp_dir) == [], "and was stopped"
     finally:
-        ops.stop_processes(temp_dir)
+        for p in local_head.mentions(temp_dir):
+            p.kill()
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def listeners_of(pids: set[int]) -> list[tuple[str, str, int]]:
+    """(process name, bound address, port) of every listening TCP socket of `pids`."""
+    import psutil
+
+    out = []
+    for pid in pids:
+        with contextlib.suppress(psutil.Error):
+            p = psutil.Process(pid)
+            for c in p.net_connections(kind="tcp"):
+                if c.status == psutil.CONN_LISTEN:
+                    out.append((p.name(), c.laddr.ip, c.laddr.port))
+    return out
+
+
+def allowed_listener(name: str, ip: str) -> bool:
+    """Loopback, or a listener Ray cannot bind elsewhere (apsv/data/ray_listeners.json)."""
+    import ipaddress
+
+    address = ipaddress.ip_address(ip)
+    mapped = getattr(address, "ipv4_mapped", None)
+    if (mapped or address).is_loopback:
+        return True
+    allow = json.loads((Path(ops.__file__).parent / "data" / "ray_listeners.json").read_text())["listeners"]
+    return any(name.startswith(a["process"]) for a in allow)
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_unplaceable_scale_up_is_reported_and_down_stops_exactly_the_deployment(tmp_path: Path) -> None:
+    """A scale-up beyond the head's CPUs: `status` shows it pending, with the cause; `down` then
+    takes seconds, stops every process of the deployment (by process tree) and nothing else."""
+    env = clean_env(tmp_path / "state")
+    config = small_head(
+        tmp_path,
+        {
+            "max_instances": 4,
+            "policy": "static",
+            "policy_config": {"instances": 4},  # 4 x 0.75 CPU on 2 CPUs: two cannot be placed
+            "allocation": {"cpu": 0.75, "memory": "256MiB"} | QUOTA,
+        },
+        vpsm={"interval_s": 0.5},
+        forecaster={"enabled": False},
+    )
+    checked = apsv("config", str(config), "--json", env=env)
+    assert checked.returncode == 0
+    [w] = as_json(checked)["warnings"]
+    assert w["cause"] == "cpu" and "needs 3 CPUs" in w["message"] and "the local head has 2 CPUs" in w["message"]
+
+    up = apsv("up", "--config", str(config), "--json", env=env)
+    state: dict[str, Any] = {}
+    foreign = None
+    try:
+        assert up.returncode == 0, up.stderr
+        state = as_json(up)
+        assert [x["cause"] for x in state["warnings"]] == ["cpu"]
+        # an operator's process that names the head's temp dir (as a Prometheus scraping Ray's
+        # generated configuration does): not the deployment's
+        foreign = subprocess.Popen(
+            [sys.executable, "-c", "import time; time.sleep(600)", f"--config={state['temp_dir']}/prometheus.yml"]
+        )
+        deadline = time.monotonic() + 90
+        while True:
+            st = apsv("status", "--json", env=env)
+            assert st.returncode == 0, st.stdout + st.stderr
+            s = as_json(st)
+            if s["warnings"] or time.monotonic() > deadline:
+                break
+            time.sleep(1)
+        assert s["source"] == "published"  # read from the KV store: no driver, no job
+        assert s["protocols"]["bgp"] | {"policy": None} == {
+            "desired": 4,
+            "running": 2,
+            "pending": 2,
+            "draining": 0,
+            "policy": None,
+            "min": 1,
+            "max": 4,
+        }
+        assert sorted(w["instance"] for w in s["warnings"]) == ["bgp-3", "bgp-4"]
+        assert all(w["cause"] == "cpu" and w["protocol"] == "bgp" and w["waiting_s"] > 0 for w in s["warnings"])
+        pending_events = [e for e in s["events"] if e["event"] == "pending"]
+        assert sorted(e["instance"] for e in pending_events) == ["bgp-3", "bgp-4"]
+        assert [e["cause"] for e in pending_events] == ["cpu", "cpu"]
+
+        # what listens: loopback, or a listener Ray cannot bind there (the documented allowlist)
+        tree = set(ours(state))
+        bound = listeners_of(tree)
+        assert bound, "the head listens somewhere"
+        assert [b for b in bound if not allowed_listener(b[0], b[1])] == []
+
+        t0 = time.monotonic()
+        dn = apsv("down", "--json", env=env)
+        took = time.monotonic() - t0
+        assert dn.returncode == 0, dn.stderr
+        assert took < 30, f"down took {took:.1f} s with pending instances"
+        import psutil
+
+        left = [p for p in tree if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+        assert left == [], "every process of the deployment's tree is gone"
+        gcs = state["address"]
+        cmdlines = [" ".join(p.info["cmdline"] or []) for p in psutil.process_iter(["cmdline"])]
+        assert ours(state) == []
+        assert not [c for c in cmdlines if "ray.util.client.server" in c and gcs in c], "Ray's client server too"
+        assert foreign.poll() is None, "the operator's process survives"
+    finally:
+        if foreign is not None:
+            foreign.kill()
+            foreign.wait()
+        if state.get("process_session"):
+            local_head.stop_processes(state["process_session"], state.get("pids"))
+        if state.get("temp_dir"):
+            shutil.rmtree(state["temp_dir"], ignore_errors=True)

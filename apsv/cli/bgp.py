@@ -28,7 +28,7 @@ def summary(
     from apsv import bgp_view, ops
 
     try:
-        with ops.connected(address, namespace, token_path) as (_t, _vpsm, im):
+        with ops.connected(address, namespace, token_path, job_name="apsv bgp summary") as (_t, _vpsm, im):
             out = bgp_view.collect_summary(im)
     except ops.OpsError as e:
         _fail("bgp summary", str(e), as_json)
@@ -76,7 +76,7 @@ def route(
             _fail("bgp route", f"prefix {prefix!r}: {e}", as_json, code=2)
     out: dict[str, Any]
     try:
-        with ops.connected(address, namespace, token_path) as (_t, vpsm, im):
+        with ops.connected(address, namespace, token_path, job_name="apsv bgp route") as (_t, vpsm, im):
             out = bgp_view.collect_routes(im, vpsm, vrouter, family, prefix)
     except (ops.OpsError, LookupError) as e:
         _fail("bgp route", str(e), as_json)

@@ -80,7 +80,7 @@ def _start_forecaster(paths: list[Path], root: Path) -> tuple[str, bool, str]:
     from ray import serve
 
     from apsv.forecast.serving import ForecastService
-    from apsv.ops import free_port
+    from apsv.local_head import free_port
 
     version = _train_forecaster(paths, root)
     logging.getLogger("ray.serve").setLevel(logging.WARNING)

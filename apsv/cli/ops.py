@@ -113,13 +113,21 @@ def up(
         ("protocols", "protocols"),
         ("forecaster app", "forecaster_app"),
         ("telemetry (Parquet)", "telemetry_dir"),
+        ("metrics endpoint", "metrics_url"),
+        ("Prometheus configuration", "prometheus_config"),
         ("state file", "state_file"),
     ):
         value = state.get(key)
         if value is not None:
             t.add_row(label, ", ".join(value) if isinstance(value, list) else str(value))
     Console().print(t)
+    _warn(state.get("warnings"))
     Console().print("Next: [bold]apsv status[/bold], [bold]apsv replay FILE[/bold], [bold]apsv down[/bold]")
+
+
+def _warn(warnings: list[dict[str, str]] | None) -> None:
+    for w in warnings or []:
+        err_console.print(f"[yellow]warning ({w['cause']}):[/yellow] {escape(w['message'])}", highlight=False)
 
 
 def down(
@@ -192,7 +200,8 @@ def _render_status(st: dict[str, Any]) -> None:
         highlight=False,
     )
     pt = Table(title="Protocols")
-    for col in ("protocol", "backend", "policy", "instances", "min..max", "start (s, median)", "forecast trusted at"):
+    cols = ("protocol", "backend", "policy", "running", "pending", "desired", "min..max", "start (s)", "trust")
+    for col in cols:
         pt.add_column(col, justify="left" if col in ("protocol", "backend", "policy") else "right")
     it = Table(title="Stack instances")
     for col in ("instance", "sessions", "frames", "msgs/s", "busy", "queue", "start (s)", "state"):
@@ -203,7 +212,7 @@ def _render_status(st: dict[str, Any]) -> None:
             proto,
             str(p.get("backend")),
             str(p.get("policy")),
-            str(p.get("count")),
+            *_instances(st.get("protocols", {}).get(proto, {}), p.get("count")),
             f"{p.get('min')}..{p.get('max')}",
             f"{p.get('start_latency_s', 0):.3f}",
             "-" if p.get("forecast_trust") is None else f"{p['forecast_trust']:.2f}",
@@ -220,6 +229,8 @@ def _render_status(st: dict[str, Any]) -> None:
                 _state(m),
             )
     console.print(pt)
+    for w in st.get("warnings", []):
+        console.print(f"[yellow]warning ({w['cause']}):[/yellow] {escape(w['message'])}", highlight=False)
     console.print(it)
     s, tr, b = st["sessions"], st["traffic"], st["buffer_pool"]
     console.print(
@@ -262,6 +273,17 @@ def _render_status(st: dict[str, Any]) -> None:
             )
             e.add_row(time.strftime("%H:%M:%S", time.localtime(ev["ts"])), ev["event"], details)
         console.print(e)
+
+
+def _instances(counts: dict[str, Any], running: Any) -> tuple[str, str, str]:
+    """(running, pending, desired); pending: asked of Ray, not placed yet; draining ones are
+    shown beside the running ones."""
+    if counts.get("desired") is None:
+        return str(running), "-", "-"
+    ran = str(counts.get("running"))
+    if counts.get("draining"):
+        ran += f" (+{counts['draining']} draining)"
+    return ran, str(counts.get("pending", 0)), str(counts["desired"])
 
 
 def _mib(n: Any) -> str:
@@ -362,6 +384,7 @@ def env(as_json: bool = typer.Option(False, "--json", help=JSON_HELP)) -> None:
         _fail("env", f"no deployment recorded in {ops.state_path()}", as_json)
     values = ops.auth_env(state.get("token_path"), state.get("auth_mode", "token"))
     values["RAY_ADDRESS"] = str(state["address"])
+    values.update(ops.loopback_env(str(state["address"])))
     if state.get("dashboard_url"):
         values["RAY_API_SERVER_ADDRESS"] = str(state["dashboard_url"])  # `ray job` talks to the dashboard
     if as_json:
@@ -378,13 +401,17 @@ def config(
     """Check a configuration and print it with every default filled in.
 
     Environment overrides are applied. Exit status 2, naming each problem's file, field and
-    reason, if it is invalid.
+    reason, if it is invalid. Warns (exit status 0) when the protocols at max_instances plus the
+    forecaster need more than the local head it would start offers.
     """
     from apsv.config import dump_config
 
     cfg = _load("config", file, as_json)
+    warnings = cfg.fit_warnings()
     if as_json:
-        typer.echo(json.dumps({"ok": True, "source": cfg.source, "config": cfg.model_dump(mode="json")}))
+        out = {"ok": True, "source": cfg.source, "config": cfg.model_dump(mode="json"), "warnings": warnings}
+        typer.echo(json.dumps(out))
     else:
         typer.echo(f"# {cfg.source}")
         typer.echo(dump_config(cfg), nl=False)
+        _warn(warnings)

@@ -179,6 +179,7 @@ class Multiplexer:
             inst = Inst(iid, handle, p["protocol"], p["quota_bytes"], p["max_sessions"], p["node_id"], p["endpoint"])
             inst.accepting = p.get("accepting", True)
             self.instances[iid] = inst
+            self.metrics.protocol_known(inst.protocol)
             for key, owner, epoch, pending in report:
                 old = self.sessions.get(key)
                 if old is not None and old.epoch >= epoch:
@@ -471,6 +472,7 @@ class Multiplexer:
         self.instances[instance_id] = Inst(
             instance_id, handle, protocol, quota_bytes, max_sessions, node_id=node_id, endpoint=endpoint
         )
+        self.metrics.protocol_known(protocol)
         self._save_plan()
         waiting = [r for r in self.sessions.values() if r.protocol == protocol and r.state == UNPLACED]
         if waiting:
@@ -709,6 +711,15 @@ class Multiplexer:
 
     async def pid(self) -> int:
         return os.getpid()
+
+    async def status_parts(self) -> dict[str, Any]:
+        """What `apsv status` shows of the multiplexer, in one call: `stats`, `instance_loads`,
+        `arrivals`."""
+        return {
+            "stats": await self.stats(),
+            "instance_loads": await self.instance_loads(),
+            "arrivals": await self.arrivals(),
+        }
 
     async def instance_loads(self) -> dict[str, dict[str, Any]]:
         await self._up()

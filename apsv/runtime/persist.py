@@ -16,6 +16,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+STATUS_KEY = "status"  # what the VPSM publishes for `apsv status` (apsv/<namespace>/<vpsm>/status)
+
 
 def _key(owner: str, what: str) -> bytes:
     return f"apsv/{owner}/{what}".encode()

@@ -41,6 +41,7 @@ from ray.exceptions import RayActorError, RayTaskError
 from apsv.runtime import persist
 from apsv.runtime.instance import Allocation, create_instance, instance_actor_name
 from apsv.runtime.offered import OfferedLoad
+from apsv.runtime.pending import PendingStart, PendingStarts
 from apsv.runtime.telemetry import TelemetryWriter, now_utc
 from apsv.scaling.latency import histogram
 from apsv.scaling.policy import ScalingContext, get_policy
@@ -183,6 +184,9 @@ class VPSM:
         self.lifetimes: deque[tuple[str, float, float]] = deque(maxlen=20_000)
         self.actions: dict[str, int] = dict.fromkeys(self.plans, 0)
         self._starting: dict[str, int] = dict.fromkeys(self.plans, 0)
+        self.pending = PendingStarts()  # instances asked of Ray and not started yet
+        self.desired: dict[str, int] = {p: plan.min_instances for p, plan in self.plans.items()}
+        self.warnings: list[dict[str, Any]] = []  # unplaceable demand, as of the last step
         self._tasks: set[asyncio.Task[None]] = set()
         self._offered = OfferedLoad()
         self._imbalances: dict[str, float] = {}
@@ -191,7 +195,7 @@ class VPSM:
         self._jobs: dict[str, deque[tuple[str, str | None]]] = {p: deque() for p in self.plans}
         self._movers: dict[str, asyncio.Task[None]] = {}
         self.move_errors = 0
-        self._metrics = _VpsmMetrics()
+        self._metrics = _VpsmMetrics(list(self.plans))
         self.restarts = 0
         self.last_loads: dict[str, dict[str, Any]] = {}
         self._resume()
@@ -277,7 +281,14 @@ class VPSM:
     async def shutdown(self) -> None:
         """Stop the loop and destroy every instance (their sessions are closed, not moved)."""
         await self.stop_loop()
-        if self._tasks:  # instances still starting: let them finish, then stop them with the rest
+        # Instances still starting are cancelled, not waited for: one Ray cannot place would
+        # hold the shutdown for as long as it waits.
+        for handle in self.pending.handles():
+            with contextlib.suppress(Exception):
+                ray.kill(handle)
+        for start in list(self._tasks):
+            start.cancel()
+        if self._tasks:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
         for p in self.plans:
             # sessions are closed, not moved, on shutdown: a drain in flight is abandoned
@@ -414,9 +425,36 @@ class VPSM:
                 )
                 self._metrics.protocol(protocol, rate, p99, forecast, ctx.table_backlog, d.forecast_trust)
                 await self._scale(plan, d.instances, d.reason, background=True)
-                self._metrics.instances(protocol, self._active(protocol))
+                self.desired[protocol] = self._bounded(plan, d.instances)
+            await self._check_pending(now)
+            for protocol in self.plans:
+                self._metrics.instances(protocol, self._counts(protocol), self.desired[protocol])
             self._save()
-            return decisions
+        await self._publish_status()
+        return decisions
+
+    async def _publish_status(self) -> None:
+        """The deployment's status, as of this step, in Ray's KV store (`STATUS_KEY`): `apsv
+        status` reads it there through a GCS client, without joining the cluster as a driver
+        (which the dashboard would list as a job)."""
+        try:
+            parts = await asyncio.wait_for(self.im.status_parts.remote(), 5.0)
+            cluster = await asyncio.to_thread(cluster_figures)
+            snapshot = {"ts": time.time(), "vpsm": await self.status(), "multiplexer": parts, "cluster": cluster}
+            persist.save(self.owner, persist.STATUS_KEY, snapshot)
+        except Exception:  # the multiplexer restarting: the next step publishes
+            log.debug("status not published this step", exc_info=True)
+
+    async def _check_pending(self, now: float) -> None:
+        """Unplaceable demand: the starts Ray has kept waiting, and the resource each lacks."""
+        if not self.pending.waiting(now, self._start_latencies()):
+            self.warnings = []
+            return
+        free = await asyncio.to_thread(ray.available_resources)
+        self.warnings = self.pending.warnings(now, self._start_latencies(), free)
+        for w in self.pending.unreported(self.warnings):
+            log.warning("%s", w["message"])
+            self.events.append({"ts": now, "event": "pending", **{k: v for k, v in w.items() if k != "message"}})
 
     async def set_clock(self, protocol: str, clock: ReplayClock | None) -> None:
         """Run a protocol on a replayed trace's clock (None: back to the wall's)."""
@@ -543,6 +581,7 @@ class VPSM:
         """Force a protocol to n instances now (drains on the way down). Returns the new count."""
         async with self._lock:
             await self._settle(protocol)
+            self.desired[protocol] = self._bounded(self.plans[protocol], n)
             await self._scale(self.plans[protocol], n, "forced")
             return self._count(protocol)
 
@@ -648,25 +687,31 @@ class VPSM:
                 await self._rebalance(p)
 
     async def _grow(self, plan: ProtocolPlan, n: int, reason: str) -> None:
+        """Start `n` instances together; each is registered (and takes sessions) as soon as it
+        is ready, not when the slowest is: one that Ray cannot place must not hold the others."""
+        await asyncio.gather(*(self._start_one(plan, reason) for _ in range(n)))
+
+    async def _start_one(self, plan: ProtocolPlan, reason: str) -> None:
         p = plan.protocol
         try:
-            created = await asyncio.gather(*(self._create(plan) for _ in range(n)), return_exceptions=True)
-        except BaseException:
-            self._starting[p] -= n
+            created = await self._create(plan)
+        except asyncio.CancelledError:
+            self._starting[p] -= 1
             raise
-        async with self._lock:
-            self._starting[p] -= n
-            ok = 0
-            for c in created:
-                if isinstance(c, BaseException):
-                    log.error("starting a %s instance failed: %r", p, c)
-                    self.events.append({"ts": time.time(), "event": "start-failed", "protocol": p, "error": repr(c)})
-                    continue
-                await self._register(plan, c, reason)
-                ok += 1
-            if ok:
+        except Exception as e:
+            self._starting[p] -= 1
+            log.error("starting a %s instance failed: %r", p, e)
+            self.events.append({"ts": time.time(), "event": "start-failed", "protocol": p, "error": repr(e)})
+            return
+        try:
+            async with self._lock:
+                self._starting[p] -= 1
+                await self._register(plan, created, reason)
                 # New capacity takes a share of the live sessions now, not only of future ones.
                 self._enqueue(p, "rebalance")
+        except asyncio.CancelledError:  # shut down between ready and registered: not left running
+            ray.kill(created[1])
+            raise
 
     def _enqueue(self, protocol: str, kind: str, instance_id: str | None = None) -> None:
         """Queue a session-moving job for the protocol's mover (starting it if idle). A
@@ -733,12 +778,16 @@ class VPSM:
             namespace=self.namespace,
             image=self._images.get(plan.protocol),
         )
+        demand = {"CPU": plan.allocation.cpu, "memory": float(plan.allocation.memory_bytes)}
+        self.pending.add(PendingStart(iid, plan.protocol, handle, requested, demand))
         try:
             info = await handle.ready.remote()
         except BaseException:
             ray.kill(handle)
             self.lifetimes.append((plan.protocol, requested, time.time()))
             raise
+        finally:
+            self.pending.done(iid)
         return iid, handle, info, time.perf_counter() - t0, requested
 
     async def _register(
@@ -810,6 +859,22 @@ class VPSM:
         """Ready instances, not counting those being drained away."""
         return sum(1 for m in self.managed.values() if m.protocol == protocol and not m.draining)
 
+    def _start_latencies(self) -> dict[str, float]:
+        return {p: self._start_latency(p) for p in self.plans}
+
+    @staticmethod
+    def _bounded(plan: ProtocolPlan, n: int) -> int:
+        return max(plan.min_instances, min(plan.max_instances, n))
+
+    def _counts(self, protocol: str) -> dict[str, int]:
+        """Instances by state: running (ready, taking sessions), pending (asked of Ray, not
+        started yet), draining (their sessions moving away)."""
+        return {
+            "running": self._count(protocol),
+            "pending": self.pending.count(protocol),
+            "draining": sum(1 for m in self.managed.values() if m.protocol == protocol and m.draining),
+        }
+
     def _start_latency(self, protocol: str) -> float:
         xs = self.start_latencies.get(protocol)
         return sorted(xs)[len(xs) // 2] if xs else 1.0
@@ -822,6 +887,8 @@ class VPSM:
                 p: {
                     "instances": self._count(p),
                     "starting": self._starting.get(p, 0),
+                    "desired": self.desired.get(p, plan.min_instances),
+                    **self._counts(p),
                     "scale_actions": self.actions.get(p, 0),
                     "backend": plan.backend,
                     "policy": plan.policy,
@@ -839,6 +906,7 @@ class VPSM:
                 for i, m in self.managed.items()
             },
             "loads": {i: v for i, v in self.last_loads.items() if i in self.managed},
+            "warnings": list(self.warnings),
             "steps": self.steps,
             "restarts": self.restarts,
             "events": list(self.events)[-50:],
@@ -860,13 +928,31 @@ class VPSM:
         return [str(p) for p in self.telemetry.flush()] if self.telemetry is not None else []
 
 
+def cluster_figures() -> dict[str, Any]:
+    r: Any = ray
+    return {
+        "resources": r.cluster_resources(),
+        "available": r.available_resources(),
+        "nodes": sum(1 for n in r.nodes() if n.get("Alive")),
+    }
+
+
 class _VpsmMetrics:
     """The control loop's Ray metrics (on the Prometheus endpoint with Ray's `ray_` prefix)."""
 
-    def __init__(self) -> None:
+    def __init__(self, protocols: list[str]) -> None:
         from ray.util import metrics
 
-        self.n = metrics.Gauge("apsv_instances", "Stack instances per protocol", tag_keys=("protocol",))
+        from apsv.runtime.metrics import start_at_zero
+
+        self.n = metrics.Gauge(
+            "apsv_instances",
+            "Stack instances per protocol: running, pending (asked of Ray, not started) and draining",
+            tag_keys=("protocol", "state"),
+        )
+        self.desired = metrics.Gauge(
+            "apsv_instances_desired", "Stack instances the scaling policy wants per protocol", tag_keys=("protocol",)
+        )
         self.load = metrics.Gauge(
             "apsv_protocol_load_msgs_per_s", "Messages/s per protocol, as the VPSM measures it", tag_keys=("protocol",)
         )
@@ -893,6 +979,9 @@ class _VpsmMetrics:
             "Messages of the tables peers that reset are expected to re-send (the leading indicator of a reset storm)",
             tag_keys=("protocol",),
         )
+        for p in protocols:  # "0 scale actions", not "no data", before the first one
+            for direction in ("up", "down"):
+                start_at_zero(self.actions, {"protocol": p, "direction": direction})
 
     def protocol(
         self,
@@ -914,8 +1003,10 @@ class _VpsmMetrics:
             if values:
                 self.forecast.set(float(values[0]), {"protocol": protocol, "quantile": q})
 
-    def instances(self, protocol: str, n: int) -> None:
-        self.n.set(n, {"protocol": protocol})
+    def instances(self, protocol: str, counts: Mapping[str, int], desired: int) -> None:
+        for state, n in counts.items():
+            self.n.set(float(n), {"protocol": protocol, "state": state})
+        self.desired.set(float(desired), {"protocol": protocol})
 
     def action(self, protocol: str, direction: str, n: int) -> None:
         self.actions.inc(n, {"protocol": protocol, "direction": direction})
