@@ -25,7 +25,7 @@ import pytest
 import yaml
 
 from apsv import local_head
-from tests.test_ops import FREE_PORTS, apsv, as_json, clean_env
+from tests.test_ops import FREE_PORTS, allowed_listener, apsv, as_json, clean_env, listeners_of
 
 REPO = Path(__file__).resolve().parent.parent
 DASHBOARD = REPO / "grafana" / "apsv-dashboard.json"
@@ -157,6 +157,10 @@ def test_prometheus_draws_every_panel(tmp_path: Path, data_dir: Path) -> None:
         assert st["protocols"]["bgp"]["running"] == 3, (st, traffic.failures[-1:])
         assert st["protocols"]["bfd"]["running"] == 1
         running = sum(p["running"] for p in st["protocols"].values())  # 4 instances
+
+        # What listens, the forecaster's Serve replica included: loopback or the documented allowlist.
+        bound = listeners_of({p.pid for p in local_head.cluster_processes(state["process_session"], state["pids"])})
+        assert [b for b in bound if not allowed_listener(b[0], b[1])] == []
 
         # Every expression returns series (each retried while the scrapes come in).
         pending = dict.fromkeys(expressions())
