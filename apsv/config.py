@@ -60,6 +60,7 @@ from apsv.errors import field_path
 
 if typing.TYPE_CHECKING:  # the runtime (and Ray) are imported only when plans are built
     from apsv.runtime.instance import Allocation
+    from apsv.runtime.roles import Roles
     from apsv.runtime.vpsm import ProtocolPlan
 
 ENV_PREFIX = "APSV__"
@@ -342,6 +343,20 @@ class ProtocolSection(_Section):
         )
 
 
+class PlacementSection(_Section):
+    """Which nodes take which actors: the Ray custom resource of each role (apsv.runtime.roles).
+    null: that role's actors go to any node."""
+
+    control_plane: str | None = "control_plane"  # the multiplexer and the VPSM
+    stack_host: str | None = "stack_host"  # stack instances (spread over these nodes)
+    vrouter_host: str | None = "vrouter_host"  # agents run as actors
+
+    def roles(self) -> Roles:
+        from apsv.runtime.roles import Roles
+
+        return Roles(self.control_plane, self.stack_host, self.vrouter_host)
+
+
 class VpsmSection(_Section):
     """The control loop."""
 
@@ -407,6 +422,7 @@ class ApsvConfig(_Section):
     ray: RaySection = Field(default_factory=RaySection)
     protocols: Annotated[list[ProtocolSection], Field(min_length=1)] = Field(default_factory=_default_protocols)
     vpsm: VpsmSection = Field(default_factory=VpsmSection)
+    placement: PlacementSection = Field(default_factory=PlacementSection)
     forecaster: ForecasterSection = Field(default_factory=ForecasterSection)
 
     _source: str = PrivateAttr(default=DEFAULTS_SOURCE)

@@ -179,8 +179,16 @@ def _ports(rc: RaySection) -> dict[str, int]:
     return chosen
 
 
-def start_head(rc: RaySection, token_path: Path, env_overrides: dict[str, str], timeout: float = 120.0) -> Head:
-    """`ray start --head` in a process session of its own and a temp dir of its own, token auth on."""
+def start_head(
+    rc: RaySection,
+    token_path: Path,
+    env_overrides: dict[str, str],
+    offered: dict[str, float] | None = None,
+    timeout: float = 120.0,
+) -> Head:
+    """`ray start --head` in a process session of its own and a temp dir of its own, token auth
+    on, offering the role resources `offered` (a local head plays every role) beside
+    `ray.resources`."""
     if rc.temp_dir:
         tmp = rc.temp_dir
         if mentions(tmp):
@@ -208,8 +216,9 @@ def start_head(rc: RaySection, token_path: Path, env_overrides: dict[str, str], 
         args.append(f"--num-cpus={rc.num_cpus}")
     if rc.object_store_memory is not None:
         args.append(f"--object-store-memory={rc.object_store_memory}")
-    if rc.resources:
-        args.append(f"--resources={json.dumps(rc.resources)}")
+    resources = {**(offered or {}), **rc.resources}
+    if resources:
+        args.append(f"--resources={json.dumps(resources)}")
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN")}
     env.update(env_overrides)
     env["RAY_USAGE_STATS_ENABLED"] = "0"

@@ -278,7 +278,7 @@ def up(cfg: ApsvConfig, *, progress: Progress | None = None) -> dict[str, Any]:
         _step(progress, "starting a local Ray head")
         token = ensure_token(Path(os.path.expanduser(rc.auth_token_path)) if rc.auth_token_path else sdir / TOKEN_FILE)
         try:
-            head = start_head(rc, token, auth_env(str(token)))
+            head = start_head(rc, token, auth_env(str(token)), offered=cfg.placement.roles().offered())
         except HeadError as e:
             raise OpsError(str(e)) from None
         state = {
@@ -340,6 +340,7 @@ def _deploy(
 
     from apsv.runtime.cluster import deploy
     from apsv.runtime.multiplexer import create_multiplexer
+    from apsv.runtime.roles import RoleError
 
     ns = cfg.ray.namespace
     try:
@@ -367,9 +368,14 @@ def _deploy(
         state["metrics_url"] = f"http://{host}:{state['metrics_export_port']}/metrics"
     _step(progress, "starting the multiplexer")
     created.append(MULTIPLEXER_NAME)
+    roles = cfg.placement.roles()
+    try:
+        roles.check(r.cluster_resources(), ("control_plane", "stack_host"))
+    except RoleError as e:
+        raise OpsError(str(e)) from None
     # Detached and created first: deploy() then finds it by name (get_if_exists) instead of
     # making one owned by this short-lived driver.
-    im = create_multiplexer(MULTIPLEXER_NAME, namespace=ns, detached=True)
+    im = create_multiplexer(MULTIPLEXER_NAME, namespace=ns, detached=True, resources=roles.request("control_plane"))
     ray.get(im.stats.remote(), timeout=CALL_TIMEOUT_S)
     app = None
     if cfg.forecaster.enabled:
@@ -389,6 +395,7 @@ def _deploy(
         telemetry_root=telemetry,
         interval_s=cfg.vpsm.interval_s,
         forecaster_app=app,
+        roles=roles,
     )
 
 

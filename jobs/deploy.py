@@ -103,7 +103,10 @@ def deploy_all(cfg: ApsvConfig, telemetry: Path, run_loop: bool) -> dict[str, An
     forget_deployment(ns, (VPSM_NAME, MULTIPLEXER_NAME))
     # Detached, and created before deploy() - which then finds it by name (get_if_exists) rather
     # than making one owned by this job's driver, which ends with the job.
-    im = create_multiplexer(MULTIPLEXER_NAME, namespace=ns, detached=True)
+    roles = cfg.placement.roles()
+    r: Any = ray
+    roles.check(r.cluster_resources(), ("control_plane", "stack_host"))  # RoleError (main prints it)
+    im = create_multiplexer(MULTIPLEXER_NAME, namespace=ns, detached=True, resources=roles.request("control_plane"))
     ray.get(im.stats.remote(), timeout=CALL_TIMEOUT_S)
     app = deploy_forecaster(cfg.forecaster) if cfg.forecaster.enabled else None
     telemetry.mkdir(parents=True, exist_ok=True)
@@ -114,6 +117,7 @@ def deploy_all(cfg: ApsvConfig, telemetry: Path, run_loop: bool) -> dict[str, An
         interval_s=cfg.vpsm.interval_s,
         run_loop=run_loop,
         forecaster_app=app,
+        roles=roles,
     )
     status = ray.get(dep.vpsm.status.remote(), timeout=CALL_TIMEOUT_S)
     return {
@@ -138,12 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:
         print(f"deploy: {e}", file=sys.stderr)
         return 2
-    if args.telemetry:
-        telemetry = Path(args.telemetry).expanduser()
-    else:
-        from apsv.ops import state_dir
-
-        telemetry = cfg.telemetry_root(state_dir())
+    telemetry = Path(args.telemetry).expanduser() if args.telemetry else cfg.telemetry_root(state_dir())
     import ray
 
     ns = cfg.ray.namespace
@@ -166,7 +165,13 @@ def main(argv: list[str] | None = None) -> int:
         else:  # deploying now would find the dead actors by name (get_if_exists)
             print(f"deploy: the old deployment's actors in {ns!r} did not go away in 30 s", file=sys.stderr)
             return 1
-    result = deploy_all(cfg, telemetry, run_loop=not args.no_loop)
+    from apsv.runtime.roles import RoleError
+
+    try:
+        result = deploy_all(cfg, telemetry, run_loop=not args.no_loop)
+    except RoleError as e:
+        print(f"deploy: {e}", file=sys.stderr)
+        return 1
     result["config"] = cfg.source
     result["replaced"] = vpsm is not None or im is not None
     result["seconds"] = round(time.perf_counter() - t0, 2)

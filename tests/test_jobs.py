@@ -27,6 +27,7 @@ from apsv.bgp.config import BgpSessionConfig
 from apsv.bgp.nlri import prefix_str
 from apsv.bgp.session import BgpSession
 from apsv.runtime.driver import load_streams, plan_sessions
+from apsv.runtime.roles import Roles
 from tests.conftest import _free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -81,6 +82,8 @@ def head() -> Iterator[dict[str, Any]]:
         f"--temp-dir={tmp}",
         "--num-cpus=4",
         "--object-store-memory=200000000",
+        # one node playing every role, as cluster.yaml's nodes declare them
+        f"--resources={json.dumps(Roles().offered())}",
         "--include-dashboard=true",
         "--dashboard-host=127.0.0.1",
         f"--dashboard-port={dashboard}",

@@ -20,6 +20,7 @@ import ray
 from apsv.agent.config import AgentConfig, parse_config
 from apsv.agent.core import Agent
 from apsv.runtime.cluster import MULTIPLEXER_NAME, NAMESPACE
+from apsv.runtime.roles import Roles
 from apsv.tuning import tune_gc
 
 
@@ -64,11 +65,15 @@ def create_agent_actor(
     namespace: str = NAMESPACE,
     resources: Mapping[str, float] | None = None,
     name: str | None = None,
+    roles: Roles = Roles(),
 ) -> Any:
+    """The agent as an actor on a node of the `vrouter_host` role (`roles`), plus any other
+    `resources` (a particular host's, say)."""
     data = config.model_dump(mode="json") if isinstance(config, AgentConfig) else dict(config)
     opts: dict[str, Any] = {"num_cpus": 0, "max_concurrency": 64}
-    if resources:
-        opts["resources"] = dict(resources)
+    wanted = {**roles.request("vrouter_host"), **(resources or {})}
+    if wanted:
+        opts["resources"] = wanted
     if name:
         opts["name"] = name
         opts["namespace"] = namespace

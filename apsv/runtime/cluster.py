@@ -19,7 +19,10 @@ from typing import Any
 import ray
 
 from apsv.runtime.multiplexer import create_multiplexer
+from apsv.runtime.roles import Roles
 from apsv.runtime.vpsm import VPSM_NAME, ProtocolPlan, create_vpsm
+
+DEFAULT_ROLES = Roles()
 
 NAMESPACE = "apsv"
 MULTIPLEXER_NAME = "apsv-multiplexer"
@@ -54,7 +57,9 @@ def start_local_ray(
     include_dashboard: bool = False,
     metrics_export_port: int | None = None,
     object_store_memory: int = 512 << 20,
+    roles: Roles = DEFAULT_ROLES,
 ) -> dict[str, Any]:
+    """A local single-node cluster (this process its driver) that plays every role."""
     if ray.is_initialized():
         return {"address": ray.get_runtime_context().gcs_address, "reused": True}
     # Unix sockets live under the temp dir and their paths are length-limited: keep it short.
@@ -68,6 +73,7 @@ def start_local_ray(
         "_temp_dir": str(tmp),
         "object_store_memory": object_store_memory,
         "log_to_driver": bool(os.environ.get("APSV_RAY_LOGS")),
+        "resources": roles.offered(),
     }
     if metrics_export_port is not None:
         kwargs["_metrics_export_port"] = metrics_export_port
@@ -102,10 +108,15 @@ def deploy(
     run_loop: bool = True,
     suffix: str = "",
     forecaster_app: str | None = None,
+    roles: Roles = DEFAULT_ROLES,
 ) -> Deployment:
-    """Create the multiplexer and the VPSM, and bring every protocol to its minimum instances."""
+    """Create the multiplexer and the VPSM, and bring every protocol to its minimum instances.
+    The control plane goes to a node of the `control_plane` role, instances to `stack_host`
+    nodes (`roles`); RoleError if no node offers one of them."""
+    r: Any = ray
+    roles.check(r.cluster_resources(), ("control_plane", "stack_host"))
     im_name = MULTIPLEXER_NAME + suffix
-    im = create_multiplexer(im_name, namespace=namespace)
+    im = create_multiplexer(im_name, namespace=namespace, resources=roles.request("control_plane"))
     ray.get(im.stats.remote())  # created and answering
     vpsm = create_vpsm(
         plans,
@@ -115,6 +126,8 @@ def deploy(
         interval_s=interval_s,
         name=VPSM_NAME + suffix,
         forecaster_app=forecaster_app,
+        resources=roles.request("control_plane"),
+        instance_resources=roles.request("stack_host"),
     )
     ray.get(vpsm.start.remote(run_loop))
     return Deployment(im, vpsm, namespace, im_name)

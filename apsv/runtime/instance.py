@@ -462,6 +462,8 @@ def create_instance(
         opts["namespace"] = namespace
     if resources:
         opts["resources"] = dict(resources)
+    # over the nodes that can take it (those of its role): a host lost takes fewer sessions with it
+    opts["scheduling_strategy"] = "SPREAD"
     return cls.options(**opts).remote(
         instance_id, protocol, backend, allocation, snapshot_every, image, deployment, namespace
     )

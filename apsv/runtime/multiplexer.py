@@ -818,9 +818,10 @@ def create_multiplexer(
     namespace: str = "apsv",
     seed: int = 0,
     detached: bool = False,
+    resources: Mapping[str, float] | None = None,
 ) -> Any:
     """The multiplexer actor. Ray restarts it when its process dies (it rebuilds its state), and
-    retries the calls that were in flight then."""
+    retries the calls that were in flight then. `resources`: its role's (`roles.Roles`)."""
     cls = ray.remote(Multiplexer)
     opts: dict[str, Any] = {
         "name": name,
@@ -833,4 +834,6 @@ def create_multiplexer(
     }
     if detached:  # outlives the driver that made it (`apsv up` exits once deployed)
         opts["lifetime"] = "detached"
+    if resources:
+        opts["resources"] = dict(resources)
     return cls.options(**opts).remote(name, namespace, seed)

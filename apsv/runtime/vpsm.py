@@ -151,8 +151,10 @@ class VPSM:
         interval_s: float = 1.0,
         forecaster_app: str | None = None,
         name: str = "apsv-vpsm",
+        instance_resources: dict[str, float] | None = None,
     ) -> None:
         self.plans = {p.protocol: p for p in plans}
+        self.instance_resources = dict(instance_resources or {})  # the stack-host role's (roles.Roles)
         self.name = name
         self.namespace = namespace
         self.multiplexer_name = multiplexer_name
@@ -777,6 +779,7 @@ class VPSM:
             deployment=self.multiplexer_name,
             namespace=self.namespace,
             image=self._images.get(plan.protocol),
+            resources=self.instance_resources,
         )
         demand = {"CPU": plan.allocation.cpu, "memory": float(plan.allocation.memory_bytes)}
         self.pending.add(PendingStart(iid, plan.protocol, handle, requested, demand))
@@ -1022,6 +1025,8 @@ def create_vpsm(
     name: str = VPSM_NAME,
     detached: bool = True,
     forecaster_app: str | None = None,
+    resources: Mapping[str, float] | None = None,
+    instance_resources: Mapping[str, float] | None = None,
 ) -> Any:
     cls = ray.remote(VPSM)
     # Restarted by Ray when its process dies (it takes up its persisted state); calls in flight
@@ -1037,6 +1042,8 @@ def create_vpsm(
         opts["namespace"] = namespace
     if detached:
         opts["lifetime"] = "detached"
+    if resources:
+        opts["resources"] = dict(resources)
     return cls.options(**opts).remote(
         plans,
         multiplexer_name,
@@ -1045,4 +1052,5 @@ def create_vpsm(
         interval_s,
         forecaster_app,
         name,
+        dict(instance_resources or {}),
     )

@@ -1,0 +1,107 @@
+"""A multi-node APSV deployment on one machine (`ray.cluster_utils.Cluster`: every node its own
+raylet and object store), run as a process of its own because a driver joins one cluster at a
+time and the test session has its own. Prints one JSON object for tests/test_multinode.py.
+
+Nodes: a head with `control_plane`, two with `stack_host`, one with `vrouter_host`. APSV is
+deployed with the default roles; a replay runs from a task on the vrouter host, so its frames
+cross nodes to the instances (the object-store transport), and is verified against an
+in-process replay.
+
+    python tests/multinode_scenario.py MRT_FILE
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+# Every node on loopback (Ray's single-host switch keeps node addresses at 127.0.0.1; cluster_utils
+# starts the extra raylets itself, which the switch does not refuse).
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+
+import ray
+from ray.cluster_utils import Cluster
+
+from apsv.runtime.cluster import deploy
+from apsv.runtime.instance import Allocation
+from apsv.runtime.vpsm import ProtocolPlan
+
+NAMESPACE = "apsv-multinode"
+STORE = 96 << 20  # each node's own object store
+
+
+def node_args(resources: dict[str, float], **extra: Any) -> dict[str, Any]:
+    return {
+        "num_cpus": 1,
+        "resources": resources,
+        "object_store_memory": STORE,
+        "node_ip_address": "127.0.0.1",
+        **extra,
+    }
+
+
+@ray.remote(num_cpus=0, resources={"vrouter_host": 0.001})
+def replay_from_vrouter_host(path: str, sessions: int, vrouters: int) -> dict[str, Any]:
+    from apsv import ops
+    from apsv.runtime.cluster import MULTIPLEXER_NAME
+    from apsv.runtime.driver import load_streams, plan_sessions
+    from apsv.runtime.vpsm import VPSM_NAME
+
+    im = ray.get_actor(MULTIPLEXER_NAME, namespace=NAMESPACE)
+    vpsm = ray.get_actor(VPSM_NAME, namespace=NAMESPACE)
+    streams = load_streams([Path(path)])
+    plan = plan_sessions(streams, sessions, vrouters, 1)
+    out = ops._replay(im, vpsm, plan, streams, Path(path), speed=None, verify=True, keep=False, progress=None)
+    out["node"] = ray.get_runtime_context().get_node_id()
+    return out
+
+
+def main(path: str) -> int:
+    tmp = tempfile.mkdtemp(prefix="apsv-mn-", dir="/tmp")  # Ray's socket paths are length-limited
+    cluster: Any = Cluster(  # (no type annotations)
+        initialize_head=True,
+        head_node_args=node_args({"control_plane": 1}, temp_dir=tmp, include_dashboard=False),
+    )
+    try:
+        roles: dict[str, list[str]] = {"control_plane": [cluster.head_node.node_id]}
+        for role in ("stack_host", "stack_host", "vrouter_host"):
+            node = cluster.add_node(**node_args({role: 1}))
+            roles.setdefault(role, []).append(node.node_id)
+        cluster.wait_for_nodes()
+        ray.init(address=cluster.address, namespace=NAMESPACE, log_to_driver=False)
+        plan = ProtocolPlan(
+            "bgp",
+            min_instances=2,
+            max_instances=2,
+            policy="fixed",
+            allocation=Allocation(cpu=0.5, memory_bytes=128 << 20, buffer_quota_bytes=4 << 20),
+        )
+        dep = deploy([plan], namespace=NAMESPACE, run_loop=False)
+        handles = ray.get(dep.vpsm.instance_handles.remote())
+        instance_nodes = {
+            iid: info["node_id"]
+            for iid, info in zip(handles, ray.get([h.ready.remote() for h in handles.values()]), strict=True)
+        }
+        actors = ray._private.state.actors()  # (the state API needs the dashboard, which is off)
+        control = {
+            a["Name"]: a["Address"]["NodeID"]
+            for a in actors.values()
+            if a["State"] == "ALIVE" and a["Name"] in (dep.multiplexer_name, "apsv-vpsm")
+        }
+        replay = ray.get(replay_from_vrouter_host.remote(path, 8, 4), timeout=300)
+        dep.stop()
+        print(json.dumps({"roles": roles, "instances": instance_nodes, "control": control, "replay": replay}))
+        return 0
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1]))
