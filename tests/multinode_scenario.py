@@ -5,7 +5,8 @@ time and the test session has its own. Prints one JSON object for tests/test_mul
 Nodes: a head with `control_plane`, two with `stack_host`, one with `vrouter_host`. APSV is
 deployed with the default roles; a replay runs from a task on the vrouter host, so its frames
 cross nodes to the instances (the object-store transport), and is verified against an
-in-process replay.
+in-process replay. Then a second replay, in recorded time, loses a stack host (`remove_node`,
+not graceful) halfway.
 
     python tests/multinode_scenario.py MRT_FILE
 """
@@ -17,6 +18,7 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +34,8 @@ from apsv.runtime.instance import Allocation
 from apsv.runtime.vpsm import ProtocolPlan
 
 NAMESPACE = "apsv-multinode"
+SPEED = 30.0  # the 5-minute update file in about 10 s
+REMOVE_AFTER_S = 3.0
 STORE = 96 << 20  # each node's own object store
 
 
@@ -46,7 +50,9 @@ def node_args(resources: dict[str, float], **extra: Any) -> dict[str, Any]:
 
 
 @ray.remote(num_cpus=0, resources={"vrouter_host": 0.001})
-def replay_from_vrouter_host(path: str, sessions: int, vrouters: int) -> dict[str, Any]:
+def replay_from_vrouter_host(
+    path: str, sessions: int, vrouters: int, tenant: int = 1, speed: float | None = None
+) -> dict[str, Any]:
     from apsv import ops
     from apsv.runtime.cluster import MULTIPLEXER_NAME
     from apsv.runtime.driver import load_streams, plan_sessions
@@ -55,8 +61,8 @@ def replay_from_vrouter_host(path: str, sessions: int, vrouters: int) -> dict[st
     im = ray.get_actor(MULTIPLEXER_NAME, namespace=NAMESPACE)
     vpsm = ray.get_actor(VPSM_NAME, namespace=NAMESPACE)
     streams = load_streams([Path(path)])
-    plan = plan_sessions(streams, sessions, vrouters, 1)
-    out = ops._replay(im, vpsm, plan, streams, Path(path), speed=None, verify=True, keep=False, progress=None)
+    plan = plan_sessions(streams, sessions, vrouters, tenant)
+    out = ops._replay(im, vpsm, plan, streams, Path(path), speed=speed, verify=True, keep=False, progress=None)
     out["node"] = ray.get_runtime_context().get_node_id()
     return out
 
@@ -94,8 +100,32 @@ def main(path: str) -> int:
             if a["State"] == "ALIVE" and a["Name"] in (dep.multiplexer_name, "apsv-vpsm")
         }
         replay = ray.get(replay_from_vrouter_host.remote(path, 8, 4), timeout=300)
+
+        # Node loss: a stack host goes (its raylet and everything on it) in the middle of a replay
+        # in recorded time; its instance's sessions are restored on the other stack host from
+        # their clients' custody (the client runs on the vrouter host).
+        ray.get(dep.vpsm.start.remote(True))  # the control loop: it reaps the lost instance
+        lost = next(n for n in cluster.worker_nodes if n.node_id == instance_nodes["bgp-1"])
+        during = replay_from_vrouter_host.remote(path, 8, 4, 2, SPEED)
+        time.sleep(REMOVE_AFTER_S)
+        cluster.remove_node(lost, allow_graceful=False)
+        after_loss = ray.get(during, timeout=300)
+        handles = ray.get(dep.vpsm.instance_handles.remote())
+        nodes_after = [info["node_id"] for info in ray.get([h.ready.remote() for h in handles.values()])]
+        status = ray.get(dep.vpsm.status.remote())
+        stats = ray.get(dep.multiplexer.stats.remote())
         dep.stop()
-        print(json.dumps({"roles": roles, "instances": instance_nodes, "control": control, "replay": replay}))
+        node_loss = {
+            "lost_node": lost.node_id,
+            "replay": after_loss,
+            "instance_nodes_after": nodes_after,
+            "events": [e["event"] for e in status["events"]],
+            "recoveries": stats["recoveries"],
+            "sessions_recovered": stats["sessions_recovered"],
+        }
+        out = {"roles": roles, "instances": instance_nodes, "control": control, "replay": replay}
+        # flushed now: tearing the cluster down may end this process without flushing stdout
+        print(json.dumps(out | {"node_loss": node_loss}), flush=True)
         return 0
     finally:
         ray.shutdown()

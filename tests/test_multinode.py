@@ -1,6 +1,6 @@
 """Placement by role on a multi-node cluster on this machine (tests/multinode_scenario.py: a head
 with `control_plane`, two `stack_host` nodes, one `vrouter_host`, each its own raylet and object
-store), and the roles' arithmetic."""
+store), the loss of a stack host in the middle of a replay, and the roles' arithmetic."""
 
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ def test_roles_request_offer_and_refuse() -> None:
 
 @pytest.mark.slow
 @pytest.mark.multinode
-def test_instances_on_stack_hosts_control_plane_on_the_head_agents_across_nodes(data_dir: Path) -> None:
+def test_placement_by_role_and_the_loss_of_a_stack_host(data_dir: Path) -> None:
     run = subprocess.run(
         [sys.executable, str(SCENARIO), str(data_dir / SAMPLE)],
         capture_output=True,
@@ -44,7 +44,9 @@ def test_instances_on_stack_hosts_control_plane_on_the_head_agents_across_nodes(
         check=False,
     )
     assert run.returncode == 0, run.stderr[-3000:]
-    out = json.loads(run.stdout.strip().splitlines()[-1])
+    # (Ray's driver also prints the lost raylet's last log lines on stdout)
+    [line] = [x for x in run.stdout.splitlines() if x.startswith('{"roles"')]
+    out = json.loads(line)
     roles = out["roles"]
     # both instances on stack hosts, spread one to each
     assert sorted(out["instances"].values()) == sorted(roles["stack_host"])
@@ -58,3 +60,13 @@ def test_instances_on_stack_hosts_control_plane_on_the_head_agents_across_nodes(
     assert replay["transport"] == "object_store"
     assert replay["sessions"] == 8 and replay["frames"] > 0
     assert replay["verified"] and replay["problems"] == []
+
+    # A stack host removed (its raylet and all on it) in the middle of a replay in recorded time:
+    # its sessions come back on the other stack host from their clients' custody; every frame
+    # applied once, in order, the same Loc-RIBs as the in-process replay.
+    loss = out["node_loss"]
+    (survivor,) = set(roles["stack_host"]) - {loss["lost_node"]}
+    assert loss["replay"]["verified"] and loss["replay"]["problems"] == [], loss["replay"]["problems"]
+    assert loss["replay"]["frames"] == replay["frames"]
+    assert "reaped" in loss["events"] and loss["recoveries"] >= 1 and loss["sessions_recovered"] >= 1
+    assert loss["instance_nodes_after"] and set(loss["instance_nodes_after"]) == {survivor}
