@@ -110,6 +110,10 @@ def main(path: str) -> int:
         time.sleep(REMOVE_AFTER_S)
         cluster.remove_node(lost, allow_graceful=False)
         after_loss = ray.get(during, timeout=300)
+        # the protocol back at its minimum, on the surviving stack host
+        deadline = time.monotonic() + 90
+        while ray.get(dep.vpsm.status.remote())["protocols"]["bgp"]["running"] < 2 and time.monotonic() < deadline:
+            time.sleep(1)
         handles = ray.get(dep.vpsm.instance_handles.remote())
         nodes_after = [info["node_id"] for info in ray.get([h.ready.remote() for h in handles.values()])]
         status = ray.get(dep.vpsm.status.remote())

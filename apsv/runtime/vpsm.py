@@ -631,9 +631,17 @@ class VPSM:
             missing = plan.min_instances - self._count(plan.protocol)
             if missing > 0:
                 # all at once: with every instance of a protocol dead, its sessions wait for the
-                # first replacement (the multiplexer places them on it as it registers)
-                created = await asyncio.gather(*(self._create(plan) for _ in range(missing)))
+                # first replacement (the multiplexer places them on it as it registers). A start
+                # that fails (Ray placing it on the node that just died) is retried by the next
+                # step's policy, which sees the protocol below its minimum.
+                created = await asyncio.gather(*(self._create(plan) for _ in range(missing)), return_exceptions=True)
                 for c in created:
+                    if isinstance(c, BaseException):
+                        log.error("replacing a dead %s instance failed: %r", plan.protocol, c)
+                        self.events.append(
+                            {"ts": time.time(), "event": "start-failed", "protocol": plan.protocol, "error": repr(c)}
+                        )
+                        continue
                     await self._register(plan, c, "replacing a dead instance")
                 if dead:
                     self._enqueue(plan.protocol, "rebalance")
