@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +87,7 @@ def ray_cluster() -> Any:
     info["metrics_port"] = port
     yield info
     ray.shutdown()
+    shutil.rmtree(tmp, ignore_errors=True)  # the session's Ray logs and sockets
 
 
 _DEPLOYMENTS = iter(range(1, 1_000_000))

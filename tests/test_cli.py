@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -118,13 +119,28 @@ def test_status_json_while_the_demo_runs(tmp_path: Path) -> None:
     apsv = str(Path(sys.executable).parent / "apsv")
     env = {**os.environ, "APSV_STATE_DIR": str(tmp_path / "state")}
     demo = subprocess.Popen(
-        [apsv, "demo", "--json", "--duration", "25", "--bfd-sessions", "20", "--plots", str(tmp_path / "plots")],
+        [
+            apsv,
+            "demo",
+            "--json",
+            "--duration",
+            "25",
+            "--bfd-sessions",
+            "20",
+            "--plots",
+            str(tmp_path / "plots"),
+            *[
+                "--telemetry",
+                str(tmp_path / "telemetry"),
+            ],
+        ],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
     )
     seen: dict[str, Any] | None = None
+    temp_dir = None
     try:
         deadline = time.time() + 240
         while time.time() < deadline and demo.poll() is None:
@@ -134,12 +150,17 @@ def test_status_json_while_the_demo_runs(tmp_path: Path) -> None:
             doc = json.loads(r.stdout)  # always one JSON object, running or not
             if doc.get("ok", True) and doc.get("instances", {}).get("bgp"):
                 seen = doc
+                # the demo's own Ray temp dir (its logs), removed once the demo is over
+                temp_dir = json.loads((tmp_path / "state" / "state.json").read_text()).get("temp_dir")
                 break
             time.sleep(2)
         out, _ = demo.communicate(timeout=300)
     finally:
         if demo.poll() is None:
             demo.kill()
+            demo.wait()
+        if temp_dir:
+            shutil.rmtree(temp_dir, ignore_errors=True)
     assert demo.returncode == 0
     assert json.loads(out)["ok"] is True  # stdout is the one object: Ray's own messages go to stderr
     assert seen is not None, "apsv status never saw the demo's deployment"

@@ -9,6 +9,7 @@ import json
 import os
 import secrets
 import shlex
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -17,6 +18,8 @@ from typing import Any
 
 import pytest
 import yaml
+
+from apsv import local_head
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ["cluster.yaml", "cluster-onprem.yaml"]
@@ -81,15 +84,16 @@ def test_equivalent_local_cluster_with_ray_start(tmp_path: Path) -> None:
     port = _free_port()
     common = ["--node-ip-address=127.0.0.1", f"--temp-dir={tmp}", "--num-cpus=1", "--disable-usage-stats"]
     head = [a for a in head if not a.startswith("--port")] + [f"--port={port}", "--include-dashboard=false"]
+    sessions: list[int] = []  # each `ray start` in a process session of its own: stopped whole
+
+    def ray_start(*args: str) -> None:
+        p = subprocess.Popen([ray_bin, "start", *args], env=env, start_new_session=True, stdout=subprocess.DEVNULL)
+        sessions.append(p.pid)
+        assert p.wait(timeout=120) == 0, args
+
     try:
-        subprocess.run([ray_bin, "start", *head, *common], env=env, check=True, capture_output=True, timeout=120)
-        subprocess.run(
-            [ray_bin, "start", f"--address=127.0.0.1:{port}", *worker, *common],
-            env=env,
-            check=True,
-            capture_output=True,
-            timeout=120,
-        )
+        ray_start(*head, *common)
+        ray_start(f"--address=127.0.0.1:{port}", *worker, *common)
         probe = (
             "import json, ray, time\n"
             f"ray.init(address='127.0.0.1:{port}')\n"
@@ -117,7 +121,10 @@ def test_equivalent_local_cluster_with_ray_start(tmp_path: Path) -> None:
         )
         assert refused.returncode != 0
     finally:
+        for session in sessions:  # Ray's client server too, which names no temp dir
+            local_head.stop_processes(session)
         _stop_cluster(tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _stop_cluster(temp_dir: str) -> None:
