@@ -23,7 +23,6 @@ import os
 import secrets
 import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
@@ -32,8 +31,9 @@ from typing import Any
 
 import psutil
 
-from apsv import scrape_config
-from apsv.config import DEFAULTS_SOURCE, ApsvConfig, ForecasterSection, format_size
+from apsv import capacity, scrape_config
+from apsv.atomic_file import write_atomic
+from apsv.config import DEFAULTS_SOURCE, ApsvConfig, ForecasterSection
 from apsv.local_head import (
     SINGLE_NODE_ENV,
     Head,
@@ -94,18 +94,8 @@ def write_state(info: Mapping[str, Any]) -> Path:
         **dict(info),
         "written": time.time(),
     }
-    path = d / STATE_FILE
-    fd, tmp = tempfile.mkstemp(prefix=".state-", dir=d)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, sort_keys=True)
-        os.chmod(tmp, 0o600)
-        os.replace(tmp, path)  # readers see the old file or the new one, never half of one
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    return path
+    # Readers (status, down, another up) see the old state or the new one, never half of one.
+    return write_atomic(d / STATE_FILE, json.dumps(data, indent=2, sort_keys=True))
 
 
 def read_state() -> dict[str, Any] | None:
@@ -407,20 +397,18 @@ def _check_capacity(cfg: ApsvConfig) -> None:
 
     r: Any = ray
     free = r.available_resources()
-    cpu = sum(p.min_instances * p.allocation.cpu for p in cfg.protocols)
-    mem = sum(p.min_instances * p.allocation.memory for p in cfg.protocols)
-    if cfg.forecaster.enabled:
-        cpu += cfg.forecaster.num_replicas * cfg.forecaster.num_cpus
-    have_cpu, have_mem = float(free.get("CPU", 0.0)), float(free.get("memory", 0.0))
-    if cpu > have_cpu + 1e-9:
+    need = capacity.total(cfg.demands("min"))
+    short = capacity.short_of(need, free)
+    if short == "CPU":
         raise OpsError(
-            f"the minimum instances (and forecaster) need {cpu:g} CPUs, the head has {have_cpu:g}: "
-            "raise ray.num_cpus, or lower min_instances / allocation.cpu / forecaster.num_cpus"
+            f"the minimum instances (and forecaster) need {need['CPU']:g} CPUs, the head has "
+            f"{float(free.get('CPU', 0.0)):g}: raise ray.num_cpus, or lower min_instances / allocation.cpu / "
+            "forecaster.num_cpus"
         )
-    if mem > have_mem:
+    if short is not None:
         raise OpsError(
-            f"the minimum instances need {format_size(mem)} of memory, the head has {format_size(int(have_mem))}: "
-            "lower min_instances or allocation.memory"
+            f"the minimum instances need {capacity.amount(short, need[short])}, the head has "
+            f"{capacity.amount(short, float(free.get(short, 0.0)))}: lower min_instances or allocation.{short}"
         )
 
 

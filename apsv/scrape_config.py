@@ -10,15 +10,14 @@ Ray writes a configuration of its own under the head's temp dir, which is new on
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from apsv.atomic_file import write_atomic
 
 DIR = "prometheus"
 CONFIG = "prometheus.yml"
@@ -34,17 +33,7 @@ def paths(state_dir: Path) -> tuple[Path, Path]:
 
 
 def _write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)  # Prometheus may run as another user
-        os.replace(tmp, path)  # Prometheus reads the old file or the new one, never half of one
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    write_atomic(path, text, 0o644)  # Prometheus may run as another user
 
 
 def config_text(targets_file: Path) -> str:

@@ -66,3 +66,60 @@ def test_soft_reconfig_benchmark_small(tmp_path: Path) -> None:
     j = json.loads(out.read_text())
     # a quarter refused by the new policy, from the kept table, without the peer
     assert j["routes"] == 4000 and j["routes_after_policy"] == 3000 and j["kept_table_bytes_per_route"] > 0
+
+
+def test_consolidation_crossover_is_where_apsv_stays_below() -> None:
+    from apsv.bench.consolidation import crossover
+
+    def runs(*pts: tuple[int, float, float]) -> list[dict[str, object]]:
+        return [{"vrouters": n, "apsv": {"x": a}, "frr": {"x": f}} for n, a, f in pts]
+
+    # APSV above at 10 (+100), below at 50 (-300): the difference crosses 0 a quarter of the way
+    assert crossover(runs((10, 1100, 1000), (50, 1700, 2000), (100, 2000, 4000)), "x") == 20
+    assert crossover(runs((10, 900, 1000), (50, 1000, 2000)), "x") == 10  # below from the first N measured
+    assert crossover(runs((10, 1100, 1000), (50, 2100, 2000)), "x") is None  # never below
+    # below at 50 but above again at 100: only the last stretch below counts
+    assert crossover(runs((10, 900, 1000), (50, 2100, 2000), (100, 3000, 4000)), "x") == 55
+
+
+def test_consolidation_routes_are_real_and_bird_exports_their_attributes() -> None:
+    from apsv.bench.consolidation import real_routes
+
+    routes, source = real_routes(300)
+    assert "bview" in source and len(routes) == 300
+    assert len({r.prefix for r in routes}) == 300 and len({r.path for r in routes}) > 10  # real, varied paths
+    r = next(x for x in routes if len(x.path) >= 2)
+    text = r.bird()
+    # BIRD prepends: the last AS of the path first, the neighbour AS last
+    assert text.index(f"bgp_path.prepend({r.path[-1]});") < text.index(f"bgp_path.prepend({r.path[0]});")
+    with pytest.raises(ValueError, match="lower --prefixes"):
+        real_routes(10_000_000)
+
+
+@pytest.mark.slow
+@pytest.mark.peer
+def test_consolidation_benchmark_small(tmp_path: Path) -> None:
+    """`apsv bench consolidation` end to end on two virtual routers: both sides converge, every
+    figure the JSON promises is there, and APSV's side is counted whole (Ray's daemons too)."""
+    out, png = tmp_path / "c.json", tmp_path / "c.png"
+    cmd = [str(Path(sys.executable).parent / "apsv"), "bench", "consolidation", "--vrouters", "2", "--prefixes", "300"]
+    done = subprocess.run(
+        [*cmd, "--json", "--out", str(out), "--plot", str(png)],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    r = json.loads(done.stdout.strip().splitlines()[-1])
+    assert r == json.loads(out.read_text()) and png.stat().st_size > 0
+    [run] = r["runs"]
+    assert run["vrouters"] == 2 and set(r["crossover_vrouters"]) == {"pss", "cpu"}
+    for side in ("apsv", "frr"):
+        v = run[side]
+        assert v["seconds"] > 0 and v["cpu_s"] > 0 and v["pss_mb"] > 0 and v["startup_s"] > 0
+    assert run["frr"]["processes"] == 2 and set(run["frr"]["by_part"]) == {"bgpd"}
+    parts = run["apsv"]["by_part"]
+    assert {"raylet", "gcs_server", "AgentActor", "StackInstance", "Multiplexer", "VPSM", "ServeReplica"} <= set(parts)
+    bad = subprocess.run([*cmd, "--vrouters", "x"], check=False, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "expected comma-separated integers" in bad.stderr

@@ -3,7 +3,6 @@ cluster started with the head's and a worker's `ray start` options (`ray up` nee
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import os
@@ -121,30 +120,13 @@ def test_equivalent_local_cluster_with_ray_start(tmp_path: Path) -> None:
         )
         assert refused.returncode != 0
     finally:
-        for session in sessions:  # Ray's client server too, which names no temp dir
+        for session in sessions:  # every process each `ray start` left, Ray's client server included
             local_head.stop_processes(session)
-        _stop_cluster(tmp)
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _stop_cluster(temp_dir: str) -> None:
-    """Stop only this cluster's processes (`ray stop` would also stop the session's shared one)."""
-    import psutil
-
-    procs = []
-    for p in psutil.process_iter(["cmdline"]):
-        try:
-            if any(temp_dir in part for part in (p.info["cmdline"] or [])):
-                procs.append(p)
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-    for p in procs:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            p.terminate()
-    _, alive = psutil.wait_procs(procs, timeout=10)
-    for p in alive:
-        with contextlib.suppress(psutil.NoSuchProcess):
+        escaped = local_head.mentions(tmp)  # a process that left its session: killed, and a failure
+        for p in escaped:
             p.kill()
+        shutil.rmtree(tmp, ignore_errors=True)
+        assert not escaped, [p.pid for p in escaped]
 
 
 def _free_port() -> int:

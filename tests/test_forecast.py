@@ -12,8 +12,9 @@ from apsv.forecast.backtest import backtest_series, rolling_origins
 from apsv.forecast.baselines import ExponentialSmoothing, SeasonalNaive, seasonal_naive_quantiles
 from apsv.forecast.datasets import from_mrt, from_telemetry, load_file
 from apsv.forecast.metrics import QUANTILES, pinball, seasonal_scale, wql
+from apsv.forecast.model_error import ModelLoadError
 from apsv.forecast.models import ModelConfig, build_model, monotone_quantiles
-from apsv.forecast.neural import ModelLoadError, NeuralForecaster, TrainConfig
+from apsv.forecast.neural import NeuralForecaster, TrainConfig
 from apsv.forecast.registry import ModelRegistry
 from apsv.forecast.series import Series, SeriesError, clean
 from apsv.forecast.serving import ForecastCore

@@ -23,12 +23,44 @@ ANNOUNCER_AS, RECEIVER_AS = 65100, 65200
 NEXT_HOP = "198.51.100.100"
 
 
+def _loopback(block: int, i: int) -> str:
+    """The i-th host address of 127.<block>.0.0/16 (no .0 or .255 in the last octet)."""
+    if not 0 <= i < 254 * 256:
+        raise ValueError(f"session index {i} out of range")
+    return f"127.{block}.{i // 254}.{i % 254 + 1}"
+
+
 def receiver_addr(i: int) -> str:
-    return f"127.0.2.{i + 1}"
+    """Where the i-th receiving session listens (each its own address: a BIRD process holds
+    one session per neighbour address and port)."""
+    return _loopback(2, i)
 
 
 def announcer_addr(i: int) -> str:
-    return f"127.0.3.{i + 1}"
+    return _loopback(3, i)
+
+
+def agent_vrouters(n: int, port: int) -> list[dict[str, Any]]:
+    """An APSV agent's virtual routers receiving as the daemons do: the i-th with one session
+    from announcer_addr(i) on receiver_addr(i):port."""
+    return [
+        {
+            "id": i + 1,
+            "bgp": [
+                {
+                    "session": 1,
+                    "listen": f"{receiver_addr(i)}:{port}",
+                    "peer": announcer_addr(i),
+                    "local_as": RECEIVER_AS,
+                    "peer_as": ANNOUNCER_AS,
+                    "router_id": "10.0.2.1",
+                    "events": "state",  # no FIB deltas to a virtual router: like FRR with -Z
+                    "ebgp_requires_policy": False,  # as the FRR baseline (no bgp ebgp-requires-policy)
+                }
+            ],
+        }
+        for i in range(n)
+    ]
 
 
 def prefixes(n: int, base: str = "100.64.0.0") -> list[str]:
@@ -147,9 +179,11 @@ def wait(what: str, check: Any, timeout: float = 30.0) -> Any:
 # ---------------------------------------------------------------------------------------------
 
 
-def start_bird_announcer(n: int, peers: int, port: int) -> Proc:
+def start_bird_announcer(n: int, peers: int, port: int, routes: list[str] | None = None) -> Proc:
+    """BIRD announcing to `peers` receivers (receiver_addr(i):port) the same table: `n` /24s
+    with identical attributes, or `routes` (BIRD `route` statements, attributes and all)."""
     run = _rundir("bird")
-    routes = "\n".join(f"  route {p} blackhole;" for p in prefixes(n))
+    routes_text = "\n".join(routes) if routes is not None else "\n".join(f"  route {p} blackhole;" for p in prefixes(n))
     sessions = "\n".join(
         f"""protocol bgp r{i} {{
   local {announcer_addr(i)} as {ANNOUNCER_AS};
@@ -166,7 +200,7 @@ def start_bird_announcer(n: int, peers: int, port: int) -> Proc:
         f"""router id 10.0.3.1;
 protocol device {{ }}
 protocol static s4 {{ ipv4;
-{routes}
+{routes_text}
 }}
 {sessions}
 """
@@ -186,12 +220,43 @@ def poke_bird(p: Proc) -> None:
     subprocess.run([which("birdc"), "-s", str(p.info["sock"]), "show", "status"], capture_output=True, check=False)
 
 
+class VtyClient:
+    """One FRR daemon's vty over its Unix socket, as vtysh speaks it (a command ending in NUL;
+    the answer ends in three NULs and a status octet): a poll costs the daemon a fraction of a
+    millisecond and no process start."""
+
+    def __init__(self, path: Path) -> None:
+        import socket
+
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(10.0)
+        self.sock.connect(str(path))
+
+    def command(self, line: str) -> str:
+        self.sock.sendall(line.encode() + b"\0")
+        buf = bytearray()
+        while len(buf) < 4 or buf[-4:-1] != b"\0\0\0":
+            chunk = self.sock.recv(1 << 16)
+            if not chunk:
+                raise ConnectionError("the daemon closed its vty")
+            buf += chunk
+        if buf[-1] != 0:
+            raise RuntimeError(f"vty {line!r}: status {buf[-1]}: {bytes(buf[:-4]).decode(errors='replace')[:200]}")
+        return bytes(buf[:-4]).decode()
+
+    def close(self) -> None:
+        self.sock.close()
+
+
 class FrrReceiver:
-    def __init__(self, peers: int, port: int) -> None:
+    def __init__(self, peers: int, port: int, first: int = 0) -> None:
+        """bgpd taking `peers` sessions, the i-th from announcer_addr(i) on receiver_addr(i),
+        for i from `first`."""
         run = _rundir("frr")
         shutil.chown(run, "frr", "frr")
-        nbrs = "\n".join(f" neighbor {announcer_addr(i)} remote-as {ANNOUNCER_AS}" for i in range(peers))
-        deny = "\n".join(f"  neighbor {announcer_addr(i)} route-map NONE out" for i in range(peers))
+        index = range(first, first + peers)
+        nbrs = "\n".join(f" neighbor {announcer_addr(i)} remote-as {ANNOUNCER_AS}" for i in index)
+        deny = "\n".join(f"  neighbor {announcer_addr(i)} route-map NONE out" for i in index)
         (run / "bgpd.conf").write_text(
             f"""frr defaults traditional
 hostname bench
@@ -211,7 +276,7 @@ route-map NONE deny 10
 """
         )
         shutil.chown(run / "bgpd.conf", "frr", "frr")
-        listen = [a for i in range(peers) for a in ("-l", receiver_addr(i))]
+        listen = [a for i in index for a in ("-l", receiver_addr(i))]
         cmd = [which("bgpd"), "-f", str(run / "bgpd.conf"), "-Z", "-n", "-S", "-p", str(port), *listen]
         cmd += ["--vty_socket", str(run), "-i", str(run / "bgpd.pid"), "-A", "127.0.0.1", "-P", "0"]
         self.p = _start("frr", cmd, run)
@@ -219,7 +284,9 @@ route-map NONE deny 10
         wait("bgpd vty", lambda: self.p.alive() and self.summary() is not None, 20)
 
     def summary(self) -> dict[str, Any]:
-        return dict(json.loads(vtysh(self.run, "show bgp ipv4 unicast summary json")).get("peers", {}))
+        if getattr(self, "vty", None) is None:
+            self.vty = VtyClient(self.run / "bgpd.vty")
+        return dict(json.loads(self.vty.command("show bgp ipv4 unicast summary json")).get("peers", {}))
 
     def state(self) -> tuple[int, int]:
         """(sessions Established, prefixes received)."""
@@ -232,6 +299,8 @@ route-map NONE deny 10
         return [self.p.pid]
 
     def stop(self) -> None:
+        if getattr(self, "vty", None) is not None:
+            self.vty.close()
         self.p.stop()
 
 

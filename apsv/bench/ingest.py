@@ -46,24 +46,7 @@ class ApsvReceiver:
             allocation=Allocation(cpu=0.5, memory_bytes=2 << 30, buffer_quota_bytes=32 << 20),
         )
         self.dep = deploy([plan], suffix=f"-ingest-{time.monotonic_ns()}", run_loop=False)
-        vrouters = [
-            {
-                "id": i + 1,
-                "bgp": [
-                    {
-                        "session": 1,
-                        "listen": f"{D.receiver_addr(i)}:{PORT}",
-                        "peer": D.announcer_addr(i),
-                        "local_as": D.RECEIVER_AS,
-                        "peer_as": D.ANNOUNCER_AS,
-                        "router_id": "10.0.2.1",
-                        "events": "state",  # no FIB deltas to a virtual router: like FRR with -Z
-                        "ebgp_requires_policy": False,  # as the FRR baseline (no bgp ebgp-requires-policy)
-                    }
-                ],
-            }
-            for i in range(peers)
-        ]
+        vrouters = D.agent_vrouters(peers, PORT)
         cfg = parse_config({"tenant": 1, "vrouters": vrouters, "buffer_bytes": 1 << 20})
         self.agent = create_agent_actor(cfg, multiplexer_name=self.dep.multiplexer_name, namespace=NAMESPACE)
         ray.get(self.agent.start.remote())

@@ -37,6 +37,7 @@ from typing import Any
 import psutil
 import ray
 
+from apsv.bench import shared_data
 from apsv.bench.daemons import ray_daemon_pids
 from apsv.bench.report import run_and_report
 from apsv.frame import HEADER_LEN, Frame, ProtocolId
@@ -472,7 +473,7 @@ def run(quick: bool = False, with_docker: bool = True) -> dict[str, Any]:
         transport="shm",
         session_move_ms=move_ms,
     )
-    data = Path(os.environ.get("APSV_SHARED_DATA", Path(__file__).resolve().parents[2].parent / "shared" / "data"))
+    data = shared_data()
     dump = data / "mrt/bgpdump-testdata/updates.20070211.0141.gz"
     if dump.is_file():
         bplan = ProtocolPlan("bgp", min_instances=2, max_instances=2, policy="fixed", allocation=Allocation(cpu=0.5))

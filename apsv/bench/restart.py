@@ -24,6 +24,7 @@ from typing import Any
 
 import ray
 
+from apsv.bench import shared_data
 from apsv.bench.report import run_and_report
 
 CASES = ("multiplexer", "vpsm", "both")
@@ -108,7 +109,7 @@ def run(sessions: int = 200) -> dict[str, Any]:
     from apsv.runtime.instance import Allocation
     from apsv.runtime.vpsm import ProtocolPlan
 
-    data = Path(os.environ.get("APSV_SHARED_DATA", Path(__file__).resolve().parents[2].parent / "shared" / "data"))
+    data = shared_data()
     start_local_ray(num_cpus=8)
     streams = load_streams([data / d for d in DUMPS], min_messages=20)
     plan = plan_sessions(streams, sessions, max(1, sessions // 10))

@@ -6,6 +6,16 @@ from pathlib import Path
 
 import typer
 
+
+def _counts(command: str, option: str, text: str) -> list[int]:
+    """Comma-separated integers of an option, or a one-line error and exit 2."""
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        typer.echo(f"apsv bench {command}: {option} {text!r}: expected comma-separated integers", err=True)
+        raise typer.Exit(2) from None
+
+
 bench_app = typer.Typer(help="Run APSV's benchmarks (baselines measured in the same run).", no_args_is_help=True)
 
 
@@ -51,12 +61,7 @@ def bfd_scale(
     """BFD sessions held Up at 100 ms x 3 against FRR bfdd (namespaces; needs root)."""
     from apsv.bench.bfd_scale import main
 
-    try:
-        counts = [int(x) for x in steps.split(",") if x.strip()]
-    except ValueError:
-        typer.echo(f"apsv bench bfd-scale: --steps {steps!r}: expected comma-separated integers", err=True)
-        raise typer.Exit(2) from None
-    main(counts, hold, as_json, out)
+    main(_counts("bfd-scale", "--steps", steps), hold, as_json, out)
 
 
 @bench_app.command("restart")
@@ -69,3 +74,25 @@ def restart(
     from apsv.bench.restart import main
 
     main(sessions, as_json, out)
+
+
+@bench_app.command("consolidation")
+def consolidation(
+    vrouters: str = typer.Option("10,50,100", "--vrouters", help="Virtual router counts N, comma-separated."),
+    prefixes: int = typer.Option(10_000, "--prefixes", min=1, help="Real routes announced to each virtual router."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    out: Path = typer.Option(None, "--out", help="Also save the JSON here."),
+    plot: Path = typer.Option(None, "--plot", help="Also draw PSS and CPU against N here (PNG)."),
+) -> None:
+    """N virtual routers' BGP on APSV vs an FRR bgpd per virtual router: time, CPU, PSS, crossover N."""
+    from apsv.bench.consolidation import main
+
+    counts = sorted(set(_counts("consolidation", "--vrouters", vrouters)))
+    if not counts or counts[0] < 1 or counts[-1] > 254 * 256:
+        typer.echo(f"apsv bench consolidation: --vrouters {vrouters!r}: each N from 1 to {254 * 256}", err=True)
+        raise typer.Exit(2)
+    try:
+        main(counts, prefixes, as_json, out, plot)
+    except (ValueError, FileNotFoundError) as e:
+        typer.echo(f"apsv bench consolidation: {e}", err=True)
+        raise typer.Exit(2) from None

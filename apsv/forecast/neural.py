@@ -23,14 +23,11 @@ import torch
 
 from apsv.forecast.baselines import seasonal_naive_quantiles
 from apsv.forecast.metrics import MEDIAN, QUANTILES
+from apsv.forecast.model_error import ModelLoadError
 from apsv.forecast.models import N_COVARIATES, ModelConfig, QuantileForecaster, build_model, pinball_loss
 from apsv.forecast.series import FloatArray, Series
 
 Reporter = Callable[[int, float], None]  # (training step, hold-out loss) -> None; may raise to stop
-
-
-class ModelLoadError(RuntimeError):
-    """A saved model that cannot be used (missing, corrupt, or from an incompatible version)."""
 
 
 MIN_FREE_WINDOWS = 64  # fewer training windows than this: the model corrects seasonal naive

@@ -20,9 +20,12 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from apsv.forecast.neural import ModelLoadError, NeuralForecaster
+from apsv.forecast.model_error import ModelLoadError
+
+if TYPE_CHECKING:
+    from apsv.forecast.neural import NeuralForecaster
 
 _VERSION = re.compile(r"^v(\d{4,})$")
 
@@ -86,6 +89,8 @@ class ModelRegistry:
         p = self.path(v)
         if not p.is_dir():
             raise ModelLoadError(f"{self.root}: no version {v}")
+        from apsv.forecast.neural import NeuralForecaster  # torch: only once there is a model to load
+
         return v, NeuralForecaster.load(p)
 
     def promote(self, version: str) -> None:

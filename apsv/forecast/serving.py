@@ -26,7 +26,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
@@ -34,9 +34,12 @@ from ray import serve
 
 from apsv.forecast.baselines import seasonal_naive_quantiles
 from apsv.forecast.metrics import QUANTILES
-from apsv.forecast.neural import ModelLoadError, NeuralForecaster
+from apsv.forecast.model_error import ModelLoadError
 from apsv.forecast.registry import ModelRegistry
 from apsv.forecast.series import FloatArray, Series, SeriesError, clean
+
+if TYPE_CHECKING:
+    from apsv.forecast.neural import NeuralForecaster
 
 log = logging.getLogger(__name__)
 

@@ -49,6 +49,9 @@ from apsv.scaling.simulator import Forecasts
 
 log = logging.getLogger("apsv.vpsm")
 VPSM_NAME = "apsv-vpsm"
+# How often an unchanged status is republished for `apsv status` (well inside its 15 s
+# staleness bound): each publication asks the GCS for the cluster's nodes and resources.
+STATUS_REFRESH_S = 5.0
 # What status() reports of each instance, from its last load.
 INSTANCE_STATUS_KEYS = (
     "sessions",
@@ -189,6 +192,7 @@ class VPSM:
         self.pending = PendingStarts()  # instances asked of Ray and not started yet
         self.desired: dict[str, int] = {p: plan.min_instances for p, plan in self.plans.items()}
         self.warnings: list[dict[str, Any]] = []  # unplaceable demand, as of the last step
+        self._published: tuple[float, Any] = (float("-inf"), None)  # (monotonic time, what changed it)
         self._tasks: set[asyncio.Task[None]] = set()
         self._offered = OfferedLoad()
         self._imbalances: dict[str, float] = {}
@@ -432,10 +436,14 @@ class VPSM:
             for protocol in self.plans:
                 self._metrics.instances(protocol, self._counts(protocol), self.desired[protocol])
             self._save()
-        await self._publish_status()
+        # at once when the picture changed, else every STATUS_REFRESH_S
+        changed = ({p: (self._counts(p), self.desired[p]) for p in self.plans}, self.warnings)
+        due = changed != self._published[1] or time.monotonic() - self._published[0] >= STATUS_REFRESH_S
+        if due and await self._publish_status():
+            self._published = (time.monotonic(), changed)
         return decisions
 
-    async def _publish_status(self) -> None:
+    async def _publish_status(self) -> bool:
         """The deployment's status, as of this step, in Ray's KV store (`STATUS_KEY`): `apsv
         status` reads it there through a GCS client, without joining the cluster as a driver
         (which the dashboard would list as a job)."""
@@ -444,8 +452,10 @@ class VPSM:
             cluster = await asyncio.to_thread(cluster_figures)
             snapshot = {"ts": time.time(), "vpsm": await self.status(), "multiplexer": parts, "cluster": cluster}
             persist.save(self.owner, persist.STATUS_KEY, snapshot)
+            return True
         except Exception:  # the multiplexer restarting: the next step publishes
             log.debug("status not published this step", exc_info=True)
+            return False
 
     async def _check_pending(self, now: float) -> None:
         """Unplaceable demand: the starts Ray has kept waiting, and the resource each lacks."""
