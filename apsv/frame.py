@@ -53,6 +53,11 @@ class FrameKind(enum.IntEnum):
     EVENTS = 66  # route/state events for the virtual router (JSON lines)
     TX_PROGRAM = 67  # periodic transmission the agent must run (BFD): payload describes it
     OPEN = 68  # the agent must open the transport towards the peer (BGP: active TCP connect)
+    # When the session's next timer is due (payload: an 8-octet IEEE double, unix seconds; empty:
+    # no timer), sent when it comes earlier than the last one sent, or that one has passed: the
+    # agent then sends TIMER frames only when one is due. Outside the session's output order
+    # (sequence number 0): it describes the session now, and a repeat or a loss is harmless.
+    DEADLINE = 69
 
 
 class ProtocolId(enum.IntEnum):

@@ -123,3 +123,43 @@ def test_consolidation_benchmark_small(tmp_path: Path) -> None:
     assert {"raylet", "gcs_server", "AgentActor", "StackInstance", "Multiplexer", "VPSM", "ServeReplica"} <= set(parts)
     bad = subprocess.run([*cmd, "--vrouters", "x"], check=False, capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "expected comma-separated integers" in bad.stderr
+
+
+def test_consolidation_projection_extends_the_trends() -> None:
+    from apsv.bench.consolidation import projected_crossover
+
+    def runs(*pts: tuple[int, float, float]) -> list[dict[str, object]]:
+        return [{"vrouters": n, "apsv": {"x": a}, "frr": {"x": f}} for n, a, f in pts]
+
+    # APSV 1000 + 4 N, FRR 16 N: they meet at N = 1000 / 12 = 83.3
+    assert projected_crossover(runs((10, 1040, 160), (50, 1200, 800)), "x") == 84
+    assert projected_crossover(runs((10, 1040, 160), (50, 2000, 800)), "x") is None  # APSV grows faster
+    assert projected_crossover(runs((10, 1040, 160)), "x") is None
+
+
+@pytest.mark.slow
+@pytest.mark.peer
+def test_live_scale_benchmark_small(tmp_path: Path) -> None:
+    """`apsv bench live-scale` end to end on one small step: BIRD's BGP sessions hold their slices,
+    bfdd's BFD sessions stay Up through the hold, and the namespaces it made are gone after."""
+    out = tmp_path / "s.json"
+    cmd = [str(Path(sys.executable).parent / "apsv"), "bench", "live-scale", "--vrouters", "3", "--prefixes", "200"]
+    done = subprocess.run(
+        [*cmd, "--steps", "6:10", "--hold", "5", "--json", "--out", str(out)],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    r = json.loads(out.read_text())
+    [step] = r["steps"]
+    assert step["ok"], step
+    assert step["bgp_converged"] == 6 and step["bfd_up"] == 10
+    assert step["false_bfd_downs"] == {"apsv": 0, "frr": 0}
+    assert step["p99_ms_converging"] is not None and step["cpu_s_per_session_s"] > 0 and step["pss_mb"] > 0
+    assert r["largest_held"] == {"bgp_sessions": 6, "bfd_sessions": 10}
+    netns = subprocess.run(["ip", "netns", "list"], check=True, capture_output=True, text=True).stdout
+    assert "apsv-bfdscale" not in netns
+    bad = subprocess.run([*cmd, "--steps", "x:1"], check=False, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "expected comma-separated integers" in bad.stderr

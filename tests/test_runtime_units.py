@@ -481,3 +481,27 @@ def test_a_peer_gone_is_an_error_not_sigpipe() -> None:
         [sys.executable, "-c", SIGPIPE_DEFAULT], check=False, capture_output=True, text=True, timeout=120
     )
     assert r.returncode == 0 and r.stdout.strip() == "alive", (r.returncode, r.stderr[-2000:])
+
+
+def test_host_tells_the_client_when_a_session_next_needs_a_timer() -> None:
+    """DEADLINE frames, outside the session's output order: one when a timer comes earlier than
+    what the client was told, none while it only moves later, a new one once the told one passed."""
+    import struct
+
+    bgp = int(ProtocolId.BGP)
+    key = (1, 2, bgp, 1)
+    h = SessionHost("bgp")
+    config = {"local_as": 65001, "peer_as": 65002, "router_id": "10.0.0.1", "peer_address": "127.0.0.2"}
+    h.open(key, {**config, "passive": True}, 0.0)
+
+    def step(kind: FrameKind, seq: int, at: float) -> list[Frame]:
+        out = h.process(encode_batch([Frame(kind, bgp, 1, 2, 1, seq, int(at * 1e9), 0, b"")]), None, at)
+        return [f for f in decode_batch(out) if f.kind == FrameKind.DEADLINE]
+
+    [told] = step(FrameKind.CONNECTED, 1, 100.0)  # OPEN sent, the hold timer at its large value
+    assert told.seq == 0 and told.rx_ns == 0
+    first = struct.unpack("!d", told.payload)[0]
+    assert 100.0 < first == h.sessions[key].session.next_deadline()
+    assert step(FrameKind.TIMER, 2, 101.0) == []  # nothing due, nothing new: no frame
+    [after] = step(FrameKind.TIMER, 3, first + 1)  # the hold timer expired: what comes next, if anything
+    assert after.payload == b"" or struct.unpack("!d", after.payload)[0] > first

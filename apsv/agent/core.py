@@ -9,9 +9,10 @@ lines, to a file or an async stream.
 
 Everything it holds is bounded: the buffer pool and batches in flight (a slow cluster stops the
 agent reading from its sockets, so TCP pushes back on the peers), each connection's write
-buffer, the event queue. Stacks' timers are driven by TIMER frames every `timer_interval_s`:
-every input a stack sees is a frame, so a session restored on another instance and fed the
-same frames again does exactly what the original did.
+buffer, the event queue. Stacks' timers are driven by TIMER frames: every input a stack sees
+is a frame, so a session restored on another instance and fed the same frames again does
+exactly what the original did. A BGP session gets one when its instance says a timer is due
+(DEADLINE frames), and every `timer_interval_s` until it has said.
 """
 
 from __future__ import annotations
@@ -21,7 +22,9 @@ import contextlib
 import functools
 import json
 import logging
+import math
 import socket
+import struct
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -54,6 +57,7 @@ class AgentCounters:
     backpressure_waits: int = 0
     events: int = 0
     events_dropped: int = 0
+    timer_frames: int = 0  # TIMER frames sent: one per timer due, not one per session per tick
 
 
 @dataclass
@@ -90,7 +94,13 @@ class Agent:
         self.listeners: dict[tuple[str | None, str, int], dict[str, Key]] = {}
         self._tasks: list[asyncio.Task[Any]] = []
         self._kick = asyncio.Event()
-        self._space = asyncio.Event()
+        # When each BGP session next needs a TIMER frame: its instance's DEADLINE frames say;
+        # until one has, and after a tick it has not answered yet, every timer_interval_s.
+        self._wake: dict[Key, float] = {}
+        # Senders waiting for room (the session, its payload's length, what wakes it): the pump
+        # wakes only those that can now send - waking every waiter on every answer made a
+        # hundred sessions behind one busy instance spin the agent's CPU.
+        self._senders: list[tuple[Key, int, asyncio.Future[None]]] = []
         self._events: asyncio.Queue[dict[str, Any]] = asyncio.Queue(self.max_event_queue)
         self._events_file: Any = None
         self._stopping = False
@@ -270,9 +280,10 @@ class Agent:
             # Its instance's window, or every buffer, is in flight: wait for the cluster (the
             # caller stops reading this session's socket - only this one, for a window).
             self.c.backpressure_waits += 1
-            self._space.clear()
+            room: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._senders.append((key, len(payload), room))
             self._kick.set()
-            await self._space.wait()
+            await room
         if client.pending_frames and client.pending_room() < 56 + len(payload):
             client.flush()  # full: out it goes (can_send said a batch slot is free)
         client.send(key, payload, kind, rx_ns or time.time_ns())
@@ -292,7 +303,7 @@ class Agent:
                 client.wait(0.0)
             except Exception:
                 log.exception("taking in the cluster's answers")
-            self._space.set()
+            self._wake_senders()
             self._watch(client.fds())
             self._kick.clear()
             if client.pending_frames and client.inflight < min(2, client.max_inflight):
@@ -300,6 +311,22 @@ class Agent:
             timeout = 0.002 if client.needs_polling() else None
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._kick.wait(), timeout)
+
+    def _wake_senders(self) -> None:
+        """Wake the waiting senders that the cluster's answers made room for (oldest first)."""
+        if not self._senders:
+            return
+        client = self.client
+        assert client is not None
+        waiting = []
+        for key, n, room in self._senders:
+            if room.done():  # its task was cancelled
+                continue
+            if client.can_send(n, key):
+                room.set_result(None)
+            else:
+                waiting.append((key, n, room))
+        self._senders = waiting
 
     def _watch(self, fds: list[int]) -> None:
         """Wake the pump when any of the client's sockets has something to read."""
@@ -319,10 +346,17 @@ class Agent:
         self._readers = set()
 
     async def _ticker(self) -> None:
+        interval = self.config.timer_interval_s
         while not self._stopping:
-            await asyncio.sleep(self.config.timer_interval_s)
+            await asyncio.sleep(interval)
+            now = time.time()
+            wake = self._wake
             for key in list(self.bgp):
-                await self._send_frame(key, FrameKind.TIMER, b"")
+                if wake.get(key, 0.0) <= now:
+                    # until the instance says when next (its DEADLINE), tick again after an interval
+                    wake[key] = now + interval
+                    self.c.timer_frames += 1
+                    await self._send_frame(key, FrameKind.TIMER, b"")
 
     # -- out of the cluster --------------------------------------------------------------------
 
@@ -334,6 +368,9 @@ class Agent:
             self._write(key, bytes(f.payload))
         elif kind == FrameKind.CLOSE:
             self._close(key, bytes(f.payload).decode(errors="replace"))
+        elif kind == FrameKind.DEADLINE:
+            if key in self.bgp:
+                self._wake[key] = struct.unpack("!d", f.payload)[0] if len(f.payload) == 8 else math.inf
         elif kind == FrameKind.OPEN:
             link = self.bgp.get(key)
             if link is not None and link.writer is None and not link.connecting and link.peer.mode == "active":

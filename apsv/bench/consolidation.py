@@ -33,8 +33,6 @@ import contextlib
 import math
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -46,7 +44,8 @@ from typing import Any
 import psutil
 
 from apsv.bench import daemons as D
-from apsv.bench import shared_data
+from apsv.bench import deployed, shared_data
+from apsv.bench.deployed import Deployed
 from apsv.bench.report import run_and_report
 
 PORT = 1790
@@ -291,124 +290,28 @@ def frr_side(n: int, prefixes: int) -> Side:
 # APSV: `apsv up`, and an agent for the virtual routers
 
 
-def apsv_config(n: int) -> dict[str, Any]:
-    """The deployment: examples/apsv.yaml's BGP protocol and forecaster, sized to this host's
-    CPUs (its instances and the forecaster's replica together fit on it)."""
-    from apsv.local_head import free_port
-
-    cpus = float(os.cpu_count() or 2)
-    # free ports throughout: the benchmark must not collide with a deployment already running
-    ports = {"metrics_export_port": None, "client_server_port": None, "dashboard_agent_port": None}
-    return {
-        "ray": {"num_cpus": cpus, "object_store_memory": "512MiB", "dashboard_port": free_port(), **ports},
-        "protocols": [
-            {
-                "protocol": "bgp",
-                "min_instances": 1,
-                "max_instances": max(1, int((cpus - 0.5) / 0.5)),
-                "policy": "predictive",
-                "allocation": {"cpu": 0.5, "memory": "1GiB", "buffer_quota": "32MiB", "max_sessions": 10000},
-            }
-        ],
-        "forecaster": {"enabled": True, "num_cpus": 0.5, "http_port": free_port()},
-    }
-
-
-def _apsv_cli(args: list[str], env: dict[str, str], timeout: float) -> dict[str, Any]:
-    import json
-
-    cmd = [str(Path(sys.executable).parent / "apsv"), *args, "--json"]
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, check=False)
-    if out.returncode != 0:
-        raise RuntimeError(f"apsv {' '.join(args)} failed: {(out.stderr or out.stdout).strip()[-800:]}")
-    return dict(json.loads(out.stdout.strip().splitlines()[-1]))
-
-
 def apsv_side(n: int, prefixes: int, workdir: Path) -> Side:
-    import yaml
+    """`apsv up` with examples/apsv.yaml's BGP protocol (predictive) and the forecaster, sized
+    to this host's CPUs (its instances and the forecaster's replica together fit on it); one
+    agent with the N virtual routers."""
+    cpus = float(os.cpu_count() or 2)
+    bgp = {
+        "protocol": "bgp",
+        "min_instances": 1,
+        "max_instances": max(1, int((cpus - 0.5) / 0.5)),
+        "policy": "predictive",
+        "allocation": {"cpu": 0.5, "memory": "1GiB", "buffer_quota": "32MiB", "max_sessions": 10000},
+    }
+    dep = Deployed(deployed.config([bgp]), D.agent_vrouters(n, PORT), workdir, "apsv-bench-consolidation")
 
-    from apsv import ops
+    def state() -> tuple[int, int]:
+        infos = [i for i in dep.session_infos() if i["state"] == "Established"]
+        return len(infos), sum(1 for i in infos if int(i["loc_rib"].get("1/1", 0)) >= prefixes)
 
-    state_dir = workdir / "state"
-    state_dir.mkdir(mode=0o700)
-    config = workdir / "apsv.yaml"
-    config.write_text(yaml.safe_dump(apsv_config(n)))
-    env = {**os.environ, "APSV_STATE_DIR": str(state_dir)}
-    env.pop("RAY_ADDRESS", None)
-    t0 = time.monotonic()
-    state = _apsv_cli(["up", "--config", str(config)], env, timeout=300)
-    session, pids = state.get("process_session"), state.get("pids")
-    down_done = False
-
-    def down() -> None:
-        nonlocal down_done
-        if not down_done:
-            down_done = True
-            _apsv_cli(["down"], env, timeout=120)
-
-    try:
-        old_state_dir = os.environ.get("APSV_STATE_DIR")
-        os.environ["APSV_STATE_DIR"] = str(state_dir)
-        conn = ops.connected(job_name="apsv-bench-consolidation")
-        target, vpsm, im = conn.__enter__()
-        agent = _start_agent(n, target)
-        startup = time.monotonic() - t0
-    except BaseException:
-        down()
-        raise
-
-    import ray
-
-    keys = [(1, i + 1, 1, 1) for i in range(n)]
-
-    def state_fn() -> tuple[int, int]:
-        # where each session is, asked every poll: the VPSM may move sessions as it scales
-        routes = ray.get(im.routes_table.remote())
-        handles = ray.get(vpsm.instance_handles.remote())
-        refs = [handles[iid].session_infos.remote([tuple(k) for k in ks], False) for iid, ks in routes.items()]
-        infos = [i for got in ray.get(refs) for i in got.values() if i is not None]
-        est = sum(1 for i in infos if i["state"] == "Established")
-        full = sum(1 for i in infos if i["state"] == "Established" and int(i["loc_rib"].get("1/1", 0)) >= prefixes)
-        return est, full
-
-    def processes() -> list[psutil.Process]:
-        from apsv.local_head import cluster_processes
-
-        return cluster_processes(session, pids)
-
-    def stop() -> None:
-        try:
-            with contextlib.suppress(Exception):
-                ray.get(agent.stop.remote(), timeout=30)
-            conn.__exit__(None, None, None)
-        finally:
-            down()
-            if old_state_dir is None:
-                os.environ.pop("APSV_STATE_DIR", None)
-            else:
-                os.environ["APSV_STATE_DIR"] = old_state_dir
-
-    def instances() -> int:
-        return len(ray.get(vpsm.instance_handles.remote()))
-
-    side = Side("apsv", processes, state_fn, stop, startup)
-    side.extra["instances_at_start"] = instances()
-    side.extra["_instances"] = instances  # read once converged (dropped from the JSON)
-    del keys
+    side = Side("apsv", dep.processes, state, dep.close, dep.startup_s)
+    side.extra["instances_at_start"] = dep.instances()
+    side.extra["_instances"] = dep.instances  # read once converged (dropped from the JSON)
     return side
-
-
-def _start_agent(n: int, target: dict[str, Any]) -> Any:
-    import ray
-
-    from apsv.agent.actor import create_agent_actor
-    from apsv.agent.config import parse_config
-
-    vrouters = D.agent_vrouters(n, PORT)
-    cfg = parse_config({"tenant": 1, "vrouters": vrouters, "buffer_bytes": 4 << 20})
-    agent = create_agent_actor(cfg, multiplexer_name=target["multiplexer"], namespace=target["namespace"])
-    ray.get(agent.start.remote(), timeout=120)
-    return agent
 
 
 # ---------------------------------------------------------------------------------------------
@@ -429,6 +332,22 @@ def crossover(runs: list[dict[str, Any]], key: str) -> int | None:
         return int(pts[0][0])  # below already at the smallest measured N
     (n0, d0), (n1, d1) = pts[i - 1], pts[i]
     return math.ceil(float(n0) + float(n1 - n0) * float(d0) / float(d0 - d1))
+
+
+def projected_crossover(runs: list[dict[str, Any]], key: str) -> int | None:
+    """Where least-squares lines through each side's measured `key` against N cross, when
+    APSV's grows more slowly (None: fewer than two N measured, or it never crosses): an
+    extrapolation beyond the measured range, reported as one."""
+    if len(runs) < 2:
+        return None
+    import numpy as np
+
+    n = np.array([float(r["vrouters"]) for r in runs])
+    a_slope, a_icpt = np.polyfit(n, [float(r["apsv"][key]) for r in runs], 1)
+    f_slope, f_icpt = np.polyfit(n, [float(r["frr"][key]) for r in runs], 1)
+    if a_slope >= f_slope:
+        return None
+    return max(1, math.ceil(float((a_icpt - f_icpt) / (f_slope - a_slope))))
 
 
 def run(vrouters: list[int], prefixes: int, timeout: float = 600.0, dump: Path | None = None) -> dict[str, Any]:
@@ -464,6 +383,11 @@ def run(vrouters: list[int], prefixes: int, timeout: float = 600.0, dump: Path |
         entry["ratios"] = {k: round(a[k] / f[k], 3) if f[k] else None for k in ("seconds", "cpu_s", "pss_mb")}
         out["runs"].append(entry)
     out["crossover_vrouters"] = {"pss": crossover(out["runs"], "pss_mb"), "cpu": crossover(out["runs"], "cpu_s")}
+    # beyond the measured N: where each side's linear trend crosses (a projection, not a measurement)
+    out["crossover_vrouters_projected"] = {
+        "pss": projected_crossover(out["runs"], "pss_mb"),
+        "cpu": projected_crossover(out["runs"], "cpu_s"),
+    }
     return out
 
 
@@ -503,7 +427,8 @@ def render(r: dict[str, Any]) -> str:
                 f"{v['idle_cpu_pct']:10.1f} {v['startup_s']:8.1f}"
             )
         lines.append(f"        APSV / FRR: {x['ratios']}")
-    lines.append(f"  crossover N: {r['crossover_vrouters']}")
+    projected = r["crossover_vrouters_projected"]
+    lines.append(f"  crossover N: {r['crossover_vrouters']} (projected from the trends: {projected})")
     return "\n".join(lines)
 
 

@@ -78,6 +78,9 @@ Family = tuple[int, int]
 LARGE_HOLD_TIME = 240.0  # RFC 4271 §8.2.2: "a large value", suggested 4 minutes
 BFD_FLAP_WINDOW_S = 600.0  # BFD downs within this long damp re-establishment (RFC 5882 §3.2)
 BFD_FLAPS_KEPT = 16
+# Counter names built once, not per message
+FSM_EVENT_COUNTERS: dict[Event, str] = {ev: f"fsm_event_{int(ev)}" for ev in Event}
+MESSAGES_IN_COUNTERS: dict[int, str] = {t: f"messages_in_{name}" for t, name in C.MESSAGE_NAMES.items()}
 
 
 class BgpSession:
@@ -540,7 +543,7 @@ class BgpSession:
         actions, nxt = transition(self.state, ev)
         self._event = ev
         old = self.state
-        self.counters[f"fsm_event_{int(ev)}"] += 1
+        self.counters[FSM_EVENT_COUNTERS[ev]] += 1
         for a in actions:
             self._act(a, old)
         if nxt is not old:
@@ -575,7 +578,18 @@ class BgpSession:
 
     def _act(self, a: Action, state: State) -> None:
         now = self._now
-        if a is Action.INIT_RESOURCES or a is Action.RELEASE_RESOURCES:
+        # the actions of every UPDATE and KEEPALIVE first: this chain runs per message
+        if a is Action.PROCESS_UPDATE:
+            u, self._update = self._update, None
+            if u is not None:
+                self._process_update(u)
+        elif a is Action.HOLD_TIMER_RESTART:
+            if self.hold_time:
+                self.timers["hold"] = now + self.hold_time
+        elif a is Action.KEEPALIVE_TIMER_RESTART:
+            if self.keepalive_time:
+                self.timers["keepalive"] = now + self.keepalive_time
+        elif a is Action.INIT_RESOURCES or a is Action.RELEASE_RESOURCES:
             self._reader = MessageReader(C.MAX_MESSAGE_LEN)
             self.negotiated = None
             self.peer_open = None
@@ -638,16 +652,6 @@ class BgpSession:
             else:
                 self.timers.pop("hold", None)
                 self.timers.pop("keepalive", None)
-        elif a is Action.HOLD_TIMER_RESTART:
-            if self.hold_time:
-                self.timers["hold"] = now + self.hold_time
-        elif a is Action.KEEPALIVE_TIMER_RESTART:
-            if self.keepalive_time:
-                self.timers["keepalive"] = now + self.keepalive_time
-        elif a is Action.PROCESS_UPDATE:
-            u, self._update = self._update, None
-            if u is not None:
-                self._process_update(u)
         elif a is Action.PROCESS_ROUTE_REFRESH:
             rr, self._refresh = self._refresh, None
             n = self.negotiated
@@ -667,7 +671,7 @@ class BgpSession:
     # Messages in
 
     def _on_message(self, mtype: int, body: bytes) -> None:
-        self.counters[f"messages_in_{C.MESSAGE_NAMES.get(mtype, mtype)}"] += 1
+        self.counters[MESSAGES_IN_COUNTERS.get(mtype) or f"messages_in_{mtype}"] += 1
         self._msg_type = mtype
         if mtype == C.MSG_UPDATE:
             if self.state is not State.ESTABLISHED:

@@ -96,3 +96,28 @@ def consolidation(
     except (ValueError, FileNotFoundError) as e:
         typer.echo(f"apsv bench consolidation: {e}", err=True)
         raise typer.Exit(2) from None
+
+
+@bench_app.command("live-scale")
+def live_scale(
+    steps: str = typer.Option("250:500,500:1000,1000:2000", "--steps", help="BGP:BFD session counts, in order."),
+    vrouters: int = typer.Option(100, "--vrouters", min=1, help="Virtual routers the sessions are dealt over."),
+    prefixes: int = typer.Option(1000, "--prefixes", min=1, help="Real routes per BGP session."),
+    hold: float = typer.Option(60.0, "--hold", min=5.0, help="Seconds each step is held once converged."),
+    bfd_interval: int = typer.Option(300, "--bfd-interval", min=50, help="BFD transmit/receive interval, ms."),
+    churn_every: float = typer.Option(5.0, "--churn-every", min=0.0, help="Seconds per slice flap (0: none)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    out: Path = typer.Option(None, "--out", help="Also save the JSON here."),
+) -> None:
+    """BGP (BIRD) and BFD (FRR bfdd) sessions through one agent on `apsv up`: p99, false downs, cost."""
+    from apsv.bench.live_scale import main
+
+    pairs = []
+    for item in steps.split(","):
+        bgp, _, bfd = item.partition(":")
+        counts = _counts("live-scale", "--steps", f"{bgp},{bfd or 0}")
+        if len(counts) != 2:
+            typer.echo(f"apsv bench live-scale: --steps {steps!r}: expected BGP:BFD pairs, e.g. 250:500", err=True)
+            raise typer.Exit(2)
+        pairs.append((counts[0], counts[1]))
+    main(pairs, vrouters, prefixes, hold, bfd_interval, churn_every, as_json, out)

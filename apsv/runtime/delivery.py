@@ -4,7 +4,8 @@ Output reaches a client by several ways - with a batch's reply, unasked after a 
 or moved in, from a session's old instance and its new one - so a session's later frame can
 arrive first: it waits here (bounded) until the gap fills. A frame at or below what was handed
 over is a repeat - a restored session producing again what it produced before it was restored -
-and is dropped and counted.
+and is dropped and counted. Frames numbered 0 (DEADLINE: a session's next timer) stand outside
+that order: each is handed over as it comes.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ class OutputOrder:
         self.repeated_outputs = 0  # regenerated after a restore and dropped here
         self.reordered_outputs = 0  # arrived before an earlier one of their session, held until it came
         self.output_gaps = 0  # output frames given up on (MAX_EARLY_OUTPUTS reached)
+        self.unordered_outputs = 0  # frames outside any session's order (DEADLINE), handed over as they came
 
     def deliver(self, output: bytes, now_ns: int = 0) -> None:
         """Output frames back to back, as an instance returns them (`now_ns`: when they came)."""
@@ -51,7 +53,12 @@ class OutputOrder:
             if lat is not None and rx and len(lat) < MAX_LATENCY_SAMPLES:
                 lat.append(now_ns - rx)
             key = (tenant, vrouter, proto, sid)
-            if bookkeeping_only and not self._early and seq == delivered.get(key, 0) + 1:
+            if seq == 0:
+                self.unordered_outputs += 1
+                hand = self.on_output
+                if hand is not None:
+                    hand(decode_frame(view[off : off + HEADER_LEN + n]))
+            elif bookkeeping_only and not self._early and seq == delivered.get(key, 0) + 1:
                 # the common case, inline: in order, nothing waiting, nobody to hand it to
                 delivered[key] = seq
                 inline += 1

@@ -63,6 +63,11 @@ _SEND: Final = int(FrameKind.SEND)
 _CLOSE: Final = int(FrameKind.CLOSE)
 _OPEN: Final = int(FrameKind.OPEN)
 _TX_PROGRAM: Final = int(FrameKind.TX_PROGRAM)
+_DEADLINE: Final = int(FrameKind.DEADLINE)
+_DEADLINE_VALUE: Final = struct.Struct("!d")
+# `Entry.wake_sent` before the session's first DEADLINE frame (its client ticks it regularly)
+UNSENT: Final = -1.0
+NO_TIMER: Final = float("inf")
 
 # Which events a session sends its virtual router (the `emit_events` of open/restore).
 EVENTS_NONE, EVENTS_ALL, EVENTS_STATE = 0, 1, 2  # state: everything but routing-table changes
@@ -113,6 +118,7 @@ class Entry:
     owner: str = ""  # the client that opened it: only its frames are applied
     epoch: int = 0  # the route epoch its frames must carry
     since_bytes: int = 0
+    wake_sent: float = UNSENT  # the deadline last told its client (NO_TIMER: none)
 
     def seq_state(self) -> SeqState:
         return SeqState(self.last_seq, self.out_seq, self.frames, self.duplicates)
@@ -377,6 +383,7 @@ class SessionHost:
                 continue
             if events:
                 self._emit(key, e, events, rx)
+            self._tell_deadline(key, e, t)
             if rx and len(lat) < 65536:
                 # receive -> applied, stamped after this frame: the wait behind the frames of the
                 # batch before it counts, as it does for the message
@@ -505,6 +512,28 @@ class SessionHost:
                 encode_frame(Frame(FrameKind.EVENTS, proto, tenant, vrouter, sid, e.out_seq, rx_ns, tx, body)),
                 b"",
             )
+
+    def _tell_deadline(self, key: Key, e: Entry, now: float) -> None:
+        """A DEADLINE frame when the session's next timer comes earlier than the one its client
+        was told, or that one has passed (not when a timer only moves later, as the hold timer
+        does with every message: the client then ticks early once, and hears the new one)."""
+        d = e.session.next_deadline()
+        w = e.wake_sent
+        if d is None:
+            if w == UNSENT or w > now:  # never told, or told "none" (inf), or its tick is still to come
+                return
+            d_value, payload = NO_TIMER, b""
+        else:
+            if w != UNSENT and d >= w - 0.001 and w > now:
+                return
+            d_value, payload = d, _DEADLINE_VALUE.pack(d)
+        e.wake_sent = d_value
+        tenant, vrouter, proto, sid = key
+        # sequence number 0 and no receive stamp: outside the session's output order
+        header = _pack_header(
+            MAGIC, VERSION, _DEADLINE, proto, 0, tenant, vrouter, sid, 0, 0, self._tx_ns, len(payload), 0
+        )
+        self._queue(e.owner, header, payload)
 
     def _queue(self, owner: str, header: bytes, payload: bytes) -> None:
         c = self.counters
