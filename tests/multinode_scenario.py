@@ -69,6 +69,13 @@ def replay_from_vrouter_host(
 
 def main(path: str) -> int:
     tmp = tempfile.mkdtemp(prefix="apsv-mn-", dir="/tmp")  # Ray's socket paths are length-limited
+    # Cluster writes the head's address to Ray's default temp dir (/tmp/ray), which exists only
+    # once some Ray has run on the machine: made here if missing, and removed again after.
+    from ray._common.utils import get_default_ray_temp_dir
+
+    default_dir = Path(get_default_ray_temp_dir())  # type: ignore[no-untyped-call]
+    made_default_dir = not default_dir.exists()
+    default_dir.mkdir(parents=True, exist_ok=True)
     cluster: Any = Cluster(  # (no type annotations)
         initialize_head=True,
         head_node_args=node_args({"control_plane": 1}, temp_dir=tmp, include_dashboard=False),
@@ -135,6 +142,8 @@ def main(path: str) -> int:
         ray.shutdown()
         cluster.shutdown()
         shutil.rmtree(tmp, ignore_errors=True)
+        if made_default_dir:
+            shutil.rmtree(default_dir, ignore_errors=True)
 
 
 if __name__ == "__main__":
