@@ -25,6 +25,7 @@ See docs/frame-format.md.
 from __future__ import annotations
 
 import enum
+import math
 import struct
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -99,6 +100,20 @@ class Frame:
 
     def encode(self) -> bytes:
         return encode_frame(self)
+
+
+_DEADLINE_AT = struct.Struct("!d")
+
+
+def encode_deadline(at: float | None) -> bytes:
+    """A DEADLINE frame's payload: when the session's next timer is due (None: no timer)."""
+    return b"" if at is None else _DEADLINE_AT.pack(at)
+
+
+def decode_deadline(payload: bytes | bytearray | memoryview) -> float:
+    """When a DEADLINE frame says the next timer is due: unix seconds, or infinity for none (a
+    payload of another size reads as none, as an empty one does)."""
+    return _DEADLINE_AT.unpack(payload)[0] if len(payload) == _DEADLINE_AT.size else math.inf
 
 
 def _check_range(name: str, value: int, bits: int) -> None:

@@ -163,3 +163,27 @@ def test_live_scale_benchmark_small(tmp_path: Path) -> None:
     assert "apsv-bfdscale" not in netns
     bad = subprocess.run([*cmd, "--steps", "x:1"], check=False, capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "expected comma-separated integers" in bad.stderr
+
+
+def test_footprint_reads_each_process_once_and_splits_cpu_and_memory_by_part() -> None:
+    import psutil
+
+    from apsv.bench.footprint import footprint, memory_mb
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        procs = [psutil.Process(), psutil.Process(child.pid)]
+        fp = footprint(procs, {child.pid: 1.5})
+        pss, rss = memory_mb(procs)
+        assert fp.pss_mb == pytest.approx(pss, rel=0.2) and fp.rss_mb == pytest.approx(rss, rel=0.2)
+        assert fp.cpu_s == 1.5  # only what `used` says
+        assert sum(p.processes for p in fp.parts.values()) == 2
+        assert sum(p.pss_mb for p in fp.parts.values()) == pytest.approx(fp.pss_mb)
+        gone = psutil.Process(child.pid)
+        child.kill()
+        child.wait()
+        after = footprint([gone], {child.pid: 0.5})  # a process gone since it was listed
+        assert after.pss_mb == 0.0 and after.cpu_s == 0.5 and list(after.parts) == ["gone"]
+    finally:
+        child.kill()
+        child.wait()

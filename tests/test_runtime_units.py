@@ -486,7 +486,7 @@ def test_a_peer_gone_is_an_error_not_sigpipe() -> None:
 def test_host_tells_the_client_when_a_session_next_needs_a_timer() -> None:
     """DEADLINE frames, outside the session's output order: one when a timer comes earlier than
     what the client was told, none while it only moves later, a new one once the told one passed."""
-    import struct
+    from apsv.frame import decode_deadline
 
     bgp = int(ProtocolId.BGP)
     key = (1, 2, bgp, 1)
@@ -500,8 +500,30 @@ def test_host_tells_the_client_when_a_session_next_needs_a_timer() -> None:
 
     [told] = step(FrameKind.CONNECTED, 1, 100.0)  # OPEN sent, the hold timer at its large value
     assert told.seq == 0 and told.rx_ns == 0
-    first = struct.unpack("!d", told.payload)[0]
+    first = decode_deadline(told.payload)
     assert 100.0 < first == h.sessions[key].session.next_deadline()
     assert step(FrameKind.TIMER, 2, 101.0) == []  # nothing due, nothing new: no frame
     [after] = step(FrameKind.TIMER, 3, first + 1)  # the hold timer expired: what comes next, if anything
-    assert after.payload == b"" or struct.unpack("!d", after.payload)[0] > first
+    assert decode_deadline(after.payload) > first  # infinity: no timer
+
+
+def test_host_tells_a_deadline_once_per_session_and_batch() -> None:
+    """A batch of many frames for two sessions: at most one DEADLINE frame each, the last one's."""
+    from apsv.frame import decode_deadline
+
+    bgp = int(ProtocolId.BGP)
+    h = SessionHost("bgp")
+    config = {"local_as": 65001, "peer_as": 65002, "router_id": "10.0.0.1", "peer_address": "127.0.0.2"}
+    for sid in (1, 2):
+        h.open((1, 2, bgp, sid), {**config, "passive": True}, 0.0)
+    frames = [Frame(FrameKind.CONNECTED, bgp, 1, 2, sid, 1, int(100e9), 0, b"") for sid in (1, 2)]
+    frames += [
+        Frame(FrameKind.TIMER, bgp, 1, 2, sid, seq, int((100 + seq) * 1e9), 0, b"")
+        for seq in (2, 3, 4)
+        for sid in (1, 2)
+    ]
+    out = decode_batch(h.process(encode_batch(frames), None, 104.0))
+    told = [f for f in out if f.kind == FrameKind.DEADLINE]
+    assert sorted(f.session for f in told) == [1, 2]
+    for f in told:
+        assert decode_deadline(f.payload) == h.sessions[(1, 2, bgp, f.session)].session.next_deadline()

@@ -22,9 +22,7 @@ import contextlib
 import functools
 import json
 import logging
-import math
 import socket
-import struct
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -33,7 +31,7 @@ from typing import Any
 from apsv.agent.bfd_engine import BfdEngine
 from apsv.agent.config import EVENT_LEVELS, AgentConfig, BfdPeer, BgpPeer, VRouter
 from apsv.agent.tcp import connecting_socket, listening_socket
-from apsv.frame import Frame, FrameKind, ProtocolId
+from apsv.frame import Frame, FrameKind, ProtocolId, decode_deadline
 from apsv.runtime.buffer_pool import BufferPool
 from apsv.runtime.client import OffloadClient
 
@@ -370,7 +368,7 @@ class Agent:
             self._close(key, bytes(f.payload).decode(errors="replace"))
         elif kind == FrameKind.DEADLINE:
             if key in self.bgp:
-                self._wake[key] = struct.unpack("!d", f.payload)[0] if len(f.payload) == 8 else math.inf
+                self._wake[key] = decode_deadline(f.payload)
         elif kind == FrameKind.OPEN:
             link = self.bgp.get(key)
             if link is not None and link.writer is None and not link.connecting and link.peer.mode == "active":

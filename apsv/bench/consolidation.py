@@ -29,14 +29,13 @@ reported to show it is not what sets the pace.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,6 +45,7 @@ import psutil
 from apsv.bench import daemons as D
 from apsv.bench import deployed, shared_data
 from apsv.bench.deployed import Deployed
+from apsv.bench.footprint import cpu_seconds, footprint, memory_mb
 from apsv.bench.report import run_and_report
 
 PORT = 1790
@@ -122,38 +122,6 @@ def _prefix_key(prefix: str) -> tuple[int, int]:
 # Measuring a set of processes
 
 
-def cpu_seconds(pids: Iterable[int]) -> dict[int, float]:
-    return {p: D.proc_cpu_seconds(p) for p in pids}
-
-
-def memory_mb(procs: Iterable[psutil.Process]) -> tuple[float, float]:
-    """(PSS, RSS) summed over `procs`, in MB."""
-    pss = rss = 0
-    for p in procs:
-        with contextlib.suppress(psutil.Error):
-            m = p.memory_full_info()
-            pss += m.pss
-            rss += m.rss
-    return pss / 1e6, rss / 1e6
-
-
-def role_of(p: psutil.Process) -> str:
-    """A process's part, for the per-part figures: a Ray worker by the actor it hosts
-    (`ray::ApsvAgent` -> ApsvAgent), a daemon by its program's name."""
-    with contextlib.suppress(psutil.Error):
-        cmd = p.cmdline()
-        if cmd and cmd[0].startswith("ray::"):
-            return cmd[0][5:].split(".")[0].split(":")[0].split(" ")[0] or "worker"
-        if "-m" in cmd[:-1]:
-            return cmd[cmd.index("-m") + 1].rsplit(".", 1)[-1]
-        for word in cmd[:3]:
-            base = os.path.basename(word)
-            if base.endswith(".py"):
-                return base[:-3]
-        return p.name()
-    return "gone"
-
-
 @dataclass
 class Side:
     """One side of the comparison, started and ready for the announcer."""
@@ -198,13 +166,7 @@ def measure(side: Side, routes: list[str], n: int, timeout: float) -> dict[str, 
         t_done = time.monotonic()
         procs = side.processes()
         used = {p.pid: D.proc_cpu_seconds(p.pid) - cpu0.get(p.pid, 0.0) for p in procs}
-        pss, rss = memory_mb(procs)
-        by_part: dict[str, dict[str, float]] = {}
-        for p in procs:
-            part = by_part.setdefault(role_of(p), {"processes": 0, "cpu_s": 0.0, "pss_mb": 0.0})
-            part["processes"] += 1
-            part["cpu_s"] += used[p.pid]
-            part["pss_mb"] += memory_mb([p])[0]
+        fp = footprint(procs, used)
         announcer_cpu = D.proc_cpu_seconds(bird.pid)
         stop_poke.set()
         # the idle cost: sessions up, tables held, keepalives, the control loop
@@ -212,31 +174,28 @@ def measure(side: Side, routes: list[str], n: int, timeout: float) -> dict[str, 
         time.sleep(IDLE_S)
         procs_idle = side.processes()
         idle_used = {p.pid: D.proc_cpu_seconds(p.pid) - idle0.get(p.pid, 0.0) for p in procs_idle}
-        idle = sum(idle_used.values())
-        for p in procs_idle:
-            part = by_part.setdefault(role_of(p), {"processes": 0, "cpu_s": 0.0, "pss_mb": 0.0})
-            part["idle_cpu_pct"] = part.get("idle_cpu_pct", 0.0) + 100.0 * idle_used[p.pid] / IDLE_S
+        idle = footprint(procs_idle, idle_used)
         assert t_est is not None
         return {
             "seconds": round(t_done - t_est, 3),
             "seconds_from_announcer_start": round(t_done - t_start, 3),
             "cpu_s": round(sum(used.values()), 3),
-            "pss_mb": round(pss, 1),
-            "rss_mb": round(rss, 1),
+            "pss_mb": round(fp.pss_mb, 1),
+            "rss_mb": round(fp.rss_mb, 1),
             "processes": len(procs),
             "startup_s": round(side.startup_s, 2),
             "startup_cpu_s": round(startup_cpu, 3),
             "startup_pss_mb": round(pss0, 1),
-            "idle_cpu_pct": round(100.0 * idle / IDLE_S, 2),
-            "pss_mb_idle": round(memory_mb(procs_idle)[0], 1),
+            "idle_cpu_pct": round(100.0 * idle.cpu_s / IDLE_S, 2),
+            "pss_mb_idle": round(idle.pss_mb, 1),
             "by_part": {
                 k: {
-                    "processes": int(v["processes"]),
-                    "cpu_s": round(v["cpu_s"], 3),
-                    "pss_mb": round(v["pss_mb"], 1),
-                    "idle_cpu_pct": round(v.get("idle_cpu_pct", 0.0), 2),
+                    "processes": v.processes,
+                    "cpu_s": round(v.cpu_s, 3),
+                    "pss_mb": round(v.pss_mb, 1),
+                    "idle_cpu_pct": round(100.0 * idle.parts[k].cpu_s / IDLE_S, 2) if k in idle.parts else 0.0,
                 }
-                for k, v in sorted(by_part.items(), key=lambda kv: -kv[1]["pss_mb"])
+                for k, v in sorted(fp.parts.items(), key=lambda kv: -kv[1].pss_mb)
             },
             "announcer_cpu_s": round(announcer_cpu, 3),
             **side.extra,

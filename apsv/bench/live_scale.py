@@ -45,8 +45,9 @@ import psutil
 from apsv.bench import bfd_scale as B
 from apsv.bench import daemons as D
 from apsv.bench import deployed
-from apsv.bench.consolidation import memory_mb, real_routes, role_of
+from apsv.bench.consolidation import real_routes
 from apsv.bench.deployed import Deployed
+from apsv.bench.footprint import footprint, memory_mb
 from apsv.bench.report import run_and_report
 
 PORT = 1790
@@ -257,12 +258,7 @@ def one_step(
             raise RuntimeError(f"the agent dropped {dropped - dropped0} events during the hold: false downs unknown")
         procs = dep.processes()
         used = {p.pid: D.proc_cpu_seconds(p.pid) - cpu0.get(p.pid, 0.0) for p in procs}
-        pss, rss = memory_mb(procs)
-        parts: dict[str, dict[str, float]] = {}
-        for p in procs:
-            part = parts.setdefault(role_of(p), {"cpu_pct": 0.0, "pss_mb": 0.0})
-            part["cpu_pct"] += 100.0 * used[p.pid] / dt
-            part["pss_mb"] += memory_mb([p])[0]
+        fp = footprint(procs, used)
         frr_down = sum(1 for p in bfdd.peers() if p.get("status") != "up") if bfdd else 0
         sessions = n_bgp + n_bfd
         p99 = {proto: _p99(dep, proto, since) for proto in ("bgp", "bfd")}
@@ -274,12 +270,12 @@ def one_step(
             false_bfd_downs={"apsv": downs, "frr": frr_down},
             cpu_pct=round(100.0 * sum(used.values()) / dt, 1),
             cpu_s_per_session_s=round(sum(used.values()) / dt / sessions, 6),
-            pss_mb=round(pss, 1),
-            rss_mb=round(rss, 1),
-            pss_kb_per_session=round(1000.0 * (pss - empty_pss) / sessions, 1),
+            pss_mb=round(fp.pss_mb, 1),
+            rss_mb=round(fp.rss_mb, 1),
+            pss_kb_per_session=round(1000.0 * (fp.pss_mb - empty_pss) / sessions, 1),
             by_part={
-                k: {"cpu_pct": round(v["cpu_pct"], 2), "pss_mb": round(v["pss_mb"], 1)}
-                for k, v in sorted(parts.items(), key=lambda kv: -kv[1]["cpu_pct"])
+                k: {"cpu_pct": round(100.0 * v.cpu_s / dt, 2), "pss_mb": round(v.pss_mb, 1)}
+                for k, v in sorted(fp.parts.items(), key=lambda kv: -kv[1].cpu_s)
             },
             instances=dep.instances(),
             bfdd_cpu_pct=round(100.0 * (D.proc_cpu_seconds(bfdd.pid()) - bfdd_cpu0) / dt, 1) if bfdd else None,

@@ -2,13 +2,16 @@
 
 `start_local_ray` uses a temp dir of its own (a stale ``ray_current_cluster`` file in Ray's
 default one breaks the next ``ray.init(num_cpus=...)``), binds the dashboard to 127.0.0.1, and
-keeps Ray's token authentication on (Ray's default).
+keeps Ray's token authentication on (Ray's default). A temp dir it made is removed when the
+process exits (after Ray shuts down), unless ``APSV_KEEP_RAY_LOGS`` is set.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
+import shutil
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -64,6 +67,8 @@ def start_local_ray(
         return {"address": ray.get_runtime_context().gcs_address, "reused": True}
     # Unix sockets live under the temp dir and their paths are length-limited: keep it short.
     tmp = Path(temp_dir) if temp_dir else Path(tempfile.mkdtemp(prefix="apsv-ray-", dir="/tmp"))
+    if not temp_dir and not os.environ.get("APSV_KEEP_RAY_LOGS"):
+        atexit.register(_remove_temp_dir, tmp)  # runs before Ray's own exit hook: shut down first
     kwargs: dict[str, Any] = {
         "num_cpus": num_cpus,
         "namespace": namespace,
@@ -79,6 +84,12 @@ def start_local_ray(
         kwargs["_metrics_export_port"] = metrics_export_port
     ray.init(**kwargs)
     return {"address": ray.get_runtime_context().gcs_address, "temp_dir": str(tmp), "reused": False}
+
+
+def _remove_temp_dir(tmp: Path) -> None:
+    if ray.is_initialized():
+        ray.shutdown()
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 @dataclass

@@ -29,7 +29,18 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, NamedTuple
 
-from apsv.frame import HEADER, HEADER_LEN, MAGIC, VERSION, Frame, FrameKind, SessionKey, encode_frame, frame_offsets
+from apsv.frame import (
+    HEADER,
+    HEADER_LEN,
+    MAGIC,
+    VERSION,
+    Frame,
+    FrameKind,
+    SessionKey,
+    encode_deadline,
+    encode_frame,
+    frame_offsets,
+)
 from apsv.stack import (
     CloseTransport,
     OpenTransport,
@@ -64,7 +75,6 @@ _CLOSE: Final = int(FrameKind.CLOSE)
 _OPEN: Final = int(FrameKind.OPEN)
 _TX_PROGRAM: Final = int(FrameKind.TX_PROGRAM)
 _DEADLINE: Final = int(FrameKind.DEADLINE)
-_DEADLINE_VALUE: Final = struct.Struct("!d")
 # `Entry.wake_sent` before the session's first DEADLINE frame (its client ticks it regularly)
 UNSENT: Final = -1.0
 NO_TIMER: Final = float("inf")
@@ -119,6 +129,7 @@ class Entry:
     epoch: int = 0  # the route epoch its frames must carry
     since_bytes: int = 0
     wake_sent: float = UNSENT  # the deadline last told its client (NO_TIMER: none)
+    applied_at: float = 0.0  # the stack clock of the last frame applied
 
     def seq_state(self) -> SeqState:
         return SeqState(self.last_seq, self.out_seq, self.frames, self.duplicates)
@@ -321,6 +332,7 @@ class SessionHost:
         c = self.counters
         lat = c.latency_ns
         refused: dict[Key, Refused] = {}
+        touched: dict[Key, Entry] = {}  # sessions whose next timer may have moved
         applied = 0
         snapshot_every = self.limits.snapshot_every
         snapshot_bytes = self.limits.snapshot_bytes
@@ -383,7 +395,8 @@ class SessionHost:
                 continue
             if events:
                 self._emit(key, e, events, rx)
-            self._tell_deadline(key, e, t)
+            touched[key] = e
+            e.applied_at = t
             if rx and len(lat) < 65536:
                 # receive -> applied, stamped after this frame: the wait behind the frames of the
                 # batch before it counts, as it does for the message
@@ -394,6 +407,8 @@ class SessionHost:
                 self._snapshots[key] = (e.seq_state(), s.snapshot())
                 e.since_snapshot = 0
                 e.since_bytes = 0
+        for key, e in touched.items():  # once per session and batch, not per frame
+            self._tell_deadline(key, e, e.applied_at)
         for key in snapshot_keys:
             e = sessions.get(key)
             if e is not None and e.owner == owner and e.since_snapshot:
@@ -522,11 +537,11 @@ class SessionHost:
         if d is None:
             if w == UNSENT or w > now:  # never told, or told "none" (inf), or its tick is still to come
                 return
-            d_value, payload = NO_TIMER, b""
+            d_value, payload = NO_TIMER, encode_deadline(None)
         else:
             if w != UNSENT and d >= w - 0.001 and w > now:
                 return
-            d_value, payload = d, _DEADLINE_VALUE.pack(d)
+            d_value, payload = d, encode_deadline(d)
         e.wake_sent = d_value
         tenant, vrouter, proto, sid = key
         # sequence number 0 and no receive stamp: outside the session's output order
