@@ -1,5 +1,6 @@
 """What an operator relies on, against real daemons: FRR restarting with graceful restart keeps
-its routes in APSV (stale, then swept), and without it they go at once; TCP MD5 and GTSM.
+its routes in APSV (stale, then swept), and without it they go at once; with long-lived graceful
+restart they stay past its restart time, marked LLGR_STALE; TCP MD5 and GTSM.
 
 The APSV side is one sans-I/O BGP session on a real socket (`tests/session_driver.py`), so the
 test sees the stack's own events in order, with their times.
@@ -36,7 +37,7 @@ GR_LINES = ("bgp graceful-restart", "bgp graceful-restart preserve-fw-state")
 
 
 def apsv_config(
-    port_offset: int, graceful_restart: bool, idle_hold_time: float = 0.2
+    port_offset: int, graceful_restart: bool, idle_hold_time: float = 0.2, long_lived_stale_time: int | None = None
 ) -> tuple[BgpSessionConfig, tuple[str, int]]:
     listen = (peers.APSV_ADDR, peers.APSV_PORT + port_offset)
     cfg = BgpSessionConfig(
@@ -48,6 +49,7 @@ def apsv_config(
         hold_time=peers.HOLD,
         families=["ipv4-unicast"],
         graceful_restart_time=120 if graceful_restart else None,
+        long_lived_stale_time=long_lived_stale_time,
         idle_hold_time=idle_hold_time,
         next_hop_self="198.51.100.10",
     )
@@ -119,6 +121,57 @@ def test_without_graceful_restart_frrs_routes_are_withdrawn_at_once(run_dir: Pat
             gone = withdrawals(d, t_kill)
             ups = [t for t, e in d.seen(StateChanged, t_kill) if e.new == State.ESTABLISHED.value]
             assert len(gone) == N4 and max(gone) < ups[0] and not d.seen(GracefulRestartEvent)
+        finally:
+            frr.stop()
+
+
+def test_frr_not_back_in_its_restart_time_keeps_its_routes_long_lived_marked_llgr_stale(run_dir: Path) -> None:
+    """RFC 9494 with FRR as the restarting speaker (`bgp long-lived-graceful-restart stale-time`):
+    bgpd killed and not started again; past FRR's 3 s restart time its routes stay, now carrying
+    LLGR_STALE, and the 100 it marked NO_LLGR go; past the 12 s long-lived stale time, all go."""
+    cfg, listen = apsv_config(32, graceful_restart=True, long_lived_stale_time=3600)
+    prefixes = peers.v4_prefixes(FRR.v4_base, N4)
+    nets = [f"network {p}" for p in prefixes[:-100]] + [f"network {p} route-map NOLLGR" for p in prefixes[-100:]]
+    lines = (*GR_LINES, "bgp graceful-restart restart-time 3", "bgp long-lived-graceful-restart stale-time 12")
+    with SessionDriver(cfg, listen) as d:
+        frr = peers.start_frr(
+            run_dir,
+            N4,
+            0,
+            target=listen,
+            router_lines=lines,
+            network_lines=tuple(nets),
+            extra_config="route-map NOLLGR permit 10\n set community no-llgr\n!",
+        )
+        try:
+            established_with(d, N4)
+            n = d.call(lambda s: s.negotiated)
+            assert n is not None and n.long_lived and n.llgr_stale_time(V4) == 12, n
+            assert n.peer_restart_time == 3 and V4 in n.peer_llgr_forwarding, n
+            t_kill = time.monotonic()
+            frr.proc.kill()
+            frr.proc.wait(timeout=10)
+            peers.wait_for(
+                "the long-lived phase",
+                lambda: any(e.phase == "long-lived" for _, e in d.seen(GracefulRestartEvent, t_kill)),
+                timeout=30,
+            )
+            t_long = next(t for t, e in d.seen(GracefulRestartEvent, t_kill) if e.phase == "long-lived")
+            assert t_long - t_kill >= 2.5  # not before FRR's restart time
+            kept = d.call(lambda s: [pa for _, pa in s.adj_in[V4].routes.items()])
+            assert len(kept) == N4 - 100
+            assert all(C.COMMUNITY_LLGR_STALE in (pa.get(C.ATTR_COMMUNITIES) or ()) for pa in kept)
+            gone = withdrawals(d, t_kill)
+            assert len(gone) == 100 and min(gone) >= t_long - 0.01  # the NO_LLGR routes, no sooner
+            peers.wait_for(
+                "the long-lived stale time over",
+                lambda: d.call(lambda s: s.prefix_count() == 0),
+                timeout=40,
+            )
+            phases = [(e.phase, e.routes) for _, e in d.seen(GracefulRestartEvent, t_kill)]
+            assert phases == [("retained", N4), ("long-lived", N4 - 100), ("expired", N4 - 100)], phases
+            t_end = d.seen(GracefulRestartEvent, t_kill)[-1][0]
+            assert t_end - t_long >= 11.5
         finally:
             frr.stop()
 

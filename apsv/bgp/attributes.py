@@ -941,3 +941,18 @@ def with_mp_next_hop(pa: PathAttributes, nh: bytes, ctx: CodecContext) -> PathAt
     else:
         text = "0x" + nh.hex()
     return interner_for(ctx).with_extra(pa, Attribute(0, MP_NEXT_HOP, text), nh)
+
+
+def with_community(pa: PathAttributes, community: int, ctx: CodecContext) -> PathAttributes:
+    """`pa` with one more RFC 1997 community (the set kept sorted, without repeats), interned."""
+    have: tuple[int, ...] = tuple(pa.get(C.ATTR_COMMUNITIES) or ())
+    if community in have:
+        return pa
+    base = [a for a in pa.attrs if a.type_code not in (MP_NEXT_HOP, C.ATTR_COMMUNITIES)]
+    flags = C.FLAG_OPTIONAL | C.FLAG_TRANSITIVE
+    base.append(Attribute(flags, C.ATTR_COMMUNITIES, tuple(sorted({*have, community}))))
+    out = PathAttributes.build(sorted(base, key=lambda a: a.type_code), ctx)
+    extra = pa._extra
+    if extra is None:
+        return out
+    return interner_for(ctx).with_extra(out, extra, str(extra.value).encode())

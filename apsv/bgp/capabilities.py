@@ -49,6 +49,12 @@ class GracefulRestart:
 
 
 @dataclass(frozen=True, slots=True)
+class LongLivedGracefulRestart:
+    # (afi, safi, flags: 0x80 = forwarding state preserved, long-lived stale time in seconds)
+    families: tuple[tuple[int, int, int, int], ...]
+
+
+@dataclass(frozen=True, slots=True)
 class AddPath:
     families: tuple[tuple[int, int, int], ...]  # (afi, safi, 1 receive | 2 send | 3 both)
 
@@ -113,6 +119,14 @@ def parse_capability(code: int, value: bytes) -> object:
         head = int.from_bytes(value[:2], "big")
         fams = tuple(struct.unpack_from("!HBB", value, i) for i in range(2, n, 4))
         return GracefulRestart(bool(head & 0x8000), bool(head & 0x4000), head & 0x0FFF, fams)
+    if code == C.CAP_LONG_LIVED_GR:
+        if n % 7:
+            raise _bad(code, f"length {n}, expected 7*k")
+        llgr = []
+        for i in range(0, n, 7):
+            afi, safi, flags = struct.unpack_from("!HBB", value, i)
+            llgr.append((afi, safi, flags, int.from_bytes(value[i + 4 : i + 7], "big")))
+        return LongLivedGracefulRestart(tuple(llgr))
     if code == C.CAP_ADD_PATH:
         if n == 0 or n % 4:
             raise _bad(code, f"length {n}, expected 4*k")
@@ -156,6 +170,7 @@ def build_capabilities(
     extended_message: bool = False,
     add_path: tuple[tuple[int, int, int], ...] = (),
     graceful_restart_time: int | None = None,
+    long_lived_graceful_restart: bool = False,
 ) -> tuple[Capability, ...]:
     """The capabilities an APSV speaker announces."""
     caps: list[Capability] = [Capability(C.CAP_MULTIPROTOCOL, struct.pack("!HBB", a, 0, s)) for a, s in families]
@@ -170,6 +185,10 @@ def build_capabilities(
         # No address family: APSV performs the receiving speaker's procedures for its peers and
         # does not claim to preserve forwarding across a restart of its own (RFC 4724 §3).
         caps.append(Capability(C.CAP_GRACEFUL_RESTART, (graceful_restart_time & 0x0FFF).to_bytes(2, "big")))
+        if long_lived_graceful_restart:
+            # likewise with no family (RFC 9494): APSV keeps a peer's routes long-lived stale
+            # and takes routes marked LLGR_STALE from it; it keeps none of its own
+            caps.append(Capability(C.CAP_LONG_LIVED_GR))
     return tuple(caps)
 
 
@@ -191,6 +210,17 @@ class Negotiated:
     peer_gr_families: frozenset[Family] = frozenset()
     peer_gr_forwarding: frozenset[Family] = frozenset()
     peer_capabilities: tuple[int, ...] = field(default=())
+    # long-lived graceful restart (RFC 9494), both sides sent it: the peer's families with their
+    # long-lived stale time (seconds), and those with forwarding state preserved
+    long_lived: bool = False
+    peer_llgr_times: tuple[tuple[Family, int], ...] = ()
+    peer_llgr_forwarding: frozenset[Family] = frozenset()
+
+    def llgr_stale_time(self, family: Family) -> int:
+        """The peer's long-lived stale time for `family` (0: none)."""
+        if not self.long_lived:
+            return 0
+        return next((t for f, t in self.peer_llgr_times if f == family), 0)
 
 
 def negotiate(local: tuple[Capability, ...], peer: tuple[Capability, ...]) -> Negotiated:
@@ -220,6 +250,8 @@ def negotiate(local: tuple[Capability, ...], peer: tuple[Capability, ...]) -> Ne
     tx = frozenset(f for f in families if mine.get(f, 0) & C.ADD_PATH_SEND and theirs.get(f, 0) & C.ADD_PATH_RECEIVE)
     peer_gr = next((c for c in pp if isinstance(c, GracefulRestart)), None)
     local_gr = any(isinstance(c, GracefulRestart) for c in lp)
+    peer_llgr = next((c for c in pp if isinstance(c, LongLivedGracefulRestart)), None)
+    local_llgr = any(isinstance(c, LongLivedGracefulRestart) for c in lp)
     return Negotiated(
         asn4=asn4,
         families=frozenset(families),
@@ -237,4 +269,9 @@ def negotiate(local: tuple[Capability, ...], peer: tuple[Capability, ...]) -> Ne
         if peer_gr
         else frozenset(),
         peer_capabilities=tuple(c.code for c in peer),
+        long_lived=local_gr and local_llgr and peer_llgr is not None,
+        peer_llgr_times=tuple(sorted(((a, sf), t) for a, sf, _fl, t in peer_llgr.families)) if peer_llgr else (),
+        peer_llgr_forwarding=frozenset((a, sf) for a, sf, fl, _t in peer_llgr.families if fl & 0x80)
+        if peer_llgr
+        else frozenset(),
     )

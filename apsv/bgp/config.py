@@ -99,6 +99,9 @@ class BgpSessionConfig(BaseModel):
     graceful_restart_time: Annotated[int, Field(ge=0, le=4095)] | None = None
     # how long stale routes wait for the peer's End-of-RIB once it is back (FRR's stalepath-time)
     stale_routes_time: Annotated[float, Field(gt=0, le=3600)] = 360.0
+    # announce long-lived graceful restart (RFC 9494) too, and keep a peer's routes for its
+    # long-lived stale time after its restart time, at most this many seconds; None: neither
+    long_lived_stale_time: Annotated[int, Field(ge=1, le=0xFFFFFF)] | None = None
     # maximum-prefix per family (apsv/bgp/prefix_limit.py): a warning at max_prefixes_threshold_pct;
     # past it Cease 6/1, then down until started again or for max_prefixes_restart_s; with
     # max_prefixes_warning_only a warning instead (2,000,000 still ends the session)
@@ -175,6 +178,8 @@ class BgpSessionConfig(BaseModel):
         for fam in self.add_path_receive:
             if fam not in self.families:
                 raise ValueError(f"add_path_receive: family {fam} is not in 'families'")
+        if self.long_lived_stale_time is not None and self.graceful_restart_time is None:
+            raise ValueError("long_lived_stale_time needs graceful_restart_time (RFC 9494 extends graceful restart)")
         for direction in ("import", "export"):
             chosen = getattr(self, f"{direction}_policy")
             named = chosen.values() if isinstance(chosen, dict) else [chosen] if chosen else []

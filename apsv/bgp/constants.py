@@ -147,10 +147,14 @@ CAP_GRACEFUL_RESTART: Final = 64
 CAP_FOUR_OCTET_AS: Final = 65
 CAP_ADD_PATH: Final = 69
 CAP_ENHANCED_ROUTE_REFRESH: Final = 70
-CAP_LONG_LIVED_GR: Final = 71
+CAP_LONG_LIVED_GR: Final = 71  # RFC 9494
 CAP_FQDN: Final = 73
 CAP_SOFTWARE_VERSION: Final = 75
 CAP_ROUTE_REFRESH_OLD: Final = 128  # pre-standard Cisco code, still sent by some speakers
+
+# RFC 9494 well-known communities: a route kept long-lived stale, and one never to be
+COMMUNITY_LLGR_STALE: Final = 0xFFFF0006
+COMMUNITY_NO_LLGR: Final = 0xFFFF0007
 
 # ADD-PATH send/receive (RFC 7911 §4)
 ADD_PATH_RECEIVE: Final = 1

@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 Verdict = Literal["permit", "deny"]
 
-# RFC 1997 / 7999 / 8326 well-known communities, by the names FRR uses
+# RFC 1997 / 7999 / 8326 / 9494 well-known communities, by the names FRR uses
 WELL_KNOWN: dict[str, int] = {
     "no-export": 0xFFFFFF01,
     "no-advertise": 0xFFFFFF02,
@@ -28,6 +28,8 @@ WELL_KNOWN: dict[str, int] = {
     "blackhole": 0xFFFF029A,
     "graceful-shutdown": 0xFFFF0000,
     "no-peer": 0xFFFFFF04,
+    "llgr-stale": 0xFFFF0006,  # RFC 9494
+    "no-llgr": 0xFFFF0007,
 }
 _NAMES = {v: k for k, v in WELL_KNOWN.items() if k != "local-AS"}
 

@@ -43,7 +43,7 @@ from apsv.bgp.events import (
     next_hop_of,
 )
 from apsv.bgp.fsm import FSM_ERROR_SUBCODE, Action, Event, State, transition
-from apsv.bgp.graceful_restart import GracefulRestartEvent, StaleRoutes
+from apsv.bgp.graceful_restart import GracefulRestartEvent, LongLived, StaleRoutes, mark_long_lived
 from apsv.bgp.message import (
     KEEPALIVE_BYTES,
     MessageReader,
@@ -107,6 +107,7 @@ class BgpSession:
             extended_message=config.extended_message,
             add_path=tuple((*FAMILY_CODES[f], C.ADD_PATH_RECEIVE) for f in config.add_path_receive),
             graceful_restart_time=config.graceful_restart_time,
+            long_lived_graceful_restart=config.long_lived_stale_time is not None,
         )
         self._reader = MessageReader(C.MAX_MESSAGE_LEN)
         self.source = Source(
@@ -140,6 +141,7 @@ class BgpSession:
         self._table_eor: set[Family] = set()
         self._xfer_open = False  # within an initial transfer (establishment to End-of-RIB)
         self.stale = StaleRoutes()  # a restarting peer's routes kept (graceful_restart.py)
+        self.long_lived = LongLived()  # and for how long, past its restart time (RFC 9494)
         # what the peer sent before import policy, when kept (soft_reconfig.py)
         self.received: ReceivedRoutes | None = None
         # route maps by (direction, family); RFC 8212 refuses what an eBGP direction without one carries
@@ -260,7 +262,9 @@ class BgpSession:
             elif name == "keepalive":
                 self._dispatch(Event.KEEPALIVE_TIMER_EXPIRES)
             elif name == "gr_restart":
-                self._drop_stale(list(self.stale.families()), "expired", "the peer was not back in its restart time")
+                self._restart_time_passed()
+            elif name == "llgr_stale":
+                self._long_lived_passed(now)
             elif name == "gr_stale":
                 self._drop_stale(list(self.stale.families()), "swept", "no End-of-RIB within stale_routes_time")
             elif name == "idle_hold":
@@ -523,6 +527,8 @@ class BgpSession:
             "router_id": self.config.router_id,
             "established_at": self.established_at,
             "stale_routes": len(self.stale),
+            # families held long-lived stale (RFC 9494) and when their routes go
+            "long_lived_stale_until": {C.family_name(f): t for f, t in sorted(self.long_lived.until.items())},
             "prefixes_received": self.prefix_count(),
             "loc_rib": {f"{a}/{s}": len(r) for (a, s), r in self.loc_rib.items()},
             "prefixes_advertised": sum(len(v) for v in self.adj_out.values()),
@@ -997,10 +1003,12 @@ class BgpSession:
         self.adj_in.clear()
         self.loc_rib.clear()
         self.stale.clear()
+        self.long_lived.clear()
         if self.received is not None:
             self.received.clear()
         self.timers.pop("gr_restart", None)
         self.timers.pop("gr_stale", None)
+        self.timers.pop("llgr_stale", None)
         if changes:
             self._out.append(RoutesChanged(changes))
 
@@ -1013,39 +1021,104 @@ class BgpSession:
         n = self.negotiated
         if state is not State.ESTABLISHED:
             # a re-establishment that failed: what is stale waits out the running restart timer
-            return bool(self.stale) and "gr_restart" in self.timers
-        if n is None or not n.graceful_restart or n.peer_restart_time == 0:
+            return bool(self.stale) and ("gr_restart" in self.timers or "llgr_stale" in self.timers)
+        if n is None or not n.graceful_restart:
             return False
-        if not n.peer_gr_families & self.adj_in.keys():
+        restarting = n.peer_gr_families if n.peer_restart_time > 0 else frozenset()
+        cap = self.config.long_lived_stale_time or 0
+        long_lived = {f: min(n.llgr_stale_time(f), cap) for f in self.adj_in if n.llgr_stale_time(f) > 0 and cap}
+        kept_families = (restarting | long_lived.keys()) & self.adj_in.keys()
+        if not kept_families:
             return False  # the peer restarts no family of ours gracefully (a helper only, like APSV)
-        # families the peer's capability did not list are not kept (§4.2)
-        self._drop_families([f for f in self.adj_in if f not in n.peer_gr_families])
+        # families the peer's capabilities did not list are not kept (RFC 4724 §4.2, RFC 9494 §4.2)
+        self._drop_families([f for f in self.adj_in if f not in kept_families])
         for fam, rib in self.adj_in.items():
             self.stale.mark(fam, rib.routes)
         kept = len(self.stale)
         self.timers.pop("gr_stale", None)
-        self.timers["gr_restart"] = self._now + n.peer_restart_time
         self.counters["gr_restarts"] += 1
-        self._out.append(
-            GracefulRestartEvent(
-                "retained", kept, f"transport lost; kept stale for the peer's restart time of {n.peer_restart_time} s"
-            )
-        )
+        self.long_lived.clear()
+        self.long_lived.pending.update(long_lived)
+        if kept_families & restarting:
+            self.timers["gr_restart"] = self._now + n.peer_restart_time
+            why = f"transport lost; kept stale for the peer's restart time of {n.peer_restart_time} s"
+            self._out.append(GracefulRestartEvent("retained", kept, why))
+            # a family listed for long-lived restart only starts its long-lived stale time now
+            self._enter_long_lived([f for f in long_lived if f not in restarting])
+        else:
+            self._out.append(GracefulRestartEvent("retained", kept, "transport lost; the peer has no restart time"))
+            self._enter_long_lived(list(long_lived))
         return True
+
+    def _restart_time_passed(self) -> None:
+        """The peer was not back within its restart time: families it restarts long-lived go on
+        stale for their long-lived stale time; the others' stale routes go."""
+        ll = self.long_lived
+        later = [f for f in self.stale.families() if f in ll.pending]
+        gone = [f for f in self.stale.families() if f not in ll.pending and f not in ll.until]
+        if gone:
+            self._drop_stale(gone, "expired", "the peer was not back in its restart time")
+        self._enter_long_lived(later)
+
+    def _enter_long_lived(self, families: list[Family]) -> None:
+        """RFC 9494 §4.2: the families' stale routes carrying NO_LLGR go, the others stay for the
+        long-lived stale time, marked LLGR_STALE."""
+        changes: list[BestPathChange] = []
+        for fam in families:
+            llst = self.long_lived.pending.pop(fam)
+            rib, loc = self.adj_in.get(fam), self.loc_rib.get(fam)
+            if rib is None or loc is None:
+                continue
+            keys = self.stale.take(fam)
+            if not keys:
+                continue
+            moved, kept, deleted = mark_long_lived(rib, loc, keys, self.ctx)
+            changes += moved
+            self.stale.mark(fam, [k for k in keys if k in rib.routes])
+            if self.received is not None and deleted:
+                self.received.forget(fam, [k for k in keys if k not in rib.routes])
+            self.long_lived.until[fam] = self._now + llst
+            self.counters["llgr_stale_kept"] += kept
+            self.counters["llgr_no_llgr_deleted"] += deleted
+            why = f"restart time over; kept {llst} s more, marked LLGR_STALE ({deleted} NO_LLGR routes deleted)"
+            self._out.append(GracefulRestartEvent("long-lived", kept, f"{C.family_name(fam)}: {why}"))
+        self._arm_long_lived()
+        if changes:
+            self._out.append(RoutesChanged(changes))
+
+    def _long_lived_passed(self, now: float) -> None:
+        due = self.long_lived.due(now)
+        for fam in due:
+            self.long_lived.until.pop(fam, None)
+        if due:
+            self._drop_stale(due, "expired", "the peer was not back in its long-lived stale time")
+        self._arm_long_lived()
+
+    def _arm_long_lived(self) -> None:
+        at = self.long_lived.next_deadline()
+        if at is None:
+            self.timers.pop("llgr_stale", None)
+        else:
+            self.timers["llgr_stale"] = at
 
     def _gr_reestablished(self) -> None:
         """Back after a restart: stale routes of families the peer no longer restarts gracefully
         go at once; the rest wait for its End-of-RIB, at most stale_routes_time."""
         self.timers.pop("gr_restart", None)
+        self.timers.pop("llgr_stale", None)
+        long_lived = set(self.long_lived.until)
+        self.long_lived.clear()
         if not self.stale:
             return
         n = self.negotiated
         assert n is not None
-        gone = [
-            f
-            for f in self.stale.families()
-            if not n.graceful_restart or f not in n.families or f not in n.peer_gr_forwarding
-        ]
+
+        def preserved(f: Family) -> bool:
+            if f in long_lived:  # RFC 9494 §4.2: the long-lived capability's own forwarding bit
+                return n.long_lived and f in n.peer_llgr_forwarding
+            return f in n.peer_gr_forwarding
+
+        gone = [f for f in self.stale.families() if not n.graceful_restart or f not in n.families or not preserved(f)]
         if gone:
             self._drop_stale(gone, "flushed", "the peer came back without forwarding state preserved for the family")
         if self.stale:
@@ -1062,9 +1135,13 @@ class BgpSession:
             if rib is not None and keys:
                 dropped += len(keys)
                 changes += self.loc_rib[fam].withdraw(rib, keys)
+        for fam in families:
+            self.long_lived.forget(fam)
         if not self.stale:
             self.timers.pop("gr_restart", None)
             self.timers.pop("gr_stale", None)
+            self.long_lived.clear()
+        self._arm_long_lived()
         self.counters[f"gr_stale_{phase}"] += dropped
         self._out.append(GracefulRestartEvent(phase, dropped, reason))
         if changes:
@@ -1075,6 +1152,7 @@ class BgpSession:
         changes: list[BestPathChange] = []
         for fam in families:
             self.stale.take(fam)
+            self.long_lived.forget(fam)
             if self.received is not None:
                 self.received.drop(fam)
             rib = self.adj_in.pop(fam, None)
@@ -1231,6 +1309,7 @@ class BgpSession:
                 "state": self.state.value,
                 "connect_retry_counter": self.connect_retry_counter,
                 "timers": self.timers,
+                "long_lived": self.long_lived.to_json(),
                 "idle_hold": self.idle_hold,
                 "connected": self.connected,
                 "hold_time": self.hold_time,
@@ -1252,6 +1331,9 @@ class BgpSession:
                     "peer_gr_families": sorted(n.peer_gr_families),
                     "peer_gr_forwarding": sorted(n.peer_gr_forwarding),
                     "peer_capabilities": list(n.peer_capabilities),
+                    "long_lived": n.long_lived,
+                    "peer_llgr_times": [[*f, t] for f, t in n.peer_llgr_times],
+                    "peer_llgr_forwarding": sorted(n.peer_llgr_forwarding),
                 },
                 "peer_open": None if self.peer_open is None else encode_message(self.peer_open).hex(),
                 # the context the Adj-RIB-In was decoded in (while down, routes kept stale keep it)
@@ -1299,6 +1381,7 @@ class BgpSession:
             s.state = State(meta["state"])
             s.connect_retry_counter = int(meta["connect_retry_counter"])
             s.timers = {str(k): float(v) for k, v in meta["timers"].items()}
+            s.long_lived = LongLived.from_json(meta.get("long_lived"))
             s.idle_hold = float(meta["idle_hold"])
             s.connected = bool(meta["connected"])
             s.hold_time = int(meta["hold_time"])
@@ -1337,6 +1420,9 @@ class BgpSession:
                     peer_gr_families=frozenset(tuple(f) for f in neg["peer_gr_families"]),
                     peer_gr_forwarding=frozenset(tuple(f) for f in neg["peer_gr_forwarding"]),
                     peer_capabilities=tuple(neg["peer_capabilities"]),
+                    long_lived=bool(neg.get("long_lived", False)),
+                    peer_llgr_times=tuple(((int(a), int(sf)), int(t)) for a, sf, t in neg.get("peer_llgr_times", ())),
+                    peer_llgr_forwarding=frozenset(tuple(f) for f in neg.get("peer_llgr_forwarding", ())),
                 )
                 s._set_context()
             elif meta.get("rib_context"):
