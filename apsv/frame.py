@@ -190,24 +190,33 @@ def decode_batch(data: bytes | bytearray | memoryview, max_payload: int = MAX_PA
     return list(iter_batch(data, max_payload))
 
 
-def frame_offsets(data: bytes | bytearray | memoryview, max_payload: int = MAX_PAYLOAD) -> list[int]:
-    """Start offsets of the frames of a batch, checking each header as decode_batch does."""
+def frame_offsets(
+    data: bytes | bytearray | memoryview, max_payload: int = MAX_PAYLOAD, *, strict: bool = True
+) -> list[int]:
+    """Start offsets of the frames of a batch, checking each header as decode_batch does. A
+    malformed frame raises DecodeError; with `strict` off it ends the list as -1 instead (the
+    frames before it stand, what follows it cannot be delimited)."""
     view = memoryview(data)
     out = []
     off = 0
     n = len(view)
     unpack = _PREFIX.unpack_from
-    while off < n:
-        if n - off < HEADER_LEN:
-            raise DecodeError(f"truncated frame: header needs {HEADER_LEN} octets, {n - off} remain", off)
-        magic, version, kind = unpack(view, off)
-        if magic != MAGIC or version != VERSION or kind not in _KINDS:
-            _decode_at(view, off, max_payload)  # raises the precise error
-        length = int.from_bytes(view[off + 48 : off + 52], "big")
-        if length > max_payload or off + HEADER_LEN + length > n:
-            _decode_at(view, off, max_payload)
-        out.append(off)
-        off += HEADER_LEN + length
+    try:
+        while off < n:
+            if n - off < HEADER_LEN:
+                raise DecodeError(f"truncated frame: header needs {HEADER_LEN} octets, {n - off} remain", off)
+            magic, version, kind = unpack(view, off)
+            if magic != MAGIC or version != VERSION or kind not in _KINDS:
+                _decode_at(view, off, max_payload)  # raises the precise error
+            length = int.from_bytes(view[off + 48 : off + 52], "big")
+            if length > max_payload or off + HEADER_LEN + length > n:
+                _decode_at(view, off, max_payload)
+            out.append(off)
+            off += HEADER_LEN + length
+    except DecodeError:
+        if strict:
+            raise
+        out.append(-1)
     return out
 
 

@@ -9,14 +9,39 @@ crosses process and machine boundaries and must never execute anything when read
 
 from __future__ import annotations
 
+import functools
 import json
 import struct
-from typing import Any, Final
+from collections.abc import Callable
+from typing import Any, Final, TypeVar
 
 from apsv.errors import DecodeError
 
 MAGIC: Final = b"APSVSNAP"
 FORMAT_VERSION: Final = 1
+
+_R = TypeVar("_R")
+
+# What reading a hostile or corrupt blob can raise past the bounds checks: a field of the wrong
+# type or value in its JSON parts, an enum value that does not exist, nesting too deep.
+_CORRUPT = (ValueError, KeyError, TypeError, IndexError, AttributeError, OverflowError, RecursionError, struct.error)
+
+
+def decodes_snapshot(restore: Callable[[Any, bytes], _R]) -> Callable[[Any, bytes], _R]:
+    """For a session class's `restore(cls, blob)`: whatever a blob holds, the caller gets the
+    session or one DecodeError naming the protocol and what was wrong - never another error."""
+
+    @functools.wraps(restore)
+    def checked(cls: Any, blob: bytes) -> _R:
+        try:
+            return restore(cls, blob)
+        except DecodeError:
+            raise
+        except _CORRUPT as e:
+            what = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+            raise DecodeError(f"{cls.protocol} snapshot: {type(e).__name__}: {what}") from None
+
+    return checked
 
 
 class SnapshotWriter:

@@ -16,6 +16,7 @@ can add one without touching APSV:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
@@ -169,6 +170,13 @@ class UnknownStackError(LookupError):
     pass
 
 
+@functools.cache
+def _installed_stacks() -> tuple[Any, ...]:
+    # Reading the installed distributions' metadata takes ~14 ms, and every configuration check
+    # asks: once per process (a stack installed later needs a new process, as its code does).
+    return tuple(entry_points(group=ENTRY_POINT_GROUP))
+
+
 @dataclass
 class StackRegistry:
     """Stacks found through the ``apsv.stacks`` entry points (plus any registered in code)."""
@@ -176,13 +184,13 @@ class StackRegistry:
     extra: dict[str, type[Any]] = field(default_factory=dict)
 
     def names(self) -> list[str]:
-        found = {ep.name for ep in entry_points(group=ENTRY_POINT_GROUP)}
+        found = {ep.name for ep in _installed_stacks()}
         return sorted(found | set(self.extra))
 
     def load(self, name: str) -> Stack:
         if name in self.extra:
             return self.extra[name]()  # type: ignore[no-any-return]
-        for ep in entry_points(group=ENTRY_POINT_GROUP):
+        for ep in _installed_stacks():
             if ep.name == name:
                 cls = ep.load()
                 return cls()  # type: ignore[no-any-return]

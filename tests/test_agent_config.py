@@ -74,6 +74,11 @@ def test_a_good_config_and_what_each_session_gets(tmp_path: Path) -> None:
     # the MD5 key reaches the socket, never the stack's configuration or any output
     peer = cfg.vrouters[0].bgp[0]
     assert peer.md5_key() == b"tcp-md5-key" and "tcp-md5-key" not in r.stdout + json.dumps(bgp) + repr(peer)
+    # and the agent actor gets the key itself, not its masked JSON form
+    from apsv.agent.actor import actor_config
+
+    again = parse_config(actor_config(cfg), "actor")
+    assert again.vrouters[0].bgp[0].md5_key() == b"tcp-md5-key"
 
 
 @pytest.mark.parametrize(

@@ -54,6 +54,29 @@ def test_mrt_stats_text_and_missing_file() -> None:
     assert r.exit_code == 2
 
 
+def test_mrt_stats_on_what_is_not_mrt_is_one_line_and_a_non_zero_exit(tmp_path: Path) -> None:
+    not_mrt = tmp_path / "README.md"
+    not_mrt.write_text("# a text file, not an MRT dump\n" * 20)
+    dump = (shared_data_dir() / "mrt/bgpdump-testdata/updates.20070211.0141.gz").read_bytes()
+    cut_early = tmp_path / "cut.gz"
+    cut_early.write_bytes(dump[:40])  # the compressed stream ends before a whole record
+    for path, why in ((not_mrt, "damaged MRT framing"), (cut_early, "compressed stream ends early")):
+        r = subprocess.run(
+            [str(Path(sys.executable).with_name("apsv")), "mrt", "stats", str(path)],
+            check=False,
+            capture_output=True,
+            text=True,
+        )
+        assert r.returncode == 2 and r.stdout == "", r
+        assert r.stderr.count("\n") == 1 and f"{path}: no MRT record could be read: " in r.stderr and why in r.stderr
+    # cut later: the records before the cut are counted, and the cut is an error
+    cut_late = tmp_path / "cut-late.gz"
+    cut_late.write_bytes(dump[: len(dump) // 2])
+    late = runner.invoke(app, ["mrt", "stats", "--json", str(cut_late)])
+    j = json.loads(late.output)
+    assert late.exit_code == 0 and j["records"] > 10_000 and j["errors"] >= 1
+
+
 def test_mrt_dump_json_lines() -> None:
     r = runner.invoke(
         app, ["mrt", "dump", "--limit", "5", str(shared_data_dir() / "mrt/ryu-mrt/updates.20161101.0000.bz2")]

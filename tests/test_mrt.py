@@ -139,8 +139,10 @@ def test_damaged_framing_is_reported_then_recovered_on_request(data_dir: Path) -
 def test_truncated_compressed_file_reports_the_tail(data_dir: Path) -> None:
     s = mrt_stats(data_dir / "mrt/pyasn-data/rib.20140523.0600_firstMB.bz2")
     whole = mrt_stats(data_dir / "mrt/pyasn-data/rib.20140523.0600_firstMB.complete-records.mrt.gz")
-    assert s.errors == 1 and "remain" in s.error_samples[0]
-    assert 0 < s.rib_entries < whole.rib_entries
+    # the record cut in the middle, and the compressed stream that ends early
+    assert s.errors == 2 and "remain" in s.error_samples[0] and "compressed stream ends early" in s.error_samples[1]
+    # every whole record before the cut is read: what the complete-records file holds
+    assert s.records == whole.records and s.rib_entries == whole.rib_entries > 0
 
 
 def test_garbage_is_an_error_not_an_exception() -> None:

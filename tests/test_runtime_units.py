@@ -527,3 +527,21 @@ def test_host_tells_a_deadline_once_per_session_and_batch() -> None:
     assert sorted(f.session for f in told) == [1, 2]
     for f in told:
         assert decode_deadline(f.payload) == h.sessions[(1, 2, bgp, f.session)].session.next_deadline()
+
+
+def test_host_applies_the_frames_before_a_malformed_one_and_counts_it() -> None:
+    """A batch sent without offsets (the Docker and object-store paths) whose third frame is
+    corrupt: the two before it are applied, the corrupt one is counted, nothing raises."""
+    from apsv.errors import DecodeError
+    from apsv.frame import frame_offsets
+
+    h = SessionHost("echo")
+    h.open(K, {}, 0.0)
+    good = encode_batch([frame(1), frame(2)])
+    bad = good + b"AF\xa2" + bytes(60)
+    with pytest.raises(DecodeError):
+        frame_offsets(bad)
+    assert frame_offsets(bad, strict=False) == [*frame_offsets(good), -1]
+    out = h.process(bad, None, 1.0)
+    assert [f.seq for f in decode_batch(out)] == [1, 2]
+    assert h.counters.bad_frames == 1 and h.session_info(K)["last_seq"] == 2

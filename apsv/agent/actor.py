@@ -58,6 +58,12 @@ class AgentActor:
             self.agent = None
 
 
+def actor_config(config: AgentConfig | Mapping[str, Any]) -> dict[str, Any]:
+    """What the actor is started with: Python values, not JSON - a JSON dump masks secrets
+    (the TCP MD5 keys would arrive as asterisks)."""
+    return config.model_dump() if isinstance(config, AgentConfig) else dict(config)
+
+
 def create_agent_actor(
     config: AgentConfig | Mapping[str, Any],
     *,
@@ -69,7 +75,7 @@ def create_agent_actor(
 ) -> Any:
     """The agent as an actor on a node of the `vrouter_host` role (`roles`), plus any other
     `resources` (a particular host's, say)."""
-    data = config.model_dump(mode="json") if isinstance(config, AgentConfig) else dict(config)
+    data = actor_config(config)
     opts: dict[str, Any] = {"num_cpus": 0, "max_concurrency": 64}
     wanted = {**roles.request("vrouter_host"), **(resources or {})}
     if wanted:

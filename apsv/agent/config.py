@@ -320,9 +320,18 @@ def parse_config(data: dict[str, Any], source: str = "config") -> AgentConfig:
 def load_config(path: str | Path) -> AgentConfig:
     p = Path(path)
     try:
-        data = tomllib.loads(p.read_text())
+        text = p.read_text()
     except OSError as e:
         raise ConfigError(f"{p}: cannot read: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{p}: not UTF-8 text (octet {e.start})") from None
+    return parse_toml(text, str(p))
+
+
+def parse_toml(text: str, source: str = "config") -> AgentConfig:
+    """An agent configuration from TOML text; ConfigError naming `source` otherwise."""
+    try:
+        data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{p}: not valid TOML: {e}") from None
-    return parse_config(data, str(p))
+        raise ConfigError(f"{source}: not valid TOML: {e}") from None
+    return parse_config(data, source)

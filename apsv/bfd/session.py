@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from apsv.bfd.packet import AuthKey, Diag, Packet, State, decode, encode, make_key, verify
 from apsv.bfd.program import TxProgram as Program
-from apsv.snapshot import SnapshotReader, SnapshotWriter
+from apsv.snapshot import SnapshotReader, SnapshotWriter, decodes_snapshot
 from apsv.stack import StackEvent, StateChanged, TxProgram
 
 SLOW_TX_US = 1_000_000  # §6.8.3: no faster than one packet a second while not Up
@@ -258,6 +258,7 @@ class BfdSession:
         return w.getvalue()
 
     @classmethod
+    @decodes_snapshot
     def restore(cls, blob: bytes) -> BfdSession:
         r = SnapshotReader(blob, cls.protocol)
         s = cls(BfdSessionConfig.model_validate_json(r.str()))

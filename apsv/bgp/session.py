@@ -64,7 +64,7 @@ from apsv.bgp.prefix_limit import PrefixLimit
 from apsv.bgp.rib import AdjRibIn, BestPathChange, LocRib, PrefixLimitExceeded, Source
 from apsv.bgp.soft_reconfig import ReceivedRoutes
 from apsv.errors import DecodeError, field_path
-from apsv.snapshot import SnapshotReader, SnapshotWriter
+from apsv.snapshot import SnapshotReader, SnapshotWriter, decodes_snapshot
 from apsv.stack import (
     CloseTransport,
     OpenTransport,
@@ -1373,6 +1373,7 @@ class BgpSession:
         return sorted(self.adj_out.items())
 
     @classmethod
+    @decodes_snapshot
     def restore(cls, blob: bytes) -> BgpSession:
         r = SnapshotReader(blob, cls.protocol)
         meta = r.json()
@@ -1431,7 +1432,8 @@ class BgpSession:
                     asn4=bool(rc["asn4"]), ibgp=s.config.ibgp, add_path=frozenset(tuple(f) for f in rc["add_path"])
                 )
         except (KeyError, TypeError, ValueError, BgpError) as e:
-            raise DecodeError(f"BGP snapshot state is invalid: {e}") from None
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise DecodeError(f"bgp snapshot: state is invalid: {first}") from None
         s._reader.feed(r.blob())
         for i in range(r.u32()):
             fam, rows = _read_rib(r, s.ctx)

@@ -36,6 +36,10 @@ def stats(
     _check(file)
     tune_gc()
     s = mrt_stats(file, recover=recover)
+    if s.records == 0 and s.errors:
+        # nothing in it could be read as MRT: an error, not a summary of zero records
+        typer.echo(f"apsv mrt: {file}: no MRT record could be read: {s.error_samples[0]}", err=True)
+        raise typer.Exit(2)
     if as_json:
         typer.echo(json.dumps(s.to_json()))
         return

@@ -302,7 +302,8 @@ class FramingStats:
     resyncs: int = 0
     skipped_bytes: int = 0
     legacy_batched: int = 0  # TABLE_DUMP records in the batched 1999-2000 layout
-    errors: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)  # damaged framing (also yielded as MrtError)
+    stream_errors: list[str] = field(default_factory=list)  # the compressed stream cut short or corrupt
 
 
 def iter_raw_records(
@@ -323,21 +324,33 @@ def iter_raw_records(
     last_ts = 0
     unpack = struct.unpack_from
 
+    # read1: what one read of the underlying stream gives. A compressed stream cut short raises
+    # at its end, and one large read() would lose everything it had decompressed before that.
+    read1 = getattr(stream, "read1", stream.read)
+
     def fill(need: int) -> bool:
         nonlocal buf, base, pos, eof
-        while len(buf) - pos < need and not eof:
+        have = len(buf) - pos
+        if have >= need or eof:
+            return have >= need
+        parts = [buf[pos:]]
+        want = max(chunk, need)
+        while have < want and not eof:
             try:
-                data = stream.read(max(chunk, need))
+                data = read1(want - have)
             except (EOFError, OSError) as e:  # truncated or corrupt compressed stream
                 st.errors.append(f"compressed stream ends early: {e}")
+                st.stream_errors.append(f"compressed stream ends early: {e}")
                 data = b""
             if not data:
                 eof = True
             else:
-                buf = buf[pos:] + data
-                base += pos
-                pos = 0
-        return len(buf) - pos >= need
+                parts.append(data)
+                have += len(data)
+        buf = b"".join(parts)
+        base += pos
+        pos = 0
+        return have >= need
 
     def resync(from_pos: int) -> int | None:
         fill(from_pos - pos + (1 << 20))

@@ -112,4 +112,6 @@ def mrt_stats(path: str | Path, *, recover: bool = False, decode_rib_attributes:
                 s._error(f"offset {item.offset}: {item.reason}")
         s.records = reader.framing.records
         s.resyncs = reader.framing.resyncs
+        for text in reader.framing.stream_errors:  # not yielded as records: the file itself is cut short
+            s._error(text)
     return s

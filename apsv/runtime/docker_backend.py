@@ -240,6 +240,12 @@ def _snapshots(meta: Mapping[str, Any], blobs: list[bytes]) -> dict[Key, tuple[S
     return {_key(k): (_seq(s), b) for k, s, b in zip(meta["keys"], meta["seqs"], blobs, strict=True)}
 
 
+def container_user() -> tuple[int, int]:
+    """The uid:gid a stack container runs as: nobody when APSV runs as root, else its own user
+    (never root inside the container either way)."""
+    return (65534, 65534) if os.geteuid() == 0 else (os.getuid(), os.getgid())
+
+
 class DockerBackend:
     kind = "docker"
 
@@ -257,8 +263,13 @@ class DockerBackend:
         self.on_failure: Callable[[str], None] | None = None
         self.client = docker_client()
         self.image = ensure_image(self.client, image)
-        self.sockdir = Path(tempfile.mkdtemp(prefix=f"apsv-{instance_id}-", dir="/tmp"))
-        os.chmod(self.sockdir, 0o777)  # the container's user (nobody) creates its socket here
+        self.sockdir = Path(tempfile.mkdtemp(prefix=f"apsv-{instance_id}-", dir="/tmp"))  # 0700
+        # The container's user creates its socket here, and only it and this process may enter:
+        # as root, the directory is handed to nobody (root enters any directory); otherwise the
+        # container runs as this process's own user.
+        uid, gid = container_user()
+        if os.geteuid() == 0:
+            os.chown(self.sockdir, uid, gid)
         self.path = self.sockdir / "worker.sock"
         self.container = self.client.containers.run(
             self.image,
@@ -282,7 +293,7 @@ class DockerBackend:
             cap_drop=["ALL"],
             security_opt=["no-new-privileges"],
             read_only=True,
-            user="65534:65534",
+            user=f"{uid}:{gid}",
             mem_limit=int(allocation.memory_bytes),
             memswap_limit=int(allocation.memory_bytes),
             nano_cpus=int(allocation.cpu * 1e9),

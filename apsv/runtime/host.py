@@ -318,7 +318,7 @@ class SessionHost:
         self._out_frames = 0
         self._in_batch = True
         if offsets is None:
-            offsets = frame_offsets(view)
+            offsets = frame_offsets(view, strict=False)  # a malformed frame ends it: counted below
         elif not isinstance(offsets, list):
             offsets = list(offsets)
         # everything the loop uses, in locals (compiled: no lookup per frame)
