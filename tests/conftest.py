@@ -109,3 +109,46 @@ def deployment(ray_cluster: Any, tmp_path: Path) -> Any:
     for dep in made:
         with contextlib.suppress(Exception):
             dep.stop()
+
+
+def _apsv_temp_entries() -> set[str]:
+    return {p.name for p in Path("/tmp").glob("apsv-*")}
+
+
+def _apsv_containers() -> set[str]:
+    """Stack containers (the Docker backend labels them) that exist now; none without Docker."""
+    try:
+        import docker
+
+        client = docker.from_env(timeout=10)
+        return {c.name for c in client.containers.list(all=True, filters={"label": "apsv.instance"})}
+    except Exception:  # no Docker engine here: nothing to leave behind
+        return set()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def nothing_left_behind() -> Any:
+    """The suite leaves no temp directory under /tmp/apsv-*, no stack container and no process
+    of its own behind: checked once every test and session fixture is done (this fixture is
+    set up first, so it is torn down last), failing the run otherwise."""
+    import time
+
+    import psutil
+
+    tmp0, containers0 = _apsv_temp_entries(), _apsv_containers()
+    yield
+    deadline = time.monotonic() + 30  # Ray's and the daemons' processes take a moment to exit
+    while True:
+        tmp = sorted(_apsv_temp_entries() - tmp0)
+        containers = sorted(_apsv_containers() - containers0)
+        procs = [p for p in psutil.Process().children(recursive=True) if p.is_running() and p.status() != "zombie"]
+        if not (tmp or containers or procs) or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    names = []
+    for p in procs:
+        with contextlib.suppress(psutil.Error):
+            names.append(f"{p.pid} {' '.join(p.cmdline())[:80]}")
+    left = [f"/tmp/{t}" for t in tmp] + [f"container {c}" for c in containers] + [f"process {n}" for n in names]
+    if left:
+        pytest.fail("the test session left behind: " + "; ".join(left), pytrace=False)
