@@ -126,6 +126,15 @@ def _apsv_containers() -> set[str]:
         return set()
 
 
+def _ours(p: Any) -> bool:
+    """A live process the tests started: not Python's own shared-memory resource tracker,
+    which lives as long as this interpreter and goes with it."""
+    try:
+        return p.status() != "zombie" and "multiprocessing.resource_tracker" not in " ".join(p.cmdline())
+    except Exception:  # gone meanwhile
+        return False
+
+
 @pytest.fixture(scope="session", autouse=True)
 def nothing_left_behind() -> Any:
     """The suite leaves no temp directory under /tmp/apsv-*, no stack container and no process
@@ -141,7 +150,7 @@ def nothing_left_behind() -> Any:
     while True:
         tmp = sorted(_apsv_temp_entries() - tmp0)
         containers = sorted(_apsv_containers() - containers0)
-        procs = [p for p in psutil.Process().children(recursive=True) if p.is_running() and p.status() != "zombie"]
+        procs = [p for p in psutil.Process().children(recursive=True) if _ours(p)]
         if not (tmp or containers or procs) or time.monotonic() > deadline:
             break
         time.sleep(1)

@@ -82,19 +82,25 @@ def start_local_ray(
     }
     if metrics_export_port is not None:
         kwargs["_metrics_export_port"] = metrics_export_port
-    _keep_ray_on_loopback()
-    ray.init(**kwargs)
+    with _keep_ray_on_loopback():
+        ray.init(**kwargs)
     return {"address": ray.get_runtime_context().gcs_address, "temp_dir": str(tmp), "reused": False}
 
 
-def _keep_ray_on_loopback() -> None:
+@contextlib.contextmanager
+def _keep_ray_on_loopback() -> Iterator[None]:
     """Ray replaces a loopback node address with the host's own address (its GCS, raylet and
-    workers then listen there) unless it is told the cluster is single-node: tell it, for this
-    process (Ray read the setting when it was imported) and for the processes it starts."""
+    workers then listen there) unless it deems the cluster single-node: so it deems while
+    `ray.init` starts this node. Ray read the switch when it was imported, so the constant is
+    set, not the environment - a `ray start` this process runs later may join other nodes."""
     from ray._private import ray_constants
 
-    os.environ[ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR] = "0"
+    before = ray_constants.ENABLE_RAY_CLUSTER
     ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = before
 
 
 def _remove_temp_dir(tmp: Path) -> None:
