@@ -5,13 +5,13 @@ unhandled exception, and never a hang."""
 from __future__ import annotations
 
 import contextlib
-import re
 from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from apsv.bench.fuzz import corpus_messages
 from apsv.bgp import constants as C
 from apsv.bgp.config import BgpSessionConfig
 from apsv.bgp.context import CodecContext
@@ -55,21 +55,8 @@ def check_stream(data: bytes) -> None:
         assert any(isinstance(e, (NotificationSent, PeerNotification)) for e in events)
 
 
-def _hex_frame_tcp_payload(path: Path) -> bytes:
-    frame = bytes.fromhex(re.sub(r"[^0-9A-Fa-f]", "", path.read_text()))
-    ihl = (frame[14] & 0x0F) * 4
-    tcp = 14 + ihl
-    return frame[tcp + (frame[tcp + 12] >> 4) * 4 :]
-
-
 def fuzz_inputs() -> list[tuple[str, bytes]]:
-    root = shared_data_dir() / "fuzz"
-    out: list[tuple[str, bytes]] = []
-    for f in sorted((root / "gobgp-bad-len-corpus").iterdir()):
-        if f.name not in ("SOURCE.txt", "LICENSE.upstream"):
-            out.append((f.name, f.read_bytes()))
-    for f in sorted((root / "pcapplusplus-bgp-malformed").glob("*.dat")):
-        out.append((f.name, _hex_frame_tcp_payload(f)))
+    out = corpus_messages()
     assert len(out) >= 15
     return out
 

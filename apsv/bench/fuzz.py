@@ -195,16 +195,26 @@ TARGETS: dict[str, Callable[[], Check]] = {
 # Seeds
 
 
+def corpus_messages() -> list[tuple[str, bytes]]:
+    """../shared/data/fuzz's malformed BGP inputs by name: GoBGP's bad-length corpus, and the
+    TCP payloads of PcapPlusPlus's hex-dumped Ethernet frames."""
+    root = shared_data() / "fuzz"
+    out = [
+        (f.name, f.read_bytes())
+        for f in sorted((root / "gobgp-bad-len-corpus").iterdir())
+        if f.name not in ("SOURCE.txt", "LICENSE.upstream")
+    ]
+    for f in sorted((root / "pcapplusplus-bgp-malformed").glob("*.dat")):
+        frame = bytes.fromhex(re.sub(r"[^0-9A-Fa-f]", "", f.read_text()))
+        tcp = 14 + (frame[14] & 0x0F) * 4
+        out.append((f.name, frame[tcp + (frame[tcp + 12] >> 4) * 4 :]))
+    return out
+
+
 def _bgp_seeds() -> list[bytes]:
     from apsv.mrt.reader import BgpMessageRecord, MrtReader
 
-    root = shared_data() / "fuzz"
-    out = [f.read_bytes() for f in sorted((root / "gobgp-bad-len-corpus").iterdir()) if f.suffix == ""]
-    for f in sorted((root / "pcapplusplus-bgp-malformed").glob("*.dat")):
-        frame = bytes.fromhex(re.sub(r"[^0-9A-Fa-f]", "", f.read_text()))
-        ihl = (frame[14] & 0x0F) * 4
-        tcp = 14 + ihl
-        out.append(frame[tcp + (frame[tcp + 12] >> 4) * 4 :])
+    out = [raw for _, raw in corpus_messages()]
     for f in sorted((shared_data() / "bgp-test-vectors" / "exabgp-decoding").iterdir()):
         lines = f.read_text(errors="replace").splitlines()
         if f.name in ("SOURCE.txt", "LICENSE.upstream") or len(lines) < 2:
