@@ -61,6 +61,7 @@ from apsv.errors import field_path
 if typing.TYPE_CHECKING:  # the runtime (and Ray) are imported only when plans are built
     from apsv.runtime.instance import Allocation
     from apsv.runtime.roles import Roles
+    from apsv.runtime.tenancy import TenantQuota, TenantQuotas
     from apsv.runtime.vpsm import ProtocolPlan
 
 ENV_PREFIX = "APSV__"
@@ -364,6 +365,31 @@ class VpsmSection(_Section):
     telemetry_dir: str | None = None  # null: <state dir>/telemetry
 
 
+class TenantQuotaSection(_Section):
+    """What one tenant may use (apsv.runtime.tenancy); null: no limit."""
+
+    max_sessions: Annotated[int, Field(ge=1)] | None = None
+    max_buffer_bytes: Annotated[Size, Field(ge=4096)] | None = None  # its agents' buffer pools together
+    max_messages_per_s: Annotated[float, Field(gt=0)] | None = None  # per agent, into the cluster
+
+    def quota(self) -> TenantQuota:
+        from apsv.runtime.tenancy import TenantQuota
+
+        return TenantQuota(self.max_sessions, self.max_buffer_bytes, self.max_messages_per_s)
+
+
+class TenantsSection(_Section):
+    """Per-tenant quotas: `default` for every tenant, `quotas` for named ones (by tenant id)."""
+
+    default: TenantQuotaSection = Field(default_factory=TenantQuotaSection)
+    quotas: dict[Annotated[int, Field(ge=1, le=0xFFFFFFFF)], TenantQuotaSection] = Field(default_factory=dict)
+
+    def tenant_quotas(self) -> TenantQuotas:
+        from apsv.runtime.tenancy import TenantQuotas
+
+        return TenantQuotas(self.default.quota(), tuple(sorted((t, q.quota()) for t, q in self.quotas.items())))
+
+
 _VERSION = re.compile(r"^(current|v\d{4,})$")
 
 
@@ -424,6 +450,7 @@ class ApsvConfig(_Section):
     vpsm: VpsmSection = Field(default_factory=VpsmSection)
     placement: PlacementSection = Field(default_factory=PlacementSection)
     forecaster: ForecasterSection = Field(default_factory=ForecasterSection)
+    tenants: TenantsSection = Field(default_factory=TenantsSection)
 
     _source: str = PrivateAttr(default=DEFAULTS_SOURCE)
 

@@ -365,7 +365,13 @@ def _deploy(
         raise OpsError(str(e)) from None
     # Detached and created first: deploy() then finds it by name (get_if_exists) instead of
     # making one owned by this short-lived driver.
-    im = create_multiplexer(MULTIPLEXER_NAME, namespace=ns, detached=True, resources=roles.request("control_plane"))
+    im = create_multiplexer(
+        MULTIPLEXER_NAME,
+        namespace=ns,
+        detached=True,
+        resources=roles.request("control_plane"),
+        tenants=cfg.tenants.tenant_quotas(),
+    )
     ray.get(im.stats.remote(), timeout=CALL_TIMEOUT_S)
     app = None
     if cfg.forecaster.enabled:

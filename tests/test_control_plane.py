@@ -19,6 +19,7 @@ from apsv.frame import ProtocolId
 from apsv.runtime.client import OffloadClient
 from apsv.runtime.driver import ReplaySession, load_streams, local_digests, plan_sessions
 from apsv.runtime.instance import Allocation
+from apsv.runtime.tenancy import TenantQuota, TenantQuotas
 from apsv.runtime.vpsm import ProtocolPlan
 from tests.conftest import shared_data_dir
 
@@ -62,15 +63,26 @@ def test_control_plane_killed_mid_replay(
 
 
 def test_opening_a_session_waits_for_the_multiplexer(deployment: Any) -> None:
-    """While the multiplexer restarts, opening a session waits and then succeeds; a multiplexer
-    that does not come back is reported by name after the bound."""
-    dep = deployment([ProtocolPlan("echo", min_instances=1, max_instances=1, policy="fixed")], run_loop=False)
-    client = OffloadClient(dep.multiplexer)
+    """While the multiplexer restarts, opening a session waits and then succeeds; the client's
+    tenant and the tenant's quota hold across the restart; a multiplexer that does not come back
+    is reported by name after the bound."""
+    dep = deployment(
+        [ProtocolPlan("echo", min_instances=1, max_instances=1, policy="fixed")],
+        run_loop=False,
+        tenants=TenantQuotas(TenantQuota(max_sessions=2)),
+    )
+    client = OffloadClient(dep.multiplexer, tenant=4)
     key = (4, 1, int(ProtocolId.ECHO), 1)
     client.open_sessions([(key, "echo", {}, 0)])
     kill(dep.multiplexer)
     other = (4, 1, int(ProtocolId.ECHO), 2)
     assert not client.open_sessions([(other, "echo", {}, 0)])[other].startswith("error")
+    # rebuilt from the instances: two sessions of tenant 4, its quota; the client is still tenant 4's
+    over, foreign = (4, 1, int(ProtocolId.ECHO), 9), (5, 1, int(ProtocolId.ECHO), 1)
+    answer = client.open_sessions([(over, "echo", {}, 0), (foreign, "echo", {}, 0)])
+    assert answer[over] == "error: tenant 4 is at its quota of 2 sessions"
+    assert answer[foreign].startswith("error: session (5, 1, 255, 1) is of tenant 5, not 4")
+    assert ray.get(dep.multiplexer.stats.remote())["tenant_sessions"] == {"4": 2}
     for k in (key, other):
         client.send(k, b"after the restart")
     client.drain()

@@ -27,6 +27,7 @@ from apsv.bgp.config import BgpSessionConfig
 from apsv.bgp.message import Keepalive, encode_message
 from apsv.bgp.session import BgpSession
 from apsv.runtime.cluster import NAMESPACE
+from apsv.runtime.tenancy import tenant_of
 from apsv.runtime.vpsm import ProtocolPlan
 from apsv.stack import Send
 from tests.peers import wait_for
@@ -202,4 +203,8 @@ def test_fuzz_corpora_on_the_wire(setup: tuple[Any, Any]) -> None:
     assert stats["recoveries"] == 0
     loads = [ray.get(h.load.remote()) for h in ray.get(dep.vpsm.instance_handles.remote()).values()]
     assert sum(x["bad_frames"] + x["foreign"] for x in loads) == 0
-    assert ray.get(agent.status.remote())["counters"]["connections_accepted"] == len(inputs) + 1
+    status = ray.get(agent.status.remote())
+    assert status["counters"]["connections_accepted"] == len(inputs) + 1
+    # its client is registered for its tenant, and opened only that tenant's sessions
+    assert tenant_of(status["client_name"]) == 5 and stats["tenant_sessions"] == {"5": 2}
+    assert stats["tenant_refusals"] == 0

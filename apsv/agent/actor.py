@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
-from collections import deque
 from collections.abc import Mapping
 from typing import Any
 
@@ -32,10 +32,9 @@ class AgentActor:
         self.config = parse_config(dict(config), "agent actor")
         self.im = ray.get_actor(multiplexer_name, namespace=namespace)
         self.agent: Agent | None = None
-        self.recent: deque[dict[str, Any]] = deque(maxlen=10_000)
 
     async def start(self) -> dict[str, str]:
-        self.agent = Agent(self.config, self.im, on_event=self.recent.append)
+        self.agent = Agent(self.config, self.im, keep_events=True)
         placed = await self.agent.start()
         return {str(k): v for k, v in placed.items()}
 
@@ -44,13 +43,15 @@ class AgentActor:
         await self.agent.command(vrouter, session, protocol, command)
 
     async def events(self) -> list[dict[str, Any]]:
-        """The events since the last call (at most the last 10,000)."""
-        out = list(self.recent)
-        self.recent.clear()
-        return out
+        """The events since the last call: the newest, within the agent's `max_events` and
+        `max_event_bytes` (those dropped are counted in `status()`'s `events_dropped`)."""
+        return self.agent.take_events() if self.agent else []
 
     async def status(self) -> dict[str, Any]:
         return self.agent.status() if self.agent else {}
+
+    async def pid(self) -> int:
+        return os.getpid()
 
     async def stop(self) -> None:
         if self.agent is not None:

@@ -250,6 +250,9 @@ class AgentConfig(BaseModel):
     max_inflight: Annotated[int, Field(ge=1, le=64)] = 4
     buffer_bytes: Annotated[int, Field(ge=4096, le=64 << 20)] = 256 << 10
     max_write_buffer: Annotated[int, Field(ge=1 << 16)] = 16 << 20  # per BGP connection, to the peer
+    # events kept for the virtual router until it takes them: the oldest go beyond either bound
+    max_events: Annotated[int, Field(ge=1)] = 10_000
+    max_event_bytes: Annotated[int, Field(ge=1 << 16)] = 16 << 20
 
     @model_validator(mode="after")
     def _unique(self) -> AgentConfig:

@@ -30,6 +30,7 @@ from typing import Any
 
 from apsv.agent.bfd_engine import BfdEngine
 from apsv.agent.config import EVENT_LEVELS, AgentConfig, BfdPeer, BgpPeer, VRouter
+from apsv.agent.events import EventBuffer
 from apsv.agent.tcp import connecting_socket, listening_socket
 from apsv.frame import Frame, FrameKind, ProtocolId, decode_deadline
 from apsv.runtime.buffer_pool import BufferPool
@@ -54,7 +55,8 @@ class AgentCounters:
     write_overflows: int = 0  # a peer not reading: its connection closed rather than buffer without end
     backpressure_waits: int = 0
     events: int = 0
-    events_dropped: int = 0
+    events_dropped: int = 0  # kept events dropped, oldest first, to stay within the buffer's bounds
+    event_bytes_held: int = 0  # JSON octets of the events kept, not yet taken
     timer_frames: int = 0  # TIMER frames sent: one per timer due, not one per session per tick
 
 
@@ -75,12 +77,16 @@ class BgpLink:
 
 @dataclass
 class Agent:
-    """Create with a config and the multiplexer's handle, then `await start()`; `await stop()` ends it."""
+    """Create with a config and the multiplexer's handle, then `await start()`; `await stop()` ends it.
+
+    Events go to `on_event`, to the configured JSON-lines file, and - with `keep_events`, or
+    once someone iterates `events()` - into a buffer bounded by `max_events` and
+    `max_event_bytes` (`take_events()` empties it)."""
 
     config: AgentConfig
     multiplexer: Any
     on_event: EventCallback | None = None
-    max_event_queue: int = 10_000
+    keep_events: bool = False
     c: AgentCounters = field(default_factory=AgentCounters)
 
     def __post_init__(self) -> None:
@@ -99,10 +105,10 @@ class Agent:
         # wakes only those that can now send - waking every waiter on every answer made a
         # hundred sessions behind one busy instance spin the agent's CPU.
         self._senders: list[tuple[Key, int, asyncio.Future[None]]] = []
-        self._events: asyncio.Queue[dict[str, Any]] = asyncio.Queue(self.max_event_queue)
+        self.event_buffer = EventBuffer(self.config.max_events, self.config.max_event_bytes)
+        self._event_ready = asyncio.Event()
         self._events_file: Any = None
         self._stopping = False
-        self._streaming = False  # someone reads events(): queue them (bounded)
         self.placed: dict[Key, str] = {}
         self.session_names: dict[Key, str] = {}
         self._readers: set[int] = set()  # the client's sockets this loop watches
@@ -122,6 +128,7 @@ class Agent:
         self.client = await OffloadClient.connect(
             self.multiplexer,
             pool=pool,
+            tenant=self.config.tenant,  # it may open only this tenant's sessions
             max_inflight=self.config.max_inflight,
             on_output=self._on_output,
             metrics_label="agent",
@@ -210,10 +217,18 @@ class Agent:
         await self._send_frame(key, FrameKind.CONTROL, json.dumps(command).encode())
 
     async def events(self) -> AsyncIterator[dict[str, Any]]:
-        """Every event as it happens (the JSON-lines stream's content, as dicts)."""
-        self._streaming = True
+        """Every event as it happens (the JSON-lines stream's content, as dicts); those the
+        buffer dropped while the reader was slow are counted in `events_dropped`."""
+        self.keep_events = True
         while True:
-            yield await self._events.get()
+            while len(self.event_buffer):
+                yield self.event_buffer.pop()
+            self._event_ready.clear()
+            await self._event_ready.wait()
+
+    def take_events(self) -> list[dict[str, Any]]:
+        """The events kept since the last call (within the buffer's bounds)."""
+        return self.event_buffer.drain()
 
     def status(self) -> dict[str, Any]:
         links = {}
@@ -231,6 +246,7 @@ class Agent:
             "bgp": links,
             "bfd": vars(self.bfd.c).copy() if self.bfd else {},
             "client": vars(self.client.stats).copy() if self.client else {},
+            "client_name": self.client.client_id if self.client else None,  # it carries the tenant
         }
 
     def _event(self, key: Key, ev: dict[str, Any]) -> None:
@@ -258,16 +274,17 @@ class Agent:
                 self.on_event(ev)
             except Exception:
                 log.exception("event callback failed")
-        if self._events_file is not None:
-            self._events_file.write(json.dumps(ev, separators=(",", ":")) + "\n")
-        if not self._streaming:
+        if self._events_file is None and not self.keep_events:
             return
-        try:
-            self._events.put_nowait(ev)
-        except asyncio.QueueFull:  # nobody is reading the stream: drop the oldest, count it
-            self._events.get_nowait()
-            self._events.put_nowait(ev)
-            self.c.events_dropped += 1
+        line = json.dumps(ev, separators=(",", ":"))
+        if self._events_file is not None:
+            self._events_file.write(line + "\n")
+        if self.keep_events:
+            buf = self.event_buffer
+            buf.push(ev, len(line) + 1)  # nobody reading: the oldest go, counted
+            self.c.events_dropped = buf.dropped
+            self.c.event_bytes_held = buf.bytes
+            self._event_ready.set()
 
     # -- into the cluster ----------------------------------------------------------------------
 

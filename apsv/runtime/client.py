@@ -44,6 +44,7 @@ from apsv.runtime.links import RAY_WINDOW, Link, LinkDown, RayLink, Sent, ShmLin
 from apsv.runtime.metrics import ClientMetrics
 from apsv.runtime.outbox import Outbox, Session
 from apsv.runtime.routefeed import RouteFeed
+from apsv.runtime.tenancy import TokenBucket
 
 log = logging.getLogger("apsv.client")
 
@@ -76,6 +77,7 @@ class ClientStats:
     relocations: int = 0  # sessions whose route the multiplexer was asked for
     links_lost: int = 0  # instances whose connection broke (died, or closed it)
     custody_waits: int = 0  # sends held back until snapshots freed custody
+    rate_waits: int = 0  # sends held back by the tenant's message rate (`can_send` said no)
     longest_reply_gap_s: float = 0.0  # the longest wait for any reply while batches were out
     custody_copy_bytes: int = 0  # batches copied into custody (off the path to the decoder)
 
@@ -95,22 +97,30 @@ class OffloadClient:
         custody: Custody | None = None,
         registration: dict[str, Any] | None = None,
         record_latency: bool = False,
+        tenant: int | None = None,
     ) -> None:
         """`transport`: "shm" or "object_store" to force one (default: shared memory with
         instances on this node, the object store with the others). `registration`: the
         multiplexer's answer to `register_client`, if the caller awaited it (`connect`).
+        `tenant`: the one tenant whose sessions it may open (None: any; runtime/tenancy.py); its
+        quota's message rate is kept here (`can_send`).
         `record_latency`: keep each output frame's round trip (its input's receive stamp to its
         arrival here) in `order.latencies`, for whoever reads them (`take_latencies`)."""
         self.im = multiplexer
         if transport not in (None, "shm", "object_store"):
             raise ValueError(f"transport must be shm or object_store, not {transport!r}")
         self.node_id = ray.get_runtime_context().get_node_id()
-        reg = registration or self._call_mux(lambda: multiplexer.register_client.remote(self.node_id), MUX_TIMEOUT_S)
-        self.client_id: str = reg["client"]
-        self.credential: bytes = reg["credential"]
         if pool is None:
             pool = BufferPool(shared=transport != "object_store")
         self.pool = pool
+        pool_bytes = pool.slots * pool.slot_bytes
+        reg = registration or self._call_mux(
+            lambda: multiplexer.register_client.remote(self.node_id, tenant, pool_bytes), MUX_TIMEOUT_S
+        )
+        self.client_id: str = reg["client"]
+        self.credential: bytes = reg["credential"]
+        rate = reg.get("max_messages_per_s")
+        self.rate = TokenBucket(float(rate)) if rate else None  # the tenant's quota, kept by its client
         self.force = transport if transport is not None else (None if pool.shm_name else "object_store")
         self.max_inflight = max(1, min(max_inflight, self.pool.slots))
         self.stats = ClientStats()
@@ -150,11 +160,15 @@ class OffloadClient:
         self.metrics = ClientMetrics(metrics_label or DEFAULT_METRICS_LABEL, self.pool.slots)
 
     @classmethod
-    async def connect(cls, multiplexer: Any, **kw: Any) -> OffloadClient:
+    async def connect(
+        cls, multiplexer: Any, *, pool: BufferPool, tenant: int | None = None, **kw: Any
+    ) -> OffloadClient:
         """A client made from inside an event loop (an agent): registration awaited, not blocked on."""
         node = ray.get_runtime_context().get_node_id()
-        reg = await asyncio.wait_for(multiplexer.register_client.remote(node), MUX_TIMEOUT_S)
-        return cls(multiplexer, registration=reg, **kw)
+        reg = await asyncio.wait_for(
+            multiplexer.register_client.remote(node, tenant, pool.slots * pool.slot_bytes), MUX_TIMEOUT_S
+        )
+        return cls(multiplexer, pool, registration=reg, tenant=tenant, **kw)
 
     # -- the control plane ---------------------------------------------------------------------
 
@@ -301,8 +315,12 @@ class OffloadClient:
 
     def can_send(self, payload_len: int, key: Key | None = None) -> bool:
         """Whether `send` of a payload this long returns without waiting for the cluster (and,
-        with `key`, whether that session's instance is taking frames)."""
+        with `key`, whether that session's instance is taking frames), within the tenant's
+        message rate."""
         if self.custody.full():
+            return False
+        if self.rate is not None and not self.rate.allows(time.monotonic()):
+            self.stats.rate_waits += 1
             return False
         if key is not None:
             s = self.sessions.get(key)
@@ -333,6 +351,8 @@ class OffloadClient:
             self._resend()
         if offered:
             self._waiting_offers[key[2]] -= 1
+        if self.rate is not None:
+            self.rate.take(time.monotonic())
         off = self.outbox.write(s, kind, payload, rx_ns)
         if off < 0:
             self._next_buffer(HEADER_LEN + len(payload))
@@ -495,6 +515,7 @@ class OffloadClient:
         answers, a route watch to send again after a pause)."""
         return (
             bool(self._control)
+            or (self.rate is not None and self.rate.wait_s(time.monotonic()) > 0)
             or self.feed.retry_in() is not None
             or any(isinstance(link, RayLink) and link.calls for link in self.links.values())
         )

@@ -23,6 +23,7 @@ import ray
 
 from apsv.runtime.multiplexer import create_multiplexer
 from apsv.runtime.roles import Roles
+from apsv.runtime.tenancy import TenantQuotas
 from apsv.runtime.vpsm import VPSM_NAME, ProtocolPlan, create_vpsm
 
 DEFAULT_ROLES = Roles()
@@ -137,14 +138,16 @@ def deploy(
     suffix: str = "",
     forecaster_app: str | None = None,
     roles: Roles = DEFAULT_ROLES,
+    tenants: TenantQuotas | None = None,
 ) -> Deployment:
     """Create the multiplexer and the VPSM, and bring every protocol to its minimum instances.
     The control plane goes to a node of the `control_plane` role, instances to `stack_host`
-    nodes (`roles`); RoleError if no node offers one of them."""
+    nodes (`roles`); RoleError if no node offers one of them. `tenants`: the tenants' quotas
+    (runtime/tenancy.py; none by default)."""
     r: Any = ray
     roles.check(r.cluster_resources(), ("control_plane", "stack_host"))
     im_name = MULTIPLEXER_NAME + suffix
-    im = create_multiplexer(im_name, namespace=namespace, resources=roles.request("control_plane"))
+    im = create_multiplexer(im_name, namespace=namespace, resources=roles.request("control_plane"), tenants=tenants)
     ray.get(im.stats.remote())  # created and answering
     vpsm = create_vpsm(
         plans,

@@ -17,6 +17,9 @@ decides, the clients and instances forward.
   and the frames since (`custody.py`). When an instance dies, its sessions are placed on the
   others as waiting (`expect_sessions`) and their clients restore them there; with no instance
   of the protocol left, they wait, unplaced, for the VPSM's replacement.
+* **Tenants** (`tenancy.py`): a client registered for a tenant opens and reclaims only that
+  tenant's sessions; per-tenant quotas bound the sessions open and the clients' buffers, and
+  give each client the message rate it keeps to.
 * **Surviving its own death.** Ray restarts it; it reads its plan (the instances) from Ray's KV
   store and rebuilds the session table from the instances themselves. Meanwhile every session
   flows on the routes its client holds; opening one waits (bounded) until it is back. A client
@@ -45,6 +48,7 @@ from apsv.runtime.host import Key
 from apsv.runtime.instance import instance_actor_name
 from apsv.runtime.metrics import MultiplexerMetrics
 from apsv.runtime.placement import InstanceLoad, choose_instance, least_used, rebalance_moves
+from apsv.runtime.tenancy import TenantQuotas, client_name, tenant_of
 
 log = logging.getLogger("apsv.multiplexer")
 
@@ -113,6 +117,7 @@ class Rec:
 class Client:
     client_id: str
     node_id: str = ""
+    buffer_bytes: int = 0  # its buffer pool, as it declared at registration
     keys: set[Key] = field(default_factory=set)
     changed: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -129,13 +134,17 @@ class Counters:
     sessions_reclaimed: int = 0  # re-registered by their clients after this multiplexer restarted
     restarts: int = 0  # times this multiplexer rebuilt its state after starting again
     rebuilt_sessions: int = 0
+    tenant_refusals: int = 0  # sessions a client asked for outside the tenant it is registered for
+    quota_refusals: int = 0  # sessions, or registrations, refused by a tenant quota
 
 
 class Multiplexer:
     """Ray actor class (async). Create with `create_multiplexer`."""
 
-    def __init__(self, name: str, namespace: str, seed: int = 0) -> None:
+    def __init__(self, name: str, namespace: str, seed: int = 0, tenants: Mapping[str, Any] | None = None) -> None:
         self.name = name
+        self.quotas = TenantQuotas.from_dict(tenants)
+        self.tenant_sessions: dict[int, int] = {}  # sessions open per tenant (the quota counts these)
         self.namespace = namespace
         self.owner = f"{namespace}/{name}"  # its keys in Ray's KV store
         self.incarnation = uuid.uuid4().hex
@@ -190,6 +199,7 @@ class Multiplexer:
                     self.instances[old.instance_id].sessions.discard(key)
         for rec in self.sessions.values():
             self._client(rec.owner).keys.add(rec.key)
+            self._count_tenant(rec.key, 1)
         self.c.rebuilt_sessions = len(self.sessions)
         self._save_plan()
         log.warning(
@@ -209,6 +219,21 @@ class Multiplexer:
         if not verify(self._key, client, cred):
             raise PermissionError(f"credential refused for client {client!r}")
         return self._client(client)
+
+    def _count_tenant(self, key: Key, n: int) -> None:
+        self.tenant_sessions[key[0]] = self.tenant_sessions.get(key[0], 0) + n
+
+    def _refusal(self, client: str, key: Key) -> str | None:
+        """Why `client` may not open `key` (None: it may): another tenant's, or over its quota."""
+        bound = tenant_of(client)
+        if bound is not None and key[0] != bound:
+            self.c.tenant_refusals += 1
+            return f"error: session {key} is of tenant {key[0]}, not {bound} (this client's)"
+        limit = self.quotas.of(key[0]).max_sessions
+        if bound is not None and limit is not None and self.tenant_sessions.get(key[0], 0) >= limit:
+            self.c.quota_refusals += 1
+            return f"error: tenant {key[0]} is at its quota of {limit} sessions"
+        return None
 
     def _changed(self, recs: list[Rec]) -> None:
         """Routes changed: a new version, the owners' long polls woken."""
@@ -238,12 +263,32 @@ class Multiplexer:
 
     # -- clients -------------------------------------------------------------------------------
 
-    async def register_client(self, node_id: str = "") -> dict[str, Any]:
-        """A new client: its name and the credential it proves it with."""
+    async def register_client(
+        self, node_id: str = "", tenant: int | None = None, buffer_bytes: int = 0
+    ) -> dict[str, Any]:
+        """A new client, for `tenant` (None: any tenant; see tenancy.py): its name, the
+        credential it proves it with, and its tenant's quota. `buffer_bytes`: its buffer pool,
+        which the tenant's `max_buffer_bytes` bounds (PermissionError past it)."""
         await self._up()
-        cid = uuid.uuid4().hex
-        self._client(cid).node_id = node_id
-        return {"client": cid, "credential": credential(self._key, cid), "deployment": self.name}
+        quota = self.quotas.of(tenant)
+        if tenant is not None and quota.max_buffer_bytes is not None:
+            held = sum(c.buffer_bytes for c in self.clients.values() if tenant_of(c.client_id) == tenant)
+            if held + buffer_bytes > quota.max_buffer_bytes:
+                self.c.quota_refusals += 1
+                raise PermissionError(
+                    f"tenant {tenant}'s clients would hold {held + buffer_bytes} octets of buffers, "
+                    f"over its quota of {quota.max_buffer_bytes}"
+                )
+        cid = client_name(tenant)
+        cl = self._client(cid)
+        cl.node_id, cl.buffer_bytes = node_id, int(buffer_bytes)
+        return {
+            "client": cid,
+            "credential": credential(self._key, cid),
+            "deployment": self.name,
+            "tenant": tenant,
+            "max_messages_per_s": quota.max_messages_per_s,
+        }
 
     async def close_client(self, client: str, cred: bytes) -> None:
         await self._up()
@@ -294,12 +339,17 @@ class Multiplexer:
             if rec is not None:
                 placed[key] = rec.instance_id if rec.owner == client else f"error: session {key} already open"
                 continue
+            refused = self._refusal(client, key)
+            if refused is not None:
+                placed[key] = refused
+                continue
             iid = choose_instance([s.load() for s in self.instances.values() if s.protocol == protocol], self.rng)
             if iid is None:
                 placed[key] = f"error: no {protocol} instance can take a session"
                 continue
             self.instances[iid].sessions.add(key)  # count it now so the next choice sees it
             self.sessions[key] = Rec(key, protocol, client, iid, 1)
+            self._count_tenant(key, 1)
             placed[key] = iid
             calls.setdefault(iid, []).append((key, dict(config), int(emit), client, 1))
         answers = await asyncio.gather(
@@ -314,7 +364,8 @@ class Multiplexer:
             )
             for (key, *_), err in zip(items, errors, strict=True):
                 if err is not None:
-                    self.sessions.pop(key, None)
+                    if self.sessions.pop(key, None) is not None:
+                        self._count_tenant(key, -1)
                     self.instances[iid].sessions.discard(key)
                     placed[key] = f"error: {err}"
                 else:
@@ -331,6 +382,7 @@ class Multiplexer:
             if rec is None or rec.owner != client:
                 continue
             del self.sessions[k]
+            self._count_tenant(k, -1)
             cl.keys.discard(k)
             inst = self.instances.get(rec.instance_id)
             if inst is not None:
@@ -373,10 +425,11 @@ class Multiplexer:
         cl = self._check(client, cred)
         recs: list[Rec] = []
         for key, protocol, epoch in items:
-            if key in self.sessions:
+            if key in self.sessions or self._refusal(client, key) is not None:
                 continue
             rec = Rec(key, protocol, client, "", int(epoch), UNPLACED)
             self.sessions[key] = rec
+            self._count_tenant(key, 1)
             cl.keys.add(key)
             recs.append(rec)
             self.c.sessions_reclaimed += 1
@@ -800,6 +853,9 @@ class Multiplexer:
             "sessions_reclaimed": c.sessions_reclaimed,
             "restarts": c.restarts,
             "rebuilt_sessions": c.rebuilt_sessions,
+            "tenant_refusals": c.tenant_refusals,
+            "quota_refusals": c.quota_refusals,
+            "tenant_sessions": {str(t): n for t, n in sorted(self.tenant_sessions.items()) if n},
         }
 
     async def forget(self) -> None:
@@ -819,9 +875,11 @@ def create_multiplexer(
     seed: int = 0,
     detached: bool = False,
     resources: Mapping[str, float] | None = None,
+    tenants: TenantQuotas | None = None,
 ) -> Any:
     """The multiplexer actor. Ray restarts it when its process dies (it rebuilds its state), and
-    retries the calls that were in flight then. `resources`: its role's (`roles.Roles`)."""
+    retries the calls that were in flight then. `resources`: its role's (`roles.Roles`);
+    `tenants`: the tenants' quotas."""
     cls = ray.remote(Multiplexer)
     opts: dict[str, Any] = {
         "name": name,
@@ -836,4 +894,4 @@ def create_multiplexer(
         opts["lifetime"] = "detached"
     if resources:
         opts["resources"] = dict(resources)
-    return cls.options(**opts).remote(name, namespace, seed)
+    return cls.options(**opts).remote(name, namespace, seed, (tenants or TenantQuotas()).to_dict())

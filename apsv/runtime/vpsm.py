@@ -52,6 +52,8 @@ VPSM_NAME = "apsv-vpsm"
 # How often an unchanged status is republished for `apsv status` (well inside its 15 s
 # staleness bound): each publication asks the GCS for the cluster's nodes and resources.
 STATUS_REFRESH_S = 5.0
+# Instance start latencies kept per protocol (their median is the one the policy plans with)
+START_LATENCY_SAMPLES = 100
 # What status() reports of each instance, from its last load.
 INSTANCE_STATUS_KEYS = (
     "sessions",
@@ -176,7 +178,7 @@ class VPSM:
         self.last_reason: dict[str, str] = {}
         self.history: dict[str, deque[float]] = {p: deque(maxlen=600) for p in self.plans}
         self.events: deque[dict[str, Any]] = deque(maxlen=1000)
-        self.start_latencies: dict[str, list[float]] = {}
+        self.start_latencies: dict[str, deque[float]] = {}
         self._next_id = 1  # of the next instance
         self._loop: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
@@ -222,7 +224,7 @@ class VPSM:
                 "policy_state": self.policy_state,
                 "history": {p: list(h) for p, h in self.history.items()},
                 "actions": self.actions,
-                "start_latencies": {p: xs[-100:] for p, xs in self.start_latencies.items()},
+                "start_latencies": {p: list(xs) for p, xs in self.start_latencies.items()},
                 "loop": self._loop is not None,
                 "steps": self.steps,
                 "restarts": self.restarts,
@@ -245,7 +247,12 @@ class VPSM:
             if p in self.history:
                 self.history[p].extend(float(x) for x in h)
         self.actions.update({p: int(n) for p, n in st.get("actions", {}).items()})
-        self.start_latencies.update({p: [float(x) for x in xs] for p, xs in st.get("start_latencies", {}).items()})
+        self.start_latencies.update(
+            {
+                p: deque((float(x) for x in xs), maxlen=START_LATENCY_SAMPLES)
+                for p, xs in st.get("start_latencies", {}).items()
+            }
+        )
         for iid, (protocol, started, latency, requested, draining) in st.get("managed", {}).items():
             try:
                 handle = ray.get_actor(instance_actor_name(iid), namespace=self.namespace)
@@ -825,7 +832,7 @@ class VPSM:
             info["endpoint"],
         )
         self.managed[iid] = Managed(iid, handle, plan.protocol, time.time(), latency, requested=requested)
-        self.start_latencies.setdefault(plan.protocol, []).append(latency)
+        self.start_latencies.setdefault(plan.protocol, deque(maxlen=START_LATENCY_SAMPLES)).append(latency)
         self.events.append(
             {"ts": time.time(), "event": "instantiate", "instance": iid, "start_s": latency, "reason": reason}
         )
