@@ -728,6 +728,7 @@ def build_status(
         },
         "forecasts": vs.get("forecasts", {}),
         "forecast_errors": vs.get("forecast_errors", 0),
+        "forecaster": vs.get("forecaster"),
         "buffer_pool": {
             # octets one client may have in flight, to all the instances together
             "quota_bytes": sum(int(x.get("quota_bytes", 0)) for x in placed.values()),

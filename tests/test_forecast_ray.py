@@ -177,7 +177,7 @@ def test_vpsm_reads_the_tpe_for_the_predictive_policy(serve_instance: Any, deplo
 
     from apsv.forecast.serving import ForecastService
     from apsv.runtime.instance import Allocation
-    from apsv.runtime.vpsm import ProtocolPlan
+    from apsv.runtime.vpsm import FORECAST_STALE_STEPS, ProtocolPlan
 
     serve, _ = serve_instance
     serve.run(ForecastService.bind(), name="tpe-vpsm", route_prefix=None)  # no registry: seasonal naive
@@ -202,3 +202,15 @@ def test_vpsm_reads_the_tpe_for_the_predictive_policy(serve_instance: Any, deplo
     ray.get(dep.vpsm.step.remote())  # the TPE is gone: counted, and the step goes on
     st = ray.get(dep.vpsm.status.remote())
     assert st["forecast_errors"] >= 1 and st["protocols"]["bgp"]["instances"] == 1
+    assert st["forecaster"]["available"] and st["forecasts"]  # one miss: the last forecast still holds
+    for _ in range(FORECAST_STALE_STEPS):
+        ray.get(dep.vpsm.step.remote())
+    st = ray.get(dep.vpsm.status.remote())
+    # gone for good: its forecasts are dropped, the policy reacts to the live load, and says so
+    assert st["forecaster"]["fallback"] == "reactive" and not st["forecaster"]["available"]
+    assert st["forecasts"] == {} and st["protocols"]["bgp"]["forecast_trust"] == 0.0  # reacts only
+    assert any(e["event"] == "forecaster-unavailable" for e in st["events"])
+    serve.run(ForecastService.bind(), name="tpe-vpsm", route_prefix=None)  # back
+    ray.get(dep.vpsm.step.remote())
+    st = ray.get(dep.vpsm.status.remote())
+    assert st["forecaster"]["available"] and st["forecasts"] and st["events"][-1]["event"] != "forecaster-unavailable"

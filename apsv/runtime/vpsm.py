@@ -52,6 +52,9 @@ VPSM_NAME = "apsv-vpsm"
 # How often an unchanged status is republished for `apsv status` (well inside its 15 s
 # staleness bound): each publication asks the GCS for the cluster's nodes and resources.
 STATUS_REFRESH_S = 5.0
+# After this many control steps in a row without an answer from the forecaster its forecasts
+# are dropped: the predictive policy then reacts to the live load alone (and status says so)
+FORECAST_STALE_STEPS = 5
 # Instance start latencies kept per protocol (their median is the one the policy plans with)
 START_LATENCY_SAMPLES = 100
 # What status() reports of each instance, from its last load.
@@ -168,6 +171,9 @@ class VPSM:
         self.forecaster_app = forecaster_app
         self.forecasts: dict[str, dict[str, tuple[float, ...]]] = {}
         self.forecast_errors = 0
+        self.forecast_ok_at: float | None = None  # the last forecast the forecaster answered
+        self._forecast_misses = 0  # steps in a row it has not answered
+        self.forecaster_down_since: float | None = None  # not answering, its forecasts dropped
         self.im: Any = ray.get_actor(multiplexer_name, namespace=namespace)
         self.interval_s = interval_s
         self.telemetry = TelemetryWriter(telemetry_root) if telemetry_root else None
@@ -514,12 +520,23 @@ class VPSM:
             handle = serve.get_app_handle(str(self.forecaster_app))
             r = await handle.forecast.remote(payload)
         except Exception:  # Serve down or the app not deployed: keep stepping without new forecasts
-            self.forecast_errors += 1
             log.warning("forecast from %s failed", self.forecaster_app, exc_info=True)
-            return
+            r = {"error": "unavailable"}
+        now = time.time()
         if "error" in r:
             self.forecast_errors += 1
+            self._forecast_misses += 1
+            if self._forecast_misses >= FORECAST_STALE_STEPS and self.forecaster_down_since is None:
+                # reacting is better than acting on an old forecast: the policy sees none
+                self.forecaster_down_since = now
+                self.forecasts.clear()
+                self.events.append({"ts": now, "event": "forecaster-unavailable", "fallback": "reactive"})
+                self._metrics.forecaster(False)
             return
+        if self.forecaster_down_since is not None:
+            self.events.append({"ts": now, "event": "forecaster-back"})
+        self.forecast_ok_at, self.forecaster_down_since, self._forecast_misses = now, None, 0
+        self._metrics.forecaster(True)
         names = [f"p{round(q * 100)}" for q in r["quantiles"]]
         for j, p in enumerate(r["ids"]):
             self.forecasts[p] = {n: tuple(float(x) for x in r["forecasts"][j, :, k]) for k, n in enumerate(names)}
@@ -940,6 +957,17 @@ class VPSM:
             "events": list(self.events)[-50:],
             "forecasts": {p: {q: list(v[:5]) for q, v in f.items()} for p, f in self.forecasts.items()},
             "forecast_errors": self.forecast_errors,
+            # None: no forecaster configured; else whether its forecasts are used, or the policy
+            # reacts to the live load alone since `down_since`
+            "forecaster": None
+            if self.forecaster_app is None
+            else {
+                "app": self.forecaster_app,
+                "available": self.forecaster_down_since is None,
+                "fallback": None if self.forecaster_down_since is None else "reactive",
+                "down_since": self.forecaster_down_since,
+                "last_forecast_at": self.forecast_ok_at,
+            },
             "move_errors": self.move_errors,
             "moves_queued": {p: len(q) for p, q in self._jobs.items()},
         }
@@ -1007,6 +1035,11 @@ class _VpsmMetrics:
             "Messages of the tables peers that reset are expected to re-send (the leading indicator of a reset storm)",
             tag_keys=("protocol",),
         )
+        self.forecaster_up = metrics.Gauge(
+            "apsv_forecaster_available",
+            "1 while the VPSM's forecasts come from the forecaster; 0 when it does not answer and the "
+            "predictive policy reacts to the live load alone",
+        )
         for p in protocols:  # "0 scale actions", not "no data", before the first one
             for direction in ("up", "down"):
                 start_at_zero(self.actions, {"protocol": p, "direction": direction})
@@ -1030,6 +1063,9 @@ class _VpsmMetrics:
         for q, values in (forecast or {}).items():
             if values:
                 self.forecast.set(float(values[0]), {"protocol": protocol, "quantile": q})
+
+    def forecaster(self, available: bool) -> None:
+        self.forecaster_up.set(1.0 if available else 0.0)
 
     def instances(self, protocol: str, counts: Mapping[str, int], desired: int) -> None:
         for state, n in counts.items():
