@@ -242,12 +242,18 @@ class AllocationSection(_Section):
     memory: Annotated[Size, Field(ge=16 << 20)] = 512 << 20
     buffer_quota: Annotated[Size, Field(ge=64 << 10)] = 8 << 20
     max_sessions: Annotated[int, Field(ge=1, le=10_000_000)] = 10_000
+    # docker backend: an unanswered call past this ends the instance (its sessions move)
+    call_deadline_s: Annotated[float, Field(ge=1, le=3600)] = 30.0
 
     def allocation(self) -> Allocation:
         from apsv.runtime.instance import Allocation
 
         return Allocation(
-            cpu=self.cpu, memory_bytes=self.memory, buffer_quota_bytes=self.buffer_quota, max_sessions=self.max_sessions
+            cpu=self.cpu,
+            memory_bytes=self.memory,
+            buffer_quota_bytes=self.buffer_quota,
+            max_sessions=self.max_sessions,
+            call_deadline_s=self.call_deadline_s,
         )
 
 

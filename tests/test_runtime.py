@@ -619,3 +619,37 @@ def test_docker_killed_container_recovers(
     assert stats["recoveries"] == 1 and stats["sessions_recovered"] > 0
     assert client.stats.restores == stats["sessions_recovered"]
     check_sessions(dep, replay_sessions, reference)
+
+
+@pytest.mark.docker
+def test_docker_paused_container_past_its_deadline_recovers(
+    deployment: Any, replay_sessions: list[ReplaySession], reference: dict[Any, str]
+) -> None:
+    """A container that stops answering (docker pause) ends its instance once a call has waited
+    `call_deadline_s`: its sessions are restored on the others, none loses a frame, and the
+    paused container is removed (it cannot come back with stale sessions)."""
+    engine = docker_engine()
+    plan = ProtocolPlan(
+        "bgp",
+        backend="docker",
+        min_instances=3,
+        max_instances=8,
+        allocation=Allocation(cpu=0.25, memory_bytes=512 << 20, call_deadline_s=3.0),
+        policy="fixed",
+        rebalance_by="sessions",
+    )
+    dep = deployment([plan], run_loop=False)
+    handles = ray.get(dep.vpsm.instance_handles.remote())
+    victim_id = sorted(handles)[0]
+    (victim,) = [c for c in engine.containers.list() if c.labels.get("apsv.instance") == victim_id]
+
+    def pause() -> str:
+        victim.pause()
+        return str(victim_id)
+
+    client, _ = _replay_with(dep, replay_sessions, {0.4: pause})
+    stats = ray.get(dep.multiplexer.stats.remote())
+    assert stats["recoveries"] == 1 and stats["sessions_recovered"] > 0
+    check_sessions(dep, replay_sessions, reference)
+    gone = [c for c in engine.containers.list(all=True) if c.labels.get("apsv.instance") == victim_id]
+    assert gone == [], [c.status for c in gone]

@@ -302,6 +302,9 @@ class DockerBackend:
             environment={"PYTHONPATH": SITE, "PYTHONHOME": PY_ROOT, "PYTHONDONTWRITEBYTECODE": "1"},
         )
         self.sock = self._connect(start_timeout)
+        # a container that does not answer within its deadline (paused, hung) has failed: the
+        # call raises, the instance ends and its sessions are restored elsewhere
+        self.sock.settimeout(allocation.call_deadline_s)
         self._cgroup = self._find_cgroup()
 
     def _connect(self, timeout: float) -> socket.socket:
@@ -477,10 +480,13 @@ class DockerBackend:
 
     def shutdown(self) -> None:
         with contextlib.suppress(OSError, wire.WireError, wire.RemoteError):
+            self.sock.settimeout(2.0)  # a paused or hung container answers nothing: it is removed
             wire.call(self.sock, "shutdown")
         try:
             self.sock.close()
-            self.container.stop(timeout=2)
+            self.container.reload()
+            if self.container.status == "running":
+                self.container.stop(timeout=2)
         except Exception:  # already gone
             pass
         with contextlib.suppress(Exception):

@@ -53,6 +53,9 @@ class Allocation:
     memory_bytes: int = 512 << 20  # Ray memory resource, and the container's memory limit
     buffer_quota_bytes: int = 8 << 20  # payload octets one client may have in flight to it
     max_sessions: int = 10_000
+    # docker backend: a call the container has not answered in this long (paused, hung) ends
+    # the instance - its sessions are restored elsewhere, and the container is removed
+    call_deadline_s: float = 30.0
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
