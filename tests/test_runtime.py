@@ -600,34 +600,13 @@ def test_docker_backend_replay_with_locked_down_containers(
 
 
 @pytest.mark.docker
-def test_docker_killed_container_recovers(
-    deployment: Any, replay_sessions: list[ReplaySession], reference: dict[Any, str]
+@pytest.mark.parametrize("fault", ["kill", "pause"])
+def test_docker_failed_container_recovers(
+    deployment: Any, replay_sessions: list[ReplaySession], reference: dict[Any, str], fault: str
 ) -> None:
-    engine = docker_engine()
-    plan = bgp_plan(3, backend="docker")
-    dep = deployment([plan], run_loop=False)
-    handles = ray.get(dep.vpsm.instance_handles.remote())
-    victim_id = sorted(handles)[0]
-    (victim,) = [c for c in engine.containers.list() if c.labels.get("apsv.instance") == victim_id]
-
-    def kill() -> str:
-        victim.kill()
-        return str(victim_id)
-
-    client, _ = _replay_with(dep, replay_sessions, {0.4: kill})
-    stats = ray.get(dep.multiplexer.stats.remote())
-    assert stats["recoveries"] == 1 and stats["sessions_recovered"] > 0
-    assert client.stats.restores == stats["sessions_recovered"]
-    check_sessions(dep, replay_sessions, reference)
-
-
-@pytest.mark.docker
-def test_docker_paused_container_past_its_deadline_recovers(
-    deployment: Any, replay_sessions: list[ReplaySession], reference: dict[Any, str]
-) -> None:
-    """A container that stops answering (docker pause) ends its instance once a call has waited
-    `call_deadline_s`: its sessions are restored on the others, none loses a frame, and the
-    paused container is removed (it cannot come back with stale sessions)."""
+    """A container killed, or one that stops answering (docker pause) until a call has waited its
+    `call_deadline_s`, ends its instance: its sessions are restored on the others, none loses a
+    frame, and a paused container is removed (it cannot come back with stale sessions)."""
     engine = docker_engine()
     plan = ProtocolPlan(
         "bgp",
@@ -643,13 +622,15 @@ def test_docker_paused_container_past_its_deadline_recovers(
     victim_id = sorted(handles)[0]
     (victim,) = [c for c in engine.containers.list() if c.labels.get("apsv.instance") == victim_id]
 
-    def pause() -> str:
-        victim.pause()
+    def act() -> str:
+        victim.kill() if fault == "kill" else victim.pause()
         return str(victim_id)
 
-    client, _ = _replay_with(dep, replay_sessions, {0.4: pause})
+    client, _ = _replay_with(dep, replay_sessions, {0.4: act})
     stats = ray.get(dep.multiplexer.stats.remote())
     assert stats["recoveries"] == 1 and stats["sessions_recovered"] > 0
+    assert client.stats.restores == stats["sessions_recovered"]
     check_sessions(dep, replay_sessions, reference)
-    gone = [c for c in engine.containers.list(all=True) if c.labels.get("apsv.instance") == victim_id]
-    assert gone == [], [c.status for c in gone]
+    if fault == "pause":
+        left = [c.status for c in engine.containers.list(all=True) if c.labels.get("apsv.instance") == victim_id]
+        assert left == []
