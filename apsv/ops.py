@@ -376,7 +376,7 @@ def _deploy(
     app = None
     if cfg.forecaster.enabled:
         _step(progress, f"deploying the forecaster ({cfg.forecaster.app_name})")
-        app = _deploy_forecaster(cfg.forecaster)
+        app = deploy_forecaster(cfg.forecaster)
         state["forecaster_app"] = app
         f = cfg.forecaster
         state["forecaster_url"] = f"http://{f.http_host}:{f.http_port}{f.route_prefix}" if f.route_prefix else None
@@ -418,7 +418,8 @@ def _check_capacity(cfg: ApsvConfig) -> None:
         )
 
 
-def _deploy_forecaster(f: ForecasterSection) -> str:
+def deploy_forecaster(f: ForecasterSection) -> str:
+    """Deploy (or deploy again) the forecaster Serve application; its name."""
     from ray import serve
 
     from apsv.forecast.serving import ForecastService

@@ -22,7 +22,6 @@ import argparse
 import json
 import platform
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -43,7 +42,7 @@ def main() -> int:
     from apsv.runtime.cluster import start_local_ray
 
     target = Target(("127.0.0.50", 1797), "127.0.0.51", "127.0.0.52", apsv_as=65010, peer_as=65020)
-    start_local_ray(num_cpus=4, temp_dir=Path(tempfile.mkdtemp(prefix="apsv-hostile-")) / "ray")
+    start_local_ray(num_cpus=4)  # (its temp directory goes when this process ends)
     started = time.time()
     with deployed_agent(target) as hooks:
         result = run(

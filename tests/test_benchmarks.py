@@ -187,3 +187,29 @@ def test_footprint_reads_each_process_once_and_splits_cpu_and_memory_by_part() -
     finally:
         child.kill()
         child.wait()
+
+
+@pytest.mark.slow
+@pytest.mark.peer
+@pytest.mark.docker
+def test_chaos_soak_short(tmp_path: Path) -> None:
+    """`apsv bench chaos` for 3 minutes (the benchmark runs 30): every fault survived, nothing lost
+    or duplicated, no peer reset or BFD down but those the faults caused, and nothing left behind
+    (namespaces, containers; the session's own check covers temp directories and processes)."""
+    out = tmp_path / "chaos.json"
+    cmd = [str(Path(sys.executable).parent / "apsv"), "bench", "chaos", "--minutes", "3"]
+    cmd += ["--bgp", "4", "--bfd", "8", "--prefixes", "500", "--replay", "20", "--json", "--out", str(out)]
+    done = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=1200)
+    r = json.loads(out.read_text())
+    assert done.returncode == 0, (r.get("fault_log"), done.stderr[-2000:])
+    assert r["ok"] and r["faults_injected"] >= 7 and r["faults_survived"] == r["faults_injected"]
+    assert r["lost"] == r["duplicated"] == r["rib_mismatches"] == 0 and r["replay_rounds"] >= 2
+    assert r["peer_resets_unexpected"] == 0 and r["false_bfd_downs"] == 0
+    if r["faults"]["peer_reset_storm"]:
+        assert r["peer_resets_injected"] > 0  # the checker sees what the storm did
+    if r["faults"]["bfd_peer_flap"]:
+        assert r["injected_bfd_downs"] > 0
+    for key in ("rss_slope_mb_per_h", "fd_slope_per_h"):  # reported; a trend needs the 30-minute run
+        assert isinstance(r[key], float)
+    netns = subprocess.run(["ip", "netns", "list"], check=True, capture_output=True, text=True).stdout
+    assert "apsv-bfdscale" not in netns

@@ -5,6 +5,8 @@ every test checks that each frame is applied exactly once, in order, whatever mo
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 import time
 import urllib.request
@@ -600,13 +602,16 @@ def test_docker_backend_replay_with_locked_down_containers(
 
 
 @pytest.mark.docker
-@pytest.mark.parametrize("fault", ["kill", "pause"])
+@pytest.mark.parametrize("fault", ["kill", "pause", "kill_actor"])
 def test_docker_failed_container_recovers(
     deployment: Any, replay_sessions: list[ReplaySession], reference: dict[Any, str], fault: str
 ) -> None:
-    """A container killed, or one that stops answering (docker pause) until a call has waited its
-    `call_deadline_s`, ends its instance: its sessions are restored on the others, none loses a
-    frame, and a paused container is removed (it cannot come back with stale sessions)."""
+    """A container killed, one that stops answering (docker pause) until a call has waited its
+    `call_deadline_s`, or its instance actor's process killed: the instance ends, its sessions
+    are restored on the others, none loses a frame, and the container is gone (a paused one
+    cannot come back with stale sessions; an orphaned one sees its actor's connection close)."""
+    from apsv.runtime.docker_backend import reap_socket_dirs
+
     engine = docker_engine()
     plan = ProtocolPlan(
         "bgp",
@@ -623,7 +628,10 @@ def test_docker_failed_container_recovers(
     (victim,) = [c for c in engine.containers.list() if c.labels.get("apsv.instance") == victim_id]
 
     def act() -> str:
-        victim.kill() if fault == "kill" else victim.pause()
+        if fault == "kill_actor":
+            os.kill(ray.get(handles[victim_id].pid.remote()), signal.SIGKILL)
+        else:
+            victim.kill() if fault == "kill" else victim.pause()
         return str(victim_id)
 
     client, _ = _replay_with(dep, replay_sessions, {0.4: act})
@@ -631,6 +639,13 @@ def test_docker_failed_container_recovers(
     assert stats["recoveries"] == 1 and stats["sessions_recovered"] > 0
     assert client.stats.restores == stats["sessions_recovered"]
     check_sessions(dep, replay_sessions, reference)
-    if fault == "pause":
-        left = [c.status for c in engine.containers.list(all=True) if c.labels.get("apsv.instance") == victim_id]
-        assert left == []
+
+    def left() -> list[str]:
+        return [c.status for c in engine.containers.list(all=True) if c.labels.get("apsv.instance") == victim_id]
+
+    deadline = time.monotonic() + 30
+    while left() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert left() == []
+    if fault == "kill_actor":  # its socket directory, which its shutdown never removed: reaped
+        assert reap_socket_dirs(engine) == 1

@@ -7,6 +7,8 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -545,3 +547,20 @@ def test_host_applies_the_frames_before_a_malformed_one_and_counts_it() -> None:
     out = h.process(bad, None, 1.0)
     assert [f.seq for f in decode_batch(out)] == [1, 2]
     assert h.counters.bad_frames == 1 and h.session_info(K)["last_seq"] == 2
+
+
+def test_socket_directories_of_gone_containers_are_reaped(tmp_path: Path) -> None:
+    from apsv.runtime.docker_backend import CONTAINER_MARKER, reap_socket_dirs
+
+    class Engine:
+        class containers:
+            @staticmethod
+            def list(all: bool, filters: dict[str, str]) -> list[Any]:
+                return [type("C", (), {"id": "alive"})()]
+
+    for name, marker in (("apsv-bgp-1-a", "alive"), ("apsv-bgp-2-b", "gone"), ("apsv-other", None)):
+        (tmp_path / name).mkdir()
+        if marker is not None:
+            (tmp_path / name / CONTAINER_MARKER).write_text(marker)
+    assert reap_socket_dirs(Engine(), tmp_path) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["apsv-bgp-1-a", "apsv-other"]  # unmarked: untouched

@@ -68,6 +68,7 @@ class Deployed:
             os.environ["APSV_STATE_DIR"] = str(state_dir)
             self._conn = ops.connected(job_name=job_name)
             target, self.vpsm, self.im = self._conn.__enter__()
+            self.target: dict[str, Any] = target
             self.agent = self._start_agent(vrouters, target, agent)
         except BaseException:
             self.close()

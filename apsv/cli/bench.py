@@ -76,6 +76,26 @@ def restart(
     main(sessions, as_json, out)
 
 
+@bench_app.command("chaos")
+def chaos(
+    minutes: float = typer.Option(30.0, "--minutes", min=1.0, help="How long faults are injected."),
+    every: float = typer.Option(20.0, "--every", min=5.0, help="Seconds between faults (each after recovery)."),
+    seed: int = typer.Option(1, "--seed", help="Seeds the faults' order and targets."),
+    bgp: int = typer.Option(8, "--bgp", min=1, max=250, help="BIRD's BGP sessions to the agent."),
+    bfd: int = typer.Option(16, "--bfd", min=1, max=2000, help="bfdd's BFD sessions with the agent."),
+    prefixes: int = typer.Option(1000, "--prefixes", min=1, help="Real routes on each BIRD session."),
+    replay: int = typer.Option(40, "--replay", min=10, help="BGP sessions replaying MRT churn, each round."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    out: Path = typer.Option(None, "--out", help="Also save the JSON here."),
+) -> None:
+    """A fault every 20 s under real load, checked by an independent observer (needs root, BIRD, bfdd, Docker)."""
+    from apsv.bench.chaos import main
+
+    r = main(minutes, every, seed, bgp, bfd, prefixes, replay, as_json, out)
+    if not r.get("ok"):
+        raise typer.Exit(1)
+
+
 @bench_app.command("consolidation")
 def consolidation(
     vrouters: str = typer.Option("10,50,100", "--vrouters", help="Virtual router counts N, comma-separated."),

@@ -2,8 +2,9 @@
 
     python -m apsv.runtime.container_worker --socket /run/apsv/worker.sock --protocol bgp
 
-It serves one connection at a time (its instance actor), call after call, in order, and exits
-when told to or when the actor goes away. It needs no network and writes nothing but its socket.
+It serves its instance actor's one connection, call after call, in order, and exits when told
+to or when that connection closes (the actor's process is gone); the engine then removes it.
+It needs no network and writes nothing but its socket.
 """
 
 from __future__ import annotations
@@ -140,7 +141,9 @@ def serve(path: str, protocol: str, limits: HostLimits) -> int:
                 try:
                     code, meta, blobs = wire.recv(conn)
                 except wire.WireError:
-                    break  # the actor went away; wait for it to come back (or be stopped)
+                    # the actor went away (its process died): nothing connects again - a new
+                    # actor makes a new container - so this one ends (and the engine removes it)
+                    return 0
                 name = wire.OP_NAMES.get(code, "?")
                 if name == "shutdown":
                     wire.send(conn, wire.OK, {})

@@ -240,6 +240,25 @@ def _snapshots(meta: Mapping[str, Any], blobs: list[bytes]) -> dict[Key, tuple[S
     return {_key(k): (_seq(s), b) for k, s, b in zip(meta["keys"], meta["seqs"], blobs, strict=True)}
 
 
+CONTAINER_MARKER = ".apsv-container"  # in a socket directory: the id of the container it serves
+
+
+def reap_socket_dirs(client: Any, root: Path = Path("/tmp")) -> int:
+    """Remove the socket directories whose container is gone: an instance whose process was
+    killed never ran its shutdown. Only directories this module marked are touched."""
+    live = {c.id for c in client.containers.list(all=True, filters={"label": "apsv.instance"})}
+    reaped = 0
+    for d in root.glob("apsv-*"):
+        try:
+            cid = (d / CONTAINER_MARKER).read_text().strip()
+        except OSError:
+            continue
+        if cid and cid not in live:
+            shutil.rmtree(d, ignore_errors=True)
+            reaped += 1
+    return reaped
+
+
 def container_user() -> tuple[int, int]:
     """The uid:gid a stack container runs as: nobody when APSV runs as root, else its own user
     (never root inside the container either way)."""
@@ -263,6 +282,7 @@ class DockerBackend:
         self.on_failure: Callable[[str], None] | None = None
         self.client = docker_client()
         self.image = ensure_image(self.client, image)
+        reap_socket_dirs(self.client)
         self.sockdir = Path(tempfile.mkdtemp(prefix=f"apsv-{instance_id}-", dir="/tmp"))  # 0700
         # The container's user creates its socket here, and only it and this process may enter:
         # as root, the directory is handed to nobody (root enters any directory); otherwise the
@@ -287,6 +307,7 @@ class DockerBackend:
                 str(limits.snapshot_every),
             ],
             detach=True,
+            auto_remove=True,  # gone once its worker exits: shut down, or its actor died
             name=f"apsv-{instance_id}-{uuid.uuid4().hex[:6]}",
             labels={"apsv.instance": instance_id, "apsv.protocol": protocol},
             network_mode="none",
@@ -301,6 +322,7 @@ class DockerBackend:
             volumes={str(self.sockdir): {"bind": SOCKET_DIR, "mode": "rw"}},
             environment={"PYTHONPATH": SITE, "PYTHONHOME": PY_ROOT, "PYTHONDONTWRITEBYTECODE": "1"},
         )
+        (self.sockdir / CONTAINER_MARKER).write_text(self.container.id)  # for reap_socket_dirs
         self.sock = self._connect(start_timeout)
         # a container that does not answer within its deadline (paused, hung) has failed: the
         # call raises, the instance ends and its sessions are restored elsewhere
