@@ -204,8 +204,10 @@ class Watch(threading.Thread):
                 now = time.time()
                 for who, (up, since, *detail) in self.poll().items():
                     was = self.state.get(who)
-                    if was is not None and was[0] and (not up or since != was[1]):
-                        self.events.append(Event(now, who, " ".join(detail) or "reset"))
+                    # A session leaving Up. (Not a change of BIRD's "Since" alone: it moves when a
+                    # channel goes from feeding to happy, with no reset and no new connection.)
+                    if was is not None and was[0] and not up:
+                        self.events.append(Event(now, who, " ".join(detail) or "down"))
                     self.state[who] = (up, since)
             except Exception:
                 self.errors += 1
@@ -250,6 +252,8 @@ class Rig:
     forecaster: Any
     bfd_call_deadline_s: float
     bfd_keys: dict[tuple[int, int], str] = field(default_factory=dict)  # (vrouter, session) -> peer
+    bgp_keys: dict[tuple[int, int], str] = field(default_factory=dict)  # (vrouter, session) -> BIRD's name
+    apsv_bgp_downs: list[Event] = field(default_factory=list)  # APSV's side: its BGP sessions leaving Established
 
     @staticmethod
     def bfd_addresses(i: int) -> tuple[str, str]:
@@ -303,6 +307,9 @@ def _agent_bfd_downs(rig: Rig) -> list[Event]:
         if e.get("protocol") == "bfd" and e.get("event") == "state" and e.get("old") == "UP":
             peer = rig.bfd_keys.get((int(e["vrouter"]), int(e["session"])), f"bfd {e['vrouter']}/{e['session']}")
             out.append(Event(float(e["ts"]), peer, "down"))
+        elif e.get("protocol") == "bgp" and e.get("event") == "state" and e.get("old") == "Established":
+            who = rig.bgp_keys.get((int(e["vrouter"]), int(e["session"])), f"bgp {e['vrouter']}/{e['session']}")
+            rig.apsv_bgp_downs.append(Event(float(e["ts"]), who, f"APSV: {e.get('new')}"))
     return out
 
 
@@ -401,6 +408,8 @@ def run(
     prefixes: int = 1000,
     replay_sessions: int = 40,
 ) -> dict[str, Any]:
+    import ray
+
     from apsv.bench.consolidation import real_routes
     from apsv.bench.live_scale import _poke, bird_slices
     from apsv.config import ForecasterSection
@@ -425,6 +434,7 @@ def run(
         bfdd = B.Bfdd(n_bfd, BFD_INTERVAL_MS)
         cleanup.callback(bfdd.stop)
         birdc = [D.which("birdc"), "-s", str(bird.info["sock"])]
+        names = {D.announcer_addr(i): f"r{i}" for i in range(n_bgp)}  # BIRD's protocol per peer address
         replay = ReplayLoad(dep.im, dep, replay_sessions, round_s=60.0)
         cleanup.callback(replay.finish, 60)
         cleanup.callback(stop_poke.set)
@@ -442,6 +452,7 @@ def run(
             ForecasterSection(**cfg["forecaster"]),
             bfd_deadline,
             {(v["id"], b["session"]): bfd_name(b["local_address"]) for v in vrs for b in v.get("bfd", [])},
+            {(v["id"], b["session"]): names[b["peer"]] for v in vrs for b in v.get("bgp", [])},
         )
         mins = {p["protocol"]: int(p["min_instances"]) for p in cfg["protocols"]}
         # BIRD may hold its last partial UPDATE until its loop wakes (../shared/peers/README.md)
@@ -460,6 +471,8 @@ def run(
         result["setup_s"] = round(time.monotonic() - t_setup, 1)
         result["source"] = source
         _agent_bfd_downs(rig)  # from here on, the agent's events are the run's
+        rig.apsv_bgp_downs.clear()
+        accepted0 = ray.get(dep.agent.status.remote(), timeout=60)["counters"]["connections_accepted"]
         bird_watch = Watch("bird", 1.0, lambda: bird_protocols(birdc))
         bfd_watch = Watch(
             "bfdd", 0.5, lambda: {bfd_name(str(p.get("peer"))): (p.get("status") == "up", "") for p in bfdd.peers()}
@@ -530,13 +543,15 @@ def run(
                 break
             time.sleep(2.0)
         agent_downs += _agent_bfd_downs(rig)
+        accepted = ray.get(dep.agent.status.remote(), timeout=60)["counters"]["connections_accepted"] - accepted0
         for w in watches:
             w.stop()
 
         def injected(ev: Event, kind: str) -> bool:
             return any(f["window"][0] <= ev.at <= f["window"][1] and ev.who in f[kind] for f in faults)
 
-        resets = [e for e in bird_watch.events]
+        # a reset either side saw: BIRD's session left Established, or APSV's did
+        resets = bird_watch.events + rig.apsv_bgp_downs
         bfd_downs = [e for e in bfd_watch.events] + agent_downs
         rounds = replay.rounds
         warmup = max(60.0, 0.2 * 60.0 * minutes)
@@ -562,6 +577,10 @@ def run(
                 {"at_s": round(e.at - t0, 1), "session": e.who, "seen": e.what, "injected": injected(e, "bfd_downs")}
                 for e in bfd_downs
             ],
+            # APSV's side of the same sessions: its BGP sessions leaving Established, and the
+            # connections its agent accepted (each peer reset is a new connection from BIRD)
+            apsv_bgp_downs=len(rig.apsv_bgp_downs),
+            agent_connections_accepted=accepted,
             replay_rounds=len(rounds),
             replay_frames=sum(r["frames"] for r in rounds),
             replay_error=replay.error,
