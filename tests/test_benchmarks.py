@@ -117,7 +117,10 @@ def test_consolidation_benchmark_small(tmp_path: Path) -> None:
     assert run["vrouters"] == 2 and set(r["crossover_vrouters"]) == {"pss", "cpu"}
     for side in ("apsv", "frr"):
         v = run[side]
-        assert v["seconds"] > 0 and v["cpu_s"] > 0 and v["pss_mb"] > 0 and v["startup_s"] > 0
+        # (`seconds` runs from the first session seen Established: 0.0 when all converged within
+        # one 50 ms poll of it, as two small tables can on an idle moment)
+        assert v["seconds"] >= 0 and v["seconds_from_announcer_start"] > v["seconds"]
+        assert v["cpu_s"] > 0 and v["pss_mb"] > 0 and v["startup_s"] > 0
     assert run["frr"]["processes"] == 2 and set(run["frr"]["by_part"]) == {"bgpd"}
     parts = run["apsv"]["by_part"]
     assert {"raylet", "gcs_server", "AgentActor", "StackInstance", "Multiplexer", "VPSM", "ServeReplica"} <= set(parts)
