@@ -87,7 +87,6 @@ class ReplayLoad(threading.Thread):
         span = max(s.stream.times[-1] for s in self.base) - min(s.stream.times[0] for s in self.base)
         self.speed = max(1.0, span / round_s)
         self.rounds: list[dict[str, Any]] = []
-        self.sent = 0
         self.error: str | None = None
         self._halt = threading.Event()
         self._closed = False
@@ -103,8 +102,7 @@ class ReplayLoad(threading.Thread):
         self._stalled.wait(seconds + 30)
         return self._in_use
 
-    def _progress(self, sent: int, _total: int) -> None:
-        self.sent += 100
+    def _progress(self, _sent: int, _total: int) -> None:
         if self._stall:
             self._in_use = self.pool.in_use()
             time.sleep(self._stall)  # nothing read meanwhile: the answers wait at the instances
@@ -116,7 +114,7 @@ class ReplayLoad(threading.Thread):
 
         from apsv.runtime.driver import ReplaySession, replay
 
-        sessions = [ReplaySession((k[0], k[1], k[2], k[3] + 1000 * r), s.stream) for s in self.base for k in [s.key]]
+        sessions = [ReplaySession((*s.key[:3], s.key[3] + 1000 * r), s.stream) for s in self.base]
         placed = self.client.open_sessions([(s.key, "bgp", s.config(), 0) for s in sessions], timeout=120)
         refused = [v for v in placed.values() if v.startswith("error")]
         if refused:
@@ -298,8 +296,9 @@ def _vrouters(n_bgp: int, n_bfd: int) -> list[dict[str, Any]]:
     return vrouters(n_bgp, n_bfd, max(1, (n_bgp + n_bfd) // 4), BFD_INTERVAL_MS)
 
 
-def _agent_bfd_downs(rig: Rig) -> list[Event]:
-    """BFD sessions the agent's events say left Up (APSV's side of each BFD session)."""
+def _agent_downs(rig: Rig) -> list[Event]:
+    """The agent's events since the last call (APSV's side): the BFD sessions that left Up,
+    returned; the BGP sessions that left Established, added to `rig.apsv_bgp_downs`."""
     import ray
 
     out = []
@@ -470,7 +469,7 @@ def run(
             raise RuntimeError(f"the deployment did not come up: {why}")
         result["setup_s"] = round(time.monotonic() - t_setup, 1)
         result["source"] = source
-        _agent_bfd_downs(rig)  # from here on, the agent's events are the run's
+        _agent_downs(rig)  # from here on, the agent's events are the run's
         rig.apsv_bgp_downs.clear()
         accepted0 = ray.get(dep.agent.status.remote(), timeout=60)["counters"]["connections_accepted"]
         bird_watch = Watch("bird", 1.0, lambda: bird_protocols(birdc))
@@ -496,7 +495,7 @@ def run(
             now = time.monotonic()
             if now >= next_sample:
                 samples.append(_sample(rig, now - start, telemetry))
-                agent_downs += _agent_bfd_downs(rig)
+                agent_downs += _agent_downs(rig)
                 next_sample = now + 10.0
             if now >= next_fault and now + 15 < end:
                 name = schedule.next()
@@ -542,7 +541,7 @@ def run(
             if complete >= n_bgp:
                 break
             time.sleep(2.0)
-        agent_downs += _agent_bfd_downs(rig)
+        agent_downs += _agent_downs(rig)
         accepted = ray.get(dep.agent.status.remote(), timeout=60)["counters"]["connections_accepted"] - accepted0
         for w in watches:
             w.stop()
