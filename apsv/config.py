@@ -371,6 +371,13 @@ class VpsmSection(_Section):
     telemetry_dir: str | None = None  # null: <state dir>/telemetry
 
 
+class MultiplexerSection(_Section):
+    """The Intelligent Multiplexer."""
+
+    # A client with no route watch out this long is taken for gone and its sessions are closed.
+    client_lease_s: Annotated[float, Field(ge=5, le=86400)] = 60.0
+
+
 class TenantQuotaSection(_Section):
     """What one tenant may use (apsv.runtime.tenancy); null: no limit."""
 
@@ -454,6 +461,7 @@ class ApsvConfig(_Section):
     ray: RaySection = Field(default_factory=RaySection)
     protocols: Annotated[list[ProtocolSection], Field(min_length=1)] = Field(default_factory=_default_protocols)
     vpsm: VpsmSection = Field(default_factory=VpsmSection)
+    multiplexer: MultiplexerSection = Field(default_factory=MultiplexerSection)
     placement: PlacementSection = Field(default_factory=PlacementSection)
     forecaster: ForecasterSection = Field(default_factory=ForecasterSection)
     tenants: TenantsSection = Field(default_factory=TenantsSection)

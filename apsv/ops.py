@@ -371,6 +371,7 @@ def _deploy(
         detached=True,
         resources=roles.request("control_plane"),
         tenants=cfg.tenants.tenant_quotas(),
+        client_lease_s=cfg.multiplexer.client_lease_s,
     )
     ray.get(im.stats.remote(), timeout=CALL_TIMEOUT_S)
     app = None

@@ -9,6 +9,7 @@ multiplexer is gone waits, and fails by name after its bound.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import pytest
@@ -91,3 +92,66 @@ def test_opening_a_session_waits_for_the_multiplexer(deployment: Any) -> None:
     with pytest.raises(TimeoutError, match="multiplexer"):
         client.open_sessions([((4, 1, int(ProtocolId.ECHO), 3), "echo", {}, 0)], timeout=1.0)
     client.release()
+
+
+@ray.remote(num_cpus=0)
+class _ClientProcess:
+    """An offload client in a process of its own (as an agent's actor is), to be killed."""
+
+    def __init__(self, multiplexer: Any, tenant: int) -> None:
+        self.client = OffloadClient(multiplexer, tenant=tenant)
+
+    def open(self, keys: list[Any]) -> list[str]:
+        return list(self.client.open_sessions([(k, "echo", {}, 0) for k in keys]).values())
+
+
+def test_sessions_of_a_client_that_dies_are_reaped(deployment: Any) -> None:
+    """A client whose process dies stops watching its routes; after the lease the multiplexer
+    closes its sessions (counted) and its tenant's quota is free again. A live client that sends
+    nothing keeps its sessions: its route watch stays out while it idles. A client that closes
+    and leaves its sessions open on purpose keeps them, across a multiplexer restart too."""
+    dep = deployment(
+        [ProtocolPlan("echo", min_instances=1, max_instances=1, policy="fixed")],
+        run_loop=False,
+        tenants=TenantQuotas(TenantQuota(max_sessions=3)),
+        client_lease_s=3.0,
+    )
+    im = dep.multiplexer
+    echo = int(ProtocolId.ECHO)
+    doomed = _ClientProcess.remote(im, 6)  # type: ignore[attr-defined]
+    keys = [(6, 1, echo, s) for s in range(1, 4)]
+    assert not any(v.startswith("error") for v in ray.get(doomed.open.remote(keys)))
+    idle = OffloadClient(im, tenant=7)
+    mine = (7, 1, echo, 1)
+    idle.open_sessions([(mine, "echo", {}, 0)])
+    ray.kill(doomed)
+    deadline = time.monotonic() + 60
+    while (stats := ray.get(im.stats.remote()))["sessions_reaped"] < 3 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert (stats["clients_reaped"], stats["sessions_reaped"]) == (1, 3), stats
+    assert stats["tenant_sessions"] == {"7": 1}
+    time.sleep(4.0)  # past another lease: the idle client, which never pumped, is not taken for dead
+    assert ray.get(im.stats.remote())["clients_reaped"] == 1
+    (handle,) = ray.get(dep.vpsm.instance_handles.remote()).values()  # the sessions left their instance
+    assert [r[0] for r in ray.get(handle.sessions_report.remote())] == [mine]
+    again = OffloadClient(im, tenant=6)  # tenant 6's quota is free again
+    placed = again.open_sessions([(k, "echo", {}, 0) for k in keys])
+    assert not any(v.startswith("error") for v in placed.values()), placed
+    idle.send(mine, b"still here")
+    idle.drain()
+    assert idle.stats.outputs == 1
+    # a client that closes leaving its sessions open (`apsv replay --keep`) keeps them, across a
+    # restart of the multiplexer too; the live clients take their leases up again after it
+    keeper = OffloadClient(im, tenant=8)
+    keeper.open_sessions([((8, 1, echo, 1), "echo", {}, 0)])
+    keeper.close()
+    kill(im)
+    time.sleep(8.0)  # two leases
+    stats = ray.get(im.stats.remote())
+    assert stats["restarts"] == 1 and stats["clients_reaped"] == 0, stats
+    assert stats["tenant_sessions"] == {"6": 3, "7": 1, "8": 1}
+    idle.send(mine, b"after the restart")
+    idle.drain()
+    assert idle.stats.outputs == 2
+    again.release()
+    idle.release()

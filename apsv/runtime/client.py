@@ -512,11 +512,10 @@ class OffloadClient:
 
     def needs_polling(self) -> bool:
         """Whether something has no file descriptor to wake on (cross-node calls, multiplexer
-        answers, a route watch to send again after a pause)."""
+        answers, a rate limit's wait)."""
         return (
             bool(self._control)
             or (self.rate is not None and self.rate.wait_s(time.monotonic()) > 0)
-            or self.feed.retry_in() is not None
             or any(isinstance(link, RayLink) and link.calls for link in self.links.values())
         )
 

@@ -21,7 +21,7 @@ from typing import Any
 
 import ray
 
-from apsv.runtime.multiplexer import create_multiplexer
+from apsv.runtime.multiplexer import CLIENT_LEASE_S, create_multiplexer
 from apsv.runtime.roles import Roles
 from apsv.runtime.tenancy import TenantQuotas
 from apsv.runtime.vpsm import VPSM_NAME, ProtocolPlan, create_vpsm
@@ -139,15 +139,23 @@ def deploy(
     forecaster_app: str | None = None,
     roles: Roles = DEFAULT_ROLES,
     tenants: TenantQuotas | None = None,
+    client_lease_s: float | None = None,
 ) -> Deployment:
     """Create the multiplexer and the VPSM, and bring every protocol to its minimum instances.
     The control plane goes to a node of the `control_plane` role, instances to `stack_host`
     nodes (`roles`); RoleError if no node offers one of them. `tenants`: the tenants' quotas
-    (runtime/tenancy.py; none by default)."""
+    (runtime/tenancy.py; none by default); `client_lease_s`: the multiplexer's client lease
+    (how long a client may go without a route watch before its sessions are closed)."""
     r: Any = ray
     roles.check(r.cluster_resources(), ("control_plane", "stack_host"))
     im_name = MULTIPLEXER_NAME + suffix
-    im = create_multiplexer(im_name, namespace=namespace, resources=roles.request("control_plane"), tenants=tenants)
+    im = create_multiplexer(
+        im_name,
+        namespace=namespace,
+        resources=roles.request("control_plane"),
+        tenants=tenants,
+        client_lease_s=CLIENT_LEASE_S if client_lease_s is None else client_lease_s,
+    )
     ray.get(im.stats.remote())  # created and answering
     vpsm = create_vpsm(
         plans,

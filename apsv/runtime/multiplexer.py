@@ -55,6 +55,7 @@ log = logging.getLogger("apsv.multiplexer")
 MAX_CONCURRENT_MOVES = 64
 LOCATE_WAIT_S = 5.0  # how long `locate` waits for a session in motion to settle
 PROBE_TIMEOUT_S = 5.0  # how long an instance reported dead gets to answer
+CLIENT_LEASE_S = 60.0  # a client with no watch out for this long is gone: its sessions are closed
 CLOSED_OFFERS_KEEP_S = 600.0  # a closed client's offered counts stay visible to the VPSM this long
 
 LIVE, PENDING, MOVING, UNPLACED = "live", "pending", "moving", "unplaced"
@@ -118,6 +119,8 @@ class Client:
     client_id: str
     node_id: str = ""
     buffer_bytes: int = 0  # its buffer pool, as it declared at registration
+    watching: int = 0  # its route watches outstanding here (a live client always has one)
+    last_seen: float = field(default_factory=time.monotonic)  # when one last came or went
     keys: set[Key] = field(default_factory=set)
     changed: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -134,6 +137,8 @@ class Counters:
     sessions_reclaimed: int = 0  # re-registered by their clients after this multiplexer restarted
     restarts: int = 0  # times this multiplexer rebuilt its state after starting again
     rebuilt_sessions: int = 0
+    clients_reaped: int = 0  # clients holding sessions that stopped watching for the lease: gone
+    sessions_reaped: int = 0  # their sessions, closed
     tenant_refusals: int = 0  # sessions a client asked for outside the tenant it is registered for
     quota_refusals: int = 0  # sessions, or registrations, refused by a tenant quota
 
@@ -141,8 +146,16 @@ class Counters:
 class Multiplexer:
     """Ray actor class (async). Create with `create_multiplexer`."""
 
-    def __init__(self, name: str, namespace: str, seed: int = 0, tenants: Mapping[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        namespace: str,
+        seed: int = 0,
+        tenants: Mapping[str, Any] | None = None,
+        client_lease_s: float = CLIENT_LEASE_S,
+    ) -> None:
         self.name = name
+        self.client_lease_s = client_lease_s
         self.quotas = TenantQuotas.from_dict(tenants)
         self.tenant_sessions: dict[int, int] = {}  # sessions open per tenant (the quota counts these)
         self.namespace = namespace
@@ -152,6 +165,9 @@ class Multiplexer:
         self.instances: dict[str, Inst] = {}
         self.sessions: dict[Key, Rec] = {}
         self.clients: dict[str, Client] = {}
+        # Clients that closed leaving sessions open on purpose (`apsv replay --keep`): no lease
+        # runs for them, and the plan keeps their names so a restart does not start one.
+        self.kept: set[str] = set()
         self.c = Counters()
         self.rng = random.Random(seed)
         self.metrics = MultiplexerMetrics()
@@ -167,6 +183,7 @@ class Multiplexer:
         self._settled = asyncio.Condition()  # notified whenever a session's route changes
         # Rebuilt from the plan and the instances (after a restart) before any call is answered.
         self._ready = asyncio.get_event_loop().create_task(self._rebuild())
+        self._reaper = asyncio.get_event_loop().create_task(self._reap_clients())
 
     async def _up(self) -> None:
         await asyncio.shield(self._ready)
@@ -176,6 +193,7 @@ class Multiplexer:
         if not plan:
             return
         self.c.restarts += 1
+        self.kept = set(plan.get("kept", ()))
         for iid, p in plan.get("instances", {}).items():
             try:
                 handle: Any = ray.get_actor(instance_actor_name(iid), namespace=self.namespace)
@@ -198,7 +216,8 @@ class Multiplexer:
                 if old is not None:
                     self.instances[old.instance_id].sessions.discard(key)
         for rec in self.sessions.values():
-            self._client(rec.owner).keys.add(rec.key)
+            if rec.owner not in self.kept:  # (a live client re-watches within its lease)
+                self._client(rec.owner).keys.add(rec.key)
             self._count_tenant(rec.key, 1)
         self.c.rebuilt_sessions = len(self.sessions)
         self._save_plan()
@@ -207,7 +226,10 @@ class Multiplexer:
         )
 
     def _save_plan(self) -> None:
-        persist.save(self.owner, "plan", {"instances": {i: s.plan() for i, s in self.instances.items()}})
+        owners = {r.owner for r in self.sessions.values()}
+        self.kept &= owners  # (a kept client's last session gone: nothing left to keep)
+        plan = {"instances": {i: s.plan() for i, s in self.instances.items()}, "kept": sorted(self.kept)}
+        persist.save(self.owner, "plan", plan)
 
     def _client(self, client_id: str) -> Client:
         cl = self.clients.get(client_id)
@@ -293,18 +315,62 @@ class Multiplexer:
     async def close_client(self, client: str, cred: bytes) -> None:
         await self._up()
         self._check(client, cred)
+        cl = self._drop_client(client)
+        if cl is not None and any((r := self.sessions.get(k)) is not None and r.owner == client for k in cl.keys):
+            self.kept.add(client)  # its sessions stay open, with no lease (see `kept`)
+            self._save_plan()
+
+    def _drop_client(self, client: str) -> Client | None:
+        """Forget a client (its offered counts stay visible a while); its long poll answers."""
         cl = self.clients.pop(client, None)
         if client in self.offered:
             self._closed_offers[client] = (time.monotonic(), self.offered.pop(client))
         if cl is not None:
             cl.changed.set()
+        return cl
 
     async def watch(self, client: str, cred: bytes, since: tuple[str, int], timeout: float = 10.0) -> dict[str, Any]:
         """The long poll: the client's routes changed since `since` (all of them, `full`, when
         `since` is of another incarnation of this multiplexer), as soon as there are any, or
-        nothing after `timeout`."""
+        nothing after `timeout`. A client always has one out (routefeed.py): that is how its
+        lease is kept."""
         await self._up()
         cl = self._check(client, cred)
+        cl.watching += 1
+        cl.last_seen = time.monotonic()
+        try:
+            return await self._watch(cl, client, since, timeout)
+        finally:
+            cl.watching -= 1
+            cl.last_seen = time.monotonic()
+
+    async def _reap_clients(self) -> None:
+        """Close the sessions of clients that have had no watch out for the lease: their process
+        is gone (an agent's actor killed, a driver ended) and nothing else would ever close them -
+        they would hold their instances' places and their tenant's quota for good."""
+        await self._up()
+        while True:
+            await asyncio.sleep(max(0.5, self.client_lease_s / 4))
+            try:
+                await self._reap_once(time.monotonic())
+            except Exception:  # (the next round tries again; the reaper must not die)
+                log.exception("reaping clients failed")
+
+    async def _reap_once(self, now: float) -> None:
+        lease = self.client_lease_s
+        for cid in [c for c, cl in self.clients.items() if cl.watching == 0 and now - cl.last_seen > lease]:
+            cl = self._drop_client(cid)
+            if cl is None:
+                continue
+            keys = [k for k in cl.keys if (r := self.sessions.get(k)) is not None and r.owner == cid]
+            if not keys:  # (nothing held: e.g. a closed client's watch that Ray retried here after a restart)
+                continue
+            self.c.clients_reaped += 1
+            self.c.sessions_reaped += len(keys)
+            log.warning("client %s has not watched for %.0f s: %d sessions closed", cid, now - cl.last_seen, len(keys))
+            await self._close_keys(cl, keys)
+
+    async def _watch(self, cl: Client, client: str, since: tuple[str, int], timeout: float) -> dict[str, Any]:
         incarnation, version = since
         full = incarnation != self.incarnation
         deadline = time.monotonic() + timeout
@@ -376,10 +442,13 @@ class Multiplexer:
     async def close_sessions(self, client: str, cred: bytes, keys: list[Key]) -> None:
         await self._up()
         cl = self._check(client, cred)
+        await self._close_keys(cl, keys)
+
+    async def _close_keys(self, cl: Client, keys: list[Key]) -> None:
         by_inst: dict[str, list[Key]] = {}
         for k in keys:
             rec = self.sessions.get(k)
-            if rec is None or rec.owner != client:
+            if rec is None or rec.owner != cl.client_id:
                 continue
             del self.sessions[k]
             self._count_tenant(k, -1)
@@ -853,6 +922,8 @@ class Multiplexer:
             "sessions_reclaimed": c.sessions_reclaimed,
             "restarts": c.restarts,
             "rebuilt_sessions": c.rebuilt_sessions,
+            "clients_reaped": c.clients_reaped,
+            "sessions_reaped": c.sessions_reaped,
             "tenant_refusals": c.tenant_refusals,
             "quota_refusals": c.quota_refusals,
             "tenant_sessions": {str(t): n for t, n in sorted(self.tenant_sessions.items()) if n},
@@ -876,10 +947,12 @@ def create_multiplexer(
     detached: bool = False,
     resources: Mapping[str, float] | None = None,
     tenants: TenantQuotas | None = None,
+    client_lease_s: float = CLIENT_LEASE_S,
 ) -> Any:
     """The multiplexer actor. Ray restarts it when its process dies (it rebuilds its state), and
     retries the calls that were in flight then. `resources`: its role's (`roles.Roles`);
-    `tenants`: the tenants' quotas."""
+    `tenants`: the tenants' quotas; `client_lease_s`: how long a client may have no route
+    watch out before it is taken for gone and its sessions are closed."""
     cls = ray.remote(Multiplexer)
     opts: dict[str, Any] = {
         "name": name,
@@ -894,4 +967,4 @@ def create_multiplexer(
         opts["lifetime"] = "detached"
     if resources:
         opts["resources"] = dict(resources)
-    return cls.options(**opts).remote(name, namespace, seed, (tenants or TenantQuotas()).to_dict())
+    return cls.options(**opts).remote(name, namespace, seed, (tenants or TenantQuotas()).to_dict(), client_lease_s)

@@ -2,11 +2,14 @@
 
 One call to the multiplexer's `watch` is always outstanding; it answers when any of this
 client's routes changes (a move, a recovery) or after `WATCH_S` with nothing. When the answer
-comes, Ray completes the call's future on a thread of its own; the callback queues the answer
-and writes one octet to a pipe - so the client's own wait (select, or an event loop's reader)
-wakes at once. Nothing polls, and no thread of this client blocks in Ray. The client re-arms
-the watch when it takes the answer (`take`). A multiplexer that dies or restarts only delays
-the feed - the next watch goes out after a growing pause (`retry_in`) - and the data path never
+comes, Ray completes the call's future on a thread of its own; the callback queues the answer,
+writes one octet to a pipe - so the client's own wait (select, or an event loop's reader) wakes
+at once - and has the next watch sent (from a timer thread: nothing is submitted to Ray from
+Ray's callback thread). Nothing polls, and no thread of this client blocks in Ray. Because the
+next watch goes out whether or not the client is busy, a watch outstanding is also the
+multiplexer's sign that the client's process lives: one that stops watching is reaped (its
+sessions closed) after the multiplexer's client lease. A multiplexer that dies or restarts
+only delays the feed - the next watch goes out after a growing pause - and the data path never
 waits for it.
 """
 
@@ -35,7 +38,7 @@ class RouteFeed:
         self.credential = credential
         self.since: tuple[str, int] = ("", 0)  # (the multiplexer's incarnation, its route version)
         self.errors = 0
-        self._answers: deque[tuple[float, Any]] = deque()  # (when the watch went out, its answer or error)
+        self._answers: deque[dict[str, Any]] = deque()  # answers that changed a route, not yet taken
         self._lock = threading.Lock()
         self._rfd, self._wfd = os.pipe()
         os.set_blocking(self._rfd, False)
@@ -51,15 +54,19 @@ class RouteFeed:
 
     def arm(self) -> None:
         """Send the next watch, unless one is out, or a failed one's pause has not passed."""
-        if self._out or self._closed or time.monotonic() < self._retry_at:
-            return
+        with self._lock:
+            if self._out or self._closed or time.monotonic() < self._retry_at:
+                return
+            self._out = True
+            since = self.since
         issued = time.monotonic()
         try:
-            fut = self.im.watch.remote(self.client, self.credential, self.since, WATCH_S).future()
+            fut = self.im.watch.remote(self.client, self.credential, since, WATCH_S).future()
         except Exception as e:  # Ray itself refused (shutting down): stay quiet
+            with self._lock:
+                self._out = False
             log.debug("route watch not sent: %r", e)
             return
-        self._out = True
         fut.add_done_callback(lambda f: self._done(issued, f))
 
     def _done(self, issued: float, fut: concurrent.futures.Future[Any]) -> None:
@@ -70,39 +77,39 @@ class RouteFeed:
         with self._lock:
             if self._closed:
                 return
-            self._answers.append((issued, answer))
-            with contextlib.suppress(BlockingIOError, OSError):
-                os.write(self._wfd, b"\0")
+            self._out = False
+            if isinstance(answer, BaseException):
+                self.errors += 1
+                log.debug("route watch failed (%r); again in %.2fs", answer, self._pause)
+                self._retry_at = time.monotonic() + self._pause
+                delay, self._pause = self._pause, min(RETRY_MAX_S, self._pause * 2)
+            else:
+                self._pause, delay = RETRY_MIN_S, 0.0
+                self.since = (answer["incarnation"], answer["version"])  # the next watch's start
+                if answer.get("routes") or answer.get("full"):  # (an empty one is only a heartbeat)
+                    answer["issued"] = issued  # (a session opened after this cannot be in it)
+                    self._answers.append(answer)
+                    with contextlib.suppress(BlockingIOError, OSError):
+                        os.write(self._wfd, b"\0")
+        again = threading.Timer(delay, self._rearm)
+        again.daemon = True
+        again.start()
+
+    def _rearm(self) -> None:
+        with self._lock:
+            self._retry_at = 0.0  # (this timer is the pause)
+        self.arm()
 
     def take(self) -> list[dict[str, Any]]:
-        """Route updates that arrived since the last call (oldest first); the watch re-armed."""
+        """Route updates that arrived since the last call, oldest first (each to be applied in
+        turn: every one is the change since the one before)."""
         with contextlib.suppress(BlockingIOError, OSError):
             os.read(self._rfd, 4096)
         with self._lock:
-            answers = list(self._answers)
+            out = list(self._answers)
             self._answers.clear()
-        out = []
-        for issued, a in answers:
-            self._out = False
-            if isinstance(a, BaseException):
-                self.errors += 1
-                log.debug("route watch failed (%r); again in %.2fs", a, self._pause)
-                self._retry_at = time.monotonic() + self._pause
-                self._pause = min(RETRY_MAX_S, self._pause * 2)
-                continue
-            self._pause = RETRY_MIN_S
-            self.since = (a["incarnation"], a["version"])
-            if a.get("routes") or a.get("full"):
-                a["issued"] = issued  # (a session opened after this cannot be in it)
-                out.append(a)
-        self.arm()
+        self.arm()  # (a no-op while one is out, as it nearly always is)
         return out
-
-    def retry_in(self) -> float | None:
-        """Seconds until a failed watch goes out again (None: one is out, nothing to do)."""
-        if self._out or self._closed:
-            return None
-        return max(0.0, self._retry_at - time.monotonic())
 
     def close(self) -> None:
         with self._lock:
