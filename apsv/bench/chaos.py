@@ -369,14 +369,39 @@ def _slope_per_h(samples: list[dict[str, Any]], key: str, warmup_s: float) -> fl
     return round(float(np.polyfit(t / 3600.0, y, 1)[0]), 2)
 
 
+def _role(p: Any) -> str:
+    """A process's kind: its Ray actor class (`ray::Multiplexer.watch` -> `ray::Multiplexer`) or
+    its program's name."""
+    cmd: list[str] = p.cmdline()
+    if cmd and cmd[0].startswith("ray::"):
+        return cmd[0].split()[0].split(".")[0]
+    return str(p.name())
+
+
+def _fd_slopes(samples: list[dict[str, Any]], warmup_s: float) -> dict[str, float | None]:
+    """The least-squares slope of each kind of process's descriptors (a kind absent from a
+    sample has none then)."""
+    roles = sorted({r for s in samples for r in s.get("fds_by_process", {})})
+    out = {}
+    for role in roles:
+        pts = [{"t": s["t"], "fds": s.get("fds_by_process", {}).get(role, 0)} for s in samples]
+        out[role] = _slope_per_h(pts, "fds", warmup_s)
+    return out
+
+
 def _sample(rig: Rig, t: float, telemetry: Path) -> dict[str, Any]:
     import psutil
 
     rss = fds = 0
-    for p in rig.dep.processes():
+    by_role: dict[str, int] = {}  # file descriptors per kind of process: what grows, if anything does
+    procs = rig.dep.processes()
+    for p in procs:
         try:
             rss += p.memory_info().rss
-            fds += p.num_fds()
+            n = p.num_fds()
+            fds += n
+            role = _role(p)
+            by_role[role] = by_role.get(role, 0) + n
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             pass
     store = None
@@ -393,6 +418,8 @@ def _sample(rig: Rig, t: float, telemetry: Path) -> dict[str, Any]:
         "t": round(t, 1),
         "rss_mb": round(rss / 2**20, 1),
         "fds": fds,
+        "processes": len(procs),
+        "fds_by_process": dict(sorted(by_role.items())),
         "object_store_mb": store,
         "parquet_mb": round(parquet / 2**20, 3),
     }
@@ -566,6 +593,8 @@ def run(
             injected_bfd_downs=sum(1 for e in bfd_downs if injected(e, "bfd_downs")),
             rss_slope_mb_per_h=_slope_per_h(samples, "rss_mb", warmup),
             fd_slope_per_h=_slope_per_h(samples, "fds", warmup),
+            fd_slope_by_process_per_h=_fd_slopes(samples, warmup),
+            process_count_slope_per_h=_slope_per_h(samples, "processes", warmup),
             object_store_slope_mb_per_h=_slope_per_h(samples, "object_store_mb", warmup),
             parquet_slope_mb_per_h=_slope_per_h(samples, "parquet_mb", warmup),
             peer_reset_log=[
