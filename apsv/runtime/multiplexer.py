@@ -47,8 +47,8 @@ from apsv.runtime.credentials import credential, deployment_key, verify
 from apsv.runtime.host import Key
 from apsv.runtime.instance import instance_actor_name
 from apsv.runtime.metrics import MultiplexerMetrics
-from apsv.runtime.placement import InstanceLoad, choose_instance, least_used, rebalance_moves
 from apsv.runtime.tenancy import TenantQuotas, client_name, tenant_of
+from apsv.scaling.placement import InstanceLoad, choose_instance, least_used, rebalance_moves
 
 log = logging.getLogger("apsv.multiplexer")
 

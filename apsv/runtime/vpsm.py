@@ -43,9 +43,10 @@ from apsv.runtime.instance import Allocation, create_instance, instance_actor_na
 from apsv.runtime.offered import OfferedLoad
 from apsv.runtime.pending import PendingStart, PendingStarts
 from apsv.runtime.telemetry import TelemetryWriter, now_utc
+from apsv.scaling.clock import IDENTITY, ReplayClock
+from apsv.scaling.context import HISTORY_STEPS, Limits, build_context
 from apsv.scaling.latency import histogram
-from apsv.scaling.policy import ScalingContext, get_policy
-from apsv.scaling.simulator import Forecasts
+from apsv.scaling.policy import get_policy
 
 log = logging.getLogger("apsv.vpsm")
 VPSM_NAME = "apsv-vpsm"
@@ -102,37 +103,6 @@ class ProtocolPlan:
 
 
 @dataclass
-class ReplayClock:
-    """A load trace replayed through the live system (`apsv.scaling.live`): the policy then sees
-    the trace's own time and rates, exactly as the simulator gives them, so one policy
-    configuration means the same in both. Wall time runs `speed` times slower than trace time
-    and the live system carries `rate_scale` messages per trace message."""
-
-    origin: float  # wall time (time.time()) of the trace's step 0
-    speed: float = 1.0  # trace seconds per wall second
-    rate_scale: float = 1.0  # live messages per trace message
-    forecasts: Forecasts | None = None  # indexed by trace step, as the simulator's
-    future: tuple[float, ...] = ()  # the trace's rates: the oracle's foresight
-    # the trace's tables to re-send per step (its reset storms), as the simulator is told them;
-    # added to what the instances' BGP sessions report
-    tables: tuple[float, ...] = ()
-
-    def __post_init__(self) -> None:
-        if self.speed <= 0 or self.rate_scale <= 0:
-            raise ValueError("speed and rate_scale must be positive")
-
-    def trace_time(self, wall: float) -> float:
-        return (wall - self.origin) * self.speed
-
-    def rate(self, wall_rate: float) -> float:
-        """Live messages per wall second -> trace messages per trace second."""
-        return wall_rate / (self.rate_scale * self.speed)
-
-
-IDENTITY = ReplayClock(origin=0.0)
-
-
-@dataclass
 class Managed:
     instance_id: str
     handle: Any
@@ -182,7 +152,7 @@ class VPSM:
         # how far the last decision leaned on the forecast, per protocol (None: no forecast read)
         self.forecast_trust: dict[str, float | None] = {p: None for p in self.plans}
         self.last_reason: dict[str, str] = {}
-        self.history: dict[str, deque[float]] = {p: deque(maxlen=600) for p in self.plans}
+        self.history: dict[str, deque[float]] = {p: deque(maxlen=HISTORY_STEPS) for p in self.plans}
         self.events: deque[dict[str, Any]] = deque(maxlen=1000)
         self.start_latencies: dict[str, deque[float]] = {}
         self._next_id = 1  # of the next instance
@@ -373,28 +343,24 @@ class VPSM:
                 forecast = self.forecasts.get(protocol)
                 if clock.forecasts is not None:
                     forecast = clock.forecasts.at(k)
-                ctx = ScalingContext(
-                    protocol=protocol,
+                ctx = build_context(
+                    Limits(protocol, plan.capacity_per_instance, plan.min_instances, plan.max_instances, plan.slo_ms),
                     now=t,
                     current_instances=self._active(protocol),
                     load=rate,
+                    load_history=tuple(self.history[protocol]),
                     # the backlog new instances can relieve: not what waits at instances being drained
                     inflight=float(sum(x["queue_depth"] for x in mine if x["accepting"])) / clock.rate_scale,
                     sessions=sum(int(x["sessions"]) for x in mine),
-                    capacity_per_instance=plan.capacity_per_instance,
-                    min_instances=plan.min_instances,
-                    max_instances=plan.max_instances,
-                    instance_ages=tuple(
+                    start_latency_s=self._start_latency(protocol) * clock.speed,
+                    forecast=forecast,
+                    forecast_step_s=1.0 if protocol in self.clocks else self.interval_s,
+                    instance_ages=[
                         (now - m.started) * clock.speed
                         for m in self.managed.values()
                         if m.protocol == protocol and not m.draining
-                    ),
-                    start_latency_s=self._start_latency(protocol) * clock.speed,
-                    load_history=tuple(self.history[protocol]),
-                    forecast=forecast,
-                    forecast_step_s=1.0 if protocol in self.clocks else self.interval_s,
+                    ],
                     latency_p99_ms=p99,
-                    slo_ms=plan.slo_ms,
                     # Each instance applies one batch at a time: its busy fraction is its
                     # utilization (its CPU use when the stack is CPU-bound, and still right when
                     # a message's cost is waiting on something).
@@ -405,7 +371,8 @@ class VPSM:
                     # tables that peers which reset will re-send (BGP): known before they arrive
                     table_backlog=float(sum(int(x.get("table_backlog", 0)) for x in mine)) / clock.rate_scale
                     + (clock.tables[min(k, len(clock.tables) - 1)] if clock.tables else 0.0),
-                    future_load=clock.future[k + 1 : k + 65],
+                    trace=clock.future,
+                    step=k,
                     state=self.policy_state[protocol],
                     config=plan.policy_config,
                 )

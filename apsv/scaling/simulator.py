@@ -1,7 +1,7 @@
 """A discrete-time simulator of one protocol's stack instances under a load trace.
 
 It runs the same scaling policies as the live VPSM (`apsv.scaling.policy`) and places sessions
-with the multiplexer's own placement code (`apsv.runtime.placement`), so what it says about a
+with the multiplexer's own placement code (`apsv.scaling.placement`), so what it says about a
 policy is about the code that runs. Per step (default 1 s) it models:
 
 * virtual routers with skewed (Zipf) shares of the load, split over their sessions, each session
@@ -28,8 +28,9 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from apsv.runtime.placement import InstanceLoad, choose_instance, least_used, rebalance_moves
-from apsv.scaling.policy import ScalingContext, get_policy
+from apsv.scaling.context import Limits, build_context
+from apsv.scaling.placement import InstanceLoad, choose_instance, least_used, rebalance_moves
+from apsv.scaling.policy import get_policy
 
 FloatArray = npt.NDArray[np.float64]
 
@@ -227,6 +228,10 @@ def session_weights(vrouters: int, per_router: int, zipf: float, seed: int) -> F
     return _weights(vrouters, per_router, zipf, np.random.default_rng(seed))
 
 
+def _limits(cfg: SimConfig) -> Limits:
+    return Limits(cfg.protocol, cfg.capacity, cfg.min_instances, cfg.max_instances, cfg.slo_ms, cfg.budget_instances)
+
+
 def _initial(
     load: FloatArray,
     fn: Any,
@@ -236,23 +241,20 @@ def _initial(
     sessions: int,
     table_backlog: float = 0.0,
 ) -> int:
-    first = ScalingContext(
-        protocol=cfg.protocol,
+    first = build_context(
+        _limits(cfg),
         now=0.0,
         current_instances=cfg.min_instances,
         load=float(load[0]),
+        load_history=(),
         inflight=0.0,
         sessions=sessions,
-        capacity_per_instance=cfg.capacity,
-        min_instances=cfg.min_instances,
-        max_instances=cfg.max_instances,
         start_latency_s=cfg.start_latency_s,
         forecast=forecasts.at(0) if forecasts is not None else None,
         forecast_step_s=cfg.step_s,
-        budget_instances=cfg.budget_instances,
-        slo_ms=cfg.slo_ms,
-        future_load=tuple(float(x) for x in load[1:65]),
         table_backlog=table_backlog,
+        trace=load,
+        step=0,
         config=pcfg,
     )
     # what the policy settles on at t=0 (a rule that steps, such as HPA's at most doubling, is
@@ -368,6 +370,7 @@ def simulate(
     moves_total = 0
     pstate: dict[str, Any] = {}
     history: list[float] = []
+    limits = _limits(cfg)
     lat_lo: list[FloatArray] = []
     lat_hi: list[FloatArray] = []
     lat_w: list[FloatArray] = []
@@ -514,28 +517,24 @@ def simulate(
             n_active = int(((state == READY) | (state == STARTING)).sum())
             served = np.minimum(q0 + arrivals, cap_step)
             util = float(served[ready].sum() / max(cap_step * n_ready, 1e-9))
-            ctx = ScalingContext(
-                protocol=cfg.protocol,
+            ctx = build_context(
+                limits,
                 now=t,
                 current_instances=n_active,
                 load=rate,
+                load_history=history,
                 inflight=float(queue.sum()),
                 sessions=n_sessions,
-                capacity_per_instance=cfg.capacity,
-                min_instances=cfg.min_instances,
-                max_instances=cfg.max_instances,
-                instance_ages=tuple((t - started[ready]).tolist()),
                 start_latency_s=cfg.start_latency_s,
-                load_history=tuple(history[-120:]),
                 forecast=forecasts.at(k) if forecasts is not None else None,
                 forecast_step_s=dt,
-                budget_instances=cfg.budget_instances,
+                instance_ages=(t - started[ready]).tolist(),
                 latency_p99_ms=p99,
-                slo_ms=cfg.slo_ms,
                 cpu_utilization=util,
                 load_imbalance=imbalance,
                 table_backlog=float(tables[k]),
-                future_load=tuple(load[k + 1 : k + 1 + 64].tolist()),
+                trace=load,
+                step=k,
                 state=pstate,
                 config=pcfg,
             )
