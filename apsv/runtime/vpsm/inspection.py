@@ -6,6 +6,7 @@ import os
 from typing import Any
 
 import ray
+
 from apsv.runtime.vpsm.base import Parts
 
 

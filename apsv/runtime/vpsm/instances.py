@@ -11,11 +11,11 @@ from collections import deque
 from typing import Any
 
 import ray
-from apsv.runtime.vpsm.base import Parts
 from ray.exceptions import RayActorError, RayTaskError
 
 from apsv.runtime.instance import create_instance
 from apsv.runtime.pending import PendingStart
+from apsv.runtime.vpsm.base import Parts
 from apsv.runtime.vpsm.plan import Managed, ProtocolPlan
 
 log = logging.getLogger("apsv.vpsm")

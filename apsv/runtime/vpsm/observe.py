@@ -9,9 +9,8 @@ import logging
 import time
 from typing import Any
 
-from apsv.runtime.vpsm.base import Parts
-
 from apsv.runtime.telemetry import now_utc
+from apsv.runtime.vpsm.base import Parts
 
 log = logging.getLogger("apsv.vpsm")
 # After this many control steps in a row without an answer from the forecaster its forecasts
