@@ -30,7 +30,7 @@ from apsv.runtime.vpsm.plan import Managed, ProtocolPlan
 from apsv.scaling.clock import IDENTITY, ReplayClock
 from apsv.scaling.context import HISTORY_STEPS, Limits, build_context
 from apsv.scaling.latency import histogram
-from apsv.scaling.policy import get_policy
+from apsv.scaling.policy import Decision, ScalingContext, get_policy
 
 log = logging.getLogger("apsv.vpsm")
 VPSM_NAME = "apsv-vpsm"
@@ -252,88 +252,7 @@ class VPSM(Instances, Observe, Inspection):
             if self.forecaster_app is not None:
                 await self._forecast()
             for protocol, plan in self.plans.items():
-                clock = self.clocks.get(protocol, IDENTITY)
-                mine = [loads[i] for i, m in self.managed.items() if m.protocol == protocol and i in loads]
-                rate = self.history[protocol][-1]
-                # the protocol's p99 over every message of the interval, from all its instances
-                lat = np.concatenate([x["latency_ms"] for x in mine if len(x.get("latency_ms", ()))] or [np.zeros(0)])
-                p99 = float(np.percentile(lat, 99)) * clock.speed if lat.size else None
-                late = int((lat * clock.speed > plan.slo_ms).sum()) if lat.size else 0
-                busy = [float(x["busy_fraction"]) for x in mine]
-                t = clock.trace_time(now) if protocol in self.clocks else now
-                k = max(0, int(t)) if protocol in self.clocks else 0
-                forecast = self.forecasts.get(protocol)
-                if clock.forecasts is not None:
-                    forecast = clock.forecasts.at(k)
-                ctx = build_context(
-                    Limits(protocol, plan.capacity_per_instance, plan.min_instances, plan.max_instances, plan.slo_ms),
-                    now=t,
-                    current_instances=self._active(protocol),
-                    load=rate,
-                    load_history=tuple(self.history[protocol]),
-                    # the backlog new instances can relieve: not what waits at instances being drained
-                    inflight=float(sum(x["queue_depth"] for x in mine if x["accepting"])) / clock.rate_scale,
-                    sessions=sum(int(x["sessions"]) for x in mine),
-                    start_latency_s=self._start_latency(protocol) * clock.speed,
-                    forecast=forecast,
-                    forecast_step_s=1.0 if protocol in self.clocks else self.interval_s,
-                    instance_ages=[
-                        (now - m.started) * clock.speed
-                        for m in self.managed.values()
-                        if m.protocol == protocol and not m.draining
-                    ],
-                    latency_p99_ms=p99,
-                    # Each instance applies one batch at a time: its busy fraction is its
-                    # utilization (its CPU use when the stack is CPU-bound, and still right when
-                    # a message's cost is waiting on something).
-                    cpu_utilization=sum(busy) / len(busy) if busy else None,
-                    load_imbalance=self._imbalance(
-                        protocol, [float(x["traffic_share"]) for x in mine if x["accepting"]]
-                    ),
-                    # tables that peers which reset will re-send (BGP): known before they arrive
-                    table_backlog=float(sum(int(x.get("table_backlog", 0)) for x in mine)) / clock.rate_scale
-                    + (clock.tables[min(k, len(clock.tables) - 1)] if clock.tables else 0.0),
-                    trace=clock.future,
-                    step=k,
-                    state=self.policy_state[protocol],
-                    config=plan.policy_config,
-                )
-                d = get_policy(plan.policy)(ctx)
-                self.policy_state[protocol] = d.state
-                self.forecast_trust[protocol] = d.forecast_trust
-                self.last_reason[protocol] = d.reason
-                decisions[protocol] = {
-                    "current": ctx.current_instances,
-                    "desired": d.instances,
-                    "reason": d.reason,
-                    "forecast_trust": d.forecast_trust,
-                }
-                self.timeline.append(
-                    {
-                        "ts": now,
-                        "t": t,
-                        "protocol": protocol,
-                        "instances": ctx.current_instances,
-                        # billed: starting and draining ones too (the simulator's timeline counts these)
-                        "billed": self._billed(protocol),
-                        "desired": d.instances,
-                        "reason": d.reason,
-                        "forecast_trust": d.forecast_trust,
-                        "imbalance": ctx.load_imbalance,
-                        "load": rate,
-                        "table_backlog": ctx.table_backlog,
-                        "p99_ms": p99,
-                        "messages": int(lat.size),
-                        "late": late,
-                        "utilization": ctx.cpu_utilization,
-                        "hist": histogram(lat * clock.speed).tolist() if lat.size else None,
-                        # what the policy read for the next step, per quantile
-                        "forecast": {q: float(v[0]) for q, v in (forecast or {}).items() if v},
-                    }
-                )
-                self._metrics.protocol(protocol, rate, p99, forecast, ctx.table_backlog, d.forecast_trust)
-                await self._scale(plan, d.instances, d.reason, background=True)
-                self.desired[protocol] = self._bounded(plan, d.instances)
+                decisions[protocol] = await self._decide(protocol, plan, loads, now)
             await self._check_pending(now)
             for protocol in self.plans:
                 self._metrics.instances(protocol, self._counts(protocol), self.desired[protocol])
@@ -344,6 +263,112 @@ class VPSM(Instances, Observe, Inspection):
         if due and await self._publish_status():
             self._published = (time.monotonic(), changed)
         return decisions
+
+    async def _decide(
+        self, protocol: str, plan: ProtocolPlan, loads: dict[str, dict[str, Any]], now: float
+    ) -> dict[str, Any]:
+        """One protocol's decision this step: its context built, its policy asked, the answer
+        recorded and acted on."""
+        clock = self.clocks.get(protocol, IDENTITY)
+        mine = [loads[i] for i, m in self.managed.items() if m.protocol == protocol and i in loads]
+        # the protocol's latencies over every message of the interval, from all its instances
+        lat = np.concatenate([x["latency_ms"] for x in mine if len(x.get("latency_ms", ()))] or [np.zeros(0)])
+        ctx = self._context(protocol, plan, mine, lat, now, clock)
+        d = get_policy(plan.policy)(ctx)
+        self.policy_state[protocol] = d.state
+        self.forecast_trust[protocol] = d.forecast_trust
+        self.last_reason[protocol] = d.reason
+        decision = {
+            "current": ctx.current_instances,
+            "desired": d.instances,
+            "reason": d.reason,
+            "forecast_trust": d.forecast_trust,
+        }
+        self._record(ctx, d, now, lat, clock)
+        self._metrics.protocol(
+            protocol, ctx.load, ctx.latency_p99_ms, ctx.forecast, ctx.table_backlog, d.forecast_trust
+        )
+        await self._scale(plan, d.instances, d.reason, background=True)
+        self.desired[protocol] = self._bounded(plan, d.instances)
+        return decision
+
+    def _context(
+        self,
+        protocol: str,
+        plan: ProtocolPlan,
+        mine: list[dict[str, Any]],
+        lat: Any,
+        now: float,
+        clock: ReplayClock,
+    ) -> ScalingContext:
+        """What the policy is given: the measurements of the protocol's instances, on its clock."""
+        rate = self.history[protocol][-1]
+        p99 = float(np.percentile(lat, 99)) * clock.speed if lat.size else None
+        busy = [float(x["busy_fraction"]) for x in mine]
+        t = clock.trace_time(now) if protocol in self.clocks else now
+        k = max(0, int(t)) if protocol in self.clocks else 0
+        forecast = self.forecasts.get(protocol)
+        if clock.forecasts is not None:
+            forecast = clock.forecasts.at(k)
+        ctx = build_context(
+            Limits(protocol, plan.capacity_per_instance, plan.min_instances, plan.max_instances, plan.slo_ms),
+            now=t,
+            current_instances=self._active(protocol),
+            load=rate,
+            load_history=tuple(self.history[protocol]),
+            # the backlog new instances can relieve: not what waits at instances being drained
+            inflight=float(sum(x["queue_depth"] for x in mine if x["accepting"])) / clock.rate_scale,
+            sessions=sum(int(x["sessions"]) for x in mine),
+            start_latency_s=self._start_latency(protocol) * clock.speed,
+            forecast=forecast,
+            forecast_step_s=1.0 if protocol in self.clocks else self.interval_s,
+            instance_ages=[
+                (now - m.started) * clock.speed
+                for m in self.managed.values()
+                if m.protocol == protocol and not m.draining
+            ],
+            latency_p99_ms=p99,
+            # Each instance applies one batch at a time: its busy fraction is its
+            # utilization (its CPU use when the stack is CPU-bound, and still right when
+            # a message's cost is waiting on something).
+            cpu_utilization=sum(busy) / len(busy) if busy else None,
+            load_imbalance=self._imbalance(protocol, [float(x["traffic_share"]) for x in mine if x["accepting"]]),
+            # tables that peers which reset will re-send (BGP): known before they arrive
+            table_backlog=float(sum(int(x.get("table_backlog", 0)) for x in mine)) / clock.rate_scale
+            + (clock.tables[min(k, len(clock.tables) - 1)] if clock.tables else 0.0),
+            trace=clock.future,
+            step=k,
+            state=self.policy_state[protocol],
+            config=plan.policy_config,
+        )
+        return ctx
+
+    def _record(self, ctx: ScalingContext, d: Decision, now: float, lat: Any, clock: ReplayClock) -> None:
+        """The step's row of the protocol's timeline: what was measured and decided."""
+        protocol, slo_ms = ctx.protocol, self.plans[ctx.protocol].slo_ms
+        self.timeline.append(
+            {
+                "ts": now,
+                "t": ctx.now,
+                "protocol": protocol,
+                "instances": ctx.current_instances,
+                # billed: starting and draining ones too (the simulator's timeline counts these)
+                "billed": self._billed(protocol),
+                "desired": d.instances,
+                "reason": d.reason,
+                "forecast_trust": d.forecast_trust,
+                "imbalance": ctx.load_imbalance,
+                "load": ctx.load,
+                "table_backlog": ctx.table_backlog,
+                "p99_ms": ctx.latency_p99_ms,
+                "messages": int(lat.size),
+                "late": int((lat * clock.speed > slo_ms).sum()) if lat.size else 0,
+                "utilization": ctx.cpu_utilization,
+                "hist": histogram(lat * clock.speed).tolist() if lat.size else None,
+                # what the policy read for the next step, per quantile
+                "forecast": {q: float(v[0]) for q, v in (ctx.forecast or {}).items() if v},
+            }
+        )
 
     async def _publish_status(self) -> bool:
         """The deployment's status, as of this step, in Ray's KV store (`STATUS_KEY`): `apsv
