@@ -49,7 +49,7 @@ def total(demands: Iterable[Demand]) -> dict[str, float]:
 def amount(resource: str, x: float) -> str:
     """An amount of a resource as a person reads it ("0.5 CPUs", "512.0 MiB", "1 stack_host")."""
     if resource == "memory":
-        from apsv.config import format_size
+        from apsv.sizes import format_size
 
         return format_size(int(x))
     if resource == "CPU":

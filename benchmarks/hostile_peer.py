@@ -37,7 +37,8 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "hostile_peer.json")
     a = ap.parse_args()
 
-    from apsv.bench.hostile_peer import Target, deployed_agent, run
+    from apsv.bench.hostile_peer import deployed_agent, run
+    from apsv.bench.hostile_wire import Target
     from apsv.config import DEFAULT_SLO_MS
     from apsv.runtime.cluster import start_local_ray
 

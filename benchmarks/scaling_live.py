@@ -10,7 +10,7 @@ the first 30 % trains the forecaster and tunes `reactive` in the simulator). A w
 evaluated part - by default the steepest rise, 3.4k to 16k msgs/s - is replayed through a local
 Ray cluster (process backend, echo stacks with the per-message service time the calibration
 measured) at `--peak-rate` live messages/s, policy by policy, and the simulator is run on the
-same window with the measured service rate, latency floor and start latency (apsv/scaling/live.py).
+same window with the measured service rate, latency floor and start latency (apsv/evaluation/live.py).
 Reported per policy: live and simulated SLO-violation seconds, instance-seconds, scale actions,
 lost messages, and their relative differences.
 """
@@ -26,10 +26,10 @@ from pathlib import Path
 
 from catalog import shared_data
 
+from apsv.evaluation.compare import evaluate
+from apsv.evaluation.live import LiveConfig, evaluate_live, live_json, plot_live
 from apsv.forecast.evaluate import read_series
 from apsv.runtime.cluster import start_local_ray
-from apsv.scaling.evaluate import evaluate
-from apsv.scaling.live import LiveConfig, evaluate_live, live_json, plot_live
 from apsv.scaling.simulator import Forecasts, SimConfig
 from apsv.scaling.traces import from_series
 

@@ -30,8 +30,8 @@ from typing import Any
 import numpy as np
 from catalog import SERIES, shared_data
 
+from apsv.evaluation.compare import claims, evaluate, plot, public
 from apsv.forecast.evaluate import read_series
-from apsv.scaling.evaluate import claims, evaluate, plot, public
 from apsv.scaling.simulator import Forecasts, SimConfig, simulate
 from apsv.scaling.traces import Trace, at_sample_step, bfd_population, bgp_churn, forecast_trace, from_series
 

@@ -5,7 +5,7 @@
 
 The trace is a CSV / one-value-per-line series, an MRT update dump (BGP churn) or
 ``synthetic:bfd[:PEAK_SESSIONS]``; the first 30 % trains the forecaster and every policy is
-simulated on the rest (apsv.scaling.evaluate). The evaluation runs as one Ray task with
+simulated on the rest (apsv.evaluation.compare). The evaluation runs as one Ray task with
 `--num-cpus` CPUs, wherever the cluster has them (the job's driver stays light on the head);
 the driver writes the plots (`--plots`, default: beside `--out`) and the JSON: per policy
 SLO-violation seconds, instance-seconds, scale actions, lost messages, p99, plus the claims.
@@ -24,7 +24,7 @@ from typing import Any
 # The job's working_dir (the repository root) holds apsv/; make it importable however we start.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from apsv.scaling.evaluate import POLICY_NAMES
+from apsv.evaluation.compare import POLICY_NAMES
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -71,8 +71,8 @@ def check_args(args: argparse.Namespace) -> list[str]:
 def run_evaluation(opts: dict[str, Any]) -> dict[str, Any]:
     """Load the trace and simulate the policies (runs in the Ray task). Raises ValueError for
     a trace that cannot be evaluated."""
+    from apsv.evaluation.compare import evaluate
     from apsv.forecast.series import SeriesError
-    from apsv.scaling.evaluate import evaluate
     from apsv.scaling.simulator import SimConfig
     from apsv.scaling.traces import load_trace
 
@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     import ray
 
-    from apsv.scaling.evaluate import claims, plot, public
+    from apsv.evaluation.compare import claims, plot, public
 
     if not ray.is_initialized():
         ray.init()  # inside `ray job submit` this joins the job's cluster; alone, it starts a local one

@@ -53,7 +53,7 @@ def node_args(resources: dict[str, float], **extra: Any) -> dict[str, Any]:
 def replay_from_vrouter_host(
     path: str, sessions: int, vrouters: int, tenant: int = 1, speed: float | None = None
 ) -> dict[str, Any]:
-    from apsv import ops
+    from apsv.ops import replay
     from apsv.runtime.cluster import MULTIPLEXER_NAME
     from apsv.runtime.driver import load_streams, plan_sessions
     from apsv.runtime.vpsm import VPSM_NAME
@@ -62,7 +62,7 @@ def replay_from_vrouter_host(
     vpsm = ray.get_actor(VPSM_NAME, namespace=NAMESPACE)
     streams = load_streams([Path(path)])
     plan = plan_sessions(streams, sessions, vrouters, tenant)
-    out = ops._replay(im, vpsm, plan, streams, Path(path), speed=speed, verify=True, keep=False, progress=None)
+    out = replay._replay(im, vpsm, plan, streams, Path(path), speed=speed, verify=True, keep=False, progress=None)
     out["node"] = ray.get_runtime_context().get_node_id()
     return out
 

@@ -189,3 +189,11 @@ def test_status_json_while_the_demo_runs(tmp_path: Path) -> None:
     assert seen is not None, "apsv status never saw the demo's deployment"
     assert {"instances", "sessions", "forecasts", "buffer_pool"} <= seen.keys()
     assert seen["instances"]["bgp"]["count"] >= 1
+
+
+def test_help_shows_no_type_for_a_flag() -> None:
+    r = CliRunner().invoke(app, ["down", "--help"], env={"COLUMNS": "100"})
+    assert r.exit_code == 0 and "--keep-logs" in r.output
+    assert "<bool>" not in r.output
+    r = CliRunner().invoke(app, ["mrt", "stats", "--help"], env={"COLUMNS": "100"})
+    assert "<path>" in r.output and "<bool>" not in r.output  # (an argument keeps its type)

@@ -9,9 +9,10 @@ from typing import Any
 import pytest
 import yaml
 
-from apsv.config import ConfigError, dump_config, load_config, parse_config, parse_size
+from apsv.config import ConfigError, dump_config, load_config, parse_config
 from apsv.runtime.instance import Allocation
 from apsv.runtime.vpsm import ProtocolPlan
+from apsv.sizes import parse_size
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "apsv.yaml"

@@ -10,7 +10,8 @@ from typing import Any
 
 import pytest
 
-from apsv.bench.hostile_peer import Target, cases, deployed_agent, maximal_update, run
+from apsv.bench.hostile_peer import cases, deployed_agent, run
+from apsv.bench.hostile_wire import Target, maximal_update
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 

@@ -347,7 +347,7 @@ def allowed_listener(name: str, ip: str) -> bool:
     mapped = getattr(address, "ipv4_mapped", None)
     if (mapped or address).is_loopback:
         return True
-    allow = json.loads((Path(ops.__file__).parent / "data" / "ray_listeners.json").read_text())["listeners"]
+    allow = json.loads((Path(ops.__file__).parents[1] / "data" / "ray_listeners.json").read_text())["listeners"]
     return any(name.startswith(a["process"]) for a in allow)
 
 

@@ -15,8 +15,8 @@ import pytest
 from apsv.frame import Frame, FrameKind, ProtocolId, decode_batch, encode_batch
 from apsv.runtime.buffer_pool import SHM_PREFIX, BufferPool, PoolExhausted
 from apsv.runtime.host import GAP, MOVED, PENDING, STALE, UNKNOWN, HostLimits, SeqState, SessionHost
-from apsv.runtime.placement import InstanceLoad, choose_instance, least_used, rebalance_moves
 from apsv.runtime.shm import SegmentCache
+from apsv.scaling.placement import InstanceLoad, choose_instance, least_used, rebalance_moves
 from apsv.scaling.policy import ScalingContext, get_policy, reactive
 
 ECHO = int(ProtocolId.ECHO)

@@ -11,8 +11,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from apsv.runtime.placement import InstanceLoad, rebalance_moves
 from apsv.scaling import skill
+from apsv.scaling.placement import InstanceLoad, rebalance_moves
 from apsv.scaling.policy import POLICIES, Decision, ScalingContext, clamp, get_policy, slo_utilization, threshold
 from apsv.scaling.predictive import predictive as skill_weighted
 from apsv.scaling.predictive import proactive
@@ -511,7 +511,7 @@ def test_evaluate_cli_json(data_dir: Path, tmp_path: Path) -> None:
 
 
 def test_claims_compare_with_reactive_at_equal_cost_too() -> None:
-    from apsv.scaling.evaluate import claims
+    from apsv.evaluation.compare import claims
 
     pol = {
         "predictive": {"slo_violation_s": 2.0, "instance_s": 100.0},
@@ -653,7 +653,7 @@ def test_a_fallback_on_its_own_path_sees_the_measured_utilization_on_its_own_ins
 
 
 def test_claims_never_worse_against_the_better_baseline() -> None:
-    from apsv.scaling.evaluate import claims
+    from apsv.evaluation.compare import claims
 
     def pol(v: float, i: float, a: int = 10, m: int = 100) -> dict[str, float]:
         return {"slo_violation_s": v, "instance_s": i, "scale_actions": a, "session_moves": m}

@@ -53,181 +53,15 @@ from typing import Any
 
 from apsv.bench import bfd_scale as B
 from apsv.bench import daemons as D
-from apsv.bench import deployed, shared_data
+from apsv.bench import deployed
+from apsv.bench.chaos_load import ReplayLoad
+from apsv.bench.chaos_observe import Event, Watch, bird_protocols, fd_slopes, process_kind, slope_per_h
 from apsv.bench.faults import FAULTS, Injected, Schedule
 from apsv.bench.report import run_and_report
 
 PORT = 1790
 BFD_INTERVAL_MS = 300
 RECOVER_S = 120.0
-DUMPS = ["mrt/bgpdump-testdata/updates.20070211.0141.gz", "mrt/bgpkit-ripe-fixtures/updates.20100227.1600.gz"]
-REPLAY_TENANT = 2
-
-
-# -- the load ------------------------------------------------------------------------------------
-
-
-class ReplayLoad(threading.Thread):
-    """MRT churn, round after round, each round's sessions checked against an in-process replay."""
-
-    def __init__(self, im: Any, deployment: Any, sessions: int, round_s: float) -> None:
-        super().__init__(daemon=True, name="apsv-chaos-replay")
-        from apsv.runtime.buffer_pool import BufferPool
-        from apsv.runtime.client import OffloadClient
-        from apsv.runtime.driver import load_streams, local_digests, plan_sessions
-
-        self.dep = deployment
-        self.im = im
-        self.pool = BufferPool(slots=8, slot_bytes=64 << 10, shared=True)
-        self.slots = self.pool.slots
-        self.client = OffloadClient(im, self.pool, max_inflight=4, tenant=REPLAY_TENANT)
-        streams = load_streams([shared_data() / d for d in DUMPS], min_messages=20)
-        self.base = plan_sessions(streams, sessions=sessions, vrouters=max(1, sessions // 10), tenant=REPLAY_TENANT)
-        self.reference = local_digests(self.base)  # per key of the base plan
-        span = max(s.stream.times[-1] for s in self.base) - min(s.stream.times[0] for s in self.base)
-        self.speed = max(1.0, span / round_s)
-        self.rounds: list[dict[str, Any]] = []
-        self.error: str | None = None
-        self._halt = threading.Event()
-        self._closed = False
-        self._stall = 0.0
-        self._stalled = threading.Event()
-        self._in_use = 0
-
-    def stall(self, seconds: float) -> int:
-        """Have the replay stop taking answers for `seconds` (from its next progress point);
-        returns the pool's buffers in flight when it stopped."""
-        self._stalled.clear()
-        self._stall = seconds
-        self._stalled.wait(seconds + 30)
-        return self._in_use
-
-    def _progress(self, _sent: int, _total: int) -> None:
-        if self._stall:
-            self._in_use = self.pool.in_use()
-            time.sleep(self._stall)  # nothing read meanwhile: the answers wait at the instances
-            self._stall = 0.0
-            self._stalled.set()
-
-    def _round(self, r: int) -> dict[str, Any]:
-        import ray
-
-        from apsv.runtime.driver import ReplaySession, replay
-
-        sessions = [ReplaySession((*s.key[:3], s.key[3] + 1000 * r), s.stream) for s in self.base]
-        placed = self.client.open_sessions([(s.key, "bgp", s.config(), 0) for s in sessions], timeout=120)
-        refused = [v for v in placed.values() if v.startswith("error")]
-        if refused:
-            raise RuntimeError(f"round {r}: {len(refused)} sessions refused: {refused[0]}")
-        t0 = time.monotonic()
-        replay(self.client, sessions, speed=self.speed, on_progress=self._progress, progress_every=100)
-        infos: dict[Any, Any] = {}
-        for _ in range(30):  # the control plane may be down this moment: ask again
-            try:
-                got = ray.get(self.im.session_infos.remote([s.key for s in sessions]), timeout=120)
-                infos = {tuple(k): v for k, v in got.items()}
-                if len(infos) == len(sessions):
-                    break
-            except Exception:
-                pass
-            time.sleep(2.0)
-        lost = duplicated = mismatched = missing = 0
-        for s, base in zip(sessions, self.base, strict=True):
-            info = infos.get(s.key)
-            n = len(s.stream.messages)
-            if info is None:
-                missing += 1
-                lost += n
-                continue
-            lost += max(0, n - int(info["frames"])) + int(info["gaps"])
-            duplicated += max(0, int(info["frames"]) - n)
-            mismatched += info.get("rib_digest") != self.reference[base.key]
-        self.client.close_sessions([s.key for s in sessions], timeout=120)
-        return {
-            "round": r,
-            "sessions": len(sessions),
-            "frames": sum(len(s.stream.messages) for s in sessions),
-            "seconds": round(time.monotonic() - t0, 1),
-            "lost": lost,
-            "duplicated": duplicated,
-            "rib_mismatches": mismatched,
-            "sessions_missing": missing,
-        }
-
-    def run(self) -> None:
-        r = 0
-        try:
-            while not self._halt.is_set():
-                self.rounds.append(self._round(r))
-                r += 1
-        except Exception as e:  # the soak reports it: a load that died is a failure, not a crash
-            self.error = repr(e)
-
-    def finish(self, timeout: float) -> None:
-        """Let the round under way end (it is checked like the others), then stop (again: a no-op)."""
-        self._halt.set()
-        if self.is_alive():
-            self.join(timeout)
-        if not self._closed:
-            self._closed = True
-            self.client.close()
-
-
-# -- the independent observers -------------------------------------------------------------------
-
-
-@dataclass
-class Event:
-    at: float
-    who: str
-    what: str
-
-
-class Watch(threading.Thread):
-    """Polls a peer's own view every `every` seconds; records its sessions leaving Up."""
-
-    def __init__(self, name: str, every: float, poll: Any) -> None:
-        """`poll()`: who -> (up, since, and optionally what the peer says of it)."""
-        super().__init__(daemon=True, name=f"apsv-chaos-{name}")
-        self.every, self.poll = every, poll
-        self.state: dict[str, tuple[bool, str]] = {}  # who -> (up, since)
-        self.detail: dict[str, str] = {}  # who -> what its peer says of it now
-        self.events: list[Event] = []
-        self.errors = 0
-        self._halt = threading.Event()
-
-    def run(self) -> None:
-        while not self._halt.wait(self.every):
-            try:
-                now = time.time()
-                for who, (up, since, *detail) in self.poll().items():
-                    was = self.state.get(who)
-                    # A session leaving Up. (Not a change of BIRD's "Since" alone: it moves when a
-                    # channel goes from feeding to happy, with no reset and no new connection.)
-                    if was is not None and was[0] and not up:
-                        self.events.append(Event(now, who, " ".join(detail) or "down"))
-                    self.state[who] = (up, since)
-            except Exception:
-                self.errors += 1
-
-    def all_up(self, n: int) -> bool:
-        return len(self.state) >= n and all(up for up, _ in self.state.values())
-
-    def stop(self) -> None:
-        self._halt.set()
-        self.join(10)
-
-
-def bird_protocols(birdc: list[str]) -> dict[str, tuple[bool, str, str]]:
-    """BIRD's BGP protocols: (Established, since, its state and info) each, as `show protocols`
-    prints them."""
-    out = subprocess.run([*birdc, "show", "protocols"], capture_output=True, text=True, timeout=10, check=True).stdout
-    got = {}
-    for line in out.splitlines():
-        parts = line.split()
-        if len(parts) >= 6 and parts[1] == "BGP":
-            got[parts[0]] = (parts[5] == "Established", parts[4], " ".join([parts[3], *parts[5:]]))
-    return got
 
 
 # -- the rig -------------------------------------------------------------------------------------
@@ -359,36 +193,6 @@ def _healthy(rig: Rig, mins: dict[str, int]) -> tuple[bool, str]:
     return True, "ok"
 
 
-def _slope_per_h(samples: list[dict[str, Any]], key: str, warmup_s: float) -> float | None:
-    import numpy as np
-
-    pts = [(s["t"], s[key]) for s in samples if s["t"] >= warmup_s and s.get(key) is not None]
-    if len(pts) < 3:
-        return None
-    t, y = np.array(pts).T
-    return round(float(np.polyfit(t / 3600.0, y, 1)[0]), 2)
-
-
-def _role(p: Any) -> str:
-    """A process's kind: its Ray actor class (`ray::Multiplexer.watch` -> `ray::Multiplexer`) or
-    its program's name."""
-    cmd: list[str] = p.cmdline()
-    if cmd and cmd[0].startswith("ray::"):
-        return cmd[0].split()[0].split(".")[0]
-    return str(p.name())
-
-
-def _fd_slopes(samples: list[dict[str, Any]], warmup_s: float) -> dict[str, float | None]:
-    """The least-squares slope of each kind of process's descriptors (a kind absent from a
-    sample has none then)."""
-    roles = sorted({r for s in samples for r in s.get("fds_by_process", {})})
-    out = {}
-    for role in roles:
-        pts = [{"t": s["t"], "fds": s.get("fds_by_process", {}).get(role, 0)} for s in samples]
-        out[role] = _slope_per_h(pts, "fds", warmup_s)
-    return out
-
-
 def _sample(rig: Rig, t: float, telemetry: Path) -> dict[str, Any]:
     import psutil
 
@@ -400,7 +204,7 @@ def _sample(rig: Rig, t: float, telemetry: Path) -> dict[str, Any]:
             rss += p.memory_info().rss
             n = p.num_fds()
             fds += n
-            role = _role(p)
+            role = process_kind(p)
             by_role[role] = by_role.get(role, 0) + n
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             pass
@@ -591,12 +395,12 @@ def run(
             peer_resets_injected=sum(1 for e in resets if injected(e, "resets")),
             false_bfd_downs=sum(1 for e in bfd_downs if not injected(e, "bfd_downs")),
             injected_bfd_downs=sum(1 for e in bfd_downs if injected(e, "bfd_downs")),
-            rss_slope_mb_per_h=_slope_per_h(samples, "rss_mb", warmup),
-            fd_slope_per_h=_slope_per_h(samples, "fds", warmup),
-            fd_slope_by_process_per_h=_fd_slopes(samples, warmup),
-            process_count_slope_per_h=_slope_per_h(samples, "processes", warmup),
-            object_store_slope_mb_per_h=_slope_per_h(samples, "object_store_mb", warmup),
-            parquet_slope_mb_per_h=_slope_per_h(samples, "parquet_mb", warmup),
+            rss_slope_mb_per_h=slope_per_h(samples, "rss_mb", warmup),
+            fd_slope_per_h=slope_per_h(samples, "fds", warmup),
+            fd_slope_by_process_per_h=fd_slopes(samples, warmup),
+            process_count_slope_per_h=slope_per_h(samples, "processes", warmup),
+            object_store_slope_mb_per_h=slope_per_h(samples, "object_store_mb", warmup),
+            parquet_slope_mb_per_h=slope_per_h(samples, "parquet_mb", warmup),
             peer_reset_log=[
                 {"at_s": round(e.at - t0, 1), "session": e.who, "seen": e.what, "injected": injected(e, "resets")}
                 for e in resets

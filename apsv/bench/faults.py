@@ -126,7 +126,7 @@ def remove_forecaster(rig: Rig, rng: random.Random) -> Injected:
 
 def peer_reset_storm(rig: Rig, rng: random.Random) -> Injected:
     """BIRD restarts half its sessions, three times, a second apart (each a reset its peer sees)."""
-    from apsv.bench.chaos import bird_protocols
+    from apsv.bench.chaos_observe import bird_protocols
 
     names = rng.sample(rig.bird_protocols, max(1, len(rig.bird_protocols) // 2))
     before = bird_protocols(rig.birdc)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import typer
+import typer.core
 
 from apsv import __version__
 from apsv.cli.agent import agent_app
@@ -14,6 +17,16 @@ from apsv.cli.forecast import forecast_app
 from apsv.cli.mrt import mrt_app
 from apsv.cli.ops import config, down, env, replay, status, up
 from apsv.cli.stacks import stacks
+
+_option_type = typer.core.TyperOption.display_type_rich
+
+
+def _flag_without_type(self: typer.core.TyperOption, ctx: Any) -> str | None:
+    """A flag takes no value, so its help shows no type (typer's own shows `<bool>`)."""
+    return None if self.is_flag else _option_type(self, ctx)
+
+
+typer.core.TyperOption.display_type_rich = _flag_without_type  # type: ignore[method-assign]
 
 app = typer.Typer(
     name="apsv",

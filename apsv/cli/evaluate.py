@@ -50,9 +50,9 @@ def evaluate(
     also replay the trace through the real system (local Ray, process backend) policy by policy
     and compare it with the simulator run on the same steps with the live system's measured
     service rate, latency floor and start latency."""
+    from apsv.evaluation.compare import claims, plot, public
+    from apsv.evaluation.compare import evaluate as run
     from apsv.forecast.series import SeriesError
-    from apsv.scaling.evaluate import claims, plot, public
-    from apsv.scaling.evaluate import evaluate as run
     from apsv.scaling.simulator import SimConfig
     from apsv.scaling.traces import at_sample_step, load_trace
 
@@ -113,8 +113,8 @@ def _live(
 ) -> None:
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
+    from apsv.evaluation.live import LiveConfig, evaluate_live, live_json, plot_live
     from apsv.runtime.cluster import start_local_ray, stdout_for_one_object
-    from apsv.scaling.live import LiveConfig, evaluate_live, live_json, plot_live
     from apsv.scaling.simulator import Forecasts
 
     test = doc["_test"][start:]

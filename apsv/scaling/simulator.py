@@ -1,7 +1,7 @@
 """A discrete-time simulator of one protocol's stack instances under a load trace.
 
 It runs the same scaling policies as the live VPSM (`apsv.scaling.policy`) and places sessions
-with the multiplexer's own placement code (`apsv.runtime.placement`), so what it says about a
+with the multiplexer's own placement code (`apsv.scaling.placement`), so what it says about a
 policy is about the code that runs. Per step (default 1 s) it models:
 
 * virtual routers with skewed (Zipf) shares of the load, split over their sessions, each session
@@ -28,8 +28,9 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from apsv.runtime.placement import InstanceLoad, choose_instance, least_used, rebalance_moves
-from apsv.scaling.policy import ScalingContext, get_policy
+from apsv.scaling.context import Limits, build_context
+from apsv.scaling.placement import InstanceLoad, choose_instance, least_used, rebalance_moves
+from apsv.scaling.policy import get_policy
 
 FloatArray = npt.NDArray[np.float64]
 
@@ -227,6 +228,10 @@ def session_weights(vrouters: int, per_router: int, zipf: float, seed: int) -> F
     return _weights(vrouters, per_router, zipf, np.random.default_rng(seed))
 
 
+def _limits(cfg: SimConfig) -> Limits:
+    return Limits(cfg.protocol, cfg.capacity, cfg.min_instances, cfg.max_instances, cfg.slo_ms, cfg.budget_instances)
+
+
 def _initial(
     load: FloatArray,
     fn: Any,
@@ -236,23 +241,20 @@ def _initial(
     sessions: int,
     table_backlog: float = 0.0,
 ) -> int:
-    first = ScalingContext(
-        protocol=cfg.protocol,
+    first = build_context(
+        _limits(cfg),
         now=0.0,
         current_instances=cfg.min_instances,
         load=float(load[0]),
+        load_history=(),
         inflight=0.0,
         sessions=sessions,
-        capacity_per_instance=cfg.capacity,
-        min_instances=cfg.min_instances,
-        max_instances=cfg.max_instances,
         start_latency_s=cfg.start_latency_s,
         forecast=forecasts.at(0) if forecasts is not None else None,
         forecast_step_s=cfg.step_s,
-        budget_instances=cfg.budget_instances,
-        slo_ms=cfg.slo_ms,
-        future_load=tuple(float(x) for x in load[1:65]),
         table_backlog=table_backlog,
+        trace=load,
+        step=0,
         config=pcfg,
     )
     # what the policy settles on at t=0 (a rule that steps, such as HPA's at most doubling, is
@@ -302,166 +304,200 @@ def simulate(
     tables = np.zeros(load.size) if table_backlog is None else np.asarray(table_backlog, dtype=np.float64)
     if tables.shape != load.shape:
         raise ValueError(f"table_backlog has {tables.size} steps, the trace {load.size}")
-    fn = get_policy(policy)
     pcfg = dict(policy_config or {})
     pcfg.setdefault("interval_s", cfg.interval_s)
-    rng = np.random.default_rng(cfg.seed)
-    prng = random.Random(cfg.seed)
-    dt = cfg.step_s
-    cap_step = cfg.capacity * dt
-    max_q = cfg.capacity * cfg.max_queue_s
-    slots = cfg.nodes * cfg.instances_per_node
-    state = np.full(slots, GONE, dtype=np.int8)
-    ready_at = np.zeros(slots)
-    started = np.zeros(slots)
-    gone_at = np.zeros(slots)
-    queue = np.zeros(slots)
-    w = _weights(cfg.vrouters, cfg.sessions_per_vrouter, cfg.zipf, rng)
-    n_sessions = w.size
-    assign = np.full(n_sessions, -1, dtype=np.int64)
-    free = list(range(slots))
-    prng.shuffle(free)  # instances land on nodes at random
+    return _Run(load, tables, policy, cfg, pcfg, forecasts, initial_instances).run()
 
-    def start(t: float, ready: bool = False) -> int:
-        s = free.pop()
-        state[s] = READY if ready else STARTING
-        started[s] = t
-        ready_at[s] = t if ready else t + cfg.start_latency_s
-        queue[s] = 0.0
+
+class _Run:
+    """One simulated run: the instance slots (state, queue, start and end times), where each
+    session is, what is counted; a method per phase of a step - instances joining and leaving,
+    serving, the latencies of the step's messages, the control loop's decision."""
+
+    def __init__(
+        self,
+        load: FloatArray,
+        tables: FloatArray,
+        policy: str,
+        cfg: SimConfig,
+        pcfg: dict[str, Any],
+        forecasts: Forecasts | None,
+        initial_instances: int | None,
+    ) -> None:
+        self.load, self.tables, self.policy, self.cfg, self.pcfg = load, tables, policy, cfg, pcfg
+        self.forecasts = forecasts
+        self.fn = get_policy(policy)
+        self.rng = np.random.default_rng(cfg.seed)
+        self.prng = random.Random(cfg.seed)
+        self.dt = cfg.step_s
+        self.cap_step = cfg.capacity * self.dt
+        self.max_q = cfg.capacity * cfg.max_queue_s
+        self.slots = slots = cfg.nodes * cfg.instances_per_node
+        self.state = np.full(slots, GONE, dtype=np.int8)
+        self.ready_at = np.zeros(slots)
+        self.started = np.zeros(slots)
+        self.gone_at = np.zeros(slots)
+        self.queue = np.zeros(slots)
+        self.w = _weights(cfg.vrouters, cfg.sessions_per_vrouter, cfg.zipf, self.rng)
+        self.n_sessions = self.w.size
+        self.assign = np.full(self.n_sessions, -1, dtype=np.int64)
+        self.free = list(range(slots))
+        self.prng.shuffle(self.free)  # instances land on nodes at random
+        if initial_instances is None:
+            # warm start: what the policy asks for at t=0 is already running
+            initial_instances = _initial(load, self.fn, cfg, pcfg, forecasts, int(self.w.size), float(tables[0]))
+        for _ in range(max(initial_instances, cfg.min_instances)):
+            self.start(0.0, ready=True)
+        ready_ids = np.flatnonzero(self.state == READY)
+        self.assign[:] = ready_ids[np.arange(self.n_sessions) % ready_ids.size]
+        self.rebalance()  # the sessions were placed on live load as they came up
+        steps = load.size
+        self.tl_instances = np.zeros(steps)
+        self.tl_p99 = np.zeros(steps)
+        self.violations = 0.0
+        self.instance_s = 0.0
+        self.actions = 0
+        self.lost = self.late = self.msgs = 0.0
+        self.moves_total = 0
+        self.pstate: dict[str, Any] = {}
+        self.history: list[float] = []
+        self.limits = _limits(cfg)
+        self.lat: list[tuple[FloatArray, FloatArray, FloatArray, FloatArray, FloatArray]] = []  # kept components
+        self.last_decision = -math.inf
+        self.last_in = -math.inf  # when the last scale-in was decided
+        self.reversals = 0
+        self.trusts: list[float] = []
+        # (load share, pause ms left) of sessions being moved. A move takes a session from its
+        # source between two batches, ahead of the source's queue: its messages queued there go
+        # with it (to the back of the new instance's queue), and its new ones wait out the move.
+        self.moved: list[tuple[float, float, int]] = []  # (share, pause ms left, the instance it went to)
+        self.imbalance = 1.0  # busiest instance's arrivals over the mean, smoothed (what telemetry shows)
+        self.service_ms = 1000.0 / cfg.capacity
+        self.node_of = np.arange(slots) // cfg.instances_per_node
+        self.stalled = np.zeros(cfg.nodes)  # seconds of this step each node's message path stops
+
+    # -- instances and sessions ----------------------------------------------------------------
+
+    def start(self, t: float, ready: bool = False) -> int:
+        s = self.free.pop()
+        self.state[s] = READY if ready else STARTING
+        self.started[s] = t
+        self.ready_at[s] = t if ready else t + self.cfg.start_latency_s
+        self.queue[s] = 0.0
         return s
 
-    def views() -> list[InstanceLoad]:
-        ids = np.flatnonzero(state == READY)
-        counts = np.bincount(assign[assign >= 0], minlength=slots)
-        return [
-            InstanceLoad(str(i), int(counts[i]), 1 << 30, int(queue[i]), int(max_q), float(queue[i] / max_q))
-            for i in ids
-        ]
+    def views(self) -> list[InstanceLoad]:
+        ids = np.flatnonzero(self.state == READY)
+        counts = np.bincount(self.assign[self.assign >= 0], minlength=self.slots)
+        q, max_q = self.queue, self.max_q
+        return [InstanceLoad(str(i), int(counts[i]), 1 << 30, int(q[i]), int(max_q), float(q[i] / max_q)) for i in ids]
 
-    def rebalance() -> int:
-        vs = views()
+    def rebalance(self) -> int:
+        vs = self.views()
         members: dict[str, list[int]] = {v.instance_id: [] for v in vs}
-        for vr in np.flatnonzero(assign >= 0):
-            members.setdefault(str(assign[vr]), []).append(int(vr))
+        for vr in np.flatnonzero(self.assign >= 0):
+            members.setdefault(str(self.assign[vr]), []).append(int(vr))
         # the multiplexer's rebalancing, with each session's message rate as its weight
+        w = self.w
         moves = rebalance_moves(vs, members, weight_of=dict(enumerate(w.tolist())), max_moves=max(8, w.size // 4))
         for vr, dst in moves:
-            assign[vr] = int(dst)
+            self.assign[vr] = int(dst)
         return len(moves)
 
-    if initial_instances is None:
-        # warm start: what the policy asks for at t=0 is already running
-        initial_instances = _initial(load, fn, cfg, pcfg, forecasts, int(w.size), float(tables[0]))
-    for _ in range(max(initial_instances, cfg.min_instances)):
-        start(0.0, ready=True)
-    ready_ids = np.flatnonzero(state == READY)
-    assign[:] = ready_ids[np.arange(n_sessions) % ready_ids.size]
-    rebalance()  # the sessions were placed on live load as they came up
-
-    steps = load.size
-    tl_instances = np.zeros(steps)
-    tl_p99 = np.zeros(steps)
-    violations = 0.0
-    instance_s = 0.0
-    actions = 0
-    lost = late = msgs = 0.0
-    moves_total = 0
-    pstate: dict[str, Any] = {}
-    history: list[float] = []
-    lat_lo: list[FloatArray] = []
-    lat_hi: list[FloatArray] = []
-    lat_w: list[FloatArray] = []
-    lat_rho: list[FloatArray] = []
-    lat_m: list[FloatArray] = []
-    last_decision = -math.inf
-    last_in = -math.inf  # when the last scale-in was decided
-    reversals = 0
-    trusts: list[float] = []
-    # (load share, pause ms left) of sessions being moved. A move takes a session from its
-    # source between two batches, ahead of the source's queue: its messages queued there go
-    # with it (to the back of the new instance's queue), and its new ones wait out the move.
-    moved: list[tuple[float, float, int]] = []  # (share, pause ms left, the instance it went to)
-
-    def carry(before: npt.NDArray[np.int64], changed: npt.NDArray[np.int64]) -> None:
+    def carry(self, before: npt.NDArray[np.int64], changed: npt.NDArray[np.int64]) -> None:
         """Moved sessions take their share (by rate) of their source's queue along."""
-        wsum = np.bincount(before, weights=w, minlength=slots)
+        w, queue = self.w, self.queue
+        wsum = np.bincount(before, weights=w, minlength=self.slots)
         q = queue.copy()
         for vr in changed.tolist():
-            src, dst = int(before[vr]), int(assign[vr])
+            src, dst = int(before[vr]), int(self.assign[vr])
             part = float(q[src]) * float(w[vr]) / max(float(wsum[src]), 1e-12)
             queue[src] -= part
             queue[dst] += part
-            moved.append((float(w[vr]), 1000.0 * cfg.session_move_s, dst))
+            self.moved.append((float(w[vr]), 1000.0 * self.cfg.session_move_s, dst))
         np.maximum(queue, 0.0, out=queue)
 
-    def note_moves(before: npt.NDArray[np.int64]) -> None:
-        carry(before, np.flatnonzero(before != assign))
+    def rebalance_and_carry(self) -> None:
+        before = self.assign.copy()
+        self.moves_total += self.rebalance()
+        self.carry(before, np.flatnonzero(before != self.assign))
 
-    imbalance = 1.0  # busiest instance's arrivals over the mean, smoothed (what telemetry shows)
-    service_ms = 1000.0 / cfg.capacity
-    node_of = np.arange(slots) // cfg.instances_per_node
-    stalled = np.zeros(cfg.nodes)  # seconds of this step each node's message path stops
-    for k in range(steps):
+    # -- a step ----------------------------------------------------------------------------------
+
+    def run(self) -> SimResult:
+        for k in range(self.load.size):
+            self.step(k)
+        return self.result()
+
+    def step(self, k: int) -> None:
+        cfg, dt = self.cfg, self.dt
         t = k * dt
-        # instances that finished starting join, and take a share of the live sessions
-        joining = np.flatnonzero((state == STARTING) & (ready_at <= t))
+        self.join_and_leave(t)
+        rate = float(self.load[k])
+        q0, arrivals, over, stall = self.serve(rate)
+        p99 = self.account(k, rate, q0, arrivals, over, stall)
+        alive = self.state != GONE
+        n_alive = int(alive.sum())
+        self.instance_s += n_alive * dt
+        self.tl_instances[k] = n_alive
+        self.history.append(rate)
+        if t - self.last_decision >= cfg.interval_s - 1e-9:  # the control loop
+            self.last_decision = t
+            self.decide(k, t, rate, q0, arrivals, p99)
+
+    def join_and_leave(self, t: float) -> None:
+        """Instances that finished starting join, and take a share of the live sessions; drained
+        ones are gone."""
+        state = self.state
+        joining = np.flatnonzero((state == STARTING) & (self.ready_at <= t))
         if joining.size:
             state[joining] = READY
-            before = assign.copy()
-            moves_total += rebalance()
-            note_moves(before)
-        finished = np.flatnonzero((state == DRAINING) & (gone_at <= t))
+            self.rebalance_and_carry()
+        finished = np.flatnonzero((state == DRAINING) & (self.gone_at <= t))
         if finished.size:
             state[finished] = GONE
-            free.extend(int(s) for s in finished)
-        # arrivals, service, queues
-        rate = float(load[k])
-        arrivals = np.bincount(assign, weights=w, minlength=slots) * rate * dt
-        q0 = queue.copy()
-        stall = stalled[node_of] if stalled.any() else None  # per instance: what it does not serve
-        stalled[:] = 0.0
+            self.free.extend(int(s) for s in finished)
+
+    def serve(self, rate: float) -> tuple[FloatArray, FloatArray, FloatArray, FloatArray | None]:
+        """Arrivals, service and the queues: (queues before, arrivals, overflow, each instance's
+        stall this step or None)."""
+        dt, cap_step = self.dt, self.cap_step
+        arrivals = np.bincount(self.assign, weights=self.w, minlength=self.slots) * rate * dt
+        q0 = self.queue.copy()
+        stall = self.stalled[self.node_of] if self.stalled.any() else None  # per instance: what it does not serve
+        self.stalled[:] = 0.0
         q1 = q0 + arrivals - (cap_step if stall is None else cap_step * (1.0 - stall / dt))
         np.maximum(q1, 0.0, out=q1)
-        over = np.maximum(q1 - max_q, 0.0)
-        lost += float(over.sum())
+        over = np.maximum(q1 - self.max_q, 0.0)
+        self.lost += float(over.sum())
         q1 -= over
-        queue[:] = q1
-        msgs += rate * dt
+        self.queue[:] = q1
+        self.msgs += rate * dt
+        return q0, np.asarray(arrivals, dtype=np.float64), np.asarray(over, dtype=np.float64), stall
+
+    def account(
+        self, k: int, rate: float, q0: FloatArray, arrivals: FloatArray, over: FloatArray, stall: FloatArray | None
+    ) -> float:
+        """The step's messages' latencies (a mixture of uniform components, each with its M/D/1
+        wait): its p99, its late messages, and an SLO violation if the p99 is over."""
+        cfg, dt = self.cfg, self.dt
+        service_ms, q1 = self.service_ms, self.queue
         busy = np.flatnonzero(arrivals > 0)
         if busy.size > 1 and rate > 0:
-            now_imb = float(arrivals.max() / max(arrivals[state == READY].mean(), 1e-12))
-            imbalance = 0.9 * imbalance + 0.1 * now_imb
+            now_imb = float(arrivals.max() / max(arrivals[self.state == READY].mean(), 1e-12))
+            self.imbalance = 0.9 * self.imbalance + 0.1 * now_imb
         lo = cfg.base_latency_ms + service_ms + 1000.0 * q0[busy] / cfg.capacity
         hi = cfg.base_latency_ms + service_ms + 1000.0 * q1[busy] / cfg.capacity
         wt: FloatArray = np.asarray(arrivals[busy] - over[busy], dtype=np.float64)
         if cfg.poisson_arrivals:
             # M/D/1: a message waits with probability rho, on average S / (2 (1 - rho)) when it does
-            rho = np.minimum(arrivals[busy] / cap_step, 0.95)
+            rho = np.minimum(arrivals[busy] / self.cap_step, 0.95)
             mw = service_ms / (2.0 * (1.0 - rho))
         else:
             rho = np.zeros(busy.size)
             mw = np.zeros(busy.size)
-        if moved:
-            # a moving session's messages wait until its move ends (its frames are held): those of
-            # this step between what is left of the pause after the step and what is left before
-            # it. A pause longer than a step (a source seconds behind) goes on into the next.
-            floor = cfg.base_latency_ms + service_ms
-            step_ms = 1000.0 * dt
-            share = np.array([m[0] for m in moved])
-            pause = np.array([m[1] for m in moved])
-            # those messages are counted here, not also at the instance they went to
-            at = np.full(slots, -1, dtype=np.int64)
-            at[busy] = np.arange(busy.size)
-            idx = at[np.array([m[2] for m in moved], dtype=np.int64)]
-            taken = np.zeros(wt.size)
-            np.add.at(taken, idx[idx >= 0], share[idx >= 0] * rate * dt)
-            wt = np.maximum(wt - taken, 0.0)
-            lo = np.append(lo, floor + np.maximum(pause - step_ms, 0.0))
-            hi = np.append(hi, floor + pause)
-            wt = np.asarray(np.append(wt, share * rate * dt), dtype=np.float64)
-            rho = np.append(rho, np.zeros(share.size))
-            mw = np.append(mw, np.zeros(share.size))
-            moved[:] = [(w_, left - step_ms, dst) for w_, left, dst in moved if left > step_ms]
+        if self.moved:
+            lo, hi, wt, rho, mw = self._moving(busy, rate, lo, hi, wt, rho, mw)
         if stall is not None and wt.size:
             # messages arriving while a node's path stops wait for it to resume: a uniform share
             # (stall / step) of each instance's messages there, with up to the stall added
@@ -491,118 +527,146 @@ def simulate(
             hi = hi + min(cfg.batch_delay_ms, rtt)
         p99 = _mixture_quantile(lo, hi, wt, 0.99, rho, mw) if wt.size else cfg.base_latency_ms
         if wt.size and float((hi + 12.0 * mw).max()) > cfg.slo_ms:
-            late += float(wt.sum() - _mixture_cdf(cfg.slo_ms, lo, hi, wt, rho, mw).sum())
-        tl_p99[k] = p99
+            self.late += float(wt.sum() - _mixture_cdf(cfg.slo_ms, lo, hi, wt, rho, mw).sum())
+        self.tl_p99[k] = p99
         if p99 > cfg.slo_ms:
-            violations += dt
-        if k % max(1, steps // 2000) == 0 or p99 > cfg.slo_ms:
-            lat_lo.append(lo)
-            lat_hi.append(hi)
-            lat_w.append(wt)
-            lat_rho.append(rho)
-            lat_m.append(mw)
-        alive = state != GONE
-        n_alive = int(alive.sum())
-        instance_s += n_alive * dt
-        tl_instances[k] = n_alive
-        history.append(rate)
-        # the control loop
-        if t - last_decision >= cfg.interval_s - 1e-9:
-            last_decision = t
-            ready = state == READY
-            n_ready = int(ready.sum())
-            n_active = int(((state == READY) | (state == STARTING)).sum())
-            served = np.minimum(q0 + arrivals, cap_step)
-            util = float(served[ready].sum() / max(cap_step * n_ready, 1e-9))
-            ctx = ScalingContext(
-                protocol=cfg.protocol,
-                now=t,
-                current_instances=n_active,
-                load=rate,
-                inflight=float(queue.sum()),
-                sessions=n_sessions,
-                capacity_per_instance=cfg.capacity,
-                min_instances=cfg.min_instances,
-                max_instances=cfg.max_instances,
-                instance_ages=tuple((t - started[ready]).tolist()),
-                start_latency_s=cfg.start_latency_s,
-                load_history=tuple(history[-120:]),
-                forecast=forecasts.at(k) if forecasts is not None else None,
-                forecast_step_s=dt,
-                budget_instances=cfg.budget_instances,
-                latency_p99_ms=p99,
-                slo_ms=cfg.slo_ms,
-                cpu_utilization=util,
-                load_imbalance=imbalance,
-                table_backlog=float(tables[k]),
-                future_load=tuple(load[k + 1 : k + 1 + 64].tolist()),
-                state=pstate,
-                config=pcfg,
-            )
-            d = fn(ctx)
-            pstate = d.state
-            want = d.instances
-            if d.forecast_trust is not None:
-                trusts.append(d.forecast_trust)
-            if want > n_active and t - last_in < cfg.start_latency_s + cfg.interval_s:
-                reversals += 1
-            if want < n_active:
-                last_in = t
-            starting_now: list[int] = []
-            while n_active < want and free:
-                starting_now.append(start(t))
-                n_active += 1
-                actions += 1
-            if cfg.node_cpus > 0 and len(starting_now) >= cfg.node_cpus:
-                # each start beyond the cores the path leaves free adds a stall (measured live:
-                # 2, 3, 4 at once on 2 cores stall ~130, ~250, ~380 ms)
-                at_once = np.bincount(node_of[starting_now], minlength=cfg.nodes)
-                over = np.maximum(at_once - cfg.node_cpus + 1, 0)
-                stalled[:] = np.minimum(over * cfg.start_stall_s, dt)
-            drained = False
-            while n_active > want and n_ready > 1:
-                victim = least_used(views())
-                if victim is None:
+            self.violations += dt
+        if k % max(1, self.load.size // 2000) == 0 or p99 > cfg.slo_ms:
+            self.lat.append((lo, hi, wt, rho, mw))
+        return p99
+
+    def _moving(
+        self,
+        busy: npt.NDArray[np.int64],
+        rate: float,
+        lo: FloatArray,
+        hi: FloatArray,
+        wt: FloatArray,
+        rho: FloatArray,
+        mw: FloatArray,
+    ) -> tuple[FloatArray, FloatArray, FloatArray, FloatArray, FloatArray]:
+        """A moving session's messages wait until its move ends (its frames are held): those of
+        this step between what is left of the pause after the step and what is left before it.
+        A pause longer than a step (a source seconds behind) goes on into the next."""
+        cfg, dt, moved = self.cfg, self.dt, self.moved
+        floor = cfg.base_latency_ms + self.service_ms
+        step_ms = 1000.0 * dt
+        share = np.array([m[0] for m in moved])
+        pause = np.array([m[1] for m in moved])
+        # those messages are counted here, not also at the instance they went to
+        at = np.full(self.slots, -1, dtype=np.int64)
+        at[busy] = np.arange(busy.size)
+        idx = at[np.array([m[2] for m in moved], dtype=np.int64)]
+        taken = np.zeros(wt.size)
+        np.add.at(taken, idx[idx >= 0], share[idx >= 0] * rate * dt)
+        wt = np.maximum(wt - taken, 0.0)
+        lo = np.append(lo, floor + np.maximum(pause - step_ms, 0.0))
+        hi = np.append(hi, floor + pause)
+        wt = np.asarray(np.append(wt, share * rate * dt), dtype=np.float64)
+        rho = np.append(rho, np.zeros(share.size))
+        mw = np.append(mw, np.zeros(share.size))
+        moved[:] = [(w_, left - step_ms, dst) for w_, left, dst in moved if left > step_ms]
+        return lo, hi, wt, rho, mw
+
+    def decide(self, k: int, t: float, rate: float, q0: FloatArray, arrivals: FloatArray, p99: float) -> None:
+        """The control loop: the policy's decision on a context from the shared builder, then
+        instances started (stalling their node's path past its free cores) or drained."""
+        cfg, state = self.cfg, self.state
+        ready = state == READY
+        n_ready = int(ready.sum())
+        n_active = int(((state == READY) | (state == STARTING)).sum())
+        served = np.minimum(q0 + arrivals, self.cap_step)
+        util = float(served[ready].sum() / max(self.cap_step * n_ready, 1e-9))
+        ctx = build_context(
+            self.limits,
+            now=t,
+            current_instances=n_active,
+            load=rate,
+            load_history=self.history,
+            inflight=float(self.queue.sum()),
+            sessions=self.n_sessions,
+            start_latency_s=cfg.start_latency_s,
+            forecast=self.forecasts.at(k) if self.forecasts is not None else None,
+            forecast_step_s=self.dt,
+            instance_ages=(t - self.started[ready]).tolist(),
+            latency_p99_ms=p99,
+            cpu_utilization=util,
+            load_imbalance=self.imbalance,
+            table_backlog=float(self.tables[k]),
+            trace=self.load,
+            step=k,
+            state=self.pstate,
+            config=self.pcfg,
+        )
+        d = self.fn(ctx)
+        self.pstate = d.state
+        want = d.instances
+        if d.forecast_trust is not None:
+            self.trusts.append(d.forecast_trust)
+        if want > n_active and t - self.last_in < cfg.start_latency_s + cfg.interval_s:
+            self.reversals += 1
+        if want < n_active:
+            self.last_in = t
+        starting_now: list[int] = []
+        while n_active < want and self.free:
+            starting_now.append(self.start(t))
+            n_active += 1
+            self.actions += 1
+        if cfg.node_cpus > 0 and len(starting_now) >= cfg.node_cpus:
+            # each start beyond the cores the path leaves free adds a stall (measured live:
+            # 2, 3, 4 at once on 2 cores stall ~130, ~250, ~380 ms)
+            at_once = np.bincount(self.node_of[starting_now], minlength=cfg.nodes)
+            over = np.maximum(at_once - cfg.node_cpus + 1, 0)
+            self.stalled[:] = np.minimum(over * cfg.start_stall_s, self.dt)
+        if n_active > want and n_ready > 1:
+            self.drain(t, n_active - want, n_ready)
+
+    def drain(self, t: float, n: int, n_ready: int) -> None:
+        """Drain up to `n` instances (always leaving one ready): their sessions, and their queued
+        messages, move to the instances that stay; then the rest is evened out, as the VPSM does
+        after a drain."""
+        drained = False
+        while n > 0 and n_ready > 1:
+            victim = least_used(self.views())
+            if victim is None:
+                break
+            v = int(victim)
+            self.state[v] = DRAINING
+            self.gone_at[v] = t + self.cfg.drain_s
+            members = np.flatnonzero(self.assign == v)
+            targets = self.views()
+            before = self.assign.copy()
+            for vr in members:
+                dst = choose_instance(targets, self.prng)
+                if dst is None:
                     break
-                v = int(victim)
-                state[v] = DRAINING
-                gone_at[v] = t + cfg.drain_s
-                # its sessions (and their queued messages) move to the instances that stay
-                members = np.flatnonzero(assign == v)
-                targets = views()
-                before = assign.copy()
-                for vr in members:
-                    dst = choose_instance(targets, prng)
-                    if dst is None:
-                        break
-                    assign[vr] = int(dst)
-                    moves_total += 1
-                carry(before, members[assign[members] != v])
-                n_active -= 1
-                n_ready -= 1
-                actions += 1
-                drained = True
-            if drained:
-                # as the VPSM does after a drain: even out what the moved sessions upset
-                before = assign.copy()
-                moves_total += rebalance()
-                note_moves(before)
-    all_lo = np.concatenate(lat_lo) if lat_lo else np.zeros(1)
-    all_hi = np.concatenate(lat_hi) if lat_hi else np.zeros(1)
-    all_w = np.concatenate(lat_w) if lat_w else np.ones(1)
-    all_rho = np.concatenate(lat_rho) if lat_rho else np.zeros(1)
-    all_m = np.concatenate(lat_m) if lat_m else np.zeros(1)
-    return SimResult(
-        policy=policy,
-        slo_violation_s=violations,
-        instance_s=instance_s,
-        scale_actions=actions,
-        lost=lost,
-        late=late,
-        messages=msgs,
-        p99_ms=_mixture_quantile(all_lo, all_hi, all_w, 0.99, all_rho, all_m),
-        session_moves=moves_total,
-        timeline={"load": load, "instances": tl_instances, "p99_ms": tl_p99},
-        reversals=reversals,
-        forecast_trust=float(np.mean(trusts)) if trusts else None,
-    )
+                self.assign[vr] = int(dst)
+                self.moves_total += 1
+            self.carry(before, members[self.assign[members] != v])
+            n -= 1
+            n_ready -= 1
+            self.actions += 1
+            drained = True
+        if drained:
+            self.rebalance_and_carry()
+
+    def result(self) -> SimResult:
+        parts = list(zip(*self.lat, strict=True)) if self.lat else None
+        if parts:
+            all_lo, all_hi, all_w, all_rho, all_m = (np.concatenate(p) for p in parts)
+        else:
+            all_lo, all_hi, all_w, all_rho, all_m = np.zeros(1), np.zeros(1), np.ones(1), np.zeros(1), np.zeros(1)
+        return SimResult(
+            policy=self.policy,
+            slo_violation_s=self.violations,
+            instance_s=self.instance_s,
+            scale_actions=self.actions,
+            lost=self.lost,
+            late=self.late,
+            messages=self.msgs,
+            p99_ms=_mixture_quantile(all_lo, all_hi, all_w, 0.99, all_rho, all_m),
+            session_moves=self.moves_total,
+            timeline={"load": self.load, "instances": self.tl_instances, "p99_ms": self.tl_p99},
+            reversals=self.reversals,
+            forecast_trust=float(np.mean(self.trusts)) if self.trusts else None,
+        )

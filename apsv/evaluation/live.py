@@ -303,7 +303,7 @@ def run_policy(
     import ray
 
     from apsv.runtime.cluster import deploy
-    from apsv.runtime.vpsm import ReplayClock
+    from apsv.scaling.clock import ReplayClock
 
     peak = float(test.max()) or 1.0
     rate_scale = live.peak_rate / (peak * live.speed)  # live messages per trace message
@@ -588,7 +588,7 @@ def agreement(live: LiveResult, sim: SimResult) -> dict[str, float]:
 def live_json(trace: str, res: dict[str, Any]) -> dict[str, Any]:
     """The `apsv evaluate --mode live --json` object: `policies` (live, the simulator's keys), `sim`
     (the simulator on the same steps with the measured parameters), `agreement` per policy."""
-    from apsv.scaling.evaluate import claims
+    from apsv.evaluation.compare import claims
 
     live: dict[str, LiveResult] = res["live"]
     sims: dict[str, SimResult] = res["sim"]

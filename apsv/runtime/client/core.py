@@ -1,45 +1,28 @@
-"""The client side of the offload path: a router in the caller's process, as in a Ray Serve handle.
-
-`OffloadClient` is what an agent (or the replay driver) uses. The multiplexer - the control
-plane - places its sessions and tells it where each one is (a route: instance and epoch, kept
-current by a long poll, `routefeed.py`); from then on the client sends every batch straight to
-the instances that hold its frames' sessions - one transfer per instance per batch, no central
-actor on the way (`links.py`: a descriptor over a Unix socket into shared memory on the same
-node, a direct Ray call through the object store across nodes).
-
-It numbers each session's frames, writes them once into a buffer of its pool (read in place by
-the instances), keeps a copy of every batch in custody (`custody.py`) until a snapshot from the
-instance covers it, and hands back output frames once each, in order (`delivery.py`).
-
-Fencing: a frame carries its route's epoch; an instance refuses frames for a session it does not
-hold at that epoch (moved, restored elsewhere, waiting for its restore, or an earlier frame
-missing) and says what it knows. The client then re-sends the session's frames from the first
-refused one, from custody, by the route it now has - and where the route is not known, or the
-session's instance died, it asks the multiplexer (`locate`) and restores the session from its
-snapshot. Instances apply a session's frames strictly in sequence, so each is applied exactly
-once, in order, across moves, drains, kills and restarts.
-"""
+"""`OffloadClient`: its state, its calls to the multiplexer, and sending. How it takes replies
+and follows its routes are in the modules beside it, as parts of this one class (the
+package's docstring has the whole picture)."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import select
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from typing import Any
 
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError
 
-from apsv.frame import HEADER, HEADER_LEN, Frame, FrameKind
+from apsv.frame import HEADER_LEN, Frame, FrameKind
 from apsv.runtime import channel
 from apsv.runtime.buffer_pool import Buffer, BufferPool
 from apsv.runtime.channel import offsets_bytes
+from apsv.runtime.client.base import ClientStats
+from apsv.runtime.client.replies import Replies
+from apsv.runtime.client.routes import Routes
 from apsv.runtime.custody import Custody
 from apsv.runtime.delivery import OutputOrder
-from apsv.runtime.host import GAP, MOVED, PENDING, STALE, Key
+from apsv.runtime.host import Key
 from apsv.runtime.links import RAY_WINDOW, Link, LinkDown, RayLink, Sent, ShmLink
 from apsv.runtime.metrics import ClientMetrics
 from apsv.runtime.outbox import Outbox, Session
@@ -48,41 +31,15 @@ from apsv.runtime.tenancy import TokenBucket
 
 log = logging.getLogger("apsv.client")
 
-REPORT_EVERY_S = 0.25  # how often a client tells the multiplexer its offered load
 # The `client` label of a client whose owner names none: a constant, not the random client id,
 # so that each new client process does not add series of its own (Ray's WorkerId tells them apart).
 DEFAULT_METRICS_LABEL = "client"
 MUX_TIMEOUT_S = 30.0  # how long opening (or closing) sessions waits for the multiplexer
 DRAIN_TIMEOUT_S = 300.0
-RELOCATE_AFTER_S = 0.05  # a session with no usable route asks the multiplexer again after this
-POLL_EVERY_S = 0.0001  # service() looks for replies at most this often
 _NO_BUFFER = memoryview(b"")
 
 
-@dataclass
-class ClientStats:
-    outputs: int = 0  # output frames handed over (counted by the client's OutputOrder)
-    repeated_outputs: int = 0  # regenerated after a restore and dropped
-    reordered_outputs: int = 0  # arrived before an earlier one of their session, held until it came
-    output_gaps: int = 0  # output frames given up on (too many waiting for an earlier one)
-    frames_sent: int = 0
-    payload_bytes: int = 0
-    batches: int = 0
-    payload_copies: int = 0  # whole-payload copies made on the way to the stack decoder
-    inflight_waits: int = 0
-    window_waits: int = 0  # batches that waited for an instance's window
-    refused: int = 0  # refusals (one per session and batch) from instances
-    frames_resent: int = 0  # from custody, after refusals or restores
-    restores: int = 0  # sessions restored from custody on a new instance
-    relocations: int = 0  # sessions whose route the multiplexer was asked for
-    links_lost: int = 0  # instances whose connection broke (died, or closed it)
-    custody_waits: int = 0  # sends held back until snapshots freed custody
-    rate_waits: int = 0  # sends held back by the tenant's message rate (`can_send` said no)
-    longest_reply_gap_s: float = 0.0  # the longest wait for any reply while batches were out
-    custody_copy_bytes: int = 0  # batches copied into custody (off the path to the decoder)
-
-
-class OffloadClient:
+class OffloadClient(Replies, Routes):
     def __init__(
         self,
         multiplexer: Any,
@@ -468,355 +425,6 @@ class OffloadClient:
         if not force and c.stats.bytes <= c.max_bytes and not c.over:
             return []
         return c.wants_snapshot(time.monotonic())
-
-    # -- replies -------------------------------------------------------------------------------
-
-    def service(self) -> None:
-        """Take in what arrived and send the buffer if it should go now, without blocking. A
-        sender in latency mode calls it after each burst of `send`s (an agent: each turn of its
-        loop), and `wait`s for replies when it has nothing to send.
-
-        With a batch delay set, a buffer goes as soon as fewer than `eager_inflight` batches are
-        in flight (Nagle's rule: while the cluster works on a batch the next one fills, so light
-        load gets small fast batches and heavy load big ones, and the batch rate clocks itself
-        to the round trip), or when its first frame has waited `max_batch_delay_s`.
-        """
-        now = time.perf_counter()
-        self._report(now)
-        if now - self._last_poll >= POLL_EVERY_S:
-            self._last_poll = now
-            self.pump(0.0)
-        if self._resends:
-            self._resend()
-        if (
-            self.max_batch_delay_s is not None
-            and self.outbox.frames
-            and (
-                self._buffers_out < self.eager_inflight
-                or (now - self._batch_started >= self.max_batch_delay_s and self._buffers_out < self.max_inflight)
-            )
-        ):
-            self.flush()
-
-    def wait(self, timeout: float) -> None:
-        """Block until something arrives (a reply, a route) or `timeout`; take it in."""
-        self.pump(timeout)
-        if self._resends:
-            self._resend()
-
-    def fds(self) -> list[int]:
-        """What to watch for readiness (an event loop's readers): the same-node links and the route feed."""
-        return [link.fileno() for link in self.links.values() if isinstance(link, ShmLink) and not link.down] + [
-            self.feed.fileno()
-        ]
-
-    def needs_polling(self) -> bool:
-        """Whether something has no file descriptor to wake on (cross-node calls, multiplexer
-        answers, a rate limit's wait)."""
-        return (
-            bool(self._control)
-            or (self.rate is not None and self.rate.wait_s(time.monotonic()) > 0)
-            or any(isinstance(link, RayLink) and link.calls for link in self.links.values())
-        )
-
-    def pump(self, timeout: float = 0.0) -> None:
-        """Read every link with something to read (waiting up to `timeout` for one), then act on it."""
-        shm = [link for link in self.links.values() if isinstance(link, ShmLink) and not link.down]
-        if self.needs_polling():
-            timeout = min(timeout, 0.002)
-        watched: list[Any] = [*shm, self.feed]
-        try:
-            ready, _, _ = select.select(watched, [], [], timeout)
-        except (OSError, ValueError):  # a link closed under us: read them all
-            ready = watched
-        for r in ready:
-            if r is self.feed:
-                for update in self.feed.take():
-                    self._on_routes(update)
-            else:
-                self._read(r)
-        for link in list(self.links.values()):
-            if link.down:  # (a send failed on it: it is gone)
-                self._link_lost(link, "sending failed")
-            elif isinstance(link, RayLink) and link.calls:
-                self._read(link)
-        if self._control:
-            self._check_control()
-        self.feed.arm()
-        self._relocate()
-
-    def _read(self, link: Link) -> None:
-        try:
-            msgs = link.read()
-        except LinkDown as e:
-            msgs = e.args[1] if len(e.args) > 1 else []
-            for m in msgs:
-                self._on_message(link, m)
-            self._link_lost(link, str(e.args[0]))
-            return
-        for m in msgs:
-            self._on_message(link, m)
-
-    def _on_message(self, link: Link, msg: channel.Message) -> None:
-        if isinstance(msg, channel.Reply):
-            mark = self._mark
-            if msg.batch >= 0:
-                now = time.perf_counter()
-                if self._buffers_out:
-                    self.stats.longest_reply_gap_s = max(self.stats.longest_reply_gap_s, now - self._last_reply)
-                self._last_reply = now
-                sent = link.answered(msg.batch)
-                if sent is not None:
-                    mark = sent.mark
-                    if sent.buffer is not None:
-                        self.batch_latencies.append(now - sent.t0)
-                        self._part_done(sent.buffer)
-            if msg.output:
-                o = self.order
-                o.deliver(msg.output, time.time_ns())
-                st = self.stats
-                st.outputs, st.repeated_outputs = o.outputs, o.repeated_outputs
-                st.reordered_outputs, st.output_gaps = o.reordered_outputs, o.output_gaps
-            for snap in msg.snapshots:
-                self.custody.snapshot(snap.key, snap.seq, snap.blob)
-            for r in msg.refusals:
-                self._refused(link, r, mark)
-        elif isinstance(msg, channel.Restored):
-            s = self.sessions.get(msg.key)
-            if s is None or s.restoring != msg.request:
-                return
-            s.restoring = 0
-            if msg.error:
-                log.info("restoring %s on %s failed: %s", msg.key, link.instance_id, msg.error)
-                self._hold(s)
-                self._locating[s.key] = s
-                s.located = 0.0
-            else:
-                s.hold = False
-                s.part_of = None  # (its next frames go by the new route)
-                s.restored = s.epoch
-                self._resends[s.key] = s
-        elif isinstance(msg, str):
-            self._link_lost(link, msg)
-
-    def _part_done(self, buf: Buffer) -> None:
-        left = self._open_parts[buf.index] - 1
-        if left:
-            self._open_parts[buf.index] = left
-            return
-        del self._open_parts[buf.index]
-        self._buffers_out -= 1
-        self.pool.release(buf)
-
-    def _refused(self, link: Link, r: channel.Refusal, mark: int) -> None:
-        """An instance did not apply some of a session's frames: learn what it says, and send
-        them again - from custody, by the right route - from the first it refused."""
-        s = self.sessions.get(r.key)
-        if s is None:
-            return
-        self.stats.refused += 1
-        newer = r.epoch > s.epoch
-        if mark < s.resend_mark and not newer and r.seq >= s.resent_from:
-            return  # sent before the last resend, which covered it
-        s.resend_from = min(s.resend_from or r.seq, r.seq)
-        if newer:
-            if r.reason == MOVED:
-                target = self._link_to(r.instance)
-                if target is None:
-                    self._hold(s)
-                    self._locating[s.key] = s
-                    return
-                s.epoch, s.link = r.epoch, target
-                s.part_of = None  # (its next frames go by the new route)
-            elif r.reason in (STALE, PENDING):
-                s.epoch, s.link = r.epoch, link
-                s.part_of = None  # (its next frames go by the new route)
-                if r.reason == PENDING and not s.restoring:
-                    self._restore(s)
-                    return
-            self._locating.pop(s.key, None)
-            if s.hold and not s.restoring:
-                s.hold = False
-                s.part_of = None  # (its next frames go by the new route)
-        elif link is s.link and not s.hold:
-            # from the route held now: it has a gap (re-send), or it is waiting for the session's
-            # restore, or does not have it at all (ask the multiplexer where it is)
-            if r.reason == PENDING and r.epoch == s.epoch:
-                if not s.restoring:
-                    self._restore(s)
-                return
-            if r.reason != GAP:
-                self._hold(s)
-                self._locating[s.key] = s
-                return
-        # (otherwise: frames sent by a route since replaced - they go again by the new one)
-        if not s.hold:
-            self._resends[s.key] = s
-
-    def _resend(self) -> None:
-        """Send sessions' frames again from custody (in order, at their current epoch), ahead of
-        anything newer of theirs."""
-        todo, self._resends = self._resends, {}
-        self.flush()
-        for s in todo.values():
-            if s.hold or s.link is None or s.key not in self.sessions:
-                continue
-            frm, s.resend_from = s.resend_from, 0
-            if not frm:
-                continue
-            s.resent_from, s.resend_mark = frm, self._mark
-            for frame in self.custody.frames_from(s.key, frm):
-                if not self._append_copy(s, frame):
-                    # its link went down under the flush this frame waited for: the session is
-                    # held, and goes on from this frame, from custody, once it has a route
-                    seq = HEADER.unpack_from(frame)[8]
-                    s.resend_from = min(s.resend_from or seq, seq)
-                    break
-        self.flush()
-
-    def _append_copy(self, s: Session, frame: memoryview) -> bool:
-        """Copy a frame from custody into the current buffer, for the session's link; False
-        (nothing copied) if the session has no link, or lost it in the flush that made room."""
-        if s.link is None:
-            return False
-        if self._buf is None:
-            self._take_buffer()
-        if self.outbox.copy(s, frame, s.epoch) < 0:
-            self.flush()
-            if s.link is None:
-                return False
-            self._take_buffer()
-            self.outbox.copy(s, frame, s.epoch)
-        self.stats.frames_resent += 1
-        return True
-
-    def _link_lost(self, link: Link, why: str) -> None:
-        """An instance is gone (or shut this client out). Its answered batches were applied or
-        refused there; the others go again, from custody, by their sessions' routes (those
-        still routed there wait for their new home - the multiplexer is told - and are restored
-        there if the instance died)."""
-        if self.links.get(link.instance_id) is link:
-            del self.links[link.instance_id]
-        link.close()
-        for sent in link.abandon():
-            if sent.buffer is not None:
-                self._part_done(sent.buffer)
-            for key, first in sent.firsts:
-                s = self.sessions.get(key)
-                if s is not None:
-                    s.resend_from = min(s.resend_from or first, first)
-                    if s.link is not None and s.link is not link and not s.hold:
-                        self._resends[key] = s
-        self.stats.links_lost += 1
-        log.info("link to %s lost: %s", link.instance_id, why)
-        for s in self.sessions.values():
-            if s.link is link:
-                self._hold(s)
-                self._locating[s.key] = s
-                s.located = 0.0
-        self._control.append(
-            ("report", self.im.report_failure.remote(self.client_id, self.credential, link.instance_id))
-        )
-
-    # -- routes from the multiplexer -----------------------------------------------------------
-
-    def _on_routes(self, update: dict[str, Any]) -> None:
-        self.endpoints.update(update.get("instances", {}))
-        routes: dict[Key, tuple[str, int, str]] = update.get("routes", {})
-        for key, (iid, epoch, state) in routes.items():
-            s = self.sessions.get(key)
-            if s is not None:
-                self._route(s, iid, epoch, state)
-        if update.get("full"):
-            # the multiplexer (re)started: a session it did not list may be one it lost (reclaimed
-            # if `locate` says so) - or merely one opened after this answer was made
-            for k, s in self.sessions.items():
-                if k not in routes and s.opened < update.get("issued", 0.0):
-                    self._locating[k] = s
-
-    def _relocate(self) -> None:
-        """Ask where the sessions without a usable route are (one question at a time)."""
-        if not self._locating or any(kind == "locate" for kind, _ in self._control):
-            return
-        now = time.monotonic()
-        keys = [k for k, s in self._locating.items() if now - s.located >= RELOCATE_AFTER_S]
-        if not keys:
-            return
-        for k in keys:
-            self._locating[k].located = now
-        self.stats.relocations += len(keys)
-        self._control.append(("locate", self.im.locate.remote(self.client_id, self.credential, keys)))
-
-    def _reclaim(self, sessions: list[Session]) -> None:
-        items = [(s.key, s.protocol, s.epoch) for s in sessions]
-        for s in sessions:
-            self._hold(s)
-        self._control.append(("reclaim", self.im.reclaim.remote(self.client_id, self.credential, items)))
-
-    def _check_control(self) -> None:
-        ready, _ = ray.wait([ref for _, ref in self._control], num_returns=len(self._control), timeout=0)
-        if not ready:
-            return
-        done = set(ready)
-        keep = []
-        for kind, ref in self._control:
-            if ref not in done:
-                keep.append((kind, ref))
-                continue
-            try:
-                answer = ray.get(ref)
-            except Exception as e:  # the multiplexer is down: the sessions ask again later
-                log.debug("%s failed: %r", kind, e)
-                continue
-            if kind in ("locate", "reclaim"):
-                self.endpoints.update(answer["instances"])
-                unknown = []
-                for key, route in answer["routes"].items():
-                    s = self.sessions.get(key)
-                    if s is None:
-                        continue
-                    if route is None:
-                        unknown.append(s)
-                    else:
-                        self._route(s, *route)
-                if unknown and kind == "locate":
-                    self._reclaim(unknown)
-        self._control = keep
-
-    # -- load reports --------------------------------------------------------------------------
-
-    def _report(self, now: float, wait: bool = False) -> None:
-        """Tell the multiplexer the offered counts (at most every REPORT_EVERY_S, if changed, one
-        report in flight at a time: a multiplexer that is down gets no pile of them); export the
-        client's metrics (at most once a second)."""
-        if wait or now - self._last_metrics >= 1.0:
-            self._last_metrics = now
-            self.metrics.sample(self.pool.in_use(), now, force=True)  # (kept alive while idle too)
-            self.metrics.messages(
-                {k: s.seq for k, s in self.sessions.items()}, {k[2]: s.protocol for k, s in self.sessions.items()}
-            )
-            self.metrics.batch_times(self.batch_latencies[self._latencies_exported :], self.stats.batches)
-            if len(self.batch_latencies) > 100_000:
-                del self.batch_latencies[:50_000]
-            self._latencies_exported = len(self.batch_latencies)
-        if not wait and now - self._last_report < REPORT_EVERY_S:
-            return
-        if self._report_ref is not None and not wait and not ray.wait([self._report_ref], timeout=0)[0]:
-            return
-        self._last_report = now
-        offered: dict[str, int] = {}
-        for pid, n in self.offered.items():
-            name = self._protocols.get(pid, str(pid))
-            offered[name] = offered.get(name, 0) + n
-        if offered == self._offered_reported and not wait:
-            return
-        self._offered_reported = offered
-        self._report_ref = self.im.report_offered.remote(self.client_id, self.credential, self._offered_reported)
-        if wait:
-            try:
-                ray.get(self._report_ref, timeout=10)
-            except Exception:  # the multiplexer is down: the counts are lost, not the frames
-                log.debug("offered-load report failed", exc_info=True)
 
     # -- waiting for the cluster ---------------------------------------------------------------
 

@@ -1,54 +1,22 @@
-"""APSV's one configuration file (YAML): the Ray cluster, the protocols' stack instances, the VPSM
-and the forecaster. Every field is documented in docs/configuration.md.
-
-```yaml
-ray:
-  address: null              # null: `apsv up` starts a local head (loopback, token auth on)
-  namespace: apsv
-protocols:
-  - protocol: bgp
-    backend: process
-    min_instances: 1
-    max_instances: 4
-    policy: reactive
-    allocation: {cpu: 0.5, memory: 512MiB, buffer_quota: 8MiB, max_sessions: 10000}
-vpsm:
-  interval_s: 1.0
-forecaster:
-  enabled: false
-```
-
-`load_config` checks everything and refuses a configuration with one line per problem, each
-naming the file (or the environment variable), the field's path and the reason:
-``apsv.yaml: protocols[1].max_instances: must be >= min_instances (2)``. Unknown fields are
-refused by name, so a misspelling never silently falls back to a default.
-
-Environment variables override the file: ``APSV__<SECTION>__<FIELD>=value`` (a path of
-double-underscore separated names or list indices, e.g. ``APSV__PROTOCOLS__0__MAX_INSTANCES=4``),
-the value read as a YAML scalar (``null``, ``4``, ``0.5``, ``auto``, ``[1, 2]``).
-``APSV_CONFIG`` names the file when none is given.
-"""
+"""The configuration's sections: one pydantic model per section, every field typed, bounded
+and documented (docs/configuration.md); unknown fields refused."""
 
 from __future__ import annotations
 
-import difflib
 import ipaddress
 import os
 import re
-import types
 import typing
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import (
     BaseModel,
     BeforeValidator,
     ConfigDict,
     Field,
     PrivateAttr,
-    ValidationError,
     ValidationInfo,
     field_validator,
     model_validator,
@@ -56,7 +24,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from apsv.capacity import Demand, fit_warnings
-from apsv.errors import field_path
+from apsv.sizes import Size
 
 if typing.TYPE_CHECKING:  # the runtime (and Ray) are imported only when plans are built
     from apsv.runtime.instance import Allocation
@@ -94,66 +62,6 @@ class ConfigError(ValueError):
         else:
             msg = f"{len(self.problems)} problems in the APSV configuration:\n  " + "\n  ".join(self.problems)
         super().__init__(msg)
-
-
-# ------------------------------------------------------------------------------------------------
-# Sizes: 512MiB, 8 MiB, 1G, 4096
-
-
-_UNITS = {
-    "": 1,
-    "b": 1,
-    "k": 1000,
-    "kb": 1000,
-    "m": 1000**2,
-    "mb": 1000**2,
-    "g": 1000**3,
-    "gb": 1000**3,
-    "t": 1000**4,
-    "tb": 1000**4,
-    "ki": 1 << 10,
-    "kib": 1 << 10,
-    "mi": 1 << 20,
-    "mib": 1 << 20,
-    "gi": 1 << 30,
-    "gib": 1 << 30,
-    "ti": 1 << 40,
-    "tib": 1 << 40,
-}
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
-
-
-def parse_size(value: Any) -> int:
-    """Octets from an int or a string such as '512MiB', '8 MiB', '1.5GiB', '64k', '4096'."""
-    if isinstance(value, bool):  # YAML `yes`/`true` is not a size
-        raise PydanticCustomError(
-            "size", "expected a size such as 512MiB or a number of bytes, not {value}", {"value": repr(value)}
-        )
-    if isinstance(value, int):
-        return value
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    if isinstance(value, str):
-        m = _SIZE.match(value)
-        if m and m.group(2).lower() in _UNITS:
-            n = float(m.group(1)) * _UNITS[m.group(2).lower()]
-            if n.is_integer():
-                return int(n)
-    raise PydanticCustomError(
-        "size",
-        "{value} is not a size (a number of bytes, or a number with B, KiB, MiB, GiB, TiB, KB, MB, GB, TB)",
-        {"value": repr(value)},
-    )
-
-
-Size = Annotated[int, BeforeValidator(parse_size)]
-
-
-def format_size(n: int) -> str:
-    for unit, k in (("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if n >= k and n % k == 0:
-            return f"{n // k}{unit}"
-    return str(n)
 
 
 Port = Annotated[int, Field(ge=1024, le=65535)]
@@ -516,243 +424,3 @@ class ApsvConfig(_Section):
                 return []
             capacity, where = self.local_head_resources(), "the local head"
         return fit_warnings(self.demands("max"), capacity, where or "the cluster")
-
-
-# ------------------------------------------------------------------------------------------------
-# Loading
-
-
-def _submodel(annotation: Any) -> type[BaseModel] | None:
-    """The section model inside an annotation (X, X | None, list[X], Annotated[...])."""
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    origin = typing.get_origin(annotation)
-    if origin is None and not isinstance(annotation, types.UnionType):
-        return None
-    for arg in typing.get_args(annotation):
-        found = _submodel(arg)
-        if found is not None:
-            return found
-    return None
-
-
-def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
-    model: type[BaseModel] | None = ApsvConfig
-    for part in loc:
-        if isinstance(part, int) or model is None:
-            continue
-        field = model.model_fields.get(str(part))
-        model = _submodel(field.annotation) if field is not None else None
-    return model
-
-
-def _kind(x: Any) -> str:
-    return "null" if x is None else f"{type(x).__name__} {x!r}"[:60]
-
-
-def _message(err: Mapping[str, Any]) -> str:
-    loc = tuple(err["loc"])
-    if err["type"] == "extra_forbidden" and loc:
-        model = _model_at(loc[:-1])
-        if model is not None:
-            known = list(model.model_fields)
-            close = difflib.get_close_matches(str(loc[-1]), known, n=1)
-            hint = f"did you mean {close[0]!r}? " if close else ""
-            return f"unknown field ({hint}known: {', '.join(known)})"
-        return "unknown field"
-    if err["type"] == "missing":
-        return "required field missing"
-    if err["type"] in ("model_type", "model_attributes_type", "dict_type"):
-        return f"expected a mapping of fields, not {_kind(err.get('input'))}"
-    if err["type"] == "list_type":
-        return f"expected a list, not {_kind(err.get('input'))}"
-    msg = str(err["msg"])
-    return msg.removeprefix("Value error, ")
-
-
-# libyaml's safe loader where PyYAML was built with it (10x faster), else the Python one
-_SAFE_LOADER: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-
-
-def _read_yaml(path: Path) -> dict[str, Any]:
-    try:
-        text = path.read_text()
-    except OSError as e:
-        raise ConfigError([f"{path}: cannot read: {e.strerror or e}"]) from None
-    except UnicodeDecodeError as e:
-        raise ConfigError([f"{path}: not UTF-8 text (octet {e.start})"]) from None
-    return yaml_sections(text, str(path))
-
-
-def yaml_sections(text: str, source: str) -> dict[str, Any]:
-    """The configuration mapping a YAML text holds; ConfigError naming `source` otherwise."""
-    try:
-        data = yaml.load(text, Loader=_SAFE_LOADER)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
-        problem = getattr(e, "problem", None) or str(e)
-        raise ConfigError([f"{source}: not valid YAML: {where}{problem}"]) from None
-    if data is None:  # an empty file: every default
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(
-            [f"{source}: (top level): expected a mapping of sections (ray, protocols, ...), not {_kind(data)}"]
-        )
-    return data
-
-
-def _apply_overrides(data: dict[str, Any], env: Mapping[str, str]) -> dict[tuple[Any, ...], str]:
-    """Apply APSV__A__B=value variables to `data` in place; returns each set path -> variable."""
-    applied: dict[tuple[Any, ...], str] = {}
-    problems: list[str] = []
-    defaults: dict[str, Any] | None = None
-    for var in sorted(k for k in env if k.startswith(ENV_PREFIX)):
-        raw = env[var]
-        label = f"environment {var}={raw[:40]!r}"
-        parts = var[len(ENV_PREFIX) :].split("__")
-        if not parts or any(not p for p in parts):
-            problems.append(f"{label}: expected APSV__<SECTION>__<FIELD> (names and list indices, '__' between them)")
-            continue
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else None
-        except yaml.YAMLError as e:
-            problems.append(f"{label}: not a YAML value: {getattr(e, 'problem', None) or e}")
-            continue
-        path: list[Any] = [int(p) if p.isdigit() else p.lower() for p in parts]
-        node: Any = data
-        ok = True
-        for depth, key in enumerate(path[:-1]):
-            here = field_path(tuple(path[:depth])) if depth else "(top level)"
-            nxt = path[depth + 1]
-            if isinstance(node, dict) and not isinstance(key, int):
-                if key not in node:
-                    if depth == 0 and key in ApsvConfig.model_fields:
-                        # a section the file left out: start from its defaults (protocols: [bgp])
-                        defaults = defaults or ApsvConfig().model_dump(mode="json")
-                        node[key] = defaults[key]
-                    else:
-                        node[key] = [] if isinstance(nxt, int) else {}
-                node = node[key]
-            elif isinstance(node, list) and isinstance(key, int):
-                if key == len(node):  # one past the end: a new entry (APSV__PROTOCOLS__1__PROTOCOL=bfd)
-                    node.append({})
-                elif key > len(node):
-                    problems.append(f"{label}: {here} has {len(node)} entries: index {key} is past the end")
-                    ok = False
-                    break
-                node = node[key]
-            else:
-                kind = "list (use an index)" if isinstance(node, list) else "value, not a section"
-                problems.append(f"{label}: {here} is a {kind}")
-                ok = False
-                break
-        if not ok:
-            continue
-        last = path[-1]
-        if isinstance(node, dict) and not isinstance(last, int):
-            node[last] = value
-        elif isinstance(node, list) and isinstance(last, int) and last <= len(node):
-            if last == len(node):
-                node.append(value)
-            else:
-                node[last] = value
-        else:
-            what = "a list (use an index)" if isinstance(node, list) else "a value, not a section"
-            problems.append(f"{label}: {field_path(tuple(path[:-1]))} is {what}")
-            continue
-        applied[tuple(path)] = var
-    if problems:
-        raise ConfigError(problems)
-    return applied
-
-
-def _source_of(
-    loc: tuple[Any, ...],
-    applied: Mapping[tuple[Any, ...], str],
-    env: Mapping[str, str],
-    source: str,
-    related: str | None = None,
-) -> str:
-    """The environment variable that set this field (or a section above it) - or, for a check
-    against a sibling field (`related`), that sibling's variable - else the file."""
-    locs = [loc] + ([(*loc[:-1], related)] if related and loc else [])
-    for where in locs:
-        for n in range(len(where), 0, -1):
-            var = applied.get(where[:n])
-            if var is not None:
-                return f"environment {var}={env[var][:40]!r}"
-    return source
-
-
-def parse_config(
-    data: Mapping[str, Any], source: str = DEFAULTS_SOURCE, *, env: Mapping[str, str] | None = None
-) -> ApsvConfig:
-    """Validate a configuration mapping (environment overrides applied on top)."""
-    env = os.environ if env is None else env
-    merged: dict[str, Any] = _deepcopy(dict(data))
-    applied = _apply_overrides(merged, env)
-    try:
-        cfg = ApsvConfig.model_validate(merged)
-    except ValidationError as e:
-        raise ConfigError(
-            [
-                f"{_source_of(tuple(err['loc']), applied, env, source, (err.get('ctx') or {}).get('related'))}: "
-                f"{field_path(tuple(err['loc']))}: {_message(err)}"
-                for err in e.errors()
-            ]
-        ) from None
-    problems = []
-    seen: dict[str, int] = {}
-    for i, p in enumerate(cfg.protocols):
-        loc: tuple[Any, ...] = ("protocols", i, "protocol")
-        if p.protocol in seen:
-            problems.append(
-                f"{_source_of(loc, applied, env, source)}: {field_path(loc)}: {p.protocol!r} already configured "
-                f"at protocols[{seen[p.protocol]}]"
-            )
-        seen.setdefault(p.protocol, i)
-        if p.policy == "predictive" and not cfg.forecaster.enabled:
-            loc = ("protocols", i, "policy")
-            problems.append(
-                f"{_source_of(loc, applied, env, source)}: {field_path(loc)}: 'predictive' scales on forecasts: "
-                "set forecaster.enabled: true"
-            )
-    if problems:
-        raise ConfigError(problems)
-    cfg._source = source
-    return cfg
-
-
-def _deepcopy(x: Any) -> Any:
-    if isinstance(x, dict):
-        return {k: _deepcopy(v) for k, v in x.items()}
-    if isinstance(x, list):
-        return [_deepcopy(v) for v in x]
-    return x
-
-
-def load_config(path: str | Path | None = None, *, env: Mapping[str, str] | None = None) -> ApsvConfig:
-    """Read and check the configuration: `path`, else $APSV_CONFIG, else the built-in defaults
-    (one BGP protocol, process backend, reactive policy, a local Ray head); then the
-    ``APSV__...`` environment overrides. Raises ConfigError naming each problem's place."""
-    env = os.environ if env is None else env
-    if path is None and env.get(CONFIG_ENV):
-        path = env[CONFIG_ENV]
-    if path is None:
-        return parse_config({}, DEFAULTS_SOURCE, env=env)
-    p = Path(path)
-    return parse_config(_read_yaml(p), str(p), env=env)
-
-
-def dump_config(cfg: ApsvConfig) -> str:
-    """The configuration as YAML, every default filled in (what `apsv config` prints)."""
-    data = cfg.model_dump(mode="json")
-    for proto in data["protocols"]:
-        alloc = proto["allocation"]
-        alloc["memory"] = format_size(alloc["memory"])
-        alloc["buffer_quota"] = format_size(alloc["buffer_quota"])
-    if data["ray"]["object_store_memory"] is not None:
-        data["ray"]["object_store_memory"] = format_size(data["ray"]["object_store_memory"])
-    text: str = yaml.safe_dump(data, sort_keys=False)
-    return text
