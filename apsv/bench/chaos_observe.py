@@ -75,12 +75,18 @@ def slope_per_h(samples: list[dict[str, Any]], key: str, warmup_s: float) -> flo
 
 
 def process_kind(p: Any) -> str:
-    """A process's kind: its Ray actor class (`ray::Multiplexer.watch` -> `ray::Multiplexer`) or
-    its program's name."""
+    """A process's kind: its Ray actor class (`ray::Multiplexer.watch` -> `ray::Multiplexer`), a
+    Python program's script (`python:log_monitor.py`), or its program's name."""
     cmd: list[str] = p.cmdline()
     if cmd and cmd[0].startswith("ray::"):
         return cmd[0].split()[0].split(".")[0]
-    return str(p.name())
+    name = str(p.name())
+    if name.startswith("python"):  # Ray's own daemons: by their script (log_monitor.py, dashboard.py, ...)
+        script = next((a for a in cmd[1:] if a.endswith(".py") or a.startswith("ray.")), None)
+        if script is None and "-m" in cmd[:-1]:
+            script = cmd[cmd.index("-m") + 1]
+        return f"python:{script.rsplit('/', 1)[-1]}" if script else "python"
+    return name
 
 
 def fd_slopes(samples: list[dict[str, Any]], warmup_s: float) -> dict[str, float | None]:
