@@ -23,7 +23,7 @@ bench_app = typer.Typer(help="Run APSV's benchmarks (baselines measured in the s
 def offload(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
     quick: bool = typer.Option(False, "--quick", help="Fewer messages (a smoke run)."),
-    out: Path = typer.Option(Path("benchmarks/results/offload.json"), "--out", help="Where to save the JSON."),
+    out: Path = typer.Option(None, "--out", help="Also save the JSON here."),
 ) -> None:
     """Offload path vs a bare Ray batched echo: throughput, latency, copies, start and move times."""
     from apsv.bench.offload import main
