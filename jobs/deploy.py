@@ -30,7 +30,7 @@ from typing import Any
 # The job's working_dir (the repository root) holds apsv/; make it importable however we start.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from apsv.config import ApsvConfig, ConfigError, ForecasterSection, load_config
+from apsv.config import ApsvConfig, ConfigError, load_config
 from apsv.ops import state_dir
 from apsv.runtime.cluster import MULTIPLEXER_NAME
 from apsv.runtime.vpsm import VPSM_NAME
@@ -75,50 +75,17 @@ def destroy(vpsm: Any, im: Any) -> None:
         ray.kill(im, no_restart=True)
 
 
-def deploy_forecaster(f: ForecasterSection) -> str:
-    """The TPE as a Serve application (returns once it is running)."""
-    from ray import serve
-
-    from apsv.forecast.serving import ForecastService
-
-    serve.start(http_options={"host": f.http_host, "port": f.http_port})
-    app = ForecastService.options(
-        num_replicas=f.num_replicas, ray_actor_options={"num_cpus": f.num_cpus}, user_config=f.user_config(state_dir())
-    ).bind()
-    serve.run(app, name=f.app_name, route_prefix=f.route_prefix)
-    return f.app_name
-
-
 def deploy_all(cfg: ApsvConfig, telemetry: Path, run_loop: bool) -> dict[str, Any]:
     import ray
 
-    from apsv.ops import forget_deployment
-    from apsv.runtime.cluster import deploy
-    from apsv.runtime.multiplexer import create_multiplexer
+    from apsv.ops import deploy_control_plane, forget_deployment
 
     ns = cfg.ray.namespace
     # Nothing runs in the namespace (main checked): what a deployment killed without being
     # stopped (or whose actors could not answer `destroy`) kept in Ray's KV store would be
     # taken up by the new actors as their own.
     forget_deployment(ns, (VPSM_NAME, MULTIPLEXER_NAME))
-    # Detached, and created before deploy() - which then finds it by name (get_if_exists) rather
-    # than making one owned by this job's driver, which ends with the job.
-    roles = cfg.placement.roles()
-    r: Any = ray
-    roles.check(r.cluster_resources(), ("control_plane", "stack_host"))  # RoleError (main prints it)
-    im = create_multiplexer(MULTIPLEXER_NAME, namespace=ns, detached=True, resources=roles.request("control_plane"))
-    ray.get(im.stats.remote(), timeout=CALL_TIMEOUT_S)
-    app = deploy_forecaster(cfg.forecaster) if cfg.forecaster.enabled else None
-    telemetry.mkdir(parents=True, exist_ok=True)
-    dep = deploy(
-        cfg.plans(),
-        namespace=ns,
-        telemetry_root=telemetry,
-        interval_s=cfg.vpsm.interval_s,
-        run_loop=run_loop,
-        forecaster_app=app,
-        roles=roles,
-    )
+    dep, app = deploy_control_plane(cfg, telemetry, run_loop=run_loop)  # RoleError: main prints it
     status = ray.get(dep.vpsm.status.remote(), timeout=CALL_TIMEOUT_S)
     return {
         "namespace": ns,

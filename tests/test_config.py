@@ -140,6 +140,7 @@ def test_min_above_max_names_file_and_field(tmp_path: Path) -> None:
         ({"vpsm": {"interval_s": "fast"}}, "vpsm.interval_s", "valid number"),
         ({"vpsm": {"interval_s": 0}}, "vpsm.interval_s", "greater than 0"),
         ({"multiplexer": {"client_lease_s": 1}}, "multiplexer.client_lease_s", "greater than or equal to 5"),
+        ({"vpsm": {"telemetry_retention_hours": 0}}, "vpsm.telemetry_retention_hours", "greater than or equal to 1"),
         ({"protocols": [{"protocol": "bgp", "max_instances": "many"}]}, "protocols[0].max_instances", "integer"),
         ({"ray": {"num_cpus": 1.5}}, "ray.num_cpus", "integer"),
         ({"ray": "local"}, "ray", "expected a mapping"),

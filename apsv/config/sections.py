@@ -277,6 +277,7 @@ class VpsmSection(_Section):
 
     interval_s: Annotated[float, Field(gt=0, le=3600)] = 1.0
     telemetry_dir: str | None = None  # null: <state dir>/telemetry
+    telemetry_retention_hours: Annotated[int, Field(ge=1)] | None = 168  # hour partitions kept; null: all
 
 
 class MultiplexerSection(_Section):

@@ -30,7 +30,7 @@ from apsv.ops.base import (
     OpsError,
     Progress,
 )
-from apsv.ops.deployment import UP_STEPS, deploy_forecaster, down, forget_deployment, up
+from apsv.ops.deployment import UP_STEPS, deploy_control_plane, deploy_forecaster, down, forget_deployment, up
 from apsv.ops.replay import replay_file
 from apsv.ops.state import clear_state, read_state, state_dir, state_path, write_state
 from apsv.ops.status import REFUSED_KEYS, build_status, collect_status, connected, published_status, status
@@ -54,6 +54,7 @@ __all__ = [
     "collect_status",
     "connect",
     "connected",
+    "deploy_control_plane",
     "deploy_forecaster",
     "disconnect",
     "down",

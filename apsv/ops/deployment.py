@@ -119,8 +119,6 @@ def _deploy(
 ) -> None:
     import ray
 
-    from apsv.runtime.cluster import deploy
-    from apsv.runtime.multiplexer import create_multiplexer
     from apsv.runtime.roles import RoleError
 
     ns = cfg.ray.namespace
@@ -149,11 +147,33 @@ def _deploy(
         state["metrics_url"] = f"http://{host}:{state['metrics_export_port']}/metrics"
     _step(progress, "starting the multiplexer")
     created.append(MULTIPLEXER_NAME)
-    roles = cfg.placement.roles()
     try:
-        roles.check(r.cluster_resources(), ("control_plane", "stack_host"))
+        _dep, app = deploy_control_plane(cfg, telemetry, progress=progress)
     except RoleError as e:
         raise OpsError(str(e)) from None
+    if app is not None:
+        state["forecaster_app"] = app
+        f = cfg.forecaster
+        state["forecaster_url"] = f"http://{f.http_host}:{f.http_port}{f.route_prefix}" if f.route_prefix else None
+
+
+def deploy_control_plane(
+    cfg: ApsvConfig, telemetry: Path, *, run_loop: bool = True, progress: Progress | None = None
+) -> tuple[Any, str | None]:
+    """A configuration's control plane on the connected cluster: the multiplexer (detached,
+    its tenants' quotas and client lease), the forecaster's Serve application if enabled, the
+    VPSM and each protocol's minimum instances. What `apsv up` and jobs/deploy.py both run;
+    returns the `Deployment` and the forecaster's application (None: none). RoleError if no
+    node offers a role."""
+    import ray
+
+    from apsv.runtime.cluster import deploy
+    from apsv.runtime.multiplexer import create_multiplexer
+
+    ns = cfg.ray.namespace
+    r: Any = ray
+    roles = cfg.placement.roles()
+    roles.check(r.cluster_resources(), ("control_plane", "stack_host"))
     # Detached and created first: deploy() then finds it by name (get_if_exists) instead of
     # making one owned by this short-lived driver.
     im = create_multiplexer(
@@ -169,22 +189,22 @@ def _deploy(
     if cfg.forecaster.enabled:
         _step(progress, f"deploying the forecaster ({cfg.forecaster.app_name})")
         app = deploy_forecaster(cfg.forecaster)
-        state["forecaster_app"] = app
-        f = cfg.forecaster
-        state["forecaster_url"] = f"http://{f.http_host}:{f.http_port}{f.route_prefix}" if f.route_prefix else None
     else:
         _step(progress, "forecaster disabled")
     n = sum(p.min_instances for p in cfg.protocols)
     _step(progress, f"starting the VPSM and {n} stack instance{'s' * (n != 1)}")
     telemetry.mkdir(parents=True, exist_ok=True)
-    deploy(
+    dep = deploy(
         cfg.plans(),
         namespace=ns,
         telemetry_root=telemetry,
+        telemetry_retention_hours=cfg.vpsm.telemetry_retention_hours,
         interval_s=cfg.vpsm.interval_s,
+        run_loop=run_loop,
         forecaster_app=app,
         roles=roles,
     )
+    return dep, app
 
 
 def _check_capacity(cfg: ApsvConfig) -> None:

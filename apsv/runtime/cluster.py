@@ -140,12 +140,14 @@ def deploy(
     roles: Roles = DEFAULT_ROLES,
     tenants: TenantQuotas | None = None,
     client_lease_s: float | None = None,
+    telemetry_retention_hours: int | None = None,
 ) -> Deployment:
     """Create the multiplexer and the VPSM, and bring every protocol to its minimum instances.
     The control plane goes to a node of the `control_plane` role, instances to `stack_host`
     nodes (`roles`); RoleError if no node offers one of them. `tenants`: the tenants' quotas
     (runtime/tenancy.py; none by default); `client_lease_s`: the multiplexer's client lease
-    (how long a client may go without a route watch before its sessions are closed)."""
+    (how long a client may go without a route watch before its sessions are closed);
+    `telemetry_retention_hours`: the hours of Parquet telemetry kept (None: all)."""
     r: Any = ray
     roles.check(r.cluster_resources(), ("control_plane", "stack_host"))
     im_name = MULTIPLEXER_NAME + suffix
@@ -167,6 +169,7 @@ def deploy(
         forecaster_app=forecaster_app,
         resources=roles.request("control_plane"),
         instance_resources=roles.request("stack_host"),
+        telemetry_retention_hours=telemetry_retention_hours,
     )
     ray.get(vpsm.start.remote(run_loop))
     return Deployment(im, vpsm, namespace, im_name)

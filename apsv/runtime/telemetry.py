@@ -2,16 +2,18 @@
 
 Rows follow `INSTANCE_SCHEMA` (documented in docs/telemetry.md) and are written by the VPSM,
 which polls every instance each control interval, under ``<root>/hour=YYYY-MM-DDTHH/`` so a
-reader (the forecaster's retraining job) can take the last N hours by directory.
+reader (the forecaster's retraining job) can take the last N hours by directory. Partitions
+older than the retention are removed as new ones are written: the disk it takes is bounded.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import threading
 import time
 from collections.abc import Iterable, Mapping
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -44,11 +46,16 @@ INSTANCE_SCHEMA = pa.schema(
 
 
 class TelemetryWriter:
-    """Buffers rows and writes hour-partitioned Parquet files. Bounded: flushes at `max_rows`."""
+    """Buffers rows and writes hour-partitioned Parquet files. Bounded: flushes at `max_rows`, and
+    keeps the last `retention_hours` hour partitions (None: all of them)."""
 
-    def __init__(self, root: str | Path, max_rows: int = 10_000) -> None:
+    def __init__(self, root: str | Path, max_rows: int = 10_000, retention_hours: int | None = None) -> None:
+        if retention_hours is not None and retention_hours < 1:
+            raise ValueError("telemetry retention must be at least one hour")
         self.root = Path(root)
         self.max_rows = max_rows
+        self.retention_hours = retention_hours
+        self.partitions_removed = 0
         self._rows: list[dict[str, Any]] = []
         self._lock = threading.Lock()
         self.files_written = 0
@@ -81,7 +88,19 @@ class TelemetryWriter:
             written.append(path)
             self.files_written += 1
             self.rows_written += len(part)
+        self.expire(now_utc())
         return written
+
+    def expire(self, now: datetime) -> list[Path]:
+        """Remove the hour partitions older than the retention (by their names: UTC hours)."""
+        if self.retention_hours is None:
+            return []
+        oldest = (now - timedelta(hours=self.retention_hours)).strftime("%Y-%m-%dT%H")
+        gone = [p for p in self.root.glob("hour=*") if p.is_dir() and p.name[len("hour=") :] < oldest]
+        for p in gone:
+            shutil.rmtree(p, ignore_errors=True)
+        self.partitions_removed += len(gone)
+        return gone
 
 
 def read_telemetry(root: str | Path, hours: int | None = None) -> pa.Table:

@@ -52,6 +52,7 @@ class VPSM(Instances, Observe, Inspection):
         forecaster_app: str | None = None,
         name: str = "apsv-vpsm",
         instance_resources: dict[str, float] | None = None,
+        telemetry_retention_hours: int | None = None,
     ) -> None:
         self.plans = {p.protocol: p for p in plans}
         self.instance_resources = dict(instance_resources or {})  # the stack-host role's (roles.Roles)
@@ -68,7 +69,9 @@ class VPSM(Instances, Observe, Inspection):
         self.forecaster_down_since: float | None = None  # not answering, its forecasts dropped
         self.im: Any = ray.get_actor(multiplexer_name, namespace=namespace)
         self.interval_s = interval_s
-        self.telemetry = TelemetryWriter(telemetry_root) if telemetry_root else None
+        self.telemetry = (
+            TelemetryWriter(telemetry_root, retention_hours=telemetry_retention_hours) if telemetry_root else None
+        )
         self.managed: dict[str, Managed] = {}
         self.policy_state: dict[str, dict[str, Any]] = {p: {} for p in self.plans}
         # how far the last decision leaned on the forecast, per protocol (None: no forecast read)
@@ -431,7 +434,9 @@ def create_vpsm(
     forecaster_app: str | None = None,
     resources: Mapping[str, float] | None = None,
     instance_resources: Mapping[str, float] | None = None,
+    telemetry_retention_hours: int | None = None,
 ) -> Any:
+    """The VPSM actor. `telemetry_retention_hours`: the Parquet telemetry's hours kept (None: all)."""
     cls = ray.remote(VPSM)
     # Restarted by Ray when its process dies (it takes up its persisted state); calls in flight
     # then are retried on the new process.
@@ -457,4 +462,5 @@ def create_vpsm(
         forecaster_app,
         name,
         dict(instance_resources or {}),
+        telemetry_retention_hours,
     )
