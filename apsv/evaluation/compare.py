@@ -159,7 +159,7 @@ def _reduction(predictive: float, reactive: float) -> float:
     return 1.0 if predictive == 0 else 0.0
 
 
-# The fixed baselines: predictive may use more of nothing than these allow
+# The never-worse claim's bounds: predictive may use no more than these, against the better fixed baseline
 NEVER_WORSE_COST = 1.05  # instance-seconds, against the better baseline
 NEVER_WORSE_CHURN = 1.5  # scale actions and session moves, against the better baseline
 EQUAL_COST_SLACK = 0.2  # violation seconds, against tuned reactive at equal instance-seconds
