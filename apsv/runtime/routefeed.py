@@ -21,8 +21,11 @@ import logging
 import os
 import threading
 import time
+import weakref
 from collections import deque
 from typing import Any
+
+import ray
 
 log = logging.getLogger("apsv.client")
 
@@ -43,6 +46,8 @@ class RouteFeed:
         self._rfd, self._wfd = os.pipe()
         os.set_blocking(self._rfd, False)
         os.set_blocking(self._wfd, False)
+        # The pipe is closed with the feed, even one its client dropped without closing it.
+        self._fds = weakref.finalize(self, _close_fds, self._rfd, self._wfd)
         self._out = False  # a watch is outstanding
         self._retry_at = 0.0
         self._pause = RETRY_MIN_S
@@ -53,9 +58,13 @@ class RouteFeed:
         return self._rfd
 
     def arm(self) -> None:
-        """Send the next watch, unless one is out, or a failed one's pause has not passed."""
+        """Send the next watch, unless one is out, or a failed one's pause has not passed, or
+        Ray is shut down (an actor call would start Ray again: its auto-init)."""
         with self._lock:
             if self._out or self._closed or time.monotonic() < self._retry_at:
+                return
+            if not ray.is_initialized():
+                self._closed = True
                 return
             self._out = True
             since = self.since
@@ -67,7 +76,10 @@ class RouteFeed:
                 self._out = False
             log.debug("route watch not sent: %r", e)
             return
-        fut.add_done_callback(lambda f: self._done(issued, f))
+        # Ray's callback and the timer below hold the feed weakly: a feed its client dropped
+        # stops watching (and the multiplexer's lease on the client then runs out).
+        ref = weakref.ref(self)
+        fut.add_done_callback(lambda f: _call(ref, "_done", issued, f))
 
     def _done(self, issued: float, fut: concurrent.futures.Future[Any]) -> None:
         try:
@@ -91,7 +103,7 @@ class RouteFeed:
                     self._answers.append(answer)
                     with contextlib.suppress(BlockingIOError, OSError):
                         os.write(self._wfd, b"\0")
-        again = threading.Timer(delay, self._rearm)
+        again = threading.Timer(delay, _call, args=(weakref.ref(self), "_rearm"))
         again.daemon = True
         again.start()
 
@@ -114,6 +126,16 @@ class RouteFeed:
     def close(self) -> None:
         with self._lock:
             self._closed = True
-        for fd in (self._rfd, self._wfd):
-            with contextlib.suppress(OSError):
-                os.close(fd)
+        self._fds()
+
+
+def _call(ref: weakref.ref[RouteFeed], method: str, *args: Any) -> None:
+    feed = ref()
+    if feed is not None:
+        getattr(feed, method)(*args)
+
+
+def _close_fds(*fds: int) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
