@@ -10,7 +10,8 @@ next watch goes out whether or not the client is busy, a watch outstanding is al
 multiplexer's sign that the client's process lives: one that stops watching is reaped (its
 sessions closed) after the multiplexer's client lease. A multiplexer that dies or restarts
 only delays the feed - the next watch goes out after a growing pause - and the data path never
-waits for it.
+waits for it. The callback and the timer hold the feed weakly: a client dropped without closing
+stops watching (its lease runs out), and no watch goes out once Ray is shut down.
 """
 
 from __future__ import annotations
