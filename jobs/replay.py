@@ -22,7 +22,6 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 # The job's working_dir (the repository root) holds apsv/; make it importable however we start.
@@ -51,74 +50,43 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from apsv.runtime import driver
+    from apsv.ops.base import OpsError
+    from apsv.ops.replay import plan_replay, replay_plan
 
-    missing = [f for f in args.files if not Path(f).is_file()]
-    if missing:
-        print(f"replay: no such file: {', '.join(missing)}", file=sys.stderr)
-        return 2
     if args.speed is not None and args.speed <= 0:
         print("replay: --speed must be positive", file=sys.stderr)
         return 2
-    streams = driver.load_streams(args.files, min_messages=args.min_messages)
     try:
-        plan = driver.plan_sessions(streams, args.sessions or len(streams), args.vrouters, args.tenant)
-    except ValueError as e:
+        streams, plan = plan_replay(
+            [Path(f) for f in args.files], args.sessions, args.vrouters, args.tenant, args.min_messages
+        )
+    except OpsError as e:
         print(f"replay: {e}", file=sys.stderr)
         return 2
 
-    from apsv.runtime.client import OffloadClient
     from apsv.runtime.cluster import find_deployment
 
     im: Any  # Ray types a handle's methods as unreachable
     vpsm: Any
     try:
         im, vpsm = find_deployment(args.namespace, args.multiplexer, args.vpsm)
-    except LookupError as e:
+        res = replay_plan(im, vpsm, plan, speed=args.speed, verify=args.verify, keep=not args.close, label="replay-job")
+    except (LookupError, OpsError) as e:
         print(f"replay: {e}", file=sys.stderr)
         return 1
-    client = OffloadClient(im, metrics_label="replay-job")
-    opened: list[Any] = []
-    try:
-        placed = client.open_sessions([(s.key, "bgp", s.config(), 0) for s in plan])
-        opened = [k for k, where in placed.items() if not where.startswith("error")]
-        refused = {k: where for k, where in placed.items() if where.startswith("error")}
-        if refused:
-            k, why = next(iter(refused.items()))
-            hint = " (sessions of an earlier replay? give another --tenant)" if "already open" in why else ""
-            print(f"replay: {len(refused)} of {len(plan)} sessions refused, e.g. {k}: {why}{hint}", file=sys.stderr)
-            return 1
-        res = driver.replay(client, plan, speed=args.speed)
-        result: dict[str, Any] = {
-            "files": [str(f) for f in args.files],
-            "recorded_peers": len(streams),
-            "sessions": len(plan),
-            "vrouters": sorted({f"{s.key[0]}/{s.key[1]}" for s in plan}),
-            "frames": res.frames,
-            "seconds": round(res.seconds, 3),
-            "frames_per_s": round(res.frames_per_s, 1),
-            "transport": client.transport,
-            "speed": args.speed,
-            # per session: its key and the UPDATEs it was sent, for whoever checks the RIBs later
-            "session_keys": [[*s.key, len(s.stream.messages)] for s in plan],
-            "kept_open": not args.close,
-        }
-        problems: list[str] = []
-        if args.verify:
-            reference = driver.local_digests(plan)
-            infos = driver.session_infos(SimpleNamespace(vpsm=vpsm, multiplexer=im))
-            problems = driver.verify(plan, infos, reference)
-            result["verified"] = not problems
-            result["problems"] = problems[:20]
-    finally:
-        if opened and args.close:
-            client.close_sessions(opened)
-        client.close()
+    result: dict[str, Any] = {
+        "files": [str(f) for f in args.files],
+        "recorded_peers": len(streams),
+        "vrouters": sorted({f"{s.key[0]}/{s.key[1]}" for s in plan}),
+        **res,
+        # per session: its key and the UPDATEs it was sent, for whoever checks the RIBs later
+        "session_keys": [[*s.key, len(s.stream.messages)] for s in plan],
+    }
     text = json.dumps(result)
     print(text)
     if args.output:
         Path(args.output).write_text(text + "\n")
-    return 1 if problems else 0
+    return 1 if res.get("problems") else 0
 
 
 if __name__ == "__main__":

@@ -18,4 +18,6 @@ if [ ${#missing[@]} -gt 0 ]; then
     apt-get update -q >/dev/null
     apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null
 fi
-.venv/bin/python -m pip install --quiet -e ".[peers]"
+# the `peers` extra's requirements only: installing the package again would rebuild its mypyc modules
+.venv/bin/python -c 'import tomllib; print("\n".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]["peers"]))' \
+    | .venv/bin/python -m pip install --quiet -r /dev/stdin

@@ -12,6 +12,16 @@ fi
 if [ ! -x .venv/bin/python ]; then
     "$PY" -m venv .venv
 fi
+# An editable install rebuilds the mypyc modules (a minute or two): skipped while nothing it reads
+# has changed (scripts/install_inputs.py) and the package imports.
+stamp=.venv/.apsv-installed
+want=$(.venv/bin/python scripts/install_inputs.py)
+if [ "$(cat "$stamp" 2>/dev/null)" = "$want" ] && .venv/bin/python -c 'import apsv' 2>/dev/null; then
+    echo "setup: .venv is up to date" >&2
+    exit 0
+fi
+rm -f "$stamp"
 .venv/bin/python -m pip install --quiet --upgrade pip
 # torch is pinned to the CPU build (torch==2.13.*) in pyproject.toml.
 .venv/bin/python -m pip install --quiet -e ".[dev]"
+echo "$want" > "$stamp"

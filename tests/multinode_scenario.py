@@ -53,16 +53,14 @@ def node_args(resources: dict[str, float], **extra: Any) -> dict[str, Any]:
 def replay_from_vrouter_host(
     path: str, sessions: int, vrouters: int, tenant: int = 1, speed: float | None = None
 ) -> dict[str, Any]:
-    from apsv.ops import replay
+    from apsv.ops.replay import plan_replay, replay_plan
     from apsv.runtime.cluster import MULTIPLEXER_NAME
-    from apsv.runtime.driver import load_streams, plan_sessions
     from apsv.runtime.vpsm import VPSM_NAME
 
     im = ray.get_actor(MULTIPLEXER_NAME, namespace=NAMESPACE)
     vpsm = ray.get_actor(VPSM_NAME, namespace=NAMESPACE)
-    streams = load_streams([Path(path)])
-    plan = plan_sessions(streams, sessions, vrouters, tenant)
-    out = replay._replay(im, vpsm, plan, streams, Path(path), speed=speed, verify=True, keep=False, progress=None)
+    _streams, plan = plan_replay([Path(path)], sessions, vrouters, tenant)
+    out = replay_plan(im, vpsm, plan, speed=speed, verify=True, keep=False, label="multinode-replay")
     out["node"] = ray.get_runtime_context().get_node_id()
     return out
 

@@ -12,6 +12,26 @@ from apsv.ops.base import CALL_TIMEOUT_S, OpsError
 from apsv.ops.status import connected
 
 
+def plan_replay(
+    paths: list[Path], sessions: int | None, vrouters: int, tenant: int, min_messages: int = 1
+) -> tuple[list[Any], list[Any]]:
+    """The recorded peers' streams of `paths` and the sessions they become: every peer a BGP
+    session, reused round-robin up to `sessions` (default one per peer), spread over `vrouters`
+    virtual routers of `tenant`. OpsError naming what is wrong."""
+    from apsv.runtime.driver import load_streams, plan_sessions
+
+    for p in paths:
+        if not p.is_file():
+            raise OpsError(f"{p}: no such file")
+    streams = load_streams(paths, min_messages=min_messages)
+    if not streams:
+        raise OpsError(f"{', '.join(map(str, paths))}: no BGP UPDATE messages from any peer to replay")
+    try:
+        return streams, plan_sessions(streams, sessions or len(streams), vrouters, tenant)
+    except ValueError as e:
+        raise OpsError(str(e)) from None
+
+
 def replay_file(
     path: str | Path,
     *,
@@ -26,46 +46,40 @@ def replay_file(
     token_path: str | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any]:
-    """Replay an MRT update dump against the running deployment: every recorded peer becomes a
-    BGP session (reused round-robin up to `sessions`, spread over `vrouters` virtual routers of
-    `tenant`), its UPDATEs sent in recorded order through an OffloadClient (as fast as possible,
-    or `speed` times real time). With `verify`, each session is checked against an in-process
-    replay (every frame applied once, in order, the same Loc-RIB). The sessions are closed at the
-    end unless `keep`."""
-    from apsv.runtime.driver import load_streams, plan_sessions
-
+    """Replay an MRT update dump against the running deployment (`plan_replay`, `replay_plan`).
+    The sessions are closed at the end unless `keep`."""
     p = Path(path)
-    if not p.is_file():
-        raise OpsError(f"{p}: no such file")
-    streams = load_streams([p])
-    if not streams:
-        raise OpsError(f"{p}: no BGP UPDATE messages from any peer to replay")
-    n = sessions or len(streams)
-    try:
-        plan = plan_sessions(streams, n, vrouters, tenant)
-    except ValueError as e:
-        raise OpsError(str(e)) from None
+    streams, plan = plan_replay([p], sessions, vrouters, tenant)
     with connected(address, namespace, token_path, job_name=f"apsv replay {p.name}") as (_t, vpsm, im):
-        return _replay(im, vpsm, plan, streams, p, speed=speed, verify=verify, keep=keep, progress=progress)
+        res = replay_plan(im, vpsm, plan, speed=speed, verify=verify, keep=keep, label="apsv-replay", progress=progress)
+    return {
+        "file": str(p),
+        "recorded_peers": len(streams),
+        "vrouters": len({s.key[1] for s in plan}),
+        **res,
+    }
 
 
-def _replay(
+def replay_plan(
     im: Any,
     vpsm: Any,
     plan: list[Any],
-    streams: list[Any],
-    path: Path,
     *,
     speed: float | None,
     verify: bool,
     keep: bool,
-    progress: Callable[[int, int], None] | None,
+    label: str,
+    progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any]:
+    """Open the planned sessions through the multiplexer `im`, send each its UPDATEs in recorded
+    order through an OffloadClient (as fast as possible, or `speed` times real time) and, with
+    `verify`, check each against an in-process replay (every frame applied once, in order, the
+    same Loc-RIB). OpsError if any session is refused; the sessions are closed at the end unless
+    `keep`."""
     from apsv.runtime import driver
     from apsv.runtime.client import OffloadClient
 
-    client = OffloadClient(im, metrics_label="apsv-replay")
-    keys = [s.key for s in plan]
+    client = OffloadClient(im, metrics_label=label)
     opened: list[Any] = []
     try:
         placed = client.open_sessions([(s.key, "bgp", s.config(), 0) for s in plan])
@@ -82,10 +96,7 @@ def _replay(
         if progress is not None:
             progress(res.frames, total)
         out: dict[str, Any] = {
-            "file": str(path),
-            "recorded_peers": len(streams),
             "sessions": len(plan),
-            "vrouters": len({k[1] for k in keys}),
             "frames": res.frames,
             "seconds": round(res.seconds, 3),
             "frames_per_s": round(res.frames_per_s, 1),
@@ -97,7 +108,7 @@ def _replay(
             infos = driver.session_infos(SimpleNamespace(vpsm=vpsm, multiplexer=im))
             problems = driver.verify(plan, infos, reference)
             out["verified"] = not problems
-            out["problems"] = problems[:10]
+            out["problems"] = problems[:20]
         out["kept_open"] = keep
         return out
     finally:
