@@ -14,7 +14,7 @@ import pytest
 from apsv.bgp import constants as C
 from apsv.bgp.config import BgpSessionConfig
 from apsv.bgp.events import NotificationSent
-from apsv.bgp.fsm import TRANSITIONS, Event, State
+from apsv.bgp.fsm import TRANSITIONS, Action, Event, State
 from apsv.bgp.message import (
     Keepalive,
     Message,
@@ -134,8 +134,28 @@ def test_every_event_in_every_state(state: State, ev: int) -> None:
         assert any(isinstance(e, CloseTransport) for e in out) or state is S.ACTIVE or not s.connected
 
 
-def test_table_is_total() -> None:
-    assert len(TRANSITIONS) == len(State) * len(Event)
+def test_table_reaches_every_state_and_every_way_down_releases_the_connection() -> None:
+    """Properties the table is written to have, which a wrong row breaks: every state is
+    reachable from Idle; every action is used somewhere (none is dead); a ManualStop returns
+    every state to Idle; and every row that leaves an open connection (OpenSent, OpenConfirm,
+    Established) for Idle drops it and releases its resources, in one step."""
+    seen, frontier = {State.IDLE}, [State.IDLE]
+    while frontier:
+        s = frontier.pop()
+        for ev in Event:
+            nxt = TRANSITIONS[(s, ev)][1]
+            if nxt not in seen:
+                seen.add(nxt)
+                frontier.append(nxt)
+    assert seen == set(State)
+    used = {a for actions, _ in TRANSITIONS.values() for a in actions}
+    assert used == set(Action), set(Action) - used
+    assert all(TRANSITIONS[(s, Event.MANUAL_STOP)][1] is State.IDLE for s in State)
+    for s in (State.OPENSENT, State.OPENCONFIRM, State.ESTABLISHED):
+        for ev in Event:
+            actions, nxt = TRANSITIONS[(s, ev)]
+            if nxt is State.IDLE:
+                assert {Action.DROP_TCP, Action.RELEASE_RESOURCES} <= set(actions), (s, ev)
 
 
 # ------------------------------------------------------------------------------------------------
