@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from apsv.bench.chaos import Rig
+    from apsv.bench.chaos_rig import Rig
 
 
 @dataclass
@@ -141,7 +141,7 @@ def peer_reset_storm(rig: Rig, rng: random.Random) -> Injected:
 
 def bfd_peer_flap(rig: Rig, rng: random.Random) -> Injected:
     """bfdd shuts one peer down for 3 s (AdminDown to APSV's session), then brings it back."""
-    from apsv.bench.chaos import bfd_name
+    from apsv.bench.chaos_rig import bfd_name
 
     i = rng.randrange(rig.n_bfd)
     agent, local = rig.bfd_addresses(i)

@@ -24,9 +24,10 @@ import os
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import typer
@@ -36,6 +37,12 @@ from apsv.cli.demo_bfd import BfdPairs
 from apsv.cli.demo_report import plot_demo, print_report, summarize
 from apsv.mrt.stats import mrt_stats
 from apsv.tuning import tune_gc
+
+if TYPE_CHECKING:
+    from apsv.runtime.cluster import Deployment
+    from apsv.runtime.driver import ReplayResult, ReplaySession, Stream
+    from apsv.runtime.host import Key
+    from apsv.runtime.vpsm import ProtocolPlan
 
 BUNDLED = ("ris.rrc06.updates.1427846400.gz", "routeviews.updates.20161101.0000.bz2")
 DEMO_APP = "apsv-demo-tpe"
@@ -107,29 +114,21 @@ def _stop_forecaster(started: bool) -> None:
             serve.shutdown()  # type: ignore[no-untyped-call]
 
 
-def run_offload(
-    paths: list[Path],
-    sessions: int,
-    vrouters: int,
-    backend: str,
-    telemetry_root: Path,
-    duration_s: float,
-    forecaster: bool = True,
-    plots: Path | None = None,
-    bfd_sessions: int = 100,
-) -> dict[str, Any]:
-    """Replay the dumps' sessions through the cluster in compressed real time while the VPSM
-    scales the BGP instances with the predictive policy on the TPE's forecasts; returns what it
-    measured."""
-    import ray
+@dataclass
+class DemoReplay:
+    """The dumps' sessions, planned, and how the demo compresses them into its duration."""
 
-    from apsv.frame import ProtocolId
-    from apsv.ops import clear_state, write_state
-    from apsv.runtime.client import OffloadClient
-    from apsv.runtime.cluster import deploy, start_local_ray
-    from apsv.runtime.driver import load_streams, local_digests, plan_sessions, replay, session_infos, verify
-    from apsv.runtime.instance import Allocation
-    from apsv.runtime.vpsm import ProtocolPlan
+    streams: list[Stream]
+    plan: list[ReplaySession]
+    reference: dict[Key, str]  # each session's RIB digest after a plain in-process replay
+    speed: float  # recorded seconds per replayed second
+    capacity: float  # the load each instance is budgeted (messages a second)
+
+
+def _plan_replay(paths: list[Path], sessions: int, vrouters: int, duration_s: float) -> DemoReplay:
+    """The recorded peers as `sessions` sessions of `vrouters` virtual routers, replayed in
+    `duration_s` seconds, with the reference to check them against."""
+    from apsv.runtime.driver import load_streams, local_digests, plan_sessions
 
     streams = load_streams(paths)
     # The dumps were recorded years apart: each plays from its own start, side by side.
@@ -147,8 +146,15 @@ def run_offload(
     speed = max(1.0, float(times[-1] - times[0]) / duration_s)
     per_second = np.bincount(((times - times[0]) / speed).astype(np.int64))
     capacity = max(50.0, float(per_second.max()) / 3.0)
-    info = start_local_ray(num_cpus=16)
-    bgp = ProtocolPlan(
+    return DemoReplay(streams, plan, reference, speed, capacity)
+
+
+def _bgp_plan(backend: str, capacity: float) -> ProtocolPlan:
+    """BGP instances scaled by the predictive policy, tuned for a demo's minute."""
+    from apsv.runtime.instance import Allocation
+    from apsv.runtime.vpsm import ProtocolPlan
+
+    return ProtocolPlan(
         "bgp",
         backend=backend,
         min_instances=1,
@@ -172,6 +178,197 @@ def run_offload(
         slo_ms=100.0,
         season=60,
     )
+
+
+def _bfd_plan(backend: str) -> ProtocolPlan:
+    """BFD instances, a fixed one or two."""
+    from apsv.runtime.instance import Allocation
+    from apsv.runtime.vpsm import ProtocolPlan
+
+    return ProtocolPlan(
+        "bfd",
+        backend=backend,
+        min_instances=1,
+        max_instances=2,
+        allocation=Allocation(cpu=0.1, memory_bytes=256 << 20),
+        policy="fixed",
+        slo_ms=10.0,
+    )
+
+
+def _write_demo_state(dep: Deployment, ray_info: dict[str, Any], app: str | None, telemetry_root: Path) -> None:
+    """Records the deployment, so that `apsv status` (another shell) finds it while it runs."""
+    import ray
+
+    from apsv.ops import write_state
+
+    write_state(
+        {
+            "address": ray.get_runtime_context().gcs_address,
+            "namespace": dep.namespace,
+            "multiplexer": dep.multiplexer_name,
+            "vpsm": "apsv-vpsm-demo",
+            "owner": "apsv demo",
+            "owner_pid": os.getpid(),
+            "token_path": os.environ.get("RAY_AUTH_TOKEN_PATH", str(Path.home() / ".ray" / "auth_token")),
+            "temp_dir": ray_info.get("temp_dir"),
+            "started_head": False,
+            "forecaster_app": app,
+            "telemetry_dir": str(telemetry_root),
+        }
+    )
+
+
+@dataclass
+class DemoRun:
+    """What the replay through the deployment gave, read before the deployment stops."""
+
+    res: ReplayResult
+    transport: str
+    bfd: dict[str, Any] | None  # the BFD pairs' result; None without BFD sessions
+    timeline: list[dict[str, Any]]  # the VPSM's per-step record of the BGP instances
+    infos: dict[Key, dict[str, Any]]  # every session's counters and state at the end
+    problems: list[str]
+    stats: dict[str, Any]  # the multiplexer's
+    status: dict[str, Any]  # the VPSM's
+    moved: Any  # the sessions the multiplexer moved live
+
+
+def _landed_infos(dep: Deployment, keys: list[Key]) -> dict[Key, dict[str, Any]]:
+    """Every session's info, asked where it is now (the VPSM keeps scaling meanwhile); one still
+    in a hand-over after the multiplexer's retries is asked again until it lands."""
+    from apsv.runtime.driver import session_infos
+
+    infos = session_infos(dep)
+    for _ in range(20):
+        missing = [k for k in keys if k not in infos]
+        if not missing:
+            break
+        time.sleep(0.25)
+        infos.update(session_infos(dep, missing))
+    return infos
+
+
+def _replay_through(dep: Deployment, replay: DemoReplay, bfd_sessions: int) -> DemoRun:
+    """Replays the planned sessions (and runs the BFD pairs) through `dep`, then checks them."""
+    import ray
+
+    from apsv.runtime.client import OffloadClient
+    from apsv.runtime.driver import replay as replay_sessions
+    from apsv.runtime.driver import verify
+
+    plan = replay.plan
+    client = OffloadClient(dep.multiplexer, max_batch_delay_s=0.01)
+    placed = client.open_sessions([(s.key, "bgp", s.config(), False) for s in plan])
+    refused = {k: v for k, v in placed.items() if v.startswith("error")}
+    if refused:
+        raise RuntimeError(f"sessions refused: {refused}")
+    pairs = BfdPairs(dep.multiplexer, bfd_sessions) if bfd_sessions else None
+    if pairs is not None:
+        pairs.start()
+    t0 = time.time()
+    res = replay_sessions(client, plan, speed=replay.speed)
+    time.sleep(1.5)  # a last control step sees the end
+    bfd_result = pairs.stop() if pairs is not None else None
+    transport = client.transport
+    client.close()
+    timeline = ray.get(dep.vpsm.get_timeline.remote("bgp", t0))
+    infos = _landed_infos(dep, [s.key for s in plan] + (pairs.keys if pairs is not None else []))
+    problems = verify(plan, infos, replay.reference)
+    stats = ray.get(dep.multiplexer.stats.remote())
+    status = ray.get(dep.vpsm.status.remote())
+    moved = ray.get(dep.multiplexer.moved_sessions.remote())
+    ray.get(dep.vpsm.flush_telemetry.remote())
+    return DemoRun(res, transport, bfd_result, timeline, infos, problems, stats, status, moved)
+
+
+def _deploy_and_replay(
+    plans: list[ProtocolPlan],
+    replay: DemoReplay,
+    bfd_sessions: int,
+    telemetry_root: Path,
+    app: str | None,
+    ray_info: dict[str, Any],
+) -> DemoRun:
+    """Deploys `plans`, replays through them, and stops the deployment."""
+    from apsv.ops import clear_state
+    from apsv.runtime.cluster import deploy
+
+    dep = deploy(plans, telemetry_root=telemetry_root, interval_s=1.0, suffix="-demo", forecaster_app=app)
+    _write_demo_state(dep, ray_info, app, telemetry_root)
+    try:
+        return _replay_through(dep, replay, bfd_sessions)
+    finally:
+        dep.stop()
+        clear_state()
+
+
+def _offload_result(
+    replay: DemoReplay,
+    run: DemoRun,
+    bgp: ProtocolPlan,
+    backend: str,
+    vrouters: int,
+    forecaster: dict[str, Any] | None,
+    telemetry_root: Path,
+    plots: Path | None,
+) -> dict[str, Any]:
+    """The demo's `offload` object: what the replay measured and how the deployment scaled."""
+    from apsv.frame import ProtocolId
+
+    summary = summarize(run.timeline, bgp.slo_ms)
+    if run.bfd is not None:
+        states = [i["state"] for k, i in run.infos.items() if k[2] == int(ProtocolId.BFD)]
+        run.bfd["cluster_up"] = sum(1 for st in states if st == "UP")
+    out = {
+        "backend": backend,
+        "sessions": len(replay.plan),
+        "vrouters": vrouters,
+        "recorded_peers": len(replay.streams),
+        "updates": run.res.frames,
+        "seconds": round(run.res.seconds, 3),
+        "updates_per_s": round(run.res.frames_per_s),
+        "speed": round(replay.speed, 2),
+        "capacity_per_instance": round(replay.capacity, 1),
+        "transport": run.transport,
+        "policy": bgp.policy,
+        "forecaster": forecaster,
+        "bfd": run.bfd,
+        **summary,
+        "scale_actions": int(run.status["protocols"]["bgp"]["scale_actions"]),
+        "forecast_errors": run.status["forecast_errors"],
+        "session_moves": run.stats["moves"],
+        "sessions_moved": run.moved,
+        "duplicates_dropped": sum(int(i["duplicates"]) for i in run.infos.values()),
+        "lost_or_misordered": len(run.problems),
+        "identical_ribs": not run.problems,
+        "loc_rib_prefixes": sum(sum(i.get("loc_rib", {}).values()) for i in run.infos.values()),
+        "problems": run.problems[:10],
+        "telemetry": str(telemetry_root),
+    }
+    out["plots"] = [str(p) for p in plot_demo(run.timeline, bgp.slo_ms, plots)] if plots is not None else []
+    return out
+
+
+def run_offload(
+    paths: list[Path],
+    sessions: int,
+    vrouters: int,
+    backend: str,
+    telemetry_root: Path,
+    duration_s: float,
+    forecaster: bool = True,
+    plots: Path | None = None,
+    bfd_sessions: int = 100,
+) -> dict[str, Any]:
+    """Replay the dumps' sessions through the cluster in compressed real time while the VPSM
+    scales the BGP instances with the predictive policy on the TPE's forecasts; returns what it
+    measured."""
+    from apsv.runtime.cluster import start_local_ray
+
+    replay = _plan_replay(paths, sessions, vrouters, duration_s)
+    ray_info = start_local_ray(num_cpus=16)
+    bgp = _bgp_plan(backend, replay.capacity)
     app: str | None = None
     started_serve = False
     version = None
@@ -179,103 +376,15 @@ def run_offload(
     try:
         if forecaster:
             app, started_serve, version = _start_forecaster(paths, models)
-        bfd = ProtocolPlan(
-            "bfd",
-            backend=backend,
-            min_instances=1,
-            max_instances=2,
-            allocation=Allocation(cpu=0.1, memory_bytes=256 << 20),
-            policy="fixed",
-            slo_ms=10.0,
-        )
+        bfd = _bfd_plan(backend)
         plans = [bgp, bfd] if bfd_sessions else [bgp]
-        dep = deploy(plans, telemetry_root=telemetry_root, interval_s=1.0, suffix="-demo", forecaster_app=app)
-        # `apsv status` (another shell) finds this deployment while it runs
-        write_state(
-            {
-                "address": ray.get_runtime_context().gcs_address,
-                "namespace": dep.namespace,
-                "multiplexer": dep.multiplexer_name,
-                "vpsm": "apsv-vpsm-demo",
-                "owner": "apsv demo",
-                "owner_pid": os.getpid(),
-                "token_path": os.environ.get("RAY_AUTH_TOKEN_PATH", str(Path.home() / ".ray" / "auth_token")),
-                "temp_dir": info.get("temp_dir"),
-                "started_head": False,
-                "forecaster_app": app,
-                "telemetry_dir": str(telemetry_root),
-            }
-        )
-        try:
-            client = OffloadClient(dep.multiplexer, max_batch_delay_s=0.01)
-            placed = client.open_sessions([(s.key, "bgp", s.config(), False) for s in plan])
-            refused = {k: v for k, v in placed.items() if v.startswith("error")}
-            if refused:
-                raise RuntimeError(f"sessions refused: {refused}")
-            pairs = BfdPairs(dep.multiplexer, bfd_sessions) if bfd_sessions else None
-            if pairs is not None:
-                pairs.start()
-            t0 = time.time()
-            res = replay(client, plan, speed=speed)
-            time.sleep(1.5)  # a last control step sees the end
-            bfd_result = pairs.stop() if pairs is not None else None
-            transport = client.transport
-            client.close()
-            timeline = ray.get(dep.vpsm.get_timeline.remote("bgp", t0))
-            # Asked where each session is now (the VPSM keeps scaling meanwhile); one still in a
-            # hand-over after the multiplexer's retries is asked again until it lands.
-            infos = session_infos(dep)
-            keys = [s.key for s in plan] + (pairs.keys if pairs is not None else [])
-            for _ in range(20):
-                missing = [k for k in keys if k not in infos]
-                if not missing:
-                    break
-                time.sleep(0.25)
-                infos.update(session_infos(dep, missing))
-            problems = verify(plan, infos, reference)
-            stats = ray.get(dep.multiplexer.stats.remote())
-            status = ray.get(dep.vpsm.status.remote())
-            moved = ray.get(dep.multiplexer.moved_sessions.remote())
-            ray.get(dep.vpsm.flush_telemetry.remote())
-        finally:
-            dep.stop()
-            clear_state()
+        run = _deploy_and_replay(plans, replay, bfd_sessions, telemetry_root, app, ray_info)
     finally:
         if forecaster:
             _stop_forecaster(started_serve)
         shutil.rmtree(models, ignore_errors=True)
-    summary = summarize(timeline, bgp.slo_ms)
-    if bfd_result is not None:
-        states = [i["state"] for k, i in infos.items() if k[2] == int(ProtocolId.BFD)]
-        bfd_result["cluster_up"] = sum(1 for st in states if st == "UP")
-    out = {
-        "backend": backend,
-        "sessions": len(plan),
-        "vrouters": vrouters,
-        "recorded_peers": len(streams),
-        "updates": res.frames,
-        "seconds": round(res.seconds, 3),
-        "updates_per_s": round(res.frames_per_s),
-        "speed": round(speed, 2),
-        "capacity_per_instance": round(capacity, 1),
-        "transport": transport,
-        "policy": bgp.policy,
-        "forecaster": {"app": app, "model": version} if app else None,
-        "bfd": bfd_result,
-        **summary,
-        "scale_actions": int(status["protocols"]["bgp"]["scale_actions"]),
-        "forecast_errors": status["forecast_errors"],
-        "session_moves": stats["moves"],
-        "sessions_moved": moved,
-        "duplicates_dropped": sum(int(i["duplicates"]) for i in infos.values()),
-        "lost_or_misordered": len(problems),
-        "identical_ribs": not problems,
-        "loc_rib_prefixes": sum(sum(i.get("loc_rib", {}).values()) for i in infos.values()),
-        "problems": problems[:10],
-        "telemetry": str(telemetry_root),
-    }
-    out["plots"] = [str(p) for p in plot_demo(timeline, bgp.slo_ms, plots)] if plots is not None else []
-    return out
+    served = {"app": app, "model": version} if app else None
+    return _offload_result(replay, run, bgp, backend, vrouters, served, telemetry_root, plots)
 
 
 def demo(
