@@ -147,39 +147,55 @@ def _ip_text(raw: bytes) -> str:
     return str(ipaddress.ip_address(raw))
 
 
+@dataclass(slots=True)
+class Datagram:
+    timestamp: float
+    src: str
+    sport: int
+    dst: str
+    dport: int
+    payload: bytes
+
+
+def _transport(p: Packet) -> tuple[int, str, str, int, int] | None:
+    """(IP protocol number, source, destination, offset of the transport header, end of the IP
+    payload) of a captured frame's unfragmented (or first-fragment) IPv4/IPv6 packet, through
+    any MPLS labels and IPv6 extension headers; None for anything else."""
+    net = _network(p)
+    if net is None:
+        return None
+    et, i = net
+    d = p.data
+    while et == 0x8847 and len(d) >= i + 4:  # MPLS label stack
+        bottom = d[i + 2] & 1
+        i += 4
+        if bottom:
+            et = 0x0800 if len(d) > i and d[i] >> 4 == 4 else 0x86DD
+    if et == 0x0800 and len(d) >= i + 20:
+        ihl = (d[i] & 0x0F) * 4
+        total = (d[i + 2] << 8) | d[i + 3]
+        if ihl < 20 or ((d[i + 6] & 0x1F) or d[i + 7]):  # a later fragment
+            return None
+        end = min(len(d), i + total) if total >= ihl else len(d)
+        return d[i + 9], _ip_text(d[i + 12 : i + 16]), _ip_text(d[i + 16 : i + 20]), i + ihl, end
+    if et == 0x86DD and len(d) >= i + 40:
+        nh = d[i + 6]
+        plen = (d[i + 4] << 8) | d[i + 5]
+        t = i + 40
+        while nh in (0, 43, 60) and len(d) >= t + 8:  # hop-by-hop, routing, destination options
+            nh, t = d[t], t + 8 + d[t + 1] * 8
+        return nh, _ip_text(d[i + 8 : i + 24]), _ip_text(d[i + 24 : i + 40]), t, min(len(d), i + 40 + plen)
+    return None
+
+
 def tcp_segments(path: str | Path, port: int = 179) -> Iterator[Segment]:
     """TCP segments to or from `port`, with payload."""
     for p in read_packets(path):
-        net = _network(p)
-        if net is None:
+        ip = _transport(p)
+        if ip is None or ip[0] != 6:
             continue
-        et, i = net
+        _, src, dst, t, end = ip
         d = p.data
-        while et == 0x8847 and len(d) >= i + 4:  # MPLS label stack
-            bottom = d[i + 2] & 1
-            i += 4
-            if bottom:
-                et = 0x0800 if len(d) > i and d[i] >> 4 == 4 else 0x86DD
-        if et == 0x0800 and len(d) >= i + 20:
-            ihl = (d[i] & 0x0F) * 4
-            total = (d[i + 2] << 8) | d[i + 3]
-            if d[i + 9] != 6 or ihl < 20 or ((d[i + 6] & 0x1F) or d[i + 7]):  # not TCP, or a later fragment
-                continue
-            src, dst = _ip_text(d[i + 12 : i + 16]), _ip_text(d[i + 16 : i + 20])
-            end = min(len(d), i + total) if total >= ihl else len(d)
-            t = i + ihl
-        elif et == 0x86DD and len(d) >= i + 40:
-            nh = d[i + 6]
-            plen = (d[i + 4] << 8) | d[i + 5]
-            src, dst = _ip_text(d[i + 8 : i + 24]), _ip_text(d[i + 24 : i + 40])
-            end = min(len(d), i + 40 + plen)
-            t = i + 40
-            while nh in (0, 43, 60) and len(d) >= t + 8:  # hop-by-hop, routing, destination options
-                nh, t = d[t], t + 8 + d[t + 1] * 8
-            if nh != 6:
-                continue
-        else:
-            continue
         if len(d) < t + 20:
             continue
         sport, dport, seq = struct.unpack_from("!HHI", d, t)
@@ -189,6 +205,22 @@ def tcp_segments(path: str | Path, port: int = 179) -> Iterator[Segment]:
         payload = d[t + off : end]
         if payload:
             yield Segment(p.timestamp, src, sport, dst, dport, seq, payload)
+
+
+def udp_datagrams(path: str | Path, ports: set[int] | frozenset[int]) -> Iterator[Datagram]:
+    """UDP datagrams to or from one of `ports` (an S-BFD reflector answers from its well-known
+    port to the initiator's): the BFD control packets of a capture, for one."""
+    for p in read_packets(path):
+        ip = _transport(p)
+        if ip is None or ip[0] != 17:
+            continue
+        _, src, dst, u, end = ip
+        d = p.data
+        if len(d) < u + 8:
+            continue
+        sport, dport, length = struct.unpack_from("!HHH", d, u)
+        if sport in ports or dport in ports:
+            yield Datagram(p.timestamp, src, sport, dst, dport, d[u + 8 : min(end, u + max(length, 8))])
 
 
 @dataclass

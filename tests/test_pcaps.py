@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from pathlib import Path
 
 import pytest
 
+from apsv.bfd.packet import decode
 from apsv.bgp import constants as C
 from apsv.bgp.message import Open, Update
-from apsv.bfd.packet import decode
-from apsv.capture import _network, bgp_streams, decode_capture, read_packets
+from apsv.capture import bgp_streams, decode_capture, udp_datagrams
 from tests.conftest import manifest, manifest_bgp_messages, shared_data_dir
 
 # Captures where scapy (MANIFEST.tsv's reference) saw BGP packets but split no messages out of
@@ -98,27 +97,6 @@ def test_four_octet_as_capture_negotiation_is_followed() -> None:
 BFD_CONTROL_PORTS = {3784, 4784, 6784, 7784}  # single hop (RFC 5881), multihop (5883), LAG (7130), S-BFD (7881)
 
 
-def _udp_payloads(path: Path, ports: set[int]) -> list[bytes]:
-    """The UDP payloads of a capture's IPv4/IPv6 packets to or from one of `ports` (an S-BFD
-    reflector answers from its port to the initiator's)."""
-    out = []
-    for pkt in read_packets(path):
-        where = _network(pkt)
-        if where is None:
-            continue
-        proto, i = where
-        d = pkt.data
-        if proto == 0x0800 and len(d) >= i + 20 and d[i + 9] == 17:
-            u = i + (d[i] & 0x0F) * 4
-        elif proto == 0x86DD and len(d) >= i + 40 and d[i + 6] == 17:
-            u = i + 40
-        else:
-            continue
-        if len(d) >= u + 8 and {int.from_bytes(d[u : u + 2], "big"), int.from_bytes(d[u + 2 : u + 4], "big")} & ports:
-            out.append(d[u + 8 : u + int.from_bytes(d[u + 4 : u + 6], "big")])
-    return out
-
-
 def test_bfd_control_packets_in_real_captures_decode() -> None:
     """Every BFD control packet (single hop, multihop, LAG member, S-BFD) in the real captures decodes with
     APSV's codec, as many as MANIFEST.tsv's independent count says; echo packets are not control
@@ -131,6 +109,6 @@ def test_bfd_control_packets_in_real_captures_decode() -> None:
     }
     assert len(rows) >= 7 and sum(rows.values()) >= 100
     for path, expected in rows.items():
-        packets = [decode(p) for p in _udp_payloads(data / path, BFD_CONTROL_PORTS)]
+        packets = [decode(u.payload) for u in udp_datagrams(data / path, BFD_CONTROL_PORTS)]
         assert len(packets) == expected, path
         assert all(p.version == 1 and p.detect_mult > 0 for p in packets), path
