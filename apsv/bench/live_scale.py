@@ -37,6 +37,7 @@ import subprocess
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -179,19 +180,10 @@ def _flap(bird: D.Proc, slices: int, every: float, stop: threading.Event, count:
         stop.wait(every / 2)
 
 
-def one_step(
-    n_bgp: int,
-    n_bfd: int,
-    n_vrouters: int,
-    prefixes: int,
-    hold: float,
-    interval_ms: int,
-    routes: list[str],
-    churn_every: float = 5.0,
-) -> dict[str, Any]:
-    result: dict[str, Any] = {"bgp_sessions": n_bgp, "bfd_sessions": n_bfd, "ok": False}
+def _protocols() -> list[dict[str, Any]]:
+    """BGP and BFD scaled by the predictive policy, BGP up to what this host's cores hold."""
     cpus = float(os.cpu_count() or 2)
-    protocols = [
+    return [
         {
             "protocol": "bgp",
             "min_instances": 1,
@@ -207,13 +199,132 @@ def one_step(
             "allocation": {"cpu": 0.25, "memory": "512MiB", "buffer_quota": "4MiB", "max_sessions": 10000},
         },
     ]
+
+
+def _start_churn(
+    bird: D.Proc | None, routes: list[str], prefixes: int, n_bgp: int, churn_every: float
+) -> tuple[threading.Event, list[int]]:
+    """Start BIRD's churn (none without BGP or with `churn_every` 0): its stop event and its
+    flap count, which the churn thread goes on updating until it sees the event."""
+    stop_flaps = threading.Event()
+    flaps = [0]
+    if bird is not None and churn_every > 0:
+        k = max(1, len(routes) // prefixes)
+        args = (bird, min(k, n_bgp), churn_every, stop_flaps, flaps)
+        threading.Thread(target=_flap, args=args, daemon=True).start()
+    return stop_flaps, flaps
+
+
+@dataclass
+class _Hold:
+    """What the hold measured: the report's fields, and what the step's verdict reads."""
+
+    report: dict[str, Any]
+    false_downs: int  # BFD sessions that left Up at the agent
+    frr_down: int  # BFD sessions not Up at bfdd after the hold
+    p99: dict[str, tuple[float | None, float | None, int]]  # per protocol, as `_p99` gives it
+    flaps: list[int]  # the churn's count, still updated until its thread stops
+
+
+def _hold(
+    dep: Deployed,
+    bird: D.Proc | None,
+    bfdd: B.Bfdd | None,
+    routes: list[str],
+    prefixes: int,
+    n_bgp: int,
+    n_bfd: int,
+    hold: float,
+    churn_every: float,
+    empty_pss: float,
+) -> _Hold:
+    """The hold: everything up for `hold` seconds; BGP churns (a slice's routes withdrawn and
+    announced again in turn), BFD's far ends stay steady. Measures false downs, p99 per
+    protocol, and the CPU and memory the deployment used for it."""
+    _, dropped0 = _bfd_downs(dep)  # starts the event stream: what follows is the hold's
+    procs = dep.processes()
+    cpu0 = {p.pid: D.proc_cpu_seconds(p.pid) for p in procs}
+    bfdd_cpu0 = D.proc_cpu_seconds(bfdd.pid()) if bfdd else 0.0
+    since = time.time()
+    t1 = time.monotonic()
+    stop_flaps, flaps = _start_churn(bird, routes, prefixes, n_bgp, churn_every)
+    time.sleep(hold)
+    stop_flaps.set()
+    dt = time.monotonic() - t1
+    downs, dropped = _bfd_downs(dep)
+    if dropped > dropped0:
+        raise RuntimeError(f"the agent dropped {dropped - dropped0} events during the hold: false downs unknown")
+    procs = dep.processes()
+    used = {p.pid: D.proc_cpu_seconds(p.pid) - cpu0.get(p.pid, 0.0) for p in procs}
+    fp = footprint(procs, used)
+    frr_down = sum(1 for p in bfdd.peers() if p.get("status") != "up") if bfdd else 0
+    sessions = n_bgp + n_bfd
+    p99 = {proto: _p99(dep, proto, since) for proto in ("bgp", "bfd")}
+    report = {
+        "hold_s": round(dt, 1),
+        "p99_ms": {k: v[0] for k, v in p99.items()},
+        "worst_second_p99_ms": {k: v[1] for k, v in p99.items()},
+        "messages": {k: v[2] for k, v in p99.items()},
+        "false_bfd_downs": {"apsv": downs, "frr": frr_down},
+        "cpu_pct": round(100.0 * sum(used.values()) / dt, 1),
+        "cpu_s_per_session_s": round(sum(used.values()) / dt / sessions, 6),
+        "pss_mb": round(fp.pss_mb, 1),
+        "rss_mb": round(fp.rss_mb, 1),
+        "pss_kb_per_session": round(1000.0 * (fp.pss_mb - empty_pss) / sessions, 1),
+        "by_part": {
+            k: {"cpu_pct": round(100.0 * v.cpu_s / dt, 2), "pss_mb": round(v.pss_mb, 1)}
+            for k, v in sorted(fp.parts.items(), key=lambda kv: -kv[1].cpu_s)
+        },
+        "instances": dep.instances(),
+        "bfdd_cpu_pct": round(100.0 * (D.proc_cpu_seconds(bfdd.pid()) - bfdd_cpu0) / dt, 1) if bfdd else None,
+        "bird_cpu_s": round(D.proc_cpu_seconds(bird.pid), 2) if bird else None,
+    }
+    return _Hold(report, downs, frr_down, p99, flaps)
+
+
+def _failure(held: _Hold, reconverged: bool) -> str | None:
+    """Why a step that converged failed its hold (None: it passed)."""
+    if held.false_downs or held.frr_down:
+        return "false BFD downs"
+    if not reconverged:
+        return "a BGP session lacks routes after the churn"
+    if not all(v[0] is None or v[0] <= P99_TARGET_MS for v in held.p99.values()):
+        return f"p99 above {P99_TARGET_MS:g} ms"
+    return None
+
+
+def _teardown(dep: Deployed | None, bird: D.Proc | None, bfdd: B.Bfdd | None, n_bfd: int, workdir: Path) -> None:
+    """Stop what a step started, the deployment first, and remove its namespaces and files."""
+    if dep is not None:
+        dep.close()
+    if bird is not None:
+        bird.stop()
+    if bfdd is not None:
+        bfdd.stop()
+    if n_bfd:
+        B.teardown_namespaces()
+    shutil.rmtree(workdir, ignore_errors=True)
+
+
+def one_step(
+    n_bgp: int,
+    n_bfd: int,
+    n_vrouters: int,
+    prefixes: int,
+    hold: float,
+    interval_ms: int,
+    routes: list[str],
+    churn_every: float = 5.0,
+) -> dict[str, Any]:
+    """One step on a fresh deployment: converge, hold, converge again after the churn."""
+    result: dict[str, Any] = {"bgp_sessions": n_bgp, "bfd_sessions": n_bfd, "ok": False}
     workdir = Path(tempfile.mkdtemp(prefix="apsv-bench-scale-", dir="/tmp"))
     bird = bfdd = dep = None
     try:
         if n_bfd:
             B.setup_namespaces(n_bfd)
         dep = Deployed(
-            deployed.config(protocols, forecaster_cpus=0.25),
+            deployed.config(_protocols(), forecaster_cpus=0.25),
             vrouters(n_bgp, n_bfd, n_vrouters, interval_ms),
             workdir,
             "apsv-bench-live-scale",
@@ -236,79 +347,21 @@ def one_step(
         if bgp_done < n_bgp or bfd_up < n_bfd:
             result["why"] = "not every session converged within 600 s"
             return result
-        # the hold: everything up; BGP churns (a slice's routes withdrawn and announced again in
-        # turn), BFD's far ends stay steady
-        _, dropped0 = _bfd_downs(dep)  # starts the event stream: what follows is the hold's
-        procs = dep.processes()
-        cpu0 = {p.pid: D.proc_cpu_seconds(p.pid) for p in procs}
-        bfdd_cpu0 = D.proc_cpu_seconds(bfdd.pid()) if bfdd else 0.0
-        since = time.time()
-        t1 = time.monotonic()
-        stop_flaps = threading.Event()
-        flaps = [0]
-        if bird is not None and churn_every > 0:
-            k = max(1, len(routes) // prefixes)
-            args = (bird, min(k, n_bgp), churn_every, stop_flaps, flaps)
-            threading.Thread(target=_flap, args=args, daemon=True).start()
-        time.sleep(hold)
-        stop_flaps.set()
-        dt = time.monotonic() - t1
-        downs, dropped = _bfd_downs(dep)
-        if dropped > dropped0:
-            raise RuntimeError(f"the agent dropped {dropped - dropped0} events during the hold: false downs unknown")
-        procs = dep.processes()
-        used = {p.pid: D.proc_cpu_seconds(p.pid) - cpu0.get(p.pid, 0.0) for p in procs}
-        fp = footprint(procs, used)
-        frr_down = sum(1 for p in bfdd.peers() if p.get("status") != "up") if bfdd else 0
-        sessions = n_bgp + n_bfd
-        p99 = {proto: _p99(dep, proto, since) for proto in ("bgp", "bfd")}
-        result.update(
-            hold_s=round(dt, 1),
-            p99_ms={k: v[0] for k, v in p99.items()},
-            worst_second_p99_ms={k: v[1] for k, v in p99.items()},
-            messages={k: v[2] for k, v in p99.items()},
-            false_bfd_downs={"apsv": downs, "frr": frr_down},
-            cpu_pct=round(100.0 * sum(used.values()) / dt, 1),
-            cpu_s_per_session_s=round(sum(used.values()) / dt / sessions, 6),
-            pss_mb=round(fp.pss_mb, 1),
-            rss_mb=round(fp.rss_mb, 1),
-            pss_kb_per_session=round(1000.0 * (fp.pss_mb - empty_pss) / sessions, 1),
-            by_part={
-                k: {"cpu_pct": round(100.0 * v.cpu_s / dt, 2), "pss_mb": round(v.pss_mb, 1)}
-                for k, v in sorted(fp.parts.items(), key=lambda kv: -kv[1].cpu_s)
-            },
-            instances=dep.instances(),
-            bfdd_cpu_pct=round(100.0 * (D.proc_cpu_seconds(bfdd.pid()) - bfdd_cpu0) / dt, 1) if bfdd else None,
-            bird_cpu_s=round(D.proc_cpu_seconds(bird.pid), 2) if bird else None,
-        )
+        held = _hold(dep, bird, bfdd, routes, prefixes, n_bgp, n_bfd, hold, churn_every, empty_pss)
+        result.update(held.report)
         # after the churn: every session holds its whole slice again
         t2 = time.monotonic()
         again = _converge(dep, bird, bfdd, prefixes, n_bgp, n_bfd, t2 + 300)[0] if bird else 0
         stop_poke.set()
-        result["flaps"] = flaps[0]
+        result["flaps"] = held.flaps[0]
         result["reconverged_s"] = round(time.monotonic() - t2, 1) if again >= n_bgp else None
-        latency_ok = all(v[0] is None or v[0] <= P99_TARGET_MS for v in p99.values())
-        reconverged = bird is None or result["reconverged_s"] is not None
-        result["ok"] = downs == 0 and frr_down == 0 and latency_ok and reconverged
-        if not result["ok"]:
-            result["why"] = (
-                "false BFD downs"
-                if downs or frr_down
-                else "a BGP session lacks routes after the churn"
-                if not reconverged
-                else f"p99 above {P99_TARGET_MS:g} ms"
-            )
+        why = _failure(held, reconverged=bird is None or result["reconverged_s"] is not None)
+        result["ok"] = why is None
+        if why is not None:
+            result["why"] = why
         return result
     finally:
-        if dep is not None:
-            dep.close()
-        if bird is not None:
-            bird.stop()
-        if bfdd is not None:
-            bfdd.stop()
-        if n_bfd:
-            B.teardown_namespaces()
-        shutil.rmtree(workdir, ignore_errors=True)
+        _teardown(dep, bird, bfdd, n_bfd, workdir)
 
 
 def run(

@@ -50,7 +50,6 @@ def evaluate(
     also replay the trace through the real system (local Ray, process backend) policy by policy
     and compare it with the simulator run on the same steps with the live system's measured
     service rate, latency floor and start latency."""
-    from apsv.evaluation.compare import claims, plot, public
     from apsv.evaluation.compare import evaluate as run
     from apsv.forecast.series import SeriesError
     from apsv.scaling.simulator import SimConfig
@@ -79,7 +78,14 @@ def evaluate(
         raise typer.Exit(2) from e
     if mode == "live":
         _live(doc, cfg, names, speed, live_peak_rate, live_start, live_steps, plots, as_json)
-        return
+    else:
+        _sim(doc, cfg, plots, as_json)
+
+
+def _sim(doc: dict[str, Any], cfg: Any, plots: Path | None, as_json: bool) -> None:
+    """Write the simulated comparison's plots; print it as JSON or as a table."""
+    from apsv.evaluation.compare import claims, plot, public
+
     written = plot(doc, plots) if plots is not None else []
     out = public(doc)
     out["claims"] = claims(doc)
@@ -94,9 +100,13 @@ def evaluate(
             f"{p:12s} {r['slo_violation_s']:10.0f} {r['instance_s']:11.0f} {r['scale_actions']:8d} "
             f"{r['lost']:10.0f} {r['p99_ms']:8.1f}"
         )
+    _echo_claims_and_plots(out)
+
+
+def _echo_claims_and_plots(out: dict[str, Any]) -> None:
     for k, v in out["claims"].items():
         typer.echo(f"{k}: {v}")
-    for p in written:
+    for p in out["plots"]:
         typer.echo(f"wrote {p}")
 
 
@@ -111,22 +121,14 @@ def _live(
     plots: Path | None,
     as_json: bool,
 ) -> None:
+    """Replay the evaluated part from step `start` through the live system; print it beside the
+    simulator's run on the same steps, as JSON or as a table."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
     from apsv.evaluation.live import LiveConfig, evaluate_live, live_json, plot_live
     from apsv.runtime.cluster import start_local_ray, stdout_for_one_object
-    from apsv.scaling.simulator import Forecasts
 
-    test = doc["_test"][start:]
-    fc: Forecasts | None = doc["_forecasts"]
-    if fc is not None and start:
-        if start % fc.every:
-            typer.echo(f"apsv evaluate: --live-start must be a multiple of {fc.every} (the forecast cadence)", err=True)
-            raise typer.Exit(2)
-        fc = Forecasts(fc.every, {q: v[start // fc.every :] for q, v in fc.values.items()})
-    if test.size < 60:
-        typer.echo(f"apsv evaluate: --live-start {start} leaves {test.size} steps; at least 60 needed", err=True)
-        raise typer.Exit(2)
+    test, fc = _live_window(doc, start)
     live = LiveConfig(speed=speed, peak_rate=peak_rate, max_steps=steps)
     with (
         stdout_for_one_object(as_json),
@@ -163,9 +165,33 @@ def _live(
     if as_json:
         typer.echo(json.dumps(out, default=str))
         return
+    _echo_live_table(doc["trace"], out, speed, cfg.slo_ms)
+    _echo_claims_and_plots(out)
+
+
+def _live_window(doc: dict[str, Any], start: int) -> tuple[Any, Any]:
+    """The evaluated part from step `start` and the forecasts made for it; exits with status 2
+    where `start` is off the forecasts' cadence or leaves fewer than 60 steps."""
+    from apsv.scaling.simulator import Forecasts
+
+    test = doc["_test"][start:]
+    fc: Forecasts | None = doc["_forecasts"]
+    if fc is not None and start:
+        if start % fc.every:
+            typer.echo(f"apsv evaluate: --live-start must be a multiple of {fc.every} (the forecast cadence)", err=True)
+            raise typer.Exit(2)
+        fc = Forecasts(fc.every, {q: v[start // fc.every :] for q, v in fc.values.items()})
+    if test.size < 60:
+        typer.echo(f"apsv evaluate: --live-start {start} leaves {test.size} steps; at least 60 needed", err=True)
+        raise typer.Exit(2)
+    return test, fc
+
+
+def _echo_live_table(trace: str, out: dict[str, Any], speed: float, slo_ms: float) -> None:
+    """The calibration, then each policy's figures live beside the simulator's."""
     cal = out["calibration"]
     typer.echo(
-        f"{doc['trace']}: {out['steps']} steps live at {speed:g}x, SLO {cfg.slo_ms:g} ms; one instance serves "
+        f"{trace}: {out['steps']} steps live at {speed:g}x, SLO {slo_ms:g} ms; one instance serves "
         f"{cal['capacity']:.0f} msgs/s live, floor {cal['base_latency_ms']:.1f} ms, "
         f"start {cal['start_latency_s']:.2f} s"
     )
@@ -178,7 +204,3 @@ def _live(
             f"{sm['instance_s']:7.0f} {r['scale_actions']:6d} /{sm['scale_actions']:5d} "
             f"{r['lost']:6d} {r['p99_ms']:8.1f}"
         )
-    for k, v in out["claims"].items():
-        typer.echo(f"{k}: {v}")
-    for p in out["plots"]:
-        typer.echo(f"wrote {p}")

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from apsv.evaluation.plots import file_stem, latency_cdf, pyplot, save
 from apsv.scaling.simulator import Forecasts, SimConfig, SimResult, simulate
 from apsv.scaling.traces import Trace, forecast_trace
 
@@ -234,16 +235,12 @@ def claims(doc: dict[str, Any]) -> dict[str, Any]:
 
 def plot(doc: dict[str, Any], directory: str | Path) -> list[Path]:
     """Load and instances over time per policy; p99 latency CDF; forecast vs actual."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     out_dir = Path(directory)
     out_dir.mkdir(parents=True, exist_ok=True)
     results: dict[str, SimResult] = doc["_results"]
     test: np.ndarray = doc["_test"]
-    name = doc["trace"].replace(":", "_").replace("/", "_")
+    name = file_stem(doc["trace"])
     paths = []
     fig, ax = plt.subplots(figsize=(11, 4))
     ax2 = ax.twinx()
@@ -255,24 +252,18 @@ def plot(doc: dict[str, Any], directory: str | Path) -> list[Path]:
     ax2.set_ylabel("instances")
     ax2.legend(loc="upper right", fontsize=7)
     ax.set_title(f"{doc['trace']}: load and instances per policy", fontsize=9)
-    fig.tight_layout()
-    paths.append(out_dir / f"{name}-instances.png")
-    fig.savefig(paths[-1], dpi=90)
-    plt.close(fig)
+    paths.append(save(fig, out_dir / f"{name}-instances.png"))
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for p, r in results.items():
-        lat = np.sort(r.timeline["p99_ms"])
-        ax.plot(lat, np.arange(1, lat.size + 1) / lat.size, label=p)
-    ax.axvline(doc["config"]["slo_ms"], color="red", ls="--", lw=0.8, label="SLO")
-    ax.set_xscale("log")
-    ax.set_xlabel("p99 latency per second (ms)")
-    ax.set_ylabel("fraction of seconds")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    paths.append(out_dir / f"{name}-latency-cdf.png")
-    fig.savefig(paths[-1], dpi=90)
-    plt.close(fig)
+    sorted_p99 = {p: np.sort(r.timeline["p99_ms"]) for p, r in results.items()}
+    paths.append(
+        latency_cdf(
+            {p: (lat, np.arange(1, lat.size + 1) / lat.size) for p, lat in sorted_p99.items()},
+            doc["config"]["slo_ms"],
+            "p99 latency per second (ms)",
+            "fraction of seconds",
+            out_dir / f"{name}-latency-cdf.png",
+        )
+    )
 
     fc: Forecasts | None = doc["_forecasts"]
     if fc is not None:
@@ -288,10 +279,7 @@ def plot(doc: dict[str, Any], directory: str | Path) -> list[Path]:
         )
         ax.legend(fontsize=7)
         ax.set_title(f"{doc['trace']}: forecast at the lead time vs actual", fontsize=9)
-        fig.tight_layout()
-        paths.append(out_dir / f"{name}-forecast.png")
-        fig.savefig(paths[-1], dpi=90)
-        plt.close(fig)
+        paths.append(save(fig, out_dir / f"{name}-forecast.png"))
     return paths
 
 
