@@ -1,11 +1,11 @@
 """The agent: a virtual router's sockets on one side, the APSV cluster on the other.
 
-It terminates BGP over TCP (listening for passive sessions, connecting for active ones when the
-stack asks) and BFD over UDP (`bfd_engine.py`), turns what arrives into offload frames and sends
-them, batched, straight to the stack instances holding their sessions (`OffloadClient`). What
-the stacks return is applied here: bytes to a peer, a transport to open or close, a BFD
-transmission program, and events for the virtual router - delivered to a callback and, as JSON
-lines, to a file or an async stream.
+It terminates BGP over TCP (`bgp_transport.py`: listening for passive sessions, connecting for
+active ones when the stack asks) and BFD over UDP (`bfd_engine.py`), turns what arrives into
+offload frames and sends them, batched, straight to the stack instances holding their sessions
+(`OffloadClient`). What the stacks return is applied here: bytes to a peer, a transport to open
+or close, a BFD transmission program, and events for the virtual router - delivered to a
+callback and, as JSON lines, to a file or an async stream.
 
 Everything it holds is bounded: the buffer pool and batches in flight (a slow cluster stops the
 agent reading from its sockets, so TCP pushes back on the peers), each connection's write
@@ -22,23 +22,22 @@ import contextlib
 import functools
 import json
 import logging
-import socket
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from apsv.agent.bfd_engine import BfdEngine
-from apsv.agent.config import EVENT_LEVELS, AgentConfig, BfdPeer, BgpPeer, VRouter
+from apsv.agent.bgp_transport import BgpLink, BgpTransports
+from apsv.agent.config import EVENT_LEVELS, AgentConfig, BfdPeer, BgpPeer, Key
 from apsv.agent.events import EventBuffer
-from apsv.agent.tcp import connecting_socket, listening_socket
+from apsv.agent.tcp import listening_socket
 from apsv.frame import Frame, FrameKind, ProtocolId, decode_deadline
 from apsv.runtime.buffer_pool import BufferPool
 from apsv.runtime.client import OffloadClient
 
 log = logging.getLogger("apsv.agent")
 
-Key = tuple[int, int, int, int]
 EventCallback = Callable[[dict[str, Any]], None]
 
 
@@ -61,22 +60,7 @@ class AgentCounters:
 
 
 @dataclass
-class BgpLink:
-    key: Key
-    peer: BgpPeer
-    vrouter: VRouter
-    reader_task: asyncio.Task[None] | None = None
-    writer: asyncio.StreamWriter | None = None
-    connecting: bool = False
-    remote: tuple[str, int] | None = None
-    connected_at: float = 0.0
-    octets_in: int = 0
-    first_rx: float = 0.0
-    last_rx: float = 0.0
-
-
-@dataclass
-class Agent:
+class Agent(BgpTransports):
     """Create with a config and the multiplexer's handle, then `await start()`; `await stop()` ends it.
 
     Events go to `on_event`, to the configured JSON-lines file, and - with `keep_events`, or
@@ -398,113 +382,6 @@ class Agent:
             for line in bytes(f.payload).decode().splitlines():
                 with contextlib.suppress(ValueError):
                     self._event(key, json.loads(line))
-
-    # -- BGP transports ------------------------------------------------------------------------
-
-    async def _accepted(self, netns: str | None, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        peer = writer.get_extra_info("peername")
-        sock = writer.get_extra_info("sockname")
-        key = self.listeners.get((netns, sock[0], sock[1]), {}).get(peer[0]) if peer and sock else None
-        link = self.bgp.get(key) if key is not None else None
-        if link is None or link.writer is not None:
-            # No session expects this address here, or it is already connected (a collision:
-            # the established connection wins, RFC 4271 §6.8).
-            self.c.connections_refused += 1
-            writer.close()
-            return
-        self.c.connections_accepted += 1
-        await self._attach(link, reader, writer)
-
-    async def _connect(self, link: BgpLink) -> None:
-        host, port = link.peer.peer_endpoint()
-        p = link.peer
-        self.c.connects += 1
-        try:
-            sock = connecting_socket(p.netns, host, p.local_address, p.md5_key(), p.ttl_security_hops)
-            try:
-                await asyncio.wait_for(asyncio.get_running_loop().sock_connect(sock, (host, port)), timeout=10)
-            except BaseException:
-                sock.close()
-                raise
-            reader, writer = await asyncio.open_connection(sock=sock)
-        except (OSError, TimeoutError) as e:
-            self.c.connect_failures += 1
-            link.connecting = False
-            await self._send_frame(link.key, FrameKind.DISCONNECTED, f"connect failed: {e}".encode())
-            return
-        link.connecting = False
-        await self._attach(link, reader, writer)
-
-    async def _attach(self, link: BgpLink, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        sock = writer.get_extra_info("socket")
-        if sock is not None:
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        link.writer = writer
-        link.remote = writer.get_extra_info("peername")[:2]
-        link.connected_at, link.octets_in = time.time(), 0
-        info = {"local": list(writer.get_extra_info("sockname")[:2]), "remote": list(link.remote or ())}
-        self._event(link.key, {"event": "transport", "state": "up", **info})
-        await self._send_frame(link.key, FrameKind.CONNECTED, json.dumps(info).encode())
-        link.reader_task = asyncio.get_running_loop().create_task(self._read(link, reader, writer))
-
-    async def _read(self, link: BgpLink, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        reason = "connection closed by the peer"
-        sock = writer.get_extra_info("socket")
-        quickack = getattr(socket, "TCP_QUICKACK", None)
-        try:
-            while True:
-                data = await reader.read(65536)
-                if not data:
-                    break
-                if quickack is not None and sock is not None:
-                    # ACK at once: a sender held by Nagle would otherwise wait out our delayed ACK
-                    # (40 ms) for every partial segment of a burst. Linux clears the mode by itself.
-                    with contextlib.suppress(OSError):
-                        sock.setsockopt(socket.IPPROTO_TCP, quickack, 1)
-                now = time.time()
-                if not link.octets_in:
-                    link.first_rx = now
-                link.octets_in += len(data)
-                link.last_rx = now
-                self.c.octets_from_peers += len(data)
-                await self._send_frame(link.key, FrameKind.DATA, data, int(now * 1e9))
-        except (OSError, asyncio.IncompleteReadError) as e:
-            reason = f"connection error: {e}"
-        except asyncio.CancelledError:
-            return
-        if link.writer is writer:
-            link.writer = None
-            link.remote = None
-            writer.close()
-            self._event(link.key, {"event": "transport", "state": "down", "reason": reason})
-            if not self._stopping:
-                await self._send_frame(link.key, FrameKind.DISCONNECTED, reason.encode())
-
-    def _write(self, key: Key, data: bytes) -> None:
-        link = self.bgp.get(key)
-        if link is None or link.writer is None:
-            return  # the connection went away; the stack hears of it through DISCONNECTED
-        transport = link.writer.transport
-        if transport.get_write_buffer_size() + len(data) > self.config.max_write_buffer:
-            self.c.write_overflows += 1
-            self._close(key, "peer not reading: write buffer limit reached")
-            return
-        link.writer.write(data)
-        self.c.octets_to_peers += len(data)
-
-    def _close(self, key: Key, reason: str) -> None:
-        link = self.bgp.get(key)
-        if link is None or link.writer is None:
-            return
-        writer, link.writer = link.writer, None
-        link.remote = None
-        if link.reader_task is not None:
-            link.reader_task.cancel()
-        writer.close()  # after what was written before: the NOTIFICATION goes out first
-        self._event(key, {"event": "transport", "state": "down", "reason": reason})
-        if not self._stopping:
-            asyncio.get_running_loop().create_task(self._send_frame(key, FrameKind.DISCONNECTED, reason.encode()))
 
     # -- BFD -----------------------------------------------------------------------------------
 

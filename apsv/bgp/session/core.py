@@ -1,55 +1,32 @@
-"""`BgpSession`: one BGP-4 session as a sans-I/O state machine - its state, the runtime's inputs,
-the FSM's actions, and what the virtual router reads of it. The parts it hands work to are the
-modules beside it (the package's docstring lists them); each is functions of the session."""
+"""`BgpSession`: one BGP-4 session as a sans-I/O state machine - its state, the runtime's inputs
+and the FSM's event dispatch. The parts it hands work to are the modules beside it (the
+package's docstring lists them); each is functions of the session."""
 
 from __future__ import annotations
 
-import hashlib
 import ipaddress
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from typing import Any, ClassVar
 
 from apsv.bgp import constants as C
-from apsv.bgp.attributes import (
-    PathAttributes,
-)
+from apsv.bgp.attributes import PathAttributes
 from apsv.bgp.capabilities import Capability, Negotiated, build_capabilities
 from apsv.bgp.config import FAMILY_CODES, Announcement, BgpSessionConfig
 from apsv.bgp.context import CodecContext
 from apsv.bgp.errors import BgpError
-from apsv.bgp.events import (
-    BfdClientEvent,
-    NotificationSent,
-    next_hop_of,
-)
-from apsv.bgp.fsm import FSM_ERROR_SUBCODE, Action, Event, State, transition
+from apsv.bgp.fsm import Action, Event, State, transition
 from apsv.bgp.graceful_restart import LongLived, StaleRoutes
-from apsv.bgp.message import (
-    KEEPALIVE_BYTES,
-    MessageReader,
-    Notification,
-    Open,
-    RouteRefresh,
-    Update,
-    encode_message,
-)
-from apsv.bgp.nlri import encode_prefix, prefix_str
+from apsv.bgp.message import MessageReader, Open, RouteRefresh, Update
+from apsv.bgp.nlri import encode_prefix
 from apsv.bgp.policy import RouteMapEngine
-from apsv.bgp.policy_lists import as_path_text, community_text, large_community_text
 from apsv.bgp.prefix_limit import PrefixLimit
 from apsv.bgp.rib import AdjRibIn, LocRib, Source
-from apsv.bgp.session import adj_rib_out, persist, receive, restart, route_maps, updates
-from apsv.bgp.session.common import BFD_FLAP_WINDOW_S, BFD_FLAPS_KEPT, FSM_EVENT_COUNTERS, LARGE_HOLD_TIME, Family
+from apsv.bgp.session import actions, adj_rib_out, bfd_client, inspection, persist, receive, restart, route_maps
+from apsv.bgp.session.common import FSM_EVENT_COUNTERS, Family
 from apsv.bgp.soft_reconfig import ReceivedRoutes
 from apsv.snapshot import decodes_snapshot
-from apsv.stack import (
-    CloseTransport,
-    OpenTransport,
-    Send,
-    StackEvent,
-    StateChanged,
-)
+from apsv.stack import Send, StackEvent, StateChanged
 
 
 class BgpSession:
@@ -317,30 +294,8 @@ class BgpSession:
         is Up again; then it may re-establish after a hold that doubles with each recent down
         (§3.2 dampening). A Down the peer signalled as AdminDown, or our own AdminDown, is not a
         path failure (§3.2) and changes nothing."""
-        self._now = now
-        if new == "UP" and self.bfd_down:
-            self.bfd_down = False
-            hold = 0.0
-            if self.state is State.IDLE and self.config.auto_restart:
-                hold = self._bfd_hold(now)
-                self.timers["idle_hold"] = now + hold
-            self._out.append(BfdClientEvent("up", reason, hold))
-        elif new == "DOWN" and old == "UP" and not reason.startswith("peer is ADMIN_DOWN"):
-            self.bfd_down = True
-            self.bfd_downs = [*self.bfd_downs, now][-BFD_FLAPS_KEPT:]
-            self.counters["bfd_down"] += 1
-            self._out.append(BfdClientEvent("down", reason))
-            if self.state is not State.IDLE:
-                self._cease_subcode, self._cease_data = C.CEASE_BFD_DOWN, b""
-                self._why = f"BFD down ({reason})"
-                self._dispatch(Event.AUTOMATIC_STOP)
-                self._why = ""
-            self.timers.pop("idle_hold", None)  # held down until BFD is up again
+        bfd_client.bfd_changed(self, old, new, reason, now)
         return self._flush()
-
-    def _bfd_hold(self, now: float) -> float:
-        recent = sum(1 for t in self.bfd_downs if now - t <= BFD_FLAP_WINDOW_S)
-        return min(self.config.idle_hold_time * float(2 ** max(recent - 1, 0)), self.config.max_idle_hold_time)
 
     # ------------------------------------------------------------------------------------------
     # Inspection
@@ -350,40 +305,12 @@ class BgpSession:
         return [] if rib is None else rib.table()
 
     def route_rows(self, family: Family = C.IPV4_UNICAST) -> list[tuple[Any, ...]]:
-        """The Loc-RIB with each route's attributes, sorted by prefix: (prefix, next hop, origin,
-        AS path text, MED, local preference, communities, large communities, stale)."""
-        rib = self.loc_rib.get(family)
-        if rib is None:
-            return []
-        rows = []
-        for key, a, src in rib.items():
-            rows.append(
-                (
-                    prefix_str(key, family[0], src.add_path),
-                    next_hop_of(a),
-                    C.ORIGIN_NAMES.get(a.origin, "") if a.origin is not None else "",
-                    as_path_text(a.as_path),
-                    a.med,
-                    a.local_pref,
-                    " ".join(community_text(c) for c in a.get(C.ATTR_COMMUNITIES, ())),
-                    " ".join(large_community_text(c) for c in a.get(C.ATTR_LARGE_COMMUNITIES, ())),
-                    self.stale.is_stale(family, key),
-                )
-            )
-        return sorted(rows)
+        """The Loc-RIB with each route's attributes, sorted by prefix (inspection.route_rows)."""
+        return inspection.route_rows(self, family)
 
     def rib_digest(self) -> str:
-        """SHA-256 over every Loc-RIB row (prefix, next hop, AS path) and Adj-RIB-In attribute set:
-        equal digests mean equal RIBs, which lets RIBs held in other processes be compared."""
-        h = hashlib.sha256()
-        for fam in sorted(self.loc_rib):
-            loc = self.loc_rib[fam]
-            for prefix in sorted(loc.best):
-                bp = loc.best_path(prefix)
-                assert bp is not None
-                h.update(bytes((fam[0], fam[1], len(prefix))) + prefix + bp[0].wire)
-                h.update((bp[0].next_hop or "").encode())
-        return h.hexdigest()
+        """SHA-256 over the RIBs: equal digests mean equal RIBs (inspection.rib_digest)."""
+        return inspection.rib_digest(self)
 
     def prefix_count(self) -> int:
         return sum(len(r) for r in self.adj_in.values())
@@ -409,25 +336,7 @@ class BgpSession:
         self._table_eor = set()
 
     def stats(self) -> dict[str, Any]:
-        return {
-            "protocol": self.protocol,
-            "state": self.state.value,
-            "peer": self.source.name,
-            "peer_address": self.config.peer_address,
-            "peer_as": self.config.peer_as,
-            "local_as": self.config.local_as,
-            "router_id": self.config.router_id,
-            "established_at": self.established_at,
-            "stale_routes": len(self.stale),
-            # families held long-lived stale (RFC 9494) and when their routes go
-            "long_lived_stale_until": {C.family_name(f): t for f, t in sorted(self.long_lived.until.items())},
-            "prefixes_received": self.prefix_count(),
-            "loc_rib": {f"{a}/{s}": len(r) for (a, s), r in self.loc_rib.items()},
-            "prefixes_advertised": sum(len(v) for v in self.adj_out.values()),
-            "connect_retry_counter": self.connect_retry_counter,
-            "buffered_octets": self._reader.pending,
-            **dict(self.counters),
-        }
+        return inspection.stats(self)
 
     # ------------------------------------------------------------------------------------------
     # FSM plumbing
@@ -438,12 +347,13 @@ class BgpSession:
         return self._flush()
 
     def _dispatch(self, ev: Event) -> None:
-        actions, nxt = transition(self.state, ev)
+        todo, nxt = transition(self.state, ev)
         self._event = ev
         old = self.state
         self.counters[FSM_EVENT_COUNTERS[ev]] += 1
-        for a in actions:
-            self._act(a, old)
+        perform = actions.PERFORM  # looked up once: this loop runs for every message
+        for a in todo:
+            perform[a](self, old)
         if nxt is not old:
             self.state = nxt
             self._out_flush_writes()
@@ -468,114 +378,9 @@ class BgpSession:
     def _write(self, data: bytes) -> None:
         self._wbuf.append(data)
 
-    def _notify(self, code: int, subcode: int, data: bytes, reason: str) -> None:
-        self.counters[f"notifications_sent_{code}_{subcode}"] += 1
-        self._write(encode_message(Notification(code, subcode, data)))
-        self._out_flush_writes()
-        self._out.append(NotificationSent(code, subcode, reason))
-
     def _act(self, a: Action, state: State) -> None:
-        now = self._now
-        # the actions of every UPDATE and KEEPALIVE first: this chain runs per message
-        if a is Action.PROCESS_UPDATE:
-            u, self._update = self._update, None
-            if u is not None:
-                updates.process_update(self, u)
-        elif a is Action.HOLD_TIMER_RESTART:
-            if self.hold_time:
-                self.timers["hold"] = now + self.hold_time
-        elif a is Action.KEEPALIVE_TIMER_RESTART:
-            if self.keepalive_time:
-                self.timers["keepalive"] = now + self.keepalive_time
-        elif a is Action.INIT_RESOURCES or a is Action.RELEASE_RESOURCES:
-            self._reader = MessageReader(C.MAX_MESSAGE_LEN)
-            self.negotiated = None
-            self.peer_open = None
-            self.hold_time = 0
-            self.keepalive_time = 0.0
-            self.timers.pop("hold", None)
-            self.timers.pop("keepalive", None)
-        elif a is Action.DELETE_ROUTES:
-            updates.delete_routes(self, state)
-        elif a is Action.COUNTER_RESET:
-            self.connect_retry_counter = 0
-        elif a is Action.COUNTER_INCR:
-            self.connect_retry_counter += 1
-        elif a is Action.CONNECT_RETRY_START:
-            self.timers["connect_retry"] = now + self.config.connect_retry_time
-        elif a is Action.CONNECT_RETRY_STOP:
-            self.timers.pop("connect_retry", None)
-        elif a is Action.INITIATE_TCP:
-            if not self.config.passive:
-                self._out_flush_writes()
-                self._out.append(OpenTransport())
-        elif a is Action.LISTEN:
-            pass  # the agent accepts connections from the peer's address on our behalf
-        elif a is Action.DROP_TCP:
-            self._out_flush_writes()
-            if self.connected:
-                self._out.append(CloseTransport(f"BGP FSM in {state.value}"))
-            self.connected = False
-        elif a is Action.SEND_OPEN:
-            self._write(encode_message(receive.open_message(self)))
-            self.counters["opens_sent"] += 1
-        elif a is Action.SEND_KEEPALIVE:
-            self._write(KEEPALIVE_BYTES)
-            self.counters["keepalives_sent"] += 1
-        elif a is Action.NOTIFY_CEASE:
-            self._notify(C.ERR_CEASE, self._cease_subcode, self._cease_data, self._why or "cease")
-            self._cease_subcode, self._cease_data = C.CEASE_ADMIN_SHUTDOWN, b""
-        elif a is Action.NOTIFY_HOLD_EXPIRED:
-            self._notify(C.ERR_HOLD_TIMER_EXPIRED, 0, b"", "hold timer expired")
-        elif a is Action.NOTIFY_FSM_ERROR:
-            # RFC 6608: the data is the type of the unexpected message, when a message caused it.
-            mt, self._msg_type = self._msg_type, 0
-            self._notify(
-                C.ERR_FSM,
-                FSM_ERROR_SUBCODE.get(state, 0),
-                bytes((mt,)) if mt else b"",
-                f"unexpected {C.MESSAGE_NAMES.get(mt, 'event')} in {state.value}",
-            )
-        elif a is Action.NOTIFY_ERROR:
-            err = self._error
-            if err is not None:
-                self._notify(err.code, err.subcode, err.data, err.reason)
-                self._error = None
-        elif a is Action.HOLD_TIMER_LARGE:
-            self.timers["hold"] = now + LARGE_HOLD_TIME
-        elif a is Action.NEGOTIATED_TIMERS:
-            if self.hold_time:
-                self.timers["hold"] = now + self.hold_time
-                self.timers["keepalive"] = now + self.keepalive_time
-            else:
-                self.timers.pop("hold", None)
-                self.timers.pop("keepalive", None)
-        elif a is Action.PROCESS_ROUTE_REFRESH:
-            rr, self._refresh = self._refresh, None
-            n = self.negotiated
-            # RFC 2918: refresh a family we negotiated; RFC 7313: BoRR/EoRR and unknown
-            # subtypes from the peer ask nothing of us.
-            if rr is not None and rr.subtype == 0 and n is not None and (rr.afi, rr.safi) in n.families:
-                adj_rib_out.readvertise(self, (rr.afi, rr.safi))
-            elif rr is not None:
-                self.counters["route_refresh_ignored"] += 1
-        elif a is Action.ESTABLISHED:
-            pass  # handled once the state has changed (_on_established)
-        elif a is Action.IDLE_HOLD_START and self.config.auto_restart:
-            self.timers["idle_hold"] = now + self.idle_hold
-            self.idle_hold = min(max(self.idle_hold * 2, 1.0), self.config.max_idle_hold_time)
-
-    # ------------------------------------------------------------------------------------------
-    # Messages in
-
-    # ------------------------------------------------------------------------------------------
-    # UPDATE processing
-
-    # ------------------------------------------------------------------------------------------
-    # Graceful restart, the receiving speaker (RFC 4724 §4.2; graceful_restart.py)
-
-    # ------------------------------------------------------------------------------------------
-    # Messages out
+        """Perform one FSM action outside an event (an UPDATE sent restarts the keepalive timer)."""
+        actions.PERFORM[a](self, state)
 
     def _on_established(self) -> None:
         self.idle_hold = self.config.idle_hold_time

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import socket
 from collections import Counter
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from apsv.bgp import constants as C
 from apsv.bgp.attributes import (
@@ -116,62 +116,86 @@ def restore(cls: type[BgpSession], blob: bytes) -> BgpSession:
     meta = r.json()
     try:
         s = cls(BgpSessionConfig.model_validate(meta["config"]))
-        s.state = State(meta["state"])
-        s.connect_retry_counter = int(meta["connect_retry_counter"])
-        s.timers = {str(k): float(v) for k, v in meta["timers"].items()}
-        s.long_lived = LongLived.from_json(meta.get("long_lived"))
-        s.idle_hold = float(meta["idle_hold"])
-        s.connected = bool(meta["connected"])
-        s.hold_time = int(meta["hold_time"])
-        s.keepalive_time = float(meta["keepalive_time"])
-        s.established_at = meta["established_at"]
-        s.counters = Counter(meta["counters"])
-        s.source.set_router_id(meta["router_id"])
-        if meta.get("announcements") is not None:
-            s.announcements = [Announcement.model_validate(a) for a in meta["announcements"]]
-        bfd_down, bfd_downs = meta.get("bfd", (False, []))
-        s.bfd_down, s.bfd_downs = bool(bfd_down), [float(t) for t in bfd_downs]
-        warned, exceeded = meta.get("prefix_limit", ([], []))
-        s.prefix_limit.warned = {(int(a), int(b)) for a, b in warned}
-        s.prefix_limit.exceeded = {(int(a), int(b)) for a, b in exceeded}
-        if meta.get("table"):
-            expected, size, since, eor, *more = meta["table"]
-            s._table_expected, s._table_size = int(expected), int(size)
-            s._xfer_open = bool(more[0]) if more else False
-            s._table_since = None if since is None else float(since)
-            s._table_eor = {(int(a), int(b)) for a, b in eor}
-        neg = meta["negotiated"]
-        if meta["peer_open"]:
-            m = decode_open(bytes.fromhex(meta["peer_open"])[C.HEADER_LEN :])
-            s.peer_open = m
-        if neg is not None:
-            s.negotiated = Negotiated(
-                asn4=neg["asn4"],
-                families=frozenset(tuple(f) for f in neg["families"]),
-                add_path_receive=frozenset(tuple(f) for f in neg["add_path_receive"]),
-                add_path_send=frozenset(tuple(f) for f in neg["add_path_send"]),
-                extended_message=neg["extended_message"],
-                route_refresh=neg["route_refresh"],
-                enhanced_route_refresh=neg["enhanced_route_refresh"],
-                graceful_restart=neg["graceful_restart"],
-                peer_restart_time=neg["peer_restart_time"],
-                peer_gr_families=frozenset(tuple(f) for f in neg["peer_gr_families"]),
-                peer_gr_forwarding=frozenset(tuple(f) for f in neg["peer_gr_forwarding"]),
-                peer_capabilities=tuple(neg["peer_capabilities"]),
-                long_lived=bool(neg.get("long_lived", False)),
-                peer_llgr_times=tuple(((int(a), int(sf)), int(t)) for a, sf, t in neg.get("peer_llgr_times", ())),
-                peer_llgr_forwarding=frozenset(tuple(f) for f in neg.get("peer_llgr_forwarding", ())),
-            )
-            receive.set_context(s)
-        elif meta.get("rib_context"):
-            rc = meta["rib_context"]
-            s.ctx = CodecContext(
-                asn4=bool(rc["asn4"]), ibgp=s.config.ibgp, add_path=frozenset(tuple(f) for f in rc["add_path"])
-            )
+        restore_state(s, meta)
+        restore_connection(s, meta)
     except (KeyError, TypeError, ValueError, BgpError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise DecodeError(f"bgp snapshot: state is invalid: {first}") from None
     s._reader.feed(r.blob())
+    read_adj_rib_in(r, s)
+    for _ in range(r.u32()):
+        fam, rows = read_rib(r, s.ctx)
+        s.adj_out[fam] = rows
+    s.stale = StaleRoutes.read(r)
+    read_received(r, s)
+    check_stale(s)
+    r.done()
+    return s
+
+
+def restore_state(s: BgpSession, meta: dict[str, Any]) -> None:
+    """The session's own fields: FSM state, timers, counters, what it originates, BFD, prefix
+    limits and the table the peer is expected to re-send."""
+    s.state = State(meta["state"])
+    s.connect_retry_counter = int(meta["connect_retry_counter"])
+    s.timers = {str(k): float(v) for k, v in meta["timers"].items()}
+    s.long_lived = LongLived.from_json(meta.get("long_lived"))
+    s.idle_hold = float(meta["idle_hold"])
+    s.connected = bool(meta["connected"])
+    s.hold_time = int(meta["hold_time"])
+    s.keepalive_time = float(meta["keepalive_time"])
+    s.established_at = meta["established_at"]
+    s.counters = Counter(meta["counters"])
+    s.source.set_router_id(meta["router_id"])
+    if meta.get("announcements") is not None:
+        s.announcements = [Announcement.model_validate(a) for a in meta["announcements"]]
+    bfd_down, bfd_downs = meta.get("bfd", (False, []))
+    s.bfd_down, s.bfd_downs = bool(bfd_down), [float(t) for t in bfd_downs]
+    warned, exceeded = meta.get("prefix_limit", ([], []))
+    s.prefix_limit.warned = {(int(a), int(b)) for a, b in warned}
+    s.prefix_limit.exceeded = {(int(a), int(b)) for a, b in exceeded}
+    if meta.get("table"):
+        expected, size, since, eor, *more = meta["table"]
+        s._table_expected, s._table_size = int(expected), int(size)
+        s._xfer_open = bool(more[0]) if more else False
+        s._table_since = None if since is None else float(since)
+        s._table_eor = {(int(a), int(b)) for a, b in eor}
+
+
+def restore_connection(s: BgpSession, meta: dict[str, Any]) -> None:
+    """The peer's OPEN, what was negotiated with it, and the codec context: the negotiated one,
+    or, while down, the one the Adj-RIB-In's routes kept stale were decoded in."""
+    neg = meta["negotiated"]
+    if meta["peer_open"]:
+        s.peer_open = decode_open(bytes.fromhex(meta["peer_open"])[C.HEADER_LEN :])
+    if neg is not None:
+        s.negotiated = Negotiated(
+            asn4=neg["asn4"],
+            families=frozenset(tuple(f) for f in neg["families"]),
+            add_path_receive=frozenset(tuple(f) for f in neg["add_path_receive"]),
+            add_path_send=frozenset(tuple(f) for f in neg["add_path_send"]),
+            extended_message=neg["extended_message"],
+            route_refresh=neg["route_refresh"],
+            enhanced_route_refresh=neg["enhanced_route_refresh"],
+            graceful_restart=neg["graceful_restart"],
+            peer_restart_time=neg["peer_restart_time"],
+            peer_gr_families=frozenset(tuple(f) for f in neg["peer_gr_families"]),
+            peer_gr_forwarding=frozenset(tuple(f) for f in neg["peer_gr_forwarding"]),
+            peer_capabilities=tuple(neg["peer_capabilities"]),
+            long_lived=bool(neg.get("long_lived", False)),
+            peer_llgr_times=tuple(((int(a), int(sf)), int(t)) for a, sf, t in neg.get("peer_llgr_times", ())),
+            peer_llgr_forwarding=frozenset(tuple(f) for f in neg.get("peer_llgr_forwarding", ())),
+        )
+        receive.set_context(s)
+    elif meta.get("rib_context"):
+        rc = meta["rib_context"]
+        s.ctx = CodecContext(
+            asn4=bool(rc["asn4"]), ibgp=s.config.ibgp, add_path=frozenset(tuple(f) for f in rc["add_path"])
+        )
+
+
+def read_adj_rib_in(r: SnapshotReader, s: BgpSession) -> None:
+    """The Adj-RIB-In tables, each put through its family's Loc-RIB."""
     for i in range(r.u32()):
         fam, rows = read_rib(r, s.ctx)
         rib = s.adj_in.get(fam)
@@ -182,27 +206,30 @@ def restore(cls: type[BgpSession], blob: bytes) -> BgpSession:
             s.loc_rib[fam].add_source(rib)
         if rib is None:
             raise DecodeError(f"snapshot Adj-RIB-In #{i} is for family {fam}, which the session did not negotiate")
+        # one Loc-RIB update per attribute set the snapshot shares among routes
         groups: dict[int, tuple[PathAttributes, list[bytes]]] = {}
         for key, pa in rows.items():
             groups.setdefault(id(pa), (pa, []))[1].append(key)
         for pa, keys in groups.values():
             s.loc_rib[fam].update(rib, keys, pa)
-    for _ in range(r.u32()):
-        fam, rows = read_rib(r, s.ctx)
-        s.adj_out[fam] = rows
-    s.stale = StaleRoutes.read(r)
+
+
+def read_received(r: SnapshotReader, s: BgpSession) -> None:
+    """What the peer sent before import policy, when the session keeps it (soft_reconfig.py)."""
     n_received = r.u32()
     s.received = None if n_received == 0xFFFFFFFF else ReceivedRoutes()
     for _ in range(0 if n_received == 0xFFFFFFFF else n_received):
         fam, rows = read_rib(r, s.ctx)
         assert s.received is not None
         s.received.load(fam, rows)
+
+
+def check_stale(s: BgpSession) -> None:
+    """Refuse a snapshot that marks routes stale which its Adj-RIB-In lacks."""
     for fam in s.stale.families():
         rib = s.adj_in.get(fam)
         if rib is None or not s.stale.within(fam, rib.routes.keys()):
             raise DecodeError(f"snapshot marks routes of {C.family_name(fam)} stale that its Adj-RIB-In lacks")
-    r.done()
-    return s
 
 
 def write_rib(w: SnapshotWriter, fam: Family, rows: dict[bytes, PathAttributes]) -> None:
