@@ -24,7 +24,13 @@ HOT_MODULES = [
     "apsv/mrt/sessions.py",
     "apsv/mrt/replay.py",
     "apsv/mrt/stats.py",
-    "apsv/runtime/host.py",
+    # the session host: its data path (core), the per-session state it reads per frame, the
+    # refusals and output frames it makes; its reports walk every session per telemetry tick
+    "apsv/runtime/host/core.py",
+    "apsv/runtime/host/state.py",
+    "apsv/runtime/host/fencing.py",
+    "apsv/runtime/host/output.py",
+    "apsv/runtime/host/report.py",
     # the echo stack: it exists to measure the offload path, so it should cost as little as a
     # stack can (each message it echoes is applied by the same host code as a BGP UPDATE)
     "apsv/stacks/echo.py",

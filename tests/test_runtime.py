@@ -556,7 +556,7 @@ def test_a_client_cannot_reach_another_clients_sessions(deployment: Any) -> None
 
 
 def docker_engine() -> Any:
-    from apsv.runtime.docker_backend import docker_client
+    from apsv.runtime.stack_image import docker_client
 
     try:
         client = docker_client()

@@ -52,7 +52,7 @@ def _sigkill(actor: Any) -> int:
 
 
 def _container(instance_id: str) -> Any:
-    from apsv.runtime.docker_backend import docker_client
+    from apsv.runtime.stack_image import docker_client
 
     (c,) = [c for c in docker_client().containers.list() if c.labels.get("apsv.instance") == instance_id]
     return c
@@ -79,7 +79,7 @@ def pause_instance_docker(rig: Rig, rng: random.Random) -> Injected:
     deadline = rig.bfd_call_deadline_s
     # Unpaused (if still there) after twice the deadline: by then it must have been removed.
     time.sleep(2 * deadline + 2)
-    from apsv.runtime.docker_backend import docker_client
+    from apsv.runtime.stack_image import docker_client
 
     still = [x for x in docker_client().containers.list(all=True) if x.labels.get("apsv.instance") == iid]
     for x in still:

@@ -22,7 +22,7 @@ def instance_start(backend: str) -> float | str:
     """Median seconds from the VPSM's decision to a ready, registered instance (3 starts)."""
     if backend == "docker":
         try:
-            from apsv.runtime.docker_backend import docker_client, ensure_image
+            from apsv.runtime.stack_image import docker_client, ensure_image
 
             ensure_image(docker_client())  # image build is a one-off, not part of a start
         except Exception as e:

@@ -54,7 +54,7 @@ def docker_path(frames: int) -> dict[str, Any]:
     """The echo path to one instance whose sessions run in a container: the instance actor
     relays each batch to its container over a Unix socket (its IPC namespace is its own)."""
     try:
-        from apsv.runtime.docker_backend import docker_client, ensure_image
+        from apsv.runtime.stack_image import docker_client, ensure_image
 
         ensure_image(docker_client())
     except Exception as e:

@@ -14,6 +14,7 @@ import os
 import socket
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 from apsv.runtime import wire
@@ -42,89 +43,148 @@ def _snaps(snaps: dict[Key, tuple[SeqState, bytes]]) -> tuple[dict[str, Any], li
     ]
 
 
-def handle(host: SessionHost, op: str, meta: dict[str, Any], blobs: list[bytes]) -> tuple[dict[str, Any], list[bytes]]:
+Reply = tuple[dict[str, Any], list[bytes]]  # (meta, blobs), as `wire` sends them
+
+
+def _ping(host: SessionHost, meta: dict[str, Any], blobs: list[bytes], now: float) -> Reply:
+    return {"pid": os.getpid(), "protocol": host.protocol}, []
+
+
+def _open(host: SessionHost, meta: dict[str, Any], blobs: list[bytes], now: float) -> Reply:
+    host.open(
+        _key(meta["key"]),
+        meta["config"],
+        now,
+        emit_events=int(meta.get("emit", 0)),
+        owner=str(meta.get("owner", "")),
+        epoch=int(meta.get("epoch", 0)),
+    )
+    return {}, []
+
+
+def _process(host: SessionHost, meta: dict[str, Any], blobs: list[bytes], now: float) -> Reply:
+    keys = [_key(k) for k in meta.get("snapshot_keys", [])]
+    out = host.process(blobs[0], meta.get("offsets"), now, str(meta.get("owner", "")), keys)
+    snap_meta, snap_blobs = _snaps(host.take_snapshots())
+    refusals = [[list(k), reason, seq, epoch, inst] for k, reason, seq, epoch, inst in host.refusals]
+    return {"refusals": refusals, **snap_meta}, [out, *snap_blobs]
+
+
+def _restore(host: SessionHost, meta: dict[str, Any], blobs: list[bytes], now: float) -> Reply:
+    host.restore(
+        _key(meta["key"]),
+        blobs[0],
+        _seq(meta["seq"]),
+        emit_events=int(meta.get("emit", 0)),
+        owner=str(meta.get("owner", "")),
+        epoch=int(meta.get("epoch", 0)),
+    )
+    return {}, []
+
+
+def _expect(host: SessionHost, meta: dict[str, Any], blobs: list[bytes], now: float) -> Reply:
+    host.expect(_key(meta["key"]), str(meta["owner"]), int(meta["epoch"]))
+    return {}, []
+
+
+def _restore_pending(host: SessionHost, meta: dict[str, Any], blobs: list[bytes], now: float) -> Reply:
+    snapshot = (blobs[0], _seq(meta["seq"])) if meta.get("has_snapshot") else None
+    host.restore_pending(
+        _key(meta["key"]),
+        str(meta["owner"]),
+        int(meta["epoch"]),
+        snapshot,
+        meta.get("config") or {},
+        int(meta.get("emit", 0)),
+        now,
+    )
+    return {}, []
+
+
+def _holding(host: SessionHost, meta: dict[str, Any], blobs: list[bytes], now: float) -> Reply:
+    e = host.sessions.get(_key(meta["key"]))
+    return ({"owner": e.owner, "epoch": e.epoch, "emit": e.emit_events} if e is not None else {}), []
+
+
+def _detach(host: SessionHost, meta: dict[str, Any], blobs: list[bytes], now: float) -> Reply:
+    blob, st = host.detach(_key(meta["key"]), str(meta.get("moved_to", "")), int(meta.get("epoch", 0)))
+    return {"seq": _seq_json(st)}, [blob]
+
+
+def _snapshot(host: SessionHost, meta: dict[str, Any], blobs: list[bytes], now: float) -> Reply:
+    blob, st = host.snapshot(_key(meta["key"]))
+    return {"seq": _seq_json(st)}, [blob]
+
+
+def _depart(host: SessionHost, meta: dict[str, Any], blobs: list[bytes], now: float) -> Reply:
+    host.depart(_key(meta["key"]), str(meta["moved_to"]), int(meta["epoch"]))
+    return {}, []
+
+
+def _close(host: SessionHost, meta: dict[str, Any], blobs: list[bytes], now: float) -> Reply:
+    host.close(_key(meta["key"]), now)
+    return {}, []
+
+
+def _collect(host: SessionHost, meta: dict[str, Any], blobs: list[bytes], now: float) -> Reply:
+    by_owner = host.collect()
+    owners = list(by_owner)
+    return {"owners": owners}, [by_owner[o] for o in owners]
+
+
+def _load(host: SessionHost, meta: dict[str, Any], blobs: list[bytes], now: float) -> Reply:
+    load = host.load()
+    load["latency_ns"], host.counters.latency_ns = host.counters.latency_ns[:4096], []
+    return load, []
+
+
+def _session_table(host: SessionHost, meta: dict[str, Any], blobs: list[bytes], now: float) -> Reply:
+    rows = host.session_table(_key(meta["key"]), str(meta["family"]), bool(meta.get("detail", False)))
+    return {"rows": rows}, []
+
+
+def _session_info(host: SessionHost, meta: dict[str, Any], blobs: list[bytes], now: float) -> Reply:
+    return host.session_info(_key(meta["key"]), bool(meta.get("digest", True))), []
+
+
+def _sessions_report(host: SessionHost, meta: dict[str, Any], blobs: list[bytes], now: float) -> Reply:
+    return {"sessions": [[list(k), owner, epoch, pending] for k, owner, epoch, pending in host.sessions_report()]}, []
+
+
+def _session_weights(host: SessionHost, meta: dict[str, Any], blobs: list[bytes], now: float) -> Reply:
+    items = list(host.sessions.items())
+    return {"keys": [list(k) for k, _ in items], "frames": [e.frames for _, e in items]}, []
+
+
+# The calls the instance actor makes (apsv.runtime.docker_backend), by operation name
+# (apsv.runtime.wire.OP_NAMES); each gets the clock read once, as the call arrives.
+OPERATIONS: dict[str, Callable[[SessionHost, dict[str, Any], list[bytes], float], Reply]] = {
+    "ping": _ping,
+    "open": _open,
+    "process": _process,
+    "restore": _restore,
+    "expect": _expect,
+    "restore_pending": _restore_pending,
+    "holding": _holding,
+    "detach": _detach,
+    "snapshot": _snapshot,
+    "depart": _depart,
+    "close": _close,
+    "collect": _collect,
+    "load": _load,
+    "session_table": _session_table,
+    "session_info": _session_info,
+    "sessions_report": _sessions_report,
+    "session_weights": _session_weights,
+}
+
+
+def handle(host: SessionHost, op: str, meta: dict[str, Any], blobs: list[bytes]) -> Reply:
     now = time.time()
-    if op == "ping":
-        return {"pid": os.getpid(), "protocol": host.protocol}, []
-    if op == "open":
-        host.open(
-            _key(meta["key"]),
-            meta["config"],
-            now,
-            emit_events=int(meta.get("emit", 0)),
-            owner=str(meta.get("owner", "")),
-            epoch=int(meta.get("epoch", 0)),
-        )
-        return {}, []
-    if op == "process":
-        keys = [_key(k) for k in meta.get("snapshot_keys", [])]
-        out = host.process(blobs[0], meta.get("offsets"), now, str(meta.get("owner", "")), keys)
-        snap_meta, snap_blobs = _snaps(host.take_snapshots())
-        refusals = [[list(k), reason, seq, epoch, inst] for k, reason, seq, epoch, inst in host.refusals]
-        return {"refusals": refusals, **snap_meta}, [out, *snap_blobs]
-    if op == "restore":
-        host.restore(
-            _key(meta["key"]),
-            blobs[0],
-            _seq(meta["seq"]),
-            emit_events=int(meta.get("emit", 0)),
-            owner=str(meta.get("owner", "")),
-            epoch=int(meta.get("epoch", 0)),
-        )
-        return {}, []
-    if op == "expect":
-        host.expect(_key(meta["key"]), str(meta["owner"]), int(meta["epoch"]))
-        return {}, []
-    if op == "restore_pending":
-        snapshot = (blobs[0], _seq(meta["seq"])) if meta.get("has_snapshot") else None
-        host.restore_pending(
-            _key(meta["key"]),
-            str(meta["owner"]),
-            int(meta["epoch"]),
-            snapshot,
-            meta.get("config") or {},
-            int(meta.get("emit", 0)),
-            now,
-        )
-        return {}, []
-    if op == "holding":
-        e = host.sessions.get(_key(meta["key"]))
-        return ({"owner": e.owner, "epoch": e.epoch, "emit": e.emit_events} if e is not None else {}), []
-    if op in ("detach", "snapshot"):
-        k = _key(meta["key"])
-        blob, st = (
-            host.detach(k, str(meta.get("moved_to", "")), int(meta.get("epoch", 0)))
-            if op == "detach"
-            else host.snapshot(k)
-        )
-        return {"seq": _seq_json(st)}, [blob]
-    if op == "depart":
-        host.depart(_key(meta["key"]), str(meta["moved_to"]), int(meta["epoch"]))
-        return {}, []
-    if op == "close":
-        host.close(_key(meta["key"]), now)
-        return {}, []
-    if op == "collect":
-        by_owner = host.collect()
-        owners = list(by_owner)
-        return {"owners": owners}, [by_owner[o] for o in owners]
-    if op == "load":
-        load = host.load()
-        load["latency_ns"], host.counters.latency_ns = host.counters.latency_ns[:4096], []
-        return load, []
-    if op == "session_table":
-        rows = host.session_table(_key(meta["key"]), str(meta["family"]), bool(meta.get("detail", False)))
-        return {"rows": rows}, []
-    if op == "session_info":
-        return host.session_info(_key(meta["key"]), bool(meta.get("digest", True))), []
-    if op == "sessions_report":
-        return {
-            "sessions": [[list(k), owner, epoch, pending] for k, owner, epoch, pending in host.sessions_report()]
-        }, []
-    if op == "session_weights":
-        items = list(host.sessions.items())
-        return {"keys": [list(k) for k, _ in items], "frames": [e.frames for _, e in items]}, []
-    raise ValueError(f"unknown operation {op!r}")
+    operation = OPERATIONS.get(op)
+    if operation is None:
+        raise ValueError(f"unknown operation {op!r}")
+    return operation(host, meta, blobs, now)
 
 
 def serve(path: str, protocol: str, limits: HostLimits) -> int:

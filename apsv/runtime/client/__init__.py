@@ -20,8 +20,9 @@ snapshot. Instances apply a session's frames strictly in sequence, so each is ap
 once, in order, across moves, drains, kills and restarts.
 
 `OffloadClient` is one class (core.py: state, calls to the multiplexer, sending, waiting), made
-of parts: replies.py (reading the links, refusals, re-sends) and routes.py (the route feed,
-relocation, load reports); base.py declares what each part may use.
+of parts: replies.py (reading the links, refusals, re-sends) and routes.py (each session's
+route and link, the route feed, relocation, load reports); base.py declares what each part may
+use.
 """
 
 from apsv.runtime.client.base import ClientStats

@@ -1,6 +1,6 @@
-"""`OffloadClient`: its state, its calls to the multiplexer, and sending. How it takes replies
-and follows its routes are in the modules beside it, as parts of this one class (the
-package's docstring has the whole picture)."""
+"""`OffloadClient`: its state, its calls to the multiplexer, sending, and waiting for the
+cluster. How it takes replies and routes each session are in the modules beside it, as parts
+of this one class (the package's docstring has the whole picture)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ import ray
 from ray.exceptions import GetTimeoutError, RayActorError
 
 from apsv.frame import HEADER_LEN, Frame, FrameKind
-from apsv.runtime import channel
 from apsv.runtime.buffer_pool import Buffer, BufferPool
 from apsv.runtime.channel import offsets_bytes
 from apsv.runtime.client.base import ClientStats
@@ -23,7 +22,7 @@ from apsv.runtime.client.routes import Routes
 from apsv.runtime.custody import Custody
 from apsv.runtime.delivery import OutputOrder
 from apsv.runtime.host import Key
-from apsv.runtime.links import RAY_WINDOW, Link, LinkDown, RayLink, Sent, ShmLink
+from apsv.runtime.links import Link, RayLink, Sent
 from apsv.runtime.metrics import ClientMetrics
 from apsv.runtime.outbox import Outbox, Session
 from apsv.runtime.routefeed import RouteFeed
@@ -188,69 +187,6 @@ class OffloadClient(Replies, Routes):
         self.custody.remove(key)
         self._resends.pop(key, None)
         self._locating.pop(key, None)
-
-    def _link_to(self, iid: str) -> Link | None:
-        """The link to an instance, connected on first use (None: it cannot be reached now)."""
-        link = self.links.get(iid)
-        if link is not None and not link.down:
-            return link
-        ep = self.endpoints.get(iid)
-        if ep is None:
-            return None
-        try:
-            if self.force != "object_store" and ep["node_id"] == self.node_id and ep.get("endpoint"):
-                link = ShmLink(iid, ep["endpoint"], self.client_id, self.credential, self.pool.shm_name or "")
-            else:
-                link = RayLink(iid, ep["handle"], self.client_id, self.credential, int(ep.get("window", RAY_WINDOW)))
-        except LinkDown as e:
-            log.info("cannot reach %s: %s", iid, e)
-            return None
-        self.links[iid] = link
-        return link
-
-    def _route(self, s: Session, iid: str, epoch: int, state: str) -> None:
-        """The session is at `iid`, at `epoch`, in `state` (live, pending, moving, unplaced)."""
-        if epoch < s.epoch:
-            return  # older than what an instance already told us
-        if state in ("moving", "unplaced"):
-            self._hold(s)
-            self._locating[s.key] = s
-            return
-        link = self._link_to(iid)
-        if link is None:
-            self._hold(s)
-            self._locating[s.key] = s
-            return
-        s.epoch, s.link = epoch, link
-        s.part_of = None  # (its next frames go by the new route)
-        self._locating.pop(s.key, None)
-        if state == "pending" and s.restored != epoch:
-            if not s.restoring:
-                self._restore(s)
-        elif s.hold and not s.restoring:
-            s.hold = False
-            if s.resend_from:
-                self._resends[s.key] = s
-
-    def _hold(self, s: Session) -> None:
-        """Stop sending the session's frames (they stay in custody) until it has a route."""
-        if not s.hold:
-            s.hold = True
-            s.resend_from = min(s.resend_from or s.seq + 1, s.seq + 1)
-        s.link = None
-        s.part_of = None  # (its next frames are held)
-
-    def _restore(self, s: Session) -> None:
-        """Restore the session on its (new) instance from custody, then re-send what followed."""
-        assert s.link is not None
-        snapshot, after = self.custody.restore_point(s.key)
-        self._restore_ids += 1
-        s.restoring = self._restore_ids
-        s.hold = True
-        s.part_of = None  # (its next frames are held)
-        s.resend_from = after
-        self.stats.restores += 1
-        s.link.send_restore(channel.restore(s.restoring, s.key, s.epoch, s.emit, snapshot, s.config))
 
     # -- sending -------------------------------------------------------------------------------
 

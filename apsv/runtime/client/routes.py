@@ -1,5 +1,7 @@
-"""Routes: following the multiplexer's route feed, asking it where sessions are that have no
-usable route, reclaiming them, and reporting the offered load."""
+"""Routes: where each session's frames go - the link to its instance, connected on first use;
+held while it has no usable route; restored from custody on an instance that waits for it -
+following the multiplexer's route feed, asking it where sessions are that have no usable
+route, reclaiming them, and reporting the offered load."""
 
 from __future__ import annotations
 
@@ -9,8 +11,10 @@ from typing import Any
 
 import ray
 
+from apsv.runtime import channel
 from apsv.runtime.client.base import Parts
 from apsv.runtime.host import Key
+from apsv.runtime.links import RAY_WINDOW, Link, LinkDown, RayLink, ShmLink
 from apsv.runtime.outbox import Session
 
 log = logging.getLogger("apsv.client")
@@ -20,6 +24,73 @@ REPORT_EVERY_S = 0.25  # how often a client tells the multiplexer its offered lo
 
 class Routes(Parts):
     """Part of `OffloadClient` (core.py): its routes and load reports."""
+
+    # -- a session's route ---------------------------------------------------------------------
+
+    def _link_to(self, iid: str) -> Link | None:
+        """The link to an instance, connected on first use (None: it cannot be reached now)."""
+        link = self.links.get(iid)
+        if link is not None and not link.down:
+            return link
+        ep = self.endpoints.get(iid)
+        if ep is None:
+            return None
+        try:
+            if self.force != "object_store" and ep["node_id"] == self.node_id and ep.get("endpoint"):
+                link = ShmLink(iid, ep["endpoint"], self.client_id, self.credential, self.pool.shm_name or "")
+            else:
+                link = RayLink(iid, ep["handle"], self.client_id, self.credential, int(ep.get("window", RAY_WINDOW)))
+        except LinkDown as e:
+            log.info("cannot reach %s: %s", iid, e)
+            return None
+        self.links[iid] = link
+        return link
+
+    def _route(self, s: Session, iid: str, epoch: int, state: str) -> None:
+        """The session is at `iid`, at `epoch`, in `state` (live, pending, moving, unplaced)."""
+        if epoch < s.epoch:
+            return  # older than what an instance already told us
+        if state in ("moving", "unplaced"):
+            self._hold(s)
+            self._locating[s.key] = s
+            return
+        link = self._link_to(iid)
+        if link is None:
+            self._hold(s)
+            self._locating[s.key] = s
+            return
+        s.epoch, s.link = epoch, link
+        s.part_of = None  # (its next frames go by the new route)
+        self._locating.pop(s.key, None)
+        if state == "pending" and s.restored != epoch:
+            if not s.restoring:
+                self._restore(s)
+        elif s.hold and not s.restoring:
+            s.hold = False
+            if s.resend_from:
+                self._resends[s.key] = s
+
+    def _hold(self, s: Session) -> None:
+        """Stop sending the session's frames (they stay in custody) until it has a route."""
+        if not s.hold:
+            s.hold = True
+            s.resend_from = min(s.resend_from or s.seq + 1, s.seq + 1)
+        s.link = None
+        s.part_of = None  # (its next frames are held)
+
+    def _restore(self, s: Session) -> None:
+        """Restore the session on its (new) instance from custody, then re-send what followed."""
+        assert s.link is not None
+        snapshot, after = self.custody.restore_point(s.key)
+        self._restore_ids += 1
+        s.restoring = self._restore_ids
+        s.hold = True
+        s.part_of = None  # (its next frames are held)
+        s.resend_from = after
+        self.stats.restores += 1
+        s.link.send_restore(channel.restore(s.restoring, s.key, s.epoch, s.emit, snapshot, s.config))
+
+    # -- the route feed and relocation ---------------------------------------------------------
 
     def _on_routes(self, update: dict[str, Any]) -> None:
         self.endpoints.update(update.get("instances", {}))

@@ -175,7 +175,7 @@ class VPSM(Instances, Observe, Inspection):
         for plan in self.plans.values():
             if plan.backend == "docker" and plan.protocol not in self._images:
                 # Once, here: an instance start then only checks the engine has it.
-                from apsv.runtime.docker_backend import ensure_image
+                from apsv.runtime.stack_image import ensure_image
 
                 self._images[plan.protocol] = await asyncio.to_thread(ensure_image)
         for plan in self.plans.values():
