@@ -146,11 +146,14 @@ def test_status_reads_the_instances_own_counters(capsys: Any) -> None:
         },
         "arrivals": {"bgp": 990},
     }
-    cluster = {"resources": {"CPU": 2.0}, "available": {"CPU": 0.25}, "nodes": 1}
+    cluster = {"resources": {"CPU": 16.0}, "available": {"CPU": 0.25}, "nodes": 1, "host_cpus": 2}
     t = {"address": "127.0.0.1:1", "namespace": "apsv", "multiplexer": "apsv-multiplexer", "vpsm": "apsv-vpsm"}
+    t |= {"dashboard_url": "http://127.0.0.1:8265"}
     st = ops.build_status(t, vs, parts, cluster, "published", as_of=100.0)
     json.dumps(st)
     assert st["source"] == "published" and st["as_of"] == 100.0
+    # Ray's logical CPUs (scheduling slots) and the host's real cores, side by side
+    assert (st["cluster"]["cpus"], st["cluster"]["cpus_available"], st["cluster"]["host_cpus"]) == (16.0, 0.25, 2)
     assert st["protocols"]["bgp"] == {"desired": 3, "running": 1, "pending": 1, "draining": 1} | {
         "policy": "reactive",
         "min": 1,
@@ -191,8 +194,90 @@ def test_status_reads_the_instances_own_counters(capsys: Any) -> None:
     _render_status(st)
     out = capsys.readouterr().out
     assert "bgp-1" in out and "draining" in out and "frames offered by clients: bgp 990" in out
+    assert "cpus 2 (16 Ray slots, 0.25 free), dashboard http://127.0.0.1:8265" in " ".join(out.split())
     assert "bgp-3 cannot be placed" in " ".join(out.split())
     assert _instances(st["protocols"]["bgp"], 2) == ("1 (+1 draining)", "1", "3")  # the table's cells
+
+
+def test_host_cpus_are_known_for_this_host_only(capsys: Any) -> None:
+    """The real cores: this host's where every node is on it (several nodes on one host count
+    it once), else unknown (None) rather than a guess; a status without them (an older VPSM's)
+    shows them as unknown."""
+    from apsv.cli.ops import _cpus
+    from apsv.ops.status import _cluster as cluster_section
+    from apsv.runtime.vpsm.inspection import host_cpus
+
+    def node(node_id: str, address: str, hostname: str = "h1") -> dict[str, Any]:
+        return {"NodeID": node_id, "NodeManagerAddress": address, "NodeManagerHostname": hostname, "Alive": True}
+
+    here = [node("a", "127.0.0.1"), node("b", "127.0.0.1")]
+    assert host_cpus(here, "a", 2) == 2
+    assert host_cpus([*here, node("c", "10.0.0.2", "h2")], "a", 2) is None  # its cores are not recorded
+    assert host_cpus(here, "z", 2) is None  # this process on none of the nodes
+    assert host_cpus(here, "a", None) is None  # os.cpu_count() could not tell
+    cluster = {"resources": {"CPU": 16.0}, "available": {"CPU": 16.0}, "nodes": 3}  # no host_cpus
+    c = cluster_section({"address": "x", "namespace": "apsv"}, cluster)
+    assert c["host_cpus"] is None and c["cpus"] == 16.0
+    assert _cpus(c) == "host cpus unknown (16 Ray slots, 16 free)"
+
+
+def test_starting_marker(state_dir: Path) -> None:
+    """Private, this process's until the deployment is recorded; a marker whose process ended
+    (or whose pid another process now has) is stale and goes."""
+    import psutil
+
+    assert ops.read_starting() is None
+    path = ops.mark_starting("apsv demo")
+    assert path == state_dir / "starting.json"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600 and stat.S_IMODE(state_dir.stat().st_mode) == 0o700
+    starting = ops.read_starting()
+    assert starting is not None and set(starting) == {"owner", "pid", "since"}
+    assert starting["owner"] == "apsv demo" and starting["pid"] == os.getpid()
+    assert time.time() - 60 < starting["since"] <= time.time()
+    ops.clear_starting()
+    assert not path.exists() and ops.read_starting() is None
+    ops.clear_starting()  # (none: nothing to do)
+
+    ops.mark_starting("apsv demo")
+    marker = json.loads(path.read_text())
+    ops.write_state({"address": "127.0.0.1:1", "owner": "apsv demo", "owner_pid": os.getpid()})
+    assert not path.exists(), "a recorded deployment is no longer starting"
+
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    deadline = time.monotonic() + 30
+    while psutil.Process(ended.pid).status() != psutil.STATUS_ZOMBIE and time.monotonic() < deadline:
+        time.sleep(0.05)  # until it has ended (a zombie: not reaped yet)
+    path.write_text(json.dumps(marker | {"pid": ended.pid, "create_time": psutil.Process(ended.pid).create_time()}))
+    assert ops.read_starting() is None and not path.exists()  # stale: its process ended
+    ended.wait()
+    path.write_text(json.dumps(marker | {"pid": ended.pid}))
+    ops.clear_starting()
+    assert path.exists(), "another process's marker is not this process's to clear"
+    assert ops.read_starting() is None and not path.exists()  # stale: its process ended
+    path.write_text(json.dumps(marker | {"create_time": marker["create_time"] - 3600}))
+    assert ops.read_starting() is None and not path.exists()  # stale: the pid is another process's now
+    path.write_text("{not json")
+    assert ops.read_starting() is None and not path.exists()
+
+
+def test_status_while_a_deployment_is_starting(state_dir: Path) -> None:
+    """No deployment recorded yet, but a running process is starting one: `status` says so (one
+    line; in JSON `starting` beside the error), exit status 1 as for no deployment at all."""
+    ops.mark_starting("apsv demo")  # this process: running
+    with pytest.raises(ops.DeploymentStarting, match=rf"^apsv demo is starting \(pid {os.getpid()}, since "):
+        ops.status()
+    env = clean_env(state_dir)
+    r = apsv("status", "--json", env=env)
+    assert r.returncode == 1
+    doc = as_json(r)
+    assert doc["ok"] is False and doc["starting"]["pid"] == os.getpid() and doc["starting"]["owner"] == "apsv demo"
+    assert doc["error"].startswith(f"apsv demo is starting (pid {os.getpid()}, since ")
+    r = apsv("status", env=env)
+    assert r.returncode == 1 and r.stdout == ""
+    assert "apsv status: apsv demo is starting" in r.stderr and "not recorded yet" in r.stderr
+    ops.clear_starting()
+    r = apsv("status", "--json", env=env)
+    assert r.returncode == 1 and as_json(r)["error"].startswith("no deployment recorded")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -253,6 +338,7 @@ def test_up_status_replay_down(tmp_path: Path, data_dir: Path) -> None:
         assert s["sessions"]["total"] == 0 and s["buffer_pool"]["quota_bytes"] == 4 << 20
         assert {"instances", "sessions", "traffic", "forecasts", "buffer_pool", "events"} <= set(s)
         assert s["deployment"]["multiplexer_restarts"] == s["deployment"]["vpsm_restarts"] == 0
+        assert s["cluster"]["host_cpus"] == os.cpu_count()  # one node, on this host
 
         # 6 sessions of 3 virtual routers over the file's 2 recorded peers: 3 x its UPDATEs
         updates = manifest_counts(manifest()[SAMPLE])["UPDATE"]

@@ -26,9 +26,10 @@ JSON_HELP = "Print one JSON object instead of tables."
 err_console = Console(stderr=True)
 
 
-def _fail(command: str, message: str, as_json: bool, code: int = 1) -> NoReturn:
+def _fail(command: str, message: str, as_json: bool, code: int = 1, **details: Any) -> NoReturn:
+    """The one-line error (on stderr; with --json the one object, `details` beside the error)."""
     if as_json:
-        typer.echo(json.dumps({"ok": False, "error": message}))
+        typer.echo(json.dumps({"ok": False, "error": message, **details}))
     else:
         err_console.print(f"[red]apsv {command}:[/red] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
@@ -180,6 +181,8 @@ def status(
 
     try:
         st = ops.status(address=address, namespace=namespace, token_path=token_path)
+    except ops.DeploymentStarting as e:  # not ready yet, like a missing deployment: exit status 1
+        _fail("status", str(e), as_json, starting=e.starting)
     except ops.OpsError as e:
         _fail("status", str(e), as_json)
     except Exception as e:  # a cluster that answers badly: still one JSON object
@@ -192,13 +195,42 @@ def status(
 
 def _render_status(st: dict[str, Any]) -> None:
     console = Console()
-    c = st["cluster"]
-    console.print(
+    console.print(_cluster_line(st["cluster"]), highlight=False)
+    protocols, instances = _instance_tables(st)
+    console.print(protocols)
+    for w in st.get("warnings", []):
+        console.print(f"[yellow]warning ({w['cause']}):[/yellow] {escape(w['message'])}", highlight=False)
+    console.print(instances)
+    for line in _summary_lines(st):
+        console.print(line, highlight=False)
+    if st["forecasts"]:
+        console.print(_forecast_table(st))
+    if st["events"]:
+        console.print(_events_table(st))
+
+
+def _cluster_line(c: dict[str, Any]) -> str:
+    return (
         f"[bold]{c['address']}[/bold] namespace {c['namespace']} ({c.get('owner') or 'unknown owner'}), "
-        f"{c['nodes']} node(s), CPU {c['cpus_available']}/{c['cpus']} free"
-        + (f", dashboard {c['dashboard_url']}" if c.get("dashboard_url") else ""),
-        highlight=False,
+        f"{c['nodes']} node(s), {_cpus(c)}" + (f", dashboard {c['dashboard_url']}" if c.get("dashboard_url") else "")
     )
+
+
+def _cpus(c: dict[str, Any]) -> str:
+    """The hosts' real cores, then Ray's logical CPUs: its scheduling slots, which a node may
+    declare at any number (the demo's 16 on a 2-core host)."""
+    slots = f"{_figure(c.get('cpus'))} Ray slots, {_figure(c.get('cpus_available'))} free"
+    if c.get("host_cpus") is None:  # a node on another host: Ray does not know its cores
+        return f"host cpus unknown ({slots})"
+    return f"cpus {c['host_cpus']} ({slots})"
+
+
+def _figure(x: Any) -> str:
+    return "?" if x is None else f"{float(x):g}"
+
+
+def _instance_tables(st: dict[str, Any]) -> tuple[Table, Table]:
+    """A row per protocol (its policy, instance counts, bounds), and one per stack instance."""
     pt = Table(title="Protocols")
     cols = ("protocol", "backend", "policy", "running", "pending", "desired", "min..max", "start (s)", "trust")
     for col in cols:
@@ -228,51 +260,49 @@ def _render_status(st: dict[str, Any]) -> None:
                 f"{m['start_latency_s']:.3f}",
                 _state(m),
             )
-    console.print(pt)
-    for w in st.get("warnings", []):
-        console.print(f"[yellow]warning ({w['cause']}):[/yellow] {escape(w['message'])}", highlight=False)
-    console.print(it)
+    return pt, it
+
+
+def _summary_lines(st: dict[str, Any]) -> list[str]:
+    """Sessions, the frames offered and counted, and the buffers."""
     s, tr, b = st["sessions"], st["traffic"], st["buffer_pool"]
-    console.print(
+    offered = ", ".join(f"{k} {v:,}" for k, v in tr["offered"].items()) or "none"
+    pools = b["client_pools_on_host"]
+    return [
         f"sessions {s['total']} ({', '.join(f'{k} {v}' for k, v in s['by_protocol'].items())}) of "
         f"{s['clients']} client(s), live moves {s['moves']}, recoveries {s['recoveries']}",
-        highlight=False,
-    )
-    offered = ", ".join(f"{k} {v:,}" for k, v in tr["offered"].items()) or "none"
-    console.print(
         f"frames offered by clients: {offered}; at the instances {tr['frames_in']:,}, refused and re-sent "
         f"{tr['refused']:,}, duplicates {tr['duplicates']:,}, foreign {tr['foreign']:,}, "
         f"bad {tr['bad_frames']:,}",
-        highlight=False,
-    )
-    pools = b["client_pools_on_host"]
-    console.print(
         f"buffers: per-client windows {_mib(b['quota_bytes'])} over all instances, instance queues "
         f"{b['queue_frames']:,} frames, client pools on this host {pools['segments']} ({_mib(pools['bytes'])})",
-        highlight=False,
-    )
-    if st["forecasts"]:
-        quantiles = sorted({q for qs in st["forecasts"].values() for q in qs}, key=lambda q: int(q[1:]))
-        f = Table(title=f"Forecast load, msgs/s over the next steps (forecast errors: {st['forecast_errors']})")
-        f.add_column("protocol")
-        for q in quantiles:
-            f.add_column(q, justify="right")
-        for proto, qs in st["forecasts"].items():
-            f.add_row(proto, *(" ".join(f"{v:,.0f}" for v in qs.get(q, [])[:3]) for q in quantiles))
-        console.print(f)
-    if st["events"]:
-        e = Table(title=f"Recent VPSM events (step {st['vpsm_steps']})")
-        e.add_column("time")
-        e.add_column("event")
-        e.add_column("details")
-        for ev in st["events"][-10:]:
-            details = ", ".join(
-                f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}"
-                for k, v in ev.items()
-                if k not in ("ts", "event")
-            )
-            e.add_row(time.strftime("%H:%M:%S", time.localtime(ev["ts"])), ev["event"], details)
-        console.print(e)
+    ]
+
+
+def _forecast_table(st: dict[str, Any]) -> Table:
+    """Each protocol's forecast quantiles over the next three steps."""
+    quantiles = sorted({q for qs in st["forecasts"].values() for q in qs}, key=lambda q: int(q[1:]))
+    f = Table(title=f"Forecast load, msgs/s over the next steps (forecast errors: {st['forecast_errors']})")
+    f.add_column("protocol")
+    for q in quantiles:
+        f.add_column(q, justify="right")
+    for proto, qs in st["forecasts"].items():
+        f.add_row(proto, *(" ".join(f"{v:,.0f}" for v in qs.get(q, [])[:3]) for q in quantiles))
+    return f
+
+
+def _events_table(st: dict[str, Any]) -> Table:
+    """The VPSM's last ten events."""
+    e = Table(title=f"Recent VPSM events (step {st['vpsm_steps']})")
+    e.add_column("time")
+    e.add_column("event")
+    e.add_column("details")
+    for ev in st["events"][-10:]:
+        details = ", ".join(
+            f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in ev.items() if k not in ("ts", "event")
+        )
+        e.add_row(time.strftime("%H:%M:%S", time.localtime(ev["ts"])), ev["event"], details)
+    return e
 
 
 def _instances(counts: dict[str, Any], running: Any) -> tuple[str, str, str]:

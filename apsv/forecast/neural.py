@@ -136,59 +136,68 @@ class NeuralForecaster:
         t0 = time.perf_counter()
         cfg = self._config(train)
         if cfg is None:
-            self.report = FitReport(skipped="series too short for the model; seasonal naive answers")
-            self.model = None
-            return self.report
+            return self._skip("series too short for the model; seasonal naive answers")
         tc = self.train_cfg
         torch.set_num_threads(tc.threads)
-        gen = torch.Generator().manual_seed(tc.seed)
-        torch.manual_seed(tc.seed)
-        L, H = cfg.context_length, cfg.horizon
-        fit_parts: list[Series] = []
-        val: list[tuple[Series, int]] = []  # (series, origin)
-        for s in train:
-            hold = max(H, int(len(s) * tc.holdout_fraction))
-            if len(s) - hold < L // 2 + H:
-                hold = 0
-            fit_parts.append(s.head(len(s) - hold))
-            stride = max(1, (hold - H + 1) // 256)  # many origins: the calibration needs points
-            val.extend((s, o) for o in range(len(s) - hold, len(s) - H + 1, stride))
-        ctx_all, tgt_all, cov_all = self._windows(fit_parts, cfg)
-        if ctx_all.shape[0] == 0:
-            self.report = FitReport(skipped="no training windows; seasonal naive answers")
-            self.model = None
-            return self.report
+        gen = torch.Generator().manual_seed(tc.seed)  # the batches' draws
+        torch.manual_seed(tc.seed)  # the initial weights (and dropout)
+        fit_parts, val = _hold_out(train, cfg, tc.holdout_fraction)
+        windows = self._windows(fit_parts, cfg)
+        n_windows = int(windows[0].shape[0])
+        if n_windows == 0:
+            return self._skip("no training windows; seasonal naive answers")
         season = max(s.season for s in train)
-        if ctx_all.shape[0] < MIN_FREE_WINDOWS and cfg.context_length >= season > 1:
+        if n_windows < MIN_FREE_WINDOWS and cfg.context_length >= season > 1:
             # too few windows to learn a series' shape from: learn a correction to its seasonal
             # naive forecast instead (shrinkage toward the baseline)
             cfg = replace(cfg, anchor_season=season)
         model = build_model(cfg)
+        holdout = self._origins(val, cfg) if val else None
+        run = self._train(model, windows, holdout, gen, t0, report)
+        model.load_state_dict(run.best_weights)
+        model.eval()
+        self.cfg, self.model = cfg, model
+        self.calibration = np.ones(len(QUANTILES))
+        if holdout is not None:
+            xv, yv, cv = holdout
+            self.calibration = self._calibrate(self._forward(xv, cv), yv)
+        self.report = FitReport(
+            seconds=time.perf_counter() - t0,
+            steps=run.steps,
+            best_step=run.best_step,
+            holdout_loss=run.best_loss,
+            windows=n_windows,
+            calibration=[round(float(c), 4) for c in self.calibration],
+        )
+        return self.report
+
+    def _skip(self, why: str) -> FitReport:
+        """No model: every forecast is seasonal naive."""
+        self.report = FitReport(skipped=why)
+        self.model = None
+        return self.report
+
+    def _train(
+        self,
+        model: QuantileForecaster,
+        windows: tuple[FloatArray, FloatArray, FloatArray],
+        holdout: tuple[FloatArray, FloatArray, FloatArray] | None,
+        gen: torch.Generator,
+        t0: float,
+        report: Reporter | None,
+    ) -> _TrainingRun:
+        """Minibatch steps over the (context, target, covariates) windows, scored on the hold-out
+        (else on the batch's loss) every `eval_every` steps and at the last; the best weights kept."""
+        tc = self.train_cfg
         opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
-        n_steps = max(1, min(tc.steps, math.ceil(tc.max_epochs * ctx_all.shape[0] / tc.batch_size)))
-        warm = max(1, n_steps // 10)
-        # linear warm-up, then cosine decay to a tenth of the peak rate
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt,
-            lambda i: (
-                (i + 1) / warm
-                if i < warm
-                else 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (i - warm) / max(1, n_steps - warm)))
-            ),
-        )
-        xv, yv, cv = self._origins(val, cfg) if val else (None, None, None)
+        n_steps = max(1, min(tc.steps, math.ceil(tc.max_epochs * windows[0].shape[0] / tc.batch_size)))
+        sched = _warmup_cosine(opt, n_steps)
         # the untrained model (the baseline forecast) is the first candidate
-        start = (
-            self._holdout_loss(model, xv, yv, cv)
-            if xv is not None and yv is not None and cv is not None
-            else float("inf")
-        )
-        best = (start, 0, {k: v.clone() for k, v in model.state_dict().items()})
-        x_t = torch.from_numpy(ctx_all).float()
-        y_t = torch.from_numpy(tgt_all).float()
-        c_t = torch.from_numpy(cov_all).float()
-        step = 0
+        run = _TrainingRun()
+        run.keep(model, float("inf") if holdout is None else self._holdout_loss(model, *holdout), 0)
+        x_t, y_t, c_t = (torch.from_numpy(a).float() for a in windows)
         for step in range(1, n_steps + 1):
+            run.steps = step
             model.train()
             idx = torch.randint(0, x_t.shape[0], (tc.batch_size,), generator=gen)
             q, loc, scale = model.forward_scaled(x_t[idx], c_t[idx])
@@ -200,31 +209,14 @@ class NeuralForecaster:
             sched.step()
             last = step == n_steps or (tc.max_seconds is not None and time.perf_counter() - t0 > tc.max_seconds)
             if step % tc.eval_every == 0 or last:
-                if xv is not None and yv is not None and cv is not None:
-                    vloss = self._holdout_loss(model, xv, yv, cv)
-                else:
-                    vloss = float(loss.item())
-                if vloss < best[0]:
-                    best = (vloss, step, {k: v.clone() for k, v in model.state_dict().items()})
+                vloss = float(loss.item()) if holdout is None else self._holdout_loss(model, *holdout)
+                if vloss < run.best_loss:
+                    run.keep(model, vloss, step)
                 if report is not None:
                     report(step, vloss)
             if last:
                 break
-        model.load_state_dict(best[2])
-        model.eval()
-        self.cfg, self.model = cfg, model
-        self.calibration = np.ones(len(QUANTILES))
-        if xv is not None and yv is not None and cv is not None:
-            self.calibration = self._calibrate(self._forward(xv, cv), yv)
-        self.report = FitReport(
-            seconds=time.perf_counter() - t0,
-            steps=step,
-            best_step=best[1],
-            holdout_loss=best[0],
-            windows=int(ctx_all.shape[0]),
-            calibration=[round(float(c), 4) for c in self.calibration],
-        )
-        return self.report
+        return run
 
     @staticmethod
     def _windows(parts: Sequence[Series], cfg: ModelConfig) -> tuple[FloatArray, FloatArray, FloatArray]:
@@ -427,6 +419,51 @@ class NeuralForecaster:
         except Exception as e:
             raise ModelLoadError(f"{d}: cannot load the model: {type(e).__name__}: {e}") from e
         return f
+
+
+@dataclass
+class _TrainingRun:
+    """How far one training run went, and the best weights it has seen."""
+
+    best_loss: float = float("inf")
+    best_step: int = 0
+    best_weights: dict[str, torch.Tensor] = field(default_factory=dict)
+    steps: int = 0
+
+    def keep(self, model: QuantileForecaster, loss: float, step: int) -> None:
+        self.best_loss, self.best_step = loss, step
+        self.best_weights = {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _hold_out(
+    train: Sequence[Series], cfg: ModelConfig, fraction: float
+) -> tuple[list[Series], list[tuple[Series, int]]]:
+    """Each series' head to train on, and the forecast origins in its held-out tail; a series
+    too short to spare a tail is trained on whole."""
+    L, H = cfg.context_length, cfg.horizon
+    fit_parts: list[Series] = []
+    val: list[tuple[Series, int]] = []  # (series, origin)
+    for s in train:
+        hold = max(H, int(len(s) * fraction))
+        if len(s) - hold < L // 2 + H:
+            hold = 0
+        fit_parts.append(s.head(len(s) - hold))
+        stride = max(1, (hold - H + 1) // 256)  # many origins: the calibration needs points
+        val.extend((s, o) for o in range(len(s) - hold, len(s) - H + 1, stride))
+    return fit_parts, val
+
+
+def _warmup_cosine(opt: torch.optim.Optimizer, n_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up over a tenth of the steps, then cosine decay to a tenth of the peak rate."""
+    warm = max(1, n_steps // 10)
+    return torch.optim.lr_scheduler.LambdaLR(
+        opt,
+        lambda i: (
+            (i + 1) / warm
+            if i < warm
+            else 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (i - warm) / max(1, n_steps - warm)))
+        ),
+    )
 
 
 def _context(v: FloatArray, length: int) -> FloatArray:

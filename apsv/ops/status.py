@@ -7,13 +7,20 @@ import importlib
 import json
 import os
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from apsv.ops.access import _alive, _ray_connected, connect, disconnect, use_auth, use_loopback
-from apsv.ops.base import CALL_TIMEOUT_S, MULTIPLEXER_NAME, STATUS_MAX_AGE_S, VPSM_NAME, OpsError
-from apsv.ops.state import read_state, state_path
+from apsv.ops.base import (
+    CALL_TIMEOUT_S,
+    MULTIPLEXER_NAME,
+    STATUS_MAX_AGE_S,
+    VPSM_NAME,
+    DeploymentStarting,
+    OpsError,
+)
+from apsv.ops.state import read_starting, read_state, state_path
 
 
 def _target(
@@ -21,6 +28,9 @@ def _target(
 ) -> dict[str, Any]:
     """Where to look: the state file's deployment, with any of it overridden."""
     if state is None and address is None:
+        starting = read_starting()
+        if starting is not None:
+            raise DeploymentStarting(starting)
         raise OpsError(f"no deployment recorded in {state_path()}: `apsv up` first, or give --address")
     t = dict(state or {})
     if address is not None:
@@ -121,60 +131,14 @@ def build_status(
 ) -> dict[str, Any]:
     """`apsv status --json` from the VPSM's status, the multiplexer's `status_parts` and the
     cluster's figures, however they were read (`source`: "published" or "actors")."""
-    stats, placed, offered = parts["stats"], parts["instance_loads"], parts["arrivals"]
+    stats, placed = parts["stats"], parts["instance_loads"]
     own: dict[str, dict[str, Any]] = vs.get("loads", {})
-    instances: dict[str, Any] = {}
-    for proto, p in vs["protocols"].items():
-        instances[proto] = {
-            "count": p["instances"],
-            "policy": p["policy"],
-            "backend": p["backend"],
-            "min": p["min"],
-            "max": p["max"],
-            "start_latency_s": round(float(p["start_latency_s"]), 4),
-            "forecast_trust": p.get("forecast_trust"),
-            "members": [],
-        }
-    by_protocol: dict[str, int] = {}
-    for pl in placed.values():
-        by_protocol[pl["protocol"]] = by_protocol.get(pl["protocol"], 0) + int(pl["sessions"])
-    for iid, info in sorted(vs["instances"].items()):
-        pl, load = placed.get(iid, {}), own.get(iid, {})
-        busy = load.get("busy_fraction")
-        rate = load.get("msgs_per_s")
-        instances.setdefault(info["protocol"], {"count": 0, "members": []})["members"].append(
-            {
-                "id": iid,
-                "start_latency_s": round(float(info["start_latency_s"]), 4),
-                "sessions": pl.get("sessions"),  # routed there by the multiplexer
-                "pending_sessions": load.get("pending_sessions"),  # waiting there for their restore
-                "frames": load.get("frames_in"),  # reached it, refused ones included
-                "msgs_per_s": None if rate is None else round(float(rate), 1),
-                "busy": None if busy is None else round(float(busy), 4),
-                "queue_frames": load.get("queue_depth"),
-                "clients": load.get("clients"),
-                "refused": _refused(load),
-                "errors": load.get("errors"),
-                "quota_bytes": pl.get("quota_bytes"),  # each client's window to it
-                "accepting": pl.get("accepting"),
-                "alive": pl.get("alive"),
-                "draining": info.get("draining"),
-            }
-        )
     loads = [own[i] for i in vs["instances"] if i in own]
     return {
         "ok": True,
         "source": source,  # published by the control loop, or asked of the actors now
         "as_of": round(as_of if as_of is not None else time.time(), 3),
-        "cluster": {
-            "address": t["address"],
-            "namespace": t["namespace"],
-            "owner": t.get("owner"),
-            "dashboard_url": t.get("dashboard_url"),
-            "cpus": cluster["resources"].get("CPU"),
-            "cpus_available": cluster["available"].get("CPU"),
-            "nodes": cluster["nodes"],
-        },
+        "cluster": _cluster(t, cluster),
         # per protocol: instances the policy wants, running, pending (asked of Ray, not placed
         # yet) and draining
         "protocols": {
@@ -190,25 +154,9 @@ def build_status(
             "multiplexer_restarts": stats["restarts"],
             "vpsm_restarts": vs.get("restarts", 0),
         },
-        "instances": instances,
-        "sessions": {
-            "total": stats["sessions"],
-            "by_protocol": by_protocol,
-            "states": stats["session_states"],
-            "clients": stats["clients"],
-            "moves": stats["moves"],
-            "recoveries": stats["recoveries"],
-            "sessions_recovered": stats["sessions_recovered"],
-        },
-        "traffic": {
-            "offered": offered,  # per protocol, as the clients report it
-            "frames_in": int(sum(_num(x.get("frames_in")) for x in loads)),
-            "refused": int(sum(_num(x.get(k)) for x in loads for k in REFUSED_KEYS)),
-            **{
-                k: int(sum(_num(x.get(k)) for x in loads))
-                for k in ("duplicates", "foreign", "unknown_session", "bad_frames", "errors")
-            },
-        },
+        "instances": _instances(vs, placed, own),
+        "sessions": _sessions(stats, placed),
+        "traffic": _traffic(parts["arrivals"], loads),
         "forecasts": vs.get("forecasts", {}),
         "forecast_errors": vs.get("forecast_errors", 0),
         "forecaster": vs.get("forecaster"),
@@ -220,6 +168,97 @@ def build_status(
         },
         "vpsm_steps": vs["steps"],
         "events": vs["events"][-20:],
+    }
+
+
+def _cluster(t: Mapping[str, Any], cluster: Mapping[str, Any]) -> dict[str, Any]:
+    """Where the deployment runs, and the cluster's CPUs: "cpus" and "cpus_available" are Ray's
+    logical CPUs (scheduling slots, which a node may declare at any number: the demo declares
+    16 for its fractional actors), "host_cpus" the real cores of its hosts (None where Ray's
+    figures cannot tell them)."""
+    return {
+        "address": t["address"],
+        "namespace": t["namespace"],
+        "owner": t.get("owner"),
+        "dashboard_url": t.get("dashboard_url"),
+        "cpus": cluster["resources"].get("CPU"),
+        "cpus_available": cluster["available"].get("CPU"),
+        "host_cpus": cluster.get("host_cpus"),  # (absent from a status an older VPSM published)
+        "nodes": cluster["nodes"],
+    }
+
+
+def _instances(
+    vs: Mapping[str, Any], placed: Mapping[str, Any], own: Mapping[str, Mapping[str, Any]]
+) -> dict[str, Any]:
+    """Per protocol: its instance count, policy and bounds, and each instance's own figures."""
+    instances: dict[str, Any] = {}
+    for proto, p in vs["protocols"].items():
+        instances[proto] = {
+            "count": p["instances"],
+            "policy": p["policy"],
+            "backend": p["backend"],
+            "min": p["min"],
+            "max": p["max"],
+            "start_latency_s": round(float(p["start_latency_s"]), 4),
+            "forecast_trust": p.get("forecast_trust"),
+            "members": [],
+        }
+    for iid, info in sorted(vs["instances"].items()):
+        member = _member(iid, info, placed.get(iid, {}), own.get(iid, {}))
+        instances.setdefault(info["protocol"], {"count": 0, "members": []})["members"].append(member)
+    return instances
+
+
+def _member(iid: str, info: Mapping[str, Any], placement: Mapping[str, Any], load: Mapping[str, Any]) -> dict[str, Any]:
+    """One instance: the VPSM's record of it, the multiplexer's placement, its own last load."""
+    busy = load.get("busy_fraction")
+    rate = load.get("msgs_per_s")
+    return {
+        "id": iid,
+        "start_latency_s": round(float(info["start_latency_s"]), 4),
+        "sessions": placement.get("sessions"),  # routed there by the multiplexer
+        "pending_sessions": load.get("pending_sessions"),  # waiting there for their restore
+        "frames": load.get("frames_in"),  # reached it, refused ones included
+        "msgs_per_s": None if rate is None else round(float(rate), 1),
+        "busy": None if busy is None else round(float(busy), 4),
+        "queue_frames": load.get("queue_depth"),
+        "clients": load.get("clients"),
+        "refused": _refused(load),
+        "errors": load.get("errors"),
+        "quota_bytes": placement.get("quota_bytes"),  # each client's window to it
+        "accepting": placement.get("accepting"),
+        "alive": placement.get("alive"),
+        "draining": info.get("draining"),
+    }
+
+
+def _sessions(stats: Mapping[str, Any], placed: Mapping[str, Any]) -> dict[str, Any]:
+    """The multiplexer's sessions, per protocol by where it placed them."""
+    by_protocol: dict[str, int] = {}
+    for pl in placed.values():
+        by_protocol[pl["protocol"]] = by_protocol.get(pl["protocol"], 0) + int(pl["sessions"])
+    return {
+        "total": stats["sessions"],
+        "by_protocol": by_protocol,
+        "states": stats["session_states"],
+        "clients": stats["clients"],
+        "moves": stats["moves"],
+        "recoveries": stats["recoveries"],
+        "sessions_recovered": stats["sessions_recovered"],
+    }
+
+
+def _traffic(offered: Mapping[str, Any], loads: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Frames the clients offered, and the instances' own counters summed."""
+    return {
+        "offered": offered,  # per protocol, as the clients report it
+        "frames_in": int(sum(_num(x.get("frames_in")) for x in loads)),
+        "refused": int(sum(_num(x.get(k)) for x in loads for k in REFUSED_KEYS)),
+        **{
+            k: int(sum(_num(x.get(k)) for x in loads))
+            for k in ("duplicates", "foreign", "unknown_session", "bad_frames", "errors")
+        },
     }
 
 

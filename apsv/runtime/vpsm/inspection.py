@@ -71,9 +71,28 @@ class Inspection(Parts):
 
 
 def cluster_figures() -> dict[str, Any]:
+    """The cluster's resources as Ray counts them (logical CPUs: scheduling slots), its alive
+    nodes, and the real CPU cores of their hosts (`host_cpus`)."""
     r: Any = ray
+    alive = [n for n in r.nodes() if n.get("Alive")]
     return {
         "resources": r.cluster_resources(),
         "available": r.available_resources(),
-        "nodes": sum(1 for n in r.nodes() if n.get("Alive")),
+        "nodes": len(alive),
+        "host_cpus": host_cpus(alive, r.get_runtime_context().get_node_id(), os.cpu_count()),
     }
+
+
+def host_cpus(nodes: list[dict[str, Any]], local_node_id: str | None, local_cpus: int | None) -> int | None:
+    """The real CPU cores of the hosts the `nodes` run on, or None where they cannot be known.
+
+    Ray records only the CPUs a node declares (its scheduling slots, any number), so the cores
+    are known for the host this process runs on alone: `local_cpus`, where every node is on it
+    (the node `local_node_id`'s address and hostname); a node on another host makes it None."""
+    local = next((n for n in nodes if n.get("NodeID") == local_node_id), None)
+    if local is None or not local_cpus:
+        return None
+    here = (local.get("NodeManagerAddress"), local.get("NodeManagerHostname"))
+    if any((n.get("NodeManagerAddress"), n.get("NodeManagerHostname")) != here for n in nodes):
+        return None
+    return local_cpus
