@@ -24,6 +24,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -104,12 +105,16 @@ def _start_forecaster(paths: list[Path], root: Path) -> tuple[str, bool, str]:
     return DEMO_APP, started, version
 
 
-def _stop_forecaster(started: bool) -> None:
+def _stop_forecaster(started: bool, own_ray: bool) -> None:
+    """Deletes the demo's application; Serve itself is shut down only where the demo started it
+    on a Ray it did not start. On its own Ray, Ray's shutdown stops Serve's controller with
+    everything else: asking the controller to shut down first makes it end inside that call,
+    which Ray reports as a failed task on the driver's console."""
     from ray import serve
 
     with contextlib.suppress(Exception):
         serve.delete(DEMO_APP)
-    if started:
+    if started and not own_ray:
         with contextlib.suppress(Exception):
             serve.shutdown()  # type: ignore[no-untyped-call]
 
@@ -219,6 +224,9 @@ def _write_demo_state(dep: Deployment, ray_info: dict[str, Any], app: str | None
     )
 
 
+Say = Callable[[str], None]  # hears what the demo is doing now, for its progress line
+
+
 @dataclass
 class DemoRun:
     """What the replay through the deployment gave, read before the deployment stops."""
@@ -249,7 +257,7 @@ def _landed_infos(dep: Deployment, keys: list[Key]) -> dict[Key, dict[str, Any]]
     return infos
 
 
-def _replay_through(dep: Deployment, replay: DemoReplay, bfd_sessions: int) -> DemoRun:
+def _replay_through(dep: Deployment, replay: DemoReplay, bfd_sessions: int, say: Say) -> DemoRun:
     """Replays the planned sessions (and runs the BFD pairs) through `dep`, then checks them."""
     import ray
 
@@ -267,7 +275,13 @@ def _replay_through(dep: Deployment, replay: DemoReplay, bfd_sessions: int) -> D
     if pairs is not None:
         pairs.start()
     t0 = time.time()
-    res = replay_sessions(client, plan, speed=replay.speed)
+    total = sum(len(s.stream.messages) for s in plan)
+
+    def sent(n: int, _total: int) -> None:
+        say(f"replaying {len(plan)} BGP sessions: {n:,} of {total:,} UPDATEs sent ({100 * n // max(total, 1)}%)")
+
+    res = replay_sessions(client, plan, speed=replay.speed, on_progress=sent, progress_every=max(1, total // 100))
+    say("checking every session's Loc-RIB against an in-process replay")
     time.sleep(1.5)  # a last control step sees the end
     bfd_result = pairs.stop() if pairs is not None else None
     transport = client.transport
@@ -289,15 +303,17 @@ def _deploy_and_replay(
     telemetry_root: Path,
     app: str | None,
     ray_info: dict[str, Any],
+    say: Say,
 ) -> DemoRun:
     """Deploys `plans`, replays through them, and stops the deployment."""
     from apsv.ops import clear_state
     from apsv.runtime.cluster import deploy
 
+    say("starting the multiplexer, the VPSM and the first stack instances")
     dep = deploy(plans, telemetry_root=telemetry_root, interval_s=1.0, suffix="-demo", forecaster_app=app)
     _write_demo_state(dep, ray_info, app, telemetry_root)
     try:
-        return _replay_through(dep, replay, bfd_sessions)
+        return _replay_through(dep, replay, bfd_sessions, say)
     finally:
         dep.stop()
         clear_state()
@@ -360,13 +376,16 @@ def run_offload(
     forecaster: bool = True,
     plots: Path | None = None,
     bfd_sessions: int = 100,
+    say: Say | None = None,
 ) -> dict[str, Any]:
     """Replay the dumps' sessions through the cluster in compressed real time while the VPSM
     scales the BGP instances with the predictive policy on the TPE's forecasts; returns what it
-    measured."""
+    measured. `say` hears each phase as it starts (and the replay's progress)."""
+    say = say or (lambda _msg: None)
     from apsv.runtime.cluster import start_local_ray
 
     replay = _plan_replay(paths, sessions, vrouters, duration_s)
+    say("starting a local Ray")
     ray_info = start_local_ray(num_cpus=16)
     bgp = _bgp_plan(backend, replay.capacity)
     app: str | None = None
@@ -375,13 +394,14 @@ def run_offload(
     models = Path(tempfile.mkdtemp(prefix="apsv-demo-models-"))
     try:
         if forecaster:
+            say("training the forecaster on the dumps' churn and serving it with Ray Serve")
             app, started_serve, version = _start_forecaster(paths, models)
         bfd = _bfd_plan(backend)
         plans = [bgp, bfd] if bfd_sessions else [bgp]
-        run = _deploy_and_replay(plans, replay, bfd_sessions, telemetry_root, app, ray_info)
+        run = _deploy_and_replay(plans, replay, bfd_sessions, telemetry_root, app, ray_info, say)
     finally:
         if forecaster:
-            _stop_forecaster(started_serve)
+            _stop_forecaster(started_serve, own_ray=not ray_info.get("reused"))
         shutil.rmtree(models, ignore_errors=True)
     served = {"app": app, "model": version} if app else None
     return _offload_result(replay, run, bgp, backend, vrouters, served, telemetry_root, plots)
@@ -412,18 +432,21 @@ def demo(
         if not path.is_file():
             typer.echo(f"apsv demo: {path}: no such file", err=True)
             raise typer.Exit(2)
+    from apsv.ops import clear_starting, mark_starting
     from apsv.runtime.cluster import stdout_for_one_object
 
     console = Console(stderr=True)
-    with console.status("decoding the bundled MRT dumps", spinner="dots") as st:
-        decoded = [_decode(p) for p in paths]
-        st.update(
-            "training the forecaster, starting Ray, Serve, the multiplexer and the VPSM; replaying "
-            f"{sessions} BGP sessions over ~{duration:g} s"
-        )
-        root = telemetry or Path(tempfile.mkdtemp(prefix="apsv-telemetry-"))
-        with stdout_for_one_object(as_json):
-            offload = run_offload(paths, sessions, vrouters, backend, root, duration, forecaster, plots, bfd_sessions)
+    mark_starting("apsv demo")  # `apsv status` says the demo is starting until its deployment is recorded
+    try:
+        with console.status("decoding the MRT dumps", spinner="dots") as st:
+            decoded = [_decode(p) for p in paths]
+            root = telemetry or Path(tempfile.mkdtemp(prefix="apsv-telemetry-"))
+            with stdout_for_one_object(as_json):
+                offload = run_offload(
+                    paths, sessions, vrouters, backend, root, duration, forecaster, plots, bfd_sessions, say=st.update
+                )
+    finally:
+        clear_starting()
     b = offload["bfd"]
     ok = (
         offload["identical_ribs"]
