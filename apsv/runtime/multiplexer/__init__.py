@@ -8,7 +8,7 @@ decides, the clients and instances forward.
   sampled instances (`apsv/scaling/placement.py`: power of two choices on live load).
 * **Routes out.** A client learns its sessions' routes when it opens them and, whenever one
   changes, from its long poll (`watch`); an instance refuses frames sent by an outdated route
-  (fencing, `host.py`) and says where the session went, so a client never needs the
+  (fencing, `host/fencing.py`) and says where the session went, so a client never needs the
   multiplexer on the way of a frame.
 * **Moves** (rebalancing, drains): the source instance hands the sessions straight to the target
   (`StackInstance.hand_over`), between two batches; the multiplexer only picks who moves where and
