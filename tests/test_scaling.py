@@ -378,7 +378,7 @@ def test_simulator_stalls_a_node_where_instances_start_at_once() -> None:
 def test_mixture_quantile_matches_a_fine_bisection() -> None:
     """The simulator's fast p99 (constants hoisted, bisection to 1e-4) against a 60-step
     bisection on the reference CDF, on random mixtures of uniform + M/D/1-tail components."""
-    from apsv.scaling.simulator import _mixture_cdf, _mixture_quantile
+    from apsv.scaling.latency_mixture import mixture_cdf, mixture_quantile
 
     rng = np.random.default_rng(1)
     for _ in range(200):
@@ -394,8 +394,8 @@ def test_mixture_quantile_matches_a_fine_bisection() -> None:
         a, b = float(lo.min()), float((hi + 12 * m).max())
         for _ in range(60):
             x = (a + b) / 2
-            a, b = (x, b) if _mixture_cdf(x, lo, hi, wt, rho, m).sum() / wt.sum() < 0.99 else (a, x)
-        assert _mixture_quantile(lo, hi, wt, 0.99, rho, m) == pytest.approx((a + b) / 2, rel=5e-4, abs=2e-3)
+            a, b = (x, b) if mixture_cdf(x, lo, hi, wt, rho, m).sum() / wt.sum() < 0.99 else (a, x)
+        assert mixture_quantile(lo, hi, wt, 0.99, rho, m) == pytest.approx((a + b) / 2, rel=5e-4, abs=2e-3)
 
 
 def test_simulator_agents_batching_and_head_of_line() -> None:

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 from apsv.scaling import skill
@@ -108,42 +108,61 @@ def proactive(ctx: ScalingContext, margin: float = 1.0) -> tuple[int, str, float
     seconds, the instances the live load plus announced table transfers need - known, not
     forecast: 0 without a transfer).
 
-    - the band: the upper quantile's distance from the median, times `margin` (calibrated
-      online, `apsv.scaling.skill`);
-
     - lead time = the measured instance start latency plus one decision interval: an instance
       asked for now serves from then on;
     - need = the peak of the chosen forecast quantile (`quantile`, default p90) from now to the
       end of the lead time plus `dwell_s` (5: a join moves only part of the sessions, the rest
       follow at later joins, so a burst wants its instances a few seconds early), at the target
-      utilization of the per-instance capacity (learned from telemetry by the VPSM);
+      utilization of the per-instance capacity (learned from telemetry by the VPSM), its band
+      bounded (`_forecast_peaks`);
     - utilization: `target_utilization`, but never above what the SLO allows from queueing alone
       (`slo_utilization`, within `slo_fraction` 0.8 of it: 0.85 busy for a 10 ms SLO);
-    - the upper quantile is bounded by `max_forecast_ratio` (3) times the larger of the median
-      forecast and the highest load of the last `recent_s` (60) steps (a storm a minute gone no
-      longer licenses the band it left in the model's context);
-    - live correction: never below what the live load plus draining the measured backlog
-      (`inflight` past `backlog_tolerance_s` of service per instance) within `backlog_s` (2 s)
-      needs at the target - except that a live load between the target and `live_band` (half)
-      of the way to full utilization is held through, not scaled for (noise; it would flap);
-      a p99 latency above the SLO while the instances are busier than the target adds one
-      instance on top;
+    - live correction: never below what the live load and its backlog need (`_live_need`); a p99
+      latency above the SLO while the instances are busier than the target adds one instance on
+      top;
     - table transfers: peers that reset re-send their tables (`table_backlog`), known from the
-      moment a session goes down; a transfer arrives as fast as the receiver takes it, fastest at
-      first, so it is sized as `table_backlog / table_transfer_s` (20 s: the backlog's time
-      constant) on top of the forecast, which models the organic load only.
+      moment a session goes down, provisioned on top of the forecast, which models the organic
+      load only (`_table_rate`).
     """
     cfg = ctx.config
     q = str(cfg.get("quantile", "p90"))
     target = utilization_target(ctx, 0.8)
-    interval = float(cfg.get("interval_s", 1.0))
+    lead = ctx.start_latency_s + float(cfg.get("interval_s", 1.0))
     dwell = float(cfg.get("dwell_s", 5.0))
-    backlog_s = float(cfg.get("backlog_s", 2.0))
-    lead = ctx.start_latency_s + interval
+    k = max(1, math.ceil((lead + dwell) / max(ctx.forecast_step_s, 1e-9)))
+    median, predicted, forecast = _forecast_peaks(ctx, q, k, margin)
+    table_rate = _table_rate(ctx)
+    desired = max(instances_for(predicted + table_rate, ctx, target), _live_need(ctx, target))
+    reason = f"{q} {predicted:.0f}/s within {lead + dwell:.1f}s, live {ctx.load:.0f}/s + backlog {ctx.inflight:.0f}"
+    if table_rate > 0:
+        reason += f", tables to re-send {ctx.table_backlog:.0f} ({table_rate:.0f}/s)"
+    busy = ctx.cpu_utilization is None or ctx.cpu_utilization > target
+    if _over_slo(ctx) and busy:
+        # over the SLO while the instances are busy: reality exceeds the forecast. (A backlog that
+        # is only draining is not helped by new instances: queued messages do not move.)
+        desired = max(desired, ctx.current_instances + 1)
+        reason += f", p99 {ctx.latency_p99_ms:.0f} ms over the {ctx.slo_ms:.0f} ms SLO"
+    known = instances_for(ctx.load + table_rate, ctx, target) if table_rate > 0 else 0
+    return (
+        desired,
+        reason,
+        (median if forecast else None),
+        (predicted if forecast else None),
+        k * ctx.forecast_step_s,
+        known,
+    )
+
+
+def _forecast_peaks(ctx: ScalingContext, q: str, k: int, margin: float) -> tuple[float, float, bool]:
+    """(the median forecast's peak over the next `k` steps, quantile `q`'s as provisioned for,
+    whether there is a `q` forecast). The band - `q`'s distance from the median - is scaled by
+    `margin` (calibrated online, `apsv.scaling.skill`) and bounded by `max_forecast_ratio` (3)
+    times the larger of the median forecast and the highest load of the last `recent_s` (60)
+    steps (a storm a minute gone no longer licenses the band it left in the model's context)."""
+    cfg = ctx.config
     forecast = (ctx.forecast or {}).get(q, ())
     ratio = float(cfg.get("max_forecast_ratio", 3.0))
     recent = ctx.load_history[-int(cfg.get("recent_s", 60)) :]
-    k = max(1, math.ceil((lead + dwell) / max(ctx.forecast_step_s, 1e-9)))
     median = max((ctx.forecast or {}).get("p50", ())[:k], default=0.0)
     predicted = max(forecast[:k], default=0.0)
     if q != "p50" and predicted > median:
@@ -153,7 +172,16 @@ def proactive(ctx: ScalingContext, margin: float = 1.0) -> tuple[int, str, float
         # model's band exploding after an outlier (a reset storm in its context), not a
         # prediction: bound it. A burst the median itself predicts is kept.
         predicted = min(predicted, ratio * max(median, max(recent, default=0.0), ctx.load))
+    return median, predicted, bool(forecast)
 
+
+def _live_need(ctx: ScalingContext, target: float) -> int:
+    """The instances the live load plus draining the measured backlog (`inflight` past
+    `backlog_tolerance_s` of service per instance) within `backlog_s` (2 s) need at the target -
+    except that a live load between the target and `live_band` (half) of the way to full
+    utilization is held through, not scaled for (noise; it would flap)."""
+    cfg = ctx.config
+    backlog_s = float(cfg.get("backlog_s", 2.0))
     # the live load, plus the backlog drained within backlog_s (a backlog a few instances hold
     # drains only as fast as their sessions move away: size for the load that would clear it).
     # Up to `backlog_tolerance_s` of service per instance (50 ms, at most half the SLO) is the
@@ -169,27 +197,19 @@ def proactive(ctx: ScalingContext, margin: float = 1.0) -> tuple[int, str, float
     live_need = instances_for(live, ctx, target)
     if instances_for(live, ctx, target + (1.0 - target) * float(cfg.get("live_band", 0.5))) <= ctx.current_instances:
         live_need = min(live_need, ctx.current_instances)
-    table_rate = max(ctx.table_backlog, 0.0) / max(float(cfg.get("table_transfer_s", 20.0)), 1e-9)
-    desired = max(instances_for(predicted + table_rate, ctx, target), live_need)
-    reason = f"{q} {predicted:.0f}/s within {lead + dwell:.1f}s, live {ctx.load:.0f}/s + backlog {ctx.inflight:.0f}"
-    if table_rate > 0:
-        reason += f", tables to re-send {ctx.table_backlog:.0f} ({table_rate:.0f}/s)"
-    late = ctx.latency_p99_ms is not None and ctx.slo_ms is not None and ctx.latency_p99_ms > ctx.slo_ms
-    busy = ctx.cpu_utilization is None or ctx.cpu_utilization > target
-    if late and busy:
-        # over the SLO while the instances are busy: reality exceeds the forecast. (A backlog that
-        # is only draining is not helped by new instances: queued messages do not move.)
-        desired = max(desired, ctx.current_instances + 1)
-        reason += f", p99 {ctx.latency_p99_ms:.0f} ms over the {ctx.slo_ms:.0f} ms SLO"
-    known = instances_for(ctx.load + table_rate, ctx, target) if table_rate > 0 else 0
-    return (
-        desired,
-        reason,
-        (median if forecast else None),
-        (predicted if forecast else None),
-        k * ctx.forecast_step_s,
-        known,
-    )
+    return live_need
+
+
+def _table_rate(ctx: ScalingContext) -> float:
+    """The rate the announced table transfers (`table_backlog`) arrive at: a transfer arrives as
+    fast as the receiver takes it, fastest at first, so it is sized as `table_backlog /
+    table_transfer_s` (20 s: the backlog's time constant)."""
+    return max(ctx.table_backlog, 0.0) / max(float(ctx.config.get("table_transfer_s", 20.0)), 1e-9)
+
+
+def _over_slo(ctx: ScalingContext) -> bool:
+    """Whether the measured p99 latency is over the SLO (False where either is unknown)."""
+    return ctx.latency_p99_ms is not None and ctx.slo_ms is not None and ctx.latency_p99_ms > ctx.slo_ms
 
 
 def _shadow_runs(
@@ -222,6 +242,8 @@ def _shadow_runs(
 
 
 def predictive(ctx: ScalingContext) -> Decision:
+    """The fallback's recommendation moved toward full proactive provisioning as far as the
+    forecast is trusted, with the scale-out and scale-in rules of the module docstring."""
     cfg = ctx.config
     q = str(cfg.get("quantile", "p90"))
     level = int(q[1:]) / 100.0 if q[1:].isdigit() else 0.9
@@ -239,21 +261,15 @@ def predictive(ctx: ScalingContext) -> Decision:
     # if they served at once, and its own state): on the live path a rule that waits out a delay
     # recommends the instances the forecast had already started, and would earn their credit.
     shadows = _shadow_runs(ctx, rules, state.get("shadows", {}))
-    # what each recommendation provisions for, in load: instances x what one serves at the
-    # target, and within the SLO: instances x what one serves before queueing breaks it
-    per = ctx.capacity_per_instance * utilization_target(ctx, 0.8) / max(ctx.load_imbalance, 1.0)
-    # (a peak over capacity for one interval queues what the SLO's latency drains: within it)
-    queue_allowance = (ctx.slo_ms or 0.0) / 1000.0 / max(float(cfg.get("interval_s", 1.0)), 1e-9)
-    full = ctx.capacity_per_instance * (slo_utilization(ctx, 1.0) + queue_allowance) / max(ctx.load_imbalance, 1.0)
-    candidates = {n: (n_own * per, n_own * full) for n, (n_own, _) in shadows.items()}
-    candidates[skill.PROACTIVE] = (proactive_n * per, proactive_n * full)
+    recommended = {n: n_own for n, (n_own, _) in shadows.items()}
+    recommended[skill.PROACTIVE] = proactive_n
     sk = skill.observe(
         state.get("skill"),
         now=ctx.now,
         load=ctx.load,
         window_s=window_s,
         median_peak=median_peak,
-        candidates=candidates,
+        candidates=_candidates(ctx, recommended),
         band_peak=band_peak,
         tau=level,
         score_tau=float(cfg["skill_level"]) if "skill_level" in cfg else None,
@@ -266,16 +282,12 @@ def predictive(ctx: ScalingContext) -> Decision:
         f"forecast trusted at {w:.2f} (loss {skill.ratio(sk, fallback_name):.2f}x {fallback_name}'s, "
         f"covers {skill.coverage(sk):.0%}, median error {skill.forecast_ratio(sk):.2f}x persistence's)"
     )
-    interval = float(cfg.get("interval_s", 1.0))
-    # the scale-in window over the proactive recommendations: `stabilization_s` times the trust;
-    # never shorter than the lead time (no scale-in the next start would undo) nor than
-    # `hold_decisions` decisions
-    window = max(
-        w * float(cfg.get("stabilization_s", DEFAULT_STABILIZATION_S)),
-        ctx.start_latency_s + interval,
-        float(cfg.get("hold_decisions", 2)) * interval,
-    )
+    window = _scale_in_window(ctx, w)
+    # the window holds the proactive recommendations: the fallback's is stabilized by the
+    # fallback itself (held again, a rule that waits 600 s before each step down, and keeps
+    # its count meanwhile, would never be seen to step down)
     recs = [(float(t), int(n)) for t, n in state.get("recs", []) if ctx.now - float(t) < window - 1e-9]
+    recs.append((ctx.now, proactive_n))
     since = float(state.get("since", ctx.now))  # the first decision this state has seen
     new_state: dict[str, Any] = {
         "skill": sk,
@@ -284,54 +296,92 @@ def predictive(ctx: ScalingContext) -> Decision:
         "fallback": fallback_name,
         "trust": w,
         "since": since,
+        "recs": recs,
     }
     if w <= 0.0 and known_n <= fb.instances:
         # no skill shown (and no table transfer announced): exactly the fallback rule
-        recs.append((ctx.now, proactive_n))
-        new_state["recs"] = recs
         return Decision(fb.instances, new_state, f"{trust_note}: {fallback_name}: {fb.reason}", w)
 
-    guard = skill.guard(sk, fallback_name)
-
-    def blend(pro: int) -> int:
-        # below the fallback only as far as the forecast has not run short more often than it;
-        # tables peers are re-sending are known, not forecast: provisioned whatever the trust
-        weight = w if pro >= fb.instances else w * guard
-        return clamp(max(math.ceil(fb.instances + weight * (pro - fb.instances) - 1e-9), known_n), ctx)
-
-    blended = blend(proactive_n)
-    # the window holds the proactive recommendations: the fallback's is stabilized by the
-    # fallback itself (held again, a rule that waits 600 s before each step down, and keeps
-    # its count meanwhile, would never be seen to step down)
-    recs.append((ctx.now, proactive_n))
-    new_state["recs"] = recs
+    blend = _Blend(fb.instances, w, skill.guard(sk, fallback_name), known_n)
+    blended = blend(ctx, proactive_n)
     reason = f"{trust_note}: {pro_reason}; {fallback_name} {fb.instances}"
     tolerance = float(cfg.get("scale_tolerance", 0.1))
     if blended > ctx.current_instances:
-        late = ctx.latency_p99_ms is not None and ctx.slo_ms is not None and ctx.latency_p99_ms > ctx.slo_ms
-        busy = ctx.cpu_utilization is not None and ctx.cpu_utilization > utilization_target(ctx, 0.8)
-        small = blended <= ctx.current_instances + max(1.0, tolerance * ctx.current_instances)
-        # (a scale-out the fallback itself asks for is held only where the forecast is trusted
-        # more than half: below that, the fallback's judgement of the live load prevails)
-        fallback_up = fb.instances > ctx.current_instances and w < 0.5
-        if not (late or busy or fallback_up) and (small or proactive_n <= ctx.current_instances):
-            # nothing live says the instances are short (p99 within the SLO, utilization within
-            # the target), and the ask is for one more or within the tolerance (HPA's 10 %), or
-            # only the fallback's headroom asks (the forecast does not, its weight moved): noise,
-            # not worth a start and the moves it brings
+        if _hold_scale_out(ctx, blended, proactive_n, fb.instances, w, tolerance):
             return Decision(ctx.current_instances, new_state, reason + " (up: within tolerance)", w)
         return Decision(blended, new_state, reason, w)
     if blended == ctx.current_instances:
         return Decision(blended, new_state, reason, w)
-    # scale-in: the blend with the highest proactive recommendation of the window, and only
-    # instances past their minimum lifetime go (a window not yet seen in full holds everything:
-    # no scale-in on a fresh start)
-    stable = blend(max(n for _, n in recs)) if ctx.now - since >= window - 1e-9 else ctx.current_instances
+    # scale-in: the blend with the highest proactive recommendation of the window (a window not
+    # yet seen in full holds everything: no scale-in on a fresh start)
+    stable = blend(ctx, max(n for _, n in recs)) if ctx.now - since >= window - 1e-9 else ctx.current_instances
+    n = _scale_in(ctx, stable, tolerance)
+    return Decision(n, new_state, reason + (" (down: held by the window)" if n > blended else ""), w)
+
+
+def _candidates(ctx: ScalingContext, instances: Mapping[str, int]) -> dict[str, tuple[float, float]]:
+    """What each recommendation (by name: instances) provisions for, in load: (instances x what
+    one serves at the target, instances x what one serves before queueing breaks the SLO)."""
+    per = ctx.capacity_per_instance * utilization_target(ctx, 0.8) / max(ctx.load_imbalance, 1.0)
+    # (a peak over capacity for one interval queues what the SLO's latency drains: within it)
+    queue_allowance = (ctx.slo_ms or 0.0) / 1000.0 / max(float(ctx.config.get("interval_s", 1.0)), 1e-9)
+    full = ctx.capacity_per_instance * (slo_utilization(ctx, 1.0) + queue_allowance) / max(ctx.load_imbalance, 1.0)
+    return {name: (n * per, n * full) for name, n in instances.items()}
+
+
+def _scale_in_window(ctx: ScalingContext, trust: float) -> float:
+    """The scale-in window over the proactive recommendations: `stabilization_s` times the trust;
+    never shorter than the lead time (no scale-in the next start would undo) nor than
+    `hold_decisions` decisions."""
+    cfg = ctx.config
+    interval = float(cfg.get("interval_s", 1.0))
+    return max(
+        trust * float(cfg.get("stabilization_s", DEFAULT_STABILIZATION_S)),
+        ctx.start_latency_s + interval,
+        float(cfg.get("hold_decisions", 2)) * interval,
+    )
+
+
+@dataclass(frozen=True)
+class _Blend:
+    """The fallback's recommendation moved toward a proactive one by the trust: below the
+    fallback only by trust x `guard` (as far as the forecast has not run short more often than
+    it), and never below the instances the announced table transfers need (known, not forecast:
+    provisioned whatever the trust)."""
+
+    fallback_n: int
+    trust: float
+    guard: float
+    known_n: int
+
+    def __call__(self, ctx: ScalingContext, pro: int) -> int:
+        weight = self.trust if pro >= self.fallback_n else self.trust * self.guard
+        return clamp(max(math.ceil(self.fallback_n + weight * (pro - self.fallback_n) - 1e-9), self.known_n), ctx)
+
+
+def _hold_scale_out(
+    ctx: ScalingContext, blended: int, proactive_n: int, fallback_n: int, trust: float, tolerance: float
+) -> bool:
+    """Whether a scale-out to `blended` is noise to hold through: nothing live says the instances
+    are short (p99 within the SLO, utilization within the target), and the ask is for one more or
+    within the tolerance (HPA's 10 %), or only the fallback's headroom asks (the forecast does
+    not, its weight moved) - not worth a start and the moves it brings."""
+    busy = ctx.cpu_utilization is not None and ctx.cpu_utilization > utilization_target(ctx, 0.8)
+    small = blended <= ctx.current_instances + max(1.0, tolerance * ctx.current_instances)
+    # (a scale-out the fallback itself asks for is held only where the forecast is trusted
+    # more than half: below that, the fallback's judgement of the live load prevails)
+    fallback_up = fallback_n > ctx.current_instances and trust < 0.5
+    return not (_over_slo(ctx) or busy or fallback_up) and (small or proactive_n <= ctx.current_instances)
+
+
+def _scale_in(ctx: ScalingContext, stable: int, tolerance: float) -> int:
+    """The instances a scale-in toward `stable` leaves: none go where `stable` is within the
+    tolerance of the current count, and only instances past their minimum lifetime
+    (`min_lifetime_s`) go."""
     if stable > ctx.current_instances * (1.0 - tolerance):
         # within the tolerance of the current count (HPA's 10 %): not worth a drain's moves
         stable = ctx.current_instances
-    min_life = float(cfg.get("min_lifetime_s", 60.0))
+    min_life = float(ctx.config.get("min_lifetime_s", 60.0))
     removable = sum(1 for age in ctx.instance_ages if age >= min_life) if ctx.instance_ages else ctx.current_instances
     floor = ctx.current_instances - removable
-    n = clamp(min(max(stable, floor), ctx.current_instances), ctx)
-    return Decision(n, new_state, reason + (" (down: held by the window)" if n > blended else ""), w)
+    return clamp(min(max(stable, floor), ctx.current_instances), ctx)
