@@ -170,6 +170,30 @@ def test_min_above_max_names_file_and_field(tmp_path: Path) -> None:
             "protocols[0].policy_config",
             "trust: expected a number in 0..1",
         ),
+        (
+            {"protocols": [{"protocol": "bgp", "policy": "threshold", "policy_config": {"target_utilisation": 0.6}}]},
+            "protocols[0].policy_config",
+            "target_utilisation: not a setting of the threshold policy (known: ",
+        ),
+        (
+            {"protocols": [{"protocol": "bgp", "policy": "reactive", "policy_config": {"upscale_delay_s": "soon"}}]},
+            "protocols[0].policy_config",
+            "upscale_delay_s: expected a number, got 'soon'",
+        ),
+        (
+            {
+                "forecaster": {"enabled": True},
+                "protocols": [
+                    {
+                        "protocol": "bgp",
+                        "policy": "predictive",
+                        "policy_config": {"fallback": "threshold", "fallback_config": {"window_s": 60}},
+                    }
+                ],
+            },
+            "protocols[0].policy_config",
+            "fallback_config (threshold): window_s: not a setting of the threshold policy",
+        ),
         ({"protocols": [{"protocol": "bgp", "backend": "vm"}]}, "protocols[0].backend", "'process' or 'docker'"),
         (
             {"protocols": [{"protocol": "bgp", "allocation": {"memory": "512XB"}}]},

@@ -226,11 +226,13 @@ class ProtocolSection(_Section):
                 autoscaling_config(v, 1, 1)
             except ValueError as e:
                 raise PydanticCustomError("policy_config", "{why}", {"why": str(e)}) from None
-        if info.data.get("policy") == "predictive":
+        policy = info.data.get("policy")
+        if policy is not None and policy != "ray_serve":  # each policy's settings say what it takes
+            from apsv.scaling import settings
             from apsv.scaling.predictive import check_config
 
             try:
-                check_config(v)
+                check_config(v) if policy == "predictive" else settings.check(policy, v)
             except (TypeError, ValueError) as e:
                 raise PydanticCustomError("policy_config", "{why}", {"why": str(e)}) from None
         return v

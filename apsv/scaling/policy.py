@@ -13,6 +13,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from apsv.scaling import settings
+
 
 @dataclass(frozen=True)
 class ScalingContext:
@@ -66,12 +68,9 @@ def reactive(ctx: ScalingContext) -> Decision:
     (upscale/downscale smoothing factors); a change is made only after the wish has lasted for the
     up or down delay; bounds and budget apply.
     """
-    cfg = ctx.config
-    target = float(cfg.get("target_utilization", 0.7))
-    up_smooth = float(cfg.get("upscale_smoothing", 1.0))
-    down_smooth = float(cfg.get("downscale_smoothing", 0.5))
-    up_delay = float(cfg.get("upscale_delay_s", 5.0))
-    down_delay = float(cfg.get("downscale_delay_s", 30.0))
+    s = settings.parse(settings.Reactive, ctx.config, "reactive")
+    target, up_smooth, down_smooth = s.target_utilization, s.upscale_smoothing, s.downscale_smoothing
+    up_delay, down_delay = s.upscale_delay_s, s.downscale_delay_s
     cur = max(ctx.current_instances, 1)
     per = max(ctx.capacity_per_instance * target, 1e-9)
     error = ctx.load / (per * cur)
@@ -94,11 +93,11 @@ def reactive(ctx: ScalingContext) -> Decision:
 def static(ctx: ScalingContext) -> Decision:
     """Provisioned once for the peak: `config['peak_load']` at `target_utilization` (or a fixed
     `config['instances']`); never changes."""
-    cfg = ctx.config
-    if "instances" in cfg:
-        return Decision(clamp(int(cfg["instances"]), ctx), {}, "static")
-    peak = float(cfg.get("peak_load", max(ctx.load_history, default=ctx.load)))
-    per = ctx.capacity_per_instance * float(cfg.get("target_utilization", 0.7))
+    s = settings.parse(settings.Static, ctx.config, "static")
+    if s.instances is not None:
+        return Decision(clamp(s.instances, ctx), {}, "static")
+    peak = s.peak_load if s.peak_load is not None else max(ctx.load_history, default=ctx.load)
+    per = ctx.capacity_per_instance * s.target_utilization
     return Decision(clamp(math.ceil(peak / max(per, 1e-9)), ctx), {}, f"static for a peak of {peak:.0f}/s")
 
 
@@ -106,10 +105,8 @@ def threshold(ctx: ScalingContext) -> Decision:
     """The Kubernetes HPA: desired = ceil(current x utilization / target), ignored within the
     tolerance; scaling down takes the highest recommendation of the stabilization window
     (default 300 s), scaling up is immediate but at most doubles (or +4) per step."""
-    cfg = ctx.config
-    target = float(cfg.get("target_cpu", 0.7))
-    tolerance = float(cfg.get("tolerance", 0.1))
-    window = float(cfg.get("stabilization_s", 300.0))
+    s = settings.parse(settings.Threshold, ctx.config, "threshold")
+    target, tolerance, window = s.target_cpu, s.tolerance, s.stabilization_s
     cur = max(ctx.current_instances, 1)
     util = ctx.cpu_utilization
     if util is None:  # no CPU figure: the load against capacity stands in for it
@@ -144,10 +141,11 @@ def slo_utilization(ctx: ScalingContext, fraction: float = 0.8) -> float:
         return 1.0
     # `service_ms` in the config: one message's service time when the capacity is counted in
     # other units (a replayed trace: the VPSM counts trace messages, an instance serves live ones)
-    service_ms = float(ctx.config.get("service_ms", 1000.0 / ctx.capacity_per_instance))
+    s = settings.common(ctx.config)
+    service_ms = s.service_ms if s.service_ms is not None else 1000.0 / ctx.capacity_per_instance
     # `fixed_latency_ms`: what every message has whatever the load (the transport floor, the
     # agents' batching wait); queueing gets what is left of the budget
-    budget = fraction * ctx.slo_ms - float(ctx.config.get("fixed_latency_ms", 0.0))
+    budget = fraction * ctx.slo_ms - s.fixed_latency_ms
     lo, hi = 0.0, 0.99
     for _ in range(30):
         rho = 0.5 * (lo + hi)
@@ -156,10 +154,9 @@ def slo_utilization(ctx: ScalingContext, fraction: float = 0.8) -> float:
     return max(lo, 0.05)
 
 
-def utilization_target(ctx: ScalingContext, default: float) -> float:
-    """The configured `target_utilization`, never above what the SLO allows (`slo_fraction`)."""
-    cfg = ctx.config
-    return min(float(cfg.get("target_utilization", default)), slo_utilization(ctx, float(cfg.get("slo_fraction", 0.8))))
+def utilization_target(ctx: ScalingContext, target: float, slo_fraction: float) -> float:
+    """The policy's target utilization, never above what the SLO allows (`slo_fraction` of it)."""
+    return min(target, slo_utilization(ctx, slo_fraction))
 
 
 def predictive(ctx: ScalingContext) -> Decision:
@@ -176,17 +173,18 @@ def oracle(ctx: ScalingContext) -> Decision:
     drained just before it is needed again: every drain moves sessions); the cost floor for
     running without SLO violations - so never busier than the SLO allows from the queueing of
     random arrivals alone (`slo_utilization`)."""
-    cfg = ctx.config
-    target = utilization_target(ctx, 0.9)
-    lead = ctx.start_latency_s + float(cfg.get("interval_s", 1.0))
-    k = max(1, math.ceil((lead + float(cfg.get("hold_s", 20.0))) / max(ctx.forecast_step_s, 1e-9)))
+    s = settings.parse(settings.Oracle, ctx.config, "oracle")
+    target = utilization_target(ctx, s.target_utilization, s.slo_fraction)
+    lead = ctx.start_latency_s + s.interval_s
+    k = max(1, math.ceil((lead + s.hold_s) / max(ctx.forecast_step_s, 1e-9)))
     peak = max((ctx.load, *ctx.future_load[:k]))
     return Decision(clamp(instances_for(peak, ctx, target), ctx), {}, f"actual peak {peak:.0f}/s ahead")
 
 
 def fixed(ctx: ScalingContext) -> Decision:
     """Hold `config['instances']` (or the current count): for forced scaling and tests."""
-    n = int(ctx.config.get("instances", ctx.current_instances))
+    s = settings.parse(settings.Fixed, ctx.config, "fixed")
+    n = ctx.current_instances if s.instances is None else s.instances
     return Decision(clamp(n, ctx), {}, "fixed")
 
 

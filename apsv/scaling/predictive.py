@@ -39,7 +39,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
-from apsv.scaling import skill
+from apsv.scaling import settings, skill
 from apsv.scaling.policy import (
     Decision,
     ScalingContext,
@@ -57,7 +57,6 @@ DEFAULT_FALLBACK_CONFIGS: dict[str, dict[str, Any]] = {
     "threshold": {"target_cpu": 0.6, "stabilization_s": 60.0},
     "ray_serve": {},
 }
-DEFAULT_STABILIZATION_S = 60.0  # the scale-in window at full trust (the HPA baseline's)
 # what callers add to every policy's config that the fallbacks read too
 _CONTEXT_KEYS = ("interval_s", "service_ms", "fixed_latency_ms")
 
@@ -67,7 +66,8 @@ def fallbacks(config: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     policy name or a list of them; `fallback_config` the one's settings, or with several a
     mapping of each one's by name (a name left out gets its default: threshold at 0.6 with a
     60 s window, Ray Serve's policy with Ray's defaults). ValueError naming what is wrong."""
-    raw = config.get("fallback", DEFAULT_FALLBACK)
+    raw = config.get("fallback")
+    raw = DEFAULT_FALLBACK if raw is None else raw
     names = [raw] if isinstance(raw, str) else list(raw) if isinstance(raw, list | tuple) else None
     if not names or not all(isinstance(n, str) for n in names):
         raise ValueError(f"fallback: expected a reactive policy's name or a list of them, got {raw!r}")
@@ -75,7 +75,8 @@ def fallbacks(config: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
         if n in ("predictive", "oracle"):
             raise ValueError(f"fallback: {n!r} cannot be the fallback (a reactive rule is: threshold, ray_serve, ...)")
         get_policy(n)  # an unknown name raises with the known ones
-    given = config.get("fallback_config", {})
+    given = config.get("fallback_config")
+    given = {} if given is None else given
     if not isinstance(given, Mapping):
         raise ValueError("fallback_config: expected a mapping of the fallback policy's settings")
     if len(names) > 1 and any(k not in names or not isinstance(v, Mapping) for k, v in given.items()):
@@ -87,7 +88,7 @@ def fallbacks(config: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     for n in names:
         own = (
             given
-            if len(names) == 1 and "fallback_config" in config
+            if len(names) == 1 and config.get("fallback_config") is not None
             else given.get(n, DEFAULT_FALLBACK_CONFIGS.get(n, {}))
         )
         out[n] = {**context, **dict(own)}
@@ -95,11 +96,29 @@ def fallbacks(config: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 def check_config(config: Mapping[str, Any]) -> None:
-    """ValueError naming what is wrong in a predictive policy config (checked where it is read)."""
-    fallbacks(config)
-    for key in ("trust", "skill_full_at", "skill_coverage_floor", "scale_tolerance"):
-        if key in config and not 0.0 <= float(config[key]) <= 1.0:
-            raise ValueError(f"{key}: expected a number in 0..1, got {config[key]!r}")
+    """ValueError naming what is wrong in a predictive policy config: its own settings
+    (`apsv.scaling.settings.Predictive`), the fallbacks it names and each one's settings."""
+    s = settings.parse(settings.Predictive, config, "predictive")
+    if s.quantile not in ("p50", "p90", "p99") and not (s.quantile[1:].isdigit() and s.quantile[0] == "p"):
+        raise ValueError(f"quantile: expected a quantile's name such as p90, got {s.quantile!r}")
+    for name, own in fallbacks(config).items():
+        try:
+            if name == "ray_serve":
+                from apsv.scaling.ray_serve import autoscaling_config
+
+                autoscaling_config(own, 1, 1)
+            else:
+                settings.check(name, own)
+        except ValueError as e:
+            raise ValueError(f"fallback_config ({name}): {e}") from None
+
+
+def _settings(ctx: ScalingContext) -> settings.Predictive:
+    return settings.parse(settings.Predictive, ctx.config, "predictive")
+
+
+def _target(ctx: ScalingContext, s: settings.Predictive) -> float:
+    return utilization_target(ctx, s.target_utilization, s.slo_fraction)
 
 
 def proactive(ctx: ScalingContext, margin: float = 1.0) -> tuple[int, str, float | None, float | None, float, int]:
@@ -124,15 +143,15 @@ def proactive(ctx: ScalingContext, margin: float = 1.0) -> tuple[int, str, float
       moment a session goes down, provisioned on top of the forecast, which models the organic
       load only (`_table_rate`).
     """
-    cfg = ctx.config
-    q = str(cfg.get("quantile", "p90"))
-    target = utilization_target(ctx, 0.8)
-    lead = ctx.start_latency_s + float(cfg.get("interval_s", 1.0))
-    dwell = float(cfg.get("dwell_s", 5.0))
+    s = _settings(ctx)
+    q = s.quantile
+    target = _target(ctx, s)
+    lead = ctx.start_latency_s + s.interval_s
+    dwell = s.dwell_s
     k = max(1, math.ceil((lead + dwell) / max(ctx.forecast_step_s, 1e-9)))
-    median, predicted, forecast = _forecast_peaks(ctx, q, k, margin)
-    table_rate = _table_rate(ctx)
-    desired = max(instances_for(predicted + table_rate, ctx, target), _live_need(ctx, target))
+    median, predicted, forecast = _forecast_peaks(ctx, s, k, margin)
+    table_rate = _table_rate(ctx, s)
+    desired = max(instances_for(predicted + table_rate, ctx, target), _live_need(ctx, s, target))
     reason = f"{q} {predicted:.0f}/s within {lead + dwell:.1f}s, live {ctx.load:.0f}/s + backlog {ctx.inflight:.0f}"
     if table_rate > 0:
         reason += f", tables to re-send {ctx.table_backlog:.0f} ({table_rate:.0f}/s)"
@@ -153,16 +172,16 @@ def proactive(ctx: ScalingContext, margin: float = 1.0) -> tuple[int, str, float
     )
 
 
-def _forecast_peaks(ctx: ScalingContext, q: str, k: int, margin: float) -> tuple[float, float, bool]:
+def _forecast_peaks(ctx: ScalingContext, s: settings.Predictive, k: int, margin: float) -> tuple[float, float, bool]:
     """(the median forecast's peak over the next `k` steps, quantile `q`'s as provisioned for,
     whether there is a `q` forecast). The band - `q`'s distance from the median - is scaled by
     `margin` (calibrated online, `apsv.scaling.skill`) and bounded by `max_forecast_ratio` (3)
     times the larger of the median forecast and the highest load of the last `recent_s` (60)
     steps (a storm a minute gone no longer licenses the band it left in the model's context)."""
-    cfg = ctx.config
+    q = s.quantile
     forecast = (ctx.forecast or {}).get(q, ())
-    ratio = float(cfg.get("max_forecast_ratio", 3.0))
-    recent = ctx.load_history[-int(cfg.get("recent_s", 60)) :]
+    ratio = s.max_forecast_ratio
+    recent = ctx.load_history[-s.recent_s :]
     median = max((ctx.forecast or {}).get("p50", ())[:k], default=0.0)
     predicted = max(forecast[:k], default=0.0)
     if q != "p50" and predicted > median:
@@ -175,18 +194,17 @@ def _forecast_peaks(ctx: ScalingContext, q: str, k: int, margin: float) -> tuple
     return median, predicted, bool(forecast)
 
 
-def _live_need(ctx: ScalingContext, target: float) -> int:
+def _live_need(ctx: ScalingContext, s: settings.Predictive, target: float) -> int:
     """The instances the live load plus draining the measured backlog (`inflight` past
     `backlog_tolerance_s` of service per instance) within `backlog_s` (2 s) need at the target -
     except that a live load between the target and `live_band` (half) of the way to full
     utilization is held through, not scaled for (noise; it would flap)."""
-    cfg = ctx.config
-    backlog_s = float(cfg.get("backlog_s", 2.0))
+    backlog_s = s.backlog_s
     # the live load, plus the backlog drained within backlog_s (a backlog a few instances hold
     # drains only as fast as their sessions move away: size for the load that would clear it).
     # Up to `backlog_tolerance_s` of service per instance (50 ms, at most half the SLO) is the
     # queueing of random arrivals, not a backlog: it flickers, and sizing for it would flap.
-    tolerance_s = float(cfg.get("backlog_tolerance_s", 0.05))
+    tolerance_s = s.backlog_tolerance_s
     if ctx.slo_ms is not None:
         tolerance_s = min(tolerance_s, ctx.slo_ms / 2000.0)
     normal = tolerance_s * ctx.capacity_per_instance * max(ctx.current_instances, 1)
@@ -195,16 +213,16 @@ def _live_need(ctx: ScalingContext, target: float) -> int:
     # utilization (half) is noise to hold through (scaling for it would flap); beyond, size for
     # it at the target. Scaling down never goes below what it needs at the target.
     live_need = instances_for(live, ctx, target)
-    if instances_for(live, ctx, target + (1.0 - target) * float(cfg.get("live_band", 0.5))) <= ctx.current_instances:
+    if instances_for(live, ctx, target + (1.0 - target) * s.live_band) <= ctx.current_instances:
         live_need = min(live_need, ctx.current_instances)
     return live_need
 
 
-def _table_rate(ctx: ScalingContext) -> float:
+def _table_rate(ctx: ScalingContext, s: settings.Predictive) -> float:
     """The rate the announced table transfers (`table_backlog`) arrive at: a transfer arrives as
     fast as the receiver takes it, fastest at first, so it is sized as `table_backlog /
     table_transfer_s` (20 s: the backlog's time constant)."""
-    return max(ctx.table_backlog, 0.0) / max(float(ctx.config.get("table_transfer_s", 20.0)), 1e-9)
+    return max(ctx.table_backlog, 0.0) / max(s.table_transfer_s, 1e-9)
 
 
 def _over_slo(ctx: ScalingContext) -> bool:
@@ -244,17 +262,23 @@ def _shadow_runs(
 def predictive(ctx: ScalingContext) -> Decision:
     """The fallback's recommendation moved toward full proactive provisioning as far as the
     forecast is trusted, with the scale-out and scale-in rules of the module docstring."""
-    cfg = ctx.config
-    q = str(cfg.get("quantile", "p90"))
+    s = _settings(ctx)
+    q = s.quantile
     level = int(q[1:]) / 100.0 if q[1:].isdigit() else 0.9
-    sk_cfg = skill.SkillConfig.from_config(cfg, nominal=level)
+    sk_cfg = skill.SkillConfig(
+        halflife=s.skill_halflife,
+        min_evidence=s.skill_min_evidence,
+        full_at=s.skill_full_at,
+        nominal=level,
+        cov_zero=s.skill_coverage_floor,
+    )
     state: dict[str, Any] = dict(ctx.state)
 
-    margin = float(state.get("skill", {}).get("margin", 1.0)) if "margin" not in cfg else float(cfg["margin"])
+    margin = float(state.get("skill", {}).get("margin", 1.0)) if s.margin is None else s.margin
     proactive_n, pro_reason, median_peak, band_peak, window_s, known_n = proactive(ctx, margin)
     # every fallback rule runs from its own state on the live context; the one that has served
     # the load best so far is the one the forecast is weighed against
-    rules = fallbacks(cfg)
+    rules = fallbacks(ctx.config)
     fb_states = state.get("fallbacks", {})
     recs_fb = {n: get_policy(n)(replace(ctx, state=fb_states.get(n, {}), config=c)) for n, c in rules.items()}
     # Scored, each also runs on a path of its own (`shadows`: the instances it decided last, as
@@ -269,20 +293,20 @@ def predictive(ctx: ScalingContext) -> Decision:
         load=ctx.load,
         window_s=window_s,
         median_peak=median_peak,
-        candidates=_candidates(ctx, recommended),
+        candidates=_candidates(ctx, s, recommended),
         band_peak=band_peak,
         tau=level,
-        score_tau=float(cfg["skill_level"]) if "skill_level" in cfg else None,
+        score_tau=s.skill_level,
         halflife=sk_cfg.halflife,
     )
     fallback_name = skill.better_fallback(sk, list(rules), state.get("fallback"))
     fb = recs_fb[fallback_name]
-    w = float(cfg["trust"]) if "trust" in cfg else skill.trust(sk, sk_cfg, fallback_name)
+    w = s.trust if s.trust is not None else skill.trust(sk, sk_cfg, fallback_name)
     trust_note = (
         f"forecast trusted at {w:.2f} (loss {skill.ratio(sk, fallback_name):.2f}x {fallback_name}'s, "
         f"covers {skill.coverage(sk):.0%}, median error {skill.forecast_ratio(sk):.2f}x persistence's)"
     )
-    window = _scale_in_window(ctx, w)
+    window = _scale_in_window(ctx, s, w)
     # the window holds the proactive recommendations: the fallback's is stabilized by the
     # fallback itself (held again, a rule that waits 600 s before each step down, and keeps
     # its count meanwhile, would never be seen to step down)
@@ -305,9 +329,9 @@ def predictive(ctx: ScalingContext) -> Decision:
     blend = _Blend(fb.instances, w, skill.guard(sk, fallback_name), known_n)
     blended = blend(ctx, proactive_n)
     reason = f"{trust_note}: {pro_reason}; {fallback_name} {fb.instances}"
-    tolerance = float(cfg.get("scale_tolerance", 0.1))
+    tolerance = s.scale_tolerance
     if blended > ctx.current_instances:
-        if _hold_scale_out(ctx, blended, proactive_n, fb.instances, w, tolerance):
+        if _hold_scale_out(ctx, _target(ctx, s), blended, proactive_n, fb.instances, w, tolerance):
             return Decision(ctx.current_instances, new_state, reason + " (up: within tolerance)", w)
         return Decision(blended, new_state, reason, w)
     if blended == ctx.current_instances:
@@ -315,31 +339,28 @@ def predictive(ctx: ScalingContext) -> Decision:
     # scale-in: the blend with the highest proactive recommendation of the window (a window not
     # yet seen in full holds everything: no scale-in on a fresh start)
     stable = blend(ctx, max(n for _, n in recs)) if ctx.now - since >= window - 1e-9 else ctx.current_instances
-    n = _scale_in(ctx, stable, tolerance)
+    n = _scale_in(ctx, stable, tolerance, s.min_lifetime_s)
     return Decision(n, new_state, reason + (" (down: held by the window)" if n > blended else ""), w)
 
 
-def _candidates(ctx: ScalingContext, instances: Mapping[str, int]) -> dict[str, tuple[float, float]]:
+def _candidates(
+    ctx: ScalingContext, s: settings.Predictive, instances: Mapping[str, int]
+) -> dict[str, tuple[float, float]]:
     """What each recommendation (by name: instances) provisions for, in load: (instances x what
     one serves at the target, instances x what one serves before queueing breaks the SLO)."""
-    per = ctx.capacity_per_instance * utilization_target(ctx, 0.8) / max(ctx.load_imbalance, 1.0)
+    per = ctx.capacity_per_instance * _target(ctx, s) / max(ctx.load_imbalance, 1.0)
     # (a peak over capacity for one interval queues what the SLO's latency drains: within it)
-    queue_allowance = (ctx.slo_ms or 0.0) / 1000.0 / max(float(ctx.config.get("interval_s", 1.0)), 1e-9)
+    queue_allowance = (ctx.slo_ms or 0.0) / 1000.0 / max(s.interval_s, 1e-9)
     full = ctx.capacity_per_instance * (slo_utilization(ctx, 1.0) + queue_allowance) / max(ctx.load_imbalance, 1.0)
     return {name: (n * per, n * full) for name, n in instances.items()}
 
 
-def _scale_in_window(ctx: ScalingContext, trust: float) -> float:
+def _scale_in_window(ctx: ScalingContext, s: settings.Predictive, trust: float) -> float:
     """The scale-in window over the proactive recommendations: `stabilization_s` times the trust;
     never shorter than the lead time (no scale-in the next start would undo) nor than
     `hold_decisions` decisions."""
-    cfg = ctx.config
-    interval = float(cfg.get("interval_s", 1.0))
-    return max(
-        trust * float(cfg.get("stabilization_s", DEFAULT_STABILIZATION_S)),
-        ctx.start_latency_s + interval,
-        float(cfg.get("hold_decisions", 2)) * interval,
-    )
+    interval = s.interval_s
+    return max(trust * s.stabilization_s, ctx.start_latency_s + interval, s.hold_decisions * interval)
 
 
 @dataclass(frozen=True)
@@ -360,13 +381,13 @@ class _Blend:
 
 
 def _hold_scale_out(
-    ctx: ScalingContext, blended: int, proactive_n: int, fallback_n: int, trust: float, tolerance: float
+    ctx: ScalingContext, target: float, blended: int, proactive_n: int, fallback_n: int, trust: float, tolerance: float
 ) -> bool:
     """Whether a scale-out to `blended` is noise to hold through: nothing live says the instances
     are short (p99 within the SLO, utilization within the target), and the ask is for one more or
     within the tolerance (HPA's 10 %), or only the fallback's headroom asks (the forecast does
     not, its weight moved) - not worth a start and the moves it brings."""
-    busy = ctx.cpu_utilization is not None and ctx.cpu_utilization > utilization_target(ctx, 0.8)
+    busy = ctx.cpu_utilization is not None and ctx.cpu_utilization > target
     small = blended <= ctx.current_instances + max(1.0, tolerance * ctx.current_instances)
     # (a scale-out the fallback itself asks for is held only where the forecast is trusted
     # more than half: below that, the fallback's judgement of the live load prevails)
@@ -374,14 +395,13 @@ def _hold_scale_out(
     return not (_over_slo(ctx) or busy or fallback_up) and (small or proactive_n <= ctx.current_instances)
 
 
-def _scale_in(ctx: ScalingContext, stable: int, tolerance: float) -> int:
+def _scale_in(ctx: ScalingContext, stable: int, tolerance: float, min_life: float) -> int:
     """The instances a scale-in toward `stable` leaves: none go where `stable` is within the
     tolerance of the current count, and only instances past their minimum lifetime
     (`min_lifetime_s`) go."""
     if stable > ctx.current_instances * (1.0 - tolerance):
         # within the tolerance of the current count (HPA's 10 %): not worth a drain's moves
         stable = ctx.current_instances
-    min_life = float(ctx.config.get("min_lifetime_s", 60.0))
     removable = sum(1 for age in ctx.instance_ages if age >= min_life) if ctx.instance_ages else ctx.current_instances
     floor = ctx.current_instances - removable
     return clamp(min(max(stable, floor), ctx.current_instances), ctx)

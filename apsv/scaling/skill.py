@@ -66,16 +66,6 @@ class SkillConfig:
     nominal: float = 0.9  # the upper quantile's level
     cov_zero: float = 0.5  # coverage at (and below) which the band earns no trust
 
-    @classmethod
-    def from_config(cls, cfg: Mapping[str, Any], nominal: float) -> SkillConfig:
-        return cls(
-            halflife=float(cfg.get("skill_halflife", cls.halflife)),
-            min_evidence=float(cfg.get("skill_min_evidence", cls.min_evidence)),
-            full_at=float(cfg.get("skill_full_at", cls.full_at)),
-            nominal=nominal,
-            cov_zero=float(cfg.get("skill_coverage_floor", cls.cov_zero)),
-        )
-
 
 PROACTIVE = "proactive"  # the forecast-driven recommendation's name among the candidates
 
