@@ -117,6 +117,16 @@ def _settings(ctx: ScalingContext) -> settings.Predictive:
     return settings.parse(settings.Predictive, ctx.config, "predictive")
 
 
+def _skill_config(s: settings.Predictive, level: float) -> skill.SkillConfig:
+    return skill.SkillConfig(
+        halflife=s.skill_halflife,
+        min_evidence=s.skill_min_evidence,
+        full_at=s.skill_full_at,
+        nominal=level,
+        cov_zero=s.skill_coverage_floor,
+    )
+
+
 def _target(ctx: ScalingContext, s: settings.Predictive) -> float:
     return utilization_target(ctx, s.target_utilization, s.slo_fraction)
 
@@ -265,13 +275,7 @@ def predictive(ctx: ScalingContext) -> Decision:
     s = _settings(ctx)
     q = s.quantile
     level = int(q[1:]) / 100.0 if q[1:].isdigit() else 0.9
-    sk_cfg = skill.SkillConfig(
-        halflife=s.skill_halflife,
-        min_evidence=s.skill_min_evidence,
-        full_at=s.skill_full_at,
-        nominal=level,
-        cov_zero=s.skill_coverage_floor,
-    )
+    sk_cfg = _skill_config(s, level)
     state: dict[str, Any] = dict(ctx.state)
 
     margin = float(state.get("skill", {}).get("margin", 1.0)) if s.margin is None else s.margin
