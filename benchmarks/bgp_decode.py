@@ -32,9 +32,9 @@ from typing import Any
 from mrtparse import Reader
 
 from apsv.bgp.attributes import reset_interners
+from apsv.gc_tuning import tune_gc
 from apsv.mrt.replay import CollectorView, load_rib_dump, replay_updates, replay_updates_per_session
 from apsv.mrt.stats import mrt_stats
-from apsv.tuning import tune_gc
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = Path(os.environ.get("APSV_SHARED_DATA", REPO.parent / "shared" / "data"))

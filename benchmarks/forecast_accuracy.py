@@ -26,7 +26,7 @@ from catalog import SERIES, shared_data
 
 from apsv.forecast.backtest import SeriesBacktest, summarize
 from apsv.forecast.datasets import from_mrt
-from apsv.forecast.evaluate import default_horizon, read_series, result_json, run_backtest
+from apsv.forecast.model_backtest import default_horizon, read_series, result_json, run_backtest
 from apsv.forecast.series import Series, clean
 
 MRT = ["mrt/bgpdump-testdata/updates.20070211.0141.gz", "mrt/bgpdump-testdata/updates.20160811.1600.gz"]

@@ -28,7 +28,7 @@ from catalog import shared_data
 
 from apsv.evaluation.compare import evaluate
 from apsv.evaluation.live import LiveConfig, evaluate_live, live_json, plot_live
-from apsv.forecast.evaluate import read_series
+from apsv.forecast.model_backtest import read_series
 from apsv.runtime.cluster import start_local_ray
 from apsv.scaling.simulator import Forecasts, SimConfig
 from apsv.scaling.traces import from_series

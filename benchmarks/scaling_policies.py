@@ -31,7 +31,7 @@ import numpy as np
 from catalog import SERIES, shared_data
 
 from apsv.evaluation.compare import claims, evaluate, plot, public
-from apsv.forecast.evaluate import read_series
+from apsv.forecast.model_backtest import read_series
 from apsv.scaling.simulator import Forecasts, SimConfig, simulate
 from apsv.scaling.traces import Trace, at_sample_step, bfd_population, bgp_churn, forecast_trace, from_series
 

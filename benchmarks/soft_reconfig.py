@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from apsv.bgp.config import Announcement, BgpSessionConfig
 from apsv.bgp.session import BgpSession
-from apsv.stack import Send, StackEvent
+from apsv.stacks.interface import Send, StackEvent
 
 SENDER = {"local_as": 65001, "router_id": "192.0.2.1", "peer_as": 65002, "next_hop_self": "198.51.100.1"}
 RECEIVER = {"local_as": 65002, "router_id": "192.0.2.2", "peer_as": 65001, "passive": True}

@@ -4,7 +4,7 @@
         --sessions 40 --vrouters 10 --speed 60 --verify
 
 Every peer recorded in the dumps becomes a session stream (its exact UPDATE bytes and times,
-apsv.runtime.driver); `--sessions` sessions are spread over `--vrouters` virtual routers of
+apsv.runtime.recorded_sessions); `--sessions` sessions are spread over `--vrouters` virtual routers of
 `--tenant` (streams reused round-robin) and opened through the deployed multiplexer (found by
 name in `--namespace`), which places them. Their messages go from an OffloadClient straight to
 the stack instances, in recorded-time order: as fast as possible, or `--speed` times real time.

@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from apsv.forecast.backtest import holdout_score
 from apsv.forecast.baselines import SeasonalNaive
 from apsv.forecast.datasets import from_telemetry
-from apsv.forecast.evaluate import read_series
+from apsv.forecast.model_backtest import read_series
 from apsv.forecast.model_error import ModelLoadError
 from apsv.forecast.registry import ModelRegistry
 from apsv.forecast.series import Series, SeriesError, clean

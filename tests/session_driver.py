@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 from apsv.bgp.config import BgpSessionConfig
 from apsv.bgp.fsm import State
 from apsv.bgp.session import BgpSession
-from apsv.stack import CloseTransport, Send, StackEvent
+from apsv.stacks.interface import CloseTransport, Send, StackEvent
 
 T = TypeVar("T")
 

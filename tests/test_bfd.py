@@ -20,7 +20,7 @@ from scapy.contrib.bfd import BFD
 from apsv.bfd.packet import AuthRxState, BfdDecodeError, Diag, Packet, State, decode, encode, make_key, verify
 from apsv.bfd.program import TxProgram as Program
 from apsv.bfd.session import TRANSITIONS, BfdSession, BfdSessionConfig
-from apsv.stack import StateChanged, TxProgram
+from apsv.stacks.interface import StateChanged, TxProgram
 
 
 def session(disc: int, tx: float = 100, rx: float = 100, mult: int = 3, **kw: Any) -> BfdSession:

@@ -8,7 +8,7 @@ from apsv.bgp import constants as C
 from apsv.bgp.events import BfdClientEvent, NotificationSent, RoutesChanged
 from apsv.bgp.fsm import State
 from apsv.bgp.session import BgpSession
-from apsv.stack import StateChanged
+from apsv.stacks.interface import StateChanged
 from tests.test_graceful_restart import B_GR, established_pair
 from tests.test_session import B
 

@@ -13,7 +13,7 @@ import pytest
 from typer.testing import CliRunner
 
 from apsv.cli import app
-from apsv.stack import REGISTRY, StackSession, load_stack
+from apsv.stacks.interface import REGISTRY, StackSession, load_stack
 from tests.conftest import cli_json, manifest, manifest_counts, shared_data_dir
 
 runner = CliRunner()

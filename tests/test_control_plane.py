@@ -18,8 +18,8 @@ import ray
 from apsv.bench.restart import DUMPS, kill, replay_with_kill
 from apsv.frame import ProtocolId
 from apsv.runtime.client import OffloadClient
-from apsv.runtime.driver import ReplaySession, load_streams, local_digests, plan_sessions
 from apsv.runtime.instance import Allocation
+from apsv.runtime.recorded_sessions import ReplaySession, load_streams, local_digests, plan_sessions
 from apsv.runtime.tenancy import TenantQuota, TenantQuotas
 from apsv.runtime.vpsm import ProtocolPlan
 from tests.conftest import shared_data_dir

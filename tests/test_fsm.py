@@ -26,7 +26,7 @@ from apsv.bgp.message import (
     encode_message,
 )
 from apsv.bgp.session import BgpSession
-from apsv.stack import CloseTransport, OpenTransport, Send
+from apsv.stacks.interface import CloseTransport, OpenTransport, Send
 
 S, E = State, Event
 IGNORE = "ignore"

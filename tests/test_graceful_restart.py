@@ -13,7 +13,7 @@ from apsv.bgp.events import RoutesChanged
 from apsv.bgp.fsm import State
 from apsv.bgp.graceful_restart import GracefulRestartEvent
 from apsv.bgp.session import BgpSession
-from apsv.stack import StackEvent
+from apsv.stacks.interface import StackEvent
 from tests.test_session import A, B, wire
 
 B_GR = B.model_copy(update={"graceful_restart_time": 120})

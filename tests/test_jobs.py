@@ -26,7 +26,7 @@ import pytest
 from apsv.bgp.config import BgpSessionConfig
 from apsv.bgp.nlri import prefix_str
 from apsv.bgp.session import BgpSession
-from apsv.runtime.driver import load_streams, plan_sessions
+from apsv.runtime.recorded_sessions import load_streams, plan_sessions
 from apsv.runtime.roles import Roles
 from tests.conftest import _free_port
 

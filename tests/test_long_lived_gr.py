@@ -17,7 +17,7 @@ from apsv.bgp.errors import BgpError
 from apsv.bgp.events import RoutesChanged
 from apsv.bgp.fsm import State
 from apsv.bgp.session import BgpSession
-from apsv.stack import StackEvent
+from apsv.stacks.interface import StackEvent
 from tests.test_graceful_restart import gr_phases, talk, withdrawn
 from tests.test_session import A, B
 

@@ -31,7 +31,7 @@ from apsv.mrt.writer import (
     rib_entry_attributes,
     write_loc_ribs,
 )
-from apsv.runtime.driver import Stream, load_streams
+from apsv.runtime.recorded_sessions import Stream, load_streams
 from tests.conftest import manifest, manifest_counts
 
 RIB4 = "mrt/pyasn-data/rib.20140523.0600_firstMB.complete-records.mrt.gz"  # RouteViews, TDv2 IPv4

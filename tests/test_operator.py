@@ -24,7 +24,7 @@ from apsv.bgp.events import RoutesChanged
 from apsv.bgp.fsm import State
 from apsv.bgp.graceful_restart import GracefulRestartEvent
 from apsv.bgp.session import BgpSession
-from apsv.stack import StateChanged
+from apsv.stacks.interface import StateChanged
 from tests import peers
 from tests.session_driver import SessionDriver
 

@@ -10,7 +10,7 @@ import pytest
 from apsv.bfd.packet import decode
 from apsv.bgp import constants as C
 from apsv.bgp.message import Open, Update
-from apsv.capture import bgp_streams, decode_capture, udp_datagrams
+from apsv.pcap import bgp_streams, decode_capture, udp_datagrams
 from tests.conftest import manifest, manifest_bgp_messages, shared_data_dir
 
 # Captures where scapy (MANIFEST.tsv's reference) saw BGP packets but split no messages out of

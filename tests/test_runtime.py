@@ -22,7 +22,8 @@ import ray
 from apsv.frame import FrameKind, ProtocolId
 from apsv.runtime.buffer_pool import BufferPool
 from apsv.runtime.client import OffloadClient
-from apsv.runtime.driver import (
+from apsv.runtime.instance import Allocation
+from apsv.runtime.recorded_sessions import (
     ReplaySession,
     load_streams,
     local_digests,
@@ -31,7 +32,6 @@ from apsv.runtime.driver import (
     session_infos,
     verify,
 )
-from apsv.runtime.instance import Allocation
 from apsv.runtime.telemetry import INSTANCE_SCHEMA, read_telemetry
 from apsv.runtime.vpsm import ProtocolPlan
 from tests.conftest import shared_data_dir

@@ -227,7 +227,7 @@ def test_host_reports_the_tables_peers_will_resend() -> None:
     VPSM provisions for before the storm); an echo host has none."""
     from apsv.bgp.config import Announcement, BgpSessionConfig
     from apsv.bgp.session import BgpSession
-    from apsv.stack import Send
+    from apsv.stacks.interface import Send
 
     bgp = int(ProtocolId.BGP)
     key = (1, 2, bgp, 3)

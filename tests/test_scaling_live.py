@@ -11,7 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from apsv.cli import app
-from apsv.forecast.evaluate import read_series
+from apsv.forecast.model_backtest import read_series
 from tests.conftest import cli_json
 
 runner = CliRunner()

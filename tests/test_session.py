@@ -15,7 +15,7 @@ from apsv.bgp.prefix_limit import PrefixLimitEvent
 from apsv.bgp.session import BgpSession
 from apsv.errors import DecodeError
 from apsv.mrt.reader import BgpMessageRecord, MrtReader
-from apsv.stack import ProtocolProblem, Send, StackEvent, load_stack
+from apsv.stacks.interface import ProtocolProblem, Send, StackEvent, load_stack
 from tests.conftest import shared_data_dir
 
 

@@ -29,7 +29,7 @@ from apsv.bgp.session import BgpSession
 from apsv.runtime.cluster import NAMESPACE
 from apsv.runtime.tenancy import tenant_of
 from apsv.runtime.vpsm import ProtocolPlan
-from apsv.stack import Send
+from apsv.stacks.interface import Send
 from tests.peers import wait_for
 from tests.test_bgp_robustness import fuzz_inputs
 

@@ -19,9 +19,9 @@ import ray
 
 from apsv.agent.config import AgentConfig, parse_config
 from apsv.agent.core import Agent
+from apsv.gc_tuning import tune_gc
 from apsv.runtime.cluster import MULTIPLEXER_NAME, NAMESPACE
 from apsv.runtime.roles import Roles
-from apsv.tuning import tune_gc
 
 
 class AgentActor:

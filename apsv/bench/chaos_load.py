@@ -20,7 +20,7 @@ class ReplayLoad(threading.Thread):
         super().__init__(daemon=True, name="apsv-chaos-replay")
         from apsv.runtime.buffer_pool import BufferPool
         from apsv.runtime.client import OffloadClient
-        from apsv.runtime.driver import load_streams, local_digests, plan_sessions
+        from apsv.runtime.recorded_sessions import load_streams, local_digests, plan_sessions
 
         self.dep = deployment
         self.im = im
@@ -58,7 +58,7 @@ class ReplayLoad(threading.Thread):
     def _round(self, r: int) -> dict[str, Any]:
         import ray
 
-        from apsv.runtime.driver import ReplaySession, replay
+        from apsv.runtime.recorded_sessions import ReplaySession, replay
 
         sessions = [ReplaySession((*s.key[:3], s.key[3] + 1000 * r), s.stream) for s in self.base]
         placed = self.client.open_sessions([(s.key, "bgp", s.config(), 0) for s in sessions], timeout=120)

@@ -48,10 +48,10 @@ from apsv.bench.offload_latency import latency_at, unloaded_round_trip
 from apsv.bench.offload_path import bgp_path, docker_path, echo_path
 from apsv.bench.report import run_and_report
 from apsv.frame import HEADER_LEN
+from apsv.gc_tuning import tune_gc
 from apsv.runtime.cluster import deploy, start_local_ray
 from apsv.runtime.instance import Allocation
 from apsv.runtime.vpsm import ProtocolPlan
-from apsv.tuning import tune_gc
 
 PAIRS, PAIRS_QUICK = 4, 1  # alternating (offload echo, bare echo) measurements after the first
 
@@ -219,7 +219,7 @@ def targets(result: dict[str, Any]) -> dict[str, bool]:
 
 
 def run(quick: bool = False, with_docker: bool = True) -> dict[str, Any]:
-    tune_gc()  # this process is the client: as an agent's (see apsv.tuning)
+    tune_gc()  # this process is the client: as an agent's (see apsv.gc_tuning)
     start_local_ray(num_cpus=8)
     frames = 50_000 if quick else 200_000
     result: dict[str, Any] = {"benchmark": "offload", "quick": quick}

@@ -73,7 +73,7 @@ def docker_path(frames: int) -> dict[str, Any]:
 
 
 def bgp_path(dep: Any, dump: Path, sessions: int) -> dict[str, Any]:
-    from apsv.runtime.driver import load_streams, plan_sessions, replay
+    from apsv.runtime.recorded_sessions import load_streams, plan_sessions, replay
 
     streams = load_streams([dump], min_messages=20)
     plan = plan_sessions(streams, sessions, max(1, sessions // 10))

@@ -42,7 +42,7 @@ def replay_with_kill(dep: Any, sessions: list[Any], reference: dict[Any, str], c
     """Replay `sessions` through deployment `dep`, killing the control plane (`case`) at 40 %."""
     from apsv.runtime.buffer_pool import BufferPool
     from apsv.runtime.client import OffloadClient
-    from apsv.runtime.driver import replay, session_infos, verify
+    from apsv.runtime.recorded_sessions import replay, session_infos, verify
 
     client = OffloadClient(dep.multiplexer, BufferPool(slots=8, slot_bytes=64 << 10, shared=True), max_inflight=4)
     placed = client.open_sessions([(s.key, "bgp", s.config(), 0) for s in sessions])
@@ -105,8 +105,8 @@ def replay_with_kill(dep: Any, sessions: list[Any], reference: dict[Any, str], c
 
 def run(sessions: int = 200) -> dict[str, Any]:
     from apsv.runtime.cluster import deploy, start_local_ray
-    from apsv.runtime.driver import load_streams, local_digests, plan_sessions
     from apsv.runtime.instance import Allocation
+    from apsv.runtime.recorded_sessions import load_streams, local_digests, plan_sessions
     from apsv.runtime.vpsm import ProtocolPlan
 
     data = shared_data()

@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from apsv.bfd.packet import AuthKey, Diag, Packet, State, decode, encode, make_key, verify
 from apsv.bfd.program import TxProgram as Program
 from apsv.snapshot import SnapshotReader, SnapshotWriter, decodes_snapshot
-from apsv.stack import StackEvent, StateChanged, TxProgram
+from apsv.stacks.interface import StackEvent, StateChanged, TxProgram
 
 SLOW_TX_US = 1_000_000  # §6.8.3: no faster than one packet a second while not Up
 

@@ -11,7 +11,7 @@ from apsv.bgp import constants as C
 from apsv.bgp.attributes import MP_NEXT_HOP, PathAttributes
 from apsv.bgp.nlri import prefix_str
 from apsv.bgp.rib import BestPathChange
-from apsv.stack import StackEvent
+from apsv.stacks.interface import StackEvent
 
 
 def next_hop_of(attrs: PathAttributes) -> str | None:

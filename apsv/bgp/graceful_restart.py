@@ -36,7 +36,7 @@ from apsv.bgp.attributes import PathAttributes, with_community
 from apsv.bgp.context import CodecContext
 from apsv.bgp.rib import AdjRibIn, BestPathChange, LocRib
 from apsv.snapshot import SnapshotReader, SnapshotWriter
-from apsv.stack import StackEvent
+from apsv.stacks.interface import StackEvent
 
 Family = tuple[int, int]
 

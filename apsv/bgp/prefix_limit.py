@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from apsv.bgp import constants as C
-from apsv.stack import StackEvent
+from apsv.stacks.interface import StackEvent
 
 Family = tuple[int, int]
 HARD_LIMIT = 2_000_000  # prefixes per family per session: what one session's memory is sized for

@@ -36,13 +36,13 @@ from rich.console import Console
 
 from apsv.cli.demo_bfd import BfdPairs
 from apsv.cli.demo_report import plot_demo, print_report, summarize
+from apsv.gc_tuning import tune_gc
 from apsv.mrt.stats import mrt_stats
-from apsv.tuning import tune_gc
 
 if TYPE_CHECKING:
     from apsv.runtime.cluster import Deployment
-    from apsv.runtime.driver import ReplayResult, ReplaySession, Stream
     from apsv.runtime.host import Key
+    from apsv.runtime.recorded_sessions import ReplayResult, ReplaySession, Stream
     from apsv.runtime.vpsm import ProtocolPlan
 
 BUNDLED = ("ris.rrc06.updates.1427846400.gz", "routeviews.updates.20161101.0000.bz2")
@@ -133,7 +133,7 @@ class DemoReplay:
 def _plan_replay(paths: list[Path], sessions: int, vrouters: int, duration_s: float) -> DemoReplay:
     """The recorded peers as `sessions` sessions of `vrouters` virtual routers, replayed in
     `duration_s` seconds, with the reference to check them against."""
-    from apsv.runtime.driver import load_streams, local_digests, plan_sessions
+    from apsv.runtime.recorded_sessions import load_streams, local_digests, plan_sessions
 
     streams = load_streams(paths)
     # The dumps were recorded years apart: each plays from its own start, side by side.
@@ -245,7 +245,7 @@ class DemoRun:
 def _landed_infos(dep: Deployment, keys: list[Key]) -> dict[Key, dict[str, Any]]:
     """Every session's info, asked where it is now (the VPSM keeps scaling meanwhile); one still
     in a hand-over after the multiplexer's retries is asked again until it lands."""
-    from apsv.runtime.driver import session_infos
+    from apsv.runtime.recorded_sessions import session_infos
 
     infos = session_infos(dep)
     for _ in range(20):
@@ -262,8 +262,8 @@ def _replay_through(dep: Deployment, replay: DemoReplay, bfd_sessions: int, say:
     import ray
 
     from apsv.runtime.client import OffloadClient
-    from apsv.runtime.driver import replay as replay_sessions
-    from apsv.runtime.driver import verify
+    from apsv.runtime.recorded_sessions import replay as replay_sessions
+    from apsv.runtime.recorded_sessions import verify
 
     plan = replay.plan
     client = OffloadClient(dep.multiplexer, max_batch_delay_s=0.01)

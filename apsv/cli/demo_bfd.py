@@ -65,7 +65,7 @@ class BfdPairs:
     @staticmethod
     def _program_packet(events: list[Any]) -> bytes | None:
         from apsv.bfd.program import TxProgram as Program
-        from apsv.stack import TxProgram
+        from apsv.stacks.interface import TxProgram
 
         packet = None
         for ev in events:

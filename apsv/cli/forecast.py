@@ -33,7 +33,7 @@ def backtest(
 ) -> None:
     """Rolling-origin backtest: per-model MASE, MASE relative to seasonal naive, weighted quantile
     loss and p90 coverage."""
-    from apsv.forecast.evaluate import default_horizon, read_series, result_json, run_backtest
+    from apsv.forecast.model_backtest import default_horizon, read_series, result_json, run_backtest
 
     if not file.is_file():
         typer.echo(f"apsv forecast: {file}: no such file", err=True)

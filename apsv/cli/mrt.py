@@ -10,10 +10,10 @@ import typer
 
 from apsv.bgp.errors import BgpError
 from apsv.bgp.message import Update
+from apsv.gc_tuning import tune_gc
 from apsv.mrt.reader import BgpMessageRecord, MrtError, MrtReader
 from apsv.mrt.sessions import RecordedSessions
 from apsv.mrt.stats import mrt_stats
-from apsv.tuning import tune_gc
 
 mrt_app = typer.Typer(
     help="Read MRT (RFC 6396) dumps: BGP4MP, BGP4MP_ET, TABLE_DUMP, TABLE_DUMP_V2.", no_args_is_help=True

@@ -6,7 +6,7 @@ import json
 
 import typer
 
-from apsv.stack import REGISTRY
+from apsv.stacks.interface import REGISTRY
 
 
 def stacks(as_json: bool = typer.Option(False, "--json", help="One JSON object instead of text.")) -> None:

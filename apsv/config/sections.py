@@ -182,7 +182,7 @@ class ProtocolSection(_Section):
     @field_validator("protocol")
     @classmethod
     def _protocol(cls, v: str) -> str:
-        from apsv.stack import REGISTRY
+        from apsv.stacks.interface import REGISTRY
 
         known = REGISTRY.names()
         if v not in known:

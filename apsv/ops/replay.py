@@ -18,7 +18,7 @@ def plan_replay(
     """The recorded peers' streams of `paths` and the sessions they become: every peer a BGP
     session, reused round-robin up to `sessions` (default one per peer), spread over `vrouters`
     virtual routers of `tenant`. OpsError naming what is wrong."""
-    from apsv.runtime.driver import load_streams, plan_sessions
+    from apsv.runtime.recorded_sessions import load_streams, plan_sessions
 
     for p in paths:
         if not p.is_file():
@@ -76,7 +76,7 @@ def replay_plan(
     `verify`, check each against an in-process replay (every frame applied once, in order, the
     same Loc-RIB). OpsError if any session is refused; the sessions are closed at the end unless
     `keep`."""
-    from apsv.runtime import driver
+    from apsv.runtime import recorded_sessions as driver
     from apsv.runtime.client import OffloadClient
 
     client = OffloadClient(im, metrics_label=label)

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 import ray
 
+from apsv.gc_tuning import tune_gc
 from apsv.runtime import channel
 from apsv.runtime.backend import Backend, ProcessBackend
 from apsv.runtime.credentials import deployment_key, verify
@@ -37,7 +38,6 @@ from apsv.runtime.dataplane import DataPlaneServer, socket_directory
 from apsv.runtime.docker_backend import InstanceFailed
 from apsv.runtime.host import HostLimits, Key, SeqState
 from apsv.runtime.metrics import InstanceMetrics, percentile
-from apsv.tuning import tune_gc
 
 log = logging.getLogger("apsv.instance")
 

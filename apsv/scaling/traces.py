@@ -177,7 +177,7 @@ def load_trace(
     """A trace from what `apsv evaluate` and jobs/evaluate.py accept: `synthetic:bfd[:PEAK_SESSIONS]`,
     an MRT update dump (real churn with a reset storm), or a CSV / one-value-per-line series
     scaled to `peak_rate`. Raises ValueError (or SeriesError) with what is wrong."""
-    from apsv.forecast.evaluate import is_mrt, read_series
+    from apsv.forecast.model_backtest import is_mrt, read_series
 
     if spec.startswith("synthetic:bfd"):
         parts = spec.split(":")

@@ -13,7 +13,7 @@ from typing import Any, ClassVar, Final
 
 from apsv.frame import ProtocolId
 from apsv.snapshot import SnapshotReader, SnapshotWriter
-from apsv.stack import CloseTransport, Send, StackEvent, StateChanged
+from apsv.stacks.interface import CloseTransport, Send, StackEvent, StateChanged
 
 _Send: Final = Send  # (compiled: no lookup per message)
 

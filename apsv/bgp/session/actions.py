@@ -13,7 +13,7 @@ from apsv.bgp.fsm import FSM_ERROR_SUBCODE, Action, State
 from apsv.bgp.message import KEEPALIVE_BYTES, MessageReader, Notification, encode_message
 from apsv.bgp.session import adj_rib_out, receive, updates
 from apsv.bgp.session.common import LARGE_HOLD_TIME
-from apsv.stack import CloseTransport, OpenTransport
+from apsv.stacks.interface import CloseTransport, OpenTransport
 
 if TYPE_CHECKING:
     from apsv.bgp.session.core import BgpSession

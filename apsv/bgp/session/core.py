@@ -26,7 +26,7 @@ from apsv.bgp.session import actions, adj_rib_out, bfd_client, inspection, persi
 from apsv.bgp.session.common import FSM_EVENT_COUNTERS, Family
 from apsv.bgp.soft_reconfig import ReceivedRoutes
 from apsv.snapshot import decodes_snapshot
-from apsv.stack import Send, StackEvent, StateChanged
+from apsv.stacks.interface import Send, StackEvent, StateChanged
 
 
 class BgpSession:

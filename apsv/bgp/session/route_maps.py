@@ -27,7 +27,7 @@ from apsv.bgp.rib import BestPathChange
 from apsv.bgp.session import adj_rib_out, updates
 from apsv.bgp.session.common import Family
 from apsv.errors import field_path
-from apsv.stack import (
+from apsv.stacks.interface import (
     StackEvent,
 )
 

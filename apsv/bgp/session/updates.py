@@ -26,7 +26,7 @@ from apsv.bgp.message import (
 from apsv.bgp.rib import AdjRibIn, BestPathChange, PrefixLimitExceeded
 from apsv.bgp.session import restart
 from apsv.bgp.session.common import Family
-from apsv.stack import (
+from apsv.stacks.interface import (
     ProtocolProblem,
 )
 

@@ -15,7 +15,7 @@ from apsv.runtime.host import report
 from apsv.runtime.host.fencing import GAP, MAX_DEPARTED, Refused, count_refused, refusal
 from apsv.runtime.host.output import Output
 from apsv.runtime.host.state import EVENTS_NONE, Entry, HostCounters, HostLimits, Key, Pending, SeqState
-from apsv.stack import ProtocolProblem, load_stack
+from apsv.stacks.interface import ProtocolProblem, load_stack
 
 # The header as read per frame (the magic as an int: no object made for it), kept where the
 # compiled module finds it without a lookup.

@@ -13,7 +13,7 @@ from typing import Any, Final
 
 from apsv.frame import HEADER, MAGIC, VERSION, Frame, FrameKind, encode_deadline, encode_frame
 from apsv.runtime.host.state import EVENTS_ALL, EVENTS_STATE, NO_TIMER, UNSENT, Entry, HostCounters, HostLimits, Key
-from apsv.stack import CloseTransport, OpenTransport, Send, StackEvent, TxProgram
+from apsv.stacks.interface import CloseTransport, OpenTransport, Send, StackEvent, TxProgram
 
 MAX_UNSOLICITED_FRAMES = 100_000  # output produced outside a batch, waiting for its owner, per host
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Final, NamedTuple
 
 from apsv.frame import SessionKey
-from apsv.stack import StackSession
+from apsv.stacks.interface import StackSession
 
 Key = tuple[int, int, int, int]  # (tenant, vrouter, protocol, session): the frame header's identity
 
