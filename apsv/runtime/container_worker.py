@@ -18,30 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 from apsv.runtime import wire
-from apsv.runtime.host import HostLimits, Key, SeqState, SessionHost
-
-
-def _key(v: Any) -> Key:
-    t = tuple(int(x) for x in v)
-    if len(t) != 4:
-        raise ValueError(f"a session key has 4 parts, not {len(t)}")
-    return t
-
-
-def _seq(d: dict[str, Any]) -> SeqState:
-    return SeqState(int(d["last_seq"]), int(d["out_seq"]), int(d.get("applied", 0)), int(d.get("duplicates", 0)))
-
-
-def _seq_json(s: SeqState) -> dict[str, int]:
-    return {"last_seq": s.last_seq, "out_seq": s.out_seq, "applied": s.applied, "duplicates": s.duplicates}
-
-
-def _snaps(snaps: dict[Key, tuple[SeqState, bytes]]) -> tuple[dict[str, Any], list[bytes]]:
-    keys = list(snaps)
-    return {"keys": [list(k) for k in keys], "seqs": [_seq_json(snaps[k][0]) for k in keys]}, [
-        snaps[k][1] for k in keys
-    ]
-
+from apsv.runtime.host import HostLimits, SessionHost
 
 Reply = tuple[dict[str, Any], list[bytes]]  # (meta, blobs), as `wire` sends them
 
@@ -52,7 +29,7 @@ def _ping(host: SessionHost, meta: dict[str, Any], blobs: list[bytes], now: floa
 
 def _open(host: SessionHost, meta: dict[str, Any], blobs: list[bytes], now: float) -> Reply:
     host.open(
-        _key(meta["key"]),
+        wire.key_from_json(meta["key"]),
         meta["config"],
         now,
         emit_events=int(meta.get("emit", 0)),
@@ -63,18 +40,18 @@ def _open(host: SessionHost, meta: dict[str, Any], blobs: list[bytes], now: floa
 
 
 def _process(host: SessionHost, meta: dict[str, Any], blobs: list[bytes], now: float) -> Reply:
-    keys = [_key(k) for k in meta.get("snapshot_keys", [])]
+    keys = [wire.key_from_json(k) for k in meta.get("snapshot_keys", [])]
     out = host.process(blobs[0], meta.get("offsets"), now, str(meta.get("owner", "")), keys)
-    snap_meta, snap_blobs = _snaps(host.take_snapshots())
+    snap_meta, snap_blobs = wire.snapshots_to_json(host.take_snapshots())
     refusals = [[list(k), reason, seq, epoch, inst] for k, reason, seq, epoch, inst in host.refusals]
     return {"refusals": refusals, **snap_meta}, [out, *snap_blobs]
 
 
 def _restore(host: SessionHost, meta: dict[str, Any], blobs: list[bytes], now: float) -> Reply:
     host.restore(
-        _key(meta["key"]),
+        wire.key_from_json(meta["key"]),
         blobs[0],
-        _seq(meta["seq"]),
+        wire.seq_from_json(meta["seq"]),
         emit_events=int(meta.get("emit", 0)),
         owner=str(meta.get("owner", "")),
         epoch=int(meta.get("epoch", 0)),
@@ -83,14 +60,14 @@ def _restore(host: SessionHost, meta: dict[str, Any], blobs: list[bytes], now: f
 
 
 def _expect(host: SessionHost, meta: dict[str, Any], blobs: list[bytes], now: float) -> Reply:
-    host.expect(_key(meta["key"]), str(meta["owner"]), int(meta["epoch"]))
+    host.expect(wire.key_from_json(meta["key"]), str(meta["owner"]), int(meta["epoch"]))
     return {}, []
 
 
 def _restore_pending(host: SessionHost, meta: dict[str, Any], blobs: list[bytes], now: float) -> Reply:
-    snapshot = (blobs[0], _seq(meta["seq"])) if meta.get("has_snapshot") else None
+    snapshot = (blobs[0], wire.seq_from_json(meta["seq"])) if meta.get("has_snapshot") else None
     host.restore_pending(
-        _key(meta["key"]),
+        wire.key_from_json(meta["key"]),
         str(meta["owner"]),
         int(meta["epoch"]),
         snapshot,
@@ -102,27 +79,27 @@ def _restore_pending(host: SessionHost, meta: dict[str, Any], blobs: list[bytes]
 
 
 def _holding(host: SessionHost, meta: dict[str, Any], blobs: list[bytes], now: float) -> Reply:
-    e = host.sessions.get(_key(meta["key"]))
+    e = host.sessions.get(wire.key_from_json(meta["key"]))
     return ({"owner": e.owner, "epoch": e.epoch, "emit": e.emit_events} if e is not None else {}), []
 
 
 def _detach(host: SessionHost, meta: dict[str, Any], blobs: list[bytes], now: float) -> Reply:
-    blob, st = host.detach(_key(meta["key"]), str(meta.get("moved_to", "")), int(meta.get("epoch", 0)))
-    return {"seq": _seq_json(st)}, [blob]
+    blob, st = host.detach(wire.key_from_json(meta["key"]), str(meta.get("moved_to", "")), int(meta.get("epoch", 0)))
+    return {"seq": wire.seq_to_json(st)}, [blob]
 
 
 def _snapshot(host: SessionHost, meta: dict[str, Any], blobs: list[bytes], now: float) -> Reply:
-    blob, st = host.snapshot(_key(meta["key"]))
-    return {"seq": _seq_json(st)}, [blob]
+    blob, st = host.snapshot(wire.key_from_json(meta["key"]))
+    return {"seq": wire.seq_to_json(st)}, [blob]
 
 
 def _depart(host: SessionHost, meta: dict[str, Any], blobs: list[bytes], now: float) -> Reply:
-    host.depart(_key(meta["key"]), str(meta["moved_to"]), int(meta["epoch"]))
+    host.depart(wire.key_from_json(meta["key"]), str(meta["moved_to"]), int(meta["epoch"]))
     return {}, []
 
 
 def _close(host: SessionHost, meta: dict[str, Any], blobs: list[bytes], now: float) -> Reply:
-    host.close(_key(meta["key"]), now)
+    host.close(wire.key_from_json(meta["key"]), now)
     return {}, []
 
 
@@ -139,12 +116,12 @@ def _load(host: SessionHost, meta: dict[str, Any], blobs: list[bytes], now: floa
 
 
 def _session_table(host: SessionHost, meta: dict[str, Any], blobs: list[bytes], now: float) -> Reply:
-    rows = host.session_table(_key(meta["key"]), str(meta["family"]), bool(meta.get("detail", False)))
+    rows = host.session_table(wire.key_from_json(meta["key"]), str(meta["family"]), bool(meta.get("detail", False)))
     return {"rows": rows}, []
 
 
 def _session_info(host: SessionHost, meta: dict[str, Any], blobs: list[bytes], now: float) -> Reply:
-    return host.session_info(_key(meta["key"]), bool(meta.get("digest", True))), []
+    return host.session_info(wire.key_from_json(meta["key"]), bool(meta.get("digest", True))), []
 
 
 def _sessions_report(host: SessionHost, meta: dict[str, Any], blobs: list[bytes], now: float) -> Reply:

@@ -30,23 +30,6 @@ class InstanceFailed(RuntimeError):
     """The container behind an instance is gone: the multiplexer must recover its sessions."""
 
 
-def _seq_json(s: SeqState) -> dict[str, int]:
-    return {"last_seq": s.last_seq, "out_seq": s.out_seq, "applied": s.applied, "duplicates": s.duplicates}
-
-
-def _seq(d: Mapping[str, Any]) -> SeqState:
-    return SeqState(int(d["last_seq"]), int(d["out_seq"]), int(d.get("applied", 0)), int(d.get("duplicates", 0)))
-
-
-def _key(v: Any) -> Key:
-    t, vr, p, s = (int(x) for x in v)
-    return (t, vr, p, s)
-
-
-def _snapshots(meta: Mapping[str, Any], blobs: list[bytes]) -> dict[Key, tuple[SeqState, bytes]]:
-    return {_key(k): (_seq(s), b) for k, s, b in zip(meta["keys"], meta["seqs"], blobs, strict=True)}
-
-
 CONTAINER_MARKER = ".apsv-container"  # in a socket directory: the id of the container it serves
 
 
@@ -185,12 +168,12 @@ class DockerBackend:
         if snapshot_keys:
             meta["snapshot_keys"] = [list(k) for k in snapshot_keys]
         rmeta, blobs = self._call("process", meta, [data])
-        self._snapshots.update(_snapshots(rmeta, blobs[1:]))
-        refused = [(_key(k), int(r), int(q), int(e), str(i)) for k, r, q, e, i in rmeta["refusals"]]
+        self._snapshots.update(wire.snapshots_from_json(rmeta, blobs[1:]))
+        refused = [(wire.key_from_json(k), int(r), int(q), int(e), str(i)) for k, r, q, e, i in rmeta["refusals"]]
         return blobs[0], refused
 
     def restore(self, key: Key, blob: bytes, seq: SeqState, emit_events: int, owner: str, epoch: int) -> None:
-        meta = {"key": list(key), "seq": _seq_json(seq), "emit": emit_events, "owner": owner, "epoch": epoch}
+        meta = {"key": list(key), "seq": wire.seq_to_json(seq), "emit": emit_events, "owner": owner, "epoch": epoch}
         self._call("restore", meta, [blob])
 
     def expect(self, key: Key, owner: str, epoch: int) -> None:
@@ -210,7 +193,9 @@ class DockerBackend:
         if snapshot is None:
             self._call("restore_pending", {**meta, "config": dict(config)})
         else:
-            self._call("restore_pending", {**meta, "has_snapshot": True, "seq": _seq_json(snapshot[1])}, [snapshot[0]])
+            self._call(
+                "restore_pending", {**meta, "has_snapshot": True, "seq": wire.seq_to_json(snapshot[1])}, [snapshot[0]]
+            )
 
     def holding(self, key: Key) -> tuple[str, int, int] | None:
         meta = self._call("holding", {"key": list(key)})[0]
@@ -219,14 +204,14 @@ class DockerBackend:
     def detach(self, key: Key, moved_to: str, epoch: int) -> tuple[bytes, SeqState]:
         meta, blobs = self._call("detach", {"key": list(key), "moved_to": moved_to, "epoch": epoch})
         self._snapshots.pop(key, None)
-        return blobs[0], _seq(meta["seq"])
+        return blobs[0], wire.seq_from_json(meta["seq"])
 
     def depart(self, key: Key, moved_to: str, epoch: int) -> None:
         self._call("depart", {"key": list(key), "moved_to": moved_to, "epoch": epoch})
 
     def snapshot(self, key: Key) -> tuple[bytes, SeqState]:
         meta, blobs = self._call("snapshot", {"key": list(key)})
-        return blobs[0], _seq(meta["seq"])
+        return blobs[0], wire.seq_from_json(meta["seq"])
 
     def snapshots_waiting(self) -> bool:
         return bool(self._snapshots)
@@ -260,11 +245,11 @@ class DockerBackend:
 
     def sessions_report(self) -> list[tuple[Key, str, int, bool]]:
         rows = self._call("sessions_report")[0]["sessions"]
-        return [(_key(k), str(o), int(e), bool(p)) for k, o, e, p in rows]
+        return [(wire.key_from_json(k), str(o), int(e), bool(p)) for k, o, e, p in rows]
 
     def session_weights(self) -> dict[Key, int]:
         meta = self._call("session_weights")[0]
-        return {_key(k): int(n) for k, n in zip(meta["keys"], meta["frames"], strict=True)}
+        return {wire.key_from_json(k): int(n) for k, n in zip(meta["keys"], meta["frames"], strict=True)}
 
     def _find_cgroup(self) -> dict[str, Path]:
         cid = self.container.id

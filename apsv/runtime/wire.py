@@ -15,8 +15,10 @@ from __future__ import annotations
 import json
 import socket
 import struct
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
+
+from apsv.runtime.host import Key, SeqState
 
 OPS = {
     "open": 1,
@@ -118,3 +120,34 @@ def call(
 
 class RemoteError(RuntimeError):
     """The container refused or failed a call; the message is what it said."""
+
+
+# -- the JSON forms of what crosses with the octets -----------------------------------------------
+
+
+def key_from_json(v: Any) -> Key:
+    """A session key sent as a list of 4 integers; ValueError otherwise."""
+    t = tuple(int(x) for x in v)
+    if len(t) != 4:
+        raise ValueError(f"a session key has 4 parts, not {len(t)}")
+    return (t[0], t[1], t[2], t[3])
+
+
+def seq_to_json(s: SeqState) -> dict[str, int]:
+    return {"last_seq": s.last_seq, "out_seq": s.out_seq, "applied": s.applied, "duplicates": s.duplicates}
+
+
+def seq_from_json(d: Mapping[str, Any]) -> SeqState:
+    return SeqState(int(d["last_seq"]), int(d["out_seq"]), int(d.get("applied", 0)), int(d.get("duplicates", 0)))
+
+
+def snapshots_to_json(snaps: Mapping[Key, tuple[SeqState, bytes]]) -> tuple[dict[str, Any], list[bytes]]:
+    """Snapshots as metadata (keys, sequence states) and one blob each, in the same order."""
+    keys = list(snaps)
+    return {"keys": [list(k) for k in keys], "seqs": [seq_to_json(snaps[k][0]) for k in keys]}, [
+        snaps[k][1] for k in keys
+    ]
+
+
+def snapshots_from_json(meta: Mapping[str, Any], blobs: Sequence[bytes]) -> dict[Key, tuple[SeqState, bytes]]:
+    return {key_from_json(k): (seq_from_json(s), b) for k, s, b in zip(meta["keys"], meta["seqs"], blobs, strict=True)}
