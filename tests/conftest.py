@@ -55,6 +55,33 @@ def manifest_bgp_messages(measured: str) -> dict[str, int]:
 # One local Ray cluster for the whole test session (ray.init costs seconds).
 
 
+def telemetry_row(ts: Any, **fields: Any) -> dict[str, Any]:
+    """One instance's telemetry row as the VPSM writes it (an idle BGP instance), with `fields`
+    replacing any of its values."""
+    return {
+        "ts": ts,
+        "instance_id": "bgp-1",
+        "protocol": "bgp",
+        "backend": "process",
+        "sessions": 1,
+        "cpu_seconds": 0.0,
+        "cpu_percent": 0.0,
+        "rss_bytes": 0,
+        "frames_in": 0,
+        "frames_out": 0,
+        "msgs_per_s": 1.0,
+        "queue_depth": 0,
+        "latency_p50_ms": None,
+        "latency_p99_ms": None,
+        "latency_max_ms": None,
+        "duplicates": 0,
+        "errors": 0,
+        "alloc_cpu": 0.5,
+        "alloc_memory_bytes": 1 << 29,
+        **fields,
+    }
+
+
 def cli_json(result: Any) -> Any:
     """The one JSON object a `--json` command run in process (CliRunner) printed. On the test
     session's Ray connection, which the command leaves alone, Ray's driver may print a message of

@@ -18,6 +18,7 @@ from apsv.forecast.neural import NeuralForecaster, TrainConfig
 from apsv.forecast.registry import ModelRegistry
 from apsv.forecast.series import Series, SeriesError, clean
 from apsv.forecast.serving import ForecastCore
+from tests.conftest import telemetry_row
 
 TS = "timeseries"
 
@@ -93,20 +94,6 @@ def test_telemetry_series_sum_instances(tmp_path: Path) -> None:
     from apsv.runtime.telemetry import TelemetryWriter, read_telemetry
 
     w = TelemetryWriter(tmp_path)
-    base = {
-        "backend": "process",
-        "sessions": 1,
-        "cpu_seconds": 0.0,
-        "cpu_percent": 0.0,
-        "rss_bytes": 0,
-        "frames_in": 0,
-        "frames_out": 0,
-        "queue_depth": 0,
-        "duplicates": 0,
-        "errors": 0,
-        "alloc_cpu": 1.0,
-        "alloc_memory_bytes": 0,
-    }
     from datetime import UTC, datetime, timedelta
 
     t0 = datetime(2026, 1, 1, tzinfo=UTC)
@@ -114,15 +101,9 @@ def test_telemetry_series_sum_instances(tmp_path: Path) -> None:
     for i in range(10):
         if i == 4:
             continue  # a missed poll
-        rows.append(
-            {**base, "ts": t0 + timedelta(seconds=i), "instance_id": "bgp-1", "protocol": "bgp", "msgs_per_s": 10.0 * i}
-        )
-        rows.append(
-            {**base, "ts": t0 + timedelta(seconds=i), "instance_id": "bgp-2", "protocol": "bgp", "msgs_per_s": 1.0}
-        )
-        rows.append(
-            {**base, "ts": t0 + timedelta(seconds=i), "instance_id": "bfd-1", "protocol": "bfd", "msgs_per_s": 5.0}
-        )
+        rows.append(telemetry_row(t0 + timedelta(seconds=i), msgs_per_s=10.0 * i))
+        rows.append(telemetry_row(t0 + timedelta(seconds=i), instance_id="bgp-2"))
+        rows.append(telemetry_row(t0 + timedelta(seconds=i), instance_id="bfd-1", protocol="bfd", msgs_per_s=5.0))
     w.append(rows)
     w.flush()
     series = {s.name: s for s in from_telemetry(read_telemetry(tmp_path))}

@@ -4,45 +4,21 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from apsv.runtime.telemetry import TelemetryWriter, read_telemetry
-
-
-def _row(ts: datetime) -> dict[str, Any]:
-    return {
-        "ts": ts,
-        "instance_id": "bgp-1",
-        "protocol": "bgp",
-        "backend": "process",
-        "sessions": 1,
-        "cpu_seconds": 0.0,
-        "cpu_percent": 0.0,
-        "rss_bytes": 0,
-        "frames_in": 0,
-        "frames_out": 0,
-        "msgs_per_s": 1.0,
-        "queue_depth": 0,
-        "latency_p50_ms": None,
-        "latency_p99_ms": None,
-        "latency_max_ms": None,
-        "duplicates": 0,
-        "errors": 0,
-        "alloc_cpu": 0.5,
-        "alloc_memory_bytes": 1 << 29,
-    }
+from tests.conftest import telemetry_row
 
 
 def test_partitions_past_the_retention_are_removed_as_new_ones_are_written(tmp_path: Path) -> None:
     now = datetime.now(UTC).replace(minute=30)
     old = TelemetryWriter(tmp_path)  # no retention: every hour stays
-    old.append(_row(now - timedelta(hours=h)) for h in range(10))
+    old.append(telemetry_row(now - timedelta(hours=h)) for h in range(10))
     old.flush()
     assert len(list(tmp_path.glob("hour=*"))) == 10
     w = TelemetryWriter(tmp_path, retention_hours=3)
-    w.append([_row(now)])
+    w.append([telemetry_row(now)])
     w.flush()
     # the hours within the retention stay (this one and the three before it), the rest go
     hours = sorted(p.name for p in tmp_path.glob("hour=*"))
