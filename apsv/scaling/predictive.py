@@ -99,7 +99,7 @@ def check_config(config: Mapping[str, Any]) -> None:
     """ValueError naming what is wrong in a predictive policy config: its own settings
     (`apsv.scaling.settings.Predictive`), the fallbacks it names and each one's settings."""
     s = settings.parse(settings.Predictive, config, "predictive")
-    if s.quantile not in ("p50", "p90", "p99") and not (s.quantile[1:].isdigit() and s.quantile[0] == "p"):
+    if not (s.quantile[:1] == "p" and s.quantile[1:].isdigit()):
         raise ValueError(f"quantile: expected a quantile's name such as p90, got {s.quantile!r}")
     for name, own in fallbacks(config).items():
         try:
