@@ -11,7 +11,7 @@ import pytest
 from apsv.forecast.backtest import backtest_series, rolling_origins
 from apsv.forecast.baselines import ExponentialSmoothing, SeasonalNaive, seasonal_naive_quantiles
 from apsv.forecast.datasets import from_mrt, from_telemetry, load_file
-from apsv.forecast.metrics import QUANTILES, pinball, seasonal_scale, wql
+from apsv.forecast.metrics import MEDIAN, QUANTILES, pinball, seasonal_scale, wql
 from apsv.forecast.model_error import ModelLoadError
 from apsv.forecast.models import ModelConfig, build_model, monotone_quantiles
 from apsv.forecast.neural import NeuralForecaster, TrainConfig
@@ -190,6 +190,25 @@ def test_save_load_roundtrip_and_corrupt_files(tmp_path: Path) -> None:
     (tmp_path / "m" / "model.json").write_text("{")
     with pytest.raises(ModelLoadError, match=r"cannot read model\.json"):
         NeuralForecaster.load(tmp_path / "m")
+
+
+@pytest.mark.parametrize(("length", "anchored"), [(800, False), (100, True)])
+def test_untrained_start_is_a_candidate_only_where_it_is_seasonal_naive(
+    length: int, anchored: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An anchored model (few windows) starts as seasonal naive, a baseline training must beat on
+    the hold-out; an unanchored one starts as random weights, which are never kept."""
+    scores = iter([0.0] + [1.0] * 100)  # whatever is scored first scores best
+    monkeypatch.setattr(NeuralForecaster, "_holdout_loss", lambda self, *a: next(scores))
+    m = NeuralForecaster("transformer", 12, d_model=32, train=TrainConfig(steps=30, eval_every=10))
+    m.fit([synthetic(length)])
+    assert m.cfg is not None and (m.cfg.anchor_season > 1) == anchored
+    assert m.report.best_step == (0 if anchored else 10)
+    if anchored:
+        s = synthetic(length)
+        q = m.predict([s.head(length - 12)])
+        naive = seasonal_naive_quantiles(s.values[: length - 12], 24, 12)
+        assert np.allclose(q[0, :, MEDIAN], naive[:, MEDIAN], rtol=1e-4)
 
 
 def test_short_history_falls_back_to_seasonal_naive() -> None:

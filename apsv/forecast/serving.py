@@ -75,7 +75,8 @@ def parse_array_request(payload: Mapping[str, Any]) -> tuple[list[str], FloatArr
         raise RequestError(f"horizon must be a positive integer, not {horizon!r}")
     values = values[:, -MAX_HISTORY:]  # (a request's `start` moves with the cut: see predict_values)
     finite: npt.NDArray[np.bool_] = np.asarray(np.isfinite(values).all(axis=1))
-    usable: npt.NDArray[np.bool_] = finite & (np.where(finite[:, None], values, 0.0).min(axis=1) >= 0)
+    lows = values.min(axis=1) if finite.all() else np.where(finite[:, None], values, 0.0).min(axis=1)
+    usable: npt.NDArray[np.bool_] = finite & (lows >= 0)
     errors = {
         ids[i]: f"{ids[i]}: a value is {'not finite' if not finite[i] else 'negative'}" for i in np.flatnonzero(~usable)
     }
