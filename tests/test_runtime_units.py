@@ -16,6 +16,7 @@ from apsv.frame import Frame, FrameKind, ProtocolId, decode_batch, encode_batch
 from apsv.runtime.buffer_pool import SHM_PREFIX, BufferPool, PoolExhausted
 from apsv.runtime.host import GAP, MOVED, PENDING, STALE, UNKNOWN, HostLimits, SeqState, SessionHost
 from apsv.runtime.shm import SegmentCache
+from apsv.scaling.clock import IDENTITY
 from apsv.scaling.placement import InstanceLoad, choose_instance, least_used, rebalance_moves
 from apsv.scaling.policy import ScalingContext, get_policy, reactive
 
@@ -170,6 +171,36 @@ def test_reactive_no_flapping_on_noise_and_bounds() -> None:
     assert get_policy("fixed")(ctx(config={"instances": 99})).instances == 8
     with pytest.raises(ValueError, match="known"):
         get_policy("nope")
+
+
+def test_vpsm_gives_the_policy_its_decision_interval_on_the_contexts_clock() -> None:
+    """The VPSM decides every `interval_s` wall seconds: the policy's config carries that
+    interval in the context's time (trace seconds on a replay clock) where it sets none."""
+    from collections import deque
+
+    import numpy as np
+
+    from apsv.runtime.vpsm.actor import VPSM
+    from apsv.runtime.vpsm.plan import ProtocolPlan
+    from apsv.scaling.clock import ReplayClock
+
+    plan = ProtocolPlan("echo", policy="threshold", policy_config={"target_cpu": 0.6})
+    vpsm = object.__new__(VPSM)  # no actor: only the state a context is built from
+    state = {"interval_s": 2.0, "plans": {"echo": plan}, "clocks": {}, "managed": {}, "forecasts": {}}
+    state |= {"history": {"echo": deque([100.0])}, "policy_state": {"echo": {}}, "_starting": {}}
+    state |= {"start_latencies": {}, "_imbalances": {}, "_policy_configs": {}}
+    vpsm.__dict__.update(state)
+
+    def config(now: float = 10.0) -> Any:
+        return vpsm._context("echo", plan, [], np.zeros(0), now, vpsm.clocks.get("echo", IDENTITY)).config
+
+    live = config()
+    assert live == {"target_cpu": 0.6, "interval_s": 2.0} and plan.policy_config == {"target_cpu": 0.6}
+    assert config(11.0) is live  # built once: its settings are parsed once
+    vpsm.clocks["echo"] = ReplayClock(origin=0.0, speed=10.0)
+    assert config()["interval_s"] == 20.0  # 10 trace seconds per wall second
+    plan.policy_config = {"interval_s": 5.0}
+    assert config() is plan.policy_config  # the user's value stands
 
 
 def test_buffer_pool_bounds_and_backpressure() -> None:

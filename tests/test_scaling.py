@@ -599,6 +599,48 @@ def test_predictive_fallback_config_is_read_and_checked() -> None:
             check_config(bad)
 
 
+def test_settings_are_parsed_once_per_config_and_again_when_it_changes() -> None:
+    from apsv.scaling import settings
+
+    cfg: dict[str, Any] = {"target_cpu": 0.6, "fallback": None}
+    with pytest.raises(ValueError, match="fallback: not a setting"):
+        settings.parse(settings.Threshold, cfg, "threshold")
+    del cfg["fallback"]
+    first = settings.parse(settings.Threshold, cfg, "threshold")
+    assert settings.parse(settings.Threshold, cfg, "threshold") is first
+    assert settings.parse(settings.Threshold, dict(cfg), "threshold") == first  # another object
+    cfg["target_cpu"] = 0.5  # a changed config is parsed again
+    assert settings.parse(settings.Threshold, cfg, "threshold").target_cpu == 0.5
+    cfg["tolerance"] = True  # equal to 1, but not a number: refused every time
+    for _ in range(2):
+        with pytest.raises(ValueError, match="tolerance: expected a number"):
+            settings.parse(settings.Threshold, cfg, "threshold")
+    cfg["tolerance"] = 1
+    assert settings.parse(settings.Threshold, cfg, "threshold").tolerance == 1.0
+    cfg["tolerance"] = True
+    with pytest.raises(ValueError, match="tolerance: expected a number"):
+        settings.parse(settings.Threshold, cfg, "threshold")
+    # nested: a predictive config's fallbacks, and the common settings out of the same object
+    pcfg: dict[str, Any] = {"fallback": ["threshold"], "fallback_config": {"target_cpu": 0.6}, "interval_s": 5}
+    assert settings.parse(settings.Predictive, pcfg, "predictive").fallback_config == {"target_cpu": 0.6}
+    assert settings.common(pcfg).interval_s == 5.0
+    pcfg["fallback_config"]["target_cpu"] = 0.4
+    pcfg["interval_s"] = 2
+    assert settings.parse(settings.Predictive, pcfg, "predictive").fallback_config == {"target_cpu": 0.4}
+    assert settings.common(pcfg).interval_s == 2.0
+    # common() reads a subset: the full config is no Common, and parse says so
+    with pytest.raises(ValueError, match="fallback: not a setting of the common policy"):
+        settings.parse(settings.Common, pcfg, "common")
+    # bounded: the least recently used entries go
+    keep = {"target_cpu": 0.6}
+    kept = settings.parse(settings.Threshold, keep)
+    for i in range(2 * settings._CACHE_SIZE):
+        settings.parse(settings.Threshold, {"target_cpu": 0.6})
+        if i % 16 == 0:
+            assert settings.parse(settings.Threshold, keep) is kept
+    assert len(settings._CACHE) <= settings._CACHE_SIZE
+
+
 def test_predictive_at_no_trust_is_exactly_its_fallback() -> None:
     t = np.arange(1500)
     rng = np.random.default_rng(5)

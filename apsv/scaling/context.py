@@ -31,6 +31,12 @@ class Limits:
     budget_instances: int | None = None
 
 
+def with_interval(config: Mapping[str, Any], interval_s: float) -> Mapping[str, Any]:
+    """A policy config with the decision interval (`interval_s`: the time between decisions, in
+    the context's units) where it sets none; `config` itself where it sets one."""
+    return config if "interval_s" in config else {**config, "interval_s": interval_s}
+
+
 def build_context(
     limits: Limits,
     *,

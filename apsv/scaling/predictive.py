@@ -131,11 +131,14 @@ def _target(ctx: ScalingContext, s: settings.Predictive) -> float:
     return utilization_target(ctx, s.target_utilization, s.slo_fraction)
 
 
-def proactive(ctx: ScalingContext, margin: float = 1.0) -> tuple[int, str, float | None, float | None, float, int]:
+def proactive(
+    ctx: ScalingContext, margin: float = 1.0, s: settings.Predictive | None = None
+) -> tuple[int, str, float | None, float | None, float, int]:
     """Full proactive provisioning: (instances, reason, the median forecast's peak over the
     window and the upper quantile's as provisioned for, None without a forecast, the window's
     seconds, the instances the live load plus announced table transfers need - known, not
-    forecast: 0 without a transfer).
+    forecast: 0 without a transfer). `s`: the context's settings where the caller holds them
+    (None: read from `ctx.config`).
 
     - lead time = the measured instance start latency plus one decision interval: an instance
       asked for now serves from then on;
@@ -153,7 +156,7 @@ def proactive(ctx: ScalingContext, margin: float = 1.0) -> tuple[int, str, float
       moment a session goes down, provisioned on top of the forecast, which models the organic
       load only (`_table_rate`).
     """
-    s = _settings(ctx)
+    s = _settings(ctx) if s is None else s
     q = s.quantile
     target = _target(ctx, s)
     lead = ctx.start_latency_s + s.interval_s
@@ -279,10 +282,11 @@ def predictive(ctx: ScalingContext) -> Decision:
     state: dict[str, Any] = dict(ctx.state)
 
     margin = float(state.get("skill", {}).get("margin", 1.0)) if s.margin is None else s.margin
-    proactive_n, pro_reason, median_peak, band_peak, window_s, known_n = proactive(ctx, margin)
+    proactive_n, pro_reason, median_peak, band_peak, window_s, known_n = proactive(ctx, margin, s)
     # every fallback rule runs from its own state on the live context; the one that has served
-    # the load best so far is the one the forecast is weighed against
-    rules = fallbacks(ctx.config)
+    # the load best so far is the one the forecast is weighed against (their configs built once
+    # per config, so that each rule's settings are parsed once too; the rules only read them)
+    rules = settings.cached(("predictive.fallbacks",), ctx.config, lambda: fallbacks(ctx.config))
     fb_states = state.get("fallbacks", {})
     recs_fb = {n: get_policy(n)(replace(ctx, state=fb_states.get(n, {}), config=c)) for n, c in rules.items()}
     # Scored, each also runs on a path of its own (`shadows`: the instances it decided last, as

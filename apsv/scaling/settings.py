@@ -13,10 +13,13 @@ and what the SLO's queueing model needs (`apsv.scaling.policy.slo_utilization`).
 
 from __future__ import annotations
 
+import copy
 import math
+import threading
 import types
 import typing
-from collections.abc import Mapping
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from typing import Any, TypeVar
 
@@ -107,10 +110,16 @@ _FRACTIONS = {"slo_fraction", "target_utilization", "tolerance", "scale_toleranc
 _FRACTIONS |= {"skill_full_at", "skill_coverage_floor", "skill_level"}
 
 S = TypeVar("S", bound=Common)
+T = TypeVar("T")
 
 
 def parse(cls: type[S], config: Mapping[str, Any], policy: str = "") -> S:
-    """`config` as `cls`; ValueError naming the field that is unknown or wrong."""
+    """`config` as `cls`; ValueError naming the field that is unknown or wrong. Parsed once per
+    config object while its contents stay the same (`cached`)."""
+    return cached((cls, policy), config, lambda: _parse(cls, config, policy))
+
+
+def _parse(cls: type[S], config: Mapping[str, Any], policy: str) -> S:
     known = {f.name: f for f in fields(cls)}
     name = policy or cls.__name__.lower()
     unknown = sorted(k for k in config if k not in known)
@@ -119,6 +128,49 @@ def parse(cls: type[S], config: Mapping[str, Any], policy: str = "") -> S:
     hints = _hints(cls)
     values = {k: _value(k, v, hints[k]) for k, v in config.items()}
     return cls(**values)
+
+
+# Settings (and what else is derived from a config alone) by (what was built, id(config)): a
+# policy reads its settings at every decision (thousands in a simulated run), from the same config
+# object. An entry holds the object, so that its id is not reused while cached, and a deep
+# snapshot of it, and serves only while the object still matches the snapshot: a config is a
+# mutable dict, and one changed since is parsed again (an invalid one raises again). Bounded,
+# least recently used out first: each entry keeps its config alive, and a caller may pass a new
+# config object at every decision.
+_CACHE: OrderedDict[tuple[Any, ...], tuple[Mapping[str, Any], dict[str, Any], Any]] = OrderedDict()
+_CACHE_SIZE = 256
+_CACHE_LOCK = threading.Lock()  # (policies run on one thread; the module does not assume it)
+
+
+def cached(kind: tuple[Any, ...], config: Mapping[str, Any], build: Callable[[], T]) -> T:
+    """`build()`, a value derived from `config` alone, built once per config object while its
+    contents stay the same; `kind` names what is built (no two builders share one)."""
+    key = (*kind, id(config))
+    with _CACHE_LOCK:
+        hit = _CACHE.get(key)
+        if hit is not None and hit[0] is config and _unchanged(hit[1], config):
+            _CACHE.move_to_end(key)
+            return typing.cast(T, hit[2])
+    value = build()  # raises before anything is cached
+    try:
+        snapshot = {k: copy.deepcopy(v) for k, v in config.items()}
+    except (TypeError, copy.Error):  # a value that cannot be copied: not cached
+        return value
+    with _CACHE_LOCK:
+        _CACHE[key] = (config, snapshot, value)
+        _CACHE.move_to_end(key)
+        if len(_CACHE) > _CACHE_SIZE:
+            _CACHE.popitem(last=False)
+    return value
+
+
+def _unchanged(snapshot: dict[str, Any], config: Mapping[str, Any]) -> bool:
+    """Whether `config` still equals `snapshot`, the types of its values included (1, 1.0 and
+    True are equal and parse differently; nested values are not read by type)."""
+    try:
+        return snapshot == config and tuple(map(type, snapshot.values())) == tuple(map(type, config.values()))
+    except (TypeError, ValueError):  # a value without a truth value for ==, an array: parsed again
+        return False
 
 
 _HINTS: dict[type, dict[str, Any]] = {}
@@ -172,8 +224,11 @@ _COMMON = frozenset(f.name for f in fields(Common))
 
 
 def common(config: Mapping[str, Any]) -> Common:
-    """The settings every policy shares, out of any policy's config."""
-    return parse(Common, {k: v for k, v in config.items() if k in _COMMON}, "common")
+    """The settings every policy shares, out of any policy's config (cached on `config`
+    itself: the subset parsed is a new mapping each time)."""
+    return cached(
+        ("common",), config, lambda: _parse(Common, {k: v for k, v in config.items() if k in _COMMON}, "common")
+    )
 
 
 def check(policy: str, config: Mapping[str, Any]) -> None:

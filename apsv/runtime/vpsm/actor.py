@@ -28,7 +28,7 @@ from apsv.runtime.vpsm.metrics import VpsmMetrics
 from apsv.runtime.vpsm.observe import Observe
 from apsv.runtime.vpsm.plan import Managed, ProtocolPlan
 from apsv.scaling.clock import IDENTITY, ReplayClock
-from apsv.scaling.context import HISTORY_STEPS, Limits, build_context
+from apsv.scaling.context import HISTORY_STEPS, Limits, build_context, with_interval
 from apsv.scaling.latency import histogram
 from apsv.scaling.policy import Decision, ScalingContext, get_policy
 
@@ -86,6 +86,8 @@ class VPSM(Instances, Observe, Inspection):
         self.steps = 0
         self._images: dict[str, str] = {}  # protocol -> stack image tag (docker plans)
         self.clocks: dict[str, ReplayClock] = {}
+        # per protocol: (interval, the plan's policy config, it with the interval; `_policy_config`)
+        self._policy_configs: dict[str, tuple[float, Mapping[str, Any], Mapping[str, Any]]] = {}
         # One row per protocol per step (bounded): what was measured and decided, for evaluation.
         self.timeline: deque[dict[str, Any]] = deque(maxlen=20_000)
         # Finished instances' (protocol, requested, ended) wall times, for instance-seconds.
@@ -342,9 +344,21 @@ class VPSM(Instances, Observe, Inspection):
             trace=clock.future,
             step=k,
             state=self.policy_state[protocol],
-            config=plan.policy_config,
+            config=self._policy_config(plan, clock),
         )
         return ctx
+
+    def _policy_config(self, plan: ProtocolPlan, clock: ReplayClock) -> Mapping[str, Any]:
+        """The plan's policy config with the decision interval where it sets none, in the
+        context's time units: `interval_s` wall seconds, `speed` times as many trace seconds on a
+        replay clock. Built once per plan and clock speed: the policy's settings are parsed once
+        per config object (`apsv.scaling.settings.cached`)."""
+        interval = self.interval_s * clock.speed
+        held = self._policy_configs.get(plan.protocol)
+        if held is None or held[0] != interval or held[1] is not plan.policy_config:
+            held = (interval, plan.policy_config, with_interval(plan.policy_config, interval))
+            self._policy_configs[plan.protocol] = held
+        return held[2]
 
     def _record(self, ctx: ScalingContext, d: Decision, now: float, lat: Any, clock: ReplayClock) -> None:
         """The step's row of the protocol's timeline: what was measured and decided."""
