@@ -341,6 +341,7 @@ protocol bgp apsv {{
   keepalive time 1;
   connect retry time 1;
   error wait time 1, 2;
+  debug {{ states }};
 {more}  ipv4 {{ import all; export where source = RTS_STATIC; next hop address {nh4(spec)}; }};
   ipv6 {{ import all; export where source = RTS_STATIC; next hop address {nh6(spec)}; }};
 }}
@@ -383,8 +384,10 @@ protocol bgp apsv {{
     d.last_error = lambda: "\n".join(x for x in proto().splitlines() if "error" in x.lower() or "Received" in x)
 
     def up_since() -> str:
-        row = [x for x in birdc("show", "protocols", "apsv").splitlines() if x.startswith("apsv")]
-        return " ".join(row[0].split()[3:5]) if row else ""
+        # BIRD shows the session's "since" time converted from its monotonic clock at each
+        # query, so it flickers by a millisecond: count the protocol's traced moves to up instead
+        traced = (run / "bird.log").read_text(errors="replace")
+        return str(len(re.findall(r"\bapsv: State changed to up\b", traced, re.I)))
 
     d.up_since = up_since
     d.extra["birdc"] = birdc

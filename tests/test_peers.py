@@ -156,6 +156,7 @@ def test_daemon_peers_with_apsv(cluster: tuple[Deployment, Any], daemon: tuple[A
     # Three hold times, while the VPSM drains the instance under the session and then the
     # instance that took it over is killed: the daemon sees nothing happen.
     since = d.up_since()
+    assert since not in ("", "0"), f"{spec.name} reports no established session to compare with"
     # A daemon that also connects actively may have opened a second connection at start-up,
     # closed by collision detection (RFC 4271 6.8); none may open while the session moves.
     connections = relay.connections

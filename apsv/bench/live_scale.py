@@ -130,6 +130,17 @@ def _p99(dep: Deployed, protocol: str, since: float) -> tuple[float | None, floa
     return (round(quantile(hist, 0.99), 2) if n else None), (round(worst, 2) if worst is not None else None), n
 
 
+def _p99_recorded(dep: Deployed, protocol: str, since: float, wait_s: float = 10.0) -> float | None:
+    """The p99 over the window once the VPSM's timeline holds it: the VPSM records each interval
+    at its next tick, which on a loaded host may come after the sessions have converged."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        p99, _, n = _p99(dep, protocol, since)
+        if n or time.monotonic() > deadline:
+            return p99
+        time.sleep(0.5)
+
+
 def _bfd_downs(dep: Deployed) -> tuple[int, int]:
     """(BFD sessions that left Up, events the agent dropped) since the last call; the first
     call starts the agent's event stream."""
@@ -342,7 +353,7 @@ def one_step(
         bgp_done, est, bfd_up = _converge(dep, bird, bfdd, prefixes, n_bgp, n_bfd, t0 + 600)
         result["converged_s"] = round(time.monotonic() - t0, 1)
         # the tables' transfer: every session's routes at once, the busiest the path gets here
-        result["p99_ms_converging"] = _p99(dep, "bgp", t0_wall)[0]
+        result["p99_ms_converging"] = _p99_recorded(dep, "bgp", t0_wall)
         result["bgp_converged"], result["bgp_established"], result["bfd_up"] = bgp_done, est, bfd_up
         if bgp_done < n_bgp or bfd_up < n_bfd:
             result["why"] = "not every session converged within 600 s"
