@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import sys
 import tempfile
 import time
@@ -24,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import ray
 from ray import serve
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tune/ lives at the repository root
@@ -152,6 +154,8 @@ def main() -> None:
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(doc, indent=1) + "\n")
     serve.shutdown()
+    ray.shutdown()
+    shutil.rmtree(tmp, ignore_errors=True)  # Ray's temp dir and the model registry
 
 
 if __name__ == "__main__":
