@@ -1,10 +1,9 @@
-"""Training, calibration and batched prediction for the torch forecasters.
+"""Training and batched prediction for the torch forecasters.
 
 `NeuralForecaster.fit` trains one global model over any number of series (windows sampled
 uniformly per series), keeps the weights with the best hold-out pinball loss, then calibrates the
-quantile band on that hold-out: each non-median quantile's distance from the median is scaled so
-that its empirical coverage there matches its level (a split-conformal step; pinball training
-alone tends to give bands that are too narrow out of sample). `predict` falls back to seasonal
+quantile band on that hold-out (`apsv.forecast.calibration`: pinball training alone tends to
+give bands that are too narrow out of sample). `predict` falls back to seasonal
 naive for histories too short for the model, and says how often it did.
 """
 
@@ -22,7 +21,8 @@ import numpy as np
 import torch
 
 from apsv.forecast.baselines import seasonal_naive_quantiles
-from apsv.forecast.metrics import MEDIAN, QUANTILES
+from apsv.forecast.calibration import apply_calibration, blend_factors, calibrate
+from apsv.forecast.metrics import QUANTILES
 from apsv.forecast.model_error import ModelLoadError
 from apsv.forecast.models import N_COVARIATES, ModelConfig, QuantileForecaster, build_model, pinball_loss
 from apsv.forecast.series import FloatArray, Series
@@ -160,7 +160,7 @@ class NeuralForecaster:
         self.calibration = np.ones(len(QUANTILES))
         if holdout is not None:
             xv, yv, cv = holdout
-            self.calibration = self._calibrate(self._forward(xv, cv), yv)
+            self.calibration = calibrate(self._forward(xv, cv), yv)
         self.report = FitReport(
             seconds=time.perf_counter() - t0,
             steps=run.steps,
@@ -256,26 +256,6 @@ class NeuralForecaster:
             q, loc, scale = model.forward_scaled(torch.from_numpy(x).float(), torch.from_numpy(c).float())
             return float(pinball_loss(q, (torch.from_numpy(y).float() - loc) / scale).item())
 
-    @staticmethod
-    def _calibrate(q: FloatArray, y: FloatArray, default: FloatArray | None = None) -> FloatArray:
-        med = q[..., MEDIAN]
-        out = np.ones(len(QUANTILES)) if default is None else default.copy()
-        for k, level in enumerate(QUANTILES):
-            if k == MEDIAN:
-                continue
-            d = q[..., k] - med
-            ok = np.abs(d) > 1e-9
-            if ok.sum() < 10:
-                continue
-            r = ((y - med)[ok]) / d[ok]
-            # The factor s that minimises the pinball loss of med + s (q - med) at this level:
-            # the level's quantile of r (upper; lower, d < 0: 1 - level's) weighted by |d|. Unweighted,
-            # points with a near-zero band (an intermittent series' quiet windows) would dominate,
-            # and their rare bursts set a factor that inflates the band everywhere else.
-            s = _weighted_quantile(r, np.abs(d[ok]), level if k > MEDIAN else 1.0 - level)
-            out[k] = float(np.clip(s, 0.0, 8.0))  # 0: the band collapses onto the median (zero-inflated series)
-        return out
-
     # -- prediction -----------------------------------------------------------------------
 
     def _forward(self, x: FloatArray, c: FloatArray, chunk: int = 1024) -> FloatArray:
@@ -332,8 +312,8 @@ class NeuralForecaster:
                 rows = np.asarray([j for j, _ in back])
                 for j in np.unique(rows):
                     sel = rows == j
-                    factors[j] = _blend(self.calibration, self._calibrate(qb[sel], yb[sel], default=self.calibration))
-            q = _apply_calibration(q_all[: len(use), :h, :], factors[:, None, :])
+                    factors[j] = blend_factors(self.calibration, calibrate(qb[sel], yb[sel], default=self.calibration))
+            q = apply_calibration(q_all[: len(use), :h, :], factors[:, None, :])
             for j, i in enumerate(use):
                 v = histories[i].values
                 out[i] = np.maximum(q[j], 0.0) if v.min() >= 0 else q[j]
@@ -367,7 +347,7 @@ class NeuralForecaster:
         cov = np.broadcast_to(
             covariates(Series("", v[0], step=step, start=start, season=season), length), (n, N_COVARIATES)
         )
-        q = _apply_calibration(self._forward(ctx, np.ascontiguousarray(cov))[:, :h, :], self.calibration)
+        q = apply_calibration(self._forward(ctx, np.ascontiguousarray(cov))[:, :h, :], self.calibration)
         nonneg = v.min(axis=1) >= 0
         q[nonneg] = np.maximum(q[nonneg], 0.0)
         return q
@@ -474,29 +454,3 @@ def _context(v: FloatArray, length: int) -> FloatArray:
     if v.size >= length:
         return v[-length:]
     return np.concatenate([np.full(length - v.size, v[0] if v.size else 0.0), v])
-
-
-def _weighted_quantile(values: FloatArray, weights: FloatArray, level: float) -> float:
-    """The smallest value whose cumulative weight reaches `level` of the total."""
-    order = np.argsort(values)
-    cum = np.cumsum(weights[order])
-    i = int(np.searchsorted(cum, level * cum[-1], side="left"))
-    return float(values[order][min(i, values.size - 1)])
-
-
-def _blend(global_factors: FloatArray, series_factors: FloatArray) -> FloatArray:
-    """Per-series band factors from a few backcasts are noisy: take the wider of the series'
-    and the global (hold-out) factor, so a series that has been more erratic than the hold-out
-    widens its band and a calm one keeps the calibrated width; at most twice as wide, because a
-    single burst among the backcasts (zero-inflated BGP churn) would otherwise blow the upper
-    quantiles up for everything after it."""
-    return np.clip(series_factors, global_factors, 2.0 * global_factors)
-
-
-def _apply_calibration(q: FloatArray, factors: FloatArray) -> FloatArray:
-    med = q[..., MEDIAN : MEDIAN + 1]
-    out = med + (q - med) * factors
-    # keep the quantiles ordered after per-level scaling
-    upper = np.maximum.accumulate(out[..., MEDIAN:], axis=-1)
-    lower = np.minimum.accumulate(out[..., : MEDIAN + 1][..., ::-1], axis=-1)[..., ::-1]
-    return np.concatenate([lower[..., :MEDIAN], upper], axis=-1)

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from apsv.scaling.context import Limits, build_context
+from apsv.scaling.context import Limits, build_context, with_interval
 from apsv.scaling.latency_mixture import Components, mixture_cdf, mixture_quantile
 from apsv.scaling.policy import get_policy
 from apsv.scaling.sim_cluster import GONE, READY, STARTING, Cluster, session_weights
@@ -93,8 +93,7 @@ def initial_instances(
     table_backlog: float = 0.0,
 ) -> int:
     """The instances a policy wants at the trace's first step (the warm start of a run)."""
-    pcfg = dict(policy_config or {})
-    pcfg.setdefault("interval_s", cfg.interval_s)
+    pcfg = dict(with_interval(policy_config or {}, cfg.interval_s))
     n = sessions if sessions is not None else cfg.vrouters * cfg.sessions_per_vrouter
     return _initial(np.asarray(trace, dtype=np.float64), get_policy(policy), cfg, pcfg, forecasts, n, table_backlog)
 
@@ -118,8 +117,7 @@ def simulate(
     tables = np.zeros(load.size) if table_backlog is None else np.asarray(table_backlog, dtype=np.float64)
     if tables.shape != load.shape:
         raise ValueError(f"table_backlog has {tables.size} steps, the trace {load.size}")
-    pcfg = dict(policy_config or {})
-    pcfg.setdefault("interval_s", cfg.interval_s)
+    pcfg = dict(with_interval(policy_config or {}, cfg.interval_s))
     return _Run(load, tables, policy, cfg, pcfg, forecasts, initial_instances).run()
 
 
