@@ -679,6 +679,24 @@ def test_predictive_steps_down_with_a_fallback_that_waits_out_a_delay() -> None:
     assert pred.timeline["instances"][-1] <= alone.timeline["instances"][-1]
 
 
+def test_a_chosen_fallback_does_not_hold_instances_its_own_path_never_started() -> None:
+    # Three instances a burst started (the other fallback scaled out for it); Ray Serve's policy,
+    # now the chosen fallback, never scaled out on its own path (one instance). On the live path
+    # its 600 s downscale delay would keep all three: it steps down to its own path's count.
+    live = ctx(current_instances=3, load=300.0, instance_ages=(900.0, 900.0, 900.0), slo_ms=100.0)
+    state = {"fallback": "ray_serve", "shadows": {"ray_serve": [1, {}], "threshold": [3, {}]}}
+    config = {"fallback": ["ray_serve", "threshold"], "trust": 0.0}
+    alone = get_policy("ray_serve")(replace(live, config={}))
+    assert alone.instances == 3, "on the live path Ray's delay holds what it has"
+    d = skill_weighted(replace(live, state=state, config=config))
+    assert d.instances == 1 and "its own path runs 1" in d.reason
+    # never below what the live load needs (2,500 msgs/s on 1,000 per instance) ...
+    busy = replace(live, load=2500.0, state=state, config=config)
+    assert skill_weighted(busy).instances == 3
+    # ... nor while the p99 is over the SLO; and a scale-out on the live path stands
+    assert skill_weighted(replace(live, latency_p99_ms=150.0, state=state, config=config)).instances == 3
+
+
 def test_a_fallback_on_its_own_path_sees_the_measured_utilization_on_its_own_instances() -> None:
     from apsv.scaling.predictive import _shadow_runs
 

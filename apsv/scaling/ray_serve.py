@@ -27,6 +27,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+from apsv.scaling import settings
 from apsv.scaling.policy import Decision, ScalingContext, clamp
 
 DEFAULT_MAX_ONGOING_REQUESTS = 5  # Ray Serve's default for a deployment
@@ -73,7 +74,11 @@ def ray_serve(ctx: ScalingContext) -> Decision:
     )
     from ray.serve.config import AutoscalingContext
 
-    config = autoscaling_config(ctx.config, ctx.min_instances, ctx.max_instances)
+    # Ray's pydantic config, validated once per config object and bounds (the policy reads it)
+    lo, hi = ctx.min_instances, ctx.max_instances
+    config = settings.cached(
+        ("ray_serve.autoscaling", lo, hi), ctx.config, lambda: autoscaling_config(ctx.config, lo, hi)
+    )
     slots = float(ctx.config.get("max_ongoing_requests", DEFAULT_MAX_ONGOING_REQUESTS))
     interval = float(ctx.config.get("interval_s", 1.0))
     ongoing = ongoing_requests(ctx, slots, interval, config.look_back_period_s)
