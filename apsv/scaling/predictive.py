@@ -5,7 +5,10 @@ Each decision forms two recommendations and weighs them by the forecast's measur
 - `reactive_n`: the fallback rule's - what a user runs without prediction. `fallback` names one
   or several (default the HPA rule at target 0.6 with a 60 s stabilization window and Ray Serve's
   policy with Ray's defaults), each run from its own state on the live context and scored beside
-  the forecast; the one that has served the load best so far (`skill.better_fallback`) is it;
+  the forecast; the one that has served the load best so far (`skill.better_fallback`) is it.
+  Where it asks for no more than the live instances, it keeps no more than its own path runs
+  (`_own_path_hold`): a delay that holds its own decisions does not hold instances another rule
+  started, though never below what the live load needs;
 - `proactive_n`: full proactive provisioning (`proactive` below) for the forecast over the lead
   time, at the utilization the SLO allows.
 
