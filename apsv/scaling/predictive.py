@@ -19,8 +19,8 @@ upper band's coverage, on windows already seen):
 
 Below the fallback's recommendation (the forecast sees less coming) the weight is trust x
 `skill.guard`: provisioning on the forecast may save capacity only as far as it has not run short
-of the SLO's capacity more often than the fallback. At trust 0 the decision is the fallback's,
-unchanged. Above it, churn is a cost:
+of the SLO's capacity more often than the fallback. At trust 0 the decision is the fallback's
+(held to its own path as above), unchanged. Above it, churn is a cost:
 
 - scale-out is immediate (a late instance costs violations; a start costs one stall);
 - scale-in blends the fallback's recommendation with the highest proactive one of a window of
