@@ -693,8 +693,14 @@ def test_a_chosen_fallback_does_not_hold_instances_its_own_path_never_started() 
     # never below what the live load needs (2,500 msgs/s on 1,000 per instance) ...
     busy = replace(live, load=2500.0, state=state, config=config)
     assert skill_weighted(busy).instances == 3
-    # ... nor while the p99 is over the SLO; and a scale-out on the live path stands
+    # ... nor while the p99 is over the SLO
     assert skill_weighted(replace(live, latency_p99_ms=150.0, state=state, config=config)).instances == 3
+    # a scale-out the fallback asks for on the live path stands, whatever its own path runs
+    # (threshold at 0.6: 3 instances 83 % busy ask for 5; its own path, from 1, runs 2)
+    hpa = {"fallback": "threshold", "trust": 0.0}
+    hot = replace(live, load=2500.0, cpu_utilization=0.83, state={"shadows": {"threshold": [1, {}]}}, config=hpa)
+    out = skill_weighted(hot)
+    assert out.instances == 5 and "its own path" not in out.reason
 
 
 def test_a_fallback_on_its_own_path_sees_the_measured_utilization_on_its_own_instances() -> None:

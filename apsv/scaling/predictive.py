@@ -311,7 +311,7 @@ def predictive(ctx: ScalingContext) -> Decision:
         halflife=sk_cfg.halflife,
     )
     fallback_name = skill.better_fallback(sk, list(rules), state.get("fallback"))
-    fb = _own_path_hold(ctx, recs_fb[fallback_name], recommended[fallback_name], _live_need(ctx, s, _target(ctx, s)))
+    fb = _own_path_hold(ctx, s, recs_fb[fallback_name], recommended[fallback_name])
     w = s.trust if s.trust is not None else skill.trust(sk, sk_cfg, fallback_name)
     trust_note = (
         f"forecast trusted at {w:.2f} (loss {skill.ratio(sk, fallback_name):.2f}x {fallback_name}'s, "
@@ -354,16 +354,16 @@ def predictive(ctx: ScalingContext) -> Decision:
     return Decision(n, new_state, reason + (" (down: held by the window)" if n > blended else ""), w)
 
 
-def _own_path_hold(ctx: ScalingContext, fb: Decision, own_n: int, live_need: int) -> Decision:
+def _own_path_hold(ctx: ScalingContext, s: settings.Predictive, fb: Decision, own_n: int) -> Decision:
     """The fallback's live recommendation, held down to what its own path runs: where it asks for
     no more than the live instances, no more than its shadow (`own_n`) runs - instances another
     rule started (the other fallback, the forecast) are not its to keep through its own downscale
     delay, which protects its decisions from flapping, not theirs - but never below what the live
-    load and its backlog need (`live_need`), nor while the p99 is over the SLO."""
+    load and its backlog need (`_live_need`), nor while the p99 is over the SLO."""
     n = fb.instances
     if n > ctx.current_instances or own_n >= n or _over_slo(ctx):
         return fb
-    held = max(own_n, min(live_need, n))
+    held = max(own_n, min(_live_need(ctx, s, _target(ctx, s)), n))
     return replace(fb, instances=held, reason=f"{fb.reason}; its own path runs {own_n}") if held < n else fb
 
 
