@@ -7,13 +7,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from apsv.forecast.backtest import backtest_series, rolling_origins
 from apsv.forecast.baselines import ExponentialSmoothing, SeasonalNaive, seasonal_naive_quantiles
+from apsv.forecast.calibration import apply_calibration
 from apsv.forecast.datasets import from_mrt, from_telemetry, load_file
 from apsv.forecast.metrics import MEDIAN, QUANTILES, pinball, seasonal_scale, wql
 from apsv.forecast.model_error import ModelLoadError
-from apsv.forecast.models import ModelConfig, build_model, monotone_quantiles
+from apsv.forecast.models import ModelConfig, anchored_quantiles, build_model, monotone_quantiles
 from apsv.forecast.neural import NeuralForecaster, TrainConfig
 from apsv.forecast.registry import ModelRegistry
 from apsv.forecast.series import Series, SeriesError, clean
@@ -205,10 +207,30 @@ def test_untrained_start_is_a_candidate_only_where_it_is_seasonal_naive(
     assert m.cfg is not None and (m.cfg.anchor_season > 1) == anchored
     assert m.report.best_step == (0 if anchored else 10)
     if anchored:
+        # the untrained start is seasonal naive's whole forecast, band included: its quantiles with
+        # the hold-out's calibration and nothing else (no per-series backcast widening)
         s = synthetic(length)
         q = m.predict([s.head(length - 12)])
         naive = seasonal_naive_quantiles(s.values[: length - 12], 24, 12)
         assert np.allclose(q[0, :, MEDIAN], naive[:, MEDIAN], rtol=1e-4)
+        assert np.allclose(q[0], np.maximum(apply_calibration(naive, m.calibration), 0.0), rtol=1e-4)
+
+
+def test_an_anchored_model_corrects_seasonal_naive_quantiles_and_needs_them() -> None:
+    """Zero corrections give the anchor exactly; a correction moves the median and scales the
+    spacings, and the quantiles stay ordered; an anchored model refuses to run without its anchor."""
+    anchor = torch.tensor([[[-1.0, 0.5, 2.0, 4.0]]])
+    assert torch.allclose(anchored_quantiles(anchor, torch.zeros_like(anchor)), anchor)
+    q = anchored_quantiles(anchor, torch.tensor([[[0.0, 1.0, float(np.log(2.0)), -9.0]]]))
+    assert torch.allclose(q, torch.tensor([[[0.0, 1.5, 4.5, 4.5 + 2.0 * float(np.exp(-9.0))]]]))
+    cfg = ModelConfig("transformer", 48, 12, patch_len=8, d_model=16, anchor_season=24)
+    model = build_model(cfg).eval()
+    x = torch.rand(3, 48) * 10
+    with torch.inference_mode():
+        naive = torch.from_numpy(np.stack([seasonal_naive_quantiles(r.numpy(), 24, 12) for r in x.double()])).float()
+        assert torch.allclose(model(x, torch.zeros(3, 6), naive), naive, atol=1e-4)
+        with pytest.raises(ValueError, match="needs its seasonal naive anchor"):
+            model(x, torch.zeros(3, 6))
 
 
 def test_short_history_falls_back_to_seasonal_naive() -> None:

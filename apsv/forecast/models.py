@@ -19,6 +19,8 @@ from apsv.forecast.metrics import MEDIAN, QUANTILES
 
 N_COVARIATES = 6  # season phase, hour of day, day of week: sin and cos each
 SPARSE_ZEROS = 0.5  # a context window with at least this share of zeros is intermittent
+# An anchored model scales seasonal naive's quantile spacings by exp(raw): at most e^4 = 55 times
+_MAX_LOG_WIDEN = 4.0
 
 
 @dataclass(frozen=True)
@@ -31,9 +33,10 @@ class ModelConfig:
     n_heads: int = 4
     n_layers: int = 2
     dropout: float = 0.1
-    # > 1: the median is learned as a correction to the seasonal naive forecast of this period,
-    # and the head starts at zero (an untrained model forecasts seasonal naive): the model for
-    # a series too short to learn its shape from (NeuralForecaster sets it below MIN_FREE_WINDOWS)
+    # > 1: the quantiles are learned as a correction to the seasonal naive forecast of this
+    # period (its median and its band), given with each window, and the head starts at zero (an
+    # untrained model forecasts seasonal naive): the model for a series too short to learn its
+    # shape from (NeuralForecaster sets it below MIN_FREE_WINDOWS)
     anchor_season: int = 0
 
     def __post_init__(self) -> None:
@@ -60,6 +63,18 @@ def monotone_quantiles(raw: torch.Tensor) -> torch.Tensor:
     below = torch.nn.functional.softplus(raw[..., :MEDIAN]).flip(-1).cumsum(-1).flip(-1)
     above = torch.nn.functional.softplus(raw[..., MEDIAN + 1 :]).cumsum(-1)
     return torch.cat([med - below, med, med + above], dim=-1)
+
+
+def anchored_quantiles(anchor: torch.Tensor, raw: torch.Tensor) -> torch.Tensor:
+    """(..., Q) seasonal naive quantiles and (..., Q) corrections -> (..., Q) non-decreasing: the
+    median moved by raw's median, each spacing between neighbouring quantiles scaled by exp(raw)
+    at the outer level. A zero correction is the anchor exactly."""
+    med = anchor[..., MEDIAN : MEDIAN + 1] + raw[..., MEDIAN : MEDIAN + 1]
+    widen = torch.exp(raw.clamp(max=_MAX_LOG_WIDEN))
+    gaps_above = (anchor[..., MEDIAN + 1 :] - anchor[..., MEDIAN:-1]).clamp_min(0.0) * widen[..., MEDIAN + 1 :]
+    gaps_below = (anchor[..., 1 : MEDIAN + 1] - anchor[..., :MEDIAN]).clamp_min(0.0) * widen[..., :MEDIAN]
+    below = gaps_below.flip(-1).cumsum(-1).flip(-1)
+    return torch.cat([med - below, med, med + gaps_above.cumsum(-1)], dim=-1)
 
 
 class QuantileForecaster(nn.Module):
@@ -102,24 +117,29 @@ class QuantileForecaster(nn.Module):
     def encode(self, tokens: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def _anchor(self, z: torch.Tensor) -> torch.Tensor:
-        """(B, L) scaled context -> (B, horizon): seasonal naive in the same scale (0 unanchored)."""
-        m = self.cfg.anchor_season
-        if not 1 < m <= self.cfg.context_length:
-            return torch.zeros(z.shape[0], self.cfg.horizon, dtype=z.dtype, device=z.device)
-        return z[:, self.cfg.context_length - m + torch.arange(self.cfg.horizon, device=z.device) % m]
+    @property
+    def anchored(self) -> bool:
+        return self.cfg.anchor_season > 1
 
-    def forward(self, x: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:
-        """x (B, context_length), cov (B, N_COVARIATES) -> quantiles (B, horizon, Q) in x's units."""
-        q, loc, scale = self.forward_scaled(x, cov)
+    def forward(self, x: torch.Tensor, cov: torch.Tensor, anchor: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, context_length), cov (B, N_COVARIATES) -> quantiles (B, horizon, Q) in x's units;
+        an anchored model also takes `anchor` (B, horizon, Q), the seasonal naive quantiles it
+        corrects, in x's units (computed from each window's whole history, which the context
+        may be too short to hold a season's errors of)."""
+        q, loc, scale = self.forward_scaled(x, cov, anchor)
         return q * scale[:, :, None] + loc[:, :, None]
 
-    def forward_scaled(self, x: torch.Tensor, cov: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward_scaled(
+        self, x: torch.Tensor, cov: torch.Tensor, anchor: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Quantiles in the window's own scale, with loc and scale (training computes its loss there)."""
         z, loc, scale = self._scale(x)
-        raw = self.encode(self._patches(z), self.cov_embed(cov))
-        q = monotone_quantiles(raw.reshape(x.shape[0], self.cfg.horizon, self.n_q))
-        return q + self._anchor(z)[:, :, None], loc, scale
+        raw = self.encode(self._patches(z), self.cov_embed(cov)).reshape(x.shape[0], self.cfg.horizon, self.n_q)
+        if not self.anchored:
+            return monotone_quantiles(raw), loc, scale
+        if anchor is None or anchor.shape != raw.shape:
+            raise ValueError(f"an anchored model needs its seasonal naive anchor, shape {tuple(raw.shape)}")
+        return anchored_quantiles((anchor - loc[:, :, None]) / scale[:, :, None], raw), loc, scale
 
 
 class PatchTransformer(QuantileForecaster):

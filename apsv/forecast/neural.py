@@ -28,6 +28,9 @@ from apsv.forecast.models import N_COVARIATES, ModelConfig, QuantileForecaster, 
 from apsv.forecast.series import FloatArray, Series
 
 Reporter = Callable[[int, float], None]  # (training step, hold-out loss) -> None; may raise to stop
+# contexts (N, L), targets (N, H), covariates (N, C) and, for an anchored model, the seasonal
+# naive quantiles (N, H, Q) each window's model output corrects
+Windows = tuple[FloatArray, FloatArray, FloatArray, FloatArray | None]
 
 
 MIN_FREE_WINDOWS = 64  # fewer training windows than this: the model corrects seasonal naive
@@ -151,6 +154,7 @@ class NeuralForecaster:
             # too few windows to learn a series' shape from: learn a correction to its seasonal
             # naive forecast instead (shrinkage toward the baseline)
             cfg = replace(cfg, anchor_season=season)
+            windows = self._windows(fit_parts, cfg)  # now with their anchors
         model = build_model(cfg)
         holdout = self._origins(val, cfg) if val else None
         run = self._train(model, windows, holdout, gen, t0, report)
@@ -159,8 +163,8 @@ class NeuralForecaster:
         self.cfg, self.model = cfg, model
         self.calibration = np.ones(len(QUANTILES))
         if holdout is not None:
-            xv, yv, cv = holdout
-            self.calibration = calibrate(self._forward(xv, cv), yv)
+            xv, yv, cv, av = holdout
+            self.calibration = calibrate(self._forward(xv, cv, av), yv)
         self.report = FitReport(
             seconds=time.perf_counter() - t0,
             steps=run.steps,
@@ -180,8 +184,8 @@ class NeuralForecaster:
     def _train(
         self,
         model: QuantileForecaster,
-        windows: tuple[FloatArray, FloatArray, FloatArray],
-        holdout: tuple[FloatArray, FloatArray, FloatArray] | None,
+        windows: Windows,
+        holdout: Windows | None,
         gen: torch.Generator,
         t0: float,
         report: Reporter | None,
@@ -198,12 +202,13 @@ class NeuralForecaster:
         run = _TrainingRun()
         anchored = model.cfg.anchor_season > 1
         run.keep(model, float("inf") if holdout is None or not anchored else self._holdout_loss(model, *holdout), 0)
-        x_t, y_t, c_t = (torch.from_numpy(a).float() for a in windows)
+        x_t, y_t, c_t = (torch.from_numpy(a).float() for a in windows[:3])
+        a_t = None if windows[3] is None else torch.from_numpy(windows[3]).float()
         for step in range(1, n_steps + 1):
             run.steps = step
             model.train()
             idx = torch.randint(0, x_t.shape[0], (tc.batch_size,), generator=gen)
-            q, loc, scale = model.forward_scaled(x_t[idx], c_t[idx])
+            q, loc, scale = model.forward_scaled(x_t[idx], c_t[idx], None if a_t is None else a_t[idx])
             loss = pinball_loss(q, (y_t[idx] - loc) / scale)
             opt.zero_grad(set_to_none=True)
             loss.backward()  # type: ignore[no-untyped-call]
@@ -222,10 +227,11 @@ class NeuralForecaster:
         return run
 
     @staticmethod
-    def _windows(parts: Sequence[Series], cfg: ModelConfig) -> tuple[FloatArray, FloatArray, FloatArray]:
+    def _windows(parts: Sequence[Series], cfg: ModelConfig) -> Windows:
         """Every (context, target) window of the training parts; short prefixes edge-padded."""
         L, H = cfg.context_length, cfg.horizon
         xs, ys, cs = [], [], []
+        prefixes: list[FloatArray] = []  # each window's whole history, for its anchor
         for s in parts:
             v = s.values
             first = max(L // 2, 1)
@@ -238,27 +244,32 @@ class NeuralForecaster:
             xs.append(win[origins, :L])
             ys.append(win[origins, L:])
             cs.append(np.stack([covariates(s, int(o)) for o in origins]))
+            if cfg.anchor_season > 1:
+                prefixes.extend(v[:o] for o in origins)
         if not xs:
-            return np.zeros((0, L)), np.zeros((0, H)), np.zeros((0, N_COVARIATES))
-        return np.concatenate(xs), np.concatenate(ys), np.concatenate(cs)
+            return np.zeros((0, L)), np.zeros((0, H)), np.zeros((0, N_COVARIATES)), None
+        return np.concatenate(xs), np.concatenate(ys), np.concatenate(cs), _anchors(prefixes, cfg)
 
     @staticmethod
-    def _origins(val: Sequence[tuple[Series, int]], cfg: ModelConfig) -> tuple[FloatArray, FloatArray, FloatArray]:
+    def _origins(val: Sequence[tuple[Series, int]], cfg: ModelConfig) -> Windows:
         L, H = cfg.context_length, cfg.horizon
         xs = np.stack([_context(s.values[:o], L) for s, o in val])
         ys = np.stack([s.values[o : o + H] for s, o in val])
         cs = np.stack([covariates(s, o) for s, o in val])
-        return xs, ys, cs
+        return xs, ys, cs, _anchors([s.values[:o] for s, o in val], cfg)
 
-    def _holdout_loss(self, model: QuantileForecaster, x: FloatArray, y: FloatArray, c: FloatArray) -> float:
+    def _holdout_loss(
+        self, model: QuantileForecaster, x: FloatArray, y: FloatArray, c: FloatArray, a: FloatArray | None
+    ) -> float:
         model.eval()
         with torch.inference_mode():
-            q, loc, scale = model.forward_scaled(torch.from_numpy(x).float(), torch.from_numpy(c).float())
+            anchor = None if a is None else torch.from_numpy(a).float()
+            q, loc, scale = model.forward_scaled(torch.from_numpy(x).float(), torch.from_numpy(c).float(), anchor)
             return float(pinball_loss(q, (torch.from_numpy(y).float() - loc) / scale).item())
 
     # -- prediction -----------------------------------------------------------------------
 
-    def _forward(self, x: FloatArray, c: FloatArray, chunk: int = 1024) -> FloatArray:
+    def _forward(self, x: FloatArray, c: FloatArray, a: FloatArray | None = None, chunk: int = 1024) -> FloatArray:
         # One conversion to float32 for the whole request, then chunks of up to 1,024 windows:
         # on a 2-core host a 1,000-window request takes ~13 ms in one pass against ~16 ms in
         # chunks of 256 (benchmarks/forecast_serve.py); chunks bound the activations' memory.
@@ -267,9 +278,21 @@ class NeuralForecaster:
             return np.zeros((0, self.horizon, len(QUANTILES)))
         xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
         ct = torch.from_numpy(np.ascontiguousarray(c, dtype=np.float32))
+        at = None if a is None else torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
         with torch.inference_mode():
-            out = torch.cat([self.model(xt[i : i + chunk], ct[i : i + chunk]) for i in range(0, x.shape[0], chunk)])
+            out = torch.cat(
+                [
+                    self.model(xt[i : i + chunk], ct[i : i + chunk], None if at is None else at[i : i + chunk])
+                    for i in range(0, x.shape[0], chunk)
+                ]
+            )
         return out.numpy().astype(np.float64)
+
+    def _backcasts(self) -> int:
+        """Backcasts per series that calibrate its band: none for an anchored model, whose band is
+        already this series' own (seasonal naive's errors over its whole history), where a few
+        backcasts (a short series has two or three) would only add their noise."""
+        return 0 if self.cfg is not None and self.cfg.anchor_season > 1 else self.recent_windows
 
     def min_history(self) -> int:
         if self.cfg is None:
@@ -291,20 +314,22 @@ class NeuralForecaster:
             L, H = self.cfg.context_length, self.horizon
             xs = [_context(histories[i].values, L) for i in use]
             cs = [covariates(histories[i], len(histories[i])) for i in use]
+            prefixes = [histories[i].values for i in use]
             # Backcasts: forecasts from the last few horizons inside each history, whose outcome is
             # known, calibrate that series' band (recent errors of this series, not only the
             # training hold-out's).
             back: list[tuple[int, int]] = []  # (row in `use`, origin)
             for j, i in enumerate(use):
                 n = len(histories[i])
-                for k in range(1, self.recent_windows + 1):
+                for k in range(1, self._backcasts() + 1):
                     o = n - k * H
                     if o < self.min_history():
                         break
                     back.append((j, o))
                     xs.append(_context(histories[i].values[:o], L))
                     cs.append(covariates(histories[i], o))
-            q_all = self._forward(np.stack(xs), np.stack(cs))
+                    prefixes.append(histories[i].values[:o])
+            q_all = self._forward(np.stack(xs), np.stack(cs), _anchors(prefixes, self.cfg))
             factors = np.broadcast_to(self.calibration, (len(use), len(QUANTILES))).copy()
             if back:
                 qb = q_all[len(use) :]
@@ -339,7 +364,7 @@ class NeuralForecaster:
         h = horizon or self.horizon
         if h > self.horizon:
             raise ValueError(f"this model forecasts {self.horizon} steps, {h} asked")
-        if self.recent_windows > 0 or self.cfg is None or length < self.min_history() or n == 0:
+        if self._backcasts() > 0 or self.cfg is None or length < self.min_history() or n == 0:
             ser = [Series(str(i), v[i], step=step, start=start, season=season) for i in range(n)]
             return self.predict(ser, h)
         L = self.cfg.context_length
@@ -347,7 +372,8 @@ class NeuralForecaster:
         cov = np.broadcast_to(
             covariates(Series("", v[0], step=step, start=start, season=season), length), (n, N_COVARIATES)
         )
-        q = apply_calibration(self._forward(ctx, np.ascontiguousarray(cov))[:, :h, :], self.calibration)
+        q = self._forward(ctx, np.ascontiguousarray(cov), _anchors(list(v), self.cfg))
+        q = apply_calibration(q[:, :h, :], self.calibration)
         nonneg = v.min(axis=1) >= 0
         q[nonneg] = np.maximum(q[nonneg], 0.0)
         return q
@@ -448,6 +474,16 @@ def _warmup_cosine(opt: torch.optim.Optimizer, n_steps: int) -> torch.optim.lr_s
             else 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (i - warm) / max(1, n_steps - warm)))
         ),
     )
+
+
+def _anchors(histories: Sequence[FloatArray], cfg: ModelConfig) -> FloatArray | None:
+    """(N, H, Q): seasonal naive's quantiles after each history, the forecast an anchored model
+    corrects (its band from the history's seasonal errors, not the context's alone); None unanchored."""
+    if cfg.anchor_season <= 1:
+        return None
+    if not histories:
+        return np.zeros((0, cfg.horizon, len(QUANTILES)))
+    return np.stack([seasonal_naive_quantiles(h, cfg.anchor_season, cfg.horizon) for h in histories])
 
 
 def _context(v: FloatArray, length: int) -> FloatArray:
