@@ -214,6 +214,8 @@ def test_untrained_start_is_a_candidate_only_where_it_is_seasonal_naive(
         naive = seasonal_naive_quantiles(s.values[: length - 12], 24, 12)
         assert np.allclose(q[0, :, MEDIAN], naive[:, MEDIAN], rtol=1e-4)
         assert np.allclose(q[0], np.maximum(apply_calibration(naive, m.calibration), 0.0), rtol=1e-4)
+        # the serving fast path (one (n, T) array) answers the same
+        assert np.allclose(m.predict_array(s.values[None, : length - 12], 24), q, rtol=1e-6)
 
 
 def test_an_anchored_model_corrects_seasonal_naive_quantiles_and_needs_them() -> None:

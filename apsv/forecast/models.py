@@ -2,9 +2,10 @@
 
 Both read a context window cut into patches, plus calendar covariates of the first forecast step,
 and emit every horizon step's quantiles at once (direct multi-horizon). Quantiles are built
-monotone by construction (the median plus cumulative softplus offsets), so p90 never falls below
-p50. Inputs are scaled per window (reversible instance normalisation), so one model serves
-series of any magnitude.
+monotone by construction (the median plus cumulative softplus offsets; for a model anchored on
+seasonal naive, its spacings scaled by exp(correction)), so p90 never falls below p50. Inputs
+are scaled per window (reversible instance normalisation), so one model serves series of any
+magnitude.
 """
 
 from __future__ import annotations
