@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from apsv.forecast.backtest import backtest_series, rolling_origins
-from apsv.forecast.baselines import ExponentialSmoothing, SeasonalNaive, seasonal_naive_quantiles
+from apsv.forecast.baselines import ExponentialSmoothing, SeasonalNaive, seasonal_naive_quantiles, seasonal_naive_rows
 from apsv.forecast.calibration import apply_calibration
 from apsv.forecast.datasets import from_mrt, from_telemetry, load_file
 from apsv.forecast.metrics import MEDIAN, QUANTILES, pinball, seasonal_scale, wql
@@ -133,6 +133,23 @@ def test_seasonal_naive_repeats_last_season() -> None:
     q = seasonal_naive_quantiles(v, 3, 7)
     assert q[:, QUANTILES.index(0.5)].tolist() == [1, 5, 3, 1, 5, 3, 1]
     assert np.all(np.diff(q, axis=-1) >= 0)
+
+
+@pytest.mark.parametrize(("length", "season"), [(240, 60), (30, 7), (5, 7), (1, 1)])
+def test_seasonal_naive_of_many_rows_at_once_is_each_rows(length: int, season: int) -> None:
+    rng = np.random.default_rng(length)
+    v = rng.normal(10.0, 5.0, (4, length))
+    v[0], v[1] = np.abs(v[0]), 3.0  # a non-negative row (floored at 0) and a constant one
+    rows = seasonal_naive_rows(v, season, 12)
+    assert rows.shape == (4, 12, len(QUANTILES))
+    assert np.array_equal(rows, np.stack([seasonal_naive_quantiles(r, season, 12) for r in v]))
+
+
+def test_a_values_request_without_a_model_is_answered_by_seasonal_naive() -> None:
+    v = np.abs(np.random.default_rng(1).normal(50.0, 10.0, (3, 100)))
+    r = ForecastCore().predict_values({"values": v, "ids": ["a", "b", "c"], "season": 24, "horizon": 6})
+    assert r["model"] == "seasonal_naive" and r["fallback"] == ["a", "b", "c"]
+    assert np.array_equal(r["forecasts"], np.stack([seasonal_naive_quantiles(row, 24, 6) for row in v]))
 
 
 def test_ets_tracks_a_seasonal_series() -> None:

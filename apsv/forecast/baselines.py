@@ -49,6 +49,26 @@ def seasonal_naive_quantiles(history: FloatArray, season: int, horizon: int) -> 
     return _floor_nonnegative(history, np.asarray(q, dtype=np.float64))
 
 
+def seasonal_naive_rows(values: FloatArray, season: int, horizon: int) -> FloatArray:
+    """(n, horizon, Q): `seasonal_naive_quantiles` of each row of an (n, T) array of histories of
+    one length, computed for all rows at once (a serving request's thousand series)."""
+    v = np.asarray(values, dtype=np.float64)
+    n, length = v.shape
+    if length == 0:
+        raise ValueError("seasonal naive needs at least one value")
+    m = season if length > season else 1
+    steps = np.arange(horizon)
+    base = v[:, length - m + (steps % m)]
+    errs = (v[:, m:] - v[:, :-m])[:, -_ERROR_WINDOW:] if length > m else np.zeros((n, 1))
+    qs = np.quantile(errs, QUANTILES, axis=1).T  # (n, Q)
+    offs = qs - np.quantile(errs, 0.5, axis=1)[:, None]
+    k = np.sqrt(steps // m + 1.0)
+    q = base[:, :, None] + k[None, :, None] * offs[:, None, :]
+    nonneg = v.min(axis=1) >= 0
+    q[nonneg] = np.maximum(q[nonneg], 0.0)
+    return np.asarray(q, dtype=np.float64)
+
+
 class SeasonalNaive:
     name = "seasonal_naive"
 

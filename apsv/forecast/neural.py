@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from apsv.forecast.baselines import seasonal_naive_quantiles
+from apsv.forecast.baselines import seasonal_naive_quantiles, seasonal_naive_rows
 from apsv.forecast.calibration import apply_calibration, blend_factors, calibrate
 from apsv.forecast.metrics import QUANTILES
 from apsv.forecast.model_error import ModelLoadError
@@ -372,7 +372,7 @@ class NeuralForecaster:
         cov = np.broadcast_to(
             covariates(Series("", v[0], step=step, start=start, season=season), length), (n, N_COVARIATES)
         )
-        q = self._forward(ctx, np.ascontiguousarray(cov), _anchors(list(v), self.cfg))
+        q = self._forward(ctx, np.ascontiguousarray(cov), _anchors(v, self.cfg))
         q = apply_calibration(q[:, :h, :], self.calibration)
         nonneg = v.min(axis=1) >= 0
         q[nonneg] = np.maximum(q[nonneg], 0.0)
@@ -476,12 +476,15 @@ def _warmup_cosine(opt: torch.optim.Optimizer, n_steps: int) -> torch.optim.lr_s
     )
 
 
-def _anchors(histories: Sequence[FloatArray], cfg: ModelConfig) -> FloatArray | None:
-    """(N, H, Q): seasonal naive's quantiles after each history, the forecast an anchored model
-    corrects (its band from the history's seasonal errors, not the context's alone); None unanchored."""
+def _anchors(histories: Sequence[FloatArray] | FloatArray, cfg: ModelConfig) -> FloatArray | None:
+    """(N, H, Q): seasonal naive's quantiles after each history (a list, or an (N, T) array of
+    histories of one length), the forecast an anchored model corrects - its band from the
+    history's seasonal errors, not the context's alone; None unanchored."""
     if cfg.anchor_season <= 1:
         return None
-    if not histories:
+    if isinstance(histories, np.ndarray) and histories.ndim == 2:
+        return seasonal_naive_rows(histories, cfg.anchor_season, cfg.horizon)
+    if not len(histories):
         return np.zeros((0, cfg.horizon, len(QUANTILES)))
     return np.stack([seasonal_naive_quantiles(h, cfg.anchor_season, cfg.horizon) for h in histories])
 

@@ -32,7 +32,7 @@ import numpy as np
 import numpy.typing as npt
 from ray import serve
 
-from apsv.forecast.baselines import seasonal_naive_quantiles
+from apsv.forecast.baselines import seasonal_naive_quantiles, seasonal_naive_rows
 from apsv.forecast.metrics import QUANTILES
 from apsv.forecast.model_error import ModelLoadError
 from apsv.forecast.registry import ModelRegistry
@@ -182,7 +182,7 @@ class ForecastCore:
         if start is not None and step is not None:
             start = start + step * cut  # only the tail was kept
         if model is None or values.shape[1] < model.min_history():
-            q = np.stack([seasonal_naive_quantiles(v, season, horizon) for v in values]) if len(ids) else None
+            q = seasonal_naive_rows(values, season, horizon) if len(ids) else None
             fb = list(ids)
         else:
             q = model.predict_array(values, season, horizon, start=start, step=step)
