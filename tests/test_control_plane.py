@@ -89,6 +89,17 @@ def test_opening_a_session_waits_for_the_multiplexer(deployment: Any) -> None:
     client.drain()
     assert client.stats.outputs == 2
     ray.kill(dep.multiplexer, no_restart=True)
+    # ray.kill is asynchronous: a call made at once may still be served (it was, once, on a
+    # loaded machine). Wait until the multiplexer is gone, then ask.
+    deadline = time.monotonic() + 60.0
+    while time.monotonic() < deadline:
+        try:
+            ray.get(dep.multiplexer.stats.remote(), timeout=10.0)
+        except ray.exceptions.RayActorError:
+            break
+        except ray.exceptions.GetTimeoutError:
+            continue
+        time.sleep(0.1)
     with pytest.raises(TimeoutError, match="multiplexer"):
         client.open_sessions([((4, 1, int(ProtocolId.ECHO), 3), "echo", {}, 0)], timeout=1.0)
     client.release()
