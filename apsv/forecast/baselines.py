@@ -35,23 +35,14 @@ def _floor_nonnegative(history: FloatArray, q: FloatArray) -> FloatArray:
 def seasonal_naive_quantiles(history: FloatArray, season: int, horizon: int) -> FloatArray:
     """(horizon, Q): the last season repeated as the median, with the empirical quantiles of the
     in-sample seasonal errors (widened by sqrt(k) for the k-th season ahead) as the band."""
-    n = history.size
-    m = season if n > season else 1
-    if n == 0:
-        raise ValueError("seasonal naive needs at least one value")
-    steps = np.arange(horizon)
-    base = history[n - m + (steps % m)]
-    errs = history[m:] - history[:-m] if n > m else np.zeros(1)
-    errs = errs[-_ERROR_WINDOW:]
-    offs = np.quantile(errs, QUANTILES) - np.quantile(errs, 0.5)
-    k = np.sqrt(steps // m + 1.0)
-    q = base[:, None] + k[:, None] * offs[None, :]
-    return _floor_nonnegative(history, np.asarray(q, dtype=np.float64))
+    q: FloatArray = seasonal_naive_rows(np.asarray(history, dtype=np.float64)[None, :], season, horizon)[0]
+    return q
 
 
 def seasonal_naive_rows(values: FloatArray, season: int, horizon: int) -> FloatArray:
     """(n, horizon, Q): `seasonal_naive_quantiles` of each row of an (n, T) array of histories of
-    one length, computed for all rows at once (a serving request's thousand series)."""
+    one length, computed for all rows at once (a serving request's thousand series); each row's
+    band from its own errors, each row floored at 0 where it has never been negative."""
     v = np.asarray(values, dtype=np.float64)
     n, length = v.shape
     if length == 0:
