@@ -143,6 +143,12 @@ def test_seasonal_naive_of_many_rows_at_once_is_each_rows(length: int, season: i
     rows = seasonal_naive_rows(v, season, 12)
     assert rows.shape == (4, 12, len(QUANTILES))
     assert np.array_equal(rows, np.stack([seasonal_naive_quantiles(r, season, 12) for r in v]))
+    if length > season:  # the band, computed here by hand: the seasonal errors' quantile offsets
+        r = v[2]
+        errs = r[season:] - r[:-season]
+        want = r[length - season] + np.quantile(errs, QUANTILES) - np.quantile(errs, 0.5)
+        got = rows[2, 0]
+        assert np.allclose(got, want if r.min() < 0 else np.maximum(want, 0.0))
 
 
 def test_a_values_request_without_a_model_is_answered_by_seasonal_naive() -> None:
