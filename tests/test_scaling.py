@@ -101,6 +101,23 @@ def test_predictive_downscale_waits_and_respects_min_lifetime() -> None:
     assert predictive(near).instances == 20
 
 
+def test_predictive_holds_a_forecast_peak_for_the_whole_window_at_any_trust() -> None:
+    # Trusted at half, the forecast moves the count half way to its peak; the scale-in window is
+    # the whole stabilization whatever the trust, so the scale-out is not undone as soon as the
+    # peak has passed (a window of trust x 60 s released it after 30 s: a scale-out and a
+    # scale-in per forecast peak)
+    cfg = {"trust": 0.5, "stabilization_s": 60.0, "min_lifetime_s": 0.0, "fallback": "threshold"}
+    c = ctx(current_instances=2, load=500.0, forecast=flat_forecast(500), config=cfg, instance_ages=(500.0,) * 2)
+    d = skill_weighted(replace(c, forecast=flat_forecast(500, burst_at=1, burst=8000), state={"since": 0.0}))
+    peak = d.instances
+    assert peak > 2
+    for now in (110.0, 130.0, 159.0):
+        d = skill_weighted(replace(c, now=now, current_instances=peak, instance_ages=(500.0,) * peak, state=d.state))
+        assert d.instances == peak, now
+    d = skill_weighted(replace(c, now=161.0, current_instances=peak, instance_ages=(500.0,) * peak, state=d.state))
+    assert d.instances < peak
+
+
 def test_predictive_bounds_an_exploding_forecast() -> None:
     band = {"p50": (500.0,) * 40, "p90": (90_000.0,) * 40}
     c = ctx(

@@ -36,11 +36,13 @@ def policy_configs(trace_rates: np.ndarray) -> dict[str, dict[str, Any]]:
         "ray_serve": {},  # Ray's defaults (apsv/scaling/ray_serve.py says what they mean here)
         "predictive": {
             "quantile": "p90",
-            "target_utilization": 0.9,
+            # the policy's defaults (`settings.Predictive`): 0.8 busy, and the scale-in window of
+            # the HPA baseline's stabilization, 60 s
+            "target_utilization": 0.8,
             "dwell_s": 2.0,
             "recent_s": 60,
             "backlog_s": 2.0,
-            "stabilization_s": 20.0,
+            "stabilization_s": 60.0,
             "min_lifetime_s": 30.0,
             # where its forecast shows no skill: the better of the two fixed baselines
             "fallback": ["threshold", "ray_serve"],

@@ -24,9 +24,10 @@ of the SLO's capacity more often than the fallback. At trust 0 the decision is t
 
 - scale-out is immediate (a late instance costs violations; a start costs one stall);
 - scale-in blends the fallback's recommendation with the highest proactive one of a window of
-  trust x `stabilization_s` (default 60 s; the fallback's is stabilized by the fallback itself),
-  never shorter than the lead time: no scale-in that the need of the next start latency would
-  undo; and only instances older than `min_lifetime_s` may go;
+  `stabilization_s` (default 60 s, the HPA baseline's; the fallback's is stabilized by the
+  fallback itself) whatever the trust, never shorter than the lead time: no scale-in that the
+  need of the next start latency would undo; and only instances older than `min_lifetime_s` may
+  go;
 - the forecast alone never scales in: `proactive_n` is never below what the live load needs.
 
 Tables that peers which reset will re-send (`table_backlog`) are announced, not forecast: what
@@ -317,7 +318,7 @@ def predictive(ctx: ScalingContext) -> Decision:
         f"forecast trusted at {w:.2f} (loss {skill.ratio(sk, fallback_name):.2f}x {fallback_name}'s, "
         f"covers {skill.coverage(sk):.0%}, median error {skill.forecast_ratio(sk):.2f}x persistence's)"
     )
-    window = _scale_in_window(ctx, s, w)
+    window = _scale_in_window(ctx, s)
     # the window holds the proactive recommendations: the fallback's is stabilized by the
     # fallback itself (held again, a rule that waits 600 s before each step down, and keeps
     # its count meanwhile, would never be seen to step down)
@@ -379,12 +380,14 @@ def _candidates(
     return {name: (n * per, n * full) for name, n in instances.items()}
 
 
-def _scale_in_window(ctx: ScalingContext, s: settings.Predictive, trust: float) -> float:
-    """The scale-in window over the proactive recommendations: `stabilization_s` times the trust;
-    never shorter than the lead time (no scale-in the next start would undo) nor than
+def _scale_in_window(ctx: ScalingContext, s: settings.Predictive) -> float:
+    """The scale-in window over the proactive recommendations: `stabilization_s` (HPA's scale-down
+    stabilization), whatever the trust - a forecast trusted at half still moves the count by
+    half its peaks, and a shorter window undoes each of those scale-outs as soon as the peak has
+    passed; never shorter than the lead time (no scale-in the next start would undo) nor than
     `hold_decisions` decisions."""
     interval = s.interval_s
-    return max(trust * s.stabilization_s, ctx.start_latency_s + interval, s.hold_decisions * interval)
+    return max(s.stabilization_s, ctx.start_latency_s + interval, s.hold_decisions * interval)
 
 
 @dataclass(frozen=True)

@@ -81,7 +81,7 @@ class Predictive(Common):
     recent_s: int = 60
     live_band: float = 0.5
     table_transfer_s: float = 20.0
-    stabilization_s: float = 60.0  # the scale-in window at full trust (the HPA baseline's)
+    stabilization_s: float = 60.0  # the scale-in window, whatever the trust (the HPA baseline's)
     hold_decisions: int = 2
     scale_tolerance: float = 0.1
     min_lifetime_s: float = 60.0
