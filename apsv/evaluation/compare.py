@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from apsv.evaluation.plots import file_stem, latency_cdf, pyplot, save
+from apsv.scaling.settings import Predictive
 from apsv.scaling.simulator import Forecasts, SimConfig, SimResult, simulate
 from apsv.scaling.traces import Trace, forecast_trace
 
@@ -36,13 +37,13 @@ def policy_configs(trace_rates: np.ndarray) -> dict[str, dict[str, Any]]:
         "ray_serve": {},  # Ray's defaults (apsv/scaling/ray_serve.py says what they mean here)
         "predictive": {
             "quantile": "p90",
-            # the policy's defaults (`settings.Predictive`): 0.8 busy, and the scale-in window of
-            # the HPA baseline's stabilization, 60 s
-            "target_utilization": 0.8,
+            # the policy's own defaults (0.8 busy; the scale-in window of the HPA baseline's
+            # stabilization, 60 s), written out so that the results record them
+            "target_utilization": Predictive.target_utilization,
             "dwell_s": 2.0,
             "recent_s": 60,
             "backlog_s": 2.0,
-            "stabilization_s": 60.0,
+            "stabilization_s": Predictive.stabilization_s,
             "min_lifetime_s": 30.0,
             # where its forecast shows no skill: the better of the two fixed baselines
             "fallback": ["threshold", "ray_serve"],
