@@ -33,6 +33,31 @@ SERIES: list[Entry] = [
 ]
 
 
+# Held out: series never used while the policies were built or tuned, from the Numenta Anomaly
+# Benchmark (github.com/numenta/NAB, read at commit ea702d7). The rule, fixed before any was run:
+# every NAB real-world series that counts traffic - tweets, requests, passengers, bytes received
+# or written - and is not in ../shared/data (CPU, latency, temperature, price and road series
+# are not load). Paths are under a NAB checkout (`--heldout DIR`, or APSV_NAB_DATA).
+NAB_COMMIT = "ea702d75cc2258d9d7dd35ca8e5e2539d71f3140"
+HELDOUT: list[Entry] = [
+    *(
+        Entry(f"data/realTweets/Twitter_volume_{s}.csv", None, None, None)
+        for s in ("AMZN", "CRM", "CVS", "FB", "IBM", "KO", "PFE", "UPS")
+    ),
+    Entry("data/realAWSCloudwatch/elb_request_count_8c0756.csv", None, None, None),
+    Entry("data/realAWSCloudwatch/ec2_network_in_5abac7.csv", None, None, None),
+    Entry("data/realAWSCloudwatch/ec2_disk_write_bytes_1ef3de.csv", None, None, None),
+    Entry("data/realAWSCloudwatch/ec2_disk_write_bytes_c0d644.csv", None, None, None),
+    Entry("data/realKnownCause/nyc_taxi.csv", None, None, None),
+]
+
+
+def nab_data() -> Path | None:
+    """A NAB checkout for the held-out series (APSV_NAB_DATA), or None."""
+    env = os.environ.get("APSV_NAB_DATA")
+    return Path(env) if env else None
+
+
 def shared_data() -> Path:
     env = os.environ.get("APSV_SHARED_DATA")
     return Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "data"

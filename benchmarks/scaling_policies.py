@@ -2,6 +2,7 @@
 
 python benchmarks/scaling_policies.py [--quick] [--keep-scale] [--out benchmarks/results/scaling_policies.json]
                                       [--plots benchmarks/results/scaling_plots]
+python benchmarks/scaling_policies.py --heldout NAB_CHECKOUT [--out benchmarks/results/scaling_heldout.json]
 
 Traces (each: the first 30 % trains the Transformer forecaster, the rest is evaluated):
 - every series of ../shared/data/timeseries (benchmarks/catalog.py; the last 8,000 samples of
@@ -14,21 +15,28 @@ Instance capacity 2,000 msgs/s, start latency 3 s, SLO 100 ms (BFD 10 ms), 1,000
 fixed baselines; `reactive` is the best of a grid tuned on each trace. Writes the JSON, a
 markdown table beside it (`.md`) and plots per trace.
 Scale: one simulated day (86,400 steps) at 10,000 virtual routers on 1,000 nodes, wall time.
+
+`--heldout DIR`: the same evaluation, played the same two ways, on the held-out series instead
+(`catalog.HELDOUT`: NAB's traffic series that are not in ../shared/data, which no policy setting
+was ever chosen on; DIR is a checkout of github.com/numenta/NAB). No synthetic traces, no scale
+test, and no plots unless `--plots` is given; the files' SHA-256 go into the JSON.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from catalog import SERIES, shared_data
+from catalog import HELDOUT, NAB_COMMIT, SERIES, Entry, nab_data, shared_data
 
 from apsv.evaluation.compare import claims, evaluate, plot, public
 from apsv.forecast.model_backtest import read_series
@@ -40,10 +48,10 @@ MAX_POINTS = 8000
 QUICK_POINTS = 1500
 
 
-def series_traces(data: Path, quick: bool) -> list[tuple[Trace | None, str]]:
+def series_traces(data: Path, quick: bool, entries: list[Entry] = SERIES) -> list[tuple[Trace | None, str]]:
     """One trace per catalogued series (None with the reason where it cannot be evaluated)."""
     out: list[tuple[Trace | None, str]] = []
-    for e in SERIES:
+    for e in entries:
         s = read_series(data / e.path, season=e.season, max_gap=e.max_gap)
         keep = QUICK_POINTS if quick else MAX_POINTS
         s = replace(s, values=s.values[-keep:], step=e.step_s or s.step)
@@ -152,9 +160,20 @@ def main() -> None:
     ap.add_argument(
         "--keep-scale", action="store_true", help="keep the `scale` entry --out has (measured on an idle machine)"
     )
-    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "scaling_policies.json")
-    ap.add_argument("--plots", type=Path, default=Path(__file__).resolve().parent / "results" / "scaling_plots")
+    ap.add_argument(
+        "--heldout",
+        nargs="?",
+        const="",
+        metavar="NAB_CHECKOUT",
+        help="evaluate the held-out NAB series (catalog.HELDOUT) under this NAB checkout (default: APSV_NAB_DATA)",
+    )
+    ap.add_argument("--out", type=Path, help="default: results/scaling_policies.json, or scaling_heldout.json")
+    ap.add_argument("--plots", type=Path, help="default: results/scaling_plots (held out: none)")
     a = ap.parse_args()
+    results = Path(__file__).resolve().parent / "results"
+    heldout = a.heldout is not None
+    a.out = a.out or results / ("scaling_heldout.json" if heldout else "scaling_policies.json")
+    a.plots = a.plots or (None if heldout else results / "scaling_plots")
     if a.scale_only:
         scale = scale_test(a.quick)
         print(f"scale: {json.dumps(scale)}")
@@ -163,7 +182,15 @@ def main() -> None:
         a.out.write_text(json.dumps(doc, indent=1, default=str) + "\n")
         print(f"saved {a.out}")
         return
-    data = shared_data()
+    data, entries = shared_data(), SERIES
+    if heldout:
+        nab = Path(a.heldout) if a.heldout else nab_data()
+        if nab is None:
+            sys.exit("--heldout: give a NAB checkout (github.com/numenta/NAB) or set APSV_NAB_DATA")
+        data, entries = nab, HELDOUT
+        missing = [e.path for e in entries if not (data / e.path).is_file()]
+        if missing:
+            sys.exit(f"--heldout: {data} is not a NAB checkout: no {missing[0]} (and {len(missing) - 1} more)")
     rows: list[dict[str, Any]] = []
     skipped: list[str] = []
 
@@ -173,7 +200,8 @@ def main() -> None:
         )
         t0 = time.perf_counter()
         doc = evaluate(tr, cfg, forecaster_steps=steps, forecast=forecast)
-        plot(doc, a.plots)
+        if a.plots is not None:
+            plot(doc, a.plots)
         row = public(doc)
         row["forecast"]["train_seconds"] = round(train_s, 2)
         row["claims"] = claims(doc)
@@ -187,7 +215,7 @@ def main() -> None:
             )
 
     steps = 300 if a.quick else 600
-    for tr, why in series_traces(data, a.quick):
+    for tr, why in series_traces(data, a.quick, entries):
         if tr is None:
             skipped.append(why)
             print(f"skipped {why}")
@@ -198,19 +226,24 @@ def main() -> None:
         train_s = time.perf_counter() - t0
         run(tr, fc, train_s)
         run(at_sample_step(tr), fc, 0.0)
-    for tr in synthetic_traces(data, a.quick):
-        run(tr, None, 0.0)
-    kept = json.loads(a.out.read_text()).get("scale") if a.keep_scale and a.out.exists() else None
-    scale = kept or scale_test(a.quick)
-    print(f"scale: {json.dumps(scale)}")
-    out = {
-        "benchmark": "scaling_policies",
+    out: dict[str, Any] = {
+        "benchmark": "scaling_heldout" if heldout else "scaling_policies",
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
-        "traces": rows,
-        "skipped": skipped,
-        "summary": summary(rows),
-        "scale": scale,
     }
+    if heldout:
+        out["data"] = {
+            "source": "https://github.com/numenta/NAB",
+            "commit": NAB_COMMIT,
+            "sha256": {e.path: hashlib.sha256((data / e.path).read_bytes()).hexdigest() for e in entries},
+        }
+    else:
+        for tr in synthetic_traces(data, a.quick):
+            run(tr, None, 0.0)
+    out.update(traces=rows, skipped=skipped, summary=summary(rows))
+    if not heldout:
+        kept = json.loads(a.out.read_text()).get("scale") if a.keep_scale and a.out.exists() else None
+        out["scale"] = kept or scale_test(a.quick)
+        print(f"scale: {json.dumps(out['scale'])}")
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(out, indent=1, default=str) + "\n")
     table = a.out.with_suffix(".md")
