@@ -226,12 +226,9 @@ def main() -> None:
         train_s = time.perf_counter() - t0
         run(tr, fc, train_s)
         run(at_sample_step(tr), fc, 0.0)
-    out: dict[str, Any] = {
-        "benchmark": "scaling_heldout" if heldout else "scaling_policies",
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
-    }
+    extra: dict[str, Any] = {}  # held out: where the data came from; else the scale test
     if heldout:
-        out["data"] = {
+        extra["data"] = {
             "source": "https://github.com/numenta/NAB",
             "commit": NAB_COMMIT,
             "sha256": {e.path: hashlib.sha256((data / e.path).read_bytes()).hexdigest() for e in entries},
@@ -239,11 +236,17 @@ def main() -> None:
     else:
         for tr in synthetic_traces(data, a.quick):
             run(tr, None, 0.0)
-    out.update(traces=rows, skipped=skipped, summary=summary(rows))
-    if not heldout:
         kept = json.loads(a.out.read_text()).get("scale") if a.keep_scale and a.out.exists() else None
-        out["scale"] = kept or scale_test(a.quick)
-        print(f"scale: {json.dumps(out['scale'])}")
+        extra["scale"] = kept or scale_test(a.quick)
+        print(f"scale: {json.dumps(extra['scale'])}")
+    out = {
+        "benchmark": "scaling_heldout" if heldout else "scaling_policies",
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+        "traces": rows,
+        "skipped": skipped,
+        "summary": summary(rows),
+        **extra,
+    }
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(out, indent=1, default=str) + "\n")
     table = a.out.with_suffix(".md")
