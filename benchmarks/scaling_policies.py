@@ -172,6 +172,8 @@ def main() -> None:
     a = ap.parse_args()
     results = Path(__file__).resolve().parent / "results"
     heldout = a.heldout is not None
+    if heldout and a.scale_only:
+        ap.error("--scale-only measures the simulator's speed, not the held-out series: not with --heldout")
     a.out = a.out or results / ("scaling_heldout.json" if heldout else "scaling_policies.json")
     a.plots = a.plots or (None if heldout else results / "scaling_plots")
     if a.scale_only:
