@@ -41,7 +41,11 @@ def test_bgp_ingest_benchmark_small(ray_cluster: object) -> None:
     r = run(prefixes=2000, peers=2, repeat=1)
     assert set(r["receivers"]) == {"apsv", "frr", "gobgp"}
     for v in r["receivers"].values():
-        assert v["seconds"] > 0 and v["cpu_s"] > 0 and v["max_rss_mb"] > 0 and v["prefixes_per_s"] > 0
+        # (`seconds` runs from the first session seen Established: 0.0, and no rate, when a small
+        # table converged within the poll that first saw it, as the consolidation test allows too)
+        assert v["seconds"] >= 0
+        assert v["prefixes_per_s"] is None if v["seconds"] == 0 else v["prefixes_per_s"] > 0
+        assert v["cpu_s"] > 0 and v["max_rss_mb"] > 0
     assert r["announcer"]["name"] == "bird" and "apsv_vs_frr_time_ratio" in r
 
 
