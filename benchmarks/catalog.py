@@ -51,6 +51,18 @@ HELDOUT: list[Entry] = [
     Entry("data/realKnownCause/nyc_taxi.csv", None, None, None),
 ]
 
+# A second held-out set, left unrun while a change was chosen after the first had been seen (the
+# fallbacks' hedge at low trust, `predictive.hedge_below`), to judge that change on: every NAB
+# series whose name says it measures CPU utilization and is not in ../shared/data.
+HELDOUT_CPU: list[Entry] = [
+    *(
+        Entry(f"data/realAWSCloudwatch/ec2_cpu_utilization_{s}.csv", None, None, None)
+        for s in ("24ae8d", "53ea38", "5f5533", "77c1ca", "825cc2", "ac20cd", "c6585a", "fe7f93")
+    ),
+    *(Entry(f"data/realAWSCloudwatch/rds_cpu_utilization_{s}.csv", None, None, None) for s in ("cc0c53", "e47b3b")),
+]
+HELDOUT_SETS = {"traffic": HELDOUT, "cpu": HELDOUT_CPU}
+
 
 def nab_data() -> Path | None:
     """A NAB checkout for the held-out series (APSV_NAB_DATA), or None."""

@@ -2,7 +2,8 @@
 
 python benchmarks/scaling_policies.py [--quick] [--keep-scale] [--out benchmarks/results/scaling_policies.json]
                                       [--plots benchmarks/results/scaling_plots]
-python benchmarks/scaling_policies.py --heldout NAB_CHECKOUT [--out benchmarks/results/scaling_heldout.json]
+python benchmarks/scaling_policies.py --heldout NAB_CHECKOUT [--heldout-set traffic|cpu]
+                                      [--out benchmarks/results/scaling_heldout.json]
 
 Traces (each: the first 30 % trains the Transformer forecaster, the rest is evaluated):
 - every series of ../shared/data/timeseries (benchmarks/catalog.py; the last 8,000 samples of
@@ -20,6 +21,11 @@ Scale: one simulated day (86,400 steps) at 10,000 virtual routers on 1,000 nodes
 (`catalog.HELDOUT`: NAB's traffic series that are not in ../shared/data, which no policy setting
 was ever chosen on; DIR is a checkout of github.com/numenta/NAB). No synthetic traces, no scale
 test, and no plots unless `--plots` is given; the files' SHA-256 go into the JSON.
+`--heldout-set cpu`: NAB's CPU-utilization series instead (`catalog.HELDOUT_CPU`, kept unrun to
+judge a change chosen after the traffic set had been seen), into scaling_heldout_cpu.json.
+`--predictive KEY=VALUE` (repeatable; VALUE in JSON): a setting of the predictive policy over the
+defaults it runs at, recorded in the JSON; with it, --out must be given (the defaults' results
+stay as they are).
 """
 
 from __future__ import annotations
@@ -36,10 +42,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from catalog import HELDOUT, NAB_COMMIT, SERIES, Entry, nab_data, shared_data
+from catalog import HELDOUT_SETS, NAB_COMMIT, SERIES, Entry, nab_data, shared_data
 
-from apsv.evaluation.compare import claims, evaluate, plot, public
+from apsv.evaluation.compare import claims, evaluate, plot, policy_configs, public
 from apsv.forecast.model_backtest import read_series
+from apsv.scaling.predictive import check_config
 from apsv.scaling.simulator import Forecasts, SimConfig, simulate
 from apsv.scaling.traces import Trace, at_sample_step, bfd_population, bgp_churn, forecast_trace, from_series
 
@@ -149,6 +156,25 @@ def markdown(rows: list[dict[str, Any]], skipped: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def predictive_overrides(ap: argparse.ArgumentParser, pairs: list[str]) -> dict[str, Any]:
+    """`--predictive KEY=VALUE` as settings, checked against the predictive policy's own
+    (argparse's one-line error, exit 2, on a malformed pair or a setting it refuses)."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key:
+            ap.error(f"--predictive: expected KEY=VALUE, got {pair!r}")
+        try:
+            out[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            ap.error(f'--predictive {key}: {raw!r} is not a JSON value (a number, true/false, "text", ...)')
+    try:
+        check_config({**policy_configs(np.ones(1))["predictive"], **out})
+    except ValueError as e:
+        ap.error(f"--predictive: {e}")
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true")
@@ -167,14 +193,33 @@ def main() -> None:
         metavar="NAB_CHECKOUT",
         help="evaluate the held-out NAB series (catalog.HELDOUT) under this NAB checkout (default: APSV_NAB_DATA)",
     )
-    ap.add_argument("--out", type=Path, help="default: results/scaling_policies.json, or scaling_heldout.json")
+    ap.add_argument(
+        "--heldout-set",
+        choices=sorted(HELDOUT_SETS),
+        help="which held-out set (default traffic: catalog.HELDOUT; cpu: catalog.HELDOUT_CPU)",
+    )
+    ap.add_argument("--out", type=Path, help="default: results/scaling_policies.json, or scaling_heldout[_cpu].json")
     ap.add_argument("--plots", type=Path, help="default: results/scaling_plots (held out: none)")
+    ap.add_argument(
+        "--predictive",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a predictive policy setting over its defaults (VALUE in JSON, e.g. hedge_below=0.25); needs --out",
+    )
     a = ap.parse_args()
+    overrides = predictive_overrides(ap, a.predictive)
+    if overrides and a.out is None:
+        ap.error("--predictive: give --out too (the default files hold the results at the policy's defaults)")
     results = Path(__file__).resolve().parent / "results"
     heldout = a.heldout is not None
     if heldout and a.scale_only:
         ap.error("--scale-only measures the simulator's speed, not the held-out series: not with --heldout")
-    a.out = a.out or results / ("scaling_heldout.json" if heldout else "scaling_policies.json")
+    if a.heldout_set and not heldout:
+        ap.error("--heldout-set chooses among the held-out sets: give --heldout too")
+    which = a.heldout_set or "traffic"
+    suffix = "" if which == "traffic" else f"_{which}"
+    a.out = a.out or results / (f"scaling_heldout{suffix}.json" if heldout else "scaling_policies.json")
     a.plots = a.plots or (None if heldout else results / "scaling_plots")
     if a.scale_only:
         scale = scale_test(a.quick)
@@ -189,7 +234,7 @@ def main() -> None:
         nab = Path(a.heldout) if a.heldout else nab_data()
         if nab is None:
             sys.exit("--heldout: give a NAB checkout (github.com/numenta/NAB) or set APSV_NAB_DATA")
-        data, entries = nab, HELDOUT
+        data, entries = nab, HELDOUT_SETS[which]
         missing = [e.path for e in entries if not (data / e.path).is_file()]
         if missing:
             sys.exit(f"--heldout: {data} is not a NAB checkout: no {missing[0]} (and {len(missing) - 1} more)")
@@ -201,7 +246,7 @@ def main() -> None:
             capacity=2000.0, start_latency_s=3.0, slo_ms=10.0 if tr.protocol == "bfd" else 100.0, max_instances=64
         )
         t0 = time.perf_counter()
-        doc = evaluate(tr, cfg, forecaster_steps=steps, forecast=forecast)
+        doc = evaluate(tr, cfg, forecaster_steps=steps, forecast=forecast, predictive=overrides)
         if a.plots is not None:
             plot(doc, a.plots)
         row = public(doc)
@@ -231,6 +276,7 @@ def main() -> None:
     extra: dict[str, Any] = {}  # held out: where the data came from; else the scale test
     if heldout:
         extra["data"] = {
+            "set": which,
             "source": "https://github.com/numenta/NAB",
             "commit": NAB_COMMIT,
             "sha256": {e.path: hashlib.sha256((data / e.path).read_bytes()).hexdigest() for e in entries},
@@ -241,6 +287,8 @@ def main() -> None:
         kept = json.loads(a.out.read_text()).get("scale") if a.keep_scale and a.out.exists() else None
         extra["scale"] = kept or scale_test(a.quick)
         print(f"scale: {json.dumps(extra['scale'])}")
+    if overrides:
+        extra["predictive_overrides"] = overrides
     out = {
         "benchmark": "scaling_heldout" if heldout else "scaling_policies",
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -220,3 +221,19 @@ def test_chaos_soak_short(tmp_path: Path) -> None:
         assert isinstance(r[key], float)
     netns = subprocess.run(["ip", "netns", "list"], check=True, capture_output=True, text=True).stdout
     assert "apsv-bfdscale" not in netns
+
+
+def test_scaling_heldout_refuses_what_it_cannot_evaluate(tmp_path: Path) -> None:
+    cmd = [sys.executable, str(REPO / "benchmarks" / "scaling_policies.py"), "--out", str(tmp_path / "h.json")]
+    env = {k: v for k, v in os.environ.items() if k != "APSV_NAB_DATA"}
+    for args, code, says in (
+        (["--heldout-set", "cpu"], 2, "give --heldout too"),
+        (["--heldout", "--scale-only"], 2, "not with --heldout"),
+        (["--heldout"], 1, "give a NAB checkout"),
+        (["--heldout", str(tmp_path), "--heldout-set", "cpu"], 1, "is not a NAB checkout: no data/realAWSCloudwatch/"),
+    ):
+        r = subprocess.run([*cmd, *args], check=False, capture_output=True, text=True, timeout=120, env=env)
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == code and says in lines[-1], (args, r.stderr)
+        assert code == 2 or len(lines) == 1  # (exit 2: argparse's usage, then its one-line error)
+    assert not (tmp_path / "h.json").exists()

@@ -720,6 +720,29 @@ def test_a_chosen_fallback_does_not_hold_instances_its_own_path_never_started() 
     assert out.instances == 5 and "its own path" not in out.reason
 
 
+def test_hedged_an_untrusted_forecast_provisions_the_most_any_fallback_asks() -> None:
+    # Ray Serve's policy is the chosen fallback and its own path runs 1 instance; threshold's
+    # runs 3 and, with the load at 2,400 msgs/s on 3 instances of 2,000, asks to keep them
+    live = ctx(current_instances=3, load=2400.0, instance_ages=(900.0,) * 3, slo_ms=100.0)
+    state = {"fallback": "ray_serve", "shadows": {"ray_serve": [1, {}], "threshold": [3, {}]}}
+    both = {"fallback": ["ray_serve", "threshold"]}
+    thr = get_policy("threshold")(replace(live, config={"target_cpu": 0.6, "stabilization_s": 60.0}))
+    chosen = skill_weighted(replace(live, state=state, config={**both, "trust": 0.0}))
+    assert chosen.instances < thr.instances, "by default the chosen fallback alone, which asks for fewer"
+    hedged = {**both, "hedge_below": 0.25}
+    for trust in (0.0, 0.2):
+        d = skill_weighted(replace(live, state=state, config={**hedged, "trust": trust}))
+        assert d.instances >= thr.instances and d.instances >= chosen.instances
+        assert "the most of the fallbacks at a trust under 0.25" in d.reason
+    # trusted at the bound or more, the forecast is weighed against the chosen fallback alone
+    d = skill_weighted(replace(live, state=state, config={**hedged, "trust": 0.25}))
+    assert "the most of the fallbacks" not in d.reason
+    from apsv.scaling.predictive import check_config
+
+    with pytest.raises(ValueError, match="hedge_below"):
+        check_config({"hedge_below": 1.5})
+
+
 def test_a_fallback_on_its_own_path_sees_the_measured_utilization_on_its_own_instances() -> None:
     from apsv.scaling.predictive import _shadow_runs
 

@@ -9,7 +9,7 @@ so the predictive policy is measured against the best a reactive policy could ha
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -62,10 +62,12 @@ def evaluate(
     forecaster_steps: int = 600,
     horizon: int = 32,
     forecast: tuple[Forecasts, dict[str, Any]] | None = None,
+    predictive: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Every policy of `policies` simulated on the trace after its training part, at the trace's
     step (`trace.step_s`: one decision per step). `forecast`: the forecasts `forecast_trace`
-    made for this trace's values (the same for any step), so one training serves several runs."""
+    made for this trace's values (the same for any step), so one training serves several runs.
+    `predictive`: settings of the predictive policy over those of `policy_configs`."""
     unknown = [p for p in policies if p not in POLICY_NAMES]
     if unknown:
         raise ValueError(f"unknown policy {', '.join(unknown)} (known: {', '.join(POLICY_NAMES)})")
@@ -86,6 +88,7 @@ def evaluate(
         fc_info.update(forecast_skill(trace, start, forecasts))
     tables = trace.table_backlog[start:] if trace.table_backlog is not None else None
     configs = policy_configs(test)
+    configs["predictive"].update(predictive or {})
     for p in ("predictive", "oracle"):
         # the latency every message has in the modelled system, whatever the load: the SLO's
         # budget for queueing is what it leaves

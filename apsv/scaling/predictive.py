@@ -8,7 +8,13 @@ Each decision forms two recommendations and weighs them by the forecast's measur
   the forecast; the one that has served the load best so far (`skill.better_fallback`) is it.
   Where it asks for no more than the live instances, it keeps no more than its own path runs
   (`_own_path_hold`): a delay that holds its own decisions does not hold instances another rule
-  started, though never below what the live load needs;
+  started, though never below what the live load needs. With `hedge_below` set (off, 0, by
+  default), while the forecast is trusted under it, it is the most that any of the fallback
+  rules asks, each so held: the policy is then in effect a reactive rule, and which rule serves
+  a load better shows only over its bursts - the one chosen on a quiet stretch is often the
+  leaner, and misses the next burst that the other would have met. Hedged, the policy runs no
+  fewer instances than the more cautious rule; it trades cost for violation seconds (measured
+  in docs/scaling.md, "Held out");
 - `proactive_n`: full proactive provisioning (`proactive` below) for the forecast over the lead
   time, at the utilization the SLO allows.
 
@@ -19,8 +25,8 @@ upper band's coverage, on windows already seen):
 
 Below the fallback's recommendation (the forecast sees less coming) the weight is trust x
 `skill.guard`: provisioning on the forecast may save capacity only as far as it has not run short
-of the SLO's capacity more often than the fallback. At trust 0 the decision is the fallback's
-(held to its own path as above), unchanged. Above it, churn is a cost:
+of the SLO's capacity more often than the fallback. At trust 0 the decision is `reactive_n`
+(as above), unchanged. Above it, churn is a cost:
 
 - scale-out is immediate (a late instance costs violations; a start costs one stall);
 - scale-in blends the fallback's recommendation with the highest proactive one of a window of
@@ -312,8 +318,8 @@ def predictive(ctx: ScalingContext) -> Decision:
         halflife=sk_cfg.halflife,
     )
     fallback_name = skill.better_fallback(sk, list(rules), state.get("fallback"))
-    fb = _own_path_hold(ctx, s, recs_fb[fallback_name], recommended[fallback_name])
     w = s.trust if s.trust is not None else skill.trust(sk, sk_cfg, fallback_name)
+    fb, fb_name = _fallback_decision(ctx, s, w, fallback_name, recs_fb, recommended)
     trust_note = (
         f"forecast trusted at {w:.2f} (loss {skill.ratio(sk, fallback_name):.2f}x {fallback_name}'s, "
         f"covers {skill.coverage(sk):.0%}, median error {skill.forecast_ratio(sk):.2f}x persistence's)"
@@ -336,11 +342,11 @@ def predictive(ctx: ScalingContext) -> Decision:
     }
     if w <= 0.0 and known_n <= fb.instances:
         # no skill shown (and no table transfer announced): exactly the fallback rule
-        return Decision(fb.instances, new_state, f"{trust_note}: {fallback_name}: {fb.reason}", w)
+        return Decision(fb.instances, new_state, f"{trust_note}: {fb_name}: {fb.reason}", w)
 
     blend = _Blend(fb.instances, w, skill.guard(sk, fallback_name), known_n)
     blended = blend(ctx, proactive_n)
-    reason = f"{trust_note}: {pro_reason}; {fallback_name} {fb.instances}"
+    reason = f"{trust_note}: {pro_reason}; {fb_name} {fb.instances}"
     tolerance = s.scale_tolerance
     if blended > ctx.current_instances:
         if _hold_scale_out(ctx, _target(ctx, s), blended, proactive_n, fb.instances, w, tolerance):
@@ -353,6 +359,26 @@ def predictive(ctx: ScalingContext) -> Decision:
     stable = blend(ctx, max(n for _, n in recs)) if ctx.now - since >= window - 1e-9 else ctx.current_instances
     n = _scale_in(ctx, stable, tolerance, s.min_lifetime_s)
     return Decision(n, new_state, reason + (" (down: held by the window)" if n > blended else ""), w)
+
+
+def _fallback_decision(
+    ctx: ScalingContext,
+    s: settings.Predictive,
+    trust: float,
+    chosen: str,
+    decisions: Mapping[str, Decision],
+    own: Mapping[str, int],
+) -> tuple[Decision, str]:
+    """The fallback's recommendation the forecast is weighed against, and whose it is: the chosen
+    rule's, each rule held to its own path (`_own_path_hold`); while the forecast is trusted
+    under `hedge_below` (off by default), the most that any of the fallback rules asks (the
+    module's docstring says why)."""
+    held = {n: _own_path_hold(ctx, s, d, own[n]) for n, d in decisions.items()}
+    if trust < s.hedge_below:
+        name = max(held, key=lambda n: (held[n].instances, n == chosen))
+        if held[name].instances > held[chosen].instances:
+            return held[name], f"{name} (the most of the fallbacks at a trust under {s.hedge_below:g})"
+    return held[chosen], chosen
 
 
 def _own_path_hold(ctx: ScalingContext, s: settings.Predictive, fb: Decision, own_n: int) -> Decision:

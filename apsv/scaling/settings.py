@@ -87,6 +87,7 @@ class Predictive(Common):
     min_lifetime_s: float = 60.0
     margin: float | None = None  # the band's width over the model's; None: calibrated online
     trust: float | None = None  # a fixed trust in the forecast; None: measured (`skill`)
+    hedge_below: float = 0.0  # under this trust, the most any fallback rule asks (0: off)
     skill_level: float | None = None  # the level the skill is scored at; None: the quantile's
     skill_halflife: float = SkillConfig.halflife  # (apsv.scaling.skill says what each means)
     skill_min_evidence: float = SkillConfig.min_evidence
@@ -107,7 +108,7 @@ SETTINGS: dict[str, type[Common]] = {
     "predictive": Predictive,
 }
 _FRACTIONS = {"slo_fraction", "target_utilization", "tolerance", "scale_tolerance", "live_band", "trust"}
-_FRACTIONS |= {"skill_full_at", "skill_coverage_floor", "skill_level"}
+_FRACTIONS |= {"skill_full_at", "skill_coverage_floor", "skill_level", "hedge_below"}
 
 S = TypeVar("S", bound=Common)
 T = TypeVar("T")
