@@ -191,7 +191,7 @@ def main() -> None:
         nargs="?",
         const="",
         metavar="NAB_CHECKOUT",
-        help="evaluate the held-out NAB series (catalog.HELDOUT) under this NAB checkout (default: APSV_NAB_DATA)",
+        help="evaluate a held-out set of NAB series (--heldout-set) under this NAB checkout (default: APSV_NAB_DATA)",
     )
     ap.add_argument(
         "--heldout-set",
@@ -215,6 +215,8 @@ def main() -> None:
     heldout = a.heldout is not None
     if heldout and a.scale_only:
         ap.error("--scale-only measures the simulator's speed, not the held-out series: not with --heldout")
+    if overrides and a.scale_only:
+        ap.error("--scale-only measures the simulator's speed with the reactive policy: not with --predictive")
     if a.heldout_set and not heldout:
         ap.error("--heldout-set chooses among the held-out sets: give --heldout too")
     which = a.heldout_set or "traffic"

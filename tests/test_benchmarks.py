@@ -229,6 +229,8 @@ def test_scaling_heldout_refuses_what_it_cannot_evaluate(tmp_path: Path) -> None
     for args, code, says in (
         (["--heldout-set", "cpu"], 2, "give --heldout too"),
         (["--heldout", "--scale-only"], 2, "not with --heldout"),
+        (["--scale-only", "--predictive", "hedge_below=0.25"], 2, "not with --predictive"),
+        (["--predictive", "hedge_below=2"], 2, "hedge_below: expected a number in 0..1"),
         (["--heldout"], 1, "give a NAB checkout"),
         (["--heldout", str(tmp_path), "--heldout-set", "cpu"], 1, "is not a NAB checkout: no data/realAWSCloudwatch/"),
     ):
