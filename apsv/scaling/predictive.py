@@ -373,11 +373,12 @@ def _fallback_decision(
     rule's, each rule held to its own path (`_own_path_hold`); while the forecast is trusted
     under `hedge_below` (off by default), the most that any of the fallback rules asks (the
     module's docstring says why)."""
+    if trust >= s.hedge_below:  # (the default: only the chosen rule is held, once per decision)
+        return _own_path_hold(ctx, s, decisions[chosen], own[chosen]), chosen
     held = {n: _own_path_hold(ctx, s, d, own[n]) for n, d in decisions.items()}
-    if trust < s.hedge_below:
-        name = max(held, key=lambda n: (held[n].instances, n == chosen))
-        if held[name].instances > held[chosen].instances:
-            return held[name], f"{name} (the most of the fallbacks at a trust under {s.hedge_below:g})"
+    name = max(held, key=lambda n: (held[n].instances, n == chosen))
+    if held[name].instances > held[chosen].instances:
+        return held[name], f"{name} (the most of the fallbacks at a trust under {s.hedge_below:g})"
     return held[chosen], chosen
 
 
