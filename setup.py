@@ -16,6 +16,9 @@ from setuptools import setup
 # Pure modules on the per-message path. Everything they import is pure Python as well.
 HOT_MODULES = [
     "apsv/bgp/nlri.py",
+    "apsv/bgp/attribute_values.py",
+    "apsv/bgp/mp_nlri.py",
+    "apsv/bgp/path_attributes.py",
     "apsv/bgp/attributes.py",
     "apsv/bgp/message.py",
     "apsv/bgp/rib.py",

@@ -31,7 +31,7 @@ from typing import Any
 
 from mrtparse import Reader
 
-from apsv.bgp.attributes import reset_interners
+from apsv.bgp.path_attributes import reset_interners
 from apsv.gc_tuning import tune_gc
 from apsv.mrt.replay import CollectorView, load_rib_dump, replay_updates, replay_updates_per_session
 from apsv.mrt.stats import mrt_stats

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from apsv.bgp import constants as C
-from apsv.bgp.attributes import Attribute, MpReach, MpUnreach, PathAttributes, merge_as4_path
+from apsv.bgp.attribute_values import Attribute, merge_as4_path
 from apsv.bgp.capabilities import (
     AddPath,
     Capability,
@@ -35,7 +35,9 @@ from apsv.bgp.message import (
     encode_update,
     header,
 )
+from apsv.bgp.mp_nlri import MpReach, MpUnreach
 from apsv.bgp.nlri import encode_prefix, prefix_str, split_prefixes
+from apsv.bgp.path_attributes import PathAttributes
 
 EBGP = CodecContext(asn4=True)
 IBGP = CodecContext(asn4=True, ibgp=True)

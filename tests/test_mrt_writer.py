@@ -15,10 +15,11 @@ import mrtparse
 import pytest
 
 from apsv.bgp import constants as C
-from apsv.bgp.attributes import PathAttributes, decode_attributes, interner_for, with_mp_next_hop
+from apsv.bgp.attributes import decode_attributes
 from apsv.bgp.config import BgpSessionConfig
 from apsv.bgp.context import CodecContext
 from apsv.bgp.nlri import prefix_str
+from apsv.bgp.path_attributes import PathAttributes, interner_for, with_mp_next_hop
 from apsv.bgp.rib import LocRib
 from apsv.bgp.session import BgpSession
 from apsv.mrt.reader import MrtReader, PeerIndexTable, RibRecord

@@ -9,9 +9,10 @@ from typing import Any
 from mrtparse import Reader
 
 from apsv.bgp import constants as C
-from apsv.bgp.attributes import Attribute, PathAttributes
+from apsv.bgp.attribute_values import Attribute
 from apsv.bgp.context import CodecContext
 from apsv.bgp.nlri import encode_prefix, prefix_str
+from apsv.bgp.path_attributes import PathAttributes
 from apsv.bgp.rib import AdjRibIn, LocRib, Source
 from apsv.mrt.replay import load_rib_dump, replay_updates
 from tests.conftest import shared_data_dir

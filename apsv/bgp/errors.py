@@ -11,7 +11,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-from apsv.bgp.constants import error_name
+from apsv.bgp.constants import ERR_UPDATE, error_name
 
 
 class Action(enum.Enum):
@@ -46,6 +46,11 @@ class BgpError(Exception):
         self.data = bytes(data)
         self.reason = reason or error_name(code, subcode)
         super().__init__(f"{error_name(code, subcode)} ({code}/{subcode}): {self.reason}")
+
+
+def update_error(subcode: int, data: bytes, reason: str) -> BgpError:
+    """An UPDATE Message Error (RFC 4271 §6.3) that resets the session."""
+    return BgpError(ERR_UPDATE, subcode, data, reason)
 
 
 @dataclass(frozen=True, slots=True)

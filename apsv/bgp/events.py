@@ -8,8 +8,9 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from apsv.bgp import constants as C
-from apsv.bgp.attributes import MP_NEXT_HOP, PathAttributes
+from apsv.bgp.attribute_values import MP_NEXT_HOP
 from apsv.bgp.nlri import prefix_str
+from apsv.bgp.path_attributes import PathAttributes
 from apsv.bgp.rib import BestPathChange
 from apsv.stacks.interface import StackEvent
 

@@ -32,8 +32,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from apsv.bgp import constants as C
-from apsv.bgp.attributes import PathAttributes, with_community
 from apsv.bgp.context import CodecContext
+from apsv.bgp.path_attributes import PathAttributes, with_community
 from apsv.bgp.rib import AdjRibIn, BestPathChange, LocRib
 from apsv.snapshot import SnapshotReader, SnapshotWriter
 from apsv.stacks.interface import StackEvent

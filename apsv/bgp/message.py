@@ -14,25 +14,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from apsv.bgp import constants as C
-from apsv.bgp.attributes import (
-    Attribute,
-    Interner,
-    MpReach,
-    MpUnreach,
-    ParsedAttributes,
-    PathAttributes,
-    attributes_to_json,
-    decode_attributes,
-    encode_attribute,
-    encode_mp_reach,
-    encode_mp_unreach,
-    encode_value,
-    interner_for,
-)
+from apsv.bgp.attribute_values import Attribute, encode_attribute, encode_value
+from apsv.bgp.attributes import decode_attributes
 from apsv.bgp.capabilities import Capability, parse_capability
 from apsv.bgp.context import DEFAULT_CONTEXT, CodecContext
 from apsv.bgp.errors import Action, AttributeProblem, BgpError
+from apsv.bgp.mp_nlri import MpReach, MpUnreach, encode_mp_reach, encode_mp_unreach
 from apsv.bgp.nlri import NlriError, count_nlri, prefix_str, split_prefixes
+from apsv.bgp.path_attributes import Interner, ParsedAttributes, PathAttributes, attributes_to_json, interner_for
 
 _from_bytes = int.from_bytes
 

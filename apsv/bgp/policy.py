@@ -22,9 +22,10 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, model_validator
 
 from apsv.bgp import constants as C
-from apsv.bgp.attributes import MP_NEXT_HOP, Attribute, PathAttributes, with_mp_next_hop
+from apsv.bgp.attribute_values import MP_NEXT_HOP, Attribute
 from apsv.bgp.context import CodecContext
 from apsv.bgp.nlri import prefix_part
+from apsv.bgp.path_attributes import PathAttributes, with_mp_next_hop
 from apsv.bgp.policy_lists import (
     AsPathList,
     CommunityList,

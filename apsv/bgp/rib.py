@@ -13,8 +13,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from apsv.bgp.attributes import PathAttributes
 from apsv.bgp.nlri import PATH_ID_LEN, prefix_str
+from apsv.bgp.path_attributes import PathAttributes
 
 Family = tuple[int, int]
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 
-from apsv.bgp.attributes import PathAttributes
+from apsv.bgp.path_attributes import PathAttributes
 
 Family = tuple[int, int]
 

@@ -14,10 +14,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from apsv.bgp import constants as C
-from apsv.bgp.attributes import Interner, PathAttributes, decode_attributes, interner_for, with_mp_next_hop
+from apsv.bgp.attributes import decode_attributes
 from apsv.bgp.context import CodecContext
 from apsv.bgp.errors import Action, BgpError
 from apsv.bgp.message import Update
+from apsv.bgp.path_attributes import Interner, PathAttributes, interner_for, with_mp_next_hop
 from apsv.bgp.rib import AdjRibIn, LocRib, Source
 from apsv.mrt.reader import BgpMessageRecord, MrtError, MrtReader, Peer, RibRecord
 from apsv.mrt.sessions import RecordedSessions

@@ -8,10 +8,11 @@ from pathlib import Path
 from typing import Any
 
 from apsv.bgp import constants as C
-from apsv.bgp.attributes import decode_attributes, interner_for
+from apsv.bgp.attributes import decode_attributes
 from apsv.bgp.context import CodecContext
 from apsv.bgp.errors import Action, BgpError
 from apsv.bgp.message import Update
+from apsv.bgp.path_attributes import interner_for
 from apsv.mrt.reader import (
     BgpMessageRecord,
     MrtError,

@@ -39,8 +39,9 @@ from pathlib import Path
 from typing import BinaryIO, cast
 
 from apsv.bgp import constants as C
-from apsv.bgp.attributes import MP_NEXT_HOP, PathAttributes, encode_as_path, encode_attribute
+from apsv.bgp.attribute_values import MP_NEXT_HOP, encode_as_path, encode_attribute
 from apsv.bgp.nlri import PATH_ID_LEN
+from apsv.bgp.path_attributes import PathAttributes
 from apsv.bgp.rib import LocRib, Source
 from apsv.mrt.reader import MRT_TABLE_DUMP_V2, TDV2_PEER_INDEX_TABLE, TDV2_RIB_SUBTYPES
 

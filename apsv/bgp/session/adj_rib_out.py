@@ -8,21 +8,16 @@ from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING
 
 from apsv.bgp import constants as C
-from apsv.bgp.attributes import (
-    MP_NEXT_HOP,
-    Attribute,
-    MpReach,
-    MpUnreach,
-    PathAttributes,
-    with_mp_next_hop,
-)
+from apsv.bgp.attribute_values import MP_NEXT_HOP, Attribute
 from apsv.bgp.config import Announcement
 from apsv.bgp.fsm import Action, State
 from apsv.bgp.message import (
     Update,
     encode_update,
 )
+from apsv.bgp.mp_nlri import MpReach, MpUnreach
 from apsv.bgp.nlri import encode_prefix
+from apsv.bgp.path_attributes import PathAttributes, with_mp_next_hop
 from apsv.bgp.session.common import Family
 
 if TYPE_CHECKING:

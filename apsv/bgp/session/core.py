@@ -10,7 +10,6 @@ from collections.abc import Iterable, Mapping
 from typing import Any, ClassVar
 
 from apsv.bgp import constants as C
-from apsv.bgp.attributes import PathAttributes
 from apsv.bgp.capabilities import Capability, Negotiated, build_capabilities
 from apsv.bgp.config import FAMILY_CODES, Announcement, BgpSessionConfig
 from apsv.bgp.context import CodecContext
@@ -19,6 +18,7 @@ from apsv.bgp.fsm import Action, Event, State, transition
 from apsv.bgp.graceful_restart import LongLived, StaleRoutes
 from apsv.bgp.message import MessageReader, Open, RouteRefresh, Update
 from apsv.bgp.nlri import encode_prefix
+from apsv.bgp.path_attributes import PathAttributes
 from apsv.bgp.policy import RouteMapEngine
 from apsv.bgp.prefix_limit import PrefixLimit
 from apsv.bgp.rib import AdjRibIn, LocRib, Source

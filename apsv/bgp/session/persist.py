@@ -7,13 +7,8 @@ from collections import Counter
 from typing import TYPE_CHECKING, Any
 
 from apsv.bgp import constants as C
-from apsv.bgp.attributes import (
-    MP_NEXT_HOP,
-    PathAttributes,
-    decode_attributes,
-    interner_for,
-    with_mp_next_hop,
-)
+from apsv.bgp.attribute_values import MP_NEXT_HOP
+from apsv.bgp.attributes import decode_attributes
 from apsv.bgp.capabilities import Negotiated
 from apsv.bgp.config import Announcement, BgpSessionConfig
 from apsv.bgp.context import CodecContext
@@ -24,6 +19,7 @@ from apsv.bgp.message import (
     decode_open,
     encode_message,
 )
+from apsv.bgp.path_attributes import PathAttributes, interner_for, with_mp_next_hop
 from apsv.bgp.rib import AdjRibIn, LocRib
 from apsv.bgp.session import receive
 from apsv.bgp.session.common import Family

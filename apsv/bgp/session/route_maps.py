@@ -9,9 +9,6 @@ from typing import TYPE_CHECKING, Any
 from pydantic import ValidationError
 
 from apsv.bgp import constants as C
-from apsv.bgp.attributes import (
-    PathAttributes,
-)
 from apsv.bgp.config import FAMILY_CODES, BgpSessionConfig
 from apsv.bgp.events import (
     PolicyChanged,
@@ -22,6 +19,7 @@ from apsv.bgp.message import (
     RouteRefresh,
     encode_message,
 )
+from apsv.bgp.path_attributes import PathAttributes
 from apsv.bgp.policy import RouteMapEngine
 from apsv.bgp.rib import BestPathChange
 from apsv.bgp.session import adj_rib_out, updates

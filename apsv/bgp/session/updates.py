@@ -9,12 +9,6 @@ import socket
 from typing import TYPE_CHECKING
 
 from apsv.bgp import constants as C
-from apsv.bgp.attributes import (
-    MpReach,
-    MpUnreach,
-    PathAttributes,
-    with_mp_next_hop,
-)
 from apsv.bgp.errors import Action as ErrorAction
 from apsv.bgp.events import (
     RoutesChanged,
@@ -23,6 +17,8 @@ from apsv.bgp.fsm import Event, State
 from apsv.bgp.message import (
     Update,
 )
+from apsv.bgp.mp_nlri import MpReach, MpUnreach
+from apsv.bgp.path_attributes import PathAttributes, with_mp_next_hop
 from apsv.bgp.rib import AdjRibIn, BestPathChange, PrefixLimitExceeded
 from apsv.bgp.session import restart
 from apsv.bgp.session.common import Family
