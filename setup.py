@@ -23,6 +23,8 @@ HOT_MODULES = [
     "apsv/bgp/message.py",
     "apsv/bgp/rib.py",
     "apsv/bgp/inference.py",
+    "apsv/mrt/records.py",
+    "apsv/mrt/framing.py",
     "apsv/mrt/reader.py",
     "apsv/mrt/sessions.py",
     "apsv/mrt/replay.py",

@@ -421,7 +421,8 @@ def test_open_round_trip(my_as: int, hold: int, caps: list[tuple[int, bytes]]) -
 
 def test_real_messages_re_encode_exactly() -> None:
     """Every message of a real dump: encode(decode(bytes)) == bytes."""
-    from apsv.mrt.reader import BgpMessageRecord, MrtReader
+    from apsv.mrt.reader import MrtReader
+    from apsv.mrt.records import BgpMessageRecord
     from apsv.mrt.sessions import RecordedSessions
     from tests.conftest import shared_data_dir
 

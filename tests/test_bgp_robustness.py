@@ -20,7 +20,8 @@ from apsv.bgp.events import NotificationSent, PeerNotification
 from apsv.bgp.fsm import State
 from apsv.bgp.message import MessageReader, Update, decode_bytes, decode_message
 from apsv.bgp.session import BgpSession
-from apsv.mrt.reader import BgpMessageRecord, MrtReader
+from apsv.mrt.reader import MrtReader
+from apsv.mrt.records import BgpMessageRecord
 from apsv.pcap import decode_capture
 from tests.conftest import shared_data_dir
 

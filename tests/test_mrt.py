@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from apsv.mrt.reader import BgpMessageRecord, MrtError, MrtReader, RibRecord, iter_raw_records
+from apsv.mrt.framing import iter_raw_records
+from apsv.mrt.reader import MrtReader
+from apsv.mrt.records import BgpMessageRecord, MrtError, RibRecord
 from apsv.mrt.stats import mrt_stats
 from tests.conftest import manifest, manifest_counts, shared_data_dir
 from tests.refcount import count_file

@@ -22,7 +22,8 @@ from apsv.bgp.nlri import prefix_str
 from apsv.bgp.path_attributes import PathAttributes, interner_for, with_mp_next_hop
 from apsv.bgp.rib import LocRib
 from apsv.bgp.session import BgpSession
-from apsv.mrt.reader import MrtReader, PeerIndexTable, RibRecord
+from apsv.mrt.reader import MrtReader
+from apsv.mrt.records import PeerIndexTable, RibRecord
 from apsv.mrt.replay import CollectorView, load_rib_dump
 from apsv.mrt.writer import (
     DumpEntry,

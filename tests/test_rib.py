@@ -234,7 +234,8 @@ def test_ipv6_and_add_path_rib_dumps_load() -> None:
 
 def test_update_replay_matches_a_set_model() -> None:
     """Replaying a dump leaves exactly the prefixes some peer still announces."""
-    from apsv.mrt.reader import BgpMessageRecord, MrtReader
+    from apsv.mrt.reader import MrtReader
+    from apsv.mrt.records import BgpMessageRecord
     from apsv.mrt.sessions import RecordedSessions
 
     path = shared_data_dir() / "mrt/bgpdump-testdata/updates.20071015.1505.gz"

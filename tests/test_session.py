@@ -14,7 +14,8 @@ from apsv.bgp.message import MessageReader, Notification, Update, decode_message
 from apsv.bgp.prefix_limit import PrefixLimitEvent
 from apsv.bgp.session import BgpSession
 from apsv.errors import DecodeError
-from apsv.mrt.reader import BgpMessageRecord, MrtReader
+from apsv.mrt.reader import MrtReader
+from apsv.mrt.records import BgpMessageRecord
 from apsv.stacks.interface import ProtocolProblem, Send, StackEvent, load_stack
 from tests.conftest import shared_data_dir
 

@@ -212,7 +212,8 @@ def corpus_messages() -> list[tuple[str, bytes]]:
 
 
 def _bgp_seeds() -> list[bytes]:
-    from apsv.mrt.reader import BgpMessageRecord, MrtReader
+    from apsv.mrt.reader import MrtReader
+    from apsv.mrt.records import BgpMessageRecord
 
     out = [raw for _, raw in corpus_messages()]
     for f in sorted((shared_data() / "bgp-test-vectors" / "exabgp-decoding").iterdir()):

@@ -11,7 +11,8 @@ import typer
 from apsv.bgp.errors import BgpError
 from apsv.bgp.message import Update
 from apsv.gc_tuning import tune_gc
-from apsv.mrt.reader import BgpMessageRecord, MrtError, MrtReader
+from apsv.mrt.reader import MrtReader
+from apsv.mrt.records import BgpMessageRecord, MrtError
 from apsv.mrt.sessions import RecordedSessions
 from apsv.mrt.stats import mrt_stats
 

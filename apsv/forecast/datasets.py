@@ -149,7 +149,8 @@ def from_mrt(
     """
     from apsv.bgp.errors import BgpError
     from apsv.bgp.message import Update
-    from apsv.mrt.reader import BgpMessageRecord, MrtReader
+    from apsv.mrt.reader import MrtReader
+    from apsv.mrt.records import BgpMessageRecord
     from apsv.mrt.sessions import RecordedSessions
 
     if measure not in ("prefixes", "updates"):

@@ -1,71 +1,56 @@
 """MRT (RFC 6396) reader: BGP4MP, BGP4MP_ET, TABLE_DUMP, TABLE_DUMP_V2, and the deprecated BGP type.
 
-Files may be plain, gzip or bzip2 (detected from their first bytes). Records are read in
-chunks, so a multi-gigabyte RIB dump needs no more memory than its largest record.
-A record that cannot be decoded becomes an `MrtError` item in the stream, carrying the
-offset and the reason; reading goes on with the next record, so one bad record loses
-nothing else. When the framing itself is damaged (a length field that does not fit),
-`recover=True` scans forward for the next plausible record header instead of stopping.
+`MrtReader` takes the records `apsv.mrt.framing` splits a plain, gzip or bzip2 file into and
+decodes each body into the types of `apsv.mrt.records`. A record that cannot be decoded becomes
+an `MrtError` item in the stream, carrying the offset and the reason; reading goes on with the
+next record, so one bad record loses nothing else. When the framing itself is damaged (a length
+field that does not fit), `recover=True` scans forward for the next plausible record header
+instead of stopping.
 """
 
 from __future__ import annotations
 
-import bz2
-import gzip
 import socket
 import struct
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Final
 
 from apsv.bgp import constants as C
-from apsv.bgp.context import CodecContext
 from apsv.bgp.nlri import nlri_length
 from apsv.errors import DecodeError
+from apsv.mrt.framing import FramingStats, iter_raw_records, open_mrt
+from apsv.mrt.records import (
+    BGP4MP_STATE_CHANGE,
+    BGP4MP_STATE_CHANGE_AS4,
+    BGP_KEEPALIVE,
+    BGP_NOTIFY,
+    BGP_OPEN,
+    BGP_STATE_CHANGE,
+    BGP_UPDATE,
+    MRT_BGP,
+    MRT_BGP4MP,
+    MRT_BGP4MP_ET,
+    MRT_BGP4PLUS,
+    MRT_BGP4PLUS_01,
+    MRT_TABLE_DUMP,
+    MRT_TABLE_DUMP_V2,
+    TDV2_PEER_INDEX_TABLE,
+    TDV2_RIB_GENERIC,
+    TDV2_RIB_GENERIC_ADDPATH,
+    TDV2_RIB_SUBTYPES,
+    BgpMessageRecord,
+    MrtError,
+    MrtItem,
+    MrtRecord,
+    OtherRecord,
+    Peer,
+    PeerIndexTable,
+    RibEntry,
+    RibRecord,
+    StateChangeRecord,
+)
 
-# MRT types (RFC 6396 §4, Appendix B for the deprecated ones)
-MRT_BGP: Final = 5  # deprecated
-MRT_BGP4PLUS: Final = 9  # deprecated
-MRT_BGP4PLUS_01: Final = 10  # deprecated
-MRT_TABLE_DUMP: Final = 12
-MRT_TABLE_DUMP_V2: Final = 13
-MRT_BGP4MP: Final = 16
-MRT_BGP4MP_ET: Final = 17
-MRT_TYPE_NAMES: Final = {
-    0: "NULL",
-    1: "START",
-    2: "DIE",
-    3: "I_AM_DEAD",
-    4: "PEER_DOWN",
-    5: "BGP",
-    6: "RIP",
-    7: "IDRP",
-    8: "RIPNG",
-    9: "BGP4PLUS",
-    10: "BGP4PLUS_01",
-    11: "OSPFv2",
-    12: "TABLE_DUMP",
-    13: "TABLE_DUMP_V2",
-    16: "BGP4MP",
-    17: "BGP4MP_ET",
-    32: "ISIS",
-    33: "ISIS_ET",
-    48: "OSPFv3",
-    49: "OSPFv3_ET",
-}
-
-# BGP4MP subtypes (RFC 6396 §4.4, RFC 8050)
-BGP4MP_STATE_CHANGE: Final = 0
-BGP4MP_MESSAGE: Final = 1
-BGP4MP_MESSAGE_AS4: Final = 4
-BGP4MP_STATE_CHANGE_AS4: Final = 5
-BGP4MP_MESSAGE_LOCAL: Final = 6
-BGP4MP_MESSAGE_AS4_LOCAL: Final = 7
-BGP4MP_MESSAGE_ADDPATH: Final = 8
-BGP4MP_MESSAGE_AS4_ADDPATH: Final = 9
-BGP4MP_MESSAGE_LOCAL_ADDPATH: Final = 10
-BGP4MP_MESSAGE_AS4_LOCAL_ADDPATH: Final = 11
 _MESSAGE_SUBTYPES: Final = {
     # subtype: (4-octet AS fields, ADD-PATH, locally generated)
     1: (False, False, False),
@@ -78,32 +63,13 @@ _MESSAGE_SUBTYPES: Final = {
     11: (True, True, True),
 }
 
-# TABLE_DUMP_V2 subtypes (RFC 6396 §4.3, RFC 8050)
-TDV2_PEER_INDEX_TABLE: Final = 1
-TDV2_RIB_SUBTYPES: Final = {
-    # subtype: (afi, safi, add-path)
-    2: (1, 1, False),
-    3: (1, 2, False),
-    4: (2, 1, False),
-    5: (2, 2, False),
-    8: (1, 1, True),
-    9: (1, 2, True),
-    10: (2, 1, True),
-    11: (2, 2, True),
-}
-TDV2_RIB_GENERIC: Final = 6
-TDV2_RIB_GENERIC_ADDPATH: Final = 12
-
-# Deprecated BGP type subtypes (RFC 6396 Appendix B.2)
-BGP_NULL, BGP_UPDATE, BGP_PREF_UPDATE, BGP_STATE_CHANGE, BGP_SYNC, BGP_OPEN, BGP_NOTIFY, BGP_KEEPALIVE = range(8)
+# the deprecated BGP type's message subtypes -> BGP message types
 _LEGACY_MESSAGE_TYPES: Final = {
     BGP_UPDATE: C.MSG_UPDATE,
     BGP_OPEN: C.MSG_OPEN,
     BGP_NOTIFY: C.MSG_NOTIFICATION,
     BGP_KEEPALIVE: C.MSG_KEEPALIVE,
 }
-
-MAX_RECORD_LEN: Final = 16 << 20  # no legitimate record comes near this; guards memory on garbage
 
 
 _IP_TEXT: dict[bytes, str] = {}
@@ -117,303 +83,6 @@ def _ip(raw: bytes) -> str:
             _IP_TEXT.clear()
         text = _IP_TEXT[raw] = socket.inet_ntop(socket.AF_INET6 if len(raw) == 16 else socket.AF_INET, raw)
     return text
-
-
-# ---------------------------------------------------------------------------------------------
-# Decoded record types
-
-
-@dataclass(slots=True)
-class MrtRecord:
-    """One raw MRT record: common header fields and the body (for _ET types without the usec field)."""
-
-    offset: int
-    timestamp: float
-    type: int
-    subtype: int
-    body: bytes
-
-    @property
-    def type_name(self) -> str:
-        return MRT_TYPE_NAMES.get(self.type, str(self.type))
-
-
-@dataclass(slots=True)
-class BgpMessageRecord:
-    """A BGP message as recorded between a peer and the collector (BGP4MP or legacy BGP)."""
-
-    timestamp: float
-    peer_as: int
-    local_as: int
-    peer_ip: str
-    local_ip: str
-    msg_type: int
-    body: bytes  # message body after the 19-octet header
-    asn4: bool
-    add_path: bool
-    local: bool  # sent by the collector rather than received
-    offset: int = 0
-    raw_header: bytes = b""  # the 19 header octets as recorded (empty for legacy records)
-
-    def context(self) -> CodecContext:
-        fams = frozenset({(1, 1), (1, 2), (2, 1), (2, 2)}) if self.add_path else frozenset()
-        return CodecContext(asn4=self.asn4, ibgp=self.peer_as == self.local_as, add_path=fams, extended_message=True)
-
-    @property
-    def peer_key(self) -> tuple[str, int]:
-        return (self.peer_ip, self.peer_as)
-
-
-@dataclass(slots=True)
-class StateChangeRecord:
-    timestamp: float
-    peer_as: int
-    local_as: int
-    peer_ip: str
-    local_ip: str
-    old_state: int
-    new_state: int
-    offset: int = 0
-
-
-@dataclass(slots=True)
-class Peer:
-    bgp_id: str
-    ip: str
-    asn: int
-
-
-@dataclass(slots=True)
-class PeerIndexTable:
-    collector_id: str
-    view_name: str
-    peers: list[Peer]
-    offset: int = 0
-
-
-@dataclass(slots=True)
-class RibEntry:
-    peer_index: int  # into the PEER_INDEX_TABLE (TABLE_DUMP_V2) or -1 (TABLE_DUMP: see peer)
-    originated: int
-    attributes: bytes  # raw path attributes (4-octet ASNs for TABLE_DUMP_V2, 2-octet for TABLE_DUMP)
-    path_id: int | None = None
-    peer: Peer | None = None
-    next_hop: bytes | None = None  # BGP4MP_ENTRY keeps the next hop outside the attributes
-
-
-@dataclass(slots=True)
-class RibRecord:
-    """All paths to one prefix (TABLE_DUMP_V2), or one path (TABLE_DUMP)."""
-
-    timestamp: float
-    afi: int
-    safi: int
-    prefix: bytes  # wire form: length octet + significant octets
-    entries: list[RibEntry]
-    asn4: bool  # width of AS numbers inside the attributes
-    sequence: int = 0
-    offset: int = 0
-    generic: bool = False  # RIB_GENERIC: `prefix` is the raw NLRI of a family APSV does not decode
-
-
-@dataclass(slots=True)
-class MrtError:
-    """A record (or a stretch of bytes) that could not be decoded."""
-
-    offset: int
-    type: int
-    subtype: int
-    reason: str
-
-
-@dataclass(slots=True)
-class OtherRecord:
-    """A well-framed record of a type APSV does not interpret (OSPF, IS-IS, ...)."""
-
-    record: MrtRecord
-
-
-MrtItem = BgpMessageRecord | StateChangeRecord | PeerIndexTable | RibRecord | MrtError | OtherRecord
-
-
-# ---------------------------------------------------------------------------------------------
-# Framing
-
-
-def open_mrt(path: str | Path) -> BinaryIO:
-    """Open a plain, gzip or bzip2 MRT file (by content, not by name)."""
-    raw = open(path, "rb")  # noqa: SIM115 - wrapped and returned
-    magic = raw.read(3)
-    raw.seek(0)
-    if magic[:2] == b"\x1f\x8b":
-        return gzip.GzipFile(fileobj=raw)  # type: ignore[return-value]
-    if magic == b"BZh":
-        return bz2.BZ2File(raw)  # type: ignore[return-value]
-    return raw
-
-
-_FRAMED_TYPES: Final = frozenset(
-    {
-        MRT_BGP,
-        MRT_TABLE_DUMP,
-        MRT_TABLE_DUMP_V2,
-        MRT_BGP4MP,
-        MRT_BGP4MP_ET,
-        MRT_BGP4PLUS,
-        MRT_BGP4PLUS_01,
-        11,
-        32,
-        33,
-        48,
-        49,
-    }
-)
-
-
-def _plausible(buf: bytes, i: int, ts_ref: int) -> bool:
-    """Does a believable MRT header start at buf[i]? (known type, small subtype and length, near in time)"""
-    if i + 12 > len(buf):
-        return False
-    ts, t, st, ln = struct.unpack_from("!IHHI", buf, i)
-    return t in _FRAMED_TYPES and st < 64 and ln < 1 << 20 and (not ts_ref or abs(ts - ts_ref) < 86400 * 7)
-
-
-def _table_dump_physical_length(buf: bytes, start: int, declared: int, afi: int, limit: int) -> int:
-    """Length of a TABLE_DUMP record as some 1999-2000 writers produced it, or `declared`.
-
-    Those writers batched many entries into one record (view and sequence once, then entries
-    without them) and declared a length 4 octets short of what they wrote. Walk the entries:
-    if they end exactly 4 octets past the declared length, that is the record's real length.
-    """
-    alen = 4 if afi == C.AFI_IPV4 else 16
-    entry = alen + 1 + 1 + 4 + alen + 2 + 2
-    i = start + 4
-    end = start + declared
-    while i + entry <= limit:
-        i += entry + ((buf[i + entry - 2] << 8) | buf[i + entry - 1])
-        if i >= end:
-            break
-    return declared + 4 if i == end + 4 and i <= limit else declared
-
-
-@dataclass
-class FramingStats:
-    records: int = 0
-    resyncs: int = 0
-    skipped_bytes: int = 0
-    legacy_batched: int = 0  # TABLE_DUMP records in the batched 1999-2000 layout
-    errors: list[str] = field(default_factory=list)  # damaged framing (also yielded as MrtError)
-    stream_errors: list[str] = field(default_factory=list)  # the compressed stream cut short or corrupt
-
-
-def iter_raw_records(
-    stream: BinaryIO, *, recover: bool = False, stats: FramingStats | None = None, chunk: int = 1 << 22
-) -> Iterator[MrtRecord | MrtError]:
-    """Split a stream into MRT records.
-
-    A header that cannot be right (unknown type, absurd length, truncated) yields an MrtError and
-    ends the stream, unless `recover` is set: then each record must also be followed by a
-    plausible header (or the end of the file), and where the framing is damaged the reader
-    scans forward for the next chain of two plausible headers and carries on from there.
-    """
-    st = stats if stats is not None else FramingStats()
-    buf = b""  # bytes, so a record's body is one slice (one copy), not two
-    base = 0  # file offset of buf[0]
-    pos = 0
-    eof = False
-    last_ts = 0
-    unpack = struct.unpack_from
-
-    # read1: what one read of the underlying stream gives. A compressed stream cut short raises
-    # at its end, and one large read() would lose everything it had decompressed before that.
-    read1 = getattr(stream, "read1", stream.read)
-
-    def fill(need: int) -> bool:
-        nonlocal buf, base, pos, eof
-        have = len(buf) - pos
-        if have >= need or eof:
-            return have >= need
-        parts = [buf[pos:]]
-        want = max(chunk, need)
-        while have < want and not eof:
-            try:
-                data = read1(want - have)
-            except (EOFError, OSError) as e:  # truncated or corrupt compressed stream
-                st.errors.append(f"compressed stream ends early: {e}")
-                st.stream_errors.append(f"compressed stream ends early: {e}")
-                data = b""
-            if not data:
-                eof = True
-            else:
-                parts.append(data)
-                have += len(data)
-        buf = b"".join(parts)
-        base += pos
-        pos = 0
-        return have >= need
-
-    def resync(from_pos: int) -> int | None:
-        fill(from_pos - pos + (1 << 20))
-        j = from_pos
-        while j + 12 <= len(buf):
-            if _plausible(buf, j, last_ts):
-                nxt = j + 12 + unpack("!I", buf, j + 8)[0]
-                if (nxt == len(buf) and eof) or _plausible(buf, nxt, last_ts):
-                    return j
-            j += 1
-        return None
-
-    while True:
-        if not fill(12):
-            if len(buf) - pos:
-                yield MrtError(base + pos, -1, -1, f"{len(buf) - pos} trailing octets are not a whole MRT header")
-            return
-        ts, mtype, subtype, length = unpack("!IHHI", buf, pos)
-        et = mtype in (MRT_BGP4MP_ET, 33, 49)
-        sane = mtype in _FRAMED_TYPES and length <= MAX_RECORD_LEN and not (et and length < 4)
-        if sane and recover:
-            sane = _plausible(buf, pos, last_ts)
-        if sane and not fill(12 + length + 16) and len(buf) - pos < 12 + length:
-            yield MrtError(
-                base + pos, mtype, subtype, f"record declares {length} octets, only {len(buf) - pos - 12} remain"
-            )
-            return
-        if sane and mtype == MRT_TABLE_DUMP and subtype in (1, 2):
-            phys = _table_dump_physical_length(buf, pos + 12, length, subtype, len(buf))
-            if phys != length:
-                st.legacy_batched += 1
-                length = phys
-        nxt = pos + 12 + length
-        if sane and recover and not (nxt == len(buf) and eof) and not _plausible(buf, nxt, ts):
-            sane = False  # the length field points into the middle of something else
-        if not sane:
-            reason = f"damaged MRT framing (type {mtype}, subtype {subtype}, length {length})"
-            st.errors.append(reason)
-            yield MrtError(base + pos, mtype, subtype, reason)
-            if not recover:
-                return
-            j = resync(pos + 1)
-            st.resyncs += 1
-            if j is None:
-                st.skipped_bytes += len(buf) - pos
-                return
-            st.skipped_bytes += j - pos
-            pos = j
-            continue
-        start = pos + 12
-        if et:
-            usec = unpack("!I", buf, start)[0]
-            rec = MrtRecord(base + pos, ts + usec / 1e6, mtype, subtype, buf[start + 4 : start + length])
-        else:
-            rec = MrtRecord(base + pos, float(ts), mtype, subtype, buf[start : start + length])
-        pos = nxt
-        last_ts = ts
-        st.records += 1
-        yield rec
-
-
-# ---------------------------------------------------------------------------------------------
-# Record bodies
 
 
 class MrtReader:

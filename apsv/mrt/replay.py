@@ -20,7 +20,8 @@ from apsv.bgp.errors import Action, BgpError
 from apsv.bgp.message import Update
 from apsv.bgp.path_attributes import Interner, PathAttributes, interner_for, with_mp_next_hop
 from apsv.bgp.rib import AdjRibIn, LocRib, Source
-from apsv.mrt.reader import BgpMessageRecord, MrtError, MrtReader, Peer, RibRecord
+from apsv.mrt.reader import MrtReader
+from apsv.mrt.records import BgpMessageRecord, MrtError, Peer, RibRecord
 from apsv.mrt.sessions import RecordedSessions
 
 Family = tuple[int, int]

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from apsv.bgp.inference import ContextInference
 from apsv.bgp.message import Message
-from apsv.mrt.reader import BgpMessageRecord
+from apsv.mrt.records import BgpMessageRecord
 
 
 @dataclass

@@ -13,15 +13,8 @@ from apsv.bgp.context import CodecContext
 from apsv.bgp.errors import Action, BgpError
 from apsv.bgp.message import Update
 from apsv.bgp.path_attributes import interner_for
-from apsv.mrt.reader import (
-    BgpMessageRecord,
-    MrtError,
-    MrtReader,
-    OtherRecord,
-    PeerIndexTable,
-    RibRecord,
-    StateChangeRecord,
-)
+from apsv.mrt.reader import MrtReader
+from apsv.mrt.records import BgpMessageRecord, MrtError, OtherRecord, PeerIndexTable, RibRecord, StateChangeRecord
 from apsv.mrt.sessions import RecordedSessions
 
 

@@ -43,7 +43,7 @@ from apsv.bgp.attribute_values import MP_NEXT_HOP, encode_as_path, encode_attrib
 from apsv.bgp.nlri import PATH_ID_LEN
 from apsv.bgp.path_attributes import PathAttributes
 from apsv.bgp.rib import LocRib, Source
-from apsv.mrt.reader import MRT_TABLE_DUMP_V2, TDV2_PEER_INDEX_TABLE, TDV2_RIB_SUBTYPES
+from apsv.mrt.records import MRT_TABLE_DUMP_V2, TDV2_PEER_INDEX_TABLE, TDV2_RIB_SUBTYPES
 
 # (afi, safi, add-path) -> RIB subtype: the inverse of the reader's table.
 RIB_SUBTYPE = {spec: subtype for subtype, spec in TDV2_RIB_SUBTYPES.items()}

@@ -20,7 +20,8 @@ from apsv.bgp import constants as C
 from apsv.bgp.config import BgpSessionConfig
 from apsv.bgp.session import BgpSession
 from apsv.frame import ProtocolId
-from apsv.mrt.reader import BgpMessageRecord, MrtReader
+from apsv.mrt.reader import MrtReader
+from apsv.mrt.records import BgpMessageRecord
 from apsv.runtime.client import OffloadClient
 from apsv.runtime.host import Key
 
