@@ -20,6 +20,7 @@ HOT_MODULES = [
     "apsv/bgp/mp_nlri.py",
     "apsv/bgp/path_attributes.py",
     "apsv/bgp/attributes.py",
+    "apsv/bgp/framing.py",
     "apsv/bgp/message.py",
     "apsv/bgp/rib.py",
     "apsv/bgp/inference.py",

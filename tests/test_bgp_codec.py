@@ -20,10 +20,10 @@ from apsv.bgp.capabilities import (
 )
 from apsv.bgp.context import CodecContext
 from apsv.bgp.errors import Action, BgpError
+from apsv.bgp.framing import MessageReader
 from apsv.bgp.message import (
     Keepalive,
     Message,
-    MessageReader,
     Notification,
     Open,
     RouteRefresh,

@@ -17,8 +17,9 @@ from apsv.bgp.config import BgpSessionConfig
 from apsv.bgp.context import CodecContext
 from apsv.bgp.errors import Action, BgpError
 from apsv.bgp.events import NotificationSent, PeerNotification
+from apsv.bgp.framing import MessageReader
 from apsv.bgp.fsm import State
-from apsv.bgp.message import MessageReader, Update, decode_bytes, decode_message
+from apsv.bgp.message import Update, decode_bytes, decode_message
 from apsv.bgp.session import BgpSession
 from apsv.mrt.reader import MrtReader
 from apsv.mrt.records import BgpMessageRecord

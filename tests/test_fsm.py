@@ -14,11 +14,11 @@ import pytest
 from apsv.bgp import constants as C
 from apsv.bgp.config import BgpSessionConfig
 from apsv.bgp.events import NotificationSent
+from apsv.bgp.framing import MessageReader
 from apsv.bgp.fsm import TRANSITIONS, Action, Event, State
 from apsv.bgp.message import (
     Keepalive,
     Message,
-    MessageReader,
     Notification,
     Open,
     Update,

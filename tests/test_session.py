@@ -9,8 +9,9 @@ import pytest
 from apsv.bgp import constants as C
 from apsv.bgp.config import Announcement, BgpSessionConfig
 from apsv.bgp.events import NotificationSent, RoutesChanged
+from apsv.bgp.framing import MessageReader
 from apsv.bgp.fsm import State
-from apsv.bgp.message import MessageReader, Notification, Update, decode_message
+from apsv.bgp.message import Notification, Update, decode_message
 from apsv.bgp.prefix_limit import PrefixLimitEvent
 from apsv.bgp.session import BgpSession
 from apsv.errors import DecodeError

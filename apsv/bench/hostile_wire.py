@@ -13,7 +13,7 @@ from typing import Any
 
 from apsv.bgp import constants as C
 from apsv.bgp.errors import BgpError
-from apsv.bgp.message import MessageReader
+from apsv.bgp.framing import MessageReader
 
 MARKER = b"\xff" * 16
 OPEN, UPDATE, NOTIFICATION, KEEPALIVE, ROUTE_REFRESH = 1, 2, 3, 4, 5

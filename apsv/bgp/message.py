@@ -1,4 +1,5 @@
-"""BGP-4 messages: framing, decoding and encoding (RFC 4271 §4 and extensions).
+"""BGP-4 messages: decoding and encoding (RFC 4271 §4 and extensions); the framing that cuts
+a stream into messages is `apsv.bgp.framing`.
 
 `decode_message(type, body, ctx)` and `encode_message(msg, ctx)` are exact inverses for
 well-formed messages. Bad input raises `BgpError` (with the NOTIFICATION to send) or, for
@@ -19,6 +20,7 @@ from apsv.bgp.attributes import decode_attributes
 from apsv.bgp.capabilities import Capability, parse_capability
 from apsv.bgp.context import DEFAULT_CONTEXT, CodecContext
 from apsv.bgp.errors import Action, AttributeProblem, BgpError
+from apsv.bgp.framing import check_header
 from apsv.bgp.mp_nlri import MpReach, MpUnreach, encode_mp_reach, encode_mp_unreach
 from apsv.bgp.nlri import NlriError, count_nlri, prefix_str, split_prefixes
 from apsv.bgp.path_attributes import Interner, ParsedAttributes, PathAttributes, attributes_to_json, interner_for
@@ -210,87 +212,6 @@ def next_hop_text(afi: int, nh: bytes) -> str:
         glob = socket.inet_ntop(socket.AF_INET6, nh[:16])
         return glob if len(nh) == 16 else f"{glob},{socket.inet_ntop(socket.AF_INET6, nh[16:])}"
     return "0x" + nh.hex()
-
-
-# ---------------------------------------------------------------------------------------------
-# Framing
-
-
-def check_header(header: bytes, max_len: int) -> tuple[int, int]:
-    """Validate a 19-octet header (RFC 4271 §6.1); return (length, type)."""
-    if header[:16] != C.MARKER:
-        raise BgpError(C.ERR_HEADER, C.ERR_HEADER_NOT_SYNCHRONIZED, b"", "marker is not all ones")
-    length = (header[16] << 8) | header[17]
-    mtype = header[18]
-    if length < C.HEADER_LEN or length > max_len:
-        raise BgpError(C.ERR_HEADER, C.ERR_HEADER_BAD_LENGTH, header[16:18], f"length {length} outside 19..{max_len}")
-    if mtype < 1 or mtype > 5:
-        raise BgpError(C.ERR_HEADER, C.ERR_HEADER_BAD_TYPE, bytes((mtype,)), f"message type {mtype} undefined")
-    bad = (
-        (mtype == C.MSG_OPEN and length < 29)
-        or (mtype == C.MSG_UPDATE and length < 23)
-        or (mtype == C.MSG_KEEPALIVE and length != 19)
-        or (mtype == C.MSG_NOTIFICATION and length < 21)
-        or (mtype in (C.MSG_OPEN, C.MSG_KEEPALIVE) and length > C.MAX_MESSAGE_LEN)  # RFC 8654 §4
-    )
-    if bad:
-        raise BgpError(
-            C.ERR_HEADER,
-            C.ERR_HEADER_BAD_LENGTH,
-            header[16:18],
-            f"length {length} invalid for {C.MESSAGE_NAMES[mtype]}",
-        )
-    return length, mtype
-
-
-class MessageReader:
-    """Splits a TCP byte stream into BGP messages (sans-I/O; bounded to one message of backlog).
-
-    feed() appends bytes; next_message() returns (type, body) or None when more bytes are
-    needed. Header errors raise BgpError. The buffer never holds more than what the peer sent
-    beyond the last complete message, and a message can be at most `max_len` octets.
-    """
-
-    __slots__ = ("_buf", "max_len")
-
-    def __init__(self, max_len: int = C.MAX_MESSAGE_LEN) -> None:
-        self._buf = bytearray()
-        self.max_len = max_len
-
-    def feed(self, data: bytes | bytearray | memoryview) -> None:
-        self._buf += data
-
-    @property
-    def pending(self) -> int:
-        return len(self._buf)
-
-    def pending_bytes(self) -> bytes:
-        return bytes(self._buf)
-
-    def next_message(self) -> tuple[int, bytes] | None:
-        buf = self._buf
-        if len(buf) < C.HEADER_LEN:
-            return None
-        length, mtype = check_header(bytes(buf[: C.HEADER_LEN]), self.max_len)
-        if len(buf) < length:
-            return None
-        body = bytes(buf[C.HEADER_LEN : length])
-        del buf[:length]
-        return mtype, body
-
-
-def split_messages(data: bytes, max_len: int = C.MAX_EXTENDED_MESSAGE_LEN) -> list[tuple[int, bytes]]:
-    """All whole messages in a buffer; raises BgpError on a bad header or a truncated tail."""
-    reader = MessageReader(max_len)
-    reader.feed(data)
-    out = []
-    while (m := reader.next_message()) is not None:
-        out.append(m)
-    if reader.pending:
-        raise BgpError(
-            C.ERR_HEADER, C.ERR_HEADER_BAD_LENGTH, b"", f"{reader.pending} trailing octets are not a whole message"
-        )
-    return out
 
 
 # ---------------------------------------------------------------------------------------------

@@ -9,8 +9,9 @@ from typing import TYPE_CHECKING
 
 from apsv.bgp import constants as C
 from apsv.bgp.events import NotificationSent
+from apsv.bgp.framing import MessageReader
 from apsv.bgp.fsm import FSM_ERROR_SUBCODE, Action, State
-from apsv.bgp.message import KEEPALIVE_BYTES, MessageReader, Notification, encode_message
+from apsv.bgp.message import KEEPALIVE_BYTES, Notification, encode_message
 from apsv.bgp.session import adj_rib_out, receive, updates
 from apsv.bgp.session.common import LARGE_HOLD_TIME
 from apsv.stacks.interface import CloseTransport, OpenTransport

@@ -14,9 +14,10 @@ from apsv.bgp.capabilities import Capability, Negotiated, build_capabilities
 from apsv.bgp.config import FAMILY_CODES, Announcement, BgpSessionConfig
 from apsv.bgp.context import CodecContext
 from apsv.bgp.errors import BgpError
+from apsv.bgp.framing import MessageReader
 from apsv.bgp.fsm import Action, Event, State, transition
 from apsv.bgp.graceful_restart import LongLived, StaleRoutes
-from apsv.bgp.message import MessageReader, Open, RouteRefresh, Update
+from apsv.bgp.message import Open, RouteRefresh, Update
 from apsv.bgp.nlri import encode_prefix
 from apsv.bgp.path_attributes import PathAttributes
 from apsv.bgp.policy import RouteMapEngine
