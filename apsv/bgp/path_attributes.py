@@ -276,6 +276,8 @@ class Interner:
     def __init__(self, ctx: CodecContext, max_entries: int = 200_000) -> None:
         self.ctx = ctx
         self.max_entries = max_entries
+        # canonical bytes -> the set or its parse outcome; the decoder reads it directly (its cache hit
+        # is one dict lookup per UPDATE)
         self.by_wire: dict[bytes, PathAttributes | ParsedAttributes] = {}
         self._extra: dict[tuple[bytes, int, bytes], PathAttributes] = {}
         self.hits = 0
