@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from apsv.bgp import constants as C
-from apsv.bgp.attribute_values import Attribute, encode_attribute, encode_value
+from apsv.bgp.attribute_values import encode_attribute, encode_value
 from apsv.bgp.attributes import decode_attributes
 from apsv.bgp.capabilities import Capability, parse_capability
 from apsv.bgp.context import DEFAULT_CONTEXT, CodecContext
@@ -23,7 +23,7 @@ from apsv.bgp.errors import Action, AttributeProblem, BgpError
 from apsv.bgp.framing import check_header
 from apsv.bgp.mp_nlri import MpReach, MpUnreach, encode_mp_reach, encode_mp_unreach
 from apsv.bgp.nlri import NlriError, count_nlri, prefix_str, split_prefixes
-from apsv.bgp.path_attributes import Interner, ParsedAttributes, PathAttributes, attributes_to_json, interner_for
+from apsv.bgp.path_attributes import NO_MP, Interner, ParsedAttributes, PathAttributes, attributes_to_json, interner_for
 
 _from_bytes = int.from_bytes
 
@@ -325,7 +325,7 @@ def decode_route_refresh(body: bytes) -> RouteRefresh:
 
 
 EMPTY_ATTRIBUTES = PathAttributes((), b"")
-_EMPTY_PARSE = ParsedAttributes(EMPTY_ATTRIBUTES, None, None, (), Action.NONE, (-1, -1))
+_EMPTY_PARSE = ParsedAttributes(EMPTY_ATTRIBUTES, None, None, (), Action.NONE, NO_MP)
 
 
 def _bad_next_hop(nh: str) -> bool:
@@ -474,31 +474,3 @@ def encode_message(m: Message, ctx: CodecContext = DEFAULT_CONTEXT) -> bytes:
 
 
 KEEPALIVE_BYTES = header(C.MSG_KEEPALIVE, 0)
-
-
-def build_attributes(
-    *,
-    origin: int = C.ORIGIN_IGP,
-    as_path: tuple[tuple[int, tuple[int, ...]], ...] = (),
-    next_hop: str | None = None,
-    med: int | None = None,
-    local_pref: int | None = None,
-    communities: tuple[int, ...] = (),
-    large_communities: tuple[tuple[int, int, int], ...] = (),
-    extra: tuple[Attribute, ...] = (),
-    ctx: CodecContext = DEFAULT_CONTEXT,
-) -> PathAttributes:
-    """An interned attribute set for routes APSV originates (well-known flags set correctly)."""
-    attrs = [Attribute(C.FLAG_TRANSITIVE, C.ATTR_ORIGIN, origin), Attribute(C.FLAG_TRANSITIVE, C.ATTR_AS_PATH, as_path)]
-    if next_hop is not None:
-        attrs.append(Attribute(C.FLAG_TRANSITIVE, C.ATTR_NEXT_HOP, next_hop))
-    if med is not None:
-        attrs.append(Attribute(C.FLAG_OPTIONAL, C.ATTR_MED, med))
-    if local_pref is not None:
-        attrs.append(Attribute(C.FLAG_TRANSITIVE, C.ATTR_LOCAL_PREF, local_pref))
-    if communities:
-        attrs.append(Attribute(C.FLAG_OPTIONAL | C.FLAG_TRANSITIVE, C.ATTR_COMMUNITIES, communities))
-    if large_communities:
-        attrs.append(Attribute(C.FLAG_OPTIONAL | C.FLAG_TRANSITIVE, C.ATTR_LARGE_COMMUNITIES, large_communities))
-    attrs.extend(extra)
-    return PathAttributes.build(attrs, ctx)
